@@ -1,0 +1,113 @@
+//! Tensors: metadata plus a zero-copy [`Buffer`].
+
+use crate::{Buffer, DType, PluginError, Result};
+use abi_stable::{
+    std_types::{ROption, RString, RVec},
+    StableAbi,
+};
+
+/// Where a piece sits inside its global tensor (tensor/pipeline/expert parallel shards).
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq, Eq)]
+pub struct ShardInfo {
+    pub global_shape: RVec<u64>,
+    /// Offset of this piece along each axis of the global tensor.
+    pub offsets: RVec<u64>,
+}
+
+/// Everything about a tensor but its bytes.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: RString,
+    pub dtype: DType,
+    pub shape: RVec<u64>,
+    pub shard: ROption<ShardInfo>,
+}
+
+impl TensorInfo {
+    pub fn new(name: impl Into<String>, dtype: DType, shape: &[u64]) -> Self {
+        TensorInfo {
+            name: RString::from(name.into()),
+            dtype,
+            shape: shape.iter().copied().collect(),
+            shard: ROption::RNone,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.name.as_str()
+    }
+
+    /// Number of elements, or None on overflow (an untrusted header can claim anything).
+    pub fn numel(&self) -> Option<u64> {
+        self.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d))
+    }
+
+    /// Bytes of data, or None on overflow.
+    pub fn nbytes(&self) -> Option<u64> {
+        self.numel()?.checked_mul(self.dtype.size() as u64)
+    }
+
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = RString::from(name.into());
+        self
+    }
+
+    pub fn shape_string(&self) -> String {
+        let dims: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
+        format!("[{}]", dims.join(", "))
+    }
+}
+
+/// A tensor whose bytes live in a shared buffer (little-endian, row-major).
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct Tensor {
+    pub info: TensorInfo,
+    pub data: Buffer,
+}
+
+impl Tensor {
+    /// Checks that the buffer holds exactly `dtype × shape` bytes.
+    pub fn new(info: TensorInfo, data: Buffer) -> Result<Self> {
+        match info.nbytes() {
+            Some(n) if n == data.len() as u64 => Ok(Tensor { info, data }),
+            Some(n) => Err(PluginError::shape(format!(
+                "tensor '{}': {} {} needs {} bytes, buffer has {}",
+                info.name,
+                info.dtype,
+                info.shape_string(),
+                n,
+                data.len()
+            ))),
+            None => Err(PluginError::shape(format!(
+                "tensor '{}': shape {} overflows",
+                info.name,
+                info.shape_string()
+            ))),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.info.name.as_str()
+    }
+    pub fn bytes(&self) -> &[u8] {
+        self.data.as_slice()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_is_checked() {
+        let info = TensorInfo::new("w", DType::BF16, &[2, 3]);
+        assert!(Tensor::new(info.clone(), Buffer::from_vec(vec![0; 12])).is_ok());
+        let e = Tensor::new(info, Buffer::from_vec(vec![0; 11])).unwrap_err();
+        assert!(e.message.contains("'w'") && e.message.contains("12 bytes"), "{e}");
+        let huge = TensorInfo::new("h", DType::F64, &[u64::MAX, 2]);
+        assert_eq!(huge.nbytes(), None);
+    }
+}
