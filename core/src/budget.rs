@@ -1,0 +1,204 @@
+//! The global memory budget: bytes of tensor data in flight between stages.
+//!
+//! Every buffer a stage emits is wrapped once in an accounted owner that adds its bytes to the
+//! count and removes them when the last view of the buffer is dropped, wherever that happens
+//! (in a channel, in a writer, in a plugin that keeps it). Sources wait for room before
+//! emitting; downstream stages are counted but never wait, so the run cannot deadlock on its own
+//! budget: the overshoot is bounded by what transforms hold while replacing an input with an
+//! output. A single tensor larger than the whole budget is admitted when nothing else is in
+//! flight.
+
+use bridgeflow_sdk::{Buffer, BufferVTable};
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+#[derive(Default)]
+struct State {
+    in_flight: u64,
+    peak: u64,
+}
+
+pub struct Budget {
+    limit: u64,
+    state: Mutex<State>,
+    freed: Condvar,
+    cancelled: AtomicBool,
+}
+
+impl Budget {
+    pub fn new(limit: u64) -> Arc<Budget> {
+        Arc::new(Budget {
+            limit: limit.max(1),
+            state: Mutex::new(State::default()),
+            freed: Condvar::new(),
+            cancelled: AtomicBool::new(false),
+        })
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+    pub fn in_flight(&self) -> u64 {
+        self.state.lock().unwrap().in_flight
+    }
+    /// The highest count seen during the run.
+    pub fn peak(&self) -> u64 {
+        self.state.lock().unwrap().peak
+    }
+
+    /// Wakes every waiter and makes later waits fail.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        self.freed.notify_all();
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Adds `bytes` to the count; when `wait`, first blocks until they fit. Returns false if the
+    /// run was cancelled while waiting.
+    fn acquire(&self, bytes: u64, wait: bool) -> bool {
+        let mut st = self.state.lock().unwrap();
+        if wait {
+            while st.in_flight > 0 && st.in_flight + bytes > self.limit {
+                if self.is_cancelled() {
+                    return false;
+                }
+                st = self
+                    .freed
+                    .wait_timeout(st, Duration::from_millis(100))
+                    .unwrap()
+                    .0;
+            }
+        }
+        st.in_flight += bytes;
+        st.peak = st.peak.max(st.in_flight);
+        true
+    }
+
+    fn release(&self, bytes: u64) {
+        let mut st = self.state.lock().unwrap();
+        st.in_flight -= bytes;
+        drop(st);
+        self.freed.notify_all();
+    }
+
+    /// Wraps `buf` so that its bytes are counted until its last view is dropped. A buffer that
+    /// is already accounted passes through unchanged (it is counted once, however many stages
+    /// it crosses). Returns None if cancelled while waiting for room.
+    pub fn account(self: &Arc<Self>, buf: Buffer, wait: bool) -> Option<Buffer> {
+        if std::ptr::eq(buf.vtable(), &ACCOUNTED) {
+            return Some(buf);
+        }
+        let bytes = buf.len() as u64;
+        if !self.acquire(bytes, wait) {
+            return None;
+        }
+        let (ptr, len) = (buf.as_slice().as_ptr(), buf.len());
+        let owner = Arc::new(Accounted {
+            _inner: buf,
+            budget: self.clone(),
+            bytes,
+        });
+        // SAFETY: the view points into `_inner`, which the owner keeps alive; we hand over the
+        // one strong count created by Arc::new.
+        Some(unsafe {
+            Buffer::from_raw_parts(ptr, len, Arc::into_raw(owner) as *const c_void, &ACCOUNTED)
+        })
+    }
+
+    /// Counts bytes that are not a buffer (record batches) for the lifetime of the guard.
+    pub fn hold(self: &Arc<Self>, bytes: u64, wait: bool) -> Option<Hold> {
+        if !self.acquire(bytes, wait) {
+            return None;
+        }
+        Some(Hold {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+}
+
+pub struct Hold {
+    budget: Arc<Budget>,
+    bytes: u64,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
+struct Accounted {
+    _inner: Buffer,
+    budget: Arc<Budget>,
+    bytes: u64,
+}
+
+impl Drop for Accounted {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
+unsafe extern "C" fn accounted_retain(ctx: *const c_void) {
+    Arc::increment_strong_count(ctx as *const Accounted);
+}
+unsafe extern "C" fn accounted_release(ctx: *const c_void) {
+    Arc::decrement_strong_count(ctx as *const Accounted);
+}
+
+/// A static (not a const) so that its address identifies accounted buffers.
+static ACCOUNTED: BufferVTable = BufferVTable {
+    retain: accounted_retain,
+    release: accounted_release,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_until_last_view_drops() {
+        let b = Budget::new(100);
+        let buf = b.account(Buffer::from_vec(vec![0; 40]), true).unwrap();
+        let view = buf.slice(0..10);
+        assert_eq!(b.in_flight(), 40);
+        let again = b.account(buf, true).unwrap(); // already accounted: not counted twice
+        assert_eq!(b.in_flight(), 40);
+        drop(again);
+        assert_eq!(b.in_flight(), 40);
+        drop(view);
+        assert_eq!(b.in_flight(), 0);
+        assert_eq!(b.peak(), 40);
+    }
+
+    #[test]
+    fn waits_for_room_and_admits_oversized_alone() {
+        let b = Budget::new(100);
+        let big = b.account(Buffer::from_vec(vec![0; 500]), true).unwrap();
+        assert_eq!(b.in_flight(), 500);
+        let b2 = b.clone();
+        let t = std::thread::spawn(move || b2.account(Buffer::from_vec(vec![0; 10]), true));
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(b.in_flight(), 500, "must wait while over budget");
+        drop(big);
+        let small = t.join().unwrap().unwrap();
+        assert_eq!(b.in_flight(), 10);
+        drop(small);
+    }
+
+    #[test]
+    fn cancel_wakes_waiters() {
+        let b = Budget::new(10);
+        let _hold = b.hold(10, true).unwrap();
+        let b2 = b.clone();
+        let t = std::thread::spawn(move || b2.account(Buffer::from_vec(vec![0; 5]), true));
+        std::thread::sleep(Duration::from_millis(20));
+        b.cancel();
+        assert!(t.join().unwrap().is_none());
+    }
+}

@@ -1,0 +1,361 @@
+//! The `bridgeflow` command.
+
+use anyhow::{anyhow, Context};
+use bridgeflow_core::host::{default_search_path, PluginHost};
+use bridgeflow_core::pipeline::Override;
+use bridgeflow_core::runtime::{run_blocking, RunOptions, RunReport};
+use bridgeflow_core::size::{human, parse_size};
+use bridgeflow_sdk::{StageKind, StreamPlan};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "bridgeflow",
+    version,
+    about = "Move LLM checkpoints and datasets between Hugging Face and Megatron formats, streaming, with plugins",
+    long_about = "bridgeflow runs dataflow pipelines declared in TOML files. Stages come from plugins \
+                  (dynamic libraries) found on the plugin search path: --plugin-path, \
+                  BRIDGEFLOW_PLUGIN_PATH, a plugins/ folder beside this binary, the binary's own \
+                  folder and the workspace's target/{release,debug}.\n\nLogs: RUST_LOG=info (or debug) \
+                  on stderr."
+)]
+struct Cli {
+    /// Extra folder to search for plugin libraries (repeatable).
+    #[arg(long = "plugin-path", global = true, value_name = "DIR")]
+    plugin_path: Vec<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate and run a pipeline file.
+    Run {
+        pipeline: PathBuf,
+        /// Set a variable (`name=value`) or a stage config key (`stage.key=value`).
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = Override::parse)]
+        set: Vec<Override>,
+        /// Bytes of tensor data allowed in flight (e.g. 512MiB, 2GiB).
+        #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+        memory_budget: u64,
+        /// Never draw progress bars (they are drawn only on a terminal anyway).
+        #[arg(long)]
+        no_progress: bool,
+        /// Write the run report (per-stage counts, timings, peak bytes in flight) as JSON.
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+    },
+    /// Check a pipeline file without running it: plugins, kinds, inputs, cycles, port types, configs.
+    Validate {
+        pipeline: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = Override::parse)]
+        set: Vec<Override>,
+    },
+    /// List the plugins found: name, version, stage kinds, file.
+    Plugins {
+        #[arg(long)]
+        json: bool,
+        /// Print the config schema (JSON Schema) of each stage of this plugin.
+        #[arg(long, value_name = "PLUGIN")]
+        schema: Option<String>,
+    },
+    /// Show the tensors of a checkpoint any reader plugin understands.
+    Inspect {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// Use this reader plugin instead of probing.
+        #[arg(long, value_name = "PLUGIN")]
+        reader: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    let host = PluginHost::discover(default_search_path(&cli.plugin_path));
+    let result = match cli.command {
+        Command::Run {
+            pipeline,
+            set,
+            memory_budget,
+            no_progress,
+            report,
+        } => cmd_run(&host, pipeline, &set, memory_budget, !no_progress, report),
+        Command::Validate { pipeline, set } => cmd_validate(&host, pipeline, &set),
+        Command::Plugins { json, schema } => cmd_plugins(&host, json, schema),
+        Command::Inspect { path, json, reader } => cmd_inspect(&host, path, json, reader),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn cmd_run(
+    host: &PluginHost,
+    pipeline: PathBuf,
+    set: &[Override],
+    memory_budget: u64,
+    progress: bool,
+    report_path: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let graph = match bridgeflow_core::load_pipeline(&pipeline, set, host) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let opts = RunOptions {
+        memory_budget,
+        progress,
+        ..Default::default()
+    };
+    match run_blocking(graph, opts) {
+        Ok(report) => {
+            print_report(&report);
+            if let Some(p) = report_path {
+                std::fs::write(&p, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing report {}", p.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn print_report(r: &RunReport) {
+    println!("pipeline '{}' finished in {:.2} s", r.pipeline, r.seconds);
+    for s in &r.stages {
+        let moved = if s.items_out > 0 {
+            format!("{} items out, {}", s.items_out, human(s.bytes_out))
+        } else {
+            format!("{} items in, {}", s.items_in, human(s.bytes_in))
+        };
+        let rate = if s.seconds > 0.0 {
+            format!(
+                ", {}/s",
+                human(((s.bytes_in.max(s.bytes_out)) as f64 / s.seconds) as u64)
+            )
+        } else {
+            String::new()
+        };
+        print!(
+            "  {:<14} {:<12} {moved}{rate} in {:.2} s",
+            s.name,
+            format!("{} {}", s.plugin, s.kind),
+            s.seconds
+        );
+        if !s.summary.is_empty() {
+            print!(" — {}", s.summary);
+        }
+        println!();
+    }
+    println!(
+        "  peak tensor data in flight: {} (budget {})",
+        human(r.peak_in_flight),
+        human(r.budget)
+    );
+}
+
+fn cmd_validate(host: &PluginHost, pipeline: PathBuf, set: &[Override]) -> anyhow::Result<ExitCode> {
+    match bridgeflow_core::load_pipeline(&pipeline, set, host) {
+        Ok(g) => {
+            println!(
+                "{}: ok, {} stage{}",
+                pipeline.display(),
+                g.nodes.len(),
+                if g.nodes.len() == 1 { "" } else { "s" }
+            );
+            for n in &g.nodes {
+                let ins: Vec<&str> = n.inputs.iter().map(|&i| g.nodes[i].name.as_str()).collect();
+                println!(
+                    "  {:<14} {} {}{}",
+                    n.name,
+                    n.plugin,
+                    n.kind,
+                    if ins.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" <- {}", ins.join(", "))
+                    }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn cmd_plugins(host: &PluginHost, json: bool, schema: Option<String>) -> anyhow::Result<ExitCode> {
+    if let Some(name) = schema {
+        let p = host
+            .plugin(&name)
+            .ok_or_else(|| anyhow!("no plugin named '{name}'"))?;
+        for s in p.descriptor.stages.iter() {
+            println!("# {} {}: {}", name, s.kind, s.description);
+            println!("{}", s.config_schema);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if json {
+        let list: Vec<serde_json::Value> = host
+            .plugins
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name(),
+                    "version": p.descriptor.version.as_str(),
+                    "sdk_version": p.descriptor.sdk_version.as_str(),
+                    "kinds": p.kinds().iter().map(|k| k.name()).collect::<Vec<_>>(),
+                    "file": host.library_of(p).path,
+                    "description": p.descriptor.description.as_str(),
+                })
+            })
+            .collect();
+        let refused: Vec<serde_json::Value> = host
+            .refused
+            .iter()
+            .map(|r| serde_json::json!({"file": r.path, "reason": r.reason}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"plugins": list, "refused": refused}))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if host.plugins.is_empty() {
+        println!("no plugins found; searched:");
+        for d in &host.search_path {
+            println!("  {}", d.display());
+        }
+    }
+    for p in &host.plugins {
+        let kinds: Vec<&str> = p.kinds().iter().map(|k| k.name()).collect();
+        println!(
+            "{:<14} {:<8} {:<28} {}",
+            p.name(),
+            p.descriptor.version.as_str(),
+            kinds.join(","),
+            host.library_of(p).path.display()
+        );
+        println!("{:<14} {}", "", p.descriptor.description.as_str());
+    }
+    for r in &host.refused {
+        println!("refused {}: {}", r.path.display(), r.reason);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_inspect(
+    host: &PluginHost,
+    path: PathBuf,
+    json: bool,
+    reader: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let plugin = match &reader {
+        Some(name) => host
+            .plugin(name)
+            .filter(|p| p.stage(StageKind::Reader).is_some())
+            .ok_or_else(|| anyhow!("no reader plugin named '{name}'"))?,
+        None => host.probe_reader(&path).ok_or_else(|| {
+            anyhow!(
+                "no reader plugin recognises {} (readers: {})",
+                path.display(),
+                host.plugins
+                    .iter()
+                    .filter(|p| p.stage(StageKind::Reader).is_some())
+                    .map(|p| p.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?,
+    };
+    let config = serde_json::json!({ "path": path }).to_string();
+    let mut stage = host
+        .create(plugin, StageKind::Reader, &config)
+        .map_err(|e| anyhow!("{} reader: {e}", plugin.name()))?;
+    let plan: StreamPlan = stage
+        .plan(Vec::new().into())
+        .into_result()
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    if json {
+        let tensors: Vec<serde_json::Value> = plan
+            .tensors
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "name": t.name(),
+                    "dtype": t.dtype.name(),
+                    "shape": t.shape.as_slice(),
+                    "bytes": t.nbytes(),
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "path": path,
+            "reader": plugin.name(),
+            "tensors": tensors,
+            "total_bytes": plan.total_bytes(),
+            "attrs": plan.attrs(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("{} (read by {})", path.display(), plugin.name());
+        let width = plan
+            .tensors
+            .iter()
+            .map(|t| t.name().len())
+            .max()
+            .unwrap_or(4);
+        for t in plan.tensors.iter() {
+            println!(
+                "  {:<width$}  {:<8} {:<20} {}",
+                t.name(),
+                t.dtype.name(),
+                t.shape_string(),
+                t.nbytes().map(human).unwrap_or_else(|| "overflow".into())
+            );
+        }
+        let mut by_dtype = std::collections::BTreeMap::new();
+        for t in plan.tensors.iter() {
+            *by_dtype.entry(t.dtype.name()).or_insert(0u64) += t.nbytes().unwrap_or(0);
+        }
+        let params: u64 = plan.tensors.iter().map(|t| t.numel().unwrap_or(0)).sum();
+        println!(
+            "{} tensors, {} parameters, {} ({})",
+            plan.tensors.len(),
+            params,
+            human(plan.total_bytes()),
+            by_dtype
+                .iter()
+                .map(|(d, b)| format!("{d}: {}", human(*b)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
