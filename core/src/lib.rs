@@ -12,7 +12,6 @@ pub mod host;
 pub mod pipeline;
 pub mod progress;
 pub mod runtime;
-pub mod size;
 
 pub use error::{LocatedError, RunError, ValidationErrors};
 pub use graph::Graph;

@@ -4,7 +4,7 @@ use anyhow::{anyhow, Context};
 use bridgeflow_core::host::{default_search_path, PluginHost};
 use bridgeflow_core::pipeline::Override;
 use bridgeflow_core::runtime::{run_blocking, RunOptions, RunReport};
-use bridgeflow_core::size::{human, parse_size};
+use bridgeflow_sdk::units::{human, parse_size};
 use bridgeflow_sdk::{StageKind, StreamPlan};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

@@ -21,6 +21,7 @@ pub mod plugin;
 pub mod records;
 pub mod stage;
 pub mod tensor;
+pub mod units;
 
 pub use buffer::{Buffer, BufferOwner, BufferPool, BufferVTable, PooledVec};
 pub use dtype::DType;

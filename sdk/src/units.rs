@@ -1,4 +1,4 @@
-//! Byte sizes on the command line: `2GiB`, `512MB`, `1.5G`, `4096`.
+//! Byte sizes as people write them (`2GiB`, `512MB`, `5GB`, `4096`), for CLIs and configs.
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -53,5 +53,43 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert!(parse_size("3 parsecs").is_err());
         assert_eq!(human(3 << 20), "3.00 MiB");
+    }
+}
+
+/// A size in a config: an integer of bytes or a string with a unit (`"5GB"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> serde::Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => parse_size(&s).map(ByteSize).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl schemars::JsonSchema for ByteSize {
+    fn schema_name() -> String {
+        "ByteSize".into()
+    }
+    fn json_schema(_: &mut schemars::gen::SchemaGenerator) -> schemars::schema::Schema {
+        let mut s = schemars::schema::SchemaObject::default();
+        s.metadata().description =
+            Some("bytes, as an integer or a string with a unit: \"5GB\", \"512MiB\"".into());
+        s.instance_type = Some(
+            vec![
+                schemars::schema::InstanceType::Integer,
+                schemars::schema::InstanceType::String,
+            ]
+            .into(),
+        );
+        s.into()
     }
 }

@@ -1,0 +1,174 @@
+//! The reader: memory-maps each file and hands out views of it as tensor buffers.
+
+use crate::files::{self, Layout};
+use crate::header::{self, Entry};
+use bridgeflow_sdk::{
+    schemars, serde, Buffer, BufferOwner, Emitter, PluginError, Result, Source, StreamPlan,
+    Tensor,
+};
+use memmap2::{Mmap, UncheckedAdvice};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(crate = "bridgeflow_sdk::serde", deny_unknown_fields)]
+pub struct ReaderConfig {
+    /// A `.safetensors` file, or an HF model folder (with `model.safetensors.index.json`,
+    /// `model.safetensors`, or several `*.safetensors`).
+    pub path: PathBuf,
+}
+
+pub struct SafetensorsReader {
+    path: PathBuf,
+    maps: Vec<Arc<Mmap>>,
+    /// (file index, entry) in emission order: file by file, by offset, so reads are sequential.
+    entries: Vec<(usize, Entry)>,
+}
+
+/// A view of part of a map. When the last view drops, its pages are released from this
+/// process's resident set (they stay in the page cache): RSS stays bounded by what is in flight
+/// rather than growing with everything read.
+struct MappedRange {
+    map: Arc<Mmap>,
+    start: usize,
+    end: usize,
+}
+
+impl BufferOwner for MappedRange {
+    fn bytes(&self) -> &[u8] {
+        &self.map[self.start..self.end]
+    }
+}
+
+const PAGE: usize = 4096;
+
+impl Drop for MappedRange {
+    fn drop(&mut self) {
+        let start = self.start / PAGE * PAGE;
+        let end = (self.end.div_ceil(PAGE) * PAGE).min(self.map.len());
+        if end > start {
+            // SAFETY: the map is read-only and file-backed; dropped pages are re-read from the
+            // file if another view touches them again, so no data can be lost.
+            unsafe {
+                let _ = self
+                    .map
+                    .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start);
+            }
+        }
+    }
+}
+
+impl SafetensorsReader {
+    fn open(&mut self) -> Result<Layout> {
+        let layout = files::resolve(&self.path)?;
+        self.maps.clear();
+        self.entries.clear();
+        for (i, f) in layout.files.iter().enumerate() {
+            let file = std::fs::File::open(f).map_err(|e| PluginError::io(f, "cannot open", e))?;
+            // SAFETY: the file is mapped read-only; a file truncated underneath a running
+            // conversion is outside what any reader can defend against.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| PluginError::io(f, "cannot map", e))?;
+            let _ = map.advise(memmap2::Advice::Sequential);
+            let header = header::parse(f, &map)?;
+            let mut names: BTreeSet<String> = BTreeSet::new();
+            let wanted = layout.index.as_ref().and_then(|idx| {
+                idx.get(f.file_name().unwrap().to_string_lossy().as_ref())
+            });
+            for e in header.entries {
+                names.insert(e.info.name().to_string());
+                if wanted.is_none_or(|w| w.contains(e.info.name())) {
+                    self.entries.push((i, e));
+                }
+            }
+            if let Some(w) = wanted {
+                if let Some(missing) = w.iter().find(|n| !names.contains(*n)) {
+                    return Err(PluginError::format(format!(
+                        "{}: the index maps tensor '{missing}' to this file, but the file has no such tensor",
+                        f.display()
+                    )));
+                }
+            }
+            self.maps.push(Arc::new(map));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, e) in &self.entries {
+            if !seen.insert(e.info.name().to_string()) {
+                return Err(PluginError::format(format!(
+                    "{}: tensor '{}' appears in more than one file",
+                    layout.files[*i].display(),
+                    e.info.name()
+                )));
+            }
+        }
+        Ok(layout)
+    }
+}
+
+impl Source for SafetensorsReader {
+    type Config = ReaderConfig;
+    const DESCRIPTION: &'static str =
+        "Reads safetensors files or an HF model folder; zero-copy views of memory maps";
+
+    fn new(config: ReaderConfig) -> Result<Self> {
+        Ok(SafetensorsReader {
+            path: config.path,
+            maps: Vec::new(),
+            entries: Vec::new(),
+        })
+    }
+
+    fn plan(&mut self) -> Result<StreamPlan> {
+        let layout = self.open()?;
+        let mut plan = StreamPlan::new(self.entries.iter().map(|(_, e)| e.info.clone()).collect());
+        plan.set_attr("format", "safetensors".into());
+        plan.set_attr(
+            "source_dir",
+            layout.dir.to_string_lossy().into_owned().into(),
+        );
+        Ok(plan)
+    }
+
+    fn run(&mut self, out: &mut Emitter) -> Result<()> {
+        if self.maps.is_empty() && self.entries.is_empty() {
+            self.open()?;
+        }
+        for (i, e) in std::mem::take(&mut self.entries) {
+            let owner = MappedRange {
+                map: self.maps[i].clone(),
+                start: e.range.start,
+                end: e.range.end,
+            };
+            let tensor = Tensor::new(e.info, Buffer::from_owner(owner))?;
+            out.tensor(tensor)?;
+        }
+        self.maps.clear();
+        Ok(())
+    }
+
+    fn probe(path: &Path) -> u32 {
+        if path.is_file() {
+            return if path.extension().is_some_and(|x| x == "safetensors") {
+                100
+            } else {
+                0
+            };
+        }
+        if path.join(files::INDEX_NAME).is_file() || path.join(files::SINGLE_NAME).is_file() {
+            return 100;
+        }
+        match std::fs::read_dir(path) {
+            Ok(rd) => {
+                let any = rd
+                    .filter_map(|e| e.ok())
+                    .any(|e| e.path().extension().is_some_and(|x| x == "safetensors"));
+                if any {
+                    50
+                } else {
+                    0
+                }
+            }
+            Err(_) => 0,
+        }
+    }
+}

@@ -1,0 +1,532 @@
+//! The writer: HF sharded safetensors (`model-0000k-of-0000n.safetensors` + index, or one
+//! `model.safetensors`), laid out from the stream plan before any data arrives, so every tensor
+//! is written at its final offset the moment it comes, in any order, and nothing is buffered.
+//!
+//! Output is built in a hidden staging folder beside the target and renamed into place at
+//! commit; an interrupted or failed run removes the staging folder and never leaves a
+//! complete-looking checkpoint.
+
+use crate::dtype::to_st;
+use crate::files::{INDEX_NAME, SIDE_FILES, SINGLE_NAME};
+use bridgeflow_sdk::units::{human, ByteSize};
+use bridgeflow_sdk::{
+    schemars, serde, DType, Item, PluginError, Result, Sink, StreamPlan, TensorInfo,
+};
+use safetensors::tensor::{Metadata, TensorInfo as StInfo};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+fn default_shard() -> ByteSize {
+    ByteSize(5_000_000_000)
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(crate = "bridgeflow_sdk::serde", deny_unknown_fields)]
+pub struct WriterConfig {
+    /// Output folder (HF layout), or a path ending in `.safetensors` for one file.
+    pub path: PathBuf,
+    /// Largest shard, as transformers' `max_shard_size` (default "5GB"); a larger tensor gets a
+    /// shard of its own.
+    #[serde(default = "default_shard")]
+    pub max_shard_size: ByteSize,
+    /// Folder to copy `config.json`, `generation_config.json` and tokenizer files from;
+    /// defaults to the input's `source_dir`.
+    #[serde(default)]
+    pub copy_from: Option<PathBuf>,
+    /// Copy config and tokenizer files (default true).
+    #[serde(default = "yes")]
+    pub copy_side_files: bool,
+    /// Replace an existing, non-empty output (default false: refuse).
+    #[serde(default)]
+    pub overwrite: bool,
+    /// fsync files before the commit rename (default true).
+    #[serde(default = "yes")]
+    pub fsync: bool,
+}
+
+struct Shard {
+    name: String,
+    path: PathBuf,
+    file: File,
+    size: u64,
+}
+
+struct Slot {
+    info: TensorInfo,
+    shard: usize,
+    offset: u64,
+    written: bool,
+}
+
+pub struct SafetensorsWriter {
+    cfg: WriterConfig,
+    single_file: bool,
+    staging: Option<PathBuf>,
+    shards: Vec<Shard>,
+    slots: HashMap<String, Slot>,
+    plan: StreamPlan,
+    written: usize,
+    committed: bool,
+}
+
+/// Assigns tensors to shards in stream order, as huggingface_hub's
+/// `split_torch_state_dict_into_shards` does: a tensor that would overflow the current shard
+/// starts a new one; a tensor larger than the limit sits alone.
+fn split_shards(tensors: &[TensorInfo], max: u64) -> Vec<Vec<usize>> {
+    let mut shards: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut current_size = 0u64;
+    for (i, t) in tensors.iter().enumerate() {
+        let size = t.nbytes().unwrap_or(u64::MAX);
+        if size > max {
+            shards.push(vec![i]);
+            continue;
+        }
+        if current_size + size > max && !current.is_empty() {
+            shards.push(std::mem::take(&mut current));
+            current_size = 0;
+        }
+        current.push(i);
+        current_size += size;
+    }
+    if !current.is_empty() {
+        shards.push(current);
+    }
+    if shards.is_empty() {
+        shards.push(Vec::new());
+    }
+    shards
+}
+
+/// The header exactly as `safetensors.serialize` writes it: tensors sorted by dtype (widest
+/// first) then name, `__metadata__` first, padded with spaces to 8 bytes.
+fn shard_header(tensors: &[&TensorInfo]) -> Result<(Vec<u8>, Vec<(String, u64)>)> {
+    let mut order: Vec<&TensorInfo> = tensors.to_vec();
+    order.sort_by(|a, b| {
+        to_st(b.dtype)
+            .cmp(&to_st(a.dtype))
+            .then(a.name().cmp(b.name()))
+    });
+    let mut offset = 0usize;
+    let mut infos = Vec::with_capacity(order.len());
+    let mut offsets = Vec::with_capacity(order.len());
+    for t in order {
+        let n = t.nbytes().ok_or_else(|| {
+            PluginError::shape(format!("tensor '{}': size overflows", t.name()))
+        })? as usize;
+        infos.push((
+            t.name().to_string(),
+            StInfo {
+                dtype: to_st(t.dtype),
+                shape: t.shape.iter().map(|&d| d as usize).collect(),
+                data_offsets: (offset, offset + n),
+            },
+        ));
+        offsets.push((t.name().to_string(), offset as u64));
+        offset += n;
+    }
+    let meta_map: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let meta = Metadata::new(Some(meta_map), infos)
+        .map_err(|e| PluginError::internal(format!("building a safetensors header: {e}")))?;
+    let mut header = serde_json::to_string(&meta)
+        .map_err(|e| PluginError::internal(format!("serialising a header: {e}")))?
+        .into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    Ok((header, offsets))
+}
+
+fn staging_path(target: &Path) -> PathBuf {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    target.with_file_name(format!(".{name}.partial-{}-{nanos}", std::process::id()))
+}
+
+/// Reserves disk space up front so a full disk fails before any data is written.
+fn reserve(file: &File, path: &Path, len: u64) -> Result<()> {
+    file.set_len(len)
+        .map_err(|e| PluginError::io(path, "cannot size", e))?;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        if len > 0 {
+            // SAFETY: plain syscall on an open descriptor.
+            let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+            if rc != 0 {
+                let err = std::io::Error::last_os_error();
+                // Filesystems without fallocate: fall back to the sparse file.
+                if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                    return Err(PluginError::io(path, "cannot reserve space for", err));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_nonempty_dir(p: &Path) -> bool {
+    std::fs::read_dir(p).map(|mut d| d.next().is_some()).unwrap_or(false)
+}
+
+impl SafetensorsWriter {
+    fn layout(&mut self) -> Result<()> {
+        let target = &self.cfg.path;
+        if target.exists() && !self.cfg.overwrite {
+            let blocking = if self.single_file {
+                true
+            } else {
+                !target.is_dir() || is_nonempty_dir(target)
+            };
+            if blocking {
+                return Err(PluginError::config(format!(
+                    "output {} already exists; set overwrite = true (--set STAGE.overwrite=true) or choose another path",
+                    target.display()
+                )));
+            }
+        }
+        if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| PluginError::io(parent, "cannot create", e))?;
+        }
+        let staging = staging_path(target);
+        if !self.single_file {
+            std::fs::create_dir(&staging)
+                .map_err(|e| PluginError::io(&staging, "cannot create", e))?;
+        }
+        self.staging = Some(staging.clone());
+
+        let tensors: Vec<TensorInfo> = self.plan.tensors.iter().cloned().collect();
+        let max = if self.single_file {
+            u64::MAX
+        } else {
+            self.cfg.max_shard_size.0.max(1)
+        };
+        let groups = split_shards(&tensors, max);
+        let n = groups.len();
+        for (k, group) in groups.iter().enumerate() {
+            let name = if n == 1 {
+                SINGLE_NAME.to_string()
+            } else {
+                format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
+            };
+            let path = if self.single_file {
+                staging.clone()
+            } else {
+                staging.join(&name)
+            };
+            let infos: Vec<&TensorInfo> = group.iter().map(|&i| &tensors[i]).collect();
+            let (header, offsets) = shard_header(&infos)?;
+            let data_start = 8 + header.len() as u64;
+            let data_len: u64 = infos.iter().map(|t| t.nbytes().unwrap_or(0)).sum();
+            let file = File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|e| PluginError::io(&path, "cannot create", e))?;
+            reserve(&file, &path, data_start + data_len)?;
+            let mut head = (header.len() as u64).to_le_bytes().to_vec();
+            head.extend_from_slice(&header);
+            file.write_all_at(&head, 0)
+                .map_err(|e| PluginError::io(&path, "cannot write", e))?;
+            for (tname, off) in offsets {
+                let info = infos
+                    .iter()
+                    .find(|t| t.name() == tname)
+                    .map(|t| (*t).clone())
+                    .expect("from this group");
+                if self
+                    .slots
+                    .insert(
+                        tname.clone(),
+                        Slot {
+                            info,
+                            shard: k,
+                            offset: data_start + off,
+                            written: false,
+                        },
+                    )
+                    .is_some()
+                {
+                    return Err(PluginError::shape(format!(
+                        "tensor '{tname}' is announced twice in the stream"
+                    )));
+                }
+            }
+            self.shards.push(Shard {
+                name,
+                path,
+                file,
+                size: data_start + data_len,
+            });
+        }
+        Ok(())
+    }
+
+    fn write_index(&self, dir: &Path) -> Result<()> {
+        let mut weight_map = BTreeMap::new();
+        for (name, slot) in &self.slots {
+            weight_map.insert(name.clone(), self.shards[slot.shard].name.clone());
+        }
+        let total_size: u64 = self.plan.total_bytes();
+        let total_parameters: u64 = self
+            .plan
+            .tensors
+            .iter()
+            .map(|t| t.numel().unwrap_or(0))
+            .sum();
+        let index = serde_json::json!({
+            "metadata": { "total_parameters": total_parameters, "total_size": total_size },
+            "weight_map": weight_map,
+        });
+        let path = dir.join(INDEX_NAME);
+        let text = serde_json::to_string_pretty(&index).expect("json") + "\n";
+        std::fs::write(&path, text).map_err(|e| PluginError::io(&path, "cannot write", e))
+    }
+
+    /// The single floating dtype of the stream, if there is one (to keep config.json honest
+    /// after a cast).
+    fn uniform_float_dtype(&self) -> Option<DType> {
+        let mut it = self
+            .plan
+            .tensors
+            .iter()
+            .map(|t| t.dtype)
+            .filter(|d| d.is_float());
+        let first = it.next()?;
+        it.all(|d| d == first).then_some(first)
+    }
+
+    fn copy_side_files(&self, dir: &Path) -> Result<usize> {
+        let from = match &self.cfg.copy_from {
+            Some(p) => Some(p.clone()),
+            None => self.plan.attr_str("source_dir").map(PathBuf::from),
+        };
+        let Some(from) = from else { return Ok(0) };
+        let mut copied = 0;
+        for name in SIDE_FILES {
+            let src = from.join(name);
+            if !src.is_file() {
+                continue;
+            }
+            let dst = dir.join(name);
+            if *name == "config.json" {
+                let text = std::fs::read_to_string(&src)
+                    .map_err(|e| PluginError::io(&src, "cannot read", e))?;
+                let text = match self.uniform_float_dtype() {
+                    Some(d) => set_config_dtype(&text, d),
+                    None => text,
+                };
+                std::fs::write(&dst, text).map_err(|e| PluginError::io(&dst, "cannot write", e))?;
+            } else {
+                std::fs::copy(&src, &dst).map_err(|e| PluginError::io(&src, "cannot copy", e))?;
+            }
+            copied += 1;
+        }
+        Ok(copied)
+    }
+
+    fn remove_staging(&mut self) {
+        self.shards.clear();
+        if let Some(s) = self.staging.take() {
+            let _ = if s.is_dir() {
+                std::fs::remove_dir_all(&s)
+            } else {
+                std::fs::remove_file(&s)
+            };
+        }
+    }
+}
+
+/// Rewrites the `torch_dtype`/`dtype` value of a config.json in place, keeping the rest of the
+/// file byte for byte.
+fn set_config_dtype(text: &str, d: DType) -> String {
+    let re = regex::Regex::new(r#""(torch_dtype|dtype)"(\s*):(\s*)"[^"]*""#).expect("valid regex");
+    re.replace_all(text, |c: &regex::Captures| {
+        format!("\"{}\"{}:{}\"{}\"", &c[1], &c[2], &c[3], d.torch_name())
+    })
+    .into_owned()
+}
+
+impl Sink for SafetensorsWriter {
+    type Config = WriterConfig;
+    const DESCRIPTION: &'static str =
+        "Writes HF sharded safetensors with index and side files, atomically";
+
+    fn new(cfg: WriterConfig) -> Result<Self> {
+        if cfg.path.as_os_str().is_empty() {
+            return Err(PluginError::config("path is empty"));
+        }
+        let single_file = cfg.path.extension().is_some_and(|x| x == "safetensors");
+        Ok(SafetensorsWriter {
+            cfg,
+            single_file,
+            staging: None,
+            shards: Vec::new(),
+            slots: HashMap::new(),
+            plan: StreamPlan::default(),
+            written: 0,
+            committed: false,
+        })
+    }
+
+    fn open(&mut self, inputs: &[StreamPlan]) -> Result<()> {
+        self.plan = inputs.first().cloned().unwrap_or_default();
+        let r = self.layout();
+        if r.is_err() {
+            self.remove_staging();
+        }
+        r
+    }
+
+    fn consume(&mut self, _port: usize, item: Item) -> Result<()> {
+        let t = item.into_tensor()?;
+        let slot = self.slots.get_mut(t.name()).ok_or_else(|| {
+            PluginError::shape(format!(
+                "tensor '{}' was not announced in the stream plan",
+                t.name()
+            ))
+        })?;
+        if slot.written {
+            return Err(PluginError::shape(format!(
+                "tensor '{}' arrived twice",
+                t.name()
+            )));
+        }
+        if slot.info.dtype != t.info.dtype || slot.info.shape != t.info.shape {
+            return Err(PluginError::shape(format!(
+                "tensor '{}': announced as {} {}, arrived as {} {}",
+                t.name(),
+                slot.info.dtype,
+                slot.info.shape_string(),
+                t.info.dtype,
+                t.info.shape_string()
+            )));
+        }
+        let shard = &self.shards[slot.shard];
+        shard
+            .file
+            .write_all_at(t.bytes(), slot.offset)
+            .map_err(|e| {
+                PluginError::io(&shard.path, &format!("writing tensor '{}' to", t.name()), e)
+            })?;
+        slot.written = true;
+        self.written += 1;
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<String> {
+        if let Some((name, _)) = self.slots.iter().find(|(_, s)| !s.written) {
+            return Err(PluginError::shape(format!(
+                "tensor '{name}' was announced but never arrived; output not committed"
+            )));
+        }
+        if self.cfg.fsync {
+            for s in &self.shards {
+                s.file
+                    .sync_all()
+                    .map_err(|e| PluginError::io(&s.path, "cannot sync", e))?;
+            }
+        }
+        let staging = self.staging.clone().expect("opened");
+        let target = self.cfg.path.clone();
+        let mut side = 0;
+        if !self.single_file {
+            if self.shards.len() > 1 {
+                self.write_index(&staging)?;
+            }
+            if self.cfg.copy_side_files {
+                side = self.copy_side_files(&staging)?;
+            }
+        }
+        // Make the output visible in one rename where possible.
+        if target.exists() {
+            let aside = staging_path(&target).with_extension("old");
+            std::fs::rename(&target, &aside)
+                .map_err(|e| PluginError::io(&target, "cannot move aside", e))?;
+            if let Err(e) = std::fs::rename(&staging, &target) {
+                let _ = std::fs::rename(&aside, &target);
+                return Err(PluginError::io(&target, "cannot commit", e));
+            }
+            let _ = if aside.is_dir() {
+                std::fs::remove_dir_all(&aside)
+            } else {
+                std::fs::remove_file(&aside)
+            };
+        } else {
+            std::fs::rename(&staging, &target)
+                .map_err(|e| PluginError::io(&target, "cannot commit", e))?;
+        }
+        self.staging = None;
+        self.committed = true;
+        let bytes: u64 = self.shards.iter().map(|s| s.size).sum();
+        Ok(format!(
+            "wrote {} tensors, {} in {} file{}{} to {}",
+            self.written,
+            human(bytes),
+            self.shards.len(),
+            if self.shards.len() == 1 { "" } else { "s" },
+            if side > 0 {
+                format!(" (+{side} config/tokenizer files)")
+            } else {
+                String::new()
+            },
+            target.display()
+        ))
+    }
+
+    fn abort(&mut self) {
+        if !self.committed {
+            self.remove_staging();
+        }
+    }
+}
+
+impl Drop for SafetensorsWriter {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str, dtype: DType, shape: &[u64]) -> TensorInfo {
+        TensorInfo::new(name, dtype, shape)
+    }
+
+    #[test]
+    fn sharding_follows_huggingface_hub() {
+        let t = vec![
+            info("a", DType::U8, &[40]),
+            info("b", DType::U8, &[40]),
+            info("c", DType::U8, &[150]),
+            info("d", DType::U8, &[30]),
+            info("e", DType::U8, &[80]),
+        ];
+        assert_eq!(
+            split_shards(&t, 100),
+            vec![vec![0, 1], vec![2], vec![3], vec![4]]
+        );
+    }
+
+    #[test]
+    fn config_dtype_is_rewritten_in_place() {
+        let src = "{\n  \"dtype\": \"float32\",\n  \"hidden_size\": 64\n}\n";
+        assert_eq!(
+            set_config_dtype(src, DType::BF16),
+            "{\n  \"dtype\": \"bfloat16\",\n  \"hidden_size\": 64\n}\n"
+        );
+    }
+}
