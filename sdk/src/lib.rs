@@ -17,6 +17,8 @@
 pub mod buffer;
 pub mod dtype;
 pub mod error;
+pub mod manifest;
+pub mod numeric;
 pub mod plugin;
 pub mod records;
 pub mod stage;

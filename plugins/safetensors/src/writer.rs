@@ -8,6 +8,7 @@
 
 use crate::dtype::to_st;
 use crate::files::{INDEX_NAME, SIDE_FILES, SINGLE_NAME};
+use bridgeflow_sdk::manifest::{Manifest, MANIFEST_FILE};
 use bridgeflow_sdk::units::{human, ByteSize};
 use bridgeflow_sdk::{
     schemars, serde, DType, Item, PluginError, Result, Sink, StreamPlan, TensorInfo,
@@ -47,6 +48,10 @@ pub struct WriterConfig {
     /// fsync files before the commit rename (default true).
     #[serde(default = "yes")]
     pub fsync: bool,
+    /// Write `bridgeflow-manifest.json` (name, dtype, shape, blake3 of every tensor) inside the
+    /// output folder (default true; folder outputs only).
+    #[serde(default = "yes")]
+    pub manifest: bool,
 }
 
 struct Shard {
@@ -72,6 +77,7 @@ pub struct SafetensorsWriter {
     plan: StreamPlan,
     written: usize,
     committed: bool,
+    manifest: Manifest,
 }
 
 /// Assigns tensors to shards in stream order, as huggingface_hub's
@@ -330,6 +336,9 @@ impl SafetensorsWriter {
                 std::fs::write(&dst, text).map_err(|e| PluginError::io(&dst, "cannot write", e))?;
             } else {
                 std::fs::copy(&src, &dst).map_err(|e| PluginError::io(&src, "cannot copy", e))?;
+                // The source may be read-only; the output should be the user's to edit.
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o644));
             }
             copied += 1;
         }
@@ -377,6 +386,7 @@ impl Sink for SafetensorsWriter {
             plan: StreamPlan::default(),
             written: 0,
             committed: false,
+            manifest: Manifest::new(),
         })
     }
 
@@ -422,6 +432,9 @@ impl Sink for SafetensorsWriter {
             })?;
         slot.written = true;
         self.written += 1;
+        if self.cfg.manifest && !self.single_file {
+            self.manifest.add(&t.info, t.bytes());
+        }
         Ok(())
     }
 
@@ -447,6 +460,9 @@ impl Sink for SafetensorsWriter {
             }
             if self.cfg.copy_side_files {
                 side = self.copy_side_files(&staging)?;
+            }
+            if self.cfg.manifest {
+                self.manifest.save(&staging.join(MANIFEST_FILE))?;
             }
         }
         // Make the output visible in one rename where possible.

@@ -1,0 +1,40 @@
+//! bridgeflow plugin library with the everyday tensor stages: `cast`, `rename`, `filter`,
+//! `checksum`, `verify` and `verify-manifest`.
+
+pub mod cast;
+pub mod checksum;
+pub mod select;
+pub mod verify;
+
+bridgeflow_sdk::export_plugins! {
+    "cast" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "Casts float tensors between f32, f16, bf16 and f64 (round to nearest even)",
+        transform: Transform(cast::Cast),
+    }
+    "rename" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "Renames tensors with regular expressions",
+        transform: Transform(select::Rename),
+    }
+    "filter" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "Keeps or drops tensors by name pattern",
+        transform: Transform(select::Filter),
+    }
+    "checksum" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "Passes tensors through and writes a blake3 manifest",
+        transform: Transform(checksum::Checksum),
+    }
+    "verify" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "Compares two tensor streams: exact, or max abs diff within a tolerance",
+        transform: Transform(verify::Verify),
+    }
+    "verify-manifest" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "Checks a tensor stream against a blake3 manifest",
+        transform: Transform(verify::VerifyManifest),
+    }
+}
