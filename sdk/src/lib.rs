@@ -40,6 +40,7 @@ pub use tensor::{ShardInfo, Tensor, TensorInfo};
 
 /// Crates plugin authors get through the SDK, so their versions always match the host's.
 pub use arrow_array;
+pub use half;
 pub use arrow_schema;
 pub use schemars;
 pub use serde;
