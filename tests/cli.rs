@@ -1,0 +1,121 @@
+//! The `bridgeflow` command as people use it.
+
+use bridgeflow_tests::*;
+
+#[test]
+fn help_everywhere() {
+    for args in [
+        vec!["--help"],
+        vec!["run", "--help"],
+        vec!["validate", "--help"],
+        vec!["plugins", "--help"],
+        vec!["inspect", "--help"],
+    ] {
+        let o = bridgeflow().args(&args).output().unwrap();
+        assert!(o.status.success(), "{args:?}");
+        assert!(text(&o).contains("Usage: bridgeflow"), "{args:?}: {}", text(&o));
+    }
+    let o = bridgeflow().args(["run", "--help"]).output().unwrap();
+    let m = text(&o);
+    assert!(m.contains("--memory-budget") && m.contains("--set"), "{m}");
+}
+
+#[test]
+fn plugins_lists_name_version_kinds_file() {
+    let o = bridgeflow().args(["plugins", "--json"]).output().unwrap();
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let list = v["plugins"].as_array().unwrap();
+    let st = list.iter().find(|p| p["name"] == "safetensors").unwrap();
+    assert_eq!(st["kinds"], serde_json::json!(["reader", "writer"]));
+    assert_eq!(st["version"], env!("CARGO_PKG_VERSION"));
+    assert!(st["file"].as_str().unwrap().contains("bridgeflow_plugin_safetensors"));
+
+    let o = bridgeflow().args(["plugins", "--schema", "cast"]).output().unwrap();
+    let m = text(&o);
+    assert!(m.contains("\"to\"") && m.contains("round to nearest even"), "{m}");
+}
+
+#[test]
+fn inspect_shows_tensors_and_totals() {
+    let fx = fixtures().join("hf/llama");
+    let o = bridgeflow().arg("inspect").arg(&fx).output().unwrap();
+    let m = text(&o);
+    assert!(o.status.success(), "{m}");
+    assert!(m.contains("model.layers.0.self_attn.q_proj.weight"), "{m}");
+    assert!(m.contains("21 tensors, 106816 parameters"), "{m}");
+
+    let o = bridgeflow().arg("inspect").arg("--json").arg(&fx).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["reader"], "safetensors");
+    assert_eq!(v["total_bytes"], 106816 * 4);
+    let t = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "lm_head.weight")
+        .unwrap();
+    assert_eq!(t["dtype"], "F32");
+    assert_eq!(t["shape"], serde_json::json!([256, 64]));
+}
+
+#[test]
+fn inspect_of_something_unreadable() {
+    let dir = tempdir();
+    let o = bridgeflow().arg("inspect").arg(dir.path()).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("no reader plugin recognises"), "{}", text(&o));
+}
+
+#[test]
+fn validate_and_run_report_exit_codes() {
+    let o = bridgeflow()
+        .args(["validate", "pipelines/hf-to-bf16.toml"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("ok, 3 stages"));
+
+    let o = bridgeflow()
+        .args(["validate", "pipelines/nope.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("pipelines/nope.toml: cannot read pipeline file"), "{}", text(&o));
+
+    let dir = tempdir();
+    let report = dir.path().join("report.json");
+    let o = bridgeflow()
+        .args(["run", "pipelines/hf-to-bf16.toml", "--memory-budget", "64KiB", "--set"])
+        .arg(format!("output={}", dir.path().join("o").display()))
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+    assert_eq!(r["budget"], 65536);
+    assert!(r["peak_in_flight"].as_u64().unwrap() <= 65536 + 32768);
+    assert!(text(&o).contains("peak tensor data in flight"));
+
+    let o = bridgeflow()
+        .args(["run", "pipelines/hf-to-bf16.toml", "--memory-budget", "lots"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("invalid size 'lots'"), "{}", text(&o));
+}
+
+#[test]
+fn rust_log_turns_on_stage_logs() {
+    let dir = tempdir();
+    let o = bridgeflow()
+        .env("RUST_LOG", "info")
+        .args(["run", "pipelines/hf-to-bf16.toml", "--set"])
+        .arg(format!("output={}", dir.path().join("o").display()))
+        .output()
+        .unwrap();
+    let m = String::from_utf8_lossy(&o.stderr);
+    assert!(m.contains("stage{name=cast plugin=cast kind=transform}"), "{m}");
+    assert!(m.contains("finished"), "{m}");
+}
