@@ -13,7 +13,11 @@ fn help_everywhere() {
     ] {
         let o = bridgeflow().args(&args).output().unwrap();
         assert!(o.status.success(), "{args:?}");
-        assert!(text(&o).contains("Usage: bridgeflow"), "{args:?}: {}", text(&o));
+        assert!(
+            text(&o).contains("Usage: bridgeflow"),
+            "{args:?}: {}",
+            text(&o)
+        );
     }
     let o = bridgeflow().args(["run", "--help"]).output().unwrap();
     let m = text(&o);
@@ -29,11 +33,20 @@ fn plugins_lists_name_version_kinds_file() {
     let st = list.iter().find(|p| p["name"] == "safetensors").unwrap();
     assert_eq!(st["kinds"], serde_json::json!(["reader", "writer"]));
     assert_eq!(st["version"], env!("CARGO_PKG_VERSION"));
-    assert!(st["file"].as_str().unwrap().contains("bridgeflow_plugin_safetensors"));
+    assert!(st["file"]
+        .as_str()
+        .unwrap()
+        .contains("bridgeflow_plugin_safetensors"));
 
-    let o = bridgeflow().args(["plugins", "--schema", "cast"]).output().unwrap();
+    let o = bridgeflow()
+        .args(["plugins", "--schema", "cast"])
+        .output()
+        .unwrap();
     let m = text(&o);
-    assert!(m.contains("\"to\"") && m.contains("round to nearest even"), "{m}");
+    assert!(
+        m.contains("\"to\"") && m.contains("round to nearest even"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -45,7 +58,12 @@ fn inspect_shows_tensors_and_totals() {
     assert!(m.contains("model.layers.0.self_attn.q_proj.weight"), "{m}");
     assert!(m.contains("21 tensors, 106816 parameters"), "{m}");
 
-    let o = bridgeflow().arg("inspect").arg("--json").arg(&fx).output().unwrap();
+    let o = bridgeflow()
+        .arg("inspect")
+        .arg("--json")
+        .arg(&fx)
+        .output()
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["reader"], "safetensors");
     assert_eq!(v["total_bytes"], 106816 * 4);
@@ -62,9 +80,17 @@ fn inspect_shows_tensors_and_totals() {
 #[test]
 fn inspect_of_something_unreadable() {
     let dir = tempdir();
-    let o = bridgeflow().arg("inspect").arg(dir.path()).output().unwrap();
+    let o = bridgeflow()
+        .arg("inspect")
+        .arg(dir.path())
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).contains("no reader plugin recognises"), "{}", text(&o));
+    assert!(
+        text(&o).contains("no reader plugin recognises"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -81,25 +107,41 @@ fn validate_and_run_report_exit_codes() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o).contains("pipelines/nope.toml: cannot read pipeline file"), "{}", text(&o));
+    assert!(
+        text(&o).contains("pipelines/nope.toml: cannot read pipeline file"),
+        "{}",
+        text(&o)
+    );
 
     let dir = tempdir();
     let report = dir.path().join("report.json");
     let o = bridgeflow()
-        .args(["run", "pipelines/hf-to-bf16.toml", "--memory-budget", "64KiB", "--set"])
+        .args([
+            "run",
+            "pipelines/hf-to-bf16.toml",
+            "--memory-budget",
+            "64KiB",
+            "--set",
+        ])
         .arg(format!("output={}", dir.path().join("o").display()))
         .arg("--report")
         .arg(&report)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
     assert_eq!(r["budget"], 65536);
     assert!(r["peak_in_flight"].as_u64().unwrap() <= 65536 + 32768);
     assert!(text(&o).contains("peak tensor data in flight"));
 
     let o = bridgeflow()
-        .args(["run", "pipelines/hf-to-bf16.toml", "--memory-budget", "lots"])
+        .args([
+            "run",
+            "pipelines/hf-to-bf16.toml",
+            "--memory-budget",
+            "lots",
+        ])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
@@ -116,6 +158,9 @@ fn rust_log_turns_on_stage_logs() {
         .output()
         .unwrap();
     let m = String::from_utf8_lossy(&o.stderr);
-    assert!(m.contains("stage{name=cast plugin=cast kind=transform}"), "{m}");
+    assert!(
+        m.contains("stage{name=cast plugin=cast kind=transform}"),
+        "{m}"
+    );
     assert!(m.contains("finished"), "{m}");
 }

@@ -1,7 +1,7 @@
 //! Plugin loading: a third-party plugin built from examples/, and plugins that must be refused.
 
 use bridgeflow_core::host::PluginHost;
-use bridgeflow_sdk::{SDK_VERSION, ABI_VERSION};
+use bridgeflow_sdk::{ABI_VERSION, SDK_VERSION};
 use bridgeflow_tests::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -46,7 +46,10 @@ fn abi_mismatch_is_refused_with_both_versions() {
         .unwrap();
     let m = text(&o);
     assert!(o.status.success(), "{m}");
-    assert!(m.contains("refused") && m.contains("bridgeflow-sdk 0.0.9 (ABI 0)"), "{m}");
+    assert!(
+        m.contains("refused") && m.contains("bridgeflow-sdk 0.0.9 (ABI 0)"),
+        "{m}"
+    );
     assert!(m.contains("safetensors"), "{m}");
 }
 
@@ -69,20 +72,28 @@ fn a_pipeline_naming_a_refused_plugin_says_why() {
     let m = text(&o);
     assert_eq!(o.status.code(), Some(2), "{m}");
     assert!(m.contains("unknown plugin 'old'"), "{m}");
-    assert!(m.contains("refused libraries:") && m.contains("(ABI 0)"), "{m}");
+    assert!(
+        m.contains("refused libraries:") && m.contains("(ABI 0)"),
+        "{m}"
+    );
 }
 
 #[test]
 fn a_file_that_is_not_a_library_is_refused_not_fatal() {
     let dir = tempdir();
     std::fs::write(
-        dir.path().join(format!("libjunk.{}", std::env::consts::DLL_EXTENSION)),
+        dir.path()
+            .join(format!("libjunk.{}", std::env::consts::DLL_EXTENSION)),
         b"not an ELF file",
     )
     .unwrap();
     let host = PluginHost::discover(vec![dir.path().to_path_buf()]);
     assert_eq!(host.refused.len(), 1);
-    assert!(host.refused[0].reason.starts_with("cannot open library"), "{}", host.refused[0].reason);
+    assert!(
+        host.refused[0].reason.starts_with("cannot open library"),
+        "{}",
+        host.refused[0].reason
+    );
 }
 
 #[test]
@@ -133,9 +144,20 @@ fn the_example_third_party_plugin_builds_loads_and_runs() {
     for (name, s) in &src {
         let g = &got[name];
         if name.contains("norm") {
-            let a: Vec<f32> = s.bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-            let b: Vec<f32> = g.bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-            assert!(a.iter().zip(&b).all(|(x, y)| x * 2.0 == *y), "{name} doubled");
+            let a: Vec<f32> = s
+                .bytes
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let b: Vec<f32> = g
+                .bytes
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x * 2.0 == *y),
+                "{name} doubled"
+            );
             scaled += 1;
         } else {
             assert!(s.bytes == g.bytes, "{name} untouched");

@@ -16,9 +16,7 @@ config = {{ count = {count}, elements = {elements} }}
     );
     let upstream = match middle {
         Some(m) => {
-            p.push_str(&format!(
-                "\n[stages.mid]\n{m}\ninputs = [\"gen\"]\n"
-            ));
+            p.push_str(&format!("\n[stages.mid]\n{m}\ninputs = [\"gen\"]\n"));
             "mid"
         }
         None => "gen",
@@ -46,9 +44,16 @@ fn slow_sink_keeps_bytes_in_flight_under_budget() {
         "peak {} > budget {budget}",
         r.peak_in_flight
     );
-    assert!(r.peak_in_flight >= MIB, "the count saw the data: {}", r.peak_in_flight);
+    assert!(
+        r.peak_in_flight >= MIB,
+        "the count saw the data: {}",
+        r.peak_in_flight
+    );
     let sink = r.stages.iter().find(|s| s.name == "sink").unwrap();
-    assert_eq!(sink.summary, format!("received 40 tensors, {} bytes", 40 * MIB));
+    assert_eq!(
+        sink.summary,
+        format!("received 40 tensors, {} bytes", 40 * MIB)
+    );
 }
 
 #[test]
@@ -56,7 +61,13 @@ fn budget_holds_through_a_pass_through_transform() {
     let dir = tempdir();
     let budget = 3 * MIB;
     let mid = "plugin = \"rename\"\nkind = \"transform\"\nconfig = { rules = [{ pattern = \"^t\", replace = \"u\" }] }";
-    let r = run_text(dir.path(), &gen_to_slow(30, 1 << 18, 3, Some(mid)), &[], budget).unwrap();
+    let r = run_text(
+        dir.path(),
+        &gen_to_slow(30, 1 << 18, 3, Some(mid)),
+        &[],
+        budget,
+    )
+    .unwrap();
     assert!(r.peak_in_flight <= budget, "peak {}", r.peak_in_flight);
     assert_eq!(r.stages.last().unwrap().items_in, 30);
 }
@@ -66,7 +77,13 @@ fn transforms_that_allocate_overshoot_by_at_most_one_output() {
     let dir = tempdir();
     let budget = 3 * MIB;
     let mid = "plugin = \"cast\"\nkind = \"transform\"\nconfig = { to = \"bf16\" }";
-    let r = run_text(dir.path(), &gen_to_slow(30, 1 << 18, 3, Some(mid)), &[], budget).unwrap();
+    let r = run_text(
+        dir.path(),
+        &gen_to_slow(30, 1 << 18, 3, Some(mid)),
+        &[],
+        budget,
+    )
+    .unwrap();
     // Sources wait for room; a transform's new buffer is counted without waiting.
     assert!(
         r.peak_in_flight <= budget + MIB / 2,
@@ -112,11 +129,17 @@ config = {{ path = "{}" }}
     );
     let e = run_text(dir.path(), &p, &[], 64 * MIB).unwrap_err();
     assert!(
-        e.starts_with("stage 'boom' (testkit transform) failed: format error: testkit fails on tensor"),
+        e.starts_with(
+            "stage 'boom' (testkit transform) failed: format error: testkit fails on tensor"
+        ),
         "{e}"
     );
     assert!(!out.exists(), "no output after a failed run");
-    assert!(leftovers(dir.path()).is_empty(), "{:?}", leftovers(dir.path()));
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:?}",
+        leftovers(dir.path())
+    );
 }
 
 #[test]
@@ -125,7 +148,10 @@ fn a_panicking_plugin_is_an_error_not_a_crash() {
     let mid = "plugin = \"testkit\"\nkind = \"transform\"\nconfig = { after = 2, panic = true }";
     let e = run_text(dir.path(), &gen_to_slow(5, 16, 0, Some(mid)), &[], MIB).unwrap_err();
     assert!(e.contains("stage 'mid'"), "{e}");
-    assert!(e.contains("plugin panicked: testkit panics on tensor 't.00002'"), "{e}");
+    assert!(
+        e.contains("plugin panicked: testkit panics on tensor 't.00002'"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -156,7 +182,14 @@ inputs = ["cast"]
 config = { delay_ms = 0 }
 "#;
     let r = run_text(dir.path(), p, &[], MIB).unwrap();
-    let get = |n: &str| r.stages.iter().find(|s| s.name == n).unwrap().summary.clone();
+    let get = |n: &str| {
+        r.stages
+            .iter()
+            .find(|s| s.name == n)
+            .unwrap()
+            .summary
+            .clone()
+    };
     assert_eq!(get("a"), "received 20 tensors, 81920 bytes");
     assert_eq!(get("b"), "received 20 tensors, 40960 bytes");
 }
@@ -206,7 +239,9 @@ config = { delay_ms = 0 }
 "#;
     let e = run_text(dir.path(), p, &[], MIB).unwrap_err();
     assert!(
-        e.contains("stage 'read' (safetensors reader) failed: io error: cannot read /nonexistent/model"),
+        e.contains(
+            "stage 'read' (safetensors reader) failed: io error: cannot read /nonexistent/model"
+        ),
         "{e}"
     );
 }

@@ -52,7 +52,11 @@ fn fp32_fixture_to_bf16_through_the_bundled_pipeline() {
             .collect();
         assert!(g.bytes == want, "{name}: values differ from an RNE cast");
     }
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         assert_eq!(
             std::fs::read(src_dir.join(f)).unwrap(),
             std::fs::read(out.join(f)).unwrap(),
@@ -101,9 +105,10 @@ fn resharding_is_bit_identical_and_the_index_is_right() {
     let src = load_tensors(&src_dir.join("model.safetensors"));
     assert_eq!(load_tensors(&out), src, "every tensor bit-identical");
 
-    let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap())
-            .unwrap();
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
     let total: usize = src.values().map(|t| t.bytes.len()).sum();
     assert_eq!(index["metadata"]["total_size"], total);
     let wm = index["weight_map"].as_object().unwrap();
@@ -126,7 +131,11 @@ fn resharding_is_bit_identical_and_the_index_is_right() {
     );
     for (file, names) in &shards {
         let bytes = std::fs::read(out.join(file)).unwrap();
-        assert!(bytes.len() as u64 <= 100_000 + 4096, "{file} is {} bytes", bytes.len());
+        assert!(
+            bytes.len() as u64 <= 100_000 + 4096,
+            "{file} is {} bytes",
+            bytes.len()
+        );
         // Each shard is byte for byte what the safetensors library writes for its tensors.
         let tmp = dir.path().join("expected.safetensors");
         let list: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = names
@@ -137,7 +146,10 @@ fn resharding_is_bit_identical_and_the_index_is_right() {
             })
             .collect();
         save_tensors(&tmp, &list);
-        assert!(std::fs::read(&tmp).unwrap() == bytes, "{file} differs from safetensors.serialize");
+        assert!(
+            std::fs::read(&tmp).unwrap() == bytes,
+            "{file} differs from safetensors.serialize"
+        );
     }
     // And our reader reads the sharded folder back, through the index.
     let back = dir.path().join("back.safetensors");
@@ -169,7 +181,11 @@ fn existing_output_is_refused_unless_overwrite() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).contains("already exists; set overwrite = true"), "{}", text(&o));
+    assert!(
+        text(&o).contains("already exists; set overwrite = true"),
+        "{}",
+        text(&o)
+    );
     assert!(out.join("keep.txt").exists());
     let o = bridgeflow()
         .args(["run", "pipelines/hf-to-bf16.toml", "--set"])
@@ -198,7 +214,10 @@ fn inspect_error(bytes: &[u8]) -> String {
     let o = bridgeflow().arg("inspect").arg(&f).output().unwrap();
     let msg = text(&o);
     assert_eq!(o.status.code(), Some(1), "{msg}");
-    assert!(msg.contains(&f.display().to_string()), "names the file: {msg}");
+    assert!(
+        msg.contains(&f.display().to_string()),
+        "names the file: {msg}"
+    );
     assert!(!msg.contains("panicked"), "{msg}");
     msg
 }
@@ -209,7 +228,12 @@ fn valid_file() -> Vec<u8> {
     save_tensors(
         &f,
         &[
-            ("a", Dtype::F32, vec![2, 2], f32_bytes(&[1.0, 2.0, 3.0, 4.0])),
+            (
+                "a",
+                Dtype::F32,
+                vec![2, 2],
+                f32_bytes(&[1.0, 2.0, 3.0, 4.0]),
+            ),
             ("b", Dtype::F32, vec![2], f32_bytes(&[5.0, 6.0])),
         ],
     );
@@ -221,7 +245,10 @@ fn corrupt_truncated_file() {
     let mut b = valid_file();
     b.truncate(b.len() - 4);
     let m = inspect_error(&b);
-    assert!(m.contains("the tensors cover 24 data bytes but the file holds 20: truncated"), "{m}");
+    assert!(
+        m.contains("the tensors cover 24 data bytes but the file holds 20: truncated"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -229,7 +256,10 @@ fn corrupt_header_length_past_eof() {
     let mut b = valid_file();
     b[..8].copy_from_slice(&5000u64.to_le_bytes());
     let m = inspect_error(&b);
-    assert!(m.contains("header length 5000 points past the end of the file"), "{m}");
+    assert!(
+        m.contains("header length 5000 points past the end of the file"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -250,7 +280,10 @@ fn corrupt_tiny_file() {
 fn corrupt_overlapping_offsets() {
     let h = r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}"#;
     let m = inspect_error(&raw_file(h, &[0u8; 24]));
-    assert!(m.contains("tensor 'b': data offsets overlap another tensor or leave a hole"), "{m}");
+    assert!(
+        m.contains("tensor 'b': data offsets overlap another tensor or leave a hole"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -258,13 +291,19 @@ fn corrupt_hole_between_tensors() {
     let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[12,20]}}"#;
     let m = inspect_error(&raw_file(h, &[0u8; 20]));
     assert!(m.contains("tensor 'b'"), "{m}");
-    assert!(m.contains("starts at data offset 12 but the previous tensor ends at 8"), "{m}");
+    assert!(
+        m.contains("starts at data offset 12 but the previous tensor ends at 8"),
+        "{m}"
+    );
 }
 
 #[test]
 fn corrupt_bad_json_header() {
     let m = inspect_error(&raw_file("{\"a\": {\"dtype\": ", &[]));
-    assert!(m.contains("header is not a valid safetensors JSON header"), "{m}");
+    assert!(
+        m.contains("header is not a valid safetensors JSON header"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -294,7 +333,10 @@ fn corrupt_input_in_a_pipeline_names_stage_and_file() {
         .unwrap();
     let m = text(&o);
     assert_eq!(o.status.code(), Some(1), "{m}");
-    assert!(m.contains("stage 'read' (safetensors reader) failed: format error:"), "{m}");
+    assert!(
+        m.contains("stage 'read' (safetensors reader) failed: format error:"),
+        "{m}"
+    );
     assert!(m.contains(&f.display().to_string()), "{m}");
     assert!(!out.exists());
 }
@@ -302,13 +344,21 @@ fn corrupt_input_in_a_pipeline_names_stage_and_file() {
 #[test]
 fn index_naming_a_missing_tensor() {
     let dir = tempdir();
-    std::fs::write(dir.path().join("model-00001-of-00001.safetensors"), valid_file()).unwrap();
+    std::fs::write(
+        dir.path().join("model-00001-of-00001.safetensors"),
+        valid_file(),
+    )
+    .unwrap();
     std::fs::write(
         dir.path().join("model.safetensors.index.json"),
         r#"{"metadata":{},"weight_map":{"a":"model-00001-of-00001.safetensors","zz":"model-00001-of-00001.safetensors"}}"#,
     )
     .unwrap();
-    let o = bridgeflow().arg("inspect").arg(dir.path()).output().unwrap();
+    let o = bridgeflow()
+        .arg("inspect")
+        .arg(dir.path())
+        .output()
+        .unwrap();
     let m = text(&o);
     assert_eq!(o.status.code(), Some(1));
     assert!(
@@ -349,7 +399,12 @@ config = {{ tolerance = {tol} }}
     };
     verify(&src, &out, "0").unwrap();
     let e = verify(&src, &fixtures().join("hf/llama_bf16"), "0").unwrap_err();
-    assert!(e.contains("stage 'check' (verify transform) failed: mismatch error: 21 of 21 tensors failed"), "{e}");
+    assert!(
+        e.contains(
+            "stage 'check' (verify transform) failed: mismatch error: 21 of 21 tensors failed"
+        ),
+        "{e}"
+    );
 
     let manifest = out.join("bridgeflow-manifest.json");
     let check = |path: &Path| {
@@ -379,6 +434,9 @@ config = {{ manifest = "{}" }}
     bytes[n - 1] ^= 0x01;
     std::fs::write(&f, bytes).unwrap();
     let e = check(&out).unwrap_err();
-    assert!(e.contains("1 of 21 tensors failed the manifest check"), "{e}");
+    assert!(
+        e.contains("1 of 21 tensors failed the manifest check"),
+        "{e}"
+    );
     assert!(e.contains("blake3"), "{e}");
 }

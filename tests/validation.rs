@@ -31,8 +31,14 @@ fn a_valid_pipeline_validates() {
 #[test]
 fn unknown_plugin() {
     check(
-        &OK.replace("plugin = \"safetensors\"\nkind = \"reader\"", "plugin = \"nosuch\"\nkind = \"reader\""),
-        &["p.toml:2: stage 'read': unknown plugin 'nosuch' (available: ", "safetensors"],
+        &OK.replace(
+            "plugin = \"safetensors\"\nkind = \"reader\"",
+            "plugin = \"nosuch\"\nkind = \"reader\"",
+        ),
+        &[
+            "p.toml:2: stage 'read': unknown plugin 'nosuch' (available: ",
+            "safetensors",
+        ],
     );
 }
 
@@ -47,7 +53,10 @@ fn unknown_kind() {
 #[test]
 fn plugin_without_that_kind() {
     check(
-        &OK.replace("plugin = \"safetensors\"\nkind = \"reader\"", "plugin = \"cast\"\nkind = \"reader\""),
+        &OK.replace(
+            "plugin = \"safetensors\"\nkind = \"reader\"",
+            "plugin = \"cast\"\nkind = \"reader\"",
+        ),
         &["stage 'read': plugin 'cast' has no reader stage (it provides: transform)"],
     );
 }
@@ -71,7 +80,10 @@ fn missing_input() {
 #[test]
 fn too_many_inputs() {
     check(
-        &OK.replace("kind = \"reader\"\n", "kind = \"reader\"\ninputs = [\"write\"]\n"),
+        &OK.replace(
+            "kind = \"reader\"\n",
+            "kind = \"reader\"\ninputs = [\"write\"]\n",
+        ),
         &["stage 'read': too many inputs: safetensors reader takes 0, 1 given"],
     );
 }
@@ -124,7 +136,10 @@ fn sink_used_as_input() {
     let p = format!(
         "{OK}\n[stages.more]\nplugin = \"cast\"\nkind = \"transform\"\ninputs = [\"write\"]\nconfig = {{ to = \"bf16\" }}\n"
     );
-    check(&p, &["stage 'more': input 'write' is a safetensors writer and has no output"]);
+    check(
+        &p,
+        &["stage 'more': input 'write' is a safetensors writer and has no output"],
+    );
 }
 
 #[test]
@@ -158,7 +173,10 @@ config = { to = "int8" }
 #[test]
 fn bad_config_type() {
     check(
-        &OK.replace("config = { path = \"y\" }", "config = { path = \"y\", max_shard_size = \"lots\" }"),
+        &OK.replace(
+            "config = { path = \"y\" }",
+            "config = { path = \"y\", max_shard_size = \"lots\" }",
+        ),
         &["stage 'write': bad config: invalid size 'lots'"],
     );
 }
@@ -168,10 +186,20 @@ fn all_problems_are_reported_together() {
     let p = OK
         .replace("kind = \"reader\"", "kind = \"reeder\"")
         .replace("inputs = [\"read\"]", "inputs = [\"ghost\"]");
-    check(&p, &["2 problems", "unknown kind 'reeder'", "unknown input 'ghost'"]);
+    check(
+        &p,
+        &[
+            "2 problems",
+            "unknown kind 'reeder'",
+            "unknown input 'ghost'",
+        ],
+    );
 }
 
 #[test]
 fn toml_syntax_error_has_file_and_line() {
-    check("[stages.read]\nplugin = \"safetensors\nkind = 3\n", &["p.toml:2: invalid pipeline TOML"]);
+    check(
+        "[stages.read]\nplugin = \"safetensors\nkind = 3\n",
+        &["p.toml:2: invalid pipeline TOML"],
+    );
 }

@@ -151,10 +151,17 @@ unsafe extern "C" fn accounted_release(ctx: *const c_void) {
     Arc::decrement_strong_count(ctx as *const Accounted);
 }
 
+unsafe extern "C" fn accounted_discard(ctx: *const c_void, ptr: *const u8, len: usize) {
+    let inner = &(*(ctx as *const Accounted))._inner;
+    let start = (ptr as usize).saturating_sub(inner.as_slice().as_ptr() as usize);
+    inner.discard(start..start + len);
+}
+
 /// A static (not a const) so that its address identifies accounted buffers.
 static ACCOUNTED: BufferVTable = BufferVTable {
     retain: accounted_retain,
     release: accounted_release,
+    discard: Some(accounted_discard),
 };
 
 #[cfg(test)]

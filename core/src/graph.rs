@@ -140,7 +140,11 @@ pub fn build(spec: PipelineSpec, host: &PluginHost) -> Result<Graph, ValidationE
                         s.plugin,
                         s.kind,
                         if want == 1 { "" } else { "s" },
-                        d.inputs.iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
+                        d.inputs
+                            .iter()
+                            .map(|p| p.name())
+                            .collect::<Vec<_>>()
+                            .join(", "),
                         s.inputs.len()
                     )
                 } else {

@@ -178,7 +178,11 @@ fn print_report(r: &RunReport) {
     );
 }
 
-fn cmd_validate(host: &PluginHost, pipeline: PathBuf, set: &[Override]) -> anyhow::Result<ExitCode> {
+fn cmd_validate(
+    host: &PluginHost,
+    pipeline: PathBuf,
+    set: &[Override],
+) -> anyhow::Result<ExitCode> {
     match bridgeflow_core::load_pipeline(&pipeline, set, host) {
         Ok(g) => {
             println!(
@@ -243,7 +247,9 @@ fn cmd_plugins(host: &PluginHost, json: bool, schema: Option<String>) -> anyhow:
             .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"plugins": list, "refused": refused}))?
+            serde_json::to_string_pretty(
+                &serde_json::json!({"plugins": list, "refused": refused})
+            )?
         );
         return Ok(ExitCode::SUCCESS);
     }

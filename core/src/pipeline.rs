@@ -186,7 +186,11 @@ pub fn parse(
             Ok(s) => s,
             Err(e) => {
                 let e: toml::de::Error = e;
-                errors.push(fail(line, Some(&name), format!("invalid stage: {}", e.message())));
+                errors.push(fail(
+                    line,
+                    Some(&name),
+                    format!("invalid stage: {}", e.message()),
+                ));
                 continue;
             }
         };
@@ -228,10 +232,12 @@ pub fn parse(
     }
     Ok(PipelineSpec {
         file: file.to_path_buf(),
-        name: raw
-            .pipeline
-            .name
-            .unwrap_or_else(|| file.file_stem().unwrap_or_default().to_string_lossy().into()),
+        name: raw.pipeline.name.unwrap_or_else(|| {
+            file.file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into()
+        }),
         description: raw.pipeline.description.unwrap_or_default(),
         vars,
         stages,
@@ -397,7 +403,10 @@ path = "out"
     #[test]
     fn toml_syntax_error_has_line() {
         let e = parse("[stages.a]\nplugin = \n", Path::new("x.toml"), &[]).unwrap_err();
-        assert!(e.to_string().contains("x.toml:2: invalid pipeline TOML"), "{e}");
+        assert!(
+            e.to_string().contains("x.toml:2: invalid pipeline TOML"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -411,7 +420,8 @@ path = "out"
     fn missing_field_in_stage() {
         let e = parse("[stages.a]\nkind = \"reader\"\n", Path::new("x.toml"), &[]).unwrap_err();
         assert!(
-            e.to_string().contains("x.toml:1: stage 'a': invalid stage: missing field `plugin`"),
+            e.to_string()
+                .contains("x.toml:1: stage 'a': invalid stage: missing field `plugin`"),
             "{e}"
         );
     }

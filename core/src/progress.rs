@@ -22,6 +22,7 @@ impl Progress {
         }
     }
 
+    /// A bar in bytes; its message counts tensors (or batches) against `total_items`.
     pub fn bar(&self, stage: &str, total_bytes: u64) -> ProgressBar {
         if !self.enabled {
             return ProgressBar::hidden();
@@ -29,7 +30,7 @@ impl Progress {
         let bar = self.multi.add(ProgressBar::new(total_bytes));
         bar.set_style(
             ProgressStyle::with_template(
-                "{prefix:>14.bold} [{bar:32.cyan/blue}] {binary_bytes:>10}/{binary_total_bytes:<10} {binary_bytes_per_sec:>12} {elapsed_precise}",
+                "{prefix:>14.bold} [{bar:32.cyan/blue}] {binary_bytes:>10}/{binary_total_bytes:<10} {binary_bytes_per_sec:>12} {elapsed_precise} {msg}",
             )
             .expect("valid template")
             .progress_chars("=> "),

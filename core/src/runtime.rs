@@ -198,10 +198,15 @@ pub async fn run(graph: Graph, opts: RunOptions) -> Result<RunReport, RunError> 
         } else {
             node.inputs.iter().map(|&j| plans[j].total_bytes()).sum()
         };
+        let expected_items = if node.is_source() {
+            plans[i].tensors.len()
+        } else {
+            node.inputs.iter().map(|&j| plans[j].tensors.len()).sum()
+        };
         let bar = progress.bar(&node.name, expected);
         let shared = shared.clone();
         handles.push(tokio::task::spawn_blocking(move || {
-            drive(node, rx, outs, shared, bar)
+            drive(node, rx, outs, shared, bar, expected_items)
         }));
     }
     drop(senders);
@@ -255,6 +260,7 @@ fn drive(
     outs: Vec<(Sender<Envelope>, usize)>,
     shared: Arc<Shared>,
     bar: indicatif::ProgressBar,
+    expected_items: usize,
 ) -> Option<StageReport> {
     let span = info_span!("stage", name = %node.name, plugin = %node.plugin, kind = %node.kind);
     let _entered = span.enter();
@@ -294,6 +300,7 @@ fn drive(
         bytes_out += bytes;
         if is_source {
             bar.inc(bytes);
+            bar.set_message(format!("{items_out}/{expected_items} items"));
         }
         send_all(&outs, item, hold)
     };
@@ -319,6 +326,7 @@ fn drive(
                             bytes_in += b;
                             node.stage.process(port as u32, item, em).into_result()?;
                             bar.inc(b);
+                            bar.set_message(format!("{items_in}/{expected_items} items"));
                         }
                         Some(Envelope::End { port }) => {
                             debug!(port, "input ended");

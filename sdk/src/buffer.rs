@@ -10,12 +10,17 @@ use std::ffi::c_void;
 use std::ops::{Deref, Range};
 use std::sync::{Arc, Mutex};
 
-/// Callbacks that keep a buffer's owner alive. Both must be thread-safe.
+/// Callbacks that keep a buffer's owner alive. All must be thread-safe.
 #[repr(C)]
 #[derive(StableAbi)]
 pub struct BufferVTable {
     pub retain: unsafe extern "C" fn(ctx: *const c_void),
     pub release: unsafe extern "C" fn(ctx: *const c_void),
+    /// "This consumer is done with bytes `ptr..ptr+len`": the owner may drop their residency,
+    /// but the bytes must stay readable (a memory map can release pages that the file backs;
+    /// heap memory ignores it). Lets a writer stream a tensor larger than the memory budget
+    /// without its whole mapping becoming resident.
+    pub discard: Option<unsafe extern "C" fn(ctx: *const c_void, ptr: *const u8, len: usize)>,
 }
 
 /// An immutable, shareable byte view whose memory is owned elsewhere.
@@ -36,6 +41,9 @@ unsafe impl Sync for Buffer {}
 /// Anything that owns stable bytes can back a buffer (Vec, memory map, ...).
 pub trait BufferOwner: Send + Sync + 'static {
     fn bytes(&self) -> &[u8];
+    /// A consumer is done with `range` of [`Self::bytes`]; drop its residency if that is
+    /// possible without changing what the bytes read as. Default: nothing.
+    fn discard(&self, _range: Range<usize>) {}
 }
 
 impl BufferOwner for Vec<u8> {
@@ -60,6 +68,12 @@ unsafe extern "C" fn arc_retain<O: BufferOwner>(ctx: *const c_void) {
 unsafe extern "C" fn arc_release<O: BufferOwner>(ctx: *const c_void) {
     Arc::decrement_strong_count(ctx as *const O);
 }
+unsafe extern "C" fn arc_discard<O: BufferOwner>(ctx: *const c_void, ptr: *const u8, len: usize) {
+    let owner = &*(ctx as *const O);
+    let base = owner.bytes().as_ptr() as usize;
+    let start = (ptr as usize).saturating_sub(base);
+    owner.discard(start..start + len);
+}
 
 trait ArcVTable {
     const VTABLE: &'static BufferVTable;
@@ -68,6 +82,7 @@ impl<O: BufferOwner> ArcVTable for O {
     const VTABLE: &'static BufferVTable = &BufferVTable {
         retain: arc_retain::<O>,
         release: arc_release::<O>,
+        discard: Some(arc_discard::<O>),
     };
 }
 
@@ -152,6 +167,18 @@ impl Buffer {
             len: range.end - range.start,
             ctx: self.ctx,
             vtable: self.vtable,
+        }
+    }
+
+    /// Tells the owner this consumer is done with `range` of this view (see
+    /// [`BufferVTable::discard`]). Always safe: the bytes stay readable.
+    pub fn discard(&self, range: Range<usize>) {
+        let range = range.start.min(self.len)..range.end.min(self.len);
+        if range.is_empty() {
+            return;
+        }
+        if let Some(f) = self.vtable.discard {
+            unsafe { f(self.ctx, self.ptr.add(range.start), range.end - range.start) };
         }
     }
 
@@ -316,6 +343,31 @@ mod tests {
         assert_eq!(&*c, &[2, 3]);
         drop(c);
         assert_eq!(DROPS.load(Ordering::SeqCst), 1);
+    }
+
+    struct Recorder(Vec<u8>, Mutex<Vec<std::ops::Range<usize>>>);
+    impl BufferOwner for Recorder {
+        fn bytes(&self) -> &[u8] {
+            &self.0
+        }
+        fn discard(&self, range: std::ops::Range<usize>) {
+            self.1.lock().unwrap().push(range);
+        }
+    }
+
+    #[test]
+    fn discard_reaches_the_owner_in_owner_coordinates() {
+        let owner = Arc::new(Recorder(vec![0; 100], Mutex::new(Vec::new())));
+        let b = Buffer::from_arc_range(owner.clone(), 10..90);
+        let s = b.slice(20..60); // owner bytes 30..70
+        s.discard(5..15);
+        s.discard(30..1000); // clamped to the view
+        b.discard(0..0); // empty: not forwarded
+        assert_eq!(*owner.1.lock().unwrap(), vec![35..45, 60..70]);
+        // Heap buffers ignore it and keep their bytes.
+        let v = Buffer::from_vec(vec![7; 8]);
+        v.discard(0..8);
+        assert_eq!(&*v, &[7; 8]);
     }
 
     #[test]

@@ -33,15 +33,15 @@ pub use plugin::{
 };
 pub use records::RecordBatchFfi;
 pub use stage::{
-    Emitter, Item, PortType, Sink, Source, StageBox, StageFfi, StageFfi_TO, StageKind,
-    StreamPlan, Transform,
+    Emitter, Item, PortType, Sink, Source, StageBox, StageFfi, StageFfi_TO, StageKind, StreamPlan,
+    Transform,
 };
 pub use tensor::{ShardInfo, Tensor, TensorInfo};
 
 /// Crates plugin authors get through the SDK, so their versions always match the host's.
 pub use arrow_array;
-pub use half;
 pub use arrow_schema;
+pub use half;
 pub use schemars;
 pub use serde;
 pub use serde_json;
@@ -49,7 +49,7 @@ pub use serde_json;
 #[doc(hidden)]
 pub mod reexports {
     pub use abi_stable::library::{
-        CheckTypeLayout, LibHeader, RootModuleResult, __call_root_module_loader,
+        __call_root_module_loader, CheckTypeLayout, LibHeader, RootModuleResult,
     };
     pub use abi_stable::std_types::{RResult, RStr, RString, RVec};
 }

@@ -35,6 +35,31 @@ pub fn hash_bytes(bytes: &[u8]) -> String {
     h.finalize().to_hex().to_string()
 }
 
+/// Piecewise hashing, for writers that stream a tensor in chunks.
+pub struct Hasher(blake3::Hasher);
+
+impl Hasher {
+    pub fn new() -> Hasher {
+        Hasher(blake3::Hasher::new())
+    }
+    pub fn update(&mut self, bytes: &[u8]) {
+        if bytes.len() >= 1 << 20 {
+            self.0.update_rayon(bytes);
+        } else {
+            self.0.update(bytes);
+        }
+    }
+    pub fn finish(&self) -> String {
+        self.0.finalize().to_hex().to_string()
+    }
+}
+
+impl Default for Hasher {
+    fn default() -> Self {
+        Hasher::new()
+    }
+}
+
 impl Manifest {
     pub fn new() -> Manifest {
         Manifest {
@@ -45,13 +70,18 @@ impl Manifest {
     }
 
     pub fn add(&mut self, info: &TensorInfo, bytes: &[u8]) {
+        self.add_hashed(info, bytes.len() as u64, hash_bytes(bytes));
+    }
+
+    /// Adds an entry whose hash was computed elsewhere (e.g. piecewise with [`Hasher`]).
+    pub fn add_hashed(&mut self, info: &TensorInfo, bytes: u64, blake3_hex: String) {
         self.tensors.insert(
             info.name().to_string(),
             ManifestEntry {
                 dtype: info.dtype.name().into(),
                 shape: info.shape.to_vec(),
-                bytes: bytes.len() as u64,
-                blake3: hash_bytes(bytes),
+                bytes,
+                blake3: blake3_hex,
             },
         );
     }
@@ -123,7 +153,10 @@ mod tests {
         assert!(m.check(&info, &[1, 2, 3]).is_ok());
         assert!(m.check(&info, &[1, 2, 4]).unwrap_err().contains("blake3"));
         let other = TensorInfo::new("w", DType::I8, &[3]);
-        assert!(m.check(&other, &[1, 2, 3]).unwrap_err().contains("manifest says U8"));
+        assert!(m
+            .check(&other, &[1, 2, 3])
+            .unwrap_err()
+            .contains("manifest says U8"));
         let dir = std::env::temp_dir().join(format!("bf-manifest-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("m.json");

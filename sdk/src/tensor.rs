@@ -106,7 +106,10 @@ mod tests {
         let info = TensorInfo::new("w", DType::BF16, &[2, 3]);
         assert!(Tensor::new(info.clone(), Buffer::from_vec(vec![0; 12])).is_ok());
         let e = Tensor::new(info, Buffer::from_vec(vec![0; 11])).unwrap_err();
-        assert!(e.message.contains("'w'") && e.message.contains("12 bytes"), "{e}");
+        assert!(
+            e.message.contains("'w'") && e.message.contains("12 bytes"),
+            "{e}"
+        );
         let huge = TensorInfo::new("h", DType::F64, &[u64::MAX, 2]);
         assert_eq!(huge.nbytes(), None);
     }

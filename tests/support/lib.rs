@@ -95,7 +95,8 @@ pub fn run_text(
         .map(|s| Override::parse(s).unwrap())
         .collect();
     let host = host();
-    let graph = bridgeflow_core::load_pipeline(&file, &overrides, &host).map_err(|e| e.to_string())?;
+    let graph =
+        bridgeflow_core::load_pipeline(&file, &overrides, &host).map_err(|e| e.to_string())?;
     run_blocking(
         graph,
         RunOptions {

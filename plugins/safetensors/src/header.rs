@@ -25,9 +25,8 @@ pub struct Header {
 
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<Header> {
     let file = path.display();
-    let (n, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
-        PluginError::format(format!("{file}: {}", explain(&e, bytes)))
-    })?;
+    let (n, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| PluginError::format(format!("{file}: {}", explain(&e, bytes))))?;
     let data_start = 8 + n;
     let mut entries = Vec::new();
     for name in meta.offset_keys() {
@@ -76,11 +75,12 @@ fn explain(e: &SafeTensorError, bytes: &[u8]) -> String {
         }
         SafeTensorError::InvalidOffset(name) => format!(
             "tensor '{name}': data offsets overlap another tensor or leave a hole{}",
-            diagnose(bytes).map(|d| format!(" ({d})")).unwrap_or_default()
+            diagnose(bytes)
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default()
         ),
-        SafeTensorError::TensorInvalidInfo | SafeTensorError::ValidationOverflow => {
-            diagnose(bytes).unwrap_or_else(|| "a tensor's size does not match its dtype and shape".into())
-        }
+        SafeTensorError::TensorInvalidInfo | SafeTensorError::ValidationOverflow => diagnose(bytes)
+            .unwrap_or_else(|| "a tensor's size does not match its dtype and shape".into()),
         SafeTensorError::MetadataIncompleteBuffer => {
             let covered = diagnose_end(bytes);
             format!(
@@ -149,7 +149,12 @@ fn diagnose(bytes: &[u8]) -> Option<String> {
         let numel = r.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
         let want = numel.and_then(|n| n.checked_mul(dtype.size() as u64));
         match want {
-            None => return Some(format!("tensor '{}': shape {:?} overflows", r.name, r.shape)),
+            None => {
+                return Some(format!(
+                    "tensor '{}': shape {:?} overflows",
+                    r.name, r.shape
+                ))
+            }
             Some(w) if w != r.end.saturating_sub(r.start) || r.end < r.start => {
                 return Some(format!(
                     "tensor '{}': {} {:?} needs {} bytes but its data_offsets [{}, {}] span {}",

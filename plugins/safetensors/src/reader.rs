@@ -3,8 +3,7 @@
 use crate::files::{self, Layout};
 use crate::header::{self, Entry};
 use bridgeflow_sdk::{
-    schemars, serde, Buffer, BufferOwner, Emitter, PluginError, Result, Source, StreamPlan,
-    Tensor,
+    schemars, serde, Buffer, BufferOwner, Emitter, PluginError, Result, Source, StreamPlan, Tensor,
 };
 use memmap2::{Mmap, UncheckedAdvice};
 use std::collections::BTreeSet;
@@ -39,23 +38,39 @@ impl BufferOwner for MappedRange {
     fn bytes(&self) -> &[u8] {
         &self.map[self.start..self.end]
     }
+    fn discard(&self, range: std::ops::Range<usize>) {
+        self.release_pages(self.start + range.start, self.start + range.end, false);
+    }
 }
 
 const PAGE: usize = 4096;
 
-impl Drop for MappedRange {
-    fn drop(&mut self) {
-        let start = self.start / PAGE * PAGE;
-        let end = (self.end.div_ceil(PAGE) * PAGE).min(self.map.len());
+impl MappedRange {
+    /// Drops the residency of map bytes `start..end` (whole pages only).
+    fn release_pages(&self, start: usize, end: usize, outward: bool) {
+        let (start, end) = if outward {
+            (
+                start / PAGE * PAGE,
+                (end.div_ceil(PAGE) * PAGE).min(self.map.len()),
+            )
+        } else {
+            (start.div_ceil(PAGE) * PAGE, end / PAGE * PAGE)
+        };
         if end > start {
             // SAFETY: the map is read-only and file-backed; dropped pages are re-read from the
-            // file if another view touches them again, so no data can be lost.
+            // file if anything touches them again, so no data can change or be lost.
             unsafe {
-                let _ = self
-                    .map
-                    .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start);
+                let _ =
+                    self.map
+                        .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start);
             }
         }
+    }
+}
+
+impl Drop for MappedRange {
+    fn drop(&mut self) {
+        self.release_pages(self.start, self.end, true);
     }
 }
 
@@ -68,13 +83,15 @@ impl SafetensorsReader {
             let file = std::fs::File::open(f).map_err(|e| PluginError::io(f, "cannot open", e))?;
             // SAFETY: the file is mapped read-only; a file truncated underneath a running
             // conversion is outside what any reader can defend against.
-            let map = unsafe { Mmap::map(&file) }.map_err(|e| PluginError::io(f, "cannot map", e))?;
+            let map =
+                unsafe { Mmap::map(&file) }.map_err(|e| PluginError::io(f, "cannot map", e))?;
             let _ = map.advise(memmap2::Advice::Sequential);
             let header = header::parse(f, &map)?;
             let mut names: BTreeSet<String> = BTreeSet::new();
-            let wanted = layout.index.as_ref().and_then(|idx| {
-                idx.get(f.file_name().unwrap().to_string_lossy().as_ref())
-            });
+            let wanted = layout
+                .index
+                .as_ref()
+                .and_then(|idx| idx.get(f.file_name().unwrap().to_string_lossy().as_ref()));
             for e in header.entries {
                 names.insert(e.info.name().to_string());
                 if wanted.is_none_or(|w| w.contains(e.info.name())) {

@@ -8,7 +8,7 @@
 
 use crate::dtype::to_st;
 use crate::files::{INDEX_NAME, SIDE_FILES, SINGLE_NAME};
-use bridgeflow_sdk::manifest::{Manifest, MANIFEST_FILE};
+use bridgeflow_sdk::manifest::{Hasher, Manifest, MANIFEST_FILE};
 use bridgeflow_sdk::units::{human, ByteSize};
 use bridgeflow_sdk::{
     schemars, serde, DType, Item, PluginError, Result, Sink, StreamPlan, TensorInfo,
@@ -18,6 +18,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+/// Bytes per write call; also the granularity of residency release on the input.
+const WRITE_CHUNK: usize = 8 << 20;
 
 fn default_shard() -> ByteSize {
     ByteSize(5_000_000_000)
@@ -111,7 +114,10 @@ fn split_shards(tensors: &[TensorInfo], max: u64) -> Vec<Vec<usize>> {
 
 /// The header exactly as `safetensors.serialize` writes it: tensors sorted by dtype (widest
 /// first) then name, `__metadata__` first, padded with spaces to 8 bytes.
-fn shard_header(tensors: &[&TensorInfo]) -> Result<(Vec<u8>, Vec<(String, u64)>)> {
+/// (name, offset within the data section) per tensor.
+type Offsets = Vec<(String, u64)>;
+
+fn shard_header(tensors: &[&TensorInfo]) -> Result<(Vec<u8>, Offsets)> {
     let mut order: Vec<&TensorInfo> = tensors.to_vec();
     order.sort_by(|a, b| {
         to_st(b.dtype)
@@ -122,9 +128,10 @@ fn shard_header(tensors: &[&TensorInfo]) -> Result<(Vec<u8>, Vec<(String, u64)>)
     let mut infos = Vec::with_capacity(order.len());
     let mut offsets = Vec::with_capacity(order.len());
     for t in order {
-        let n = t.nbytes().ok_or_else(|| {
-            PluginError::shape(format!("tensor '{}': size overflows", t.name()))
-        })? as usize;
+        let n = t
+            .nbytes()
+            .ok_or_else(|| PluginError::shape(format!("tensor '{}': size overflows", t.name())))?
+            as usize;
         infos.push((
             t.name().to_string(),
             StInfo {
@@ -181,7 +188,9 @@ fn reserve(file: &File, path: &Path, len: u64) -> Result<()> {
 }
 
 fn is_nonempty_dir(p: &Path) -> bool {
-    std::fs::read_dir(p).map(|mut d| d.next().is_some()).unwrap_or(false)
+    std::fs::read_dir(p)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
 }
 
 impl SafetensorsWriter {
@@ -424,17 +433,32 @@ impl Sink for SafetensorsWriter {
             )));
         }
         let shard = &self.shards[slot.shard];
-        shard
-            .file
-            .write_all_at(t.bytes(), slot.offset)
-            .map_err(|e| {
-                PluginError::io(&shard.path, &format!("writing tensor '{}' to", t.name()), e)
-            })?;
+        // In pieces, telling the buffer's owner after each that we are done with it: a tensor
+        // larger than the memory budget then never becomes resident as a whole.
+        let bytes = t.bytes();
+        let mut hasher = (self.cfg.manifest && !self.single_file).then(Hasher::new);
+        let mut done = 0;
+        while done < bytes.len() {
+            let end = (done + WRITE_CHUNK).min(bytes.len());
+            shard
+                .file
+                .write_all_at(&bytes[done..end], slot.offset + done as u64)
+                .map_err(|e| {
+                    PluginError::io(&shard.path, &format!("writing tensor '{}' to", t.name()), e)
+                })?;
+            if let Some(h) = hasher.as_mut() {
+                h.update(&bytes[done..end]);
+            }
+            t.data.discard(done..end);
+            done = end;
+        }
+        if let Some(h) = hasher {
+            self.manifest
+                .add_hashed(&t.info, bytes.len() as u64, h.finish());
+        }
         slot.written = true;
         self.written += 1;
-        if self.cfg.manifest && !self.single_file {
-            self.manifest.add(&t.info, t.bytes());
-        }
+
         Ok(())
     }
 
@@ -524,17 +548,19 @@ mod tests {
 
     #[test]
     fn sharding_follows_huggingface_hub() {
-        let t = vec![
-            info("a", DType::U8, &[40]),
-            info("b", DType::U8, &[40]),
-            info("c", DType::U8, &[150]),
-            info("d", DType::U8, &[30]),
-            info("e", DType::U8, &[80]),
-        ];
+        // huggingface_hub's documented behaviour: greedy in stream order, an oversized tensor
+        // is emitted as its own shard at once (before the shard being filled).
+        let sizes = [6u64, 10, 30, 2, 2];
+        let t: Vec<TensorInfo> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| info(&format!("layer_{}", i + 1), DType::U8, &[n]))
+            .collect();
         assert_eq!(
-            split_shards(&t, 100),
-            vec![vec![0, 1], vec![2], vec![3], vec![4]]
+            split_shards(&t, 10),
+            vec![vec![0], vec![2], vec![1], vec![3, 4]]
         );
+        assert_eq!(split_shards(&t, 1000), vec![vec![0, 1, 2, 3, 4]]);
     }
 
     #[test]

@@ -72,10 +72,10 @@ fn convert_chunk(from: DType, src: &[u8], to: DType, dst: &mut [u8]) {
         }
         return;
     }
-    let widen: Box<dyn Fn(&[u8]) -> f32 + Sync> = match from {
-        DType::F32 => Box::new(|c| f32::from_le_bytes(c.try_into().unwrap())),
-        DType::F16 => Box::new(|c| f16::from_le_bytes(c.try_into().unwrap()).to_f32()),
-        DType::BF16 => Box::new(|c| bf16::from_le_bytes(c.try_into().unwrap()).to_f32()),
+    let widen: fn(&[u8]) -> f32 = match from {
+        DType::F32 => |c| f32::from_le_bytes(c.try_into().unwrap()),
+        DType::F16 => |c| f16::from_le_bytes(c.try_into().unwrap()).to_f32(),
+        DType::BF16 => |c| bf16::from_le_bytes(c.try_into().unwrap()).to_f32(),
         _ => unreachable!("checked by applies"),
     };
     let vals = src.chunks_exact(from.size()).map(widen);

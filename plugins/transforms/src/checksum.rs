@@ -2,9 +2,7 @@
 //! ends (atomically, so a failed run leaves no manifest that looks complete).
 
 use bridgeflow_sdk::manifest::Manifest;
-use bridgeflow_sdk::{
-    schemars, serde, Emitter, Item, PluginError, Result, StreamPlan, Transform,
-};
+use bridgeflow_sdk::{schemars, serde, Emitter, Item, PluginError, Result, StreamPlan, Transform};
 use std::path::PathBuf;
 
 #[derive(serde::Deserialize, schemars::JsonSchema)]

@@ -1,8 +1,6 @@
 //! `rename` and `filter`: name-based stream edits.
 
-use bridgeflow_sdk::{
-    schemars, serde, Emitter, Item, PluginError, Result, StreamPlan, Transform,
-};
+use bridgeflow_sdk::{schemars, serde, Emitter, Item, PluginError, Result, StreamPlan, Transform};
 use regex::Regex;
 use std::collections::HashMap;
 

@@ -144,7 +144,7 @@ impl Transform for Verify {
     const INPUTS: &'static [PortType] = &[PortType::Tensors, PortType::Tensors];
 
     fn new(c: VerifyConfig) -> Result<Self> {
-        if !(c.tolerance >= 0.0) {
+        if c.tolerance.is_nan() || c.tolerance < 0.0 {
             return Err(PluginError::config("tolerance must be >= 0"));
         }
         Ok(Verify {
@@ -189,12 +189,8 @@ impl Transform for Verify {
                 } else {
                     "missing"
                 };
-                self.tally.push(
-                    &n,
-                    status,
-                    f64::NAN,
-                    format!("only in the {label} stream"),
-                );
+                self.tally
+                    .push(&n, status, f64::NAN, format!("only in the {label} stream"));
             }
             self.pending[side].clear();
         }
@@ -259,7 +255,10 @@ impl Transform for VerifyManifest {
                     name,
                     "missing",
                     f64::NAN,
-                    format!("in the manifest {} but not in the stream", self.path.display()),
+                    format!(
+                        "in the manifest {} but not in the stream",
+                        self.path.display()
+                    ),
                 );
             }
         }

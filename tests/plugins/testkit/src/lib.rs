@@ -2,8 +2,8 @@
 //! or panics after N tensors) and writer (slow sink that counts what it gets).
 
 use bridgeflow_sdk::{
-    schemars, serde, Buffer, DType, Emitter, Item, PluginError, Result, Sink, Source,
-    StreamPlan, Tensor, TensorInfo, Transform,
+    schemars, serde, Buffer, DType, Emitter, Item, PluginError, Result, Sink, Source, StreamPlan,
+    Tensor, TensorInfo, Transform,
 };
 
 #[derive(serde::Deserialize, schemars::JsonSchema)]
@@ -31,7 +31,9 @@ impl Source for Gen {
         Ok(Gen { cfg })
     }
     fn plan(&mut self) -> Result<StreamPlan> {
-        Ok(StreamPlan::new((0..self.cfg.count).map(|i| self.info(i)).collect()))
+        Ok(StreamPlan::new(
+            (0..self.cfg.count).map(|i| self.info(i)).collect(),
+        ))
     }
     fn run(&mut self, out: &mut Emitter) -> Result<()> {
         for i in 0..self.cfg.count {
@@ -117,10 +119,12 @@ impl Sink for Slow {
         Ok(())
     }
     fn commit(&mut self) -> Result<String> {
-        Ok(format!("received {} tensors, {} bytes", self.received, self.bytes))
+        Ok(format!(
+            "received {} tensors, {} bytes",
+            self.received, self.bytes
+        ))
     }
 }
-
 
 /// Record-batch stages, to test that Arrow data crosses plugins and the runtime.
 pub mod records {
@@ -152,7 +156,9 @@ pub mod records {
         }
         fn run(&mut self, out: &mut Emitter) -> Result<()> {
             for b in 0..self.cfg.batches {
-                let ids: Vec<i64> = (0..self.cfg.rows).map(|r| (b * self.cfg.rows + r) as i64).collect();
+                let ids: Vec<i64> = (0..self.cfg.rows)
+                    .map(|r| (b * self.cfg.rows + r) as i64)
+                    .collect();
                 let text: Vec<String> = ids.iter().map(|i| format!("doc {i}")).collect();
                 let batch = RecordBatch::try_from_iter(vec![
                     ("id", Arc::new(Int64Array::from(ids)) as ArrayRef),
