@@ -245,3 +245,38 @@ config = { delay_ms = 0 }
         "{e}"
     );
 }
+
+#[test]
+fn a_stage_waiting_on_two_sources_cannot_deadlock_the_budget() {
+    // verify holds each tensor of one stream until the other stream's copy arrives; with a budget
+    // of one tensor the second source could never get room. The runtime notices that nothing
+    // can progress and admits it over budget instead of hanging.
+    let dir = tempdir();
+    let p = r#"
+[stages.a]
+plugin = "testkit"
+kind = "reader"
+config = { count = 6, elements = 65536 }
+
+[stages.b]
+plugin = "testkit"
+kind = "reader"
+config = { count = 6, elements = 65536 }
+
+[stages.check]
+plugin = "verify"
+kind = "transform"
+inputs = ["a", "b"]
+config = {}
+"#;
+    let r = run_text(dir.path(), p, &[], 256 * 1024).unwrap();
+    assert!(r.overdrafts >= 1, "{r:?}");
+    assert_eq!(
+        r.stages
+            .iter()
+            .find(|s| s.name == "check")
+            .unwrap()
+            .items_in,
+        12
+    );
+}

@@ -7,10 +7,16 @@
 //! budget: the overshoot is bounded by what transforms hold while replacing an input with an
 //! output. A single tensor larger than the whole budget is admitted when nothing else is in
 //! flight.
+//!
+//! One case would still deadlock: a stage that holds data until another source delivers more
+//! (`verify` pairing two streams) while that source waits for room. The runtime reports which
+//! stages are busy and how many items sit in channels; when a source has waited while nothing
+//! was busy or queued for two consecutive checks, the pipeline cannot progress on its own, so
+//! the source is admitted over budget (with a warning) rather than hang.
 
 use bridgeflow_sdk::{Buffer, BufferVTable};
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -25,6 +31,11 @@ pub struct Budget {
     state: Mutex<State>,
     freed: Condvar,
     cancelled: AtomicBool,
+    /// Stages inside a plugin call that consumes input.
+    busy: AtomicUsize,
+    /// Items sent but not yet received.
+    queued: AtomicUsize,
+    overdrafts: AtomicUsize,
 }
 
 impl Budget {
@@ -34,6 +45,9 @@ impl Budget {
             state: Mutex::new(State::default()),
             freed: Condvar::new(),
             cancelled: AtomicBool::new(false),
+            busy: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            overdrafts: AtomicUsize::new(0),
         })
     }
 
@@ -57,20 +71,59 @@ impl Budget {
         self.cancelled.load(Ordering::SeqCst)
     }
 
+    /// A stage starts (true) or ends (false) consuming an item.
+    pub fn set_busy(&self, busy: bool) {
+        if busy {
+            self.busy.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.busy.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    pub fn item_queued(&self) {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+    }
+    pub fn item_received(&self) {
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+    }
+    /// Times a source was admitted over budget to break a stall.
+    pub fn overdrafts(&self) -> usize {
+        self.overdrafts.load(Ordering::SeqCst)
+    }
+
+    fn idle(&self) -> bool {
+        self.busy.load(Ordering::SeqCst) == 0 && self.queued.load(Ordering::SeqCst) == 0
+    }
+
     /// Adds `bytes` to the count; when `wait`, first blocks until they fit. Returns false if the
     /// run was cancelled while waiting.
     fn acquire(&self, bytes: u64, wait: bool) -> bool {
         let mut st = self.state.lock().unwrap();
         if wait {
+            let mut idle_checks = 0;
             while st.in_flight > 0 && st.in_flight + bytes > self.limit {
                 if self.is_cancelled() {
                     return false;
                 }
-                st = self
+                let (guard, timeout) = self
                     .freed
                     .wait_timeout(st, Duration::from_millis(100))
-                    .unwrap()
-                    .0;
+                    .unwrap();
+                st = guard;
+                if timeout.timed_out() && self.idle() {
+                    idle_checks += 1;
+                    if idle_checks >= 2 {
+                        if self.overdrafts.fetch_add(1, Ordering::SeqCst) == 0 {
+                            tracing::warn!(
+                                in_flight = st.in_flight,
+                                budget = self.limit,
+                                "a stage holds data until another source delivers; admitting over the memory budget to keep going (raise --memory-budget)"
+                            );
+                        }
+                        break;
+                    }
+                } else {
+                    idle_checks = 0;
+                }
             }
         }
         st.in_flight += bytes;

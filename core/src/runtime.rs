@@ -54,6 +54,8 @@ pub struct RunReport {
     pub budget: u64,
     /// Highest bytes of tensor data in flight, by the runtime's own count.
     pub peak_in_flight: u64,
+    /// Times a source was let over the budget because the pipeline could not progress otherwise.
+    pub overdrafts: usize,
     pub seconds: f64,
 }
 
@@ -249,6 +251,7 @@ pub async fn run(graph: Graph, opts: RunOptions) -> Result<RunReport, RunError> 
         stages: reports,
         budget: budget.limit(),
         peak_in_flight: budget.peak(),
+        overdrafts: budget.overdrafts(),
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -302,7 +305,7 @@ fn drive(
             bar.inc(bytes);
             bar.set_message(format!("{items_out}/{expected_items} items"));
         }
-        send_all(&outs, item, hold)
+        send_all(&budget, &outs, item, hold)
     };
     let is_cancelled = || shared.budget.is_cancelled();
 
@@ -324,11 +327,18 @@ fn drive(
                             let b = item.data_bytes();
                             items_in += 1;
                             bytes_in += b;
-                            node.stage.process(port as u32, item, em).into_result()?;
+                            shared.budget.set_busy(true);
+                            shared.budget.item_received();
+                            let r = node.stage.process(port as u32, item, em).into_result();
+                            shared.budget.set_busy(false);
+                            r?;
                             bar.inc(b);
                             bar.set_message(format!("{items_in}/{expected_items} items"));
                         }
                         Some(Envelope::End { port }) => {
+                            shared.budget.set_busy(true);
+                            shared.budget.item_received();
+                            shared.budget.set_busy(false);
                             debug!(port, "input ended");
                             open -= 1;
                         }
@@ -338,7 +348,14 @@ fn drive(
                     }
                 }
             }
-            node.stage.finish(em).into_result().map(|s| s.to_string())
+            if !is_source {
+                shared.budget.set_busy(true);
+            }
+            let r = node.stage.finish(em).into_result().map(|s| s.to_string());
+            if !is_source {
+                shared.budget.set_busy(false);
+            }
+            r
         });
     drop(rx);
 
@@ -351,7 +368,10 @@ fn drive(
         Ok(summary) => {
             for (tx, port) in &outs {
                 // A consumer that already stopped has reported why.
-                let _ = tx.blocking_send(Envelope::End { port: *port });
+                shared.budget.item_queued();
+                if tx.blocking_send(Envelope::End { port: *port }).is_err() {
+                    shared.budget.item_received();
+                }
             }
             bar.finish();
             info!(
@@ -379,17 +399,22 @@ fn drive(
 }
 
 fn send_all(
+    budget: &Budget,
     outs: &[(Sender<Envelope>, usize)],
     item: Item,
     hold: Option<Arc<Hold>>,
 ) -> Result<(), PluginError> {
     let send = |tx: &Sender<Envelope>, port: usize, item: Item| {
+        budget.item_queued();
         tx.blocking_send(Envelope::Data {
             port,
             item,
             _hold: hold.clone(),
         })
-        .map_err(|_| PluginError::cancelled())
+        .map_err(|_| {
+            budget.item_received();
+            PluginError::cancelled()
+        })
     };
     match outs {
         [] => Ok(()),
