@@ -9,6 +9,7 @@ pub mod budget;
 pub mod error;
 pub mod graph;
 pub mod host;
+pub mod jobs;
 pub mod pipeline;
 pub mod progress;
 pub mod runtime;

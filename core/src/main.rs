@@ -2,6 +2,7 @@
 
 use anyhow::{anyhow, Context};
 use bridgeflow_core::host::{default_search_path, PluginHost};
+use bridgeflow_core::jobs::{merge, preprocess, JobError, Preprocess};
 use bridgeflow_core::pipeline::Override;
 use bridgeflow_core::runtime::{run_blocking, RunOptions, RunReport};
 use bridgeflow_sdk::units::{human, parse_size};
@@ -61,6 +62,52 @@ enum Command {
         #[arg(long, value_name = "PLUGIN")]
         schema: Option<String>,
     },
+    /// Tokenize JSON Lines into Megatron indexed datasets, as Megatron-LM's
+    /// tools/preprocess_data.py (byte-identical output): {PREFIX}_{KEY}_document.{bin,idx}.
+    Preprocess {
+        /// A .jsonl/.jsonl.gz/.jsonl.zst file, a folder of them, or a glob ('data/*.jsonl.zst').
+        #[arg(long)]
+        input: String,
+        /// Folder with tokenizer.json (+ tokenizer_config.json naming the eos/EOD token).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        output_prefix: String,
+        /// Keys to tokenize, each to its own dataset.
+        #[arg(long, num_args = 1.., default_value = "text")]
+        json_keys: Vec<String>,
+        /// Append the end-of-document token to every non-empty document.
+        #[arg(long)]
+        append_eod: bool,
+        /// Tokenizer threads (default: all cores).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+        /// Skip (and count) lines that are not valid documents instead of failing.
+        #[arg(long)]
+        skip_bad_lines: bool,
+        /// Split the input round-robin into N partitions, run each, then merge (as
+        /// preprocess_data.py --partitions). Finished partitions are skipped on a re-run.
+        #[arg(long, default_value_t = 1)]
+        partitions: u64,
+        /// Replace existing output files.
+        #[arg(long)]
+        overwrite: bool,
+        #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+        memory_budget: u64,
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Merge Megatron indexed datasets in the order given, as tools/merge_datasets.py.
+    Merge {
+        /// Dataset prefixes (path/name_text_document, or their .bin/.idx paths).
+        #[arg(required = true)]
+        inputs: Vec<String>,
+        /// Output prefix: writes OUTPUT.bin and OUTPUT.idx.
+        #[arg(long)]
+        output: String,
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// Show the tensors of a checkpoint any reader plugin understands.
     Inspect {
         path: PathBuf,
@@ -87,6 +134,48 @@ fn main() -> ExitCode {
         Command::Validate { pipeline, set } => cmd_validate(&host, pipeline, &set),
         Command::Plugins { json, schema } => cmd_plugins(&host, json, schema),
         Command::Inspect { path, json, reader } => cmd_inspect(&host, path, json, reader),
+        Command::Preprocess {
+            input,
+            tokenizer,
+            output_prefix,
+            json_keys,
+            append_eod,
+            workers,
+            skip_bad_lines,
+            partitions,
+            overwrite,
+            memory_budget,
+            no_progress,
+        } => cmd_preprocess(
+            &host,
+            Preprocess {
+                input,
+                tokenizer,
+                output_prefix,
+                json_keys,
+                append_eod,
+                workers,
+                skip_bad_lines,
+                partitions,
+                overwrite,
+            },
+            RunOptions {
+                memory_budget,
+                progress: !no_progress,
+                ..Default::default()
+            },
+        ),
+        Command::Merge {
+            inputs,
+            output,
+            overwrite,
+        } => match merge(&inputs, &output, overwrite, &host, &RunOptions::default()) {
+            Ok(r) => {
+                print_report(&r);
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => job_failed(e),
+        },
     };
     match result {
         Ok(code) => code,
@@ -142,6 +231,72 @@ fn cmd_run(
             Ok(ExitCode::from(1))
         }
     }
+}
+
+fn job_failed(e: JobError) -> anyhow::Result<ExitCode> {
+    eprintln!("error: {e}");
+    Ok(ExitCode::from(match e {
+        JobError::Invalid(_) => 2,
+        JobError::Run(_) => 1,
+    }))
+}
+
+fn cmd_preprocess(host: &PluginHost, p: Preprocess, opts: RunOptions) -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let reports = match preprocess(&p, host, &opts) {
+        Ok(r) => r,
+        Err(e) => return job_failed(e),
+    };
+    let secs = started.elapsed().as_secs_f64();
+    for r in &reports {
+        for s in &r.stages {
+            if !s.summary.is_empty() {
+                println!("  {}: {}", s.name, s.summary);
+            }
+        }
+    }
+    // Documents from the first key's index header; bytes from the input files.
+    let idx = format!("{}_{}_document.idx", p.output_prefix, p.json_keys[0]);
+    let docs = std::fs::read(&idx)
+        .ok()
+        .filter(|b| b.len() >= 34)
+        .map(|b| u64::from_le_bytes(b[26..34].try_into().unwrap()) - 1)
+        .unwrap_or(0);
+    let input_bytes = input_size(&p.input);
+    println!(
+        "preprocessed {docs} documents ({}) in {secs:.2} s: {:.0} docs/s, {:.1} MB/s",
+        human(input_bytes),
+        docs as f64 / secs,
+        input_bytes as f64 / 1e6 / secs
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Bytes of the input files (a file, a folder, or a glob), for the closing summary.
+fn input_size(input: &str) -> u64 {
+    let p = std::path::Path::new(input);
+    if p.is_file() {
+        return p.metadata().map(|m| m.len()).unwrap_or(0);
+    }
+    if p.is_dir() {
+        return std::fs::read_dir(p)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+    }
+    glob::glob(input)
+        .map(|g| {
+            g.filter_map(|e| e.ok())
+                .filter_map(|f| f.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn print_report(r: &RunReport) {

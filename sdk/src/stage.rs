@@ -255,6 +255,10 @@ pub trait Source: Send + Sized + 'static {
     fn plan(&mut self) -> Result<StreamPlan>;
     /// Emits everything announced.
     fn run(&mut self, out: &mut Emitter) -> Result<()>;
+    /// A one-line summary once `run` has returned (what was read, what was skipped).
+    fn summary(&mut self) -> String {
+        String::new()
+    }
     /// How sure this reader is that it can read `path` (0 = no); used by `bridgeflow inspect`.
     fn probe(_path: &std::path::Path) -> u32 {
         0
@@ -339,7 +343,7 @@ impl<S: Source> StageFfi for SourceAdapter<S> {
         not_for("source", "process")
     }
     fn finish(&mut self, _out: &mut Emitter) -> RResult<RString, PluginError> {
-        RResult::ROk(RString::new())
+        guard(|| Ok(RString::from(self.0.summary())))
     }
     fn abort(&mut self) {}
 }
