@@ -484,6 +484,11 @@ fn cmd_inspect(
             "attrs": plan.attrs(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
+    } else if plan.tensors.is_empty() {
+        println!("{} (read by {})", path.display(), plugin.name());
+        for (k, v) in plan.attrs() {
+            println!("  {k}: {v}");
+        }
     } else {
         println!("{} (read by {})", path.display(), plugin.name());
         let width = plan

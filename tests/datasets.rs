@@ -1,0 +1,427 @@
+//! Dataset ETL against Megatron-LM's own outputs: `preprocess_data.py` pairs byte for byte, its
+//! merge, its edge cases, and the malformed inputs on which it hangs.
+
+use bridgeflow_tests::*;
+use std::path::{Path, PathBuf};
+
+fn data() -> PathBuf {
+    fixtures().join("data")
+}
+
+fn golden(name: &str, ext: &str) -> Vec<u8> {
+    std::fs::read(data().join(format!("indexed/{name}_text_document.{ext}"))).unwrap()
+}
+
+fn head(n: usize, dir: &Path) -> PathBuf {
+    let text = std::fs::read(data().join("corpus/corpus.jsonl")).unwrap();
+    let mut end = 0;
+    for _ in 0..n {
+        end += text[end..].iter().position(|&b| b == b'\n').unwrap() + 1;
+    }
+    let p = dir.join(format!("head{n}.jsonl"));
+    std::fs::write(&p, &text[..end]).unwrap();
+    p
+}
+
+fn preprocess(
+    input: &Path,
+    tokenizer: &str,
+    prefix: &Path,
+    extra: &[&str],
+) -> std::process::Output {
+    bridgeflow()
+        .arg("preprocess")
+        .arg("--input")
+        .arg(input)
+        .arg("--tokenizer")
+        .arg(data().join("tokenizer").join(tokenizer))
+        .arg("--output-prefix")
+        .arg(prefix)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn assert_identical(prefix: &Path, key: &str, golden_name: &str) {
+    for ext in ["bin", "idx"] {
+        let ours = std::fs::read(format!("{}_{key}_document.{ext}", prefix.display())).unwrap();
+        let want =
+            std::fs::read(data().join(format!("indexed/{golden_name}_{key}_document.{ext}")))
+                .unwrap();
+        assert_eq!(ours.len(), want.len(), "{golden_name} {key}.{ext} size");
+        assert!(
+            ours == want,
+            "{golden_name} {key}.{ext} differs from preprocess_data.py's"
+        );
+    }
+}
+
+#[test]
+fn corpus_two_keys_byte_identical() {
+    let dir = tempdir();
+    let prefix = dir.path().join("corpus_bpe8k");
+    let o = preprocess(
+        &data().join("corpus/corpus.jsonl"),
+        "bpe8k",
+        &prefix,
+        &[
+            "--json-keys",
+            "text",
+            "title",
+            "--append-eod",
+            "--workers",
+            "2",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("preprocessed 3061 documents"),
+        "{}",
+        text(&o)
+    );
+    assert_identical(&prefix, "text", "corpus_bpe8k");
+    assert_identical(&prefix, "title", "corpus_bpe8k");
+}
+
+#[test]
+fn int32_path_with_bos_byte_identical() {
+    let dir = tempdir();
+    let input = head(500, dir.path());
+    let prefix = dir.path().join("h500");
+    let o = preprocess(&input, "bpe65500_bos", &prefix, &["--append-eod"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_identical(&prefix, "text", "head500_bpe65500bos");
+    let idx = golden("head500_bpe65500bos", "idx");
+    assert_eq!(idx[17], 4, "vocab of exactly 65,500 gives int32");
+}
+
+#[test]
+fn list_valued_text_byte_identical() {
+    let dir = tempdir();
+    let prefix = dir.path().join("par");
+    let o = preprocess(
+        &data().join("corpus/paragraphs.jsonl"),
+        "bpe8k",
+        &prefix,
+        &["--append-eod"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_identical(&prefix, "text", "paragraphs_bpe8k");
+}
+
+#[test]
+fn json_edge_syntax_byte_identical() {
+    // Lone \r splits a line, NaN/Infinity parse, duplicate keys keep the last, [] and "" are
+    // documents with no sequences.
+    let dir = tempdir();
+    let prefix = dir.path().join("edge");
+    let o = preprocess(
+        &data().join("corpus/edge_syntax.jsonl"),
+        "bpe8k",
+        &prefix,
+        &["--append-eod", "--workers", "1"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("preprocessed 19 documents"),
+        "{}",
+        text(&o)
+    );
+    assert_identical(&prefix, "text", "edge_syntax_bpe8k");
+}
+
+#[test]
+fn without_append_eod_byte_identical() {
+    let dir = tempdir();
+    let input = head(200, dir.path());
+    let prefix = dir.path().join("noeod");
+    let o = preprocess(&input, "bpe8k", &prefix, &["--workers", "1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_identical(&prefix, "text", "head200_bpe8k_noeod");
+}
+
+#[test]
+fn partitions_and_merge_byte_identical() {
+    let dir = tempdir();
+    let input = head(200, dir.path());
+    let prefix = dir.path().join("part2");
+    let o = preprocess(
+        &input,
+        "bpe8k",
+        &prefix,
+        &["--append-eod", "--partitions", "2"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_identical(&prefix, "text", "head200_bpe8k_part2");
+    assert!(
+        !dir.path()
+            .join("part2.part0-of-2_text_document.idx")
+            .exists(),
+        "parts removed after the merge"
+    );
+
+    // Each partition alone, then an explicit merge: the same bytes as Megatron's add_index.
+    for k in 0..2 {
+        let r = run_text(
+            dir.path(),
+            &std::fs::read_to_string(workspace_root().join("pipelines/jsonl-to-indexed.toml"))
+                .unwrap(),
+            &[
+                &format!("input={}", input.display()),
+                &format!("tokenizer={}", data().join("tokenizer/bpe8k").display()),
+                &format!("output_prefix={}/p{k}", dir.path().display()),
+                &format!("read.partition={{ index = {k}, count = 2 }}"),
+            ],
+            1 << 30,
+        );
+        r.unwrap();
+    }
+    let merged = dir.path().join("merged");
+    let o = bridgeflow()
+        .arg("merge")
+        .arg(dir.path().join("p0_text_document"))
+        .arg(dir.path().join("p1_text_document.idx"))
+        .arg("--output")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        std::fs::read(merged.with_extension("bin")).unwrap()
+            == golden("head200_bpe8k_part2", "bin")
+    );
+    assert!(
+        std::fs::read(merged.with_extension("idx")).unwrap()
+            == golden("head200_bpe8k_part2", "idx")
+    );
+}
+
+#[test]
+fn reads_megatron_files_and_reports_stats() {
+    let prefix = data().join("indexed/corpus_bpe8k_text_document");
+    let o = bridgeflow()
+        .arg("inspect")
+        .arg("--json")
+        .arg(prefix.with_extension("idx"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["reader"], "megatron-indexed");
+    assert_eq!(v["attrs"]["documents"], 3061);
+    assert_eq!(v["attrs"]["sequences"], 3059);
+    assert_eq!(v["attrs"]["tokens"], 1272539);
+    assert_eq!(v["attrs"]["token_dtype"], "uint16");
+    assert_eq!(
+        v["attrs"]["longest_document_tokens"], 88886,
+        "bash(1) with its EOD"
+    );
+    let hist = v["attrs"]["document_length_histogram"].as_object().unwrap();
+    assert_eq!(hist["0"], 2, "two empty documents");
+    assert_eq!(
+        hist.values().map(|n| n.as_u64().unwrap()).sum::<u64>(),
+        3061
+    );
+
+    // Read back and written again, a Megatron dataset is reproduced exactly.
+    let dir = tempdir();
+    let out = dir.path().join("copy");
+    let o = bridgeflow()
+        .arg("merge")
+        .arg(&prefix)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(out.with_extension("idx")).unwrap() == golden("corpus_bpe8k", "idx"));
+    assert!(std::fs::read(out.with_extension("bin")).unwrap() == golden("corpus_bpe8k", "bin"));
+}
+
+#[test]
+fn corrupt_index_is_refused() {
+    let dir = tempdir();
+    let p = dir.path().join("bad_text_document");
+    let mut idx = golden("edge_syntax_bpe8k", "idx");
+    std::fs::write(p.with_extension("bin"), golden("edge_syntax_bpe8k", "bin")).unwrap();
+    idx.truncate(idx.len() - 8);
+    std::fs::write(p.with_extension("idx"), &idx).unwrap();
+    let o = bridgeflow()
+        .arg("inspect")
+        .arg(p.with_extension("idx"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("need 398 (truncated"), "{}", text(&o));
+    let mut bin = golden("edge_syntax_bpe8k", "bin");
+    bin.pop();
+    std::fs::write(p.with_extension("idx"), golden("edge_syntax_bpe8k", "idx")).unwrap();
+    std::fs::write(p.with_extension("bin"), &bin).unwrap();
+    let o = bridgeflow()
+        .arg("inspect")
+        .arg(p.with_extension("bin"))
+        .output()
+        .unwrap();
+    assert!(
+        text(&o).contains("361 bytes, but its index describes 362"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// Megatron hangs on every one of these; we fail fast with file, line and reason.
+#[test]
+fn malformed_lines_fail_fast_with_file_line_and_reason() {
+    let cases = [
+        ("01_bad_json.jsonl", 2, "invalid JSON"),
+        ("02_missing_key.jsonl", 2, "missing key 'text'"),
+        ("03_blank_line.jsonl", 2, "empty line"),
+        ("04_text_null.jsonl", 2, "key 'text' is null"),
+        ("05_text_number.jsonl", 2, "key 'text' is a number"),
+        ("06_raw_control_char.jsonl", 2, "control character"),
+        ("07_trailing_comma.jsonl", 2, "invalid JSON"),
+        ("08_not_an_object.jsonl", 2, "not an object"),
+        ("09_list_with_non_string.jsonl", 2, "item 1 is a number"),
+        ("10_lone_surrogate.jsonl", 2, "surrogate"),
+        ("11_invalid_utf8.jsonl", 2, "invalid UTF-8"),
+        ("12_utf8_bom_first_line.jsonl", 1, "byte order mark"),
+    ];
+    for (file, line, reason) in cases {
+        let dir = tempdir();
+        let input = data().join("corpus/malformed_cases").join(file);
+        let prefix = dir.path().join("out");
+        let o = preprocess(&input, "bpe8k", &prefix, &["--append-eod"]);
+        let m = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{file}: {m}");
+        let at = format!("{}:{line}: ", input.display());
+        assert!(
+            m.contains(&at) && m.contains(reason),
+            "{file}: expected {at}…{reason} in {m}"
+        );
+        assert!(m.contains("--skip-bad-lines"), "{m}");
+        // Nothing that looks like a dataset, and no temporary files either.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{file}: left {left:?}");
+
+        // With --skip-bad-lines the good lines make a dataset and the bad one is counted.
+        let good = if line == 1 { 1 } else { 2 };
+        let o = preprocess(
+            &input,
+            "bpe8k",
+            &prefix,
+            &["--append-eod", "--skip-bad-lines"],
+        );
+        let m = text(&o);
+        assert!(o.status.success(), "{file}: {m}");
+        assert!(
+            m.contains(&format!(
+                "read {good} documents from 1 file; skipped 1 bad line"
+            )),
+            "{file}: {m}"
+        );
+        let idx = std::fs::read(dir.path().join("out_text_document.idx")).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(idx[26..34].try_into().unwrap()),
+            good + 1,
+            "{file}"
+        );
+    }
+}
+
+#[test]
+fn mixed_malformed_file_skips_and_counts() {
+    let dir = tempdir();
+    let prefix = dir.path().join("m");
+    let o = preprocess(
+        &data().join("corpus/malformed.jsonl"),
+        "bpe8k",
+        &prefix,
+        &["--append-eod", "--skip-bad-lines"],
+    );
+    let m = text(&o);
+    assert!(o.status.success(), "{m}");
+    assert!(m.contains("skipped"), "{m}");
+}
+
+#[test]
+fn compressed_and_globbed_inputs() {
+    use std::io::Write;
+    let dir = tempdir();
+    let input = head(200, dir.path());
+    let raw = std::fs::read(&input).unwrap();
+    let (a, b) = raw.split_at(raw.len() / 2);
+    let cut = a.iter().rposition(|&c| c == b'\n').unwrap() + 1;
+    let (first, second) = (&raw[..cut], &raw[cut..]);
+    let _ = b;
+    let shards = dir.path().join("shards");
+    std::fs::create_dir(&shards).unwrap();
+    let mut gz = flate2_writer(&shards.join("a.jsonl.gz"));
+    gz.write_all(first).unwrap();
+    drop(gz);
+    std::fs::write(shards.join("b.jsonl"), second).unwrap();
+    let prefix = dir.path().join("g");
+    let o = preprocess(
+        Path::new(&format!("{}/*.jsonl*", shards.display())),
+        "bpe8k",
+        &prefix,
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_identical(&prefix, "text", "head200_bpe8k_noeod");
+}
+
+fn flate2_writer(p: &Path) -> impl std::io::Write {
+    // A minimal gzip writer: a stored (uncompressed) deflate stream, so the test needs no
+    // compression crate of its own.
+    struct Gz {
+        f: std::fs::File,
+        data: Vec<u8>,
+    }
+    impl std::io::Write for Gz {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.data.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Drop for Gz {
+        fn drop(&mut self) {
+            use std::io::Write;
+            let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+            let chunks: Vec<&[u8]> = self.data.chunks(65535).collect();
+            for (i, c) in chunks.iter().enumerate() {
+                out.push(if i + 1 == chunks.len() { 1 } else { 0 });
+                let n = c.len() as u16;
+                out.extend_from_slice(&n.to_le_bytes());
+                out.extend_from_slice(&(!n).to_le_bytes());
+                out.extend_from_slice(c);
+            }
+            out.extend_from_slice(&crc32(&self.data).to_le_bytes());
+            out.extend_from_slice(&(self.data.len() as u32).to_le_bytes());
+            self.f.write_all(&out).unwrap();
+        }
+    }
+    fn crc32(d: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in d {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0xEDB8_8320
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+    Gz {
+        f: std::fs::File::create(p).unwrap(),
+        data: Vec::new(),
+    }
+}
