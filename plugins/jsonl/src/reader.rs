@@ -34,6 +34,10 @@ pub struct JsonlConfig {
     /// Keys to read; each becomes a `list<utf8>` column (default `["text"]`).
     #[serde(default = "default_keys")]
     pub json_keys: Vec<String>,
+    /// Also emit each whole document as a JSON string column `_json` (for stages that need
+    /// structured fields, such as chat `messages`); `json_keys` may then be empty.
+    #[serde(default)]
+    pub raw_json: bool,
     /// Skip lines that are not valid documents (counted and reported) instead of failing.
     #[serde(default)]
     pub skip_bad_lines: bool,
@@ -126,16 +130,18 @@ fn open(path: &Path) -> Result<Box<dyn BufRead>> {
 struct Batch {
     lines: UInt64Builder,
     file: UInt32Builder,
+    raw: Option<StringBuilder>,
     cols: Vec<ListBuilder<StringBuilder>>,
     rows: usize,
     bytes: usize,
 }
 
 impl Batch {
-    fn new(keys: usize) -> Batch {
+    fn new(keys: usize, raw: bool) -> Batch {
         Batch {
             lines: UInt64Builder::new(),
             file: UInt32Builder::new(),
+            raw: raw.then(StringBuilder::new),
             cols: (0..keys)
                 .map(|_| ListBuilder::new(StringBuilder::new()))
                 .collect(),
@@ -149,6 +155,9 @@ impl Batch {
             ("_line".into(), Arc::new(self.lines.finish()) as ArrayRef),
             ("_file".into(), Arc::new(self.file.finish()) as ArrayRef),
         ];
+        if let Some(r) = self.raw.as_mut() {
+            columns.push(("_json".into(), Arc::new(r.finish()) as ArrayRef));
+        }
         for (k, c) in keys.iter().zip(self.cols.iter_mut()) {
             columns.push((k.clone(), Arc::new(c.finish()) as ArrayRef));
         }
@@ -182,8 +191,10 @@ impl Source for JsonlReader {
     const OUTPUT: PortType = PortType::Records;
 
     fn new(cfg: JsonlConfig) -> Result<Self> {
-        if cfg.json_keys.is_empty() {
-            return Err(PluginError::config("json_keys is empty"));
+        if cfg.json_keys.is_empty() && !cfg.raw_json {
+            return Err(PluginError::config(
+                "json_keys is empty (and raw_json is off)",
+            ));
         }
         if let Some(p) = cfg.partition {
             if p.count == 0 || p.index >= p.count {
@@ -218,7 +229,7 @@ impl Source for JsonlReader {
 
     fn run(&mut self, out: &mut Emitter) -> Result<()> {
         let keys = self.cfg.json_keys.clone();
-        let mut batch = Batch::new(keys.len());
+        let mut batch = Batch::new(keys.len(), self.cfg.raw_json);
         let mut global_line: u64 = 0;
         let files = self.files.clone();
         for (fi, file) in files.iter().enumerate() {
@@ -265,6 +276,14 @@ impl Source for JsonlReader {
                 if let Some(reason) = bad {
                     self.bad_line(file, line_no, &reason)?;
                     continue;
+                }
+                if let Some(r) = batch.raw.as_mut() {
+                    if !doc.is_object() {
+                        self.bad_line(file, line_no, "the line is not a JSON object")?;
+                        continue;
+                    }
+                    batch.bytes += text.len();
+                    r.append_value(doc.to_string());
                 }
                 batch.lines.append_value(line_no);
                 batch.file.append_value(fi as u32);
