@@ -602,3 +602,65 @@ fn sft_tokenization_and_masks_equal_bridge() {
         "token ids and masks equal Bridge's tokenization"
     );
 }
+
+#[test]
+fn parquet_and_arrow_ipc_inputs_give_the_same_dataset() {
+    use bridgeflow_sdk::arrow_array::{ArrayRef, RecordBatch, StringArray};
+    use std::sync::Arc;
+    let dir = tempdir();
+    let input = head(200, dir.path());
+    let texts: Vec<String> = std::fs::read_to_string(&input)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    // Two files each, to exercise globs; written with the arrow/parquet crates directly.
+    let (a, b) = texts.split_at(77);
+    for (i, part) in [a, b].iter().enumerate() {
+        let batch = RecordBatch::try_from_iter(vec![(
+            "text",
+            Arc::new(StringArray::from(part.to_vec())) as ArrayRef,
+        )])
+        .unwrap();
+        let f = std::fs::File::create(dir.path().join(format!("part{i}.parquet"))).unwrap();
+        let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let f = std::fs::File::create(dir.path().join(format!("part{i}.arrow"))).unwrap();
+        let mut w = arrow_ipc::writer::FileWriter::try_new(f, &batch.schema()).unwrap();
+        w.write(&batch).unwrap();
+        w.finish().unwrap();
+    }
+    for (plugin, pattern) in [("parquet", "*.parquet"), ("arrow-ipc", "*.arrow")] {
+        let p = format!(
+            r#"
+[stages.read]
+plugin = "{plugin}"
+kind = "reader"
+config = {{ path = "{}/{pattern}", columns = ["text"] }}
+
+[stages.tokenize]
+plugin = "tokenize"
+kind = "transform"
+inputs = ["read"]
+config = {{ tokenizer = "{}" }}
+
+[stages.write]
+plugin = "megatron-indexed"
+kind = "writer"
+inputs = ["tokenize"]
+config = {{ output_prefix = "{}/{plugin}" }}
+"#,
+            dir.path().display(),
+            data().join("tokenizer/bpe8k").display(),
+            dir.path().display()
+        );
+        run_text(dir.path(), &p, &[], 1 << 30).unwrap();
+        assert_identical(&dir.path().join(plugin), "text", "head200_bpe8k_noeod");
+    }
+}

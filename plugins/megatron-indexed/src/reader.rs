@@ -120,7 +120,6 @@ impl Source for IndexedReader {
                 };
                 hist[bucket] += 1;
             }
-            drop(index);
             self.sets.push(Dataset {
                 idx_map,
                 bin_map,

@@ -1,7 +1,9 @@
 //! The `tokenize` transform.
 
 use bridgeflow_sdk::arrow_array::builder::{Int32Builder, ListBuilder, UInt32Builder};
-use bridgeflow_sdk::arrow_array::{Array, ArrayRef, ListArray, RecordBatch, StringArray};
+use bridgeflow_sdk::arrow_array::{
+    Array, ArrayRef, LargeStringArray, ListArray, RecordBatch, StringArray,
+};
 use bridgeflow_sdk::{
     schemars, serde, Emitter, Item, PluginError, PortType, Result, StreamPlan, Transform,
 };
@@ -33,6 +35,9 @@ pub struct TokenizeConfig {
     #[serde(default)]
     pub workers: usize,
 }
+
+/// One document's (ids, sentence lengths), or why the tokenizer refused it.
+type Encoded = std::result::Result<(Vec<u32>, Vec<i32>), String>;
 
 pub struct Tokenize {
     cfg: TokenizeConfig,
@@ -191,29 +196,50 @@ impl Transform for Tokenize {
         for key in &self.cfg.json_keys {
             let col = batch
                 .column_by_name(key)
-                .and_then(|c| c.as_any().downcast_ref::<ListArray>())
-                .ok_or_else(|| {
-                    PluginError::shape(format!("input has no list<utf8> column '{key}'"))
-                })?;
-            let values = col
-                .values()
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .ok_or_else(|| PluginError::shape(format!("column '{key}' is not list<utf8>")))?;
-            let offsets = col.value_offsets();
-            let docs: Vec<Vec<&str>> = (0..col.len())
-                .map(|i| {
-                    (offsets[i] as usize..offsets[i + 1] as usize)
-                        .map(|j| values.value(j))
-                        .collect()
-                })
-                .collect();
-            let encoded: Vec<std::result::Result<(Vec<u32>, Vec<i32>), String>> =
-                self.pool.as_ref().expect("planned").install(|| {
-                    docs.par_iter()
-                        .map(|d| Self::encode_doc(&tok, eod, d))
-                        .collect()
-                });
+                .ok_or_else(|| PluginError::shape(format!("input has no column '{key}'")))?;
+            // list<utf8>: one document of several sentences; utf8: one sentence per document.
+            let docs: Vec<Vec<&str>> = if let Some(list) = col.as_any().downcast_ref::<ListArray>()
+            {
+                let values = list
+                    .values()
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .ok_or_else(|| {
+                        PluginError::shape(format!("column '{key}' is not list<utf8>"))
+                    })?;
+                let offsets = list.value_offsets();
+                (0..list.len())
+                    .map(|i| {
+                        (offsets[i] as usize..offsets[i + 1] as usize)
+                            .map(|j| values.value(j))
+                            .collect()
+                    })
+                    .collect()
+            } else if let Some(strings) = col.as_any().downcast_ref::<StringArray>() {
+                if strings.null_count() > 0 {
+                    return Err(PluginError::shape(format!(
+                        "column '{key}' has null values"
+                    )));
+                }
+                (0..strings.len()).map(|i| vec![strings.value(i)]).collect()
+            } else if let Some(strings) = col.as_any().downcast_ref::<LargeStringArray>() {
+                if strings.null_count() > 0 {
+                    return Err(PluginError::shape(format!(
+                        "column '{key}' has null values"
+                    )));
+                }
+                (0..strings.len()).map(|i| vec![strings.value(i)]).collect()
+            } else {
+                return Err(PluginError::shape(format!(
+                    "column '{key}' is {}, expected utf8 or list<utf8>",
+                    col.data_type()
+                )));
+            };
+            let encoded: Vec<Encoded> = self.pool.as_ref().expect("planned").install(|| {
+                docs.par_iter()
+                    .map(|d| Self::encode_doc(&tok, eod, d))
+                    .collect()
+            });
             let mut ids_b = ListBuilder::new(UInt32Builder::new());
             let mut lens_b = ListBuilder::new(Int32Builder::new());
             for (i, r) in encoded.into_iter().enumerate() {
