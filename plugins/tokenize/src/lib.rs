@@ -5,6 +5,7 @@
 //! appended to the last sentence of a non-empty document when `append_eod` is set. Never touches
 //! the network: the tokenizer is a local file.
 
+pub mod fastbpe;
 pub mod stage;
 
 bridgeflow_sdk::export_plugins! {

@@ -1,5 +1,6 @@
 //! The `tokenize` transform.
 
+use crate::fastbpe::FastBpe;
 use bridgeflow_sdk::arrow_array::builder::{Int32Builder, ListBuilder, UInt32Builder};
 use bridgeflow_sdk::arrow_array::{
     Array, ArrayRef, LargeStringArray, ListArray, RecordBatch, StringArray,
@@ -34,6 +35,14 @@ pub struct TokenizeConfig {
     /// Threads for encoding (default: all cores).
     #[serde(default)]
     pub workers: usize,
+    /// Use the built-in byte-level BPE encoder when the tokenizer allows it (default true; it
+    /// gives the same ids as the `tokenizers` crate, several times faster).
+    #[serde(default = "yes")]
+    pub fast: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One document's (ids, sentence lengths), or why the tokenizer refused it.
@@ -42,6 +51,7 @@ type Encoded = std::result::Result<(Vec<u32>, Vec<i32>), String>;
 pub struct Tokenize {
     cfg: TokenizeConfig,
     tokenizer: Option<Arc<Tokenizer>>,
+    fast: Option<Arc<FastBpe>>,
     eod: Option<u32>,
     pool: Option<rayon::ThreadPool>,
     docs: u64,
@@ -101,6 +111,9 @@ impl Tokenize {
             )));
         }
         self.tokenizer = Some(Arc::new(tok));
+        if self.cfg.fast {
+            self.fast = FastBpe::from_file(&file).map(Arc::new);
+        }
         let threads = if self.cfg.workers == 0 {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -121,17 +134,23 @@ impl Tokenize {
     /// One document: (ids, sentence lengths), as preprocess_data.py's Encoder.encode builds them.
     fn encode_doc(
         tok: &Tokenizer,
+        fast: Option<&FastBpe>,
         eod: Option<u32>,
         sentences: &[&str],
     ) -> std::result::Result<(Vec<u32>, Vec<i32>), String> {
         let mut ids = Vec::new();
         let mut lens = Vec::new();
         for s in sentences {
-            let enc = tok.encode_fast(*s, true).map_err(|e| e.to_string())?;
-            let got = enc.get_ids();
-            if !got.is_empty() {
-                ids.extend_from_slice(got);
-                lens.push(got.len() as i32);
+            let before = ids.len();
+            match fast {
+                Some(f) => f.encode(s, true, &mut ids),
+                None => {
+                    let enc = tok.encode_fast(*s, true).map_err(|e| e.to_string())?;
+                    ids.extend_from_slice(enc.get_ids());
+                }
+            }
+            if ids.len() > before {
+                lens.push((ids.len() - before) as i32);
             }
         }
         if let (Some(e), false) = (eod, ids.is_empty()) {
@@ -156,6 +175,7 @@ impl Transform for Tokenize {
         Ok(Tokenize {
             cfg,
             tokenizer: None,
+            fast: None,
             eod: None,
             pool: None,
             docs: 0,
@@ -179,6 +199,7 @@ impl Transform for Tokenize {
     fn process(&mut self, _port: usize, item: Item, out: &mut Emitter) -> Result<()> {
         let batch = item.into_records()?;
         let tok = self.tokenizer.clone().expect("planned");
+        let fast = self.fast.clone();
         let eod = if self.cfg.append_eod { self.eod } else { None };
         let mut columns: Vec<(String, ArrayRef)> = Vec::new();
         for keep in ["_line", "_file"] {
@@ -237,7 +258,7 @@ impl Transform for Tokenize {
             };
             let encoded: Vec<Encoded> = self.pool.as_ref().expect("planned").install(|| {
                 docs.par_iter()
-                    .map(|d| Self::encode_doc(&tok, eod, d))
+                    .map(|d| Self::encode_doc(&tok, fast.as_deref(), eod, d))
                     .collect()
             });
             let mut ids_b = ListBuilder::new(UInt32Builder::new());
