@@ -282,7 +282,7 @@ fn malformed_lines_fail_fast_with_file_line_and_reason() {
         ("07_trailing_comma.jsonl", 2, "invalid JSON"),
         ("08_not_an_object.jsonl", 2, "not an object"),
         ("09_list_with_non_string.jsonl", 2, "item 1 is a number"),
-        ("10_lone_surrogate.jsonl", 2, "surrogate"),
+        ("10_lone_surrogate.jsonl", 2, "lone UTF-16 surrogate"),
         ("11_invalid_utf8.jsonl", 2, "invalid UTF-8"),
         ("12_utf8_bom_first_line.jsonl", 1, "byte order mark"),
     ];

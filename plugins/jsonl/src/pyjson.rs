@@ -52,7 +52,18 @@ pub fn parse_line(line: &str) -> Result<Value, String> {
         return Err("empty line (not a JSON document)".into());
     }
     let text = neutralise_constants(line);
-    serde_json::from_str(&text).map_err(|e| format!("invalid JSON: {e}"))
+    serde_json::from_str(&text).map_err(|e| {
+        let m = e.to_string();
+        if m.contains("surrogate") || m.contains("end of hex escape") {
+            // Python would accept the escape, and the tokenizer then refuses the string.
+            format!(
+                "a \\u escape is a lone UTF-16 surrogate, not Unicode text (column {})",
+                e.column()
+            )
+        } else {
+            format!("invalid JSON: {m}")
+        }
+    })
 }
 
 /// The strings of `key` in a document: a string is one sentence, a list of strings is several.
@@ -125,9 +136,8 @@ mod tests {
         assert!(parse_line("{\"a\": \"x\ty\"}")
             .unwrap_err()
             .contains("control character"));
-        assert!(parse_line(r#"{"a": "\ud800"}"#)
-            .unwrap_err()
-            .contains("surrogate"));
+        let e = parse_line(r#"{"a": "x \ud800 y"}"#).unwrap_err();
+        assert!(e.contains("lone UTF-16 surrogate"), "{e}");
         let arr = parse_line("[1]").unwrap();
         assert_eq!(
             sentences(&arr, "text").unwrap_err(),

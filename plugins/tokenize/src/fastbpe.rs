@@ -60,8 +60,9 @@ fn flag(v: &Value, k: &str) -> bool {
 thread_local! {
     /// Word → ids, for the encoder whose `id` is in the first field (one encoder per thread is
     /// the common case; another one clears it).
-    static CACHE: RefCell<(u64, HashMap<Vec<u8>, Vec<u32>>)> = RefCell::new((0, HashMap::default()));
+    static CACHE: RefCell<(u64, WordCache)> = RefCell::new((0, HashMap::default()));
 }
+type WordCache = HashMap<Vec<u8>, Vec<u32>>;
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 const CACHE_LIMIT: usize = 200_000;
 
