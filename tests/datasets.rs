@@ -664,3 +664,101 @@ config = {{ output_prefix = "{}/{plugin}" }}
         assert_identical(&dir.path().join(plugin), "text", "head200_bpe8k_noeod");
     }
 }
+
+#[test]
+fn zstd_input_and_resumed_partitions() {
+    let dir = tempdir();
+    let input = head(200, dir.path());
+    let raw = std::fs::read(&input).unwrap();
+    let mut zst = Vec::new();
+    ruzstd::encoding::compress(
+        &raw[..],
+        &mut zst,
+        ruzstd::encoding::CompressionLevel::Fastest,
+    );
+    let z = dir.path().join("head200.jsonl.zst");
+    std::fs::write(&z, zst).unwrap();
+    let prefix = dir.path().join("z");
+    let o = preprocess(&z, "bpe8k", &prefix, &["--append-eod", "--partitions", "2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_identical(&prefix, "text", "head200_bpe8k_part2");
+
+    // A partition already written is kept and skipped: write partition 0 alone first.
+    let prefix = dir.path().join("r");
+    run_text(
+        dir.path(),
+        &std::fs::read_to_string(workspace_root().join("pipelines/jsonl-to-indexed.toml")).unwrap(),
+        &[
+            &format!("input={}", input.display()),
+            &format!("tokenizer={}", data().join("tokenizer/bpe8k").display()),
+            &format!("output_prefix={}.part0-of-2", prefix.display()),
+            "read.partition={ index = 0, count = 2 }",
+        ],
+        1 << 30,
+    )
+    .unwrap();
+    let o = preprocess(
+        &input,
+        "bpe8k",
+        &prefix,
+        &["--append-eod", "--partitions", "2"],
+    );
+    let m = text(&o);
+    assert!(o.status.success(), "{m}");
+    // One reader summary (partition 1) plus the merge's; partition 0 was not read again.
+    assert_eq!(m.matches("read: read 100 documents").count(), 1, "{m}");
+    assert_identical(&prefix, "text", "head200_bpe8k_part2");
+}
+
+#[test]
+fn prompt_completion_records() {
+    let dir = tempdir();
+    let input = dir.path().join("pc.jsonl");
+    std::fs::write(
+        &input,
+        "{\"input\": \"What is 2+2?\", \"output\": \" Four.\"}\n{\"input\": \"Name a color.\", \"output\": \" Blue\"}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("pc/training_64.idx.parquet");
+    run_text(
+        dir.path(),
+        &std::fs::read_to_string(workspace_root().join("pipelines/sft-pack.toml")).unwrap(),
+        &[
+            &format!("input={}", input.display()),
+            &format!("tokenizer={}", data().join("tokenizer/bpe8k").display()),
+            &format!("output={}", out.display()),
+            "pack_size=64",
+            "algorithm=first_fit_decreasing",
+        ],
+        1 << 30,
+    )
+    .unwrap();
+    let tok =
+        tokenizers::Tokenizer::from_file(data().join("tokenizer/bpe8k/tokenizer.json")).unwrap();
+    let rows = packed_rows(&out);
+    assert_eq!(rows.len(), 1, "both fit one row of 64");
+    let (ids, mask, starts) = &rows[0];
+    assert_eq!(starts.len(), 2);
+    let mut want_seqs = Vec::new();
+    for (p, c) in [("What is 2+2?", " Four."), ("Name a color.", " Blue")] {
+        let pi = tok.encode(p, true).unwrap().get_ids().to_vec();
+        let ci = tok.encode(c, false).unwrap().get_ids().to_vec();
+        let mut ids: Vec<i64> = pi.iter().chain(&ci).map(|&x| x as i64).collect();
+        ids.push(0); // eos
+        let mut m = vec![0i8; pi.len()];
+        m.extend(std::iter::repeat_n(1, ci.len() + 1));
+        let mut shifted = m[1..].to_vec();
+        shifted.push(0);
+        want_seqs.push((ids, shifted));
+    }
+    let mut got = Vec::new();
+    let mut b = starts.clone();
+    b.push(ids.len() as i64);
+    for w in b.windows(2) {
+        let (s, e) = (w[0] as usize, w[1] as usize);
+        got.push((ids[s..e].to_vec(), mask[s..e].to_vec()));
+    }
+    got.sort();
+    want_seqs.sort();
+    assert_eq!(got, want_seqs);
+}
