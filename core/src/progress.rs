@@ -39,6 +39,28 @@ impl Progress {
         bar
     }
 
+    /// A counter of rows (documents) with their rate, for record-batch stages.
+    pub fn rows_bar(&self, stage: &str) -> ProgressBar {
+        if !self.enabled {
+            return ProgressBar::hidden();
+        }
+        let bar = self.multi.add(ProgressBar::no_length());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>14.bold} {spinner} {human_pos:>12} rows {rate:>12} {elapsed_precise}",
+            )
+            .expect("valid template")
+            .with_key(
+                "rate",
+                |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.0} rows/s", s.per_sec());
+                },
+            ),
+        );
+        bar.set_prefix(stage.to_string());
+        bar
+    }
+
     pub fn clear(&self) {
         if self.enabled {
             let _ = self.multi.clear();

@@ -205,7 +205,17 @@ pub async fn run(graph: Graph, opts: RunOptions) -> Result<RunReport, RunError> 
         } else {
             node.inputs.iter().map(|&j| plans[j].tensors.len()).sum()
         };
-        let bar = progress.bar(&node.name, expected);
+        // Record streams are counted in rows (documents); their totals are not known up front.
+        let rows = if node.is_source() {
+            node.descriptor.outputs.first() == Some(&bridgeflow_sdk::PortType::Records)
+        } else {
+            node.descriptor.inputs.first() == Some(&bridgeflow_sdk::PortType::Records)
+        };
+        let bar = if rows {
+            progress.rows_bar(&node.name)
+        } else {
+            progress.bar(&node.name, expected)
+        };
         let shared = shared.clone();
         handles.push(tokio::task::spawn_blocking(move || {
             drive(node, rx, outs, shared, bar, expected_items)
@@ -302,8 +312,13 @@ fn drive(
         items_out += 1;
         bytes_out += bytes;
         if is_source {
-            bar.inc(bytes);
-            bar.set_message(format!("{items_out}/{expected_items} items"));
+            match &item {
+                Item::Records(r) => bar.inc(r.num_rows()),
+                Item::Tensor(_) => {
+                    bar.inc(bytes);
+                    bar.set_message(format!("{items_out}/{expected_items} tensors"));
+                }
+            }
         }
         send_all(&budget, &outs, item, hold)
     };
@@ -325,6 +340,10 @@ fn drive(
                     match rx.blocking_recv() {
                         Some(Envelope::Data { port, item, _hold }) => {
                             let b = item.data_bytes();
+                            let rows = match &item {
+                                Item::Records(r) => Some(r.num_rows()),
+                                Item::Tensor(_) => None,
+                            };
                             items_in += 1;
                             bytes_in += b;
                             shared.budget.set_busy(true);
@@ -332,8 +351,13 @@ fn drive(
                             let r = node.stage.process(port as u32, item, em).into_result();
                             shared.budget.set_busy(false);
                             r?;
-                            bar.inc(b);
-                            bar.set_message(format!("{items_in}/{expected_items} items"));
+                            match rows {
+                                Some(n) => bar.inc(n),
+                                None => {
+                                    bar.inc(b);
+                                    bar.set_message(format!("{items_in}/{expected_items} tensors"));
+                                }
+                            }
                         }
                         Some(Envelope::End { port }) => {
                             shared.budget.set_busy(true);
