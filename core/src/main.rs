@@ -120,6 +120,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Die quietly when stdout is a closed pipe (`bridgeflow inspect … | head`), as CLIs do.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     init_tracing();
     let cli = Cli::parse();
     let host = PluginHost::discover(default_search_path(&cli.plugin_path));

@@ -1,0 +1,19 @@
+//! bridgeflow plugin `torch-dist`: Megatron-Core's distributed checkpoints (PyTorch DCP as
+//! megatron-core's `dist_checkpointing` writes it; see `../shared/specs/torch_dist.md`).
+//!
+//! `.metadata` is a pickle, read with a restricted unpickler; every item of a `.distcp` file is
+//! a whole `torch.save` zip archive, read in place from a memory map.
+
+pub mod checkpoint;
+pub mod dtypes;
+pub mod pickle;
+pub mod reader;
+pub mod zip;
+
+bridgeflow_sdk::export_plugins! {
+    "torch-dist" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "Megatron-Core torch_dist checkpoints: reader (any chunking, zero-copy where possible)",
+        reader: Source(reader::TorchDistReader),
+    }
+}

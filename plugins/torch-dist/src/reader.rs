@@ -1,0 +1,284 @@
+//! The reader: global tensors reassembled from whatever chunking a checkpoint has (one chunk,
+//! per layer, per TP rank, per SwiGLU half), streamed one tensor — or, with `split_layers`, one
+//! layer of a stacked tensor — at a time. A tensor stored as one contiguous chunk is handed out
+//! as a view of the memory map, without a copy.
+
+use crate::checkpoint::{
+    read_metadata, resolve_dir, tensor_item, CheckpointMeta, Chunk, TensorMeta,
+};
+use bridgeflow_sdk::{
+    schemars, serde, Buffer, BufferOwner, BufferPool, Emitter, PluginError, Result, Source,
+    StreamPlan, Tensor, TensorInfo,
+};
+use memmap2::Mmap;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(crate = "bridgeflow_sdk::serde", deny_unknown_fields)]
+pub struct ReaderConfig {
+    /// A checkpoint root (with `latest_checkpointed_iteration.txt`) or an iteration folder
+    /// (with `.metadata`).
+    pub path: PathBuf,
+    /// Emit stacked `decoder.layers.<param>` tensors one layer at a time, as
+    /// `decoder.layers.<l>.<param>` (bounded memory, and the per-layer view mappers work on).
+    #[serde(default)]
+    pub split_layers: bool,
+}
+
+struct Planned {
+    name: String,
+    key: String,
+    /// Region of the global tensor: offsets and sizes (sizes keep the layer axis; the emitted
+    /// shape drops it when `drop_first`).
+    offsets: Vec<u64>,
+    sizes: Vec<u64>,
+    drop_first: bool,
+}
+
+pub struct TorchDistReader {
+    cfg: ReaderConfig,
+    dir: PathBuf,
+    meta: CheckpointMeta,
+    planned: Vec<Planned>,
+    maps: HashMap<String, Arc<Mmap>>,
+    pool: BufferPool,
+}
+
+struct MapView(Arc<Mmap>, std::ops::Range<usize>);
+impl BufferOwner for MapView {
+    fn bytes(&self) -> &[u8] {
+        &self.0[self.1.clone()]
+    }
+}
+
+fn is_stacked(key: &str, t: &TensorMeta) -> bool {
+    key.strip_prefix("decoder.layers.")
+        .and_then(|rest| rest.split('.').next())
+        .is_some_and(|first| first.parse::<u64>().is_err())
+        && !t.size.is_empty()
+}
+
+/// Copies the part of `chunk` (row-major over its sizes) inside the region into `out`
+/// (row-major over the region's sizes).
+fn copy_block(src: &[u8], chunk: &Chunk, r_off: &[u64], r_size: &[u64], es: usize, out: &mut [u8]) {
+    let n = r_size.len();
+    if n == 0 {
+        out.copy_from_slice(&src[..es]);
+        return;
+    }
+    let lo: Vec<u64> = (0..n).map(|d| chunk.offsets[d].max(r_off[d])).collect();
+    let hi: Vec<u64> = (0..n)
+        .map(|d| (chunk.offsets[d] + chunk.sizes[d]).min(r_off[d] + r_size[d]))
+        .collect();
+    if (0..n).any(|d| lo[d] >= hi[d]) {
+        return;
+    }
+    let strides = |s: &[u64]| {
+        let mut st = vec![1u64; s.len()];
+        for d in (0..s.len().saturating_sub(1)).rev() {
+            st[d] = st[d + 1] * s[d + 1];
+        }
+        st
+    };
+    let (cs, rs) = (strides(&chunk.sizes), strides(r_size));
+    let run = ((hi[n - 1] - lo[n - 1]) as usize) * es;
+    let mut idx = lo.clone();
+    loop {
+        let s: u64 = (0..n).map(|d| (idx[d] - chunk.offsets[d]) * cs[d]).sum();
+        let t: u64 = (0..n).map(|d| (idx[d] - r_off[d]) * rs[d]).sum();
+        let (s, t) = (s as usize * es, t as usize * es);
+        out[t..t + run].copy_from_slice(&src[s..s + run]);
+        // Odometer over all dimensions but the last.
+        let mut d = n - 1;
+        loop {
+            if d == 0 {
+                return;
+            }
+            d -= 1;
+            idx[d] += 1;
+            if idx[d] < hi[d] {
+                break;
+            }
+            idx[d] = lo[d];
+        }
+    }
+}
+
+impl TorchDistReader {
+    fn map(&mut self, file: &str) -> Result<Arc<Mmap>> {
+        if let Some(m) = self.maps.get(file) {
+            return Ok(m.clone());
+        }
+        let p = self.dir.join(file);
+        let f = std::fs::File::open(&p).map_err(|e| PluginError::io(&p, "cannot open", e))?;
+        // SAFETY: read-only map of a checkpoint file.
+        let m =
+            Arc::new(unsafe { Mmap::map(&f) }.map_err(|e| PluginError::io(&p, "cannot map", e))?);
+        self.maps.insert(file.to_string(), m.clone());
+        Ok(m)
+    }
+
+    /// The chunk's elements: (its map, the byte range in it).
+    fn chunk_data(
+        &mut self,
+        key: &str,
+        c: &Chunk,
+        t: &TensorMeta,
+    ) -> Result<(Arc<Mmap>, std::ops::Range<usize>)> {
+        let map = self.map(&c.storage.file)?;
+        let (a, b) = (
+            c.storage.offset as usize,
+            (c.storage.offset + c.storage.length) as usize,
+        );
+        let path = self.dir.join(&c.storage.file);
+        let item = map.get(a..b).ok_or_else(|| {
+            PluginError::format(format!(
+                "{}: tensor '{key}': item at bytes {a}..{b} is past the end of the file ({} bytes): truncated",
+                path.display(),
+                map.len()
+            ))
+        })?;
+        let it = tensor_item(item).map_err(|e| {
+            PluginError::format(format!(
+                "{}: tensor '{key}' chunk at {:?}: {e}",
+                path.display(),
+                c.offsets
+            ))
+        })?;
+        if it.dtype != t.dtype || it.size != c.sizes {
+            return Err(PluginError::shape(format!(
+                "{}: tensor '{key}' chunk at {:?} holds {} {:?}; the metadata says {} {:?}",
+                path.display(),
+                c.offsets,
+                it.dtype,
+                it.size,
+                t.dtype,
+                c.sizes
+            )));
+        }
+        Ok((map, a + it.data.start..a + it.data.end))
+    }
+}
+
+impl Source for TorchDistReader {
+    type Config = ReaderConfig;
+    const DESCRIPTION: &'static str =
+        "Reads Megatron-Core torch_dist checkpoints: global tensors from any chunking, zero-copy where stored whole";
+
+    fn new(cfg: ReaderConfig) -> Result<Self> {
+        Ok(TorchDistReader {
+            cfg,
+            dir: PathBuf::new(),
+            meta: CheckpointMeta::default(),
+            planned: Vec::new(),
+            maps: HashMap::new(),
+            pool: BufferPool::new(64 << 20),
+        })
+    }
+
+    fn plan(&mut self) -> Result<StreamPlan> {
+        self.dir = resolve_dir(&self.cfg.path)?;
+        self.meta = read_metadata(&self.dir)?;
+        let mut infos = Vec::new();
+        self.planned.clear();
+        for (key, t) in &self.meta.tensors {
+            if self.cfg.split_layers && is_stacked(key, t) {
+                let rest = &key["decoder.layers.".len()..];
+                for l in 0..t.size[0] {
+                    let name = format!("decoder.layers.{l}.{rest}");
+                    let mut sizes = t.size.clone();
+                    sizes[0] = 1;
+                    let mut offsets = vec![0; t.size.len()];
+                    offsets[0] = l;
+                    infos.push(TensorInfo::new(name.clone(), t.dtype, &t.size[1..]));
+                    self.planned.push(Planned {
+                        name,
+                        key: key.clone(),
+                        offsets,
+                        sizes,
+                        drop_first: true,
+                    });
+                }
+            } else {
+                infos.push(TensorInfo::new(key.clone(), t.dtype, &t.size));
+                self.planned.push(Planned {
+                    name: key.clone(),
+                    key: key.clone(),
+                    offsets: vec![0; t.size.len()],
+                    sizes: t.size.clone(),
+                    drop_first: false,
+                });
+            }
+        }
+        let mut plan = StreamPlan::new(infos);
+        plan.set_attr("format", "torch_dist".into());
+        plan.set_attr(
+            "checkpoint_dir",
+            self.dir.to_string_lossy().into_owned().into(),
+        );
+        plan.set_attr(
+            "byte_objects",
+            serde_json::json!(self.meta.bytes.keys().collect::<Vec<_>>()),
+        );
+        let tok = self.dir.join("tokenizer");
+        if tok.is_dir() {
+            plan.set_attr("source_dir", tok.to_string_lossy().into_owned().into());
+        }
+        Ok(plan)
+    }
+
+    fn run(&mut self, out: &mut Emitter) -> Result<()> {
+        let planned = std::mem::take(&mut self.planned);
+        for p in planned {
+            let t = self.meta.tensors[&p.key].clone();
+            let es = t.dtype.size();
+            let shape: Vec<u64> = if p.drop_first {
+                p.sizes[1..].to_vec()
+            } else {
+                p.sizes.clone()
+            };
+            let info = TensorInfo::new(p.name.clone(), t.dtype, &shape);
+            let whole = p.sizes == t.size;
+            let buffer = if whole && t.chunks.len() == 1 {
+                // Stored as one contiguous piece: a view of the map, no copy.
+                let (map, range) = self.chunk_data(&p.key, &t.chunks[0], &t)?;
+                Buffer::from_owner(MapView(map, range))
+            } else {
+                let numel: u64 = p.sizes.iter().product();
+                let mut buf = self.pool.take(numel as usize * es);
+                for c in &t.chunks {
+                    let overlaps = (0..p.sizes.len()).all(|d| {
+                        c.offsets[d] < p.offsets[d] + p.sizes[d]
+                            && p.offsets[d] < c.offsets[d] + c.sizes[d]
+                    });
+                    if !overlaps {
+                        continue;
+                    }
+                    let (map, range) = self.chunk_data(&p.key, c, &t)?;
+                    copy_block(&map[range], c, &p.offsets, &p.sizes, es, buf.as_mut_slice());
+                }
+                buf.freeze()
+            };
+            out.tensor(Tensor::new(info, buffer)?)?;
+        }
+        self.maps.clear();
+        Ok(())
+    }
+
+    fn summary(&mut self) -> String {
+        format!(
+            "{} tensors, {} byte objects from {}",
+            self.meta.tensors.len(),
+            self.meta.bytes.len(),
+            self.dir.display()
+        )
+    }
+
+    fn probe(path: &Path) -> u32 {
+        (path.join(".metadata").is_file()
+            || path.join("latest_checkpointed_iteration.txt").is_file()) as u32
+            * 100
+    }
+}
