@@ -46,6 +46,11 @@ pub use schemars;
 pub use serde;
 pub use serde_json;
 
+/// `ROption` as it appears in [`TensorInfo::shard`].
+pub mod abi_option {
+    pub use abi_stable::std_types::ROption::{self, RNone, RSome};
+}
+
 #[doc(hidden)]
 pub mod reexports {
     pub use abi_stable::library::{

@@ -6,14 +6,17 @@
 
 pub mod checkpoint;
 pub mod dtypes;
+pub mod emit;
 pub mod pickle;
 pub mod reader;
+pub mod writer;
 pub mod zip;
 
 bridgeflow_sdk::export_plugins! {
     "torch-dist" {
         version: env!("CARGO_PKG_VERSION"),
-        description: "Megatron-Core torch_dist checkpoints: reader (any chunking, zero-copy where possible)",
+        description: "Megatron-Core torch_dist checkpoints: reader (any chunking, zero-copy where possible) and writer",
         reader: Source(reader::TorchDistReader),
+        writer: Sink(writer::TorchDistWriter),
     }
 }

@@ -1,0 +1,526 @@
+//! The writer: a torch_dist checkpoint as megatron-core writes it, laid out from the stream plan
+//! so that every item's place is known before data arrives: each tensor piece becomes one
+//! `torch.save` archive at a fixed offset of `__0_0.distcp`, its payload written as it comes and
+//! its frame (CRC-32s, central directory) completed right after. `.metadata` and the rest are
+//! written at commit, and the checkpoint root appears under its name only then.
+//!
+//! Layout: `ROOT/latest_checkpointed_iteration.txt`, `ROOT/iter_XXXXXXX/{.metadata,
+//! __0_0.distcp, common.pt, metadata.json}` — the layout both megatron-core 0.16 and 0.19 load
+//! (the common state in `common.pt`, the four-key `metadata.json`).
+
+use crate::emit::{either::Arg, none_list_pickle, tensor_pickle, torch_dtype, Archive, Pickler};
+use bridgeflow_sdk::{schemars, serde, DType, Item, PluginError, Result, Sink, StreamPlan};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+fn auto() -> String {
+    "auto".into()
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(crate = "bridgeflow_sdk::serde", deny_unknown_fields)]
+pub struct WriterConfig {
+    /// The checkpoint root to create.
+    pub path: PathBuf,
+    /// Iteration number of the folder (`iter_0000000` by default).
+    #[serde(default)]
+    pub iteration: u64,
+    /// `auto`: per-layer tensors `decoder.layers.<l>.<param>` become stacked keys
+    /// `decoder.layers.<param>` (one chunk per layer) when every layer has the same parameters,
+    /// as megatron-core stores homogeneous decoders; `never`: keep keys as they come.
+    #[serde(default = "auto")]
+    pub stack_layers: String,
+    /// Byte-object keys to write as `torch.save([None])` (the local spec's `_extra_state`);
+    /// default: the input's `byte_objects`, without `common_state`.
+    #[serde(default)]
+    pub extra_state: Option<Vec<String>>,
+    #[serde(default)]
+    pub overwrite: bool,
+    #[serde(default = "yes")]
+    pub fsync: bool,
+}
+
+struct Piece {
+    key: String,
+    dtype: DType,
+    global: Vec<u64>,
+    offsets: Vec<u64>,
+    local: Vec<u64>,
+    item_offset: u64,
+    archive: Archive,
+    written: bool,
+}
+
+pub struct TorchDistWriter {
+    cfg: WriterConfig,
+    staging: Option<PathBuf>,
+    iter_dir: PathBuf,
+    file: Option<File>,
+    pieces: Vec<Piece>,
+    by_name: HashMap<String, usize>,
+    bytes_items: Vec<(String, u64, u64)>,
+    source_dir: Option<PathBuf>,
+    committed: bool,
+}
+
+const FILE: &str = "__0_0.distcp";
+
+fn layer_split(name: &str) -> Option<(u64, &str)> {
+    let rest = name.strip_prefix("decoder.layers.")?;
+    let (l, param) = rest.split_once('.')?;
+    Some((l.parse().ok()?, param))
+}
+
+impl TorchDistWriter {
+    fn staging_root(&self) -> PathBuf {
+        let name = self
+            .cfg
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.cfg
+            .path
+            .with_file_name(format!(".{name}.partial-{}", std::process::id()))
+    }
+
+    fn write_at(&self, off: u64, bytes: &[u8]) -> Result<()> {
+        let f = self.file.as_ref().expect("opened");
+        f.write_all_at(bytes, off)
+            .map_err(|e| PluginError::io(self.iter_dir.join(FILE), "cannot write", e))
+    }
+
+    fn metadata_pickle(&self) -> Vec<u8> {
+        const M: &str = "torch.distributed.checkpoint.metadata";
+        let mut p = Pickler::new();
+        p.newobj(M, "Metadata");
+        p.dict_begin();
+        p.str("state_dict_metadata");
+        p.dict_begin();
+        let mut by_key: BTreeMap<&str, Vec<&Piece>> = BTreeMap::new();
+        for piece in &self.pieces {
+            by_key.entry(&piece.key).or_default().push(piece);
+        }
+        for (key, pieces) in &by_key {
+            let first = pieces[0];
+            p.str(key);
+            p.newobj(M, "TensorStorageMetadata");
+            p.dict_begin();
+            p.str("properties");
+            p.newobj(M, "TensorProperties");
+            p.mark();
+            p.global("torch", torch_dtype(first.dtype));
+            p.reduce1(
+                "torch.serialization",
+                "_get_layout",
+                Arg::Str("torch.strided"),
+            );
+            p.bool(false);
+            p.reduce1(M, "_MEM_FORMAT_ENCODING", Arg::Int(0));
+            p.bool(false);
+            p.tuple(5);
+            p.build();
+            p.str("size");
+            p.torch_size(&first.global);
+            p.str("chunks");
+            p.empty_list();
+            p.mark();
+            for c in pieces {
+                p.newobj(M, "ChunkStorageMetadata");
+                p.dict_begin();
+                p.str("offsets");
+                p.torch_size(&c.offsets);
+                p.str("sizes");
+                p.torch_size(&c.local);
+                p.dict_end();
+                p.build();
+            }
+            p.op(b'e');
+            p.dict_end();
+            p.build();
+        }
+        for (key, _, _) in &self.bytes_items {
+            p.str(key);
+            p.newobj(M, "BytesStorageMetadata");
+        }
+        p.dict_end();
+        p.str("planner_data");
+        p.none();
+        p.str("storage_data");
+        p.dict_begin();
+        let storage = |p: &mut Pickler, fqn: &str, offsets: Option<&[u64]>, off: u64, len: u64| {
+            p.newobj(M, "MetadataIndex");
+            p.dict_begin();
+            p.str("fqn");
+            p.str(fqn);
+            p.str("offset");
+            match offsets {
+                Some(o) => p.torch_size(o),
+                None => p.none(),
+            }
+            p.str("index");
+            p.none();
+            p.dict_end();
+            p.build();
+            p.newobj("torch.distributed.checkpoint.filesystem", "_StorageInfo");
+            p.dict_begin();
+            p.str("relative_path");
+            p.str(FILE);
+            p.str("offset");
+            p.int(off as i64);
+            p.str("length");
+            p.int(len as i64);
+            p.dict_end();
+            p.build();
+        };
+        for (key, off, len) in &self.bytes_items {
+            storage(&mut p, key, None, *off, *len);
+        }
+        for piece in &self.pieces {
+            storage(
+                &mut p,
+                &piece.key,
+                Some(&piece.offsets),
+                piece.item_offset,
+                piece.archive.total,
+            );
+        }
+        p.dict_end();
+        p.str("version");
+        p.str("1.0.0");
+        p.dict_end();
+        p.build();
+        p.finish()
+    }
+
+    fn common_pt(&self) -> Vec<u8> {
+        // torch.save({'checkpoint_version': 3.0, 'iteration': N}) under the `common/` prefix.
+        let mut p = Pickler::new();
+        p.dict_begin();
+        p.str("checkpoint_version");
+        p.float(3.0);
+        p.str("iteration");
+        p.int(self.cfg.iteration as i64);
+        p.dict_end();
+        Archive::new("common", p.finish(), None, "common").bytes()
+    }
+
+    fn remove_staging(&mut self) {
+        self.file = None;
+        if let Some(s) = self.staging.take() {
+            let _ = std::fs::remove_dir_all(s);
+        }
+    }
+
+    fn lay_out(&mut self, plan: &StreamPlan) -> Result<()> {
+        let tensors: Vec<_> = plan.tensors.iter().cloned().collect();
+        // Stack per-layer tensors when the decoder is homogeneous.
+        let mut layers: BTreeMap<u64, Vec<(String, DType, Vec<u64>)>> = BTreeMap::new();
+        for t in &tensors {
+            if let (Some((l, param)), true) = (layer_split(t.name()), t.shard.is_none()) {
+                layers
+                    .entry(l)
+                    .or_default()
+                    .push((param.to_string(), t.dtype, t.shape.to_vec()));
+            }
+        }
+        let n_layers = layers.len() as u64;
+        let homogeneous = self.cfg.stack_layers == "auto"
+            && n_layers > 0
+            && layers.keys().copied().eq(0..n_layers)
+            && {
+                let mut sets: Vec<_> = layers.values().cloned().collect();
+                sets.iter_mut().for_each(|s| s.sort());
+                sets.windows(2).all(|w| w[0] == w[1])
+            };
+        let mut cursor = 0u64;
+        // Byte objects first, as megatron-core orders them.
+        let keys: Vec<String> = match &self.cfg.extra_state {
+            Some(k) => k.clone(),
+            None => plan
+                .attrs()
+                .get("byte_objects")
+                .and_then(|v| serde_json::from_value::<Vec<String>>(v.clone()).ok())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|k| !k.starts_with("common_state"))
+                .collect(),
+        };
+        let mut byte_archives = Vec::new();
+        for k in keys {
+            let a = Archive::new("archive", none_list_pickle(), None, &k).bytes();
+            self.bytes_items.push((k, cursor, a.len() as u64));
+            cursor += a.len() as u64;
+            byte_archives.push(a);
+        }
+        for t in &tensors {
+            let shape = t.shape.to_vec();
+            let (key, global, offsets, local) = match (&t.shard, layer_split(t.name())) {
+                (bridgeflow_sdk::abi_option::RSome(s), _) => (
+                    t.name().to_string(),
+                    s.global_shape.to_vec(),
+                    s.offsets.to_vec(),
+                    shape.clone(),
+                ),
+                (_, Some((l, param))) if homogeneous => {
+                    let mut g = vec![n_layers];
+                    g.extend(&shape);
+                    let mut o = vec![l];
+                    o.extend(std::iter::repeat_n(0, shape.len()));
+                    let mut loc = vec![1];
+                    loc.extend(&shape);
+                    (format!("decoder.layers.{param}"), g, o, loc)
+                }
+                _ => (
+                    t.name().to_string(),
+                    shape.clone(),
+                    vec![0; shape.len()],
+                    shape.clone(),
+                ),
+            };
+            let nbytes = t.nbytes().ok_or_else(|| {
+                PluginError::shape(format!("tensor '{}': size overflows", t.name()))
+            })?;
+            let archive = Archive::new(
+                "archive",
+                tensor_pickle(t.dtype, &local),
+                Some(nbytes),
+                &format!("{key}{offsets:?}"),
+            );
+            let total = archive.total;
+            self.by_name.insert(t.name().to_string(), self.pieces.len());
+            self.pieces.push(Piece {
+                key,
+                dtype: t.dtype,
+                global,
+                offsets,
+                local,
+                item_offset: cursor,
+                archive,
+                written: false,
+            });
+            cursor += total;
+        }
+        // Each key's pieces must tile its global tensor, in one dtype.
+        let mut per_key: BTreeMap<&str, (DType, &Vec<u64>, u64)> = BTreeMap::new();
+        for p in &self.pieces {
+            let e = per_key.entry(&p.key).or_insert((p.dtype, &p.global, 0));
+            if e.0 != p.dtype || e.1 != &p.global {
+                return Err(PluginError::shape(format!(
+                    "'{}': pieces disagree on dtype or global shape",
+                    p.key
+                )));
+            }
+            e.2 += p.local.iter().product::<u64>();
+        }
+        for (k, (_, g, n)) in &per_key {
+            if *n != g.iter().product::<u64>() {
+                return Err(PluginError::shape(format!(
+                    "'{k}': the pieces cover {n} of {} elements",
+                    g.iter().product::<u64>()
+                )));
+            }
+        }
+        let staging = self.staging_root();
+        self.iter_dir = staging.join(format!("iter_{:07}", self.cfg.iteration));
+        std::fs::create_dir_all(&self.iter_dir)
+            .map_err(|e| PluginError::io(&self.iter_dir, "cannot create", e))?;
+        self.staging = Some(staging);
+        let path = self.iter_dir.join(FILE);
+        let f = File::create(&path).map_err(|e| PluginError::io(&path, "cannot create", e))?;
+        f.set_len(cursor)
+            .map_err(|e| PluginError::io(&path, "cannot size", e))?;
+        self.file = Some(f);
+        let mut off = 0;
+        for a in byte_archives {
+            self.write_at(off, &a)?;
+            off += a.len() as u64;
+        }
+        Ok(())
+    }
+}
+
+impl Sink for TorchDistWriter {
+    type Config = WriterConfig;
+    const DESCRIPTION: &'static str =
+        "Writes Megatron-Core torch_dist checkpoints (loads in megatron-core 0.16 and 0.19), atomically";
+
+    fn new(cfg: WriterConfig) -> Result<Self> {
+        if cfg.stack_layers != "auto" && cfg.stack_layers != "never" {
+            return Err(PluginError::config(format!(
+                "stack_layers '{}': expected auto or never",
+                cfg.stack_layers
+            )));
+        }
+        Ok(TorchDistWriter {
+            cfg,
+            staging: None,
+            iter_dir: PathBuf::new(),
+            file: None,
+            pieces: Vec::new(),
+            by_name: HashMap::new(),
+            bytes_items: Vec::new(),
+            source_dir: None,
+            committed: false,
+        })
+    }
+
+    fn open(&mut self, inputs: &[StreamPlan]) -> Result<()> {
+        if self.cfg.path.exists() && !self.cfg.overwrite {
+            return Err(PluginError::config(format!(
+                "{} already exists; set overwrite = true or choose another path",
+                self.cfg.path.display()
+            )));
+        }
+        let plan = inputs.first().cloned().unwrap_or_default();
+        self.source_dir = plan.attr_str("source_dir").map(PathBuf::from);
+        let r = self.lay_out(&plan);
+        if r.is_err() {
+            self.remove_staging();
+        }
+        r
+    }
+
+    fn consume(&mut self, _port: usize, item: Item) -> Result<()> {
+        let t = item.into_tensor()?;
+        let &i = self.by_name.get(t.name()).ok_or_else(|| {
+            PluginError::shape(format!(
+                "tensor '{}' was not announced in the stream plan",
+                t.name()
+            ))
+        })?;
+        let expected: u64 =
+            self.pieces[i].local.iter().product::<u64>() * self.pieces[i].dtype.size() as u64;
+        if self.pieces[i].written
+            || t.info.dtype != self.pieces[i].dtype
+            || t.bytes().len() as u64 != expected
+        {
+            return Err(PluginError::shape(format!(
+                "tensor '{}' arrived twice or with another dtype or size than announced",
+                t.name()
+            )));
+        }
+        let base = self.pieces[i].item_offset
+            + self.pieces[i]
+                .archive
+                .payload_offset()
+                .expect("tensor item");
+        let bytes = t.bytes();
+        let mut crc = crc32fast::Hasher::new();
+        const CHUNK: usize = 8 << 20;
+        let mut done = 0;
+        while done < bytes.len() {
+            let end = (done + CHUNK).min(bytes.len());
+            self.write_at(base + done as u64, &bytes[done..end])?;
+            crc.update(&bytes[done..end]);
+            t.data.discard(done..end);
+            done = end;
+        }
+        let item_offset = self.pieces[i].item_offset;
+        let runs = self.pieces[i].archive.frame(crc.finalize());
+        for (off, b) in runs {
+            self.write_at(item_offset + off, &b)?;
+        }
+        self.pieces[i].written = true;
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<String> {
+        if let Some(p) = self.pieces.iter().find(|p| !p.written) {
+            return Err(PluginError::shape(format!(
+                "tensor for '{}' at {:?} never arrived; nothing committed",
+                p.key, p.offsets
+            )));
+        }
+        if self.cfg.fsync {
+            if let Some(f) = &self.file {
+                f.sync_all()
+                    .map_err(|e| PluginError::io(self.iter_dir.join(FILE), "cannot sync", e))?;
+            }
+        }
+        let write = |p: PathBuf, b: &[u8]| {
+            std::fs::write(&p, b).map_err(|e| PluginError::io(&p, "cannot write", e))
+        };
+        write(self.iter_dir.join("common.pt"), &self.common_pt())?;
+        write(
+            self.iter_dir.join("metadata.json"),
+            br#"{"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}"#,
+        )?;
+        if let Some(src) = &self.source_dir {
+            let tok = self.iter_dir.join("tokenizer");
+            for name in [
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+                "tokenizer.model",
+                "vocab.json",
+                "merges.txt",
+                "chat_template.jinja",
+            ] {
+                let s = src.join(name);
+                if s.is_file() {
+                    std::fs::create_dir_all(&tok)
+                        .map_err(|e| PluginError::io(&tok, "cannot create", e))?;
+                    std::fs::copy(&s, tok.join(name))
+                        .map_err(|e| PluginError::io(&s, "cannot copy", e))?;
+                }
+            }
+        }
+        // .metadata last inside the folder: without it the checkpoint is not a checkpoint.
+        write(self.iter_dir.join(".metadata"), &self.metadata_pickle())?;
+        let staging = self.staging.clone().expect("opened");
+        write(
+            staging.join("latest_checkpointed_iteration.txt"),
+            self.cfg.iteration.to_string().as_bytes(),
+        )?;
+        self.file = None;
+        let target = self.cfg.path.clone();
+        if target.exists() {
+            let aside = target.with_file_name(format!(
+                ".{}.old-{}",
+                target.file_name().unwrap_or_default().to_string_lossy(),
+                std::process::id()
+            ));
+            std::fs::rename(&target, &aside)
+                .map_err(|e| PluginError::io(&target, "cannot move aside", e))?;
+            std::fs::rename(&staging, &target)
+                .map_err(|e| PluginError::io(&target, "cannot commit", e))?;
+            let _ = std::fs::remove_dir_all(&aside);
+        } else {
+            if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| PluginError::io(parent, "cannot create", e))?;
+            }
+            std::fs::rename(&staging, &target)
+                .map_err(|e| PluginError::io(&target, "cannot commit", e))?;
+        }
+        self.staging = None;
+        self.committed = true;
+        let keys: std::collections::BTreeSet<&str> =
+            self.pieces.iter().map(|p| p.key.as_str()).collect();
+        Ok(format!(
+            "wrote {} tensor keys in {} items (+{} byte objects) to {}",
+            keys.len(),
+            self.pieces.len(),
+            self.bytes_items.len(),
+            Path::new(&target).display()
+        ))
+    }
+
+    fn abort(&mut self) {
+        if !self.committed {
+            self.remove_staging();
+        }
+    }
+}
+
+impl Drop for TorchDistWriter {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
