@@ -18,6 +18,7 @@ pub mod buffer;
 pub mod dtype;
 pub mod error;
 pub mod manifest;
+pub mod mapping;
 pub mod numeric;
 pub mod plugin;
 pub mod records;

@@ -1,0 +1,400 @@
+//! A table-driven mapper: any model table of [`Entry`] rows converts in both directions.
+//! HF → Megatron buffers only the parts of one fused tensor until the last arrives (one
+//! layer's q/k/v, or gate/up); Megatron → HF emits as each tensor comes.
+
+use crate::llama;
+use bridgeflow_sdk::mapping::{
+    fill, fuse_qkv, match_pattern, pad_rows, round_up, split_qkv, Entry, Heads, Kind,
+};
+use bridgeflow_sdk::{
+    schemars, serde, Buffer, Emitter, Item, PluginError, Result, StreamPlan, Tensor, TensorInfo,
+    Transform,
+};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+fn d128() -> u64 {
+    128
+}
+fn one() -> u64 {
+    1
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(crate = "bridgeflow_sdk::serde", deny_unknown_fields)]
+pub struct MapperConfig {
+    /// `to-megatron` (HF names and layouts in, Megatron out) or `to-hf`.
+    pub direction: String,
+    /// The HF `config.json` (default: `config.json` in the input's `source_dir`).
+    #[serde(default)]
+    pub hf_config: Option<PathBuf>,
+    /// Vocabulary padding on import: rows rounded up to a multiple of this × tensor_parallel.
+    #[serde(default = "d128")]
+    pub make_vocab_size_divisible_by: u64,
+    #[serde(default = "one")]
+    pub tensor_parallel: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub architecture: String,
+    pub layers: u64,
+    pub heads: Heads,
+    pub vocab: u64,
+    pub tied: bool,
+}
+
+pub fn model_config(path: &std::path::Path) -> Result<ModelConfig> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| PluginError::io(path, "cannot read", e))?;
+    let c: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| PluginError::format(format!("{}: invalid JSON: {e}", path.display())))?;
+    let arch = c["architectures"][0].as_str().unwrap_or("").to_string();
+    if !llama::ARCHITECTURES.contains(&arch.as_str()) {
+        return Err(PluginError::unsupported(format!(
+            "{}: architecture '{arch}' is not handled by the llama mapper (it handles {})",
+            path.display(),
+            llama::ARCHITECTURES.join(", ")
+        )));
+    }
+    let get = |k: &str| c[k].as_u64();
+    let need = |k: &str| {
+        get(k).ok_or_else(|| PluginError::format(format!("{}: no '{k}'", path.display())))
+    };
+    let hidden = need("hidden_size")?;
+    let heads = need("num_attention_heads")?;
+    Ok(ModelConfig {
+        architecture: arch,
+        layers: need("num_hidden_layers")?,
+        heads: Heads {
+            heads,
+            groups: get("num_key_value_heads").unwrap_or(heads),
+            head_dim: get("head_dim").unwrap_or(hidden / heads),
+        },
+        vocab: need("vocab_size")?,
+        tied: c["tie_word_embeddings"].as_bool().unwrap_or(false),
+    })
+}
+
+pub struct Mapper {
+    cfg: MapperConfig,
+    to_megatron: bool,
+    model: Option<ModelConfig>,
+    table: &'static [Entry],
+    /// Megatron-side output info by (entry, layer).
+    outputs: HashMap<(usize, u64), TensorInfo>,
+    /// Parts of fused tensors waiting for the rest.
+    pending: HashMap<(usize, u64), Vec<Option<Tensor>>>,
+}
+
+fn row_bytes(t: &TensorInfo) -> usize {
+    let inner: u64 = t.shape.iter().skip(1).product();
+    (inner as usize) * t.dtype.size()
+}
+
+impl Mapper {
+    /// Which table row and part an HF name belongs to.
+    fn find_hf(&self, name: &str) -> Option<(usize, usize, u64)> {
+        self.table.iter().enumerate().find_map(|(i, e)| {
+            e.hf.iter()
+                .enumerate()
+                .find_map(|(p, pat)| match_pattern(pat, name).map(|l| (i, p, l)))
+        })
+    }
+    fn find_megatron(&self, name: &str) -> Option<(usize, u64)> {
+        self.table
+            .iter()
+            .enumerate()
+            .find_map(|(i, e)| match_pattern(e.megatron, name).map(|l| (i, l)))
+    }
+    fn model(&self) -> &ModelConfig {
+        self.model.as_ref().expect("planned")
+    }
+    fn padded_vocab(&self) -> u64 {
+        round_up(
+            self.model().vocab,
+            self.cfg.make_vocab_size_divisible_by * self.cfg.tensor_parallel.max(1),
+        )
+    }
+
+    fn plan_to_megatron(&mut self, input: &StreamPlan) -> Result<StreamPlan> {
+        let mut parts: BTreeMap<(usize, u64), Vec<Option<TensorInfo>>> = BTreeMap::new();
+        for t in input.tensors.iter() {
+            if llama::ignorable(t.name()) {
+                continue;
+            }
+            if t.name() == "lm_head.weight" && self.model().tied {
+                continue;
+            }
+            let (i, p, l) = self.find_hf(t.name()).ok_or_else(|| {
+                PluginError::unsupported(format!(
+                    "tensor '{}' has no mapping in the {} table",
+                    t.name(),
+                    self.model().architecture
+                ))
+            })?;
+            parts
+                .entry((i, l))
+                .or_insert_with(|| vec![None; self.table[i].hf.len()])[p] = Some(t.clone());
+        }
+        let mut out = Vec::new();
+        for ((i, l), ps) in &parts {
+            let e = self.table[*i];
+            let infos: Vec<TensorInfo> = ps
+                .iter()
+                .enumerate()
+                .map(|(p, x)| {
+                    x.clone().ok_or_else(|| {
+                        PluginError::shape(format!(
+                            "'{}' needs '{}', which the input lacks",
+                            fill(e.megatron, *l),
+                            fill(e.hf[p], *l)
+                        ))
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let first = &infos[0];
+            let mut shape = first.shape.to_vec();
+            match e.kind {
+                Kind::Direct => {}
+                Kind::Vocab => shape[0] = self.padded_vocab().max(shape[0]),
+                Kind::Qkv | Kind::GatedMlp => shape[0] = infos.iter().map(|t| t.shape[0]).sum(),
+            }
+            let info = TensorInfo::new(fill(e.megatron, *l), first.dtype, &shape);
+            self.outputs.insert((*i, *l), info.clone());
+            out.push(info);
+        }
+        let mut plan = StreamPlan::new(out);
+        plan.attrs = input.attrs.clone();
+        let n = self.model().layers;
+        let extra: Vec<String> = llama::EXTRA_STATE
+            .iter()
+            .flat_map(|m| {
+                (0..n).map(move |l| format!("decoder.layers.{m}._extra_state/shard_{l}_{n}"))
+            })
+            .collect();
+        plan.set_attr("byte_objects", serde_json::json!(extra));
+        plan.set_attr("architecture", self.model().architecture.clone().into());
+        Ok(plan)
+    }
+
+    fn plan_to_hf(&mut self, input: &StreamPlan) -> Result<StreamPlan> {
+        let mut out = Vec::new();
+        for t in input.tensors.iter() {
+            let (i, l) = self.find_megatron(t.name()).ok_or_else(|| {
+                PluginError::unsupported(format!(
+                    "Megatron tensor '{}' has no mapping in the llama table",
+                    t.name()
+                ))
+            })?;
+            let e = self.table[i];
+            let mut shape = t.shape.to_vec();
+            let names: Vec<String> = e.hf.iter().map(|p| fill(p, l)).collect();
+            match e.kind {
+                Kind::Direct => out.push(TensorInfo::new(names[0].clone(), t.dtype, &shape)),
+                Kind::Vocab => {
+                    shape[0] = self.model().vocab;
+                    out.push(TensorInfo::new(names[0].clone(), t.dtype, &shape));
+                }
+                Kind::Qkv => {
+                    let h = self.model().heads;
+                    for (n, rows) in names.iter().zip([
+                        h.heads * h.head_dim,
+                        h.groups * h.head_dim,
+                        h.groups * h.head_dim,
+                    ]) {
+                        shape[0] = rows;
+                        out.push(TensorInfo::new(n.clone(), t.dtype, &shape));
+                    }
+                }
+                Kind::GatedMlp => {
+                    let half = t.shape[0] / 2;
+                    for n in &names {
+                        shape[0] = half;
+                        out.push(TensorInfo::new(n.clone(), t.dtype, &shape));
+                    }
+                }
+            }
+        }
+        let mut plan = StreamPlan::new(out);
+        plan.attrs = input.attrs.clone();
+        if let Some(c) = &self.cfg.hf_config {
+            if let Some(dir) = c.parent() {
+                plan.set_attr("source_dir", dir.to_string_lossy().into_owned().into());
+            }
+        }
+        Ok(plan)
+    }
+
+    fn emit_megatron(
+        &mut self,
+        key: (usize, u64),
+        parts: Vec<Tensor>,
+        out: &mut Emitter,
+    ) -> Result<()> {
+        let e = self.table[key.0];
+        let info = self.outputs[&key].clone();
+        let data = match e.kind {
+            Kind::Direct => {
+                let t = parts.into_iter().next().expect("one part");
+                return out.tensor(Tensor::new(info, t.data)?);
+            }
+            Kind::Vocab => {
+                let t = &parts[0];
+                if info.shape[0] == t.info.shape[0] {
+                    return out.tensor(Tensor::new(info, t.data.clone())?);
+                }
+                pad_rows(t.bytes(), row_bytes(&t.info), info.shape[0] as usize)
+            }
+            Kind::Qkv => {
+                let row = row_bytes(&parts[0].info);
+                fuse_qkv(
+                    parts[0].bytes(),
+                    parts[1].bytes(),
+                    parts[2].bytes(),
+                    self.model().heads,
+                    row,
+                )
+                .map_err(|err| err.context(&info.name))?
+            }
+            Kind::GatedMlp => [parts[0].bytes(), parts[1].bytes()].concat(),
+        };
+        out.tensor(Tensor::new(info, Buffer::from_vec(data))?)
+    }
+}
+
+impl Transform for Mapper {
+    type Config = MapperConfig;
+    const DESCRIPTION: &'static str =
+        "Llama/Mistral/Qwen2/Qwen3 HF <-> Megatron-Core names and layouts (QKV per group, gated MLP, vocab padding)";
+
+    fn new(cfg: MapperConfig) -> Result<Self> {
+        let to_megatron = match cfg.direction.as_str() {
+            "to-megatron" => true,
+            "to-hf" => false,
+            d => {
+                return Err(PluginError::config(format!(
+                    "direction '{d}': expected to-megatron or to-hf"
+                )))
+            }
+        };
+        Ok(Mapper {
+            cfg,
+            to_megatron,
+            model: None,
+            table: llama::TABLE,
+            outputs: HashMap::new(),
+            pending: HashMap::new(),
+        })
+    }
+
+    fn plan(&mut self, inputs: &[StreamPlan]) -> Result<StreamPlan> {
+        let input = &inputs[0];
+        let path = match &self.cfg.hf_config {
+            Some(p) => p.clone(),
+            None => input
+                .attr_str("source_dir")
+                .map(|d| PathBuf::from(d).join("config.json"))
+                .filter(|p| p.is_file())
+                .ok_or_else(|| {
+                    PluginError::config(
+                        "no HF config.json: set hf_config (the input names no source_dir with one)",
+                    )
+                })?,
+        };
+        self.model = Some(model_config(&path)?);
+        if self.to_megatron {
+            self.plan_to_megatron(input)
+        } else {
+            self.plan_to_hf(input)
+        }
+    }
+
+    fn process(&mut self, _port: usize, item: Item, out: &mut Emitter) -> Result<()> {
+        let t = item.into_tensor()?;
+        if self.to_megatron {
+            if llama::ignorable(t.name()) || (t.name() == "lm_head.weight" && self.model().tied) {
+                return Ok(());
+            }
+            let (i, p, l) = self.find_hf(t.name()).ok_or_else(|| {
+                PluginError::unsupported(format!("tensor '{}' has no mapping", t.name()))
+            })?;
+            let n = self.table[i].hf.len();
+            if n == 1 {
+                return self.emit_megatron((i, l), vec![t], out);
+            }
+            let slot = self.pending.entry((i, l)).or_insert_with(|| vec![None; n]);
+            slot[p] = Some(t);
+            if slot.iter().all(Option::is_some) {
+                let parts: Vec<Tensor> = self
+                    .pending
+                    .remove(&(i, l))
+                    .unwrap()
+                    .into_iter()
+                    .map(Option::unwrap)
+                    .collect();
+                self.emit_megatron((i, l), parts, out)?;
+            }
+            return Ok(());
+        }
+        let (i, l) = self.find_megatron(t.name()).ok_or_else(|| {
+            PluginError::unsupported(format!("Megatron tensor '{}' has no mapping", t.name()))
+        })?;
+        let e = self.table[i];
+        let names: Vec<String> = e.hf.iter().map(|p| fill(p, l)).collect();
+        let row = row_bytes(&t.info);
+        let mut shape = t.info.shape.to_vec();
+        match e.kind {
+            Kind::Direct => out.tensor(Tensor::new(
+                t.info.clone().with_name(names[0].clone()),
+                t.data,
+            )?),
+            Kind::Vocab => {
+                shape[0] = self.model().vocab;
+                let keep = shape[0] as usize * row;
+                if keep > t.bytes().len() {
+                    return Err(PluginError::shape(format!(
+                        "'{}' has {} rows, fewer than the vocabulary of {}",
+                        t.name(),
+                        t.info.shape[0],
+                        shape[0]
+                    )));
+                }
+                let info = TensorInfo::new(names[0].clone(), t.info.dtype, &shape);
+                out.tensor(Tensor::new(info, t.data.slice(0..keep))?)
+            }
+            Kind::Qkv => {
+                let h = self.model().heads;
+                let (q, k, v) =
+                    split_qkv(t.bytes(), h, row).map_err(|err| err.context(t.name()))?;
+                for (name, data) in names.iter().zip([q, k, v]) {
+                    shape[0] = (data.len() / row) as u64;
+                    out.tensor(Tensor::new(
+                        TensorInfo::new(name.clone(), t.info.dtype, &shape),
+                        Buffer::from_vec(data),
+                    )?)?;
+                }
+                Ok(())
+            }
+            Kind::GatedMlp => {
+                let half = t.bytes().len() / 2;
+                shape[0] /= 2;
+                for (k, name) in names.iter().enumerate() {
+                    let info = TensorInfo::new(name.clone(), t.info.dtype, &shape);
+                    out.tensor(Tensor::new(info, t.data.slice(k * half..(k + 1) * half))?)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn finish(&mut self, _out: &mut Emitter) -> Result<()> {
+        if let Some(((i, l), _)) = self.pending.iter().next() {
+            return Err(PluginError::shape(format!(
+                "'{}' never got all its parts from the input",
+                fill(self.table[*i].megatron, *l)
+            )));
+        }
+        Ok(())
+    }
+}
