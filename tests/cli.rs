@@ -164,3 +164,45 @@ fn rust_log_turns_on_stage_logs() {
     );
     assert!(m.contains("finished"), "{m}");
 }
+
+#[test]
+fn convert_both_ways() {
+    let dir = tempdir();
+    let mcore = dir.path().join("m");
+    let hf = dir.path().join("h");
+    let fx = fixtures().join("hf/llama");
+    let o = bridgeflow()
+        .arg("convert")
+        .arg("--from")
+        .arg(format!("hf:{}", fx.display()))
+        .arg("--to")
+        .arg(format!("megatron:{}", mcore.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = bridgeflow()
+        .arg("convert")
+        .arg("--from")
+        .arg(format!("megatron:{}", mcore.display()))
+        .arg("--to")
+        .arg(format!("hf:{}", hf.display()))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("needs --hf-config"), "{}", text(&o));
+    let o = bridgeflow()
+        .arg("convert")
+        .arg("--from")
+        .arg(format!("megatron:{}", mcore.display()))
+        .arg("--to")
+        .arg(format!("hf:{}", hf.display()))
+        .arg("--hf-config")
+        .arg(fx.join("config.json"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        load_tensors(&hf),
+        load_tensors(&fx.join("model.safetensors"))
+    );
+}

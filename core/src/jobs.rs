@@ -208,3 +208,107 @@ pub fn merge(
     ];
     run("merge", stages, host, opts)
 }
+
+/// A checkpoint location on the command line: `hf:DIR` or `megatron:DIR`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Endpoint {
+    Hf(std::path::PathBuf),
+    Megatron(std::path::PathBuf),
+}
+
+impl Endpoint {
+    pub fn parse(s: &str) -> Result<Endpoint, String> {
+        match s.split_once(':') {
+            Some(("hf", p)) => Ok(Endpoint::Hf(p.into())),
+            Some(("megatron", p)) | Some(("mcore", p)) => Ok(Endpoint::Megatron(p.into())),
+            _ => Err(format!("'{s}': expected hf:DIR or megatron:DIR")),
+        }
+    }
+}
+
+/// `bridgeflow convert`: HF ⇄ Megatron-Core torch_dist through the model mapper.
+pub fn convert(
+    from: &Endpoint,
+    to: &Endpoint,
+    hf_config: Option<&Path>,
+    overwrite: bool,
+    host: &PluginHost,
+    opts: &RunOptions,
+) -> Result<RunReport, JobError> {
+    let s = |v: &Path| Value::String(v.to_string_lossy().into_owned());
+    let stages = match (from, to) {
+        (Endpoint::Hf(src), Endpoint::Megatron(dst)) => vec![
+            stage(
+                "read",
+                "safetensors",
+                "reader",
+                &[],
+                table(vec![("path", s(src))]),
+            ),
+            stage(
+                "map",
+                "llama",
+                "mapper",
+                &["read"],
+                table(vec![("direction", Value::String("to-megatron".into()))]),
+            ),
+            stage(
+                "write",
+                "torch-dist",
+                "writer",
+                &["map"],
+                table(vec![
+                    ("path", s(dst)),
+                    ("overwrite", Value::Boolean(overwrite)),
+                ]),
+            ),
+        ],
+        (Endpoint::Megatron(src), Endpoint::Hf(dst)) => {
+            let cfg = hf_config.ok_or_else(|| {
+                JobError::Invalid(
+                    "exporting to HF needs --hf-config CONFIG_JSON (the model's HF config.json)"
+                        .into(),
+                )
+            })?;
+            vec![
+                stage(
+                    "read",
+                    "torch-dist",
+                    "reader",
+                    &[],
+                    table(vec![
+                        ("path", s(src)),
+                        ("split_layers", Value::Boolean(true)),
+                    ]),
+                ),
+                stage(
+                    "map",
+                    "llama",
+                    "mapper",
+                    &["read"],
+                    table(vec![
+                        ("direction", Value::String("to-hf".into())),
+                        ("hf_config", s(cfg)),
+                    ]),
+                ),
+                stage(
+                    "write",
+                    "safetensors",
+                    "writer",
+                    &["map"],
+                    table(vec![
+                        ("path", s(dst)),
+                        ("overwrite", Value::Boolean(overwrite)),
+                    ]),
+                ),
+            ]
+        }
+        _ => {
+            return Err(JobError::Invalid(
+                "convert goes from hf: to megatron: or back; for other moves write a pipeline"
+                    .into(),
+            ))
+        }
+    };
+    run("convert", stages, host, opts)
+}

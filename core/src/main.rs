@@ -2,7 +2,7 @@
 
 use anyhow::{anyhow, Context};
 use bridgeflow_core::host::{default_search_path, PluginHost};
-use bridgeflow_core::jobs::{merge, preprocess, JobError, Preprocess};
+use bridgeflow_core::jobs::{convert, merge, preprocess, Endpoint, JobError, Preprocess};
 use bridgeflow_core::pipeline::Override;
 use bridgeflow_core::runtime::{run_blocking, RunOptions, RunReport};
 use bridgeflow_sdk::units::{human, parse_size};
@@ -97,6 +97,23 @@ enum Command {
         #[arg(long)]
         no_progress: bool,
     },
+    /// Convert a checkpoint between Hugging Face and Megatron-Core torch_dist (Llama family):
+    /// `--from hf:DIR --to megatron:DIR`, or `--from megatron:DIR --to hf:DIR --hf-config CONFIG`.
+    Convert {
+        #[arg(long, value_parser = Endpoint::parse)]
+        from: Endpoint,
+        #[arg(long, value_parser = Endpoint::parse)]
+        to: Endpoint,
+        /// The HF config.json of the model (needed to export to HF).
+        #[arg(long)]
+        hf_config: Option<PathBuf>,
+        #[arg(long)]
+        overwrite: bool,
+        #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+        memory_budget: u64,
+        #[arg(long)]
+        no_progress: bool,
+    },
     /// Merge Megatron indexed datasets in the order given, as tools/merge_datasets.py.
     Merge {
         /// Dataset prefixes (path/name_text_document, or their .bin/.idx paths).
@@ -170,6 +187,27 @@ fn main() -> ExitCode {
                 ..Default::default()
             },
         ),
+        Command::Convert {
+            from,
+            to,
+            hf_config,
+            overwrite,
+            memory_budget,
+            no_progress,
+        } => {
+            let opts = RunOptions {
+                memory_budget,
+                progress: !no_progress,
+                ..Default::default()
+            };
+            match convert(&from, &to, hf_config.as_deref(), overwrite, &host, &opts) {
+                Ok(r) => {
+                    print_report(&r);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => job_failed(e),
+            }
+        }
         Command::Merge {
             inputs,
             output,

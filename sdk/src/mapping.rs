@@ -86,7 +86,7 @@ pub struct Heads {
 
 impl Heads {
     fn check(&self) -> Result<()> {
-        if self.groups == 0 || self.heads % self.groups != 0 {
+        if self.groups == 0 || !self.heads.is_multiple_of(self.groups) {
             return Err(PluginError::config(format!(
                 "{} attention heads do not divide into {} query groups",
                 self.heads, self.groups
