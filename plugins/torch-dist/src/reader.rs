@@ -46,10 +46,35 @@ pub struct TorchDistReader {
     pool: BufferPool,
 }
 
+/// Drops the residency of `map[range]` (whole pages only; the file backs them, so nothing is
+/// lost): resident memory follows what is in flight, not what has been read.
+fn release(map: &Mmap, range: std::ops::Range<usize>, outward: bool) {
+    const PAGE: usize = 4096;
+    let (a, b) = if outward {
+        (range.start / PAGE * PAGE, (range.end.div_ceil(PAGE) * PAGE).min(map.len()))
+    } else {
+        (range.start.div_ceil(PAGE) * PAGE, range.end / PAGE * PAGE)
+    };
+    if b > a {
+        // SAFETY: read-only file-backed map; released pages are re-read on access.
+        unsafe {
+            let _ = map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a);
+        }
+    }
+}
+
 struct MapView(Arc<Mmap>, std::ops::Range<usize>);
 impl BufferOwner for MapView {
     fn bytes(&self) -> &[u8] {
         &self.0[self.1.clone()]
+    }
+    fn discard(&self, r: std::ops::Range<usize>) {
+        release(&self.0, self.1.start + r.start..self.1.start + r.end, false);
+    }
+}
+impl Drop for MapView {
+    fn drop(&mut self) {
+        release(&self.0, self.1.clone(), true);
     }
 }
 
@@ -257,7 +282,8 @@ impl Source for TorchDistReader {
                         continue;
                     }
                     let (map, range) = self.chunk_data(&p.key, c, &t)?;
-                    copy_block(&map[range], c, &p.offsets, &p.sizes, es, buf.as_mut_slice());
+                    copy_block(&map[range.clone()], c, &p.offsets, &p.sizes, es, buf.as_mut_slice());
+                    release(&map, range, true);
                 }
                 buf.freeze()
             };
