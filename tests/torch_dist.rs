@@ -354,3 +354,16 @@ fn unknown_architectures_are_named() {
     );
     assert!(!dir.path().join("x").exists());
 }
+
+#[test]
+fn in_memory_roundtrip_pipeline_is_exact() {
+    let dir = tempdir();
+    for name in ["llama", "llama_bf16"] {
+        convert(
+            dir.path(),
+            "roundtrip.toml",
+            &[format!("input={}", fixtures().join("hf").join(name).display())],
+        )
+        .unwrap();
+    }
+}
