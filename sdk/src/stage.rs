@@ -279,6 +279,10 @@ pub trait Transform: Send + Sized + 'static {
     fn finish(&mut self, _out: &mut Emitter) -> Result<()> {
         Ok(())
     }
+    /// A one-line summary after `finish` (what was checked, what was dropped).
+    fn summary(&mut self) -> String {
+        String::new()
+    }
 }
 
 /// A stage with inputs and no output (writers, exporters).
@@ -359,7 +363,10 @@ impl<T: Transform> StageFfi for TransformAdapter<T> {
         guard(|| self.0.process(port as usize, item, out))
     }
     fn finish(&mut self, out: &mut Emitter) -> RResult<RString, PluginError> {
-        guard(|| self.0.finish(out).map(|()| RString::new()))
+        guard(|| {
+            self.0.finish(out)?;
+            Ok(RString::from(self.0.summary()))
+        })
     }
     fn abort(&mut self) {}
 }

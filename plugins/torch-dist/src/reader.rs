@@ -51,7 +51,10 @@ pub struct TorchDistReader {
 fn release(map: &Mmap, range: std::ops::Range<usize>, outward: bool) {
     const PAGE: usize = 4096;
     let (a, b) = if outward {
-        (range.start / PAGE * PAGE, (range.end.div_ceil(PAGE) * PAGE).min(map.len()))
+        (
+            range.start / PAGE * PAGE,
+            (range.end.div_ceil(PAGE) * PAGE).min(map.len()),
+        )
     } else {
         (range.start.div_ceil(PAGE) * PAGE, range.end / PAGE * PAGE)
     };
@@ -282,7 +285,14 @@ impl Source for TorchDistReader {
                         continue;
                     }
                     let (map, range) = self.chunk_data(&p.key, c, &t)?;
-                    copy_block(&map[range.clone()], c, &p.offsets, &p.sizes, es, buf.as_mut_slice());
+                    copy_block(
+                        &map[range.clone()],
+                        c,
+                        &p.offsets,
+                        &p.sizes,
+                        es,
+                        buf.as_mut_slice(),
+                    );
                     release(&map, range, true);
                 }
                 buf.freeze()

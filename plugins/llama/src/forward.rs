@@ -1,0 +1,209 @@
+//! A small fp32 forward pass of the Llama family straight from Megatron-layout tensors, for the
+//! logits check of a conversion: embeddings, RMSNorm, fused QKV (split per query group), RoPE
+//! (rotate-half, as HF and megatron-core's default), grouped-query causal attention, SwiGLU,
+//! final norm, output layer (or the tied embedding). Plain loops: it is meant for the small
+//! verification models the checks run on, not for serving.
+
+use crate::mapper::ModelConfig;
+use bridgeflow_sdk::mapping::split_qkv;
+use bridgeflow_sdk::numeric::decode_f64;
+use bridgeflow_sdk::{PluginError, Result, Tensor};
+use std::collections::HashMap;
+
+pub struct Weights {
+    pub tensors: HashMap<String, (Vec<u64>, Vec<f32>)>,
+}
+
+impl Weights {
+    pub fn new() -> Weights {
+        Weights {
+            tensors: HashMap::new(),
+        }
+    }
+    pub fn add(&mut self, t: &Tensor) {
+        let mut v = Vec::new();
+        decode_f64(t.info.dtype, t.bytes(), &mut v);
+        self.tensors.insert(
+            t.name().to_string(),
+            (
+                t.info.shape.to_vec(),
+                v.into_iter().map(|x| x as f32).collect(),
+            ),
+        );
+    }
+    fn get(&self, name: &str) -> Result<&(Vec<u64>, Vec<f32>)> {
+        self.tensors.get(name).ok_or_else(|| {
+            PluginError::shape(format!(
+                "the logits check needs '{name}', which the stream lacks"
+            ))
+        })
+    }
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Weights::new()
+    }
+}
+
+/// y[s, o] = Σ_i x[s, i] · w[o, i]
+fn linear(x: &[f32], rows: usize, w: &[f32], out: usize) -> Vec<f32> {
+    let inp = x.len() / rows;
+    let mut y = vec![0f32; rows * out];
+    for s in 0..rows {
+        let xs = &x[s * inp..(s + 1) * inp];
+        for o in 0..out {
+            let wo = &w[o * inp..(o + 1) * inp];
+            y[s * out + o] = xs.iter().zip(wo).map(|(a, b)| a * b).sum();
+        }
+    }
+    y
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let h = w.len();
+    let mut y = vec![0f32; x.len()];
+    for (xs, ys) in x.chunks(h).zip(y.chunks_mut(h)) {
+        let var = xs.iter().map(|v| v * v).sum::<f32>() / h as f32;
+        let r = 1.0 / (var + eps).sqrt();
+        for ((a, b), c) in xs.iter().zip(ys.iter_mut()).zip(w) {
+            *b = c * (a * r);
+        }
+    }
+    y
+}
+
+fn rope(x: &mut [f32], seq: usize, heads: usize, hd: usize, theta: f32) {
+    let half = hd / 2;
+    for s in 0..seq {
+        for h in 0..heads {
+            let v = &mut x[(s * heads + h) * hd..(s * heads + h + 1) * hd];
+            let orig = v.to_vec();
+            for i in 0..hd {
+                let f = i % half;
+                let inv = 1.0 / theta.powf((2 * f) as f32 / hd as f32);
+                let ang = s as f32 * inv;
+                let rot = if i < half {
+                    -orig[i + half]
+                } else {
+                    orig[i - half]
+                };
+                v[i] = orig[i] * ang.cos() + rot * ang.sin();
+            }
+        }
+    }
+}
+
+/// Logits [seq, vocab] for `ids`.
+pub fn logits(w: &Weights, c: &ModelConfig, ids: &[u64], eps: f32, theta: f32) -> Result<Vec<f32>> {
+    let (emb_shape, emb) = w.get("embedding.word_embeddings.weight")?;
+    let hidden = emb_shape[1] as usize;
+    let seq = ids.len();
+    let mut x = Vec::with_capacity(seq * hidden);
+    for &id in ids {
+        let r = id as usize;
+        x.extend_from_slice(&emb[r * hidden..(r + 1) * hidden]);
+    }
+    let (nh, ng, hd) = (
+        c.heads.heads as usize,
+        c.heads.groups as usize,
+        c.heads.head_dim as usize,
+    );
+    for l in 0..c.layers {
+        let p = |n: &str| format!("decoder.layers.{l}.{n}");
+        let h = rms_norm(
+            &x,
+            &w.get(&p("self_attention.linear_qkv.layer_norm_weight"))?.1,
+            eps,
+        );
+        let (_, qkv) = w.get(&p("self_attention.linear_qkv.weight"))?;
+        let bytes: Vec<u8> = qkv.iter().flat_map(|f| f.to_le_bytes()).collect();
+        let (qw, kw, vw) = split_qkv(&bytes, c.heads, hidden * 4)?;
+        let f = |b: Vec<u8>| -> Vec<f32> {
+            b.chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        let (qw, kw, vw) = (f(qw), f(kw), f(vw));
+        let mut q = linear(&h, seq, &qw, nh * hd);
+        let mut k = linear(&h, seq, &kw, ng * hd);
+        let mut v = linear(&h, seq, &vw, ng * hd);
+        if let Ok((_, qb)) = w.get(&p("self_attention.linear_qkv.bias")) {
+            let bb: Vec<u8> = qb.iter().flat_map(|f| f.to_le_bytes()).collect();
+            let (bq, bk, bv) = split_qkv(&bb, c.heads, 4)?;
+            let add = |x: &mut [f32], b: &[f32]| {
+                for row in x.chunks_mut(b.len()) {
+                    row.iter_mut().zip(b).for_each(|(a, c)| *a += c);
+                }
+            };
+            add(&mut q, &f(bq));
+            add(&mut k, &f(bk));
+            add(&mut v, &f(bv));
+        }
+        if let Ok((_, qn)) = w.get(&p("self_attention.q_layernorm.weight")) {
+            // Per-head norms (Qwen3): over each head's head_dim values.
+            q = rms_norm(&q, qn, eps);
+            k = rms_norm(&k, &w.get(&p("self_attention.k_layernorm.weight"))?.1, eps);
+        }
+        rope(&mut q, seq, nh, hd, theta);
+        rope(&mut k, seq, ng, hd, theta);
+        let per = nh / ng;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut att = vec![0f32; seq * nh * hd];
+        for head in 0..nh {
+            let g = head / per;
+            for i in 0..seq {
+                let qi = &q[(i * nh + head) * hd..(i * nh + head + 1) * hd];
+                let mut scores: Vec<f32> = (0..=i)
+                    .map(|j| {
+                        let kj = &k[(j * ng + g) * hd..(j * ng + g + 1) * hd];
+                        qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let z: f32 = scores
+                    .iter_mut()
+                    .map(|s| {
+                        *s = (*s - m).exp();
+                        *s
+                    })
+                    .sum();
+                let out = &mut att[(i * nh + head) * hd..(i * nh + head + 1) * hd];
+                for (j, s) in scores.iter().enumerate() {
+                    let vj = &v[(j * ng + g) * hd..(j * ng + g + 1) * hd];
+                    for (o, val) in out.iter_mut().zip(vj) {
+                        *o += s / z * val;
+                    }
+                }
+            }
+        }
+        let o = linear(
+            &att,
+            seq,
+            &w.get(&p("self_attention.linear_proj.weight"))?.1,
+            hidden,
+        );
+        x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        let h = rms_norm(&x, &w.get(&p("mlp.linear_fc1.layer_norm_weight"))?.1, eps);
+        let (fc1_shape, fc1) = w.get(&p("mlp.linear_fc1.weight"))?;
+        let ffn = fc1_shape[0] as usize / 2;
+        let gu = linear(&h, seq, fc1, 2 * ffn);
+        let mut act = vec![0f32; seq * ffn];
+        for s in 0..seq {
+            for i in 0..ffn {
+                let g = gu[s * 2 * ffn + i];
+                let u = gu[s * 2 * ffn + ffn + i];
+                act[s * ffn + i] = g / (1.0 + (-g).exp()) * u;
+            }
+        }
+        let d = linear(&act, seq, &w.get(&p("mlp.linear_fc2.weight"))?.1, hidden);
+        x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
+    }
+    let x = rms_norm(&x, &w.get("decoder.final_layernorm.weight")?.1, eps);
+    let out = match w.get("output_layer.weight") {
+        Ok((_, o)) => o,
+        Err(_) => emb,
+    };
+    let vocab = out.len() / hidden;
+    Ok(linear(&x, seq, out, vocab))
+}
