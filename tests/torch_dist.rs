@@ -413,3 +413,42 @@ fn rust_logits_check() {
     .unwrap_err();
     assert!(e.contains("mismatch error: logits max abs diff"), "{e}");
 }
+
+#[test]
+fn manifests_beside_outputs_are_checked_on_read() {
+    let dir = tempdir();
+    let ckpt = dir.path().join("m");
+    convert(
+        dir.path(),
+        "hf-to-megatron.toml",
+        &[
+            format!("input={}", fixtures().join("hf/llama").display()),
+            format!("output={}", ckpt.display()),
+        ],
+    )
+    .unwrap();
+    let read = |verify: bool| {
+        let p = format!(
+            "[stages.read]\nplugin = \"torch-dist\"\nkind = \"reader\"\nconfig = {{ path = \"{}\", verify = {verify} }}\n\n[stages.sink]\nplugin = \"testkit\"\nkind = \"writer\"\ninputs = [\"read\"]\nconfig = {{ delay_ms = 0 }}\n",
+            ckpt.display()
+        );
+        run_text(dir.path(), &p, &[], 1 << 30)
+    };
+    read(true).unwrap();
+    // A manifest that disagrees (as after a silent change of the data) fails the read.
+    let m = ckpt.join("iter_0000000/bridgeflow-manifest.json");
+    let text = std::fs::read_to_string(&m).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let first = v["tensors"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    v["tensors"][&first]["blake3"] = serde_json::json!("00".repeat(32));
+    std::fs::write(&m, v.to_string()).unwrap();
+    let e = read(true).unwrap_err();
+    assert!(e.contains("mismatch error") && e.contains("blake3"), "{e}");
+    read(false).unwrap();
+}

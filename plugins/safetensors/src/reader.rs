@@ -16,10 +16,15 @@ pub struct ReaderConfig {
     /// A `.safetensors` file, or an HF model folder (with `model.safetensors.index.json`,
     /// `model.safetensors`, or several `*.safetensors`).
     pub path: PathBuf,
+    /// Check every tensor against the `bridgeflow-manifest.json` in the folder (blake3).
+    #[serde(default)]
+    pub verify: bool,
 }
 
 pub struct SafetensorsReader {
     path: PathBuf,
+    verify: bool,
+    manifest: Option<bridgeflow_sdk::manifest::Manifest>,
     maps: Vec<Arc<Mmap>>,
     /// (file index, entry) in emission order: file by file, by offset, so reads are sequential.
     entries: Vec<(usize, Entry)>,
@@ -130,6 +135,8 @@ impl Source for SafetensorsReader {
     fn new(config: ReaderConfig) -> Result<Self> {
         Ok(SafetensorsReader {
             path: config.path,
+            verify: config.verify,
+            manifest: None,
             maps: Vec::new(),
             entries: Vec::new(),
         })
@@ -137,6 +144,10 @@ impl Source for SafetensorsReader {
 
     fn plan(&mut self) -> Result<StreamPlan> {
         let layout = self.open()?;
+        if self.verify {
+            let m = layout.dir.join(bridgeflow_sdk::manifest::MANIFEST_FILE);
+            self.manifest = Some(bridgeflow_sdk::manifest::Manifest::load(&m)?);
+        }
         let mut plan = StreamPlan::new(self.entries.iter().map(|(_, e)| e.info.clone()).collect());
         plan.set_attr("format", "safetensors".into());
         plan.set_attr(
@@ -156,6 +167,11 @@ impl Source for SafetensorsReader {
                 start: e.range.start,
                 end: e.range.end,
             };
+            if let Some(m) = &self.manifest {
+                m.check(&e.info, owner.bytes()).map_err(|err| {
+                    PluginError::mismatch(format!("{}: {err}", self.path.display()))
+                })?;
+            }
             let tensor = Tensor::new(e.info, Buffer::from_owner(owner))?;
             out.tensor(tensor)?;
         }

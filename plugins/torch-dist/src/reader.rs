@@ -25,6 +25,10 @@ pub struct ReaderConfig {
     /// `decoder.layers.<l>.<param>` (bounded memory, and the per-layer view mappers work on).
     #[serde(default)]
     pub split_layers: bool,
+    /// Check every chunk against the `bridgeflow-manifest.json` written beside `.metadata`
+    /// (blake3); a missing manifest is an error.
+    #[serde(default)]
+    pub verify: bool,
 }
 
 struct Planned {
@@ -44,6 +48,7 @@ pub struct TorchDistReader {
     planned: Vec<Planned>,
     maps: HashMap<String, Arc<Mmap>>,
     pool: BufferPool,
+    manifest: Option<bridgeflow_sdk::manifest::Manifest>,
 }
 
 /// Drops the residency of `map[range]` (whole pages only; the file backs them, so nothing is
@@ -186,7 +191,17 @@ impl TorchDistReader {
                 c.sizes
             )));
         }
-        Ok((map, a + it.data.start..a + it.data.end))
+        let range = a + it.data.start..a + it.data.end;
+        if let Some(m) = &self.manifest {
+            let info = TensorInfo::new(
+                crate::writer::chunk_name(key, &c.offsets),
+                t.dtype,
+                &c.sizes,
+            );
+            m.check(&info, &map[range.clone()])
+                .map_err(|e| PluginError::mismatch(format!("{}: {e}", self.dir.display())))?;
+        }
+        Ok((map, range))
     }
 }
 
@@ -203,12 +218,17 @@ impl Source for TorchDistReader {
             planned: Vec::new(),
             maps: HashMap::new(),
             pool: BufferPool::new(64 << 20),
+            manifest: None,
         })
     }
 
     fn plan(&mut self) -> Result<StreamPlan> {
         self.dir = resolve_dir(&self.cfg.path)?;
         self.meta = read_metadata(&self.dir)?;
+        if self.cfg.verify {
+            let m = self.dir.join(bridgeflow_sdk::manifest::MANIFEST_FILE);
+            self.manifest = Some(bridgeflow_sdk::manifest::Manifest::load(&m)?);
+        }
         let mut infos = Vec::new();
         self.planned.clear();
         for (key, t) in &self.meta.tensors {

@@ -9,6 +9,8 @@
 //! (the common state in `common.pt`, the four-key `metadata.json`).
 
 use crate::emit::{either::Arg, none_list_pickle, tensor_pickle, torch_dtype, Archive, Pickler};
+use bridgeflow_sdk::manifest::{Hasher, Manifest, MANIFEST_FILE};
+use bridgeflow_sdk::TensorInfo;
 use bridgeflow_sdk::{schemars, serde, DType, Item, PluginError, Result, Sink, StreamPlan};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -43,6 +45,10 @@ pub struct WriterConfig {
     pub overwrite: bool,
     #[serde(default = "yes")]
     pub fsync: bool,
+    /// Write `bridgeflow-manifest.json` (blake3 of every chunk) beside `.metadata` (default
+    /// true); the reader checks it with `verify = true`.
+    #[serde(default = "yes")]
+    pub manifest: bool,
 }
 
 struct Piece {
@@ -66,6 +72,13 @@ pub struct TorchDistWriter {
     bytes_items: Vec<(String, u64, u64)>,
     source_dir: Option<PathBuf>,
     committed: bool,
+    manifest: Manifest,
+}
+
+/// The manifest entry name of a chunk: its key and offsets.
+pub fn chunk_name(key: &str, offsets: &[u64]) -> String {
+    let o: Vec<String> = offsets.iter().map(|x| x.to_string()).collect();
+    format!("{key}@{}", o.join(","))
 }
 
 const FILE: &str = "__0_0.distcp";
@@ -367,6 +380,7 @@ impl Sink for TorchDistWriter {
             bytes_items: Vec::new(),
             source_dir: None,
             committed: false,
+            manifest: Manifest::new(),
         })
     }
 
@@ -412,12 +426,16 @@ impl Sink for TorchDistWriter {
                 .expect("tensor item");
         let bytes = t.bytes();
         let mut crc = crc32fast::Hasher::new();
+        let mut hash = self.cfg.manifest.then(Hasher::new);
         const CHUNK: usize = 8 << 20;
         let mut done = 0;
         while done < bytes.len() {
             let end = (done + CHUNK).min(bytes.len());
             self.write_at(base + done as u64, &bytes[done..end])?;
             crc.update(&bytes[done..end]);
+            if let Some(h) = hash.as_mut() {
+                h.update(&bytes[done..end]);
+            }
             t.data.discard(done..end);
             done = end;
         }
@@ -427,6 +445,12 @@ impl Sink for TorchDistWriter {
             self.write_at(item_offset + off, &b)?;
         }
         self.pieces[i].written = true;
+        if let Some(h) = hash {
+            let p = &self.pieces[i];
+            let info = TensorInfo::new(chunk_name(&p.key, &p.offsets), p.dtype, &p.local);
+            self.manifest
+                .add_hashed(&info, bytes.len() as u64, h.finish());
+        }
         Ok(())
     }
 
@@ -470,6 +494,9 @@ impl Sink for TorchDistWriter {
                         .map_err(|e| PluginError::io(&s, "cannot copy", e))?;
                 }
             }
+        }
+        if self.cfg.manifest {
+            self.manifest.save(&self.iter_dir.join(MANIFEST_FILE))?;
         }
         // .metadata last inside the folder: without it the checkpoint is not a checkpoint.
         write(self.iter_dir.join(".metadata"), &self.metadata_pickle())?;
