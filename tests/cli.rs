@@ -188,8 +188,30 @@ fn convert_both_ways() {
         .arg(format!("hf:{}", hf.display()))
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o).contains("needs --hf-config"), "{}", text(&o));
+    // Without --hf-config: the config is rebuilt from the checkpoint's run_config.yaml.
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        load_tensors(&hf),
+        load_tensors(&fx.join("model.safetensors"))
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    let orig: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("config.json")).unwrap()).unwrap();
+    for k in [
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "intermediate_size",
+        "vocab_size",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+    ] {
+        assert_eq!(cfg[k], orig[k], "{k}");
+    }
+    let hf = dir.path().join("h2");
     let o = bridgeflow()
         .arg("convert")
         .arg("--from")

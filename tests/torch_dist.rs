@@ -321,7 +321,7 @@ fn llama_import_equals_megatron_bridge_and_export_is_bit_exact() {
                 "megatron-to-hf.toml",
                 &[
                     format!("input={}", src.display()),
-                    format!("hf_config={}", hf.join("config.json").display()),
+                    format!("map.hf_config={}", hf.join("config.json").display()),
                     format!("output={}", out.display()),
                 ],
             )
@@ -334,6 +334,33 @@ fn llama_import_equals_megatron_bridge_and_export_is_bit_exact() {
             assert!(out.join("config.json").is_file() && out.join("tokenizer.json").is_file());
         }
     }
+}
+
+#[test]
+fn export_needs_only_the_checkpoint() {
+    // Megatron-Bridge's checkpoint carries its model config in run_config.yaml.
+    let dir = tempdir();
+    let out = dir.path().join("hf");
+    let text =
+        std::fs::read_to_string(workspace_root().join("pipelines/megatron-to-hf.toml")).unwrap();
+    run_text(
+        dir.path(),
+        &text,
+        &[
+            &format!("input={}", fixtures().join("bridge/llama").display()),
+            &format!("output={}", out.display()),
+        ],
+        1 << 30,
+    )
+    .unwrap();
+    assert_eq!(
+        load_tensors(&out),
+        load_tensors(&fixtures().join("hf/llama/model.safetensors"))
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(cfg["num_key_value_heads"], 2);
 }
 
 #[test]

@@ -264,12 +264,10 @@ pub fn convert(
             ),
         ],
         (Endpoint::Megatron(src), Endpoint::Hf(dst)) => {
-            let cfg = hf_config.ok_or_else(|| {
-                JobError::Invalid(
-                    "exporting to HF needs --hf-config CONFIG_JSON (the model's HF config.json)"
-                        .into(),
-                )
-            })?;
+            let mut map = table(vec![("direction", Value::String("to-hf".into()))]);
+            if let Some(cfg) = hf_config {
+                map.insert("hf_config".into(), s(cfg));
+            }
             vec![
                 stage(
                     "read",
@@ -281,16 +279,7 @@ pub fn convert(
                         ("split_layers", Value::Boolean(true)),
                     ]),
                 ),
-                stage(
-                    "map",
-                    "llama",
-                    "mapper",
-                    &["read"],
-                    table(vec![
-                        ("direction", Value::String("to-hf".into())),
-                        ("hf_config", s(cfg)),
-                    ]),
-                ),
+                stage("map", "llama", "mapper", &["read"], map),
                 stage(
                     "write",
                     "safetensors",

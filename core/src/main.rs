@@ -98,13 +98,14 @@ enum Command {
         no_progress: bool,
     },
     /// Convert a checkpoint between Hugging Face and Megatron-Core torch_dist (Llama family):
-    /// `--from hf:DIR --to megatron:DIR`, or `--from megatron:DIR --to hf:DIR --hf-config CONFIG`.
+    /// `--from hf:DIR --to megatron:DIR`, or `--from megatron:DIR --to hf:DIR` (the HF config is
+    /// rebuilt from the checkpoint's run_config.yaml unless --hf-config is given).
     Convert {
         #[arg(long, value_parser = Endpoint::parse)]
         from: Endpoint,
         #[arg(long, value_parser = Endpoint::parse)]
         to: Endpoint,
-        /// The HF config.json of the model (needed to export to HF).
+        /// The HF config.json to export with (default: rebuilt from the checkpoint's run_config.yaml).
         #[arg(long)]
         hf_config: Option<PathBuf>,
         #[arg(long)]

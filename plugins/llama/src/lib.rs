@@ -5,6 +5,7 @@ pub mod check;
 pub mod forward;
 pub mod llama;
 pub mod mapper;
+pub mod megatron_config;
 
 bridgeflow_sdk::export_plugins! {
     "llama" {

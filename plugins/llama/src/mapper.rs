@@ -44,11 +44,19 @@ pub struct ModelConfig {
     pub tied: bool,
 }
 
-pub fn model_config(path: &std::path::Path) -> Result<ModelConfig> {
+pub fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
     let text =
         std::fs::read_to_string(path).map_err(|e| PluginError::io(path, "cannot read", e))?;
-    let c: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| PluginError::format(format!("{}: invalid JSON: {e}", path.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| PluginError::format(format!("{}: invalid JSON: {e}", path.display())))
+}
+
+pub fn model_config(path: &std::path::Path) -> Result<ModelConfig> {
+    model_config_from(&read_json(path)?, path)
+}
+
+/// The geometry of an HF config (`path` only names it in messages).
+pub fn model_config_from(c: &serde_json::Value, path: &std::path::Path) -> Result<ModelConfig> {
     let arch = c["architectures"][0].as_str().unwrap_or("").to_string();
     if !llama::ARCHITECTURES.contains(&arch.as_str()) {
         return Err(PluginError::unsupported(format!(
@@ -290,24 +298,47 @@ impl Transform for Mapper {
 
     fn plan(&mut self, inputs: &[StreamPlan]) -> Result<StreamPlan> {
         let input = &inputs[0];
-        let path = match &self.cfg.hf_config {
-            Some(p) => p.clone(),
+        // The HF config: given, beside the input, or (export) rebuilt from the checkpoint's
+        // run_config.yaml, as Megatron-Bridge or bridgeflow wrote it.
+        let given = match &self.cfg.hf_config {
+            Some(p) => Some(p.clone()),
             None => input
                 .attr_str("source_dir")
                 .map(|d| PathBuf::from(d).join("config.json"))
-                .filter(|p| p.is_file())
-                .ok_or_else(|| {
-                    PluginError::config(
-                        "no HF config.json: set hf_config (the input names no source_dir with one)",
-                    )
-                })?,
+                .filter(|p| p.is_file()),
         };
-        self.model = Some(model_config(&path)?);
-        if self.to_megatron {
-            self.plan_to_megatron(input)
+        let (hf, path, derived) = match given {
+            Some(p) => (read_json(&p)?, p, false),
+            None => {
+                let run_config = input
+                    .attr_str("checkpoint_dir")
+                    .map(|d| PathBuf::from(d).join("run_config.yaml"))
+                    .filter(|p| p.is_file())
+                    .ok_or_else(|| {
+                        PluginError::config(
+                            "no HF config: set hf_config (the input has no config.json beside it and no run_config.yaml)",
+                        )
+                    })?;
+                let hf = crate::megatron_config::hf_config_from_run_config(&run_config)?;
+                (hf, run_config, true)
+            }
+        };
+        self.model = Some(model_config_from(&hf, &path)?);
+        let mut plan = if self.to_megatron {
+            let mut p = self.plan_to_megatron(input)?;
+            let fields = crate::megatron_config::megatron_fields(&hf);
+            p.set_attr(
+                "run_config_yaml",
+                crate::megatron_config::run_config_yaml(&fields).into(),
+            );
+            p
         } else {
-            self.plan_to_hf(input)
+            self.plan_to_hf(input)?
+        };
+        if !self.to_megatron && derived {
+            plan.set_attr("hf_config", hf);
         }
+        Ok(plan)
     }
 
     fn process(&mut self, _port: usize, item: Item, out: &mut Emitter) -> Result<()> {

@@ -327,14 +327,24 @@ impl SafetensorsWriter {
             Some(p) => Some(p.clone()),
             None => self.plan.attr_str("source_dir").map(PathBuf::from),
         };
-        let Some(from) = from else { return Ok(0) };
         let mut copied = 0;
+        // A config handed over in the stream (rebuilt from a Megatron checkpoint) wins.
+        if let Some(cfg) = self.plan.attrs().get("hf_config").filter(|v| v.is_object()) {
+            let dst = dir.join("config.json");
+            let text = serde_json::to_string_pretty(cfg).expect("json") + "\n";
+            std::fs::write(&dst, text).map_err(|e| PluginError::io(&dst, "cannot write", e))?;
+            copied += 1;
+        }
+        let Some(from) = from else { return Ok(copied) };
         for name in SIDE_FILES {
             let src = from.join(name);
             if !src.is_file() {
                 continue;
             }
             let dst = dir.join(name);
+            if dst.exists() {
+                continue;
+            }
             if *name == "config.json" {
                 let text = std::fs::read_to_string(&src)
                     .map_err(|e| PluginError::io(&src, "cannot read", e))?;

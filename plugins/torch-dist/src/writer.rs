@@ -71,6 +71,7 @@ pub struct TorchDistWriter {
     by_name: HashMap<String, usize>,
     bytes_items: Vec<(String, u64, u64)>,
     source_dir: Option<PathBuf>,
+    run_config: Option<String>,
     committed: bool,
     manifest: Manifest,
 }
@@ -379,6 +380,7 @@ impl Sink for TorchDistWriter {
             by_name: HashMap::new(),
             bytes_items: Vec::new(),
             source_dir: None,
+            run_config: None,
             committed: false,
             manifest: Manifest::new(),
         })
@@ -393,6 +395,7 @@ impl Sink for TorchDistWriter {
         }
         let plan = inputs.first().cloned().unwrap_or_default();
         self.source_dir = plan.attr_str("source_dir").map(PathBuf::from);
+        self.run_config = plan.attr_str("run_config_yaml");
         let r = self.lay_out(&plan);
         if r.is_err() {
             self.remove_staging();
@@ -494,6 +497,9 @@ impl Sink for TorchDistWriter {
                         .map_err(|e| PluginError::io(&s, "cannot copy", e))?;
                 }
             }
+        }
+        if let Some(rc) = &self.run_config {
+            write(self.iter_dir.join("run_config.yaml"), rc.as_bytes())?;
         }
         if self.cfg.manifest {
             self.manifest.save(&self.iter_dir.join(MANIFEST_FILE))?;
