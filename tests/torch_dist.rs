@@ -479,3 +479,87 @@ fn manifests_beside_outputs_are_checked_on_read() {
     assert!(e.contains("mismatch error") && e.contains("blake3"), "{e}");
     read(false).unwrap();
 }
+
+/// Qwen2 (QKV biases), Qwen3 (q/k norms, tied embeddings) and Mistral, from fixtures made by
+/// transformers (tests/fixtures/README.md): HF -> Megatron, then the Rust fp32 logits within
+/// 1e-4 of the HF reference, and HF -> Megatron -> HF exact.
+#[test]
+fn llama_family_logits_and_round_trips() {
+    let dir = tempdir();
+    let logits =
+        std::fs::read_to_string(workspace_root().join("pipelines/verify-logits.toml")).unwrap();
+    for name in ["qwen2", "qwen3", "mistral"] {
+        let hf = workspace_root().join("tests/fixtures/hf").join(name);
+        let out = dir.path().join(name);
+        convert(
+            dir.path(),
+            "hf-to-megatron.toml",
+            &[
+                format!("input={}", hf.display()),
+                format!("output={}", out.display()),
+            ],
+        )
+        .unwrap();
+        let r = run_text(
+            dir.path(),
+            &logits,
+            &[
+                &format!("input={}", out.display()),
+                &format!("hf={}", hf.display()),
+            ],
+            1 << 30,
+        )
+        .unwrap();
+        let s = &r.stages.iter().find(|s| s.name == "check").unwrap().summary;
+        assert!(s.contains("top-1 agreement 16/16"), "{name}: {s}");
+        convert(
+            dir.path(),
+            "roundtrip.toml",
+            &[format!("input={}", hf.display())],
+        )
+        .unwrap();
+        let back = dir.path().join(format!("{name}-hf"));
+        convert(
+            dir.path(),
+            "megatron-to-hf.toml",
+            &[
+                format!("input={}", out.display()),
+                format!("output={}", back.display()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            load_tensors(&back),
+            load_tensors(&hf.join("model.safetensors")),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn missing_metadata_and_uncovered_tensors_are_named() {
+    let dir = tempdir();
+    // A folder that is not a checkpoint.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let p = |path: &Path| {
+        format!(
+            "[stages.read]\nplugin = \"torch-dist\"\nkind = \"reader\"\nconfig = {{ path = \"{}\" }}\n\n[stages.sink]\nplugin = \"testkit\"\nkind = \"writer\"\ninputs = [\"read\"]\nconfig = {{ delay_ms = 0 }}\n",
+            path.display()
+        )
+    };
+    let e = run_text(dir.path(), &p(&empty), &[], 1 << 30).unwrap_err();
+    assert!(
+        e.contains("no .metadata and no latest_checkpointed_iteration.txt"),
+        "{e}"
+    );
+    // A root whose latest iteration has no .metadata.
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("iter_0000005")).unwrap();
+    std::fs::write(root.join("latest_checkpointed_iteration.txt"), "5").unwrap();
+    let e = run_text(dir.path(), &p(&root), &[], 1 << 30).unwrap_err();
+    assert!(
+        e.contains("names iteration '5'") && e.contains("has no .metadata"),
+        "{e}"
+    );
+}

@@ -329,3 +329,108 @@ pub fn tensor_item(item: &[u8]) -> std::result::Result<ItemTensor, String> {
         size,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emit::{either::Arg, Pickler};
+
+    /// A `.metadata` for one [4, 2] f32 tensor with the given chunks (offsets, sizes).
+    fn metadata(chunks: &[([u64; 2], [u64; 2])]) -> Vec<u8> {
+        const M: &str = "torch.distributed.checkpoint.metadata";
+        let mut p = Pickler::new();
+        p.newobj(M, "Metadata");
+        p.dict_begin();
+        p.str("state_dict_metadata");
+        p.dict_begin();
+        p.str("w");
+        p.newobj(M, "TensorStorageMetadata");
+        p.dict_begin();
+        p.str("properties");
+        p.newobj(M, "TensorProperties");
+        p.mark();
+        p.global("torch", "float32");
+        p.reduce1(
+            "torch.serialization",
+            "_get_layout",
+            Arg::Str("torch.strided"),
+        );
+        p.bool(false);
+        p.reduce1(M, "_MEM_FORMAT_ENCODING", Arg::Int(0));
+        p.bool(false);
+        p.tuple(5);
+        p.build();
+        p.str("size");
+        p.torch_size(&[4, 2]);
+        p.str("chunks");
+        p.empty_list();
+        p.mark();
+        for (o, s) in chunks {
+            p.newobj(M, "ChunkStorageMetadata");
+            p.dict_begin();
+            p.str("offsets");
+            p.torch_size(o);
+            p.str("sizes");
+            p.torch_size(s);
+            p.dict_end();
+            p.build();
+        }
+        p.op(b'e');
+        p.dict_end();
+        p.build();
+        p.dict_end();
+        p.str("storage_data");
+        p.dict_begin();
+        for (i, (o, _)) in chunks.iter().enumerate() {
+            p.newobj(M, "MetadataIndex");
+            p.dict_begin();
+            p.str("fqn");
+            p.str("w");
+            p.str("offset");
+            p.torch_size(o);
+            p.dict_end();
+            p.build();
+            p.newobj("torch.distributed.checkpoint.filesystem", "_StorageInfo");
+            p.dict_begin();
+            p.str("relative_path");
+            p.str("__0_0.distcp");
+            p.str("offset");
+            p.int(i as i64 * 100);
+            p.str("length");
+            p.int(100);
+            p.dict_end();
+            p.build();
+        }
+        p.dict_end();
+        p.dict_end();
+        p.build();
+        p.finish()
+    }
+
+    #[test]
+    fn chunks_must_tile_the_tensor() {
+        let dir = std::env::temp_dir().join(format!("bf-meta-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(".metadata"),
+            metadata(&[([0, 0], [2, 2]), ([2, 0], [2, 2])]),
+        )
+        .unwrap();
+        let m = read_metadata(&dir).unwrap();
+        assert_eq!(m.tensors["w"].chunks.len(), 2);
+        std::fs::write(dir.join(".metadata"), metadata(&[([0, 0], [2, 2])])).unwrap();
+        let e = read_metadata(&dir).unwrap_err();
+        assert!(
+            e.message.contains("'w': chunks cover 4 of 8 elements"),
+            "{e}"
+        );
+        std::fs::write(
+            dir.join(".metadata"),
+            metadata(&[([0, 0], [2, 2]), ([3, 0], [2, 2])]),
+        )
+        .unwrap();
+        let e = read_metadata(&dir).unwrap_err();
+        assert!(e.message.contains("lies outside"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
