@@ -33,6 +33,24 @@ pub struct MapperConfig {
     pub make_vocab_size_divisible_by: u64,
     #[serde(default = "one")]
     pub tensor_parallel: u64,
+    /// HF -> Megatron: emit fused layer tensors as the pieces they are made of (each q/k/v group
+    /// block, gate and up) with their place in the stacked global tensor, so that nothing is
+    /// copied: a torch_dist writer stores each piece as a chunk (default true). Off: emit whole
+    /// per-layer tensors `decoder.layers.<l>.<param>` (what other consumers expect).
+    #[serde(default = "yes")]
+    pub zero_copy: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One piece of a stacked Megatron tensor: which HF part, which rows of it, and where it goes.
+#[derive(Debug, Clone)]
+struct Piece {
+    info: TensorInfo,
+    /// Rows of the HF part this piece takes.
+    rows: std::ops::Range<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -93,6 +111,8 @@ pub struct Mapper {
     outputs: HashMap<(usize, u64), TensorInfo>,
     /// Parts of fused tensors waiting for the rest.
     pending: HashMap<(usize, u64), Vec<Option<Tensor>>>,
+    /// zero_copy: the pieces each HF tensor becomes.
+    pieces: HashMap<String, Vec<Piece>>,
 }
 
 fn row_bytes(t: &TensorInfo) -> usize {
@@ -162,6 +182,10 @@ impl Mapper {
                 })
                 .collect::<Result<_>>()?;
             let first = &infos[0];
+            if self.cfg.zero_copy && *l != u64::MAX && e.kind != Kind::Vocab {
+                out.extend(self.plan_pieces(*i, *l, &infos)?);
+                continue;
+            }
             let mut shape = first.shape.to_vec();
             match e.kind {
                 Kind::Direct => {}
@@ -184,6 +208,74 @@ impl Mapper {
         plan.set_attr("byte_objects", serde_json::json!(extra));
         plan.set_attr("architecture", self.model().architecture.clone().into());
         Ok(plan)
+    }
+
+    /// The pieces of layer `l`'s tensor of entry `i` in the stacked global tensor
+    /// `decoder.layers.<param>` [layers, rows, ...].
+    fn plan_pieces(&mut self, i: usize, l: u64, parts: &[TensorInfo]) -> Result<Vec<TensorInfo>> {
+        let e = self.table[i];
+        let key = e.megatron.replace("{l}.", "");
+        let layers = self.model().layers;
+        let inner: Vec<u64> = parts[0].shape[1..].to_vec();
+        let total: u64 = parts.iter().map(|t| t.shape[0]).sum();
+        let mut global = vec![layers, total];
+        global.extend(&inner);
+        // (part, rows of the part, row offset in the fused tensor)
+        let mut layout: Vec<(usize, std::ops::Range<u64>, u64)> = Vec::new();
+        match e.kind {
+            Kind::Qkv => {
+                let h = self.model().heads;
+                let (q_rows, kv_rows) = ((h.heads / h.groups) * h.head_dim, h.head_dim);
+                if parts[0].shape[0] != h.groups * q_rows || parts[1].shape[0] != h.groups * kv_rows
+                {
+                    return Err(PluginError::shape(format!(
+                        "{}: q/k shapes do not fit {} heads in {} groups of dim {}",
+                        fill(e.megatron, l),
+                        h.heads,
+                        h.groups,
+                        h.head_dim
+                    )));
+                }
+                let group = q_rows + 2 * kv_rows;
+                for g in 0..h.groups {
+                    layout.push((0, g * q_rows..(g + 1) * q_rows, g * group));
+                    layout.push((1, g * kv_rows..(g + 1) * kv_rows, g * group + q_rows));
+                    layout.push((
+                        2,
+                        g * kv_rows..(g + 1) * kv_rows,
+                        g * group + q_rows + kv_rows,
+                    ));
+                }
+            }
+            _ => {
+                let mut off = 0;
+                for (p, t) in parts.iter().enumerate() {
+                    layout.push((p, 0..t.shape[0], off));
+                    off += t.shape[0];
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (k, (p, rows, off)) in layout.into_iter().enumerate() {
+            let mut shape = vec![1, rows.end - rows.start];
+            shape.extend(&inner);
+            let mut offsets = vec![l, off];
+            offsets.extend(std::iter::repeat_n(0, inner.len()));
+            let mut info = TensorInfo::new(format!("{key}#{l}.{k}"), parts[0].dtype, &shape);
+            info.shard = bridgeflow_sdk::abi_option::RSome(bridgeflow_sdk::ShardInfo {
+                global_shape: global.clone().into(),
+                offsets: offsets.into(),
+            });
+            self.pieces
+                .entry(parts[p].name().to_string())
+                .or_default()
+                .push(Piece {
+                    info: info.clone(),
+                    rows,
+                });
+            out.push(info);
+        }
+        Ok(out)
     }
 
     fn plan_to_hf(&mut self, input: &StreamPlan) -> Result<StreamPlan> {
@@ -241,7 +333,9 @@ impl Mapper {
         out: &mut Emitter,
     ) -> Result<()> {
         let e = self.table[key.0];
-        let info = self.outputs[&key].clone();
+        let info = self.outputs.get(&key).cloned().ok_or_else(|| {
+            PluginError::internal(format!("no output planned for {}", fill(e.megatron, key.1)))
+        })?;
         let data = match e.kind {
             Kind::Direct => {
                 let t = parts.into_iter().next().expect("one part");
@@ -293,6 +387,7 @@ impl Transform for Mapper {
             table: llama::TABLE,
             outputs: HashMap::new(),
             pending: HashMap::new(),
+            pieces: HashMap::new(),
         })
     }
 
@@ -345,6 +440,17 @@ impl Transform for Mapper {
         let t = item.into_tensor()?;
         if self.to_megatron {
             if llama::ignorable(t.name()) || (t.name() == "lm_head.weight" && self.model().tied) {
+                return Ok(());
+            }
+            if let Some(pieces) = self.pieces.get(t.name()) {
+                // zero_copy: row slices of the input, placed by their shard descriptors.
+                let row = row_bytes(&t.info);
+                for pc in pieces {
+                    let data = t
+                        .data
+                        .slice(pc.rows.start as usize * row..pc.rows.end as usize * row);
+                    out.tensor(Tensor::new(pc.info.clone(), data)?)?;
+                }
                 return Ok(());
             }
             let (i, p, l) = self.find_hf(t.name()).ok_or_else(|| {

@@ -275,8 +275,9 @@ impl TorchDistWriter {
         for t in &tensors {
             let shape = t.shape.to_vec();
             let (key, global, offsets, local) = match (&t.shard, layer_split(t.name())) {
+                // A piece's name is its key, optionally followed by '#' and a piece id.
                 (bridgeflow_sdk::abi_option::RSome(s), _) => (
-                    t.name().to_string(),
+                    t.name().split('#').next().unwrap_or_default().to_string(),
                     s.global_shape.to_vec(),
                     s.offsets.to_vec(),
                     shape.clone(),
