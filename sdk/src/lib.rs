@@ -17,6 +17,7 @@
 pub mod buffer;
 pub mod dtype;
 pub mod error;
+pub mod fsutil;
 pub mod manifest;
 pub mod mapping;
 pub mod numeric;

@@ -79,32 +79,7 @@ fn is_jsonl(p: &Path) -> bool {
 
 /// The files a `path` config names, in order.
 pub fn resolve(path: &str) -> Result<Vec<PathBuf>> {
-    let p = Path::new(path);
-    if p.is_file() {
-        return Ok(vec![p.to_path_buf()]);
-    }
-    let mut files: Vec<PathBuf> = if p.is_dir() {
-        std::fs::read_dir(p)
-            .map_err(|e| PluginError::io(p, "cannot list", e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|f| f.is_file() && is_jsonl(f))
-            .collect()
-    } else {
-        glob::glob(path)
-            .map_err(|e| PluginError::config(format!("path '{path}': bad glob: {e}")))?
-            .filter_map(|r| r.ok())
-            .filter(|f| f.is_file())
-            .collect()
-    };
-    files.sort();
-    if files.is_empty() {
-        return Err(PluginError::io(
-            p,
-            "no input files match",
-            std::io::Error::new(std::io::ErrorKind::NotFound, "nothing found"),
-        ));
-    }
-    Ok(files)
+    bridgeflow_sdk::fsutil::resolve_inputs(path, is_jsonl)
 }
 
 fn open(path: &Path) -> Result<Box<dyn BufRead>> {

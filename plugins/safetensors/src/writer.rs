@@ -165,27 +165,7 @@ fn staging_path(target: &Path) -> PathBuf {
     target.with_file_name(format!(".{name}.partial-{}-{nanos}", std::process::id()))
 }
 
-/// Reserves disk space up front so a full disk fails before any data is written.
-fn reserve(file: &File, path: &Path, len: u64) -> Result<()> {
-    file.set_len(len)
-        .map_err(|e| PluginError::io(path, "cannot size", e))?;
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        if len > 0 {
-            // SAFETY: plain syscall on an open descriptor.
-            let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
-            if rc != 0 {
-                let err = std::io::Error::last_os_error();
-                // Filesystems without fallocate: fall back to the sparse file.
-                if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                    return Err(PluginError::io(path, "cannot reserve space for", err));
-                }
-            }
-        }
-    }
-    Ok(())
-}
+use bridgeflow_sdk::fsutil::reserve;
 
 fn is_nonempty_dir(p: &Path) -> bool {
     std::fs::read_dir(p)

@@ -348,8 +348,8 @@ impl TorchDistWriter {
         self.staging = Some(staging);
         let path = self.iter_dir.join(FILE);
         let f = File::create(&path).map_err(|e| PluginError::io(&path, "cannot create", e))?;
-        f.set_len(cursor)
-            .map_err(|e| PluginError::io(&path, "cannot size", e))?;
+        // Blocks reserved up front: a full disk fails here, before any data is written.
+        bridgeflow_sdk::fsutil::reserve(&f, &path, cursor)?;
         self.file = Some(f);
         let mut off = 0;
         for a in byte_archives {
