@@ -55,3 +55,62 @@ pub fn reserve(file: &std::fs::File, path: &Path, len: u64) -> Result<()> {
     }
     Ok(())
 }
+
+fn remove_any(p: &Path) {
+    let _ = if p.is_dir() {
+        std::fs::remove_dir_all(p)
+    } else {
+        std::fs::remove_file(p)
+    };
+}
+
+/// Makes a finished output visible under its name: one rename when `target` is new; when it
+/// exists (the caller checked `overwrite`), the old one is moved aside first, put back if the
+/// rename fails, and removed after it succeeds.
+pub fn commit(staging: &Path, target: &Path) -> Result<()> {
+    if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| PluginError::io(parent, "cannot create", e))?;
+    }
+    if !target.exists() {
+        return std::fs::rename(staging, target)
+            .map_err(|e| PluginError::io(target, "cannot commit", e));
+    }
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let aside = target.with_file_name(format!(".{name}.old-{}", std::process::id()));
+    std::fs::rename(target, &aside).map_err(|e| PluginError::io(target, "cannot move aside", e))?;
+    if let Err(e) = std::fs::rename(staging, target) {
+        let _ = std::fs::rename(&aside, target);
+        return Err(PluginError::io(target, "cannot commit", e));
+    }
+    remove_any(&aside);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_replaces_atomically() {
+        let d = std::env::temp_dir().join(format!("bf-commit-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let (staging, target) = (d.join(".t.partial"), d.join("sub/t"));
+        std::fs::create_dir(&staging).unwrap();
+        std::fs::write(staging.join("a"), "new").unwrap();
+        commit(&staging, &target).unwrap();
+        assert_eq!(std::fs::read_to_string(target.join("a")).unwrap(), "new");
+        std::fs::create_dir(&staging).unwrap();
+        std::fs::write(staging.join("b"), "newer").unwrap();
+        commit(&staging, &target).unwrap();
+        assert!(!target.join("a").exists() && target.join("b").exists());
+        assert_eq!(
+            std::fs::read_dir(d.join("sub")).unwrap().count(),
+            1,
+            "nothing left aside"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

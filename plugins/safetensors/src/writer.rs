@@ -480,23 +480,7 @@ impl Sink for SafetensorsWriter {
             }
         }
         // Make the output visible in one rename where possible.
-        if target.exists() {
-            let aside = staging_path(&target).with_extension("old");
-            std::fs::rename(&target, &aside)
-                .map_err(|e| PluginError::io(&target, "cannot move aside", e))?;
-            if let Err(e) = std::fs::rename(&staging, &target) {
-                let _ = std::fs::rename(&aside, &target);
-                return Err(PluginError::io(&target, "cannot commit", e));
-            }
-            let _ = if aside.is_dir() {
-                std::fs::remove_dir_all(&aside)
-            } else {
-                std::fs::remove_file(&aside)
-            };
-        } else {
-            std::fs::rename(&staging, &target)
-                .map_err(|e| PluginError::io(&target, "cannot commit", e))?;
-        }
+        bridgeflow_sdk::fsutil::commit(&staging, &target)?;
         self.staging = None;
         self.committed = true;
         let bytes: u64 = self.shards.iter().map(|s| s.size).sum();

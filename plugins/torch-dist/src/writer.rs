@@ -514,25 +514,7 @@ impl Sink for TorchDistWriter {
         )?;
         self.file = None;
         let target = self.cfg.path.clone();
-        if target.exists() {
-            let aside = target.with_file_name(format!(
-                ".{}.old-{}",
-                target.file_name().unwrap_or_default().to_string_lossy(),
-                std::process::id()
-            ));
-            std::fs::rename(&target, &aside)
-                .map_err(|e| PluginError::io(&target, "cannot move aside", e))?;
-            std::fs::rename(&staging, &target)
-                .map_err(|e| PluginError::io(&target, "cannot commit", e))?;
-            let _ = std::fs::remove_dir_all(&aside);
-        } else {
-            if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| PluginError::io(parent, "cannot create", e))?;
-            }
-            std::fs::rename(&staging, &target)
-                .map_err(|e| PluginError::io(&target, "cannot commit", e))?;
-        }
+        bridgeflow_sdk::fsutil::commit(&staging, &target)?;
         self.staging = None;
         self.committed = true;
         let keys: std::collections::BTreeSet<&str> =
