@@ -33,10 +33,12 @@ pub struct MapperConfig {
     pub make_vocab_size_divisible_by: u64,
     #[serde(default = "one")]
     pub tensor_parallel: u64,
-    /// HF -> Megatron: emit fused layer tensors as the pieces they are made of (each q/k/v group
-    /// block, gate and up) with their place in the stacked global tensor, so that nothing is
-    /// copied: a torch_dist writer stores each piece as a chunk (default true). Off: emit whole
-    /// per-layer tensors `decoder.layers.<l>.<param>` (what other consumers expect).
+    /// Emit fused tensors as the pieces they are made of, each with its place in the target
+    /// tensor (a shard descriptor), so that nothing is copied (default true). HF -> Megatron:
+    /// q/k/v group blocks and gate/up halves become chunks of the stacked torch_dist tensor;
+    /// Megatron -> HF: each group's q, k and v rows go straight to their rows of the HF tensors
+    /// (the safetensors writer places row pieces). Off: whole tensors, for consumers that need
+    /// them (verify, the logits check).
     #[serde(default = "yes")]
     pub zero_copy: bool,
 }
@@ -499,6 +501,49 @@ impl Transform for Mapper {
                 }
                 let info = TensorInfo::new(names[0].clone(), t.info.dtype, &shape);
                 out.tensor(Tensor::new(info, t.data.slice(0..keep))?)
+            }
+            Kind::Qkv if self.cfg.zero_copy => {
+                // Each group's q, k and v rows, as row pieces of the HF tensors: no copy.
+                let h = self.model().heads;
+                let (qr, kr) = ((h.heads / h.groups) * h.head_dim, h.head_dim);
+                let group = qr + 2 * kr;
+                if t.info.shape[0] != h.groups * group {
+                    return Err(PluginError::shape(format!(
+                        "'{}' has {} rows; {} groups of {} expected",
+                        t.name(),
+                        t.info.shape[0],
+                        h.groups,
+                        group
+                    )));
+                }
+                let inner: Vec<u64> = t.info.shape[1..].to_vec();
+                for g in 0..h.groups {
+                    for (p, (rows, at, dst)) in [
+                        (qr, g * group, g * qr),
+                        (kr, g * group + qr, g * kr),
+                        (kr, g * group + qr + kr, g * kr),
+                    ]
+                    .into_iter()
+                    .enumerate()
+                    {
+                        let total = if p == 0 { h.groups * qr } else { h.groups * kr };
+                        let mut global = vec![total];
+                        global.extend(&inner);
+                        let mut pshape = vec![rows];
+                        pshape.extend(&inner);
+                        let mut offsets = vec![dst];
+                        offsets.extend(std::iter::repeat_n(0, inner.len()));
+                        let mut info =
+                            TensorInfo::new(format!("{}#{g}", names[p]), t.info.dtype, &pshape);
+                        info.shard = bridgeflow_sdk::abi_option::RSome(bridgeflow_sdk::ShardInfo {
+                            global_shape: global.into(),
+                            offsets: offsets.into(),
+                        });
+                        let data = t.data.slice(at as usize * row..(at + rows) as usize * row);
+                        out.tensor(Tensor::new(info, data)?)?;
+                    }
+                }
+                Ok(())
             }
             Kind::Qkv => {
                 let h = self.model().heads;

@@ -69,6 +69,11 @@ struct Slot {
     shard: usize,
     offset: u64,
     written: bool,
+    /// Pieces: bytes written so far, the running hash while they come in order, and where the
+    /// next in-order piece starts.
+    filled: u64,
+    hasher: Option<Hasher>,
+    next: u64,
 }
 
 pub struct SafetensorsWriter {
@@ -249,6 +254,9 @@ impl SafetensorsWriter {
                             shard: k,
                             offset: data_start + off,
                             written: false,
+                            filled: 0,
+                            hasher: None,
+                            next: 0,
                         },
                     )
                     .is_some()
@@ -400,55 +408,123 @@ impl Sink for SafetensorsWriter {
 
     fn consume(&mut self, _port: usize, item: Item) -> Result<()> {
         let t = item.into_tensor()?;
-        let slot = self.slots.get_mut(t.name()).ok_or_else(|| {
+        // A piece (rows of a planned tensor, named `tensor#id` with a shard descriptor) goes to
+        // its rows; a whole tensor to its slot.
+        let piece = match &t.info.shard {
+            bridgeflow_sdk::abi_option::RSome(s) => Some(s.clone()),
+            _ => None,
+        };
+        let base = t.name().split('#').next().unwrap_or_default().to_string();
+        let name = if piece.is_some() {
+            base.as_str()
+        } else {
+            t.name()
+        };
+        let slot = self.slots.get_mut(name).ok_or_else(|| {
             PluginError::shape(format!(
-                "tensor '{}' was not announced in the stream plan",
-                t.name()
+                "tensor '{name}' was not announced in the stream plan"
             ))
         })?;
-        if slot.written {
-            return Err(PluginError::shape(format!(
-                "tensor '{}' arrived twice",
-                t.name()
-            )));
-        }
-        if slot.info.dtype != t.info.dtype || slot.info.shape != t.info.shape {
-            return Err(PluginError::shape(format!(
-                "tensor '{}': announced as {} {}, arrived as {} {}",
-                t.name(),
-                slot.info.dtype,
-                slot.info.shape_string(),
-                t.info.dtype,
-                t.info.shape_string()
-            )));
+        let nbytes = slot.info.nbytes().unwrap_or(0);
+        let within = match &piece {
+            None => {
+                if slot.written || slot.filled > 0 {
+                    return Err(PluginError::shape(format!("tensor '{name}' arrived twice")));
+                }
+                if slot.info.dtype != t.info.dtype || slot.info.shape != t.info.shape {
+                    return Err(PluginError::shape(format!(
+                        "tensor '{name}': announced as {} {}, arrived as {} {}",
+                        slot.info.dtype,
+                        slot.info.shape_string(),
+                        t.info.dtype,
+                        t.info.shape_string()
+                    )));
+                }
+                0
+            }
+            Some(s) => {
+                // Only whole-row blocks: every axis but the first spans the tensor.
+                let rowwise = s.global_shape == slot.info.shape
+                    && s.offsets.iter().skip(1).all(|&o| o == 0)
+                    && t.info
+                        .shape
+                        .iter()
+                        .skip(1)
+                        .eq(slot.info.shape.iter().skip(1))
+                    && t.info.dtype == slot.info.dtype;
+                let row: u64 =
+                    slot.info.shape.iter().skip(1).product::<u64>() * t.info.dtype.size() as u64;
+                let at = s.offsets.first().copied().unwrap_or(0) * row;
+                if !rowwise || at + t.bytes().len() as u64 > nbytes {
+                    return Err(PluginError::shape(format!(
+                        "piece '{}' does not fit tensor '{name}' as a block of rows",
+                        t.name()
+                    )));
+                }
+                at
+            }
+        };
+        if slot.filled == 0 && self.cfg.manifest && !self.single_file {
+            slot.hasher = Some(Hasher::new());
         }
         let shard = &self.shards[slot.shard];
         // In pieces, telling the buffer's owner after each that we are done with it: a tensor
         // larger than the memory budget then never becomes resident as a whole.
         let bytes = t.bytes();
-        let mut hasher = (self.cfg.manifest && !self.single_file).then(Hasher::new);
+        let in_order = slot.next == within;
+        if !in_order {
+            // Out-of-order pieces: the manifest hash is computed from the file at commit.
+            slot.hasher = None;
+        }
         let mut done = 0;
         while done < bytes.len() {
             let end = (done + WRITE_CHUNK).min(bytes.len());
             shard
                 .file
-                .write_all_at(&bytes[done..end], slot.offset + done as u64)
+                .write_all_at(&bytes[done..end], slot.offset + within + done as u64)
                 .map_err(|e| {
-                    PluginError::io(&shard.path, &format!("writing tensor '{}' to", t.name()), e)
+                    PluginError::io(&shard.path, &format!("writing tensor '{name}' to"), e)
                 })?;
-            if let Some(h) = hasher.as_mut() {
+            if let Some(h) = slot.hasher.as_mut() {
                 h.update(&bytes[done..end]);
             }
             t.data.discard(done..end);
             done = end;
         }
-        if let Some(h) = hasher {
-            self.manifest
-                .add_hashed(&t.info, bytes.len() as u64, h.finish());
+        slot.filled += bytes.len() as u64;
+        slot.next = within + bytes.len() as u64;
+        if slot.filled > nbytes {
+            return Err(PluginError::shape(format!(
+                "tensor '{name}': pieces overlap"
+            )));
         }
-        slot.written = true;
-        self.written += 1;
-
+        if slot.filled == nbytes {
+            slot.written = true;
+            self.written += 1;
+            if self.cfg.manifest && !self.single_file {
+                let hex = match slot.hasher.take() {
+                    Some(h) => h.finish(),
+                    None => {
+                        // Re-read what was written (page cache) to hash it in order.
+                        let mut h = Hasher::new();
+                        let mut buf = vec![0u8; WRITE_CHUNK.min(nbytes as usize).max(1)];
+                        let mut off = 0u64;
+                        while off < nbytes {
+                            let n = (nbytes - off).min(buf.len() as u64) as usize;
+                            shard
+                                .file
+                                .read_exact_at(&mut buf[..n], slot.offset + off)
+                                .map_err(|e| PluginError::io(&shard.path, "cannot read back", e))?;
+                            h.update(&buf[..n]);
+                            off += n as u64;
+                        }
+                        h.finish()
+                    }
+                };
+                let info = slot.info.clone();
+                self.manifest.add_hashed(&info, nbytes, hex);
+            }
+        }
         Ok(())
     }
 

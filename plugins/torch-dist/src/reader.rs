@@ -192,6 +192,8 @@ impl TorchDistReader {
             )));
         }
         let range = a + it.data.start..a + it.data.end;
+        // The CRC check just read every page of the item; let them go until they are used.
+        release(&map, a..b, false);
         if let Some(m) = &self.manifest {
             let info = TensorInfo::new(
                 crate::writer::chunk_name(key, &c.offsets),
@@ -217,7 +219,8 @@ impl Source for TorchDistReader {
             meta: CheckpointMeta::default(),
             planned: Vec::new(),
             maps: HashMap::new(),
-            pool: BufferPool::new(64 << 20),
+            // Idle allocations kept for reuse (bounded: they are outside the budget's count).
+            pool: BufferPool::new(16 << 20),
             manifest: None,
         })
     }
@@ -289,9 +292,18 @@ impl Source for TorchDistReader {
             };
             let info = TensorInfo::new(p.name.clone(), t.dtype, &shape);
             let whole = p.sizes == t.size;
-            let buffer = if whole && t.chunks.len() == 1 {
-                // Stored as one contiguous piece: a view of the map, no copy.
-                let (map, range) = self.chunk_data(&p.key, &t.chunks[0], &t)?;
+            // A region stored as exactly one chunk (a whole tensor, or one layer of a stacked
+            // one) is a view of the map: no copy.
+            let single = if whole && t.chunks.len() == 1 {
+                Some(t.chunks[0].clone())
+            } else {
+                t.chunks
+                    .iter()
+                    .find(|c| c.offsets == p.offsets && c.sizes == p.sizes)
+                    .cloned()
+            };
+            let buffer = if let Some(c) = single {
+                let (map, range) = self.chunk_data(&p.key, &c, &t)?;
                 Buffer::from_owner(MapView(map, range))
             } else {
                 let numel: u64 = p.sizes.iter().product();
