@@ -228,3 +228,45 @@ fn convert_both_ways() {
         load_tensors(&fx.join("model.safetensors"))
     );
 }
+
+#[test]
+fn verify_command() {
+    let fx = fixtures().join("hf/llama");
+    let o = bridgeflow()
+        .arg("verify")
+        .arg("--a")
+        .arg(&fx)
+        .arg("--b")
+        .arg(&fx)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("21 tensors: 21 exact"), "{}", text(&o));
+    let bf16 = fixtures().join("hf/llama_bf16");
+    let o = bridgeflow()
+        .arg("verify")
+        .arg("--a")
+        .arg(&fx)
+        .arg("--b")
+        .arg(&bf16)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains("21 of 21 tensors failed verification"),
+        "{}",
+        text(&o)
+    );
+    let o = bridgeflow()
+        .arg("verify")
+        .arg("--logits")
+        .arg(fixtures().join("bridge/llama"))
+        .arg("--hf")
+        .arg(&fx)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("top-1 agreement 16/16"), "{}", text(&o));
+    let o = bridgeflow().arg("verify").output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}

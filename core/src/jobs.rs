@@ -301,3 +301,111 @@ pub fn convert(
     };
     run("convert", stages, host, opts)
 }
+
+/// What `bridgeflow verify` checks.
+#[derive(Debug, Clone)]
+pub enum VerifyTarget {
+    /// Two checkpoints of any readable format, tensor by tensor (exact, or within a tolerance).
+    Compare {
+        a: PathBuf,
+        b: PathBuf,
+        tolerance: f64,
+    },
+    /// A checkpoint against the blake3 manifest written beside it.
+    Manifest { path: PathBuf },
+    /// A Megatron checkpoint's fp32 logits against an HF model's reference logits.
+    Logits {
+        megatron: PathBuf,
+        hf: PathBuf,
+        tolerance: f64,
+    },
+}
+
+fn reader_stage(
+    name: &str,
+    path: &Path,
+    host: &PluginHost,
+    extra: Vec<(&str, Value)>,
+) -> Result<StageSpec, JobError> {
+    let plugin = host.probe_reader(path).ok_or_else(|| {
+        JobError::Invalid(format!("no reader plugin recognises {}", path.display()))
+    })?;
+    let mut cfg = table(vec![(
+        "path",
+        Value::String(path.to_string_lossy().into_owned()),
+    )]);
+    for (k, v) in extra {
+        cfg.insert(k.into(), v);
+    }
+    Ok(stage(name, plugin.name(), "reader", &[], cfg))
+}
+
+/// `bridgeflow verify`: one of the checks, as a pipeline; its summary says what was compared.
+pub fn verify(
+    target: &VerifyTarget,
+    host: &PluginHost,
+    opts: &RunOptions,
+) -> Result<RunReport, JobError> {
+    let stages = match target {
+        VerifyTarget::Compare { a, b, tolerance } => vec![
+            reader_stage("a", a, host, vec![])?,
+            reader_stage("b", b, host, vec![])?,
+            stage(
+                "compare",
+                "verify",
+                "transform",
+                &["a", "b"],
+                table(vec![("tolerance", Value::Float(*tolerance))]),
+            ),
+        ],
+        VerifyTarget::Manifest { path } => {
+            vec![reader_stage(
+                "read",
+                path,
+                host,
+                vec![("verify", Value::Boolean(true))],
+            )?]
+        }
+        VerifyTarget::Logits {
+            megatron,
+            hf,
+            tolerance,
+        } => vec![
+            stage(
+                "read",
+                "torch-dist",
+                "reader",
+                &[],
+                table(vec![
+                    (
+                        "path",
+                        Value::String(megatron.to_string_lossy().into_owned()),
+                    ),
+                    ("split_layers", Value::Boolean(true)),
+                ]),
+            ),
+            stage(
+                "check",
+                "llama-logits",
+                "transform",
+                &["read"],
+                table(vec![
+                    (
+                        "hf_config",
+                        Value::String(hf.join("config.json").to_string_lossy().into_owned()),
+                    ),
+                    (
+                        "reference",
+                        Value::String(
+                            hf.join("reference/logits.safetensors")
+                                .to_string_lossy()
+                                .into_owned(),
+                        ),
+                    ),
+                    ("tolerance", Value::Float(*tolerance)),
+                ]),
+            ),
+        ],
+    };
+    run("verify", stages, host, opts)
+}

@@ -2,7 +2,9 @@
 
 use anyhow::{anyhow, Context};
 use bridgeflow_core::host::{default_search_path, PluginHost};
-use bridgeflow_core::jobs::{convert, merge, preprocess, Endpoint, JobError, Preprocess};
+use bridgeflow_core::jobs::{
+    convert, merge, preprocess, verify, Endpoint, JobError, Preprocess, VerifyTarget,
+};
 use bridgeflow_core::pipeline::Override;
 use bridgeflow_core::runtime::{run_blocking, RunOptions, RunReport};
 use bridgeflow_sdk::units::{human, parse_size};
@@ -115,6 +117,24 @@ enum Command {
         #[arg(long)]
         no_progress: bool,
     },
+    /// Verify a conversion: two checkpoints tensor by tensor (`--a DIR --b DIR`), a checkpoint
+    /// against its blake3 manifest (`--manifest DIR`), or a Megatron checkpoint's logits against an
+    /// HF model's reference logits (`--logits CKPT --hf HF_DIR`).
+    Verify {
+        #[arg(long, requires = "b")]
+        a: Option<PathBuf>,
+        #[arg(long, requires = "a")]
+        b: Option<PathBuf>,
+        #[arg(long, conflicts_with_all = ["a", "b", "logits"])]
+        manifest: Option<PathBuf>,
+        #[arg(long, requires = "hf", conflicts_with_all = ["a", "b"])]
+        logits: Option<PathBuf>,
+        #[arg(long)]
+        hf: Option<PathBuf>,
+        /// Largest accepted |difference| (default: exact for --a/--b, 1e-4 for --logits).
+        #[arg(long)]
+        tolerance: Option<f64>,
+    },
     /// Merge Megatron indexed datasets in the order given, as tools/merge_datasets.py.
     Merge {
         /// Dataset prefixes (path/name_text_document, or their .bin/.idx paths).
@@ -204,6 +224,40 @@ fn main() -> ExitCode {
             match convert(&from, &to, hf_config.as_deref(), overwrite, &host, &opts) {
                 Ok(r) => {
                     print_report(&r);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => job_failed(e),
+            }
+        }
+        Command::Verify {
+            a,
+            b,
+            manifest,
+            logits,
+            hf,
+            tolerance,
+        } => {
+            let target = match (a, b, manifest, logits, hf) {
+                (Some(a), Some(b), None, None, _) => VerifyTarget::Compare {
+                    a,
+                    b,
+                    tolerance: tolerance.unwrap_or(0.0),
+                },
+                (None, None, Some(path), None, _) => VerifyTarget::Manifest { path },
+                (None, None, None, Some(megatron), Some(hf)) => VerifyTarget::Logits {
+                    megatron,
+                    hf,
+                    tolerance: tolerance.unwrap_or(1e-4),
+                },
+                _ => {
+                    eprintln!("error: give --a and --b, or --manifest, or --logits with --hf");
+                    return ExitCode::from(2);
+                }
+            };
+            match verify(&target, &host, &RunOptions::default()) {
+                Ok(r) => {
+                    print_report(&r);
+                    println!("verified: OK");
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => job_failed(e),

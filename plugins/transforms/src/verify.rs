@@ -40,6 +40,27 @@ struct Tally {
 }
 
 impl Tally {
+    fn summary(&self) -> String {
+        let count = |st: &str| self.outcomes.iter().filter(|o| o.status == st).count();
+        let worst = self
+            .outcomes
+            .iter()
+            .filter(|o| o.status == "close")
+            .map(|o| o.max_abs_diff)
+            .fold(0f64, f64::max);
+        let mut s = format!("{} tensors: {} exact", self.outcomes.len(), count("exact"));
+        if count("close") > 0 {
+            s.push_str(&format!(
+                ", {} within tolerance (max abs diff {worst:e})",
+                count("close")
+            ));
+        }
+        if count("unpaired") > 0 {
+            s.push_str(&format!(", {} unpaired", count("unpaired")));
+        }
+        s
+    }
+
     fn push(&mut self, name: &str, status: &'static str, diff: f64, detail: String) {
         self.outcomes.push(Outcome {
             name: name.to_string(),
@@ -196,6 +217,10 @@ impl Transform for Verify {
         }
         self.tally.finish(&self.report, "verification")
     }
+
+    fn summary(&mut self) -> String {
+        self.tally.summary()
+    }
 }
 
 #[derive(serde::Deserialize, schemars::JsonSchema)]
@@ -263,5 +288,9 @@ impl Transform for VerifyManifest {
             }
         }
         self.tally.finish(&self.report, "the manifest check")
+    }
+
+    fn summary(&mut self) -> String {
+        self.tally.summary()
     }
 }
