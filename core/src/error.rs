@@ -71,6 +71,18 @@ pub struct RunError {
     pub error: PluginError,
 }
 
+impl RunError {
+    /// An error of the run as a whole (interrupt, a panicked task), not of one stage.
+    pub fn runtime(error: PluginError) -> Self {
+        RunError {
+            stage: "-".into(),
+            plugin: "-".into(),
+            kind: "-".into(),
+            error,
+        }
+    }
+}
+
 impl fmt::Display for RunError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

@@ -76,14 +76,22 @@ struct Shared {
 }
 
 impl Shared {
-    fn fail(&self, node: &Node, error: PluginError) {
-        if !error.is_cancelled() {
-            let mut first = self.first_error.lock().unwrap();
-            if first.is_none() {
-                *first = Some(run_error(node, error));
-            }
+    /// Keeps the first error of the run (later ones are usually its echoes) and cancels the rest.
+    fn record(&self, error: RunError) {
+        let mut first = self.first_error.lock().unwrap();
+        if first.is_none() {
+            *first = Some(error);
         }
+        drop(first);
         self.budget.cancel();
+    }
+
+    fn fail(&self, node: &Node, error: PluginError) {
+        if error.is_cancelled() {
+            self.budget.cancel();
+        } else {
+            self.record(run_error(node, error));
+        }
     }
 }
 
@@ -168,20 +176,10 @@ pub async fn run(graph: Graph, opts: RunOptions) -> Result<RunReport, RunError> 
         let shared = shared.clone();
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
-                let mut first = shared.first_error.lock().unwrap();
-                if first.is_none() {
-                    *first = Some(RunError {
-                        stage: "-".into(),
-                        plugin: "-".into(),
-                        kind: "-".into(),
-                        error: PluginError::new(
-                            bridgeflow_sdk::ErrorKind::Cancelled,
-                            "interrupted (Ctrl-C)",
-                        ),
-                    });
-                }
-                drop(first);
-                shared.budget.cancel();
+                shared.record(RunError::runtime(PluginError::new(
+                    bridgeflow_sdk::ErrorKind::Cancelled,
+                    "interrupted (Ctrl-C)",
+                )));
             }
         })
     };
@@ -229,16 +227,9 @@ pub async fn run(graph: Graph, opts: RunOptions) -> Result<RunReport, RunError> 
             Ok(Some(r)) => reports.push(r),
             Ok(None) => {}
             Err(e) => {
-                budget.cancel();
-                let mut first = shared.first_error.lock().unwrap();
-                if first.is_none() {
-                    *first = Some(RunError {
-                        stage: "-".into(),
-                        plugin: "-".into(),
-                        kind: "-".into(),
-                        error: PluginError::internal(format!("stage task panicked: {e}")),
-                    });
-                }
+                shared.record(RunError::runtime(PluginError::internal(format!(
+                    "stage task panicked: {e}"
+                ))));
             }
         }
     }
@@ -249,12 +240,7 @@ pub async fn run(graph: Graph, opts: RunOptions) -> Result<RunReport, RunError> 
         return Err(e);
     }
     if budget.is_cancelled() {
-        return Err(RunError {
-            stage: "-".into(),
-            plugin: "-".into(),
-            kind: "-".into(),
-            error: PluginError::cancelled(),
-        });
+        return Err(RunError::runtime(PluginError::cancelled()));
     }
     Ok(RunReport {
         pipeline,

@@ -219,6 +219,54 @@ impl std::fmt::Debug for Buffer {
     }
 }
 
+/// Drops this process's residency of `map[range]` (whole pages only: rounded outward, or inward
+/// when neighbours may still be in use). The map is read-only and file-backed, so released
+/// pages are read again from the page cache if anything touches them: nothing can change or
+/// be lost, and resident memory follows what is in flight rather than everything read.
+pub fn release_pages(map: &memmap2::Mmap, range: Range<usize>, outward: bool) {
+    const PAGE: usize = 4096;
+    let (a, b) = if outward {
+        (
+            range.start / PAGE * PAGE,
+            (range.end.div_ceil(PAGE) * PAGE).min(map.len()),
+        )
+    } else {
+        (range.start.div_ceil(PAGE) * PAGE, range.end / PAGE * PAGE)
+    };
+    if b > a {
+        // SAFETY: see above; DONTNEED on a private read-only file mapping only drops residency.
+        unsafe {
+            let _ = map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a);
+        }
+    }
+}
+
+/// A view of part of a shared memory map as a buffer owner: consumers' `discard` and the last
+/// view's drop release its pages (see [`release_pages`]).
+pub struct MapView {
+    pub map: Arc<memmap2::Mmap>,
+    pub range: Range<usize>,
+}
+
+impl BufferOwner for MapView {
+    fn bytes(&self) -> &[u8] {
+        &self.map[self.range.clone()]
+    }
+    fn discard(&self, r: Range<usize>) {
+        release_pages(
+            &self.map,
+            self.range.start + r.start..self.range.start + r.end,
+            false,
+        );
+    }
+}
+
+impl Drop for MapView {
+    fn drop(&mut self) {
+        release_pages(&self.map, self.range.clone(), true);
+    }
+}
+
 /// A pool of output allocations. Fresh allocations cost a page fault per 4 KiB on first touch
 /// (~0.7 s/GiB measured on the 2-core machines), so stages that produce new tensors (casts,
 /// fusions) take their output from a pool; the memory comes back when the last view of the

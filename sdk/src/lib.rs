@@ -27,7 +27,9 @@ pub mod stage;
 pub mod tensor;
 pub mod units;
 
-pub use buffer::{Buffer, BufferOwner, BufferPool, BufferVTable, PooledVec};
+pub use buffer::{
+    release_pages, Buffer, BufferOwner, BufferPool, BufferVTable, MapView, PooledVec,
+};
 pub use dtype::DType;
 pub use error::{ErrorKind, PluginError, Result};
 pub use plugin::{

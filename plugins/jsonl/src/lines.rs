@@ -44,15 +44,12 @@ impl<R: BufRead> Iterator for UniversalLines<R> {
                 Ok(_) => {}
             }
             let mut content: &[u8] = &self.buf;
-            let mut trailing_cr = false;
             if let Some(c) = content.strip_suffix(b"\n") {
                 content = c.strip_suffix(b"\r").unwrap_or(c);
             } else if let Some(c) = content.strip_suffix(b"\r") {
                 // A lone `\r` at the very end of the stream ends the last line.
                 content = c;
-                trailing_cr = true;
             }
-            let _ = trailing_cr;
             // Any `\r` left inside is a lone one: a line break of its own.
             let mut parts: Vec<Vec<u8>> =
                 content.split(|&b| b == b'\r').map(<[u8]>::to_vec).collect();

@@ -3,9 +3,10 @@
 use crate::files::{self, Layout};
 use crate::header::{self, Entry};
 use bridgeflow_sdk::{
-    schemars, serde, Buffer, BufferOwner, Emitter, PluginError, Result, Source, StreamPlan, Tensor,
+    schemars, serde, Buffer, BufferOwner, Emitter, MapView, PluginError, Result, Source,
+    StreamPlan, Tensor,
 };
-use memmap2::{Mmap, UncheckedAdvice};
+use memmap2::Mmap;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,55 +29,6 @@ pub struct SafetensorsReader {
     maps: Vec<Arc<Mmap>>,
     /// (file index, entry) in emission order: file by file, by offset, so reads are sequential.
     entries: Vec<(usize, Entry)>,
-}
-
-/// A view of part of a map. When the last view drops, its pages are released from this
-/// process's resident set (they stay in the page cache): RSS stays bounded by what is in flight
-/// rather than growing with everything read.
-struct MappedRange {
-    map: Arc<Mmap>,
-    start: usize,
-    end: usize,
-}
-
-impl BufferOwner for MappedRange {
-    fn bytes(&self) -> &[u8] {
-        &self.map[self.start..self.end]
-    }
-    fn discard(&self, range: std::ops::Range<usize>) {
-        self.release_pages(self.start + range.start, self.start + range.end, false);
-    }
-}
-
-const PAGE: usize = 4096;
-
-impl MappedRange {
-    /// Drops the residency of map bytes `start..end` (whole pages only).
-    fn release_pages(&self, start: usize, end: usize, outward: bool) {
-        let (start, end) = if outward {
-            (
-                start / PAGE * PAGE,
-                (end.div_ceil(PAGE) * PAGE).min(self.map.len()),
-            )
-        } else {
-            (start.div_ceil(PAGE) * PAGE, end / PAGE * PAGE)
-        };
-        if end > start {
-            // SAFETY: the map is read-only and file-backed; dropped pages are re-read from the
-            // file if anything touches them again, so no data can change or be lost.
-            unsafe {
-                let _ =
-                    self.map
-                        .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start);
-            }
-        }
-    }
-}
-
-impl Drop for MappedRange {
-    fn drop(&mut self) {
-        self.release_pages(self.start, self.end, true);
-    }
 }
 
 impl SafetensorsReader {
@@ -162,10 +114,10 @@ impl Source for SafetensorsReader {
             self.open()?;
         }
         for (i, e) in std::mem::take(&mut self.entries) {
-            let owner = MappedRange {
+            // Its pages are released as consumers finish with them (bounded RSS).
+            let owner = MapView {
                 map: self.maps[i].clone(),
-                start: e.range.start,
-                end: e.range.end,
+                range: e.range.clone(),
             };
             if let Some(m) = &self.manifest {
                 m.check(&e.info, owner.bytes()).map_err(|err| {

@@ -197,10 +197,6 @@ pub fn storage_class(d: DType) -> &'static str {
     }
 }
 
-pub fn torch_dtype(d: DType) -> &'static str {
-    d.torch_name()
-}
-
 /// `data.pkl` of `torch.save(tensor)` for a contiguous tensor, byte for byte.
 pub fn tensor_pickle(dtype: DType, shape: &[u64]) -> Vec<u8> {
     let numel: u64 = shape.iter().product();

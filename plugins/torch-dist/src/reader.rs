@@ -7,8 +7,8 @@ use crate::checkpoint::{
     read_metadata, resolve_dir, tensor_item, CheckpointMeta, Chunk, TensorMeta,
 };
 use bridgeflow_sdk::{
-    schemars, serde, Buffer, BufferOwner, BufferPool, Emitter, PluginError, Result, Source,
-    StreamPlan, Tensor, TensorInfo,
+    release_pages, schemars, serde, Buffer, BufferPool, Emitter, MapView, PluginError, Result,
+    Source, StreamPlan, Tensor, TensorInfo,
 };
 use memmap2::Mmap;
 use std::collections::HashMap;
@@ -49,41 +49,6 @@ pub struct TorchDistReader {
     maps: HashMap<String, Arc<Mmap>>,
     pool: BufferPool,
     manifest: Option<bridgeflow_sdk::manifest::Manifest>,
-}
-
-/// Drops the residency of `map[range]` (whole pages only; the file backs them, so nothing is
-/// lost): resident memory follows what is in flight, not what has been read.
-fn release(map: &Mmap, range: std::ops::Range<usize>, outward: bool) {
-    const PAGE: usize = 4096;
-    let (a, b) = if outward {
-        (
-            range.start / PAGE * PAGE,
-            (range.end.div_ceil(PAGE) * PAGE).min(map.len()),
-        )
-    } else {
-        (range.start.div_ceil(PAGE) * PAGE, range.end / PAGE * PAGE)
-    };
-    if b > a {
-        // SAFETY: read-only file-backed map; released pages are re-read on access.
-        unsafe {
-            let _ = map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a);
-        }
-    }
-}
-
-struct MapView(Arc<Mmap>, std::ops::Range<usize>);
-impl BufferOwner for MapView {
-    fn bytes(&self) -> &[u8] {
-        &self.0[self.1.clone()]
-    }
-    fn discard(&self, r: std::ops::Range<usize>) {
-        release(&self.0, self.1.start + r.start..self.1.start + r.end, false);
-    }
-}
-impl Drop for MapView {
-    fn drop(&mut self) {
-        release(&self.0, self.1.clone(), true);
-    }
 }
 
 fn is_stacked(key: &str, t: &TensorMeta) -> bool {
@@ -193,7 +158,7 @@ impl TorchDistReader {
         }
         let range = a + it.data.start..a + it.data.end;
         // The CRC check just read every page of the item; let them go until they are used.
-        release(&map, a..b, false);
+        release_pages(&map, a..b, false);
         if let Some(m) = &self.manifest {
             let info = TensorInfo::new(
                 crate::writer::chunk_name(key, &c.offsets),
@@ -304,7 +269,7 @@ impl Source for TorchDistReader {
             };
             let buffer = if let Some(c) = single {
                 let (map, range) = self.chunk_data(&p.key, &c, &t)?;
-                Buffer::from_owner(MapView(map, range))
+                Buffer::from_owner(MapView { map, range })
             } else {
                 let numel: u64 = p.sizes.iter().product();
                 let mut buf = self.pool.take(numel as usize * es);
@@ -325,7 +290,7 @@ impl Source for TorchDistReader {
                         es,
                         buf.as_mut_slice(),
                     );
-                    release(&map, range, true);
+                    release_pages(&map, range, true);
                 }
                 buf.freeze()
             };

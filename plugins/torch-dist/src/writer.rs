@@ -8,7 +8,7 @@
 //! __0_0.distcp, common.pt, metadata.json}` — the layout both megatron-core 0.16 and 0.19 load
 //! (the common state in `common.pt`, the four-key `metadata.json`).
 
-use crate::emit::{either::Arg, none_list_pickle, tensor_pickle, torch_dtype, Archive, Pickler};
+use crate::emit::{either::Arg, none_list_pickle, tensor_pickle, Archive, Pickler};
 use bridgeflow_sdk::manifest::{Hasher, Manifest, MANIFEST_FILE};
 use bridgeflow_sdk::TensorInfo;
 use bridgeflow_sdk::{schemars, serde, DType, Item, PluginError, Result, Sink, StreamPlan};
@@ -128,7 +128,7 @@ impl TorchDistWriter {
             p.str("properties");
             p.newobj(M, "TensorProperties");
             p.mark();
-            p.global("torch", torch_dtype(first.dtype));
+            p.global("torch", first.dtype.torch_name());
             p.reduce1(
                 "torch.serialization",
                 "_get_layout",
