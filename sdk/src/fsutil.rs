@@ -64,6 +64,17 @@ fn remove_any(p: &Path) {
     };
 }
 
+/// A hidden name beside `target` for work in progress, `.{name}.{tag}-{pid}`: the same
+/// directory (so committing is a rename, not a copy), and named so that it never looks like a
+/// finished output and one process's leftovers never clash with another's.
+pub fn hidden_sibling(target: &Path, tag: &str) -> PathBuf {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    target.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
+}
+
 /// Makes a finished output visible under its name: one rename when `target` is new; when it
 /// exists (the caller checked `overwrite`), the old one is moved aside first, put back if the
 /// rename fails, and removed after it succeeds.
@@ -75,11 +86,7 @@ pub fn commit(staging: &Path, target: &Path) -> Result<()> {
         return std::fs::rename(staging, target)
             .map_err(|e| PluginError::io(target, "cannot commit", e));
     }
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let aside = target.with_file_name(format!(".{name}.old-{}", std::process::id()));
+    let aside = hidden_sibling(target, "old");
     std::fs::rename(target, &aside).map_err(|e| PluginError::io(target, "cannot move aside", e))?;
     if let Err(e) = std::fs::rename(staging, target) {
         let _ = std::fs::rename(&aside, target);

@@ -55,11 +55,7 @@ pub struct IndexedWriter {
 }
 
 fn tmp_name(p: &Path, what: &str) -> PathBuf {
-    let name = p
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    p.with_file_name(format!(".{name}.{what}.partial-{}", std::process::id()))
+    bridgeflow_sdk::fsutil::hidden_sibling(p, &format!("{what}.partial"))
 }
 
 fn create(p: &Path) -> Result<BufWriter<File>> {

@@ -159,15 +159,14 @@ fn shard_header(tensors: &[&TensorInfo]) -> Result<(Vec<u8>, Offsets)> {
 }
 
 fn staging_path(target: &Path) -> PathBuf {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "output".into());
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    target.with_file_name(format!(".{name}.partial-{}-{nanos}", std::process::id()))
+    // Also apart within one process: two runs in one process (as in tests) never share one.
+    let mut name = bridgeflow_sdk::fsutil::hidden_sibling(target, "partial").into_os_string();
+    name.push(format!("-{nanos}"));
+    name.into()
 }
 
 use bridgeflow_sdk::fsutil::reserve;

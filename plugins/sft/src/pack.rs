@@ -69,11 +69,7 @@ pub struct PackWriter {
 }
 
 fn tmp(p: &std::path::Path, what: &str) -> PathBuf {
-    let name = p
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    p.with_file_name(format!(".{name}.{what}.partial-{}", std::process::id()))
+    bridgeflow_sdk::fsutil::hidden_sibling(p, &format!("{what}.partial"))
 }
 
 impl PackWriter {
@@ -446,6 +442,5 @@ impl Sink for PackWriter {
 impl Drop for PackWriter {
     fn drop(&mut self) {
         self.abort();
-        let _ = std::fs::remove_file(&self.spill_path);
     }
 }

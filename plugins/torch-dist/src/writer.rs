@@ -92,15 +92,7 @@ fn layer_split(name: &str) -> Option<(u64, &str)> {
 
 impl TorchDistWriter {
     fn staging_root(&self) -> PathBuf {
-        let name = self
-            .cfg
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        self.cfg
-            .path
-            .with_file_name(format!(".{name}.partial-{}", std::process::id()))
+        bridgeflow_sdk::fsutil::hidden_sibling(&self.cfg.path, "partial")
     }
 
     fn write_at(&self, off: u64, bytes: &[u8]) -> Result<()> {
