@@ -6,8 +6,18 @@ use bridgeflow_tests::*;
 use std::path::Path;
 
 fn to_safetensors(dir: &Path, ckpt: &Path, split_layers: bool) -> std::path::PathBuf {
+    read_to_safetensors(dir, ckpt, split_layers, false).0
+}
+
+/// Reads a checkpoint into one safetensors file; also says how many items the reader emitted.
+fn read_to_safetensors(
+    dir: &Path,
+    ckpt: &Path,
+    split_layers: bool,
+    row_pieces: bool,
+) -> (std::path::PathBuf, u64) {
     let out = dir.join(format!(
-        "{}-{split_layers}.safetensors",
+        "{}-{split_layers}-{row_pieces}.safetensors",
         ckpt.file_name().unwrap().to_string_lossy()
     ));
     let p = format!(
@@ -15,7 +25,7 @@ fn to_safetensors(dir: &Path, ckpt: &Path, split_layers: bool) -> std::path::Pat
 [stages.read]
 plugin = "torch-dist"
 kind = "reader"
-config = {{ path = "{}", split_layers = {split_layers} }}
+config = {{ path = "{}", split_layers = {split_layers}, row_pieces = {row_pieces} }}
 
 [stages.write]
 plugin = "safetensors"
@@ -26,8 +36,8 @@ config = {{ path = "{}" }}
         ckpt.display(),
         out.display()
     );
-    run_text(dir, &p, &[], 1 << 30).unwrap();
-    out
+    let report = run_text(dir, &p, &[], 1 << 30).unwrap();
+    (out, report.stages[0].items_out)
 }
 
 #[test]
@@ -91,6 +101,30 @@ fn split_layers_gives_each_layer_of_stacked_tensors() {
     }
     assert!(got.contains_key("embedding.word_embeddings.weight"));
     assert!(!got.contains_key("decoder.layers.self_attention.linear_qkv.weight"));
+}
+
+#[test]
+fn row_pieces_are_the_stored_row_blocks_and_place_back_exactly() {
+    // TP=2 stores column-parallel weights (qkv, fc1) as two blocks of rows per layer; with
+    // row_pieces the reader hands those blocks out as they are and the writer places them.
+    // Row-parallel weights (split by columns) are still assembled.
+    let dir = tempdir();
+    let ckpt = fixtures().join("mcore/tp2");
+    for split in [true, false] {
+        let (whole, n_whole) = read_to_safetensors(dir.path(), &ckpt, split, false);
+        let (pieces, n_pieces) = read_to_safetensors(dir.path(), &ckpt, split, true);
+        let (a, b) = (load_tensors(&whole), load_tensors(&pieces));
+        assert_eq!(a.len(), b.len());
+        for (k, t) in &a {
+            assert!(b[k] == *t, "split_layers={split}: '{k}' differs");
+        }
+        if split {
+            assert!(
+                n_pieces > n_whole,
+                "no pieces: {n_pieces} items vs {n_whole}"
+            );
+        }
+    }
 }
 
 #[test]

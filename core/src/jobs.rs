@@ -277,6 +277,7 @@ pub fn convert(
                     table(vec![
                         ("path", s(src)),
                         ("split_layers", Value::Boolean(true)),
+                        ("row_pieces", Value::Boolean(true)),
                     ]),
                 ),
                 stage("map", "llama", "mapper", &["read"], map),

@@ -149,6 +149,97 @@ pub fn split_qkv(qkv: &[u8], h: Heads, row: usize) -> Result<(Vec<u8>, Vec<u8>, 
     Ok((q, k, v))
 }
 
+/// A run of rows shared by a fused Megatron tensor and one of its HF parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowSegment {
+    /// First row in the fused tensor.
+    pub fused: u64,
+    /// Which HF part (index into the entry's `hf` names).
+    pub part: usize,
+    /// First row in that part.
+    pub at: u64,
+    pub rows: u64,
+}
+
+impl RowSegment {
+    /// The part of this segment inside fused rows `range`, if any.
+    pub fn clip(&self, range: std::ops::Range<u64>) -> Option<RowSegment> {
+        let lo = self.fused.max(range.start);
+        let hi = (self.fused + self.rows).min(range.end);
+        (lo < hi).then(|| RowSegment {
+            fused: lo,
+            part: self.part,
+            at: self.at + (lo - self.fused),
+            rows: hi - lo,
+        })
+    }
+}
+
+/// How the rows of a fused Megatron tensor of `fused_rows` rows lie over its HF parts: each
+/// part's row count, and the segments in fused order. Rows of no part (vocabulary padding)
+/// belong to no segment. With this a mapper moves any block of rows — a whole tensor or a
+/// stored chunk — to its places in the HF tensors without assembling anything.
+pub fn row_segments(
+    kind: Kind,
+    fused_rows: u64,
+    heads: Heads,
+    vocab: u64,
+) -> Result<(Vec<u64>, Vec<RowSegment>)> {
+    let seg = |fused, part, at, rows| RowSegment {
+        fused,
+        part,
+        at,
+        rows,
+    };
+    Ok(match kind {
+        Kind::Direct => (vec![fused_rows], vec![seg(0, 0, 0, fused_rows)]),
+        Kind::Vocab => {
+            if fused_rows < vocab {
+                return Err(PluginError::shape(format!(
+                    "{fused_rows} rows, fewer than the vocabulary of {vocab}"
+                )));
+            }
+            (vec![vocab], vec![seg(0, 0, 0, vocab)])
+        }
+        Kind::GatedMlp => {
+            if !fused_rows.is_multiple_of(2) {
+                return Err(PluginError::shape(format!(
+                    "{fused_rows} rows do not split into gate and up halves"
+                )));
+            }
+            let half = fused_rows / 2;
+            (
+                vec![half, half],
+                vec![seg(0, 0, 0, half), seg(half, 1, 0, half)],
+            )
+        }
+        Kind::Qkv => {
+            heads.check()?;
+            let (qr, kr) = (
+                (heads.heads / heads.groups) * heads.head_dim,
+                heads.head_dim,
+            );
+            let group = qr + 2 * kr;
+            if fused_rows != heads.groups * group {
+                return Err(PluginError::shape(format!(
+                    "{fused_rows} rows; {} query groups of {group} expected",
+                    heads.groups
+                )));
+            }
+            let mut segs = Vec::new();
+            for g in 0..heads.groups {
+                segs.push(seg(g * group, 0, g * qr, qr));
+                segs.push(seg(g * group + qr, 1, g * kr, kr));
+                segs.push(seg(g * group + qr + kr, 2, g * kr, kr));
+            }
+            (
+                vec![heads.groups * qr, heads.groups * kr, heads.groups * kr],
+                segs,
+            )
+        }
+    })
+}
+
 /// Rows padded with zeros up to `rows` (vocabulary padding).
 pub fn pad_rows(t: &[u8], row: usize, rows: usize) -> Vec<u8> {
     let mut out = t.to_vec();
@@ -182,6 +273,41 @@ mod tests {
         let (q, k, v) = split_qkv(&fused, h, 1).unwrap();
         assert_eq!((q, k, v), (vec![0, 1, 2, 3], vec![10, 11], vec![20, 21]));
         assert!(fuse_qkv(&[0; 3], &[0; 2], &[0; 2], h, 1).is_err());
+    }
+
+    #[test]
+    fn row_segments_match_split_qkv() {
+        // The segments place every row where split_qkv puts it, for a whole tensor and for
+        // any block of rows.
+        let h = Heads {
+            heads: 4,
+            groups: 2,
+            head_dim: 2,
+        };
+        let fused: Vec<u8> = (0..16).collect();
+        let (q, k, v) = split_qkv(&fused, h, 1).unwrap();
+        let (rows, segs) = row_segments(Kind::Qkv, 16, h, 0).unwrap();
+        assert_eq!(rows, vec![8, 4, 4]);
+        for block in [0..16, 3..9, 15..16] {
+            let mut parts = [vec![0xff; 8], vec![0xff; 4], vec![0xff; 4]];
+            for s in segs.iter().filter_map(|s| s.clip(block.clone())) {
+                for r in 0..s.rows {
+                    parts[s.part][(s.at + r) as usize] = fused[(s.fused + r) as usize];
+                }
+            }
+            for (got, want) in parts.iter().zip([&q, &k, &v]) {
+                for (g, w) in got.iter().zip(want.iter()) {
+                    assert!(*g == 0xff || g == w);
+                }
+            }
+            let placed = parts.iter().flatten().filter(|&&b| b != 0xff).count();
+            assert_eq!(placed, block.end as usize - block.start as usize);
+        }
+        let (rows, segs) = row_segments(Kind::Vocab, 10, h, 7).unwrap();
+        assert_eq!((rows, segs[0].rows), (vec![7], 7));
+        assert!(row_segments(Kind::Vocab, 6, h, 7).is_err());
+        assert!(row_segments(Kind::Qkv, 15, h, 0).is_err());
+        assert!(row_segments(Kind::GatedMlp, 5, h, 0).is_err());
     }
 
     #[test]

@@ -54,6 +54,26 @@ impl TensorInfo {
         self
     }
 
+    /// Marks this tensor as the piece of `global_shape` at `offsets` (its own shape is the
+    /// piece's).
+    pub fn with_shard(mut self, global_shape: &[u64], offsets: &[u64]) -> Self {
+        self.shard = ROption::RSome(ShardInfo {
+            global_shape: global_shape.iter().copied().collect(),
+            offsets: offsets.iter().copied().collect(),
+        });
+        self
+    }
+
+    /// The shard descriptor, if this is a piece of a larger tensor.
+    pub fn shard(&self) -> Option<&ShardInfo> {
+        self.shard.as_ref().into_option()
+    }
+
+    /// The name without a piece suffix (`name#id` names a piece of `name`).
+    pub fn base_name(&self) -> &str {
+        self.name().split('#').next().unwrap_or_default()
+    }
+
     pub fn shape_string(&self) -> String {
         let dims: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
         format!("[{}]", dims.join(", "))

@@ -4,7 +4,7 @@
 
 use crate::llama;
 use bridgeflow_sdk::mapping::{
-    fill, fuse_qkv, match_pattern, pad_rows, round_up, split_qkv, Entry, Heads, Kind,
+    fill, fuse_qkv, match_pattern, pad_rows, round_up, row_segments, split_qkv, Entry, Heads, Kind,
 };
 use bridgeflow_sdk::{
     schemars, serde, Buffer, Emitter, Item, PluginError, Result, StreamPlan, Tensor, TensorInfo,
@@ -282,40 +282,38 @@ impl Mapper {
 
     fn plan_to_hf(&mut self, input: &StreamPlan) -> Result<StreamPlan> {
         let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for t in input.tensors.iter() {
-            let (i, l) = self.find_megatron(t.name()).ok_or_else(|| {
+            // A piece (a stored block of rows) stands for its whole tensor, announced once.
+            if !seen.insert(t.base_name().to_string()) {
+                continue;
+            }
+            let (i, l) = self.find_megatron(t.base_name()).ok_or_else(|| {
                 PluginError::unsupported(format!(
                     "Megatron tensor '{}' has no mapping in the llama table",
-                    t.name()
+                    t.base_name()
                 ))
             })?;
             let e = self.table[i];
-            let mut shape = t.shape.to_vec();
+            let mut shape = match t.shard() {
+                Some(s) => s.global_shape.to_vec(),
+                None => t.shape.to_vec(),
+            };
             let names: Vec<String> = e.hf.iter().map(|p| fill(p, l)).collect();
-            match e.kind {
-                Kind::Direct => out.push(TensorInfo::new(names[0].clone(), t.dtype, &shape)),
-                Kind::Vocab => {
-                    shape[0] = self.model().vocab;
-                    out.push(TensorInfo::new(names[0].clone(), t.dtype, &shape));
+            let m = self.model();
+            let rows = match shape.first() {
+                Some(&r) => {
+                    row_segments(e.kind, r, m.heads, m.vocab)
+                        .map_err(|err| err.context(t.base_name()))?
+                        .0
                 }
-                Kind::Qkv => {
-                    let h = self.model().heads;
-                    for (n, rows) in names.iter().zip([
-                        h.heads * h.head_dim,
-                        h.groups * h.head_dim,
-                        h.groups * h.head_dim,
-                    ]) {
-                        shape[0] = rows;
-                        out.push(TensorInfo::new(n.clone(), t.dtype, &shape));
-                    }
+                None => vec![0],
+            };
+            for (n, r) in names.iter().zip(rows) {
+                if let Some(first) = shape.first_mut() {
+                    *first = r;
                 }
-                Kind::GatedMlp => {
-                    let half = t.shape[0] / 2;
-                    for n in &names {
-                        shape[0] = half;
-                        out.push(TensorInfo::new(n.clone(), t.dtype, &shape));
-                    }
-                }
+                out.push(TensorInfo::new(n.clone(), t.dtype, &shape));
             }
         }
         let mut plan = StreamPlan::new(out);
@@ -476,98 +474,75 @@ impl Transform for Mapper {
             }
             return Ok(());
         }
-        let (i, l) = self.find_megatron(t.name()).ok_or_else(|| {
+        let (i, l) = self.find_megatron(t.info.base_name()).ok_or_else(|| {
             PluginError::unsupported(format!("Megatron tensor '{}' has no mapping", t.name()))
         })?;
         let e = self.table[i];
         let names: Vec<String> = e.hf.iter().map(|p| fill(p, l)).collect();
-        let row = row_bytes(&t.info);
-        let mut shape = t.info.shape.to_vec();
-        match e.kind {
-            Kind::Direct => out.tensor(Tensor::new(
-                t.info.clone().with_name(names[0].clone()),
-                t.data,
-            )?),
-            Kind::Vocab => {
-                shape[0] = self.model().vocab;
-                let keep = shape[0] as usize * row;
-                if keep > t.bytes().len() {
-                    return Err(PluginError::shape(format!(
-                        "'{}' has {} rows, fewer than the vocabulary of {}",
-                        t.name(),
-                        t.info.shape[0],
-                        shape[0]
-                    )));
-                }
-                let info = TensorInfo::new(names[0].clone(), t.info.dtype, &shape);
-                out.tensor(Tensor::new(info, t.data.slice(0..keep))?)
-            }
-            Kind::Qkv if self.cfg.zero_copy => {
-                // Each group's q, k and v rows, as row pieces of the HF tensors: no copy.
-                let h = self.model().heads;
-                let (qr, kr) = ((h.heads / h.groups) * h.head_dim, h.head_dim);
-                let group = qr + 2 * kr;
-                if t.info.shape[0] != h.groups * group {
-                    return Err(PluginError::shape(format!(
-                        "'{}' has {} rows; {} groups of {} expected",
-                        t.name(),
-                        t.info.shape[0],
-                        h.groups,
-                        group
-                    )));
-                }
-                let inner: Vec<u64> = t.info.shape[1..].to_vec();
-                for g in 0..h.groups {
-                    for (p, (rows, at, dst)) in [
-                        (qr, g * group, g * qr),
-                        (kr, g * group + qr, g * kr),
-                        (kr, g * group + qr + kr, g * kr),
-                    ]
-                    .into_iter()
-                    .enumerate()
-                    {
-                        let total = if p == 0 { h.groups * qr } else { h.groups * kr };
-                        let mut global = vec![total];
-                        global.extend(&inner);
-                        let mut pshape = vec![rows];
-                        pshape.extend(&inner);
-                        let mut offsets = vec![dst];
-                        offsets.extend(std::iter::repeat_n(0, inner.len()));
-                        let mut info =
-                            TensorInfo::new(format!("{}#{g}", names[p]), t.info.dtype, &pshape);
-                        info.shard = bridgeflow_sdk::abi_option::RSome(bridgeflow_sdk::ShardInfo {
-                            global_shape: global.into(),
-                            offsets: offsets.into(),
-                        });
-                        let data = t.data.slice(at as usize * row..(at + rows) as usize * row);
-                        out.tensor(Tensor::new(info, data)?)?;
-                    }
-                }
-                Ok(())
-            }
-            Kind::Qkv => {
-                let h = self.model().heads;
-                let (q, k, v) =
-                    split_qkv(t.bytes(), h, row).map_err(|err| err.context(t.name()))?;
-                for (name, data) in names.iter().zip([q, k, v]) {
-                    shape[0] = (data.len() / row) as u64;
-                    out.tensor(Tensor::new(
-                        TensorInfo::new(name.clone(), t.info.dtype, &shape),
-                        Buffer::from_vec(data),
-                    )?)?;
-                }
-                Ok(())
-            }
-            Kind::GatedMlp => {
-                let half = t.bytes().len() / 2;
-                shape[0] /= 2;
-                for (k, name) in names.iter().enumerate() {
-                    let info = TensorInfo::new(name.clone(), t.info.dtype, &shape);
-                    out.tensor(Tensor::new(info, t.data.slice(k * half..(k + 1) * half))?)?;
-                }
-                Ok(())
-            }
+        if e.kind == Kind::Direct {
+            // Renamed; a piece stays a piece of the renamed tensor.
+            let name = match t.name().split_once('#') {
+                Some((_, id)) => format!("{}#{id}", names[0]),
+                None => names[0].clone(),
+            };
+            return out.tensor(Tensor::new(t.info.clone().with_name(name), t.data)?);
         }
+        if e.kind == Kind::Qkv && !self.cfg.zero_copy {
+            if t.info.shard().is_some() {
+                return Err(PluginError::config(format!(
+                    "'{}' arrives in pieces; whole q/k/v tensors need zero_copy = true or a reader without row_pieces",
+                    t.name()
+                )));
+            }
+            let row = row_bytes(&t.info);
+            let (q, k, v) = split_qkv(t.bytes(), self.model().heads, row)
+                .map_err(|err| err.context(t.name()))?;
+            let mut shape = t.info.shape.to_vec();
+            for (name, data) in names.iter().zip([q, k, v]) {
+                shape[0] = (data.len() / row) as u64;
+                out.tensor(Tensor::new(
+                    TensorInfo::new(name.clone(), t.info.dtype, &shape),
+                    Buffer::from_vec(data),
+                )?)?;
+            }
+            return Ok(());
+        }
+        // Every run of rows goes to its place in the HF tensors as a view of the input: a whole
+        // HF tensor when the run covers one, else a row piece the writer places.
+        let (fused_rows, first) = match t.info.shard() {
+            Some(s) => (s.global_shape[0], s.offsets[0]),
+            None => (t.info.shape[0], 0),
+        };
+        let m = self.model();
+        let (part_rows, segments) = row_segments(e.kind, fused_rows, m.heads, m.vocab)
+            .map_err(|err| err.context(t.name()))?;
+        let row = row_bytes(&t.info) as u64;
+        let inner = &t.info.shape[1..];
+        for s in segments
+            .iter()
+            .filter_map(|s| s.clip(first..first + t.info.shape[0]))
+        {
+            let mut shape = vec![s.rows];
+            shape.extend(inner);
+            let from = (s.fused - first) * row;
+            let data = t.data.slice(from as usize..(from + s.rows * row) as usize);
+            let info = if s.at == 0 && s.rows == part_rows[s.part] {
+                TensorInfo::new(names[s.part].clone(), t.info.dtype, &shape)
+            } else {
+                let mut global = vec![part_rows[s.part]];
+                global.extend(inner);
+                let mut offsets = vec![s.at];
+                offsets.extend(std::iter::repeat_n(0, inner.len()));
+                TensorInfo::new(
+                    format!("{}#{}", names[s.part], s.fused),
+                    t.info.dtype,
+                    &shape,
+                )
+                .with_shard(&global, &offsets)
+            };
+            out.tensor(Tensor::new(info, data)?)?;
+        }
+        Ok(())
     }
 
     fn finish(&mut self, _out: &mut Emitter) -> Result<()> {

@@ -240,7 +240,12 @@ pub struct ItemTensor {
 }
 
 /// Parses a tensor item (a whole torch.save archive) and returns where its elements are.
-pub fn tensor_item(item: &[u8]) -> std::result::Result<ItemTensor, String> {
+/// The tensor of a `torch.save` item; `read` is told of each window of the payload as its
+/// CRC check reads it (see [`zip::find_with`]).
+pub fn tensor_item(
+    item: &[u8],
+    read: &mut dyn FnMut(&[u8]),
+) -> std::result::Result<ItemTensor, String> {
     let entries = zip::entries(item)?;
     let pkl = zip::find(item, &entries, "data.pkl")?;
     let v = pickle::load(pkl, "data.pkl")?;
@@ -314,7 +319,7 @@ pub fn tensor_item(item: &[u8]) -> std::result::Result<ItemTensor, String> {
             "tensor of {numel_needed} elements at offset {offset} overruns its storage of {numel}"
         ));
     }
-    let storage = zip::find(item, &entries, &format!("data/{key}"))?;
+    let storage = zip::find_with(item, &entries, &format!("data/{key}"), read)?;
     let es = dtype.size() as u64;
     if storage.len() as u64 != numel * es {
         return Err(format!(

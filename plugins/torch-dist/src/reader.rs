@@ -29,16 +29,22 @@ pub struct ReaderConfig {
     /// (blake3); a missing manifest is an error.
     #[serde(default)]
     pub verify: bool,
+    /// Hand a tensor (or layer) stored as several blocks of whole rows — SwiGLU halves, q/k/v
+    /// group blocks, TP shards of column-parallel weights — out as those blocks, each a view
+    /// of the map named `<name>#<row>` with a shard descriptor over the whole, instead of
+    /// assembling it: nothing is copied. The consumer must take pieces (the llama mapper and
+    /// both writers do).
+    #[serde(default)]
+    pub row_pieces: bool,
 }
 
 struct Planned {
-    name: String,
+    /// What is emitted (its shape drops the layer axis of a split stacked tensor).
+    info: TensorInfo,
     key: String,
-    /// Region of the global tensor: offsets and sizes (sizes keep the layer axis; the emitted
-    /// shape drops it when `drop_first`).
+    /// Region of the global tensor: offsets and sizes (with the layer axis).
     offsets: Vec<u64>,
     sizes: Vec<u64>,
-    drop_first: bool,
 }
 
 pub struct TorchDistReader {
@@ -50,6 +56,9 @@ pub struct TorchDistReader {
     pool: BufferPool,
     manifest: Option<bridgeflow_sdk::manifest::Manifest>,
 }
+
+/// Items above this size are not kept resident between their CRC check and their use.
+const LARGE_ITEM: usize = 32 << 20;
 
 fn is_stacked(key: &str, t: &TensorMeta) -> bool {
     key.strip_prefix("decoder.layers.")
@@ -105,6 +114,67 @@ fn copy_block(src: &[u8], chunk: &Chunk, r_off: &[u64], r_size: &[u64], es: usiz
 }
 
 impl TorchDistReader {
+    /// Plans one region (a whole tensor, or one layer of a stacked one): as itself, or with
+    /// `row_pieces` as the stored blocks of whole rows it is made of.
+    #[allow(clippy::too_many_arguments)]
+    fn plan_region(
+        &mut self,
+        infos: &mut Vec<TensorInfo>,
+        key: &str,
+        t: &TensorMeta,
+        name: String,
+        offsets: Vec<u64>,
+        sizes: Vec<u64>,
+        drop_first: bool,
+    ) {
+        let skip = drop_first as usize;
+        let shape = &sizes[skip..];
+        let blocks: Vec<&Chunk> = t
+            .chunks
+            .iter()
+            .filter(|c| {
+                (0..sizes.len()).all(|d| {
+                    c.offsets[d] < offsets[d] + sizes[d] && offsets[d] < c.offsets[d] + c.sizes[d]
+                })
+            })
+            .collect();
+        // Blocks of rows: every axis but the region's first spans the region exactly.
+        let rows_only = blocks.len() > 1
+            && !shape.is_empty()
+            && blocks.iter().all(|c| {
+                (0..sizes.len())
+                    .filter(|&d| d != skip)
+                    .all(|d| c.offsets[d] == offsets[d] && c.sizes[d] == sizes[d])
+            });
+        if !(self.cfg.row_pieces && rows_only) {
+            let info = TensorInfo::new(name, t.dtype, shape);
+            infos.push(info.clone());
+            self.planned.push(Planned {
+                info,
+                key: key.to_string(),
+                offsets,
+                sizes,
+            });
+            return;
+        }
+        let mut blocks: Vec<Chunk> = blocks.into_iter().cloned().collect();
+        blocks.sort_by_key(|c| c.offsets[skip]);
+        for c in blocks {
+            let row = c.offsets[skip] - offsets[skip];
+            let mut at = vec![row];
+            at.extend(std::iter::repeat_n(0, shape.len() - 1));
+            let info = TensorInfo::new(format!("{name}#{row}"), t.dtype, &c.sizes[skip..])
+                .with_shard(shape, &at);
+            infos.push(info.clone());
+            self.planned.push(Planned {
+                info,
+                key: key.to_string(),
+                offsets: c.offsets,
+                sizes: c.sizes,
+            });
+        }
+    }
+
     fn map(&mut self, file: &str) -> Result<Arc<Mmap>> {
         if let Some(m) = self.maps.get(file) {
             return Ok(m.clone());
@@ -138,7 +208,19 @@ impl TorchDistReader {
                 map.len()
             ))
         })?;
-        let it = tensor_item(item).map_err(|e| {
+        // The CRC check reads every page of the item. A small item stays resident for its
+        // consumer (its bytes count against the budget from now on); a large one would be
+        // resident whole, beyond what the budget allows, so each window goes once checked and
+        // the consumer brings the pages back a piece at a time.
+        let large = b - a > LARGE_ITEM;
+        let base = map.as_ptr() as usize;
+        let mut read = |w: &[u8]| {
+            if large {
+                let at = w.as_ptr() as usize - base;
+                release_pages(&map, at..at + w.len(), true);
+            }
+        };
+        let it = tensor_item(item, &mut read).map_err(|e| {
             PluginError::format(format!(
                 "{}: tensor '{key}' chunk at {:?}: {e}",
                 path.display(),
@@ -157,8 +239,6 @@ impl TorchDistReader {
             )));
         }
         let range = a + it.data.start..a + it.data.end;
-        // The CRC check just read every page of the item; let them go until they are used.
-        release_pages(&map, a..b, false);
         if let Some(m) = &self.manifest {
             let info = TensorInfo::new(
                 crate::writer::chunk_name(key, &c.offsets),
@@ -167,6 +247,9 @@ impl TorchDistReader {
             );
             m.check(&info, &map[range.clone()])
                 .map_err(|e| PluginError::mismatch(format!("{}: {e}", self.dir.display())))?;
+            if large {
+                release_pages(&map, range.clone(), true);
+            }
         }
         Ok((map, range))
     }
@@ -185,7 +268,7 @@ impl Source for TorchDistReader {
             planned: Vec::new(),
             maps: HashMap::new(),
             // Idle allocations kept for reuse (bounded: they are outside the budget's count).
-            pool: BufferPool::new(16 << 20),
+            pool: BufferPool::new(64 << 20),
             manifest: None,
         })
     }
@@ -193,13 +276,14 @@ impl Source for TorchDistReader {
     fn plan(&mut self) -> Result<StreamPlan> {
         self.dir = resolve_dir(&self.cfg.path)?;
         self.meta = read_metadata(&self.dir)?;
+        let meta = std::mem::take(&mut self.meta);
         if self.cfg.verify {
             let m = self.dir.join(bridgeflow_sdk::manifest::MANIFEST_FILE);
             self.manifest = Some(bridgeflow_sdk::manifest::Manifest::load(&m)?);
         }
         let mut infos = Vec::new();
         self.planned.clear();
-        for (key, t) in &self.meta.tensors {
+        for (key, t) in &meta.tensors {
             if self.cfg.split_layers && is_stacked(key, t) {
                 let rest = &key["decoder.layers.".len()..];
                 for l in 0..t.size[0] {
@@ -208,26 +292,14 @@ impl Source for TorchDistReader {
                     sizes[0] = 1;
                     let mut offsets = vec![0; t.size.len()];
                     offsets[0] = l;
-                    infos.push(TensorInfo::new(name.clone(), t.dtype, &t.size[1..]));
-                    self.planned.push(Planned {
-                        name,
-                        key: key.clone(),
-                        offsets,
-                        sizes,
-                        drop_first: true,
-                    });
+                    self.plan_region(&mut infos, key, t, name, offsets, sizes, true);
                 }
             } else {
-                infos.push(TensorInfo::new(key.clone(), t.dtype, &t.size));
-                self.planned.push(Planned {
-                    name: key.clone(),
-                    key: key.clone(),
-                    offsets: vec![0; t.size.len()],
-                    sizes: t.size.clone(),
-                    drop_first: false,
-                });
+                let (offsets, sizes) = (vec![0; t.size.len()], t.size.clone());
+                self.plan_region(&mut infos, key, t, key.clone(), offsets, sizes, false);
             }
         }
+        self.meta = meta;
         let mut plan = StreamPlan::new(infos);
         plan.set_attr("format", "torch_dist".into());
         plan.set_attr(
@@ -250,12 +322,7 @@ impl Source for TorchDistReader {
         for p in planned {
             let t = self.meta.tensors[&p.key].clone();
             let es = t.dtype.size();
-            let shape: Vec<u64> = if p.drop_first {
-                p.sizes[1..].to_vec()
-            } else {
-                p.sizes.clone()
-            };
-            let info = TensorInfo::new(p.name.clone(), t.dtype, &shape);
+            let info = p.info;
             let whole = p.sizes == t.size;
             // A region stored as exactly one chunk (a whole tensor, or one layer of a stacked
             // one) is a view of the map: no copy.

@@ -111,6 +111,17 @@ fn parse(b: &[u8]) -> Option<Result<Vec<Entry>, String>> {
 /// The record whose name ends with `suffix` (archives prefix names with `archive/` or the file
 /// stem), CRC-checked.
 pub fn find<'a>(b: &'a [u8], entries: &[Entry], suffix: &str) -> Result<&'a [u8], String> {
+    find_with(b, entries, suffix, &mut |_| {})
+}
+
+/// [`find`], telling `read` of each window of the record once its CRC has read it (a reader of
+/// a memory map lets those pages go: a record larger than memory is then never resident whole).
+pub fn find_with<'a>(
+    b: &'a [u8],
+    entries: &[Entry],
+    suffix: &str,
+    read: &mut dyn FnMut(&[u8]),
+) -> Result<&'a [u8], String> {
     let e = entries
         .iter()
         .find(|e| {
@@ -120,7 +131,12 @@ pub fn find<'a>(b: &'a [u8], entries: &[Entry], suffix: &str) -> Result<&'a [u8]
         })
         .ok_or_else(|| format!("no '{suffix}' record in the archive"))?;
     let data = &b[e.data.clone()];
-    if crc32fast::hash(data) != e.crc {
+    let mut crc = crc32fast::Hasher::new();
+    for w in data.chunks(8 << 20) {
+        crc.update(w);
+        read(w);
+    }
+    if crc.finalize() != e.crc {
         return Err(format!(
             "record '{}' fails its CRC-32 check (corrupt)",
             e.name
