@@ -211,7 +211,13 @@ config = {{ path = "{}" }}
             "0"
         );
         let iter = out.join("iter_0000000");
-        for f in [".metadata", "__0_0.distcp", "common.pt", "metadata.json"] {
+        for f in [
+            ".metadata",
+            "__0_0.distcp",
+            "__0_1.distcp",
+            "common.pt",
+            "metadata.json",
+        ] {
             assert!(iter.join(f).is_file(), "{f}");
         }
         let got = load_tensors(&to_safetensors(dir.path(), &out, false));

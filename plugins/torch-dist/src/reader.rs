@@ -268,7 +268,7 @@ impl Source for TorchDistReader {
             planned: Vec::new(),
             maps: HashMap::new(),
             // Idle allocations kept for reuse (bounded: they are outside the budget's count).
-            pool: BufferPool::new(64 << 20),
+            pool: BufferPool::new(16 << 20),
             manifest: None,
         })
     }

@@ -1,27 +1,34 @@
 //! The writer: a torch_dist checkpoint as megatron-core writes it, laid out from the stream plan
 //! so that every item's place is known before data arrives: each tensor piece becomes one
-//! `torch.save` archive at a fixed offset of `__0_0.distcp`, its payload written as it comes and
-//! its frame (CRC-32s, central directory) completed right after. `.metadata` and the rest are
-//! written at commit, and the checkpoint root appears under its name only then.
+//! `torch.save` archive at a fixed offset of one of the data files `__0_{i}.distcp`, its payload
+//! written as it comes and its frame (CRC-32s, central directory) completed right after. Each
+//! data file has its own thread, so the files fill in parallel (megatron-core also writes two
+//! files per rank). `.metadata` and the rest are written at commit, and the checkpoint root
+//! appears under its name only then.
 //!
 //! Layout: `ROOT/latest_checkpointed_iteration.txt`, `ROOT/iter_XXXXXXX/{.metadata,
-//! __0_0.distcp, common.pt, metadata.json}` — the layout both megatron-core 0.16 and 0.19 load
-//! (the common state in `common.pt`, the four-key `metadata.json`).
+//! __0_0.distcp, __0_1.distcp, common.pt, metadata.json}` — the layout both megatron-core 0.16
+//! and 0.19 load (the common state in `common.pt`, the four-key `metadata.json`).
 
 use crate::emit::{either::Arg, none_list_pickle, tensor_pickle, Archive, Pickler};
 use bridgeflow_sdk::manifest::{Hasher, Manifest, MANIFEST_FILE};
 use bridgeflow_sdk::TensorInfo;
-use bridgeflow_sdk::{schemars, serde, DType, Item, PluginError, Result, Sink, StreamPlan};
+use bridgeflow_sdk::{schemars, serde, DType, Item, PluginError, Result, Sink, StreamPlan, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread::JoinHandle;
 
 fn auto() -> String {
     "auto".into()
 }
 fn yes() -> bool {
     true
+}
+fn two() -> usize {
+    2
 }
 
 #[derive(serde::Deserialize, schemars::JsonSchema)]
@@ -49,6 +56,10 @@ pub struct WriterConfig {
     /// true); the reader checks it with `verify = true`.
     #[serde(default = "yes")]
     pub manifest: bool,
+    /// Data files `__0_{i}.distcp`, each written by its own thread (default 2, as megatron-core
+    /// writes); items are spread over them by size.
+    #[serde(default = "two")]
+    pub files: usize,
 }
 
 struct Piece {
@@ -57,18 +68,85 @@ struct Piece {
     global: Vec<u64>,
     offsets: Vec<u64>,
     local: Vec<u64>,
+    /// Which data file, and where in it.
+    file: usize,
     item_offset: u64,
+    item_len: u64,
+    /// Until the tensor arrives: its archive, to be completed by the file's thread.
+    archive: Option<Archive>,
+}
+
+/// One tensor for a data file's thread: its payload goes at `payload_at`, then the archive's
+/// frame at `item_offset`.
+struct Job {
+    piece: usize,
+    tensor: Tensor,
+    item_offset: u64,
+    payload_at: u64,
     archive: Archive,
-    written: bool,
+}
+
+/// What a data file's thread reports for each item: the piece and its payload's blake3.
+type Written = (usize, Option<String>);
+
+/// A data file and the thread that fills it.
+struct DataFile {
+    name: String,
+    jobs: Option<SyncSender<Job>>,
+    thread: Option<JoinHandle<Result<Vec<Written>>>>,
+}
+
+/// The body of a data file's thread: writes each item as it comes, payload in windows (telling
+/// the buffer's owner after each, so a large tensor never becomes resident whole), then its frame
+/// with the CRC-32; fsyncs at the end when asked.
+fn fill_data_file(
+    file: File,
+    path: PathBuf,
+    jobs: Receiver<Job>,
+    hash: bool,
+    fsync: bool,
+) -> Result<Vec<Written>> {
+    let write = |off: u64, b: &[u8]| {
+        file.write_all_at(b, off)
+            .map_err(|e| PluginError::io(&path, "cannot write", e))
+    };
+    let mut written = Vec::new();
+    for mut job in jobs {
+        let bytes = job.tensor.bytes();
+        let mut crc = crc32fast::Hasher::new();
+        let mut hasher = hash.then(Hasher::new);
+        const WINDOW: usize = 8 << 20;
+        let mut done = 0;
+        while done < bytes.len() {
+            let end = (done + WINDOW).min(bytes.len());
+            write(job.payload_at + done as u64, &bytes[done..end])?;
+            crc.update(&bytes[done..end]);
+            if let Some(h) = hasher.as_mut() {
+                h.update(&bytes[done..end]);
+            }
+            job.tensor.data.discard(done..end);
+            done = end;
+        }
+        for (off, b) in job.archive.frame(crc.finalize()) {
+            write(job.item_offset + off, &b)?;
+        }
+        written.push((job.piece, hasher.map(|h| h.finish())));
+    }
+    if fsync {
+        file.sync_all()
+            .map_err(|e| PluginError::io(&path, "cannot sync", e))?;
+    }
+    Ok(written)
 }
 
 pub struct TorchDistWriter {
     cfg: WriterConfig,
     staging: Option<PathBuf>,
     iter_dir: PathBuf,
-    file: Option<File>,
+    files: Vec<DataFile>,
     pieces: Vec<Piece>,
     by_name: HashMap<String, usize>,
+    /// Byte objects: key, offset and length in data file 0.
     bytes_items: Vec<(String, u64, u64)>,
     source_dir: Option<PathBuf>,
     run_config: Option<String>,
@@ -82,7 +160,9 @@ pub fn chunk_name(key: &str, offsets: &[u64]) -> String {
     format!("{key}@{}", o.join(","))
 }
 
-const FILE: &str = "__0_0.distcp";
+fn data_file_name(i: usize) -> String {
+    format!("__0_{i}.distcp")
+}
 
 fn layer_split(name: &str) -> Option<(u64, &str)> {
     let rest = name.strip_prefix("decoder.layers.")?;
@@ -95,10 +175,29 @@ impl TorchDistWriter {
         bridgeflow_sdk::fsutil::hidden_sibling(&self.cfg.path, "partial")
     }
 
-    fn write_at(&self, off: u64, bytes: &[u8]) -> Result<()> {
-        let f = self.file.as_ref().expect("opened");
-        f.write_all_at(bytes, off)
-            .map_err(|e| PluginError::io(self.iter_dir.join(FILE), "cannot write", e))
+    /// Closes the data files' queues and waits for their threads: what they wrote, or the
+    /// first error.
+    fn finish_files(&mut self) -> Result<Vec<Written>> {
+        let mut all = Vec::new();
+        let mut first_err = None;
+        for f in &mut self.files {
+            f.jobs = None;
+            if let Some(t) = f.thread.take() {
+                match t.join() {
+                    Ok(Ok(w)) => all.extend(w),
+                    Ok(Err(e)) => {
+                        first_err.get_or_insert(e);
+                    }
+                    Err(_) => {
+                        first_err.get_or_insert(PluginError::internal(format!(
+                            "the thread writing {} panicked",
+                            f.name
+                        )));
+                    }
+                }
+            }
+        }
+        first_err.map_or(Ok(all), Err)
     }
 
     fn metadata_pickle(&self) -> Vec<u8> {
@@ -159,7 +258,12 @@ impl TorchDistWriter {
         p.none();
         p.str("storage_data");
         p.dict_begin();
-        let storage = |p: &mut Pickler, fqn: &str, offsets: Option<&[u64]>, off: u64, len: u64| {
+        let storage = |p: &mut Pickler,
+                       fqn: &str,
+                       offsets: Option<&[u64]>,
+                       file: usize,
+                       off: u64,
+                       len: u64| {
             p.newobj(M, "MetadataIndex");
             p.dict_begin();
             p.str("fqn");
@@ -176,7 +280,7 @@ impl TorchDistWriter {
             p.newobj("torch.distributed.checkpoint.filesystem", "_StorageInfo");
             p.dict_begin();
             p.str("relative_path");
-            p.str(FILE);
+            p.str(&data_file_name(file));
             p.str("offset");
             p.int(off as i64);
             p.str("length");
@@ -185,15 +289,16 @@ impl TorchDistWriter {
             p.build();
         };
         for (key, off, len) in &self.bytes_items {
-            storage(&mut p, key, None, *off, *len);
+            storage(&mut p, key, None, 0, *off, *len);
         }
         for piece in &self.pieces {
             storage(
                 &mut p,
                 &piece.key,
                 Some(&piece.offsets),
+                piece.file,
                 piece.item_offset,
-                piece.archive.total,
+                piece.item_len,
             );
         }
         p.dict_end();
@@ -217,7 +322,8 @@ impl TorchDistWriter {
     }
 
     fn remove_staging(&mut self) {
-        self.file = None;
+        let _ = self.finish_files();
+        self.files.clear();
         if let Some(s) = self.staging.take() {
             let _ = std::fs::remove_dir_all(s);
         }
@@ -244,8 +350,10 @@ impl TorchDistWriter {
                 sets.iter_mut().for_each(|s| s.sort());
                 sets.windows(2).all(|w| w[0] == w[1])
             };
-        let mut cursor = 0u64;
-        // Byte objects first, as megatron-core orders them.
+        // Bytes laid out so far in each data file.
+        let n_files = self.cfg.files.max(1);
+        let mut cursor = vec![0u64; n_files];
+        // Byte objects first (in file 0), as megatron-core orders them.
         let keys: Vec<String> = match &self.cfg.extra_state {
             Some(k) => k.clone(),
             None => plan
@@ -260,8 +368,8 @@ impl TorchDistWriter {
         let mut byte_archives = Vec::new();
         for k in keys {
             let a = Archive::new("archive", none_list_pickle(), None, &k).bytes();
-            self.bytes_items.push((k, cursor, a.len() as u64));
-            cursor += a.len() as u64;
+            self.bytes_items.push((k, cursor[0], a.len() as u64));
+            cursor[0] += a.len() as u64;
             byte_archives.push(a);
         }
         for t in &tensors {
@@ -300,6 +408,8 @@ impl TorchDistWriter {
                 &format!("{key}{offsets:?}"),
             );
             let total = archive.total;
+            // The emptiest file takes the item: the files fill evenly, in plan order.
+            let file = (0..n_files).min_by_key(|&i| cursor[i]).unwrap_or(0);
             self.by_name.insert(t.name().to_string(), self.pieces.len());
             self.pieces.push(Piece {
                 key,
@@ -307,11 +417,12 @@ impl TorchDistWriter {
                 global,
                 offsets,
                 local,
-                item_offset: cursor,
-                archive,
-                written: false,
+                file,
+                item_offset: cursor[file],
+                item_len: total,
+                archive: Some(archive),
             });
-            cursor += total;
+            cursor[file] += total;
         }
         // Each key's pieces must tile its global tensor, in one dtype.
         let mut per_key: BTreeMap<&str, (DType, &Vec<u64>, u64)> = BTreeMap::new();
@@ -338,15 +449,32 @@ impl TorchDistWriter {
         std::fs::create_dir_all(&self.iter_dir)
             .map_err(|e| PluginError::io(&self.iter_dir, "cannot create", e))?;
         self.staging = Some(staging);
-        let path = self.iter_dir.join(FILE);
-        let f = File::create(&path).map_err(|e| PluginError::io(&path, "cannot create", e))?;
-        // Blocks reserved up front: a full disk fails here, before any data is written.
-        bridgeflow_sdk::fsutil::reserve(&f, &path, cursor)?;
-        self.file = Some(f);
-        let mut off = 0;
-        for a in byte_archives {
-            self.write_at(off, &a)?;
-            off += a.len() as u64;
+        for (i, &size) in cursor.iter().enumerate() {
+            let name = data_file_name(i);
+            let path = self.iter_dir.join(&name);
+            let f = File::create(&path).map_err(|e| PluginError::io(&path, "cannot create", e))?;
+            // Blocks reserved up front: a full disk fails here, before any data is written.
+            bridgeflow_sdk::fsutil::reserve(&f, &path, size)?;
+            if i == 0 {
+                let mut off = 0;
+                for a in &byte_archives {
+                    f.write_all_at(a, off)
+                        .map_err(|e| PluginError::io(&path, "cannot write", e))?;
+                    off += a.len() as u64;
+                }
+            }
+            // A short queue: the budget counts what waits in it.
+            let (tx, rx) = sync_channel(2);
+            let (hash, fsync) = (self.cfg.manifest, self.cfg.fsync);
+            let thread = std::thread::Builder::new()
+                .name(format!("torch-dist {name}"))
+                .spawn(move || fill_data_file(f, path, rx, hash, fsync))
+                .map_err(|e| PluginError::internal(format!("cannot start a writer thread: {e}")))?;
+            self.files.push(DataFile {
+                name,
+                jobs: Some(tx),
+                thread: Some(thread),
+            });
         }
         Ok(())
     }
@@ -368,7 +496,7 @@ impl Sink for TorchDistWriter {
             cfg,
             staging: None,
             iter_dir: PathBuf::new(),
-            file: None,
+            files: Vec::new(),
             pieces: Vec::new(),
             by_name: HashMap::new(),
             bytes_items: Vec::new(),
@@ -404,10 +532,10 @@ impl Sink for TorchDistWriter {
                 t.name()
             ))
         })?;
-        let expected: u64 =
-            self.pieces[i].local.iter().product::<u64>() * self.pieces[i].dtype.size() as u64;
-        if self.pieces[i].written
-            || t.info.dtype != self.pieces[i].dtype
+        let piece = &mut self.pieces[i];
+        let expected: u64 = piece.local.iter().product::<u64>() * piece.dtype.size() as u64;
+        if piece.archive.is_none()
+            || t.info.dtype != piece.dtype
             || t.bytes().len() as u64 != expected
         {
             return Err(PluginError::shape(format!(
@@ -415,52 +543,41 @@ impl Sink for TorchDistWriter {
                 t.name()
             )));
         }
-        let base = self.pieces[i].item_offset
-            + self.pieces[i]
-                .archive
-                .payload_offset()
-                .expect("tensor item");
-        let bytes = t.bytes();
-        let mut crc = crc32fast::Hasher::new();
-        let mut hash = self.cfg.manifest.then(Hasher::new);
-        const CHUNK: usize = 8 << 20;
-        let mut done = 0;
-        while done < bytes.len() {
-            let end = (done + CHUNK).min(bytes.len());
-            self.write_at(base + done as u64, &bytes[done..end])?;
-            crc.update(&bytes[done..end]);
-            if let Some(h) = hash.as_mut() {
-                h.update(&bytes[done..end]);
-            }
-            t.data.discard(done..end);
-            done = end;
-        }
-        let item_offset = self.pieces[i].item_offset;
-        let runs = self.pieces[i].archive.frame(crc.finalize());
-        for (off, b) in runs {
-            self.write_at(item_offset + off, &b)?;
-        }
-        self.pieces[i].written = true;
-        if let Some(h) = hash {
-            let p = &self.pieces[i];
-            let info = TensorInfo::new(chunk_name(&p.key, &p.offsets), p.dtype, &p.local);
-            self.manifest
-                .add_hashed(&info, bytes.len() as u64, h.finish());
+        let archive = piece.archive.take().expect("checked");
+        let job = Job {
+            piece: i,
+            item_offset: piece.item_offset,
+            payload_at: piece.item_offset + archive.payload_offset().expect("tensor item"),
+            archive,
+            tensor: t,
+        };
+        let file = piece.file;
+        let sent = self.files[file].jobs.as_ref().map(|q| q.send(job).is_ok());
+        if sent != Some(true) {
+            // The file's thread stopped: its error says why.
+            self.finish_files()?;
+            return Err(PluginError::internal(format!(
+                "the thread writing {} stopped",
+                self.files[file].name
+            )));
         }
         Ok(())
     }
 
     fn commit(&mut self) -> Result<String> {
-        if let Some(p) = self.pieces.iter().find(|p| !p.written) {
+        if let Some(p) = self.pieces.iter().find(|p| p.archive.is_some()) {
             return Err(PluginError::shape(format!(
                 "tensor for '{}' at {:?} never arrived; nothing committed",
                 p.key, p.offsets
             )));
         }
-        if self.cfg.fsync {
-            if let Some(f) = &self.file {
-                f.sync_all()
-                    .map_err(|e| PluginError::io(self.iter_dir.join(FILE), "cannot sync", e))?;
+        // Every item written (and fsynced when asked) before anything names them.
+        for (i, hash) in self.finish_files()? {
+            if let Some(h) = hash {
+                let p = &self.pieces[i];
+                let info = TensorInfo::new(chunk_name(&p.key, &p.offsets), p.dtype, &p.local);
+                let len = info.nbytes().unwrap_or(0);
+                self.manifest.add_hashed(&info, len, h);
             }
         }
         let write = |p: PathBuf, b: &[u8]| {
@@ -504,7 +621,7 @@ impl Sink for TorchDistWriter {
             staging.join("latest_checkpointed_iteration.txt"),
             self.cfg.iteration.to_string().as_bytes(),
         )?;
-        self.file = None;
+        self.files.clear();
         let target = self.cfg.path.clone();
         bridgeflow_sdk::fsutil::commit(&staging, &target)?;
         self.staging = None;
@@ -512,10 +629,11 @@ impl Sink for TorchDistWriter {
         let keys: std::collections::BTreeSet<&str> =
             self.pieces.iter().map(|p| p.key.as_str()).collect();
         Ok(format!(
-            "wrote {} tensor keys in {} items (+{} byte objects) to {}",
+            "wrote {} tensor keys in {} items (+{} byte objects) in {} data files to {}",
             keys.len(),
             self.pieces.len(),
             self.bytes_items.len(),
+            self.cfg.files.max(1),
             Path::new(&target).display()
         ))
     }
