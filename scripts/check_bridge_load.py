@@ -21,10 +21,23 @@ ckpt, hf = Path(sys.argv[1]), Path(sys.argv[2])
 out = Path(sys.argv[3]) if len(sys.argv) > 3 else Path(tempfile.mkdtemp()) / "export"
 
 from megatron.bridge import AutoBridge  # noqa: E402
-from megatron.bridge.training.model_load_save import load_model_config  # noqa: E402
+from megatron.bridge.training import model_load_save  # noqa: E402
 
 mb_cpu_shim.enable_cpu_mode()
 mb_cpu_shim.patch_autobridge_for_cpu()
+
+# On this CPU-only machine the provider built from run_config.yaml needs the shim's CPU layer
+# spec instead of Transformer Engine's default (a GPU machine would not).
+_load = model_load_save.load_model_config
+
+
+def load_model_config(path):
+    cfg, args = _load(path)
+    mb_cpu_shim.make_provider_cpu_friendly(cfg)
+    return cfg, args
+
+
+model_load_save.load_model_config = load_model_config
 iter_dir = max(ckpt.glob("iter_*"))
 cfg, _ = load_model_config(str(iter_dir))
 print("run_config.yaml model:", type(cfg).__name__,

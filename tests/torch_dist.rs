@@ -397,10 +397,32 @@ fn export_needs_only_the_checkpoint() {
         load_tensors(&out),
         load_tensors(&fixtures().join("hf/llama/model.safetensors"))
     );
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-    assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
-    assert_eq!(cfg["num_key_value_heads"], 2);
+    // Every field the model needs comes back from Bridge's model section.
+    let (got, want) = (config_json(&out), config_json(&fixtures().join("hf/llama")));
+    for k in [
+        "architectures",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "vocab_size",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "rope_parameters",
+        "attention_bias",
+        "mlp_bias",
+        "initializer_range",
+        "dtype",
+    ] {
+        assert_eq!(got[k], want[k], "{k}");
+    }
+}
+
+fn config_json(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
 }
 
 #[test]
@@ -573,6 +595,8 @@ fn llama_family_logits_and_round_trips() {
             load_tensors(&hf.join("model.safetensors")),
             "{name}"
         );
+        // Our run_config.yaml keeps the original config.json: export gives it back exactly.
+        assert_eq!(config_json(&back), config_json(&hf), "{name}: config.json");
     }
 }
 

@@ -420,12 +420,23 @@ impl Transform for Mapper {
         };
         self.model = Some(model_config_from(&hf, &path)?);
         let mut plan = if self.to_megatron {
+            use crate::megatron_config::{model_section, run_config, to_yaml};
             let mut p = self.plan_to_megatron(input)?;
-            let fields = crate::megatron_config::megatron_fields(&hf);
-            p.set_attr(
-                "run_config_yaml",
-                crate::megatron_config::run_config_yaml(&fields).into(),
+            // Bridge's hf_model_id and tokenizer_model: the HF folder we read.
+            let source = input
+                .attr_str("source_dir")
+                .map(|d| std::fs::canonicalize(&d).map_or(d, |p| p.display().to_string()));
+            let model = model_section(
+                &hf,
+                source.as_deref(),
+                self.cfg.make_vocab_size_divisible_by,
+                self.cfg.tensor_parallel.max(1),
+            )?;
+            let yaml = to_yaml(
+                &run_config(&hf, model, source.as_deref()),
+                "# Written by bridgeflow as Megatron-Bridge writes it: `model` instantiates a\n# GPTModelProvider (load_megatron_model, export_ckpt); `bridgeflow.hf_config` is the\n# original config.json, from which export rebuilds it exactly.\n",
             );
+            p.set_attr("run_config_yaml", yaml.into());
             p
         } else {
             self.plan_to_hf(input)?

@@ -1,142 +1,348 @@
-//! The model's configuration both ways: HF `config.json` → the Megatron model fields a
-//! checkpoint carries (written into its `run_config.yaml` `model:` section, with
-//! Megatron-Bridge's field names), and those fields → an HF `config.json`, so that a checkpoint
-//! exports with nothing but itself (ours, or one Megatron-Bridge wrote).
+//! The model's configuration both ways. Import writes the checkpoint's `run_config.yaml` as
+//! Megatron-Bridge writes it — a `ConfigContainer` whose `model:` section instantiates a
+//! `GPTModelProvider` (so Bridge's `load_megatron_model` and `export_ckpt` build the model from
+//! it), with `checkpoint:` and `tokenizer:` sections — plus a `bridgeflow:` section keeping the
+//! original HF `config.json`. Export rebuilds `config.json` from that, or from the model section
+//! of a checkpoint Megatron-Bridge wrote, so a checkpoint exports with nothing but itself.
 
 use bridgeflow_sdk::{PluginError, Result};
 use serde_json::{json, Map, Value};
 use std::path::Path;
 use yaml_rust2::{Yaml, YamlLoader};
 
-/// Megatron model fields from an HF config (Llama family).
-pub fn megatron_fields(hf: &Value) -> Map<String, Value> {
-    let heads = hf["num_attention_heads"].as_u64().unwrap_or(1);
-    let hidden = hf["hidden_size"].as_u64().unwrap_or(0);
-    let theta = hf["rope_parameters"]["rope_theta"]
-        .as_f64()
-        .or_else(|| hf["rope_theta"].as_f64())
-        .unwrap_or(10000.0);
-    let arch = hf["architectures"][0]
-        .as_str()
-        .unwrap_or("LlamaForCausalLM");
-    let mut m = Map::new();
-    m.insert("num_layers".into(), hf["num_hidden_layers"].clone());
-    m.insert("hidden_size".into(), hidden.into());
-    m.insert("ffn_hidden_size".into(), hf["intermediate_size"].clone());
-    m.insert("num_attention_heads".into(), heads.into());
-    m.insert(
-        "num_query_groups".into(),
-        hf.get("num_key_value_heads")
-            .cloned()
-            .unwrap_or(heads.into()),
-    );
-    m.insert(
-        "kv_channels".into(),
-        hf.get("head_dim")
-            .cloned()
-            .unwrap_or((hidden / heads).into()),
-    );
-    m.insert("layernorm_epsilon".into(), hf["rms_norm_eps"].clone());
-    m.insert("rotary_base".into(), theta.into());
-    m.insert("vocab_size".into(), hf["vocab_size"].clone());
-    m.insert("seq_length".into(), hf["max_position_embeddings"].clone());
-    m.insert(
-        "share_embeddings_and_output_weights".into(),
-        hf["tie_word_embeddings"].as_bool().unwrap_or(false).into(),
-    );
-    m.insert(
-        "add_qkv_bias".into(),
-        (hf["attention_bias"].as_bool().unwrap_or(false) || arch == "Qwen2ForCausalLM").into(),
-    );
-    m.insert("qk_layernorm".into(), (arch == "Qwen3ForCausalLM").into());
+/// HF `config.json` key ⇄ Megatron model field, used both ways (Megatron-Bridge's names).
+const FIELDS: &[(&str, &str)] = &[
+    ("num_hidden_layers", "num_layers"),
+    ("hidden_size", "hidden_size"),
+    ("intermediate_size", "ffn_hidden_size"),
+    ("num_attention_heads", "num_attention_heads"),
+    ("num_key_value_heads", "num_query_groups"),
+    ("head_dim", "kv_channels"),
+    ("vocab_size", "vocab_size"),
+    ("max_position_embeddings", "seq_length"),
+    ("rms_norm_eps", "layernorm_epsilon"),
+    ("initializer_range", "init_method_std"),
+    ("attention_dropout", "attention_dropout"),
+    ("tie_word_embeddings", "share_embeddings_and_output_weights"),
+    ("attention_bias", "add_qkv_bias"),
+    ("mlp_bias", "add_bias_linear"),
+];
+
+/// What every Llama-family model is in Megatron terms.
+fn family_fields(m: &mut Map<String, Value>) {
     m.insert("normalization".into(), "RMSNorm".into());
     m.insert("gated_linear_unit".into(), true.into());
     m.insert("position_embedding_type".into(), "rope".into());
-    m.insert("hf_architecture".into(), arch.into());
-    if let Some(d) = hf.get("dtype").or_else(|| hf.get("torch_dtype")) {
-        m.insert("hf_dtype".into(), d.clone());
-    }
-    m
+    m.insert("rotary_percent".into(), 1.0.into());
+    m.insert("hidden_dropout".into(), 0.0.into());
+    m.insert(
+        "activation_func".into(),
+        callable("torch.nn.functional.silu"),
+    );
 }
 
-/// The `run_config.yaml` bridgeflow writes: the model section only.
-pub fn run_config_yaml(fields: &Map<String, Value>) -> String {
-    let mut s = String::from(
-        "# Written by bridgeflow: the model section of a Megatron-Bridge run config, with its field\n# names; bridgeflow reads it back to export without the original HF config.\nmodel:\n",
-    );
-    for (k, v) in fields {
-        let val = match v {
-            Value::String(x) => x.clone(),
-            Value::Null => "null".into(),
-            Value::Number(n) if n.is_f64() => {
-                let f = n.as_f64().unwrap();
-                if f.fract() == 0.0 && f.abs() < 1e15 {
-                    format!("{f:.1}")
-                } else if (1e-4..1e15).contains(&f.abs()) {
-                    format!("{f}")
-                } else {
-                    // YAML 1.1 readers (PyYAML) need a dot and a signed exponent: 1.0e-06.
-                    let e = format!("{f:e}");
-                    let (m, x) = e.split_once('e').unwrap_or((&e, "0"));
-                    let m = if m.contains('.') {
-                        m.to_string()
-                    } else {
-                        format!("{m}.0")
-                    };
-                    let x = if x.starts_with('-') {
-                        x.to_string()
-                    } else {
-                        format!("+{x}")
-                    };
-                    format!("{m}e{x}")
-                }
-            }
-            other => other.to_string(),
-        };
-        s.push_str(&format!("  {k}: {val}\n"));
+/// A reference to a Python object, as Bridge's `instantiate` reads it (not called).
+fn callable(target: &str) -> Value {
+    json!({"_call_": false, "_target_": target})
+}
+
+fn rope_theta(hf: &Value) -> f64 {
+    hf["rope_parameters"]["rope_theta"]
+        .as_f64()
+        .or_else(|| hf["rope_theta"].as_f64())
+        .unwrap_or(10000.0)
+}
+
+/// RoPE scaling (`rope_scaling` in transformers 4, `rope_parameters` in 5) as Bridge maps it:
+/// llama3 → `rope_scaling` + factor, linear → `seq_len_interpolation_factor`.
+fn rope_scaling(hf: &Value) -> Result<Option<(&'static str, f64)>> {
+    let r = if hf["rope_scaling"].is_object() {
+        &hf["rope_scaling"]
+    } else {
+        &hf["rope_parameters"]
+    };
+    let kind = r["rope_type"].as_str().or_else(|| r["type"].as_str());
+    let factor = r["factor"].as_f64();
+    match (kind, factor) {
+        (None | Some("default"), _) => Ok(None),
+        (Some("llama3"), f) => Ok(Some(("rope_scaling_factor", f.unwrap_or(8.0)))),
+        (Some("linear"), Some(f)) => Ok(Some(("seq_len_interpolation_factor", f))),
+        (Some(k), _) => Err(PluginError::unsupported(format!(
+            "RoPE scaling '{k}' has no Megatron equivalent in the llama mapper (llama3 and linear do)"
+        ))),
     }
+}
+
+/// The Megatron model section for an HF config (Llama family): Bridge's `GPTModelProvider`
+/// fields. `source` is the HF folder (Bridge's `hf_model_id`).
+pub fn model_section(
+    hf: &Value,
+    source: Option<&str>,
+    vocab_divisible_by: u64,
+    tp: u64,
+) -> Result<Map<String, Value>> {
+    let arch = hf["architectures"][0]
+        .as_str()
+        .unwrap_or("LlamaForCausalLM");
+    let heads = hf["num_attention_heads"].as_u64().unwrap_or(1);
+    let hidden = hf["hidden_size"].as_u64().unwrap_or(0);
+    let mut m = Map::new();
+    m.insert(
+        "_target_".into(),
+        "megatron.bridge.models.gpt_provider.GPTModelProvider".into(),
+    );
+    for (h, meg) in FIELDS {
+        if let Some(v) = hf.get(*h).filter(|v| !v.is_null()) {
+            m.insert((*meg).into(), v.clone());
+        }
+    }
+    // GPTModelProvider defaults to biased linears; this family has none unless it says so.
+    m.entry("add_bias_linear").or_insert(false.into());
+    m.entry("add_qkv_bias").or_insert(false.into());
+    if let Some(w) = hf["sliding_window"].as_u64() {
+        // Mistral's window, as Megatron counts it (tokens before the current one).
+        m.insert("window_size".into(), json!([w.saturating_sub(1), 0]));
+    }
+    m.entry("num_query_groups").or_insert(heads.into());
+    m.entry("kv_channels").or_insert((hidden / heads).into());
+    m.insert("rotary_base".into(), rope_theta(hf).into());
+    match rope_scaling(hf)? {
+        Some(("rope_scaling_factor", f)) => {
+            m.insert("rope_scaling".into(), true.into());
+            m.insert("rope_scaling_factor".into(), f.into());
+        }
+        Some((field, f)) => {
+            m.insert(field.into(), f.into());
+        }
+        None => {}
+    }
+    // Qwen2 always has q/k/v biases (no attention_bias key); Qwen3 normalises q and k.
+    if arch == "Qwen2ForCausalLM" {
+        m.insert("add_qkv_bias".into(), true.into());
+    }
+    m.insert("qk_layernorm".into(), (arch == "Qwen3ForCausalLM").into());
+    family_fields(&mut m);
+    match hf
+        .get("dtype")
+        .or_else(|| hf.get("torch_dtype"))
+        .and_then(Value::as_str)
+    {
+        Some(d @ ("bfloat16" | "float16")) => {
+            m.insert(
+                if d == "bfloat16" { "bf16" } else { "fp16" }.into(),
+                true.into(),
+            );
+            for f in ["params_dtype", "pipeline_dtype"] {
+                m.insert(f.into(), callable(&format!("torch.{d}")));
+            }
+        }
+        _ => {}
+    }
+    m.insert(
+        "make_vocab_size_divisible_by".into(),
+        vocab_divisible_by.into(),
+    );
+    m.insert("tensor_model_parallel_size".into(), tp.into());
+    m.insert("pipeline_model_parallel_size".into(), 1.into());
+    if let Some(s) = source {
+        m.insert("hf_model_id".into(), s.into());
+    }
+    Ok(m)
+}
+
+/// The whole `run_config.yaml` for an import.
+pub fn run_config(hf: &Value, model: Map<String, Value>, source: Option<&str>) -> Value {
+    let mut tokenizer = json!({
+        "_target_": "megatron.bridge.training.tokenizers.config.TokenizerConfig",
+        "tokenizer_type": "HuggingFaceTokenizer",
+    });
+    if let Some(s) = source {
+        tokenizer["tokenizer_model"] = s.into();
+    }
+    json!({
+        "_target_": "megatron.bridge.training.config.ConfigContainer",
+        "checkpoint": {
+            "_target_": "megatron.bridge.training.config.CheckpointConfig",
+            "ckpt_format": "torch_dist",
+            "fully_parallel_save": true,
+            "save_optim": false,
+            "save_rng": false,
+            "save_tokenizer_assets": true,
+        },
+        "model": model,
+        "tokenizer": tokenizer,
+        "bridgeflow": {"hf_config": hf},
+    })
+}
+
+/// YAML text of a JSON value, readable by PyYAML (YAML 1.1) and yaml-rust2 (1.2) alike.
+pub fn to_yaml(v: &Value, header: &str) -> String {
+    let mut s = header.to_string();
+    emit(&mut s, v, 0);
     s
 }
 
-fn scalar(y: &Yaml) -> Value {
+fn emit(s: &mut String, v: &Value, indent: usize) {
+    let pad = " ".repeat(indent);
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                s.push_str(&format!("{pad}{}:", scalar_text(&Value::String(k.clone()))));
+                block(s, x, indent);
+            }
+        }
+        Value::Array(a) => {
+            for x in a {
+                s.push_str(&format!("{pad}-"));
+                block(s, x, indent);
+            }
+        }
+        x => s.push_str(&format!("{pad}{}\n", scalar_text(x))),
+    }
+}
+
+/// The value after `key:` or `-`: inline when scalar or empty, else an indented block.
+fn block(s: &mut String, x: &Value, indent: usize) {
+    match x {
+        Value::Object(m) if !m.is_empty() => {
+            s.push('\n');
+            emit(s, x, indent + 2);
+        }
+        Value::Array(a) if !a.is_empty() => {
+            s.push('\n');
+            emit(s, x, indent + 2);
+        }
+        Value::Object(_) => s.push_str(" {}\n"),
+        Value::Array(_) => s.push_str(" []\n"),
+        _ => s.push_str(&format!(" {}\n", scalar_text(x))),
+    }
+}
+
+fn scalar_text(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => float_text(f),
+            _ => n.to_string(),
+        },
+        Value::String(x) => {
+            // Plain only when no YAML reader could take it for anything but this string.
+            let plain = !x.is_empty()
+                && x.chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && x.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_./-".contains(c))
+                && !matches!(
+                    x.to_ascii_lowercase().as_str(),
+                    "null" | "true" | "false" | "yes" | "no" | "on" | "off" | "y" | "n"
+                );
+            if plain {
+                x.clone()
+            } else {
+                // A JSON string is a valid YAML double-quoted scalar.
+                Value::String(x.clone()).to_string()
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+fn float_text(f: f64) -> String {
+    if !f.is_finite() {
+        return if f.is_nan() {
+            ".nan".into()
+        } else if f > 0.0 {
+            ".inf".into()
+        } else {
+            "-.inf".into()
+        };
+    }
+    if f.fract() == 0.0 && f.abs() < 1e15 {
+        return format!("{f:.1}");
+    }
+    if (1e-4..1e15).contains(&f.abs()) {
+        return format!("{f}");
+    }
+    // YAML 1.1 readers (PyYAML) need a dot and a signed exponent: 1.0e-06.
+    let e = format!("{f:e}");
+    let (m, x) = e.split_once('e').unwrap_or((&e, "0"));
+    let m = if m.contains('.') {
+        m.to_string()
+    } else {
+        format!("{m}.0")
+    };
+    let x = if x.starts_with('-') {
+        x.to_string()
+    } else {
+        format!("+{x}")
+    };
+    format!("{m}e{x}")
+}
+
+/// A YAML node as JSON (what the config code works on).
+fn to_json(y: &Yaml) -> Value {
     match y {
         Yaml::Integer(i) => json!(i),
-        Yaml::Real(r) => r.parse::<f64>().map(|f| json!(f)).unwrap_or(Value::Null),
+        Yaml::Real(r) => match r.trim_start_matches('+').to_ascii_lowercase().as_str() {
+            ".nan" => json!(f64::NAN),
+            ".inf" => json!(f64::INFINITY),
+            "-.inf" => json!(f64::NEG_INFINITY),
+            t => t.parse::<f64>().map(|f| json!(f)).unwrap_or(Value::Null),
+        },
         Yaml::Boolean(b) => json!(b),
         Yaml::String(s) => json!(s),
+        Yaml::Array(a) => Value::Array(a.iter().map(to_json).collect()),
+        Yaml::Hash(h) => Value::Object(
+            h.iter()
+                .filter_map(|(k, v)| {
+                    let key = match k {
+                        Yaml::String(s) => s.clone(),
+                        Yaml::Integer(i) => i.to_string(),
+                        Yaml::Boolean(b) => b.to_string(),
+                        _ => return None,
+                    };
+                    Some((key, to_json(v)))
+                })
+                .collect(),
+        ),
         _ => Value::Null,
     }
 }
 
-/// An HF config from a checkpoint's `run_config.yaml` (ours or Megatron-Bridge's).
+/// Parses YAML text (the first document) as JSON.
+pub fn parse_yaml(text: &str, path: &Path) -> Result<Value> {
+    let docs = YamlLoader::load_from_str(text)
+        .map_err(|e| PluginError::format(format!("{}: invalid YAML: {e}", path.display())))?;
+    Ok(docs.first().map(to_json).unwrap_or(Value::Null))
+}
+
+/// An HF config from a checkpoint's `run_config.yaml`: the original one bridgeflow kept, else
+/// rebuilt from the model section (Megatron-Bridge's, or an older bridgeflow's flat one).
 pub fn hf_config_from_run_config(path: &Path) -> Result<Value> {
     let text =
         std::fs::read_to_string(path).map_err(|e| PluginError::io(path, "cannot read", e))?;
-    let docs = YamlLoader::load_from_str(&text)
-        .map_err(|e| PluginError::format(format!("{}: invalid YAML: {e}", path.display())))?;
-    let model = docs
-        .first()
-        .map(|d| &d["model"])
-        .filter(|m| !m.is_badvalue())
+    let rc = parse_yaml(&text, path)?;
+    if rc["bridgeflow"]["hf_config"].is_object() {
+        return Ok(rc["bridgeflow"]["hf_config"].clone());
+    }
+    let model = rc
+        .get("model")
+        .filter(|m| m.is_object())
         .ok_or_else(|| PluginError::format(format!("{}: no model section", path.display())))?;
-    let f = |k: &str| scalar(&model[k]);
     let need = |k: &str| {
-        let v = f(k);
-        if v.is_null() {
-            Err(PluginError::format(format!(
-                "{}: model.{k} is missing",
-                path.display()
-            )))
-        } else {
-            Ok(v)
-        }
+        model
+            .get(k)
+            .filter(|v| !v.is_null())
+            .cloned()
+            .ok_or_else(|| PluginError::format(format!("{}: model.{k} is missing", path.display())))
     };
-    let qk_norm = f("qk_layernorm").as_bool().unwrap_or(false);
-    let qkv_bias = f("add_qkv_bias").as_bool().unwrap_or(false);
-    let arch = match f("hf_architecture").as_str() {
+    let flag = |k: &str| model[k].as_bool().unwrap_or(false);
+    let arch = match model["hf_architecture"].as_str() {
         Some(a) => a.to_string(),
-        None if qk_norm => "Qwen3ForCausalLM".into(),
-        None if qkv_bias => "Qwen2ForCausalLM".into(),
+        None if flag("qk_layernorm") => "Qwen3ForCausalLM".into(),
+        None if flag("add_qkv_bias") => "Qwen2ForCausalLM".into(),
         None => "LlamaForCausalLM".into(),
     };
     let model_type = match arch.as_str() {
@@ -145,36 +351,141 @@ pub fn hf_config_from_run_config(path: &Path) -> Result<Value> {
         "MistralForCausalLM" => "mistral",
         _ => "llama",
     };
-    let dtype = f("hf_dtype")
-        .as_str()
-        .map(str::to_owned)
-        .unwrap_or_else(|| {
-            if model["bf16"].as_bool() == Some(true) {
+    let dtype = match model["hf_dtype"].as_str() {
+        Some(d) => d.to_string(),
+        None => {
+            let params = model["params_dtype"]["_target_"].as_str().unwrap_or("");
+            if flag("bf16") || params == "torch.bfloat16" {
                 "bfloat16".into()
-            } else if model["fp16"].as_bool() == Some(true) {
+            } else if flag("fp16") || params == "torch.float16" {
                 "float16".into()
             } else {
                 "float32".into()
             }
-        });
+        }
+    };
+    let mut hf = Map::new();
+    hf.insert("architectures".into(), json!([arch]));
+    hf.insert("model_type".into(), model_type.into());
+    for (h, meg) in FIELDS {
+        if let Some(v) = model.get(*meg).filter(|v| !v.is_null()) {
+            hf.insert((*h).into(), v.clone());
+        }
+    }
+    for k in [
+        "num_layers",
+        "hidden_size",
+        "ffn_hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "kv_channels",
+        "layernorm_epsilon",
+        "vocab_size",
+    ] {
+        need(k)?;
+    }
     let theta = need("rotary_base")?;
-    Ok(json!({
-        "architectures": [arch],
-        "model_type": model_type,
-        "hidden_size": need("hidden_size")?,
-        "intermediate_size": need("ffn_hidden_size")?,
-        "num_hidden_layers": need("num_layers")?,
-        "num_attention_heads": need("num_attention_heads")?,
-        "num_key_value_heads": need("num_query_groups")?,
-        "head_dim": need("kv_channels")?,
-        "rms_norm_eps": need("layernorm_epsilon")?,
-        "rope_theta": theta,
-        "rope_parameters": {"rope_theta": theta, "rope_type": "default"},
-        "vocab_size": need("vocab_size")?,
-        "max_position_embeddings": f("seq_length"),
-        "tie_word_embeddings": f("share_embeddings_and_output_weights").as_bool().unwrap_or(false),
-        "attention_bias": qkv_bias,
-        "hidden_act": "silu",
-        "dtype": dtype,
-    }))
+    let mut rope = json!({"rope_theta": theta, "rope_type": "default"});
+    if flag("rope_scaling") {
+        // Megatron-Core's fixed llama3 parameters, as Bridge exports them.
+        rope = json!({
+            "rope_theta": theta, "rope_type": "llama3",
+            "factor": model["rope_scaling_factor"].as_f64().unwrap_or(8.0),
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        });
+    } else if let Some(f) = model["seq_len_interpolation_factor"].as_f64() {
+        rope = json!({"rope_theta": theta, "rope_type": "linear", "factor": f});
+    }
+    if let Some(w) = model["window_size"][0].as_u64() {
+        hf.insert("sliding_window".into(), (w + 1).into());
+    }
+    hf.insert("rope_theta".into(), theta);
+    hf.insert("rope_parameters".into(), rope);
+    hf.insert("hidden_act".into(), "silu".into());
+    hf.insert("dtype".into(), dtype.into());
+    hf.entry("tie_word_embeddings").or_insert(false.into());
+    hf.entry("attention_bias").or_insert(false.into());
+    Ok(Value::Object(hf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_config(name: &str) -> Value {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/fixtures/hf")
+            .join(name)
+            .join("config.json");
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn yaml_round_trips_hf_configs_exactly() {
+        let mut cfg = fixture_config("llama");
+        cfg["odd"] = json!({"s": "true", "t": "1e-05", "path": "/a b:c", "nested": [1, {"x": []}],
+                            "tiny": 1e-300, "big": 3e20, "neg": -2.5e-7, "empty": {}});
+        let text = to_yaml(&json!({ "c": cfg }), "# test\n");
+        let back = parse_yaml(&text, Path::new("t.yaml")).unwrap();
+        assert_eq!(back["c"], cfg, "{text}");
+    }
+
+    #[test]
+    fn bridge_model_section_rebuilds_the_hf_config() {
+        // Without the kept original, the model section alone gives back every field that
+        // matters to the mapper and to transformers.
+        for name in ["llama", "llama_bf16"] {
+            let hf = fixture_config(name);
+            let model = model_section(&hf, Some("/src"), 128, 1).unwrap();
+            assert_eq!(
+                model["_target_"],
+                "megatron.bridge.models.gpt_provider.GPTModelProvider"
+            );
+            let rc = json!({ "model": model });
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("run_config.yaml");
+            std::fs::write(&p, to_yaml(&rc, "")).unwrap();
+            let back = hf_config_from_run_config(&p).unwrap();
+            for k in [
+                "architectures",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "rms_norm_eps",
+                "vocab_size",
+                "max_position_embeddings",
+                "tie_word_embeddings",
+                "dtype",
+            ] {
+                assert_eq!(back[k], hf[k], "{name}: {k}");
+            }
+            assert_eq!(back["rope_parameters"], hf["rope_parameters"], "{name}");
+        }
+    }
+
+    #[test]
+    fn rope_scaling_both_ways_and_unknown_kinds_refused() {
+        let mut hf = fixture_config("llama");
+        hf["rope_parameters"] = json!({"rope_theta": 500000.0, "rope_type": "llama3", "factor": 32.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let m = model_section(&hf, None, 128, 1).unwrap();
+        assert_eq!(
+            (m["rope_scaling"].clone(), m["rope_scaling_factor"].clone()),
+            (json!(true), json!(32.0))
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run_config.yaml");
+        std::fs::write(&p, to_yaml(&json!({ "model": m }), "")).unwrap();
+        assert_eq!(
+            hf_config_from_run_config(&p).unwrap()["rope_parameters"],
+            hf["rope_parameters"]
+        );
+        hf["rope_parameters"]["rope_type"] = "yarn".into();
+        let e = model_section(&hf, None, 128, 1).unwrap_err();
+        assert!(e.message.contains("yarn"), "{}", e.message);
+    }
 }
