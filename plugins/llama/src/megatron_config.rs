@@ -122,21 +122,13 @@ pub fn model_section(
     }
     m.insert("qk_layernorm".into(), (arch == "Qwen3ForCausalLM").into());
     family_fields(&mut m);
-    match hf
-        .get("dtype")
-        .or_else(|| hf.get("torch_dtype"))
-        .and_then(Value::as_str)
-    {
-        Some(d @ ("bfloat16" | "float16")) => {
-            m.insert(
-                if d == "bfloat16" { "bf16" } else { "fp16" }.into(),
-                true.into(),
-            );
-            for f in ["params_dtype", "pipeline_dtype"] {
-                m.insert(f.into(), callable(&format!("torch.{d}")));
-            }
+    let dtype = hf.get("dtype").or_else(|| hf.get("torch_dtype"));
+    if let Some(d @ ("bfloat16" | "float16")) = dtype.and_then(Value::as_str) {
+        let flag = if d == "bfloat16" { "bf16" } else { "fp16" };
+        m.insert(flag.into(), true.into());
+        for f in ["params_dtype", "pipeline_dtype"] {
+            m.insert(f.into(), callable(&format!("torch.{d}")));
         }
-        _ => {}
     }
     m.insert(
         "make_vocab_size_divisible_by".into(),
