@@ -510,6 +510,37 @@ mod tests {
     use crate::checkpoint::read_metadata;
     use std::path::Path;
 
+    /// An item over 4 GiB: its frame carries ZIP64 sizes and offsets that place the payload
+    /// where the layout said (laid into a sparse file; torch itself read a 4.4 GB item of ours,
+    /// see scripts/check_zip64.py).
+    #[test]
+    fn items_over_4_gib_get_zip64_records() {
+        use std::os::unix::fs::FileExt;
+        let n: u64 = 5 << 30;
+        let mut a = Archive::new("archive", tensor_pickle(DType::U8, &[n]), Some(n), "big");
+        let (at, total) = (a.payload_offset().unwrap(), a.total);
+        assert!(total > n && at % 64 == 0);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("item");
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(total).unwrap();
+        for (off, b) in a.frame(0x1234_5678) {
+            f.write_all_at(&b, off).unwrap();
+        }
+        // SAFETY: a private read-only map of a file this test owns.
+        let map = unsafe { memmap2::Mmap::map(&f) }.unwrap();
+        let entries = crate::zip::entries(&map).unwrap();
+        let payload = entries.iter().find(|e| e.name.ends_with("data/0")).unwrap();
+        assert_eq!(payload.data, at as usize..(at + n) as usize);
+        assert_eq!(payload.crc, 0x1234_5678);
+        assert!(entries.iter().any(|e| e.name.ends_with("data.pkl")));
+    }
+
     /// Our archive for a tensor equals megatron-core's `torch.save` output byte for byte (given
     /// the same random serialization id).
     #[test]
