@@ -9,12 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
-work=${1:-/tmp/bridgeflow-bench}
-budget=${2:-256MiB}
-mkdir -p "$work"
-cargo build --release --quiet --workspace
-bin=target/release/bridgeflow
-export BRIDGEFLOW_PLUGIN_PATH=$PWD/target/release
+setup "$@"
 
 hf="$work/llama-1g"
 [ -f "$hf/model.safetensors" ] || target/release/make-checkpoint "$hf" 2048 8 5632 32000

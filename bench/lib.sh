@@ -2,6 +2,17 @@
 # page cache, each run into a fresh output after `sync`, and prints one row: best and median
 # wall seconds, GB/s of the given byte count at the median, and the peak RSS over the runs.
 
+# setup [WORKDIR] [BUDGET]: sets $work, $budget and $bin, builds the release binaries and points
+# the plugin search at them.
+setup() {
+  work=${1:-/tmp/bridgeflow-bench}
+  budget=${2:-256MiB}
+  mkdir -p "$work"
+  cargo build --release --quiet --workspace
+  bin=target/release/bridgeflow
+  export BRIDGEFLOW_PLUGIN_PATH=$PWD/target/release
+}
+
 header() { printf '%-34s %8s %9s %7s %12s\n' run "best s" "median s" "GB/s" "peak RSS MB"; }
 
 # bench_row LABEL BYTES OUTPUT CMD...   (OUTPUT is removed before each run)

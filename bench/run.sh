@@ -7,12 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
-work=${1:-/tmp/bridgeflow-bench}
-budget=${2:-256MiB}
-mkdir -p "$work"
-cargo build --release --quiet --workspace
-bin=target/release/bridgeflow
-export BRIDGEFLOW_PLUGIN_PATH=$PWD/target/release
+setup "$@"
 
 [ -f "$work/llama-1g/model.safetensors" ] || target/release/make-checkpoint "$work/llama-1g" 2048 8 5632 32000
 [ -f "$work/llama-4g/model.safetensors" ] || target/release/make-checkpoint "$work/llama-4g" 4096 8 11008 32000

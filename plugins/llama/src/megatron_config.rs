@@ -439,20 +439,8 @@ mod tests {
             let p = dir.path().join("run_config.yaml");
             std::fs::write(&p, to_yaml(&rc, "")).unwrap();
             let back = hf_config_from_run_config(&p).unwrap();
-            for k in [
-                "architectures",
-                "hidden_size",
-                "intermediate_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "head_dim",
-                "rms_norm_eps",
-                "vocab_size",
-                "max_position_embeddings",
-                "tie_word_embeddings",
-                "dtype",
-            ] {
+            let keys = FIELDS.iter().map(|(h, _)| *h);
+            for k in keys.chain(["architectures", "dtype"]) {
                 assert_eq!(back[k], hf[k], "{name}: {k}");
             }
             assert_eq!(back["rope_parameters"], hf["rope_parameters"], "{name}");
