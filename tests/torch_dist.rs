@@ -428,17 +428,26 @@ fn config_json(dir: &Path) -> serde_json::Value {
 #[test]
 fn unknown_architectures_are_named() {
     let dir = tempdir();
+    // The llama fixture under an architecture no table knows.
+    let hf = dir.path().join("falcon");
+    std::fs::create_dir(&hf).unwrap();
+    let src = fixtures().join("hf/llama");
+    std::fs::copy(src.join("model.safetensors"), hf.join("model.safetensors")).unwrap();
+    let mut cfg = config_json(&src);
+    cfg["architectures"] = serde_json::json!(["FalconForCausalLM"]);
+    std::fs::write(hf.join("config.json"), cfg.to_string()).unwrap();
     let e = convert(
         dir.path(),
         "hf-to-megatron.toml",
         &[
-            format!("input={}", fixtures().join("hf/gemma2").display()),
+            format!("input={}", hf.display()),
             format!("output={}", dir.path().join("x").display()),
         ],
     )
     .unwrap_err();
     assert!(
-        e.contains("architecture 'Gemma2ForCausalLM' is not handled by the llama mapper"),
+        e.contains("config.json")
+            && e.contains("architecture 'FalconForCausalLM' has no model table"),
         "{e}"
     );
     assert!(!dir.path().join("x").exists());

@@ -247,7 +247,7 @@ pub fn convert(
             ),
             stage(
                 "map",
-                "llama",
+                "models",
                 "mapper",
                 &["read"],
                 table(vec![("direction", Value::String("to-megatron".into()))]),
@@ -280,7 +280,7 @@ pub fn convert(
                         ("row_pieces", Value::Boolean(true)),
                     ]),
                 ),
-                stage("map", "llama", "mapper", &["read"], map),
+                stage("map", "models", "mapper", &["read"], map),
                 stage(
                     "write",
                     "safetensors",

@@ -5,7 +5,8 @@
 use crate::{PluginError, Result};
 
 /// How one Megatron tensor relates to HF tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Kind {
     /// One tensor, renamed.
     Direct,
@@ -18,62 +19,108 @@ pub enum Kind {
     GatedMlp,
 }
 
-/// One row of a model table. `{l}` in a name stands for the layer index.
-#[derive(Debug, Clone, Copy)]
+/// Which decoder layers a row applies to (an HF name may map differently in dense and MoE
+/// layers, e.g. DeepSeek's `post_attention_layernorm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layers {
+    #[default]
+    All,
+    Dense,
+    Moe,
+}
+
+/// One row of a model table. In names, `{l}` stands for the layer index and `{e}` for the
+/// expert index: an HF pattern with `{e}` maps each expert's tensor to its slice of a Megatron
+/// tensor stacked on a leading expert axis (`experts.experts.linear_fc1.weight` [E, rows, ...]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Entry {
     pub kind: Kind,
-    pub megatron: &'static str,
-    pub hf: &'static [&'static str],
+    pub megatron: String,
+    pub hf: Vec<String>,
+    #[serde(default)]
+    pub layers: Layers,
 }
 
 impl Entry {
-    pub const fn direct(megatron: &'static str, hf: &'static [&'static str]) -> Entry {
+    fn new(kind: Kind, megatron: &str, hf: &[&str]) -> Entry {
         Entry {
-            kind: Kind::Direct,
-            megatron,
-            hf,
+            kind,
+            megatron: megatron.to_string(),
+            hf: hf.iter().map(|s| s.to_string()).collect(),
+            layers: Layers::All,
         }
     }
-    pub const fn vocab(megatron: &'static str, hf: &'static [&'static str]) -> Entry {
-        Entry {
-            kind: Kind::Vocab,
-            megatron,
-            hf,
-        }
+    pub fn direct(megatron: &str, hf: &str) -> Entry {
+        Entry::new(Kind::Direct, megatron, &[hf])
     }
-    pub const fn qkv(megatron: &'static str, hf: &'static [&'static str]) -> Entry {
-        Entry {
-            kind: Kind::Qkv,
-            megatron,
-            hf,
-        }
+    pub fn vocab(megatron: &str, hf: &str) -> Entry {
+        Entry::new(Kind::Vocab, megatron, &[hf])
     }
-    pub const fn gated(megatron: &'static str, hf: &'static [&'static str]) -> Entry {
-        Entry {
-            kind: Kind::GatedMlp,
-            megatron,
-            hf,
-        }
+    pub fn qkv(megatron: &str, q: &str, k: &str, v: &str) -> Entry {
+        Entry::new(Kind::Qkv, megatron, &[q, k, v])
+    }
+    pub fn gated(megatron: &str, gate: &str, up: &str) -> Entry {
+        Entry::new(Kind::GatedMlp, megatron, &[gate, up])
+    }
+    /// This row only in dense (or only in MoE) layers.
+    pub fn only(mut self, layers: Layers) -> Entry {
+        self.layers = layers;
+        self
+    }
+    /// Whether the Megatron tensor has a leading expert axis.
+    pub fn per_expert(&self) -> bool {
+        self.hf.iter().any(|p| p.contains("{e}"))
     }
 }
 
-/// Matches `name` against a pattern with `{l}`; returns the layer (or `u64::MAX` for patterns
-/// without one).
-pub fn match_pattern(pattern: &str, name: &str) -> Option<u64> {
-    match pattern.split_once("{l}") {
-        None => (pattern == name).then_some(u64::MAX),
-        Some((pre, post)) => {
-            let mid = name.strip_prefix(pre)?.strip_suffix(post)?;
-            if mid.is_empty() || !mid.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            mid.parse().ok()
+/// The indices a name matched at `{l}` and `{e}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, PartialOrd, Ord)]
+pub struct Index {
+    pub layer: Option<u64>,
+    pub expert: Option<u64>,
+}
+
+/// Matches `name` against a pattern with `{l}` and `{e}` placeholders (decimal indices).
+pub fn match_name(pattern: &str, name: &str) -> Option<Index> {
+    let mut idx = Index::default();
+    let mut rest = name;
+    let mut pat = pattern;
+    loop {
+        let next = [("{l}", true), ("{e}", false)]
+            .iter()
+            .filter_map(|(ph, is_layer)| pat.find(ph).map(|at| (at, *is_layer)))
+            .min();
+        let Some((at, is_layer)) = next else {
+            return (pat == rest).then_some(idx);
+        };
+        rest = rest.strip_prefix(&pat[..at])?;
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
         }
+        let n = rest[..digits].parse().ok()?;
+        if is_layer {
+            idx.layer = Some(n);
+        } else {
+            idx.expert = Some(n);
+        }
+        rest = &rest[digits..];
+        pat = &pat[at + 3..];
     }
 }
 
-pub fn fill(pattern: &str, layer: u64) -> String {
-    pattern.replace("{l}", &layer.to_string())
+/// The name for `pattern` at an index.
+pub fn fill(pattern: &str, idx: Index) -> String {
+    let mut s = pattern.to_string();
+    if let Some(l) = idx.layer {
+        s = s.replace("{l}", &l.to_string());
+    }
+    if let Some(e) = idx.expert {
+        s = s.replace("{e}", &e.to_string());
+    }
+    s
 }
 
 /// Attention geometry for QKV fusion.
@@ -85,7 +132,7 @@ pub struct Heads {
 }
 
 impl Heads {
-    fn check(&self) -> Result<()> {
+    pub fn check(&self) -> Result<()> {
         if self.groups == 0 || !self.heads.is_multiple_of(self.groups) {
             return Err(PluginError::config(format!(
                 "{} attention heads do not divide into {} query groups",
@@ -240,6 +287,15 @@ pub fn row_segments(
     })
 }
 
+/// Rows of the fused Megatron tensor made of parts with these row counts (`padded_vocab`: the
+/// padded vocabulary, for [`Kind::Vocab`]).
+pub fn fused_rows(kind: Kind, part_rows: &[u64], padded_vocab: u64) -> u64 {
+    match kind {
+        Kind::Vocab => padded_vocab.max(part_rows[0]),
+        _ => part_rows.iter().sum(),
+    }
+}
+
 /// Rows padded with zeros up to `rows` (vocabulary padding).
 pub fn pad_rows(t: &[u8], row: usize, rows: usize) -> Vec<u8> {
     let mut out = t.to_vec();
@@ -312,25 +368,22 @@ mod tests {
 
     #[test]
     fn patterns() {
+        let p = "model.layers.{l}.mlp.experts.{e}.up_proj.weight";
+        let i = match_name(p, "model.layers.12.mlp.experts.3.up_proj.weight").unwrap();
+        assert_eq!((i.layer, i.expert), (Some(12), Some(3)));
+        assert_eq!(fill(p, i), "model.layers.12.mlp.experts.3.up_proj.weight");
         assert_eq!(
-            match_pattern(
-                "model.layers.{l}.mlp.up_proj.weight",
-                "model.layers.12.mlp.up_proj.weight"
-            ),
-            Some(12)
-        );
-        assert_eq!(
-            match_pattern(
-                "model.layers.{l}.mlp.up_proj.weight",
-                "model.layers.x.mlp.up_proj.weight"
-            ),
+            match_name(p, "model.layers.x.mlp.experts.3.up_proj.weight"),
             None
         );
         assert_eq!(
-            match_pattern("model.norm.weight", "model.norm.weight"),
-            Some(u64::MAX)
+            match_name(p, "model.layers.1.mlp.experts.3.up_proj.weightX"),
+            None
         );
-        assert_eq!(fill("a.{l}.b", 3), "a.3.b");
+        assert_eq!(
+            match_name("model.norm.weight", "model.norm.weight"),
+            Some(Index::default())
+        );
         assert_eq!(round_up(32000, 128), 32000);
         assert_eq!(round_up(32001, 128), 32128);
     }

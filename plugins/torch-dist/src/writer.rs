@@ -14,7 +14,7 @@ use crate::emit::{either::Arg, none_list_pickle, tensor_pickle, Archive, Pickler
 use bridgeflow_sdk::manifest::{Hasher, Manifest, MANIFEST_FILE};
 use bridgeflow_sdk::TensorInfo;
 use bridgeflow_sdk::{schemars, serde, DType, Item, PluginError, Result, Sink, StreamPlan, Tensor};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -162,6 +162,45 @@ pub fn chunk_name(key: &str, offsets: &[u64]) -> String {
 
 fn data_file_name(i: usize) -> String {
     format!("__0_{i}.distcp")
+}
+
+/// The `_extra_state` byte objects megatron-core's Transformer Engine modules write for a key
+/// (it refuses to load without them): one per layer — and per expert — of every `linear_*`
+/// module's weight in the decoder, named by the shard's place among the stacked layers
+/// (`shard_{l}_{L}`, `shard_{l}.{e}_{L}.{E}`) or, for a per-layer key, among the experts
+/// (`shard_{e}_{E}`, else `shard_0_1`).
+fn te_extra_state(key: &str, global: &[u64], stacked: bool) -> Vec<String> {
+    let Some(module) = key
+        .strip_prefix("decoder.layers.")
+        .and_then(|_| key.strip_suffix(".weight"))
+    else {
+        return Vec::new();
+    };
+    if !module
+        .rsplit('.')
+        .next()
+        .is_some_and(|m| m.starts_with("linear_"))
+    {
+        return Vec::new();
+    }
+    let experts = module.contains(".experts.experts.");
+    let name = |shard: String| format!("{module}._extra_state/shard_{shard}");
+    let stacked = stacked && layer_split(key).is_none();
+    match (stacked, experts) {
+        (true, true) => {
+            let (l, e) = (global[0], global[1]);
+            (0..l)
+                .flat_map(|i| (0..e).map(move |j| name(format!("{i}.{j}_{l}.{e}"))))
+                .collect()
+        }
+        (true, false) => (0..global[0])
+            .map(|i| name(format!("{i}_{}", global[0])))
+            .collect(),
+        (false, true) => (0..global[0])
+            .map(|j| name(format!("{j}_{}", global[0])))
+            .collect(),
+        (false, false) => vec![name("0_1".into())],
+    }
 }
 
 fn layer_split(name: &str) -> Option<(u64, &str)> {
@@ -331,39 +370,77 @@ impl TorchDistWriter {
 
     fn lay_out(&mut self, plan: &StreamPlan) -> Result<()> {
         let tensors: Vec<_> = plan.tensors.iter().cloned().collect();
-        // Stack per-layer tensors when the decoder is homogeneous.
-        let mut layers: BTreeMap<u64, Vec<(String, DType, Vec<u64>)>> = BTreeMap::new();
+        // Stack per-layer tensors (and pieces of them) when the decoder is homogeneous: every
+        // layer has the same parameters, dtypes and shapes.
+        let mut layers: BTreeMap<u64, BTreeSet<(String, DType, Vec<u64>)>> = BTreeMap::new();
         for t in &tensors {
-            if let (Some((l, param)), true) = (layer_split(t.name()), t.shard.is_none()) {
+            if let Some((l, param)) = layer_split(t.base_name()) {
+                let shape = t
+                    .shard()
+                    .map_or(t.shape.to_vec(), |s| s.global_shape.to_vec());
                 layers
                     .entry(l)
                     .or_default()
-                    .push((param.to_string(), t.dtype, t.shape.to_vec()));
+                    .insert((param.to_string(), t.dtype, shape));
             }
         }
         let n_layers = layers.len() as u64;
         let homogeneous = self.cfg.stack_layers == "auto"
             && n_layers > 0
             && layers.keys().copied().eq(0..n_layers)
-            && {
-                let mut sets: Vec<_> = layers.values().cloned().collect();
-                sets.iter_mut().for_each(|s| s.sort());
-                sets.windows(2).all(|w| w[0] == w[1])
+            && layers
+                .values()
+                .collect::<Vec<_>>()
+                .windows(2)
+                .all(|w| w[0] == w[1]);
+        // Each input's key and place: (key, global, offsets, local).
+        let mut places = Vec::new();
+        for t in &tensors {
+            let shape = t.shape.to_vec();
+            let (global, offsets) = match t.shard() {
+                Some(s) => (s.global_shape.to_vec(), s.offsets.to_vec()),
+                None => (shape.clone(), vec![0; shape.len()]),
             };
+            places.push(match layer_split(t.base_name()) {
+                Some((l, param)) if homogeneous => {
+                    let prepend = |first: u64, v: &[u64]| {
+                        std::iter::once(first)
+                            .chain(v.iter().copied())
+                            .collect::<Vec<_>>()
+                    };
+                    (
+                        format!("decoder.layers.{param}"),
+                        prepend(n_layers, &global),
+                        prepend(l, &offsets),
+                        prepend(1, &shape),
+                    )
+                }
+                _ => (t.base_name().to_string(), global, offsets, shape),
+            });
+        }
         // Bytes laid out so far in each data file.
         let n_files = self.cfg.files.max(1);
         let mut cursor = vec![0u64; n_files];
-        // Byte objects first (in file 0), as megatron-core orders them.
-        let keys: Vec<String> = match &self.cfg.extra_state {
-            Some(k) => k.clone(),
-            None => plan
-                .attrs()
-                .get("byte_objects")
-                .and_then(|v| serde_json::from_value::<Vec<String>>(v.clone()).ok())
-                .unwrap_or_default()
+        // Byte objects first (in file 0), as megatron-core orders them: given, passed on by
+        // the input (a checkpoint read back), or those of the keys' Transformer Engine modules.
+        let given = plan
+            .attrs()
+            .get("byte_objects")
+            .and_then(|v| serde_json::from_value::<Vec<String>>(v.clone()).ok());
+        let keys: Vec<String> = match (&self.cfg.extra_state, given) {
+            (Some(k), _) => k.clone(),
+            (None, Some(k)) => k
                 .into_iter()
                 .filter(|k| !k.starts_with("common_state"))
                 .collect(),
+            (None, None) => {
+                let globals: BTreeMap<&str, &Vec<u64>> =
+                    places.iter().map(|(k, g, _, _)| (k.as_str(), g)).collect();
+                globals
+                    .into_iter()
+                    .flat_map(|(k, g)| te_extra_state(k, g, homogeneous))
+                    .collect()
+            }
         };
         let mut byte_archives = Vec::new();
         for k in keys {
@@ -372,32 +449,7 @@ impl TorchDistWriter {
             cursor[0] += a.len() as u64;
             byte_archives.push(a);
         }
-        for t in &tensors {
-            let shape = t.shape.to_vec();
-            let (key, global, offsets, local) = match (&t.shard, layer_split(t.name())) {
-                // A piece's name is its key, optionally followed by '#' and a piece id.
-                (bridgeflow_sdk::abi_option::RSome(s), _) => (
-                    t.name().split('#').next().unwrap_or_default().to_string(),
-                    s.global_shape.to_vec(),
-                    s.offsets.to_vec(),
-                    shape.clone(),
-                ),
-                (_, Some((l, param))) if homogeneous => {
-                    let mut g = vec![n_layers];
-                    g.extend(&shape);
-                    let mut o = vec![l];
-                    o.extend(std::iter::repeat_n(0, shape.len()));
-                    let mut loc = vec![1];
-                    loc.extend(&shape);
-                    (format!("decoder.layers.{param}"), g, o, loc)
-                }
-                _ => (
-                    t.name().to_string(),
-                    shape.clone(),
-                    vec![0; shape.len()],
-                    shape.clone(),
-                ),
-            };
+        for (t, (key, global, offsets, local)) in tensors.iter().zip(places) {
             let nbytes = t.nbytes().ok_or_else(|| {
                 PluginError::shape(format!("tensor '{}': size overflows", t.name()))
             })?;

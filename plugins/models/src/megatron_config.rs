@@ -1,10 +1,11 @@
 //! The model's configuration both ways. Import writes the checkpoint's `run_config.yaml` as
-//! Megatron-Bridge writes it — a `ConfigContainer` whose `model:` section instantiates a
-//! `GPTModelProvider` (so Bridge's `load_megatron_model` and `export_ckpt` build the model from
-//! it), with `checkpoint:` and `tokenizer:` sections — plus a `bridgeflow:` section keeping the
-//! original HF `config.json`. Export rebuilds `config.json` from that, or from the model section
-//! of a checkpoint Megatron-Bridge wrote, so a checkpoint exports with nothing but itself.
+//! Megatron-Bridge writes it — a `ConfigContainer` whose `model:` section instantiates the
+//! family's Bridge provider (so Bridge's `load_megatron_model` and `export_ckpt` build the model
+//! from it), with `checkpoint:` and `tokenizer:` sections — plus a `bridgeflow:` section keeping
+//! the original HF `config.json`. Export rebuilds `config.json` from that, or from the model
+//! section of a checkpoint Megatron-Bridge wrote, so a checkpoint exports with nothing but itself.
 
+use crate::families::Family;
 use bridgeflow_sdk::{PluginError, Result};
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -28,17 +29,13 @@ const FIELDS: &[(&str, &str)] = &[
     ("mlp_bias", "add_bias_linear"),
 ];
 
-/// What every Llama-family model is in Megatron terms.
-fn family_fields(m: &mut Map<String, Value>) {
-    m.insert("normalization".into(), "RMSNorm".into());
-    m.insert("gated_linear_unit".into(), true.into());
-    m.insert("position_embedding_type".into(), "rope".into());
-    m.insert("rotary_percent".into(), 1.0.into());
-    m.insert("hidden_dropout".into(), 0.0.into());
-    m.insert(
-        "activation_func".into(),
-        callable("torch.nn.functional.silu"),
-    );
+/// The common pairs and the family's own.
+fn field_pairs(family: &Family) -> Vec<(String, String)> {
+    FIELDS
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .chain(family.config.iter().cloned())
+        .collect()
 }
 
 /// A reference to a Python object, as Bridge's `instantiate` reads it (not called).
@@ -73,9 +70,10 @@ fn rope_scaling(hf: &Value) -> Result<Option<(&'static str, f64)>> {
     }
 }
 
-/// The Megatron model section for an HF config (Llama family): Bridge's `GPTModelProvider`
-/// fields. `source` is the HF folder (Bridge's `hf_model_id`).
+/// The Megatron model section for an HF config: the family's Bridge provider and fields.
+/// `source` is the HF folder (Bridge's `hf_model_id`).
 pub fn model_section(
+    family: &Family,
     hf: &Value,
     source: Option<&str>,
     vocab_divisible_by: u64,
@@ -87,13 +85,10 @@ pub fn model_section(
     let heads = hf["num_attention_heads"].as_u64().unwrap_or(1);
     let hidden = hf["hidden_size"].as_u64().unwrap_or(0);
     let mut m = Map::new();
-    m.insert(
-        "_target_".into(),
-        "megatron.bridge.models.gpt_provider.GPTModelProvider".into(),
-    );
-    for (h, meg) in FIELDS {
-        if let Some(v) = hf.get(*h).filter(|v| !v.is_null()) {
-            m.insert((*meg).into(), v.clone());
+    m.insert("_target_".into(), family.provider.clone().into());
+    for (h, meg) in field_pairs(family) {
+        if let Some(v) = hf.get(h).filter(|v| !v.is_null()) {
+            m.insert(meg, v.clone());
         }
     }
     // GPTModelProvider defaults to biased linears; this family has none unless it says so.
@@ -120,8 +115,24 @@ pub fn model_section(
     if arch == "Qwen2ForCausalLM" {
         m.insert("add_qkv_bias".into(), true.into());
     }
-    m.insert("qk_layernorm".into(), (arch == "Qwen3ForCausalLM").into());
-    family_fields(&mut m);
+    let qk_norm = matches!(arch, "Qwen3ForCausalLM" | "Qwen3MoeForCausalLM");
+    m.insert("qk_layernorm".into(), qk_norm.into());
+    for (k, v) in &family.megatron {
+        m.insert(k.clone(), v.clone());
+    }
+    if let Some(n) = hf["first_k_dense_replace"].as_u64() {
+        // Megatron's moe_layer_freq: 0 for a dense layer, 1 for an MoE one.
+        let layers = hf["num_hidden_layers"].as_u64().unwrap_or(0);
+        let freq: Vec<u64> = (0..layers).map(|l| (l >= n) as u64).collect();
+        m.insert("moe_layer_freq".into(), json!(freq));
+    }
+    if let Some(n) = hf["n_shared_experts"].as_u64() {
+        let ffn = hf["moe_intermediate_size"].as_u64().unwrap_or(0);
+        m.insert(
+            "moe_shared_expert_intermediate_size".into(),
+            (n * ffn).into(),
+        );
+    }
     let dtype = hf.get("dtype").or_else(|| hf.get("torch_dtype"));
     if let Some(d @ ("bfloat16" | "float16")) = dtype.and_then(Value::as_str) {
         let flag = if d == "bfloat16" { "bf16" } else { "fp16" };
@@ -331,8 +342,15 @@ pub fn hf_config_from_run_config(path: &Path) -> Result<Value> {
             .ok_or_else(|| PluginError::format(format!("{}: model.{k} is missing", path.display())))
     };
     let flag = |k: &str| model[k].as_bool().unwrap_or(false);
+    // The architecture, from what the provider and its fields say.
+    let target = model["_target_"].as_str().unwrap_or("");
+    let moe = model["num_moe_experts"].as_u64().is_some();
     let arch = match model["hf_architecture"].as_str() {
         Some(a) => a.to_string(),
+        None if target.contains("gemma2") => "Gemma2ForCausalLM".into(),
+        None if flag("multi_latent_attention") => "DeepseekV3ForCausalLM".into(),
+        None if moe && flag("qk_layernorm") => "Qwen3MoeForCausalLM".into(),
+        None if moe => "MixtralForCausalLM".into(),
         None if flag("qk_layernorm") => "Qwen3ForCausalLM".into(),
         None if flag("add_qkv_bias") => "Qwen2ForCausalLM".into(),
         None => "LlamaForCausalLM".into(),
@@ -341,8 +359,13 @@ pub fn hf_config_from_run_config(path: &Path) -> Result<Value> {
         "Qwen3ForCausalLM" => "qwen3",
         "Qwen2ForCausalLM" => "qwen2",
         "MistralForCausalLM" => "mistral",
+        "Qwen3MoeForCausalLM" => "qwen3_moe",
+        "MixtralForCausalLM" => "mixtral",
+        "DeepseekV3ForCausalLM" => "deepseek_v3",
+        "Gemma2ForCausalLM" => "gemma2",
         _ => "llama",
     };
+    let family = crate::families::find(&arch, &[])?;
     let dtype = match model["hf_dtype"].as_str() {
         Some(d) => d.to_string(),
         None => {
@@ -359,9 +382,11 @@ pub fn hf_config_from_run_config(path: &Path) -> Result<Value> {
     let mut hf = Map::new();
     hf.insert("architectures".into(), json!([arch]));
     hf.insert("model_type".into(), model_type.into());
-    for (h, meg) in FIELDS {
-        if let Some(v) = model.get(*meg).filter(|v| !v.is_null()) {
-            hf.insert((*h).into(), v.clone());
+    for (h, meg) in field_pairs(&family) {
+        // Several HF keys may name one field (num_experts, n_routed_experts): the family's
+        // first wins, as the HF side of that family spells it.
+        if let Some(v) = model.get(&meg).filter(|v| !v.is_null()) {
+            hf.entry(h).or_insert(v.clone());
         }
     }
     for k in [
@@ -405,6 +430,10 @@ pub fn hf_config_from_run_config(path: &Path) -> Result<Value> {
 mod tests {
     use super::*;
 
+    fn llama() -> Family {
+        crate::families::find("LlamaForCausalLM", &[]).unwrap()
+    }
+
     fn fixture_config(name: &str) -> Value {
         let p = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../../shared/fixtures/hf")
@@ -429,7 +458,7 @@ mod tests {
         // matters to the mapper and to transformers.
         for name in ["llama", "llama_bf16"] {
             let hf = fixture_config(name);
-            let model = model_section(&hf, Some("/src"), 128, 1).unwrap();
+            let model = model_section(&llama(), &hf, Some("/src"), 128, 1).unwrap();
             assert_eq!(
                 model["_target_"],
                 "megatron.bridge.models.gpt_provider.GPTModelProvider"
@@ -452,7 +481,7 @@ mod tests {
         let mut hf = fixture_config("llama");
         hf["rope_parameters"] = json!({"rope_theta": 500000.0, "rope_type": "llama3", "factor": 32.0,
             "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
-        let m = model_section(&hf, None, 128, 1).unwrap();
+        let m = model_section(&llama(), &hf, None, 128, 1).unwrap();
         assert_eq!(
             (m["rope_scaling"].clone(), m["rope_scaling_factor"].clone()),
             (json!(true), json!(32.0))
@@ -465,7 +494,7 @@ mod tests {
             hf["rope_parameters"]
         );
         hf["rope_parameters"]["rope_type"] = "yarn".into();
-        let e = model_section(&hf, None, 128, 1).unwrap_err();
+        let e = model_section(&llama(), &hf, None, 128, 1).unwrap_err();
         assert!(e.message.contains("yarn"), "{}", e.message);
     }
 }

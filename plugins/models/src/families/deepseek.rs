@@ -1,0 +1,94 @@
+//! DeepSeek-V2/V3: multi-latent attention (q and kv low-rank projections, their norms fused into
+//! the up-projections), the first `first_k_dense_replace` layers dense, the rest routed MoE
+//! with a shared expert and the router's `expert_bias` (V3's `e_score_correction_bias`). The
+//! layers differ, so megatron-core keeps per-layer keys (`decoder.layers.0.…`), not stacked ones.
+
+use super::llama::{dense_mlp, gpt_fields};
+use super::qwen3_moe::{routed_moe, MOE_FIELDS};
+use super::{fields, megatron, Family};
+use bridgeflow_sdk::mapping::{Entry, Layers};
+
+pub fn family() -> Family {
+    let a = |m: &str, h: &str| {
+        Entry::direct(
+            &format!("decoder.layers.{{l}}.self_attention.{m}"),
+            &format!("model.layers.{{l}}.self_attn.{h}"),
+        )
+    };
+    let mlp = |m: &str, h: &str| {
+        Entry::direct(
+            &format!("decoder.layers.{{l}}.mlp.{m}"),
+            &format!("model.layers.{{l}}.mlp.{h}"),
+        )
+    };
+    let mut tensors = vec![
+        Entry::vocab(
+            "embedding.word_embeddings.weight",
+            "model.embed_tokens.weight",
+        ),
+        Entry::vocab("output_layer.weight", "lm_head.weight"),
+        Entry::direct("decoder.final_layernorm.weight", "model.norm.weight"),
+        Entry::direct(
+            "decoder.layers.{l}.input_layernorm.weight",
+            "model.layers.{l}.input_layernorm.weight",
+        ),
+        a("linear_q_proj.weight", "q_proj.weight"), // V2-Lite: no q compression
+        a("linear_q_down_proj.weight", "q_a_proj.weight"),
+        a("linear_q_up_proj.layer_norm_weight", "q_a_layernorm.weight"),
+        a("linear_q_up_proj.weight", "q_b_proj.weight"),
+        a("linear_kv_down_proj.weight", "kv_a_proj_with_mqa.weight"),
+        a(
+            "linear_kv_up_proj.layer_norm_weight",
+            "kv_a_layernorm.weight",
+        ),
+        a("linear_kv_up_proj.weight", "kv_b_proj.weight"),
+        a("linear_proj.weight", "o_proj.weight"),
+        mlp("router.expert_bias", "gate.e_score_correction_bias"),
+        Entry::gated(
+            "decoder.layers.{l}.mlp.shared_experts.linear_fc1.weight",
+            "model.layers.{l}.mlp.shared_experts.gate_proj.weight",
+            "model.layers.{l}.mlp.shared_experts.up_proj.weight",
+        ),
+        mlp(
+            "shared_experts.linear_fc2.weight",
+            "shared_experts.down_proj.weight",
+        ),
+    ];
+    tensors.extend(dense_mlp().into_iter().map(|e| e.only(Layers::Dense)));
+    tensors.extend(routed_moe(
+        "model.layers.{l}.mlp.gate.weight",
+        "model.layers.{l}.mlp.experts.{e}.gate_proj.weight",
+        "model.layers.{l}.mlp.experts.{e}.up_proj.weight",
+        "model.layers.{l}.mlp.experts.{e}.down_proj.weight",
+    ));
+    let mut m = megatron(gpt_fields());
+    m.insert("multi_latent_attention".into(), true.into());
+    m.insert("moe_router_score_function".into(), "sigmoid".into());
+    m.insert("moe_router_enable_expert_bias".into(), true.into());
+    m.insert("moe_grouped_gemm".into(), true.into());
+    m.insert("moe_token_dispatcher_type".into(), "alltoall".into());
+    let mut config = fields(MOE_FIELDS);
+    config.extend(fields(&[
+        ("q_lora_rank", "q_lora_rank"),
+        ("kv_lora_rank", "kv_lora_rank"),
+        ("qk_nope_head_dim", "qk_head_dim"),
+        ("qk_rope_head_dim", "qk_pos_emb_head_dim"),
+        ("v_head_dim", "v_head_dim"),
+        ("n_group", "moe_router_num_groups"),
+        ("topk_group", "moe_router_group_topk"),
+        ("routed_scaling_factor", "moe_router_topk_scaling_factor"),
+        ("num_nextn_predict_layers", "mtp_num_layers"),
+    ]));
+    Family {
+        name: "deepseek".into(),
+        architectures: vec![
+            "DeepseekV3ForCausalLM".into(),
+            "DeepseekV2ForCausalLM".into(),
+        ],
+        provider: "megatron.bridge.models.mla_provider.MLAModelProvider".into(),
+        tensors,
+        config,
+        megatron: m,
+        ignore: vec!["rotary_emb.inv_freq".into()],
+    }
+}

@@ -1,0 +1,97 @@
+//! The Llama family: Llama, Mistral, Qwen2 (QKV biases), Qwen3 (q/k norms) ⇄ Megatron-Core GPT
+//! names (TE key names, as megatron-core writes them even for the local spec). Rows whose HF
+//! tensors a model lacks are simply absent.
+
+use super::{fields, megatron, Family};
+use bridgeflow_sdk::mapping::Entry;
+use serde_json::json;
+
+/// Attention and dense MLP rows shared with the other GPT-style families.
+pub fn attention_and_norms() -> Vec<Entry> {
+    vec![
+        Entry::vocab(
+            "embedding.word_embeddings.weight",
+            "model.embed_tokens.weight",
+        ),
+        Entry::vocab("output_layer.weight", "lm_head.weight"),
+        Entry::direct("decoder.final_layernorm.weight", "model.norm.weight"),
+        Entry::direct(
+            "decoder.layers.{l}.self_attention.linear_qkv.layer_norm_weight",
+            "model.layers.{l}.input_layernorm.weight",
+        ),
+        Entry::qkv(
+            "decoder.layers.{l}.self_attention.linear_qkv.weight",
+            "model.layers.{l}.self_attn.q_proj.weight",
+            "model.layers.{l}.self_attn.k_proj.weight",
+            "model.layers.{l}.self_attn.v_proj.weight",
+        ),
+        Entry::qkv(
+            "decoder.layers.{l}.self_attention.linear_qkv.bias",
+            "model.layers.{l}.self_attn.q_proj.bias",
+            "model.layers.{l}.self_attn.k_proj.bias",
+            "model.layers.{l}.self_attn.v_proj.bias",
+        ),
+        Entry::direct(
+            "decoder.layers.{l}.self_attention.q_layernorm.weight",
+            "model.layers.{l}.self_attn.q_norm.weight",
+        ),
+        Entry::direct(
+            "decoder.layers.{l}.self_attention.k_layernorm.weight",
+            "model.layers.{l}.self_attn.k_norm.weight",
+        ),
+        Entry::direct(
+            "decoder.layers.{l}.self_attention.linear_proj.weight",
+            "model.layers.{l}.self_attn.o_proj.weight",
+        ),
+    ]
+}
+
+/// The dense SwiGLU MLP with its pre-norm fused into `linear_fc1`.
+pub fn dense_mlp() -> Vec<Entry> {
+    vec![
+        Entry::direct(
+            "decoder.layers.{l}.mlp.linear_fc1.layer_norm_weight",
+            "model.layers.{l}.post_attention_layernorm.weight",
+        ),
+        Entry::gated(
+            "decoder.layers.{l}.mlp.linear_fc1.weight",
+            "model.layers.{l}.mlp.gate_proj.weight",
+            "model.layers.{l}.mlp.up_proj.weight",
+        ),
+        Entry::direct(
+            "decoder.layers.{l}.mlp.linear_fc2.weight",
+            "model.layers.{l}.mlp.down_proj.weight",
+        ),
+    ]
+}
+
+/// Megatron fields every SwiGLU/RMSNorm/RoPE decoder of these families has.
+pub fn gpt_fields() -> serde_json::Value {
+    json!({
+        "normalization": "RMSNorm",
+        "gated_linear_unit": true,
+        "position_embedding_type": "rope",
+        "rotary_percent": 1.0,
+        "hidden_dropout": 0.0,
+        "activation_func": {"_call_": false, "_target_": "torch.nn.functional.silu"},
+    })
+}
+
+pub fn family() -> Family {
+    Family {
+        name: "llama".into(),
+        architectures: [
+            "LlamaForCausalLM",
+            "MistralForCausalLM",
+            "Qwen2ForCausalLM",
+            "Qwen3ForCausalLM",
+        ]
+        .map(String::from)
+        .to_vec(),
+        provider: "megatron.bridge.models.gpt_provider.GPTModelProvider".into(),
+        tensors: [attention_and_norms(), dense_mlp()].concat(),
+        config: fields(&[]),
+        megatron: megatron(gpt_fields()),
+        ignore: vec!["rotary_emb.inv_freq".into()],
+    }
+}

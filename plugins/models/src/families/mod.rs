@@ -1,0 +1,117 @@
+//! Model families: each a declarative table of HF ⇄ Megatron-Core tensor names and mapping
+//! kinds, with the Megatron model fields its config maps to. A family is a Rust file here or a
+//! TOML file read at run time (the same [`Family`] structure; `gemma2.toml` is one), so a new
+//! architecture may need no compilation.
+
+use bridgeflow_sdk::mapping::Entry;
+use bridgeflow_sdk::{PluginError, Result};
+use serde_json::{Map, Value};
+use std::path::Path;
+
+mod deepseek;
+mod llama;
+mod qwen3_moe;
+
+/// One model family.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Family {
+    /// Short name (messages).
+    pub name: String,
+    /// The HF `architectures[0]` values it handles.
+    pub architectures: Vec<String>,
+    /// Megatron-Bridge's model provider class, the `_target_` of `run_config.yaml`'s model.
+    pub provider: String,
+    /// The tensor table.
+    #[serde(rename = "tensor")]
+    pub tensors: Vec<Entry>,
+    /// HF config key → Megatron model field, both ways, besides the common ones
+    /// ([`crate::megatron_config`]).
+    #[serde(default)]
+    pub config: Vec<(String, String)>,
+    /// Megatron model fields fixed for the family (normalization, activation, ...).
+    #[serde(default)]
+    pub megatron: Map<String, Value>,
+    /// Suffixes of HF tensors that carry no weights (recomputed buffers).
+    #[serde(default)]
+    pub ignore: Vec<String>,
+}
+
+impl Family {
+    /// Reads a family from TOML text (`path` names it in messages).
+    pub fn from_toml(text: &str, path: &Path) -> Result<Family> {
+        toml::from_str(text)
+            .map_err(|e| PluginError::config(format!("{}: not a model table: {e}", path.display())))
+    }
+
+    pub fn ignorable(&self, name: &str) -> bool {
+        self.ignore.iter().any(|s| name.ends_with(s.as_str()))
+    }
+}
+
+/// The families built in.
+pub fn builtin() -> Vec<Family> {
+    let gemma2 = Family::from_toml(
+        include_str!("gemma2.toml"),
+        Path::new("families/gemma2.toml"),
+    )
+    .expect("the bundled gemma2 table parses");
+    vec![
+        llama::family(),
+        qwen3_moe::family(),
+        qwen3_moe::mixtral(),
+        deepseek::family(),
+        gemma2,
+    ]
+}
+
+/// The family for an HF architecture, among the built-in ones and `extra` (TOML tables).
+pub fn find(architecture: &str, extra: &[Family]) -> Result<Family> {
+    let all: Vec<Family> = extra.iter().cloned().chain(builtin()).collect();
+    all.iter()
+        .find(|f| f.architectures.iter().any(|a| a == architecture))
+        .cloned()
+        .ok_or_else(|| {
+            let known: Vec<&str> = all
+                .iter()
+                .flat_map(|f| f.architectures.iter().map(String::as_str))
+                .collect();
+            PluginError::unsupported(format!(
+                "architecture '{architecture}' has no model table (known: {}; a TOML table may add one, see plugins/models/README.md)",
+                known.join(", ")
+            ))
+        })
+}
+
+/// Helpers the Rust families share.
+pub(crate) fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+pub(crate) fn megatron(v: Value) -> Map<String, Value> {
+    v.as_object().cloned().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_tables_are_well_formed() {
+        for f in builtin() {
+            for e in &f.tensors {
+                let want = match e.kind {
+                    bridgeflow_sdk::mapping::Kind::Qkv => 3,
+                    bridgeflow_sdk::mapping::Kind::GatedMlp => 2,
+                    _ => 1,
+                };
+                assert_eq!(e.hf.len(), want, "{}: {}", f.name, e.megatron);
+            }
+        }
+        let e = find("NoSuchForCausalLM", &[]).unwrap_err();
+        assert!(e.message.contains("NoSuchForCausalLM") && e.message.contains("Gemma2ForCausalLM"));
+    }
+}

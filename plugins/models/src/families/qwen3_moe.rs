@@ -1,0 +1,87 @@
+//! Qwen3-MoE and Mixtral: Llama-style attention (Qwen3's q/k norms), every layer a routed MoE.
+//! torch_dist stacks each layer's experts on a leading axis:
+//! `decoder.layers.mlp.experts.experts.linear_fc1.weight` [layers, experts, 2·ffn, hidden].
+
+use super::llama::{attention_and_norms, gpt_fields};
+use super::{fields, megatron, Family};
+use bridgeflow_sdk::mapping::{Entry, Layers};
+
+/// A routed-expert MoE block (router, per-expert SwiGLU) with its pre-norm, given the HF names
+/// of the router and of expert `{e}`'s three projections.
+pub fn routed_moe(router: &str, gate: &str, up: &str, down: &str) -> Vec<Entry> {
+    vec![
+        Entry::direct(
+            "decoder.layers.{l}.pre_mlp_layernorm.weight",
+            "model.layers.{l}.post_attention_layernorm.weight",
+        )
+        .only(Layers::Moe),
+        Entry::direct("decoder.layers.{l}.mlp.router.weight", router),
+        Entry::gated(
+            "decoder.layers.{l}.mlp.experts.experts.linear_fc1.weight",
+            gate,
+            up,
+        ),
+        Entry::direct(
+            "decoder.layers.{l}.mlp.experts.experts.linear_fc2.weight",
+            down,
+        ),
+    ]
+}
+
+/// HF MoE config keys ⇄ Megatron fields (Megatron-Bridge's names).
+pub const MOE_FIELDS: &[(&str, &str)] = &[
+    ("num_experts", "num_moe_experts"),
+    ("num_local_experts", "num_moe_experts"),
+    ("n_routed_experts", "num_moe_experts"),
+    ("num_experts_per_tok", "moe_router_topk"),
+    ("moe_intermediate_size", "moe_ffn_hidden_size"),
+    ("router_aux_loss_coef", "moe_aux_loss_coeff"),
+];
+
+fn moe_fields() -> serde_json::Map<String, serde_json::Value> {
+    let mut m = megatron(gpt_fields());
+    m.insert("moe_router_load_balancing_type".into(), "aux_loss".into());
+    m.insert("moe_grouped_gemm".into(), true.into());
+    m.insert("moe_token_dispatcher_type".into(), "alltoall".into());
+    m
+}
+
+pub fn family() -> Family {
+    Family {
+        name: "qwen3-moe".into(),
+        architectures: vec!["Qwen3MoeForCausalLM".into()],
+        provider: "megatron.bridge.models.gpt_provider.GPTModelProvider".into(),
+        tensors: [
+            attention_and_norms(),
+            routed_moe(
+                "model.layers.{l}.mlp.gate.weight",
+                "model.layers.{l}.mlp.experts.{e}.gate_proj.weight",
+                "model.layers.{l}.mlp.experts.{e}.up_proj.weight",
+                "model.layers.{l}.mlp.experts.{e}.down_proj.weight",
+            ),
+        ]
+        .concat(),
+        config: fields(MOE_FIELDS),
+        megatron: moe_fields(),
+        ignore: vec!["rotary_emb.inv_freq".into()],
+    }
+}
+
+/// Mixtral: the same block under its own HF names.
+pub fn mixtral() -> Family {
+    Family {
+        name: "mixtral".into(),
+        architectures: vec!["MixtralForCausalLM".into()],
+        tensors: [
+            attention_and_norms(),
+            routed_moe(
+                "model.layers.{l}.block_sparse_moe.gate.weight",
+                "model.layers.{l}.block_sparse_moe.experts.{e}.w1.weight",
+                "model.layers.{l}.block_sparse_moe.experts.{e}.w3.weight",
+                "model.layers.{l}.block_sparse_moe.experts.{e}.w2.weight",
+            ),
+        ]
+        .concat(),
+        ..family()
+    }
+}

@@ -1,0 +1,655 @@
+//! A table-driven mapper: any family's table of [`Entry`] rows converts in both directions.
+//!
+//! Every fused kind is described by [`row_segments`] — which rows of the Megatron tensor come
+//! from which rows of which HF part — so both directions move blocks of rows as views of their
+//! input: HF → Megatron emits each HF tensor's runs of rows as pieces of the per-layer Megatron
+//! tensor (the torch_dist writer stacks layers and places pieces as chunks); Megatron → HF
+//! emits each run of a Megatron tensor, or of a stored block of it, as rows of an HF tensor
+//! (the safetensors writer places them). With `zero_copy = false` whole tensors are assembled
+//! instead, for consumers that need them (verify, the logits check).
+
+use crate::families::{self, Family};
+use bridgeflow_sdk::mapping::{
+    fill, fused_rows, match_name, round_up, row_segments, split_qkv, Entry, Heads, Index, Kind,
+    Layers, RowSegment,
+};
+use bridgeflow_sdk::{
+    schemars, serde, Buffer, Emitter, Item, PluginError, Result, StreamPlan, Tensor, TensorInfo,
+    Transform,
+};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+fn d128() -> u64 {
+    128
+}
+fn one() -> u64 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(crate = "bridgeflow_sdk::serde", deny_unknown_fields)]
+pub struct MapperConfig {
+    /// `to-megatron` (HF names and layouts in, Megatron out) or `to-hf`.
+    pub direction: String,
+    /// The HF `config.json` (default: `config.json` in the input's `source_dir`; on export,
+    /// rebuilt from the checkpoint's `run_config.yaml`).
+    #[serde(default)]
+    pub hf_config: Option<PathBuf>,
+    /// Vocabulary padding on import: rows rounded up to a multiple of this × tensor_parallel.
+    #[serde(default = "d128")]
+    pub make_vocab_size_divisible_by: u64,
+    #[serde(default = "one")]
+    pub tensor_parallel: u64,
+    /// Move rows as views, each piece with its place in the target tensor (default true);
+    /// off: whole tensors, for consumers that need them (verify, the logits check).
+    #[serde(default = "yes")]
+    pub zero_copy: bool,
+    /// Model tables in TOML (see plugins/models/README.md), consulted before the built-in
+    /// families: a new architecture without compiling anything.
+    #[serde(default)]
+    pub model_tables: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub architecture: String,
+    pub layers: u64,
+    pub heads: Heads,
+    pub vocab: u64,
+    pub tied: bool,
+    /// Routed experts per MoE layer.
+    pub experts: Option<u64>,
+    /// Which layers are MoE.
+    pub moe: Vec<bool>,
+}
+
+impl ModelConfig {
+    fn layer_kind(&self, layer: Option<u64>) -> Layers {
+        match layer {
+            Some(l) if self.moe.get(l as usize).copied().unwrap_or(false) => Layers::Moe,
+            Some(_) => Layers::Dense,
+            None => Layers::All,
+        }
+    }
+}
+
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| PluginError::io(path, "cannot read", e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| PluginError::format(format!("{}: invalid JSON: {e}", path.display())))
+}
+
+pub fn model_config(path: &Path) -> Result<ModelConfig> {
+    model_config_from(&read_json(path)?, path)
+}
+
+/// The geometry of an HF config (`path` only names it in messages).
+pub fn model_config_from(c: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
+    let arch = c["architectures"][0].as_str().unwrap_or("").to_string();
+    let get = |k: &str| c[k].as_u64();
+    let need = |k: &str| {
+        get(k).ok_or_else(|| PluginError::format(format!("{}: no '{k}'", path.display())))
+    };
+    let hidden = need("hidden_size")?;
+    let heads = need("num_attention_heads")?;
+    let layers = need("num_hidden_layers")?;
+    let experts = get("num_local_experts")
+        .or_else(|| get("num_experts"))
+        .or_else(|| get("n_routed_experts"))
+        .filter(|&e| e > 0);
+    // MoE layers: all but the first `first_k_dense_replace`, every `decoder_sparse_step`-th,
+    // none of `mlp_only_layers`.
+    let dense_first = get("first_k_dense_replace").unwrap_or(0);
+    let step = get("decoder_sparse_step").unwrap_or(1).max(1);
+    let mlp_only: Vec<u64> = c["mlp_only_layers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+        .unwrap_or_default();
+    let moe = (0..layers)
+        .map(|l| {
+            experts.is_some() && l >= dense_first && (l + 1) % step == 0 && !mlp_only.contains(&l)
+        })
+        .collect();
+    Ok(ModelConfig {
+        architecture: arch,
+        layers,
+        heads: Heads {
+            heads,
+            groups: get("num_key_value_heads").unwrap_or(heads),
+            head_dim: get("head_dim").unwrap_or(hidden / heads),
+        },
+        vocab: need("vocab_size")?,
+        tied: c["tie_word_embeddings"].as_bool().unwrap_or(false),
+        experts,
+        moe,
+    })
+}
+
+/// Where one run of an input tensor's rows goes.
+#[derive(Debug, Clone)]
+struct Piece {
+    info: TensorInfo,
+    /// Rows of the input it takes, or None for rows of zeros (vocabulary padding).
+    rows: Option<std::ops::Range<u64>>,
+}
+
+pub struct Mapper {
+    cfg: MapperConfig,
+    to_megatron: bool,
+    family: Option<Family>,
+    model: Option<ModelConfig>,
+    /// zero_copy import: the pieces each HF tensor becomes.
+    pieces: HashMap<String, Vec<Piece>>,
+    /// Whole-tensor import: each Megatron tensor's info and its parts so far.
+    outputs: HashMap<(usize, Option<u64>), TensorInfo>,
+    pending: BTreeMap<(usize, Option<u64>), Parts>,
+}
+
+/// The HF parts of one Megatron tensor received so far, by (expert, part).
+type Parts = HashMap<(u64, usize), Tensor>;
+
+fn row_bytes(shape: &[u64], dtype: bridgeflow_sdk::DType) -> u64 {
+    shape.iter().skip(1).product::<u64>() * dtype.size() as u64
+}
+
+fn with_first(first: u64, rest: &[u64]) -> Vec<u64> {
+    std::iter::once(first).chain(rest.iter().copied()).collect()
+}
+
+impl Mapper {
+    fn family(&self) -> &Family {
+        self.family.as_ref().expect("planned")
+    }
+    fn model(&self) -> &ModelConfig {
+        self.model.as_ref().expect("planned")
+    }
+    fn entry(&self, i: usize) -> &Entry {
+        &self.family().tensors[i]
+    }
+    fn padded_vocab(&self) -> u64 {
+        round_up(
+            self.model().vocab,
+            self.cfg.make_vocab_size_divisible_by * self.cfg.tensor_parallel.max(1),
+        )
+    }
+
+    /// Which table row, part and index an HF name belongs to (in its layer's kind).
+    fn find_hf(&self, name: &str) -> Option<(usize, usize, Index)> {
+        self.family().tensors.iter().enumerate().find_map(|(i, e)| {
+            e.hf.iter().enumerate().find_map(|(p, pat)| {
+                let idx = match_name(pat, name)?;
+                let kind = self.model().layer_kind(idx.layer);
+                (e.layers == Layers::All || e.layers == kind).then_some((i, p, idx))
+            })
+        })
+    }
+    fn find_megatron(&self, name: &str) -> Option<(usize, Index)> {
+        self.family()
+            .tensors
+            .iter()
+            .enumerate()
+            .find_map(|(i, e)| match_name(&e.megatron, name).map(|idx| (i, idx)))
+    }
+
+    /// Rows of each HF part and where they lie in a fused tensor of `fused` rows.
+    fn segments(&self, kind: Kind, fused: u64, name: &str) -> Result<(Vec<u64>, Vec<RowSegment>)> {
+        let m = self.model();
+        row_segments(kind, fused, m.heads, m.vocab).map_err(|e| e.context(name))
+    }
+
+    fn skip_hf(&self, name: &str) -> bool {
+        self.family().ignorable(name) || (name == "lm_head.weight" && self.model().tied)
+    }
+
+    fn plan_to_megatron(&mut self, input: &StreamPlan) -> Result<StreamPlan> {
+        // Each Megatron tensor (row, layer) and its parts: (expert, part) -> info.
+        type Parts = BTreeMap<(u64, usize), TensorInfo>;
+        let mut groups: BTreeMap<(usize, Option<u64>), Parts> = BTreeMap::new();
+        for t in input.tensors.iter() {
+            if self.skip_hf(t.name()) {
+                continue;
+            }
+            let (i, p, idx) = self.find_hf(t.name()).ok_or_else(|| {
+                PluginError::unsupported(format!(
+                    "tensor '{}' has no mapping in the {} table",
+                    t.name(),
+                    self.family().name
+                ))
+            })?;
+            groups
+                .entry((i, idx.layer))
+                .or_default()
+                .insert((idx.expert.unwrap_or(0), p), t.clone());
+        }
+        let mut out = Vec::new();
+        for ((i, layer), parts) in &groups {
+            let e = self.entry(*i).clone();
+            let name = fill(
+                &e.megatron,
+                Index {
+                    layer: *layer,
+                    expert: None,
+                },
+            );
+            let experts = if e.per_expert() {
+                Some(self.model().experts.ok_or_else(|| {
+                    PluginError::format(format!(
+                        "'{name}' has experts but the config gives no expert count"
+                    ))
+                })?)
+            } else {
+                None
+            };
+            for x in 0..experts.unwrap_or(1) {
+                for (p, pat) in e.hf.iter().enumerate() {
+                    if !parts.contains_key(&(x, p)) {
+                        return Err(PluginError::shape(format!(
+                            "'{name}' needs '{}', which the input lacks",
+                            fill(
+                                pat,
+                                Index {
+                                    layer: *layer,
+                                    expert: experts.map(|_| x)
+                                }
+                            )
+                        )));
+                    }
+                }
+            }
+            let first = &parts[&(0, 0)];
+            let part_rows: Vec<u64> = (0..e.hf.len())
+                .map(|p| parts[&(0, p)].shape.first().copied().unwrap_or(1))
+                .collect();
+            let inner: Vec<u64> = first.shape.iter().skip(1).copied().collect();
+            let fused = fused_rows(e.kind, &part_rows, self.padded_vocab());
+            let lead: Vec<u64> = experts.into_iter().collect();
+            let mut global = lead.clone();
+            if !first.shape.is_empty() {
+                global.push(fused);
+            }
+            global.extend(&inner);
+            let (_, segs) = self.segments(e.kind, fused, &name)?;
+            let whole = experts.is_none()
+                && segs.len() == 1
+                && segs[0].rows == fused
+                && e.kind != Kind::Qkv;
+            if !self.cfg.zero_copy || whole || first.shape.is_empty() {
+                let info = TensorInfo::new(name, first.dtype, &global);
+                self.outputs.insert((*i, *layer), info.clone());
+                out.push(info);
+                continue;
+            }
+            // Pieces: every run of every part's rows, and the padding rows as zeros.
+            for ((x, p), t) in parts {
+                for s in segs.iter().filter(|s| s.part == *p) {
+                    let mut offsets: Vec<u64> = experts.map(|_| *x).into_iter().collect();
+                    offsets.push(s.fused);
+                    offsets.extend(std::iter::repeat_n(0, inner.len()));
+                    let mut shape: Vec<u64> = experts.map(|_| 1).into_iter().collect();
+                    shape.push(s.rows);
+                    shape.extend(&inner);
+                    let id = experts.map_or(format!("{}", s.fused), |_| format!("{x}.{}", s.fused));
+                    let info = TensorInfo::new(format!("{name}#{id}"), t.dtype, &shape)
+                        .with_shard(&global, &offsets);
+                    out.push(info.clone());
+                    self.pieces
+                        .entry(t.name().to_string())
+                        .or_default()
+                        .push(Piece {
+                            info,
+                            rows: Some(s.at..s.at + s.rows),
+                        });
+                }
+            }
+            let covered: u64 = segs.iter().map(|s| s.rows).sum();
+            if e.kind == Kind::Vocab && covered < fused {
+                let mut offsets = vec![covered];
+                offsets.extend(std::iter::repeat_n(0, inner.len()));
+                let info = TensorInfo::new(
+                    format!("{name}#pad"),
+                    first.dtype,
+                    &with_first(fused - covered, &inner),
+                )
+                .with_shard(&global, &offsets);
+                out.push(info.clone());
+                self.pieces
+                    .entry(first.name().to_string())
+                    .or_default()
+                    .push(Piece { info, rows: None });
+            }
+        }
+        let mut plan = StreamPlan::new(out);
+        plan.attrs = input.attrs.clone();
+        plan.set_attr("architecture", self.model().architecture.clone().into());
+        Ok(plan)
+    }
+
+    fn plan_to_hf(&mut self, input: &StreamPlan) -> Result<StreamPlan> {
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for t in input.tensors.iter() {
+            // A piece (a stored block of rows) stands for its whole tensor, announced once.
+            if !seen.insert(t.base_name().to_string()) {
+                continue;
+            }
+            let (i, idx) = self.find_megatron(t.base_name()).ok_or_else(|| {
+                PluginError::unsupported(format!(
+                    "Megatron tensor '{}' has no mapping in the {} table",
+                    t.base_name(),
+                    self.family().name
+                ))
+            })?;
+            let e = self.entry(i).clone();
+            let global = t
+                .shard()
+                .map_or(t.shape.to_vec(), |s| s.global_shape.to_vec());
+            let (experts, shape) = if e.per_expert() {
+                (Some(global[0]), global[1..].to_vec())
+            } else {
+                (None, global)
+            };
+            let part_rows = match shape.first() {
+                Some(&r) => self.segments(e.kind, r, t.base_name())?.0,
+                None => vec![0],
+            };
+            for x in 0..experts.unwrap_or(1) {
+                for (pat, &rows) in e.hf.iter().zip(&part_rows) {
+                    let name = fill(
+                        pat,
+                        Index {
+                            layer: idx.layer,
+                            expert: experts.map(|_| x),
+                        },
+                    );
+                    let s = if shape.is_empty() {
+                        shape.clone()
+                    } else {
+                        with_first(rows, &shape[1..])
+                    };
+                    out.push(TensorInfo::new(name, t.dtype, &s));
+                }
+            }
+        }
+        let mut plan = StreamPlan::new(out);
+        plan.attrs = input.attrs.clone();
+        if let Some(dir) = self.cfg.hf_config.as_ref().and_then(|c| c.parent()) {
+            plan.set_attr("source_dir", dir.to_string_lossy().into_owned().into());
+        }
+        Ok(plan)
+    }
+
+    /// Import without zero_copy: the whole Megatron tensor once all its parts are in.
+    fn assemble(&mut self, key: (usize, Option<u64>), out: &mut Emitter) -> Result<()> {
+        let e = self.entry(key.0).clone();
+        let info = self.outputs[&key].clone();
+        let parts = self.pending.remove(&key).unwrap_or_default();
+        let experts = if e.per_expert() { info.shape[0] } else { 1 };
+        let shape = &info.shape[e.per_expert() as usize..];
+        // One part that is the whole tensor (a direct row, an unpadded vocabulary): as it is.
+        if experts == 1 && parts.len() == 1 {
+            let t = parts.values().next().expect("one part");
+            if Some(t.bytes().len() as u64) == info.nbytes() {
+                let t = parts.into_values().next().expect("one part");
+                return out.tensor(Tensor::new(info, t.data)?);
+            }
+        }
+        let row = row_bytes(shape, info.dtype);
+        let per_expert = shape[0] * row;
+        let mut data = vec![0u8; (experts * per_expert) as usize];
+        let (_, segs) = self.segments(e.kind, shape[0], info.name())?;
+        for ((x, p), t) in &parts {
+            for s in segs.iter().filter(|s| s.part == *p) {
+                let to = (x * per_expert + s.fused * row) as usize;
+                let from = (s.at * row) as usize;
+                let n = (s.rows * row) as usize;
+                data[to..to + n].copy_from_slice(&t.bytes()[from..from + n]);
+            }
+        }
+        out.tensor(Tensor::new(info, Buffer::from_vec(data))?)
+    }
+
+    fn process_to_megatron(&mut self, t: Tensor, out: &mut Emitter) -> Result<()> {
+        if self.skip_hf(t.name()) {
+            return Ok(());
+        }
+        if let Some(pieces) = self.pieces.get(t.name()) {
+            let row = row_bytes(&t.info.shape, t.info.dtype);
+            for pc in pieces {
+                let data = match &pc.rows {
+                    Some(r) => t
+                        .data
+                        .slice((r.start * row) as usize..(r.end * row) as usize),
+                    None => Buffer::from_vec(vec![0; pc.info.nbytes().unwrap_or(0) as usize]),
+                };
+                out.tensor(Tensor::new(pc.info.clone(), data)?)?;
+            }
+            return Ok(());
+        }
+        let (i, p, idx) = self.find_hf(t.name()).ok_or_else(|| {
+            PluginError::unsupported(format!("tensor '{}' has no mapping", t.name()))
+        })?;
+        let key = (i, idx.layer);
+        let e = self.entry(i);
+        let need = e.hf.len() as u64
+            * if e.per_expert() {
+                self.model().experts.unwrap_or(1)
+            } else {
+                1
+            };
+        let slot = self.pending.entry(key).or_default();
+        slot.insert((idx.expert.unwrap_or(0), p), t);
+        if slot.len() as u64 == need {
+            self.assemble(key, out)?;
+        }
+        Ok(())
+    }
+
+    fn process_to_hf(&mut self, t: Tensor, out: &mut Emitter) -> Result<()> {
+        let (i, idx) = self.find_megatron(t.info.base_name()).ok_or_else(|| {
+            PluginError::unsupported(format!("Megatron tensor '{}' has no mapping", t.name()))
+        })?;
+        let e = self.entry(i).clone();
+        let name = |p: usize, x: Option<u64>| {
+            fill(
+                &e.hf[p],
+                Index {
+                    layer: idx.layer,
+                    expert: x,
+                },
+            )
+        };
+        if e.kind == Kind::Direct && !e.per_expert() {
+            // Renamed; a piece stays a piece of the renamed tensor.
+            let n = match t.name().split_once('#') {
+                Some((_, id)) => format!("{}#{id}", name(0, None)),
+                None => name(0, None),
+            };
+            return out.tensor(Tensor::new(t.info.clone().with_name(n), t.data)?);
+        }
+        if e.kind == Kind::Qkv && !self.cfg.zero_copy {
+            if t.info.shard().is_some() {
+                return Err(PluginError::config(format!(
+                    "'{}' arrives in pieces; whole q/k/v tensors need zero_copy = true or a reader without row_pieces",
+                    t.name()
+                )));
+            }
+            let row = row_bytes(&t.info.shape, t.info.dtype) as usize;
+            let (q, k, v) = split_qkv(t.bytes(), self.model().heads, row)
+                .map_err(|err| err.context(t.name()))?;
+            for (p, data) in [q, k, v].into_iter().enumerate() {
+                let shape = with_first((data.len() / row) as u64, &t.info.shape[1..]);
+                let info = TensorInfo::new(name(p, None), t.info.dtype, &shape);
+                out.tensor(Tensor::new(info, Buffer::from_vec(data))?)?;
+            }
+            return Ok(());
+        }
+        // The block this tensor is of its (per-layer) Megatron tensor: experts and rows.
+        let lead = e.per_expert() as usize;
+        let (global, offsets) = match t.info.shard() {
+            Some(s) => (s.global_shape.to_vec(), s.offsets.to_vec()),
+            None => (t.info.shape.to_vec(), vec![0; t.info.shape.len()]),
+        };
+        let inner = &t.info.shape[lead + 1..];
+        let (part_rows, segments) = self.segments(e.kind, global[lead], t.name())?;
+        let row = row_bytes(&t.info.shape[lead..], t.info.dtype);
+        let (first, n) = (offsets[lead], t.info.shape[lead]);
+        let experts = if lead == 1 {
+            offsets[0]..offsets[0] + t.info.shape[0]
+        } else {
+            0..1
+        };
+        for x in experts.clone() {
+            let base = (x - experts.start) * n * row;
+            let xi = (lead == 1).then_some(x);
+            // Every run of rows goes to its place as a view of the input: a whole HF tensor
+            // when the run covers one, else a row piece the writer places.
+            for s in segments.iter().filter_map(|s| s.clip(first..first + n)) {
+                let shape = with_first(s.rows, inner);
+                let from = base + (s.fused - first) * row;
+                let data = t.data.slice(from as usize..(from + s.rows * row) as usize);
+                let info = if s.at == 0 && s.rows == part_rows[s.part] {
+                    TensorInfo::new(name(s.part, xi), t.info.dtype, &shape)
+                } else {
+                    let mut at = vec![s.at];
+                    at.extend(std::iter::repeat_n(0, inner.len()));
+                    TensorInfo::new(
+                        format!("{}#{}", name(s.part, xi), s.fused),
+                        t.info.dtype,
+                        &shape,
+                    )
+                    .with_shard(&with_first(part_rows[s.part], inner), &at)
+                };
+                out.tensor(Tensor::new(info, data)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Transform for Mapper {
+    type Config = MapperConfig;
+    const DESCRIPTION: &'static str =
+        "HF <-> Megatron-Core names and layouts from a model table (Llama, Mistral, Qwen2/3, Qwen3-MoE, Mixtral, Gemma 2, DeepSeek-V2/V3, or a TOML table)";
+
+    fn new(cfg: MapperConfig) -> Result<Self> {
+        let to_megatron = match cfg.direction.as_str() {
+            "to-megatron" => true,
+            "to-hf" => false,
+            d => {
+                return Err(PluginError::config(format!(
+                    "direction '{d}': expected to-megatron or to-hf"
+                )))
+            }
+        };
+        Ok(Mapper {
+            cfg,
+            to_megatron,
+            family: None,
+            model: None,
+            pieces: HashMap::new(),
+            outputs: HashMap::new(),
+            pending: BTreeMap::new(),
+        })
+    }
+
+    fn plan(&mut self, inputs: &[StreamPlan]) -> Result<StreamPlan> {
+        let input = &inputs[0];
+        // The HF config: given, beside the input, or (export) rebuilt from the checkpoint's
+        // run_config.yaml, as Megatron-Bridge or bridgeflow wrote it.
+        let given = match &self.cfg.hf_config {
+            Some(p) => Some(p.clone()),
+            None => input
+                .attr_str("source_dir")
+                .map(|d| PathBuf::from(d).join("config.json"))
+                .filter(|p| p.is_file()),
+        };
+        let (hf, path, derived) = match given {
+            Some(p) => (read_json(&p)?, p, false),
+            None => {
+                let run_config = input
+                    .attr_str("checkpoint_dir")
+                    .map(|d| PathBuf::from(d).join("run_config.yaml"))
+                    .filter(|p| p.is_file())
+                    .ok_or_else(|| {
+                        PluginError::config(
+                            "no HF config: set hf_config (the input has no config.json beside it and no run_config.yaml)",
+                        )
+                    })?;
+                let hf = crate::megatron_config::hf_config_from_run_config(&run_config)?;
+                (hf, run_config, true)
+            }
+        };
+        let tables = self
+            .cfg
+            .model_tables
+            .iter()
+            .map(|p| {
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| PluginError::io(p, "cannot read", e))?;
+                Family::from_toml(&text, p)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let model = model_config_from(&hf, &path)?;
+        let family = families::find(&model.architecture, &tables)
+            .map_err(|e| PluginError::unsupported(format!("{}: {}", path.display(), e.message)))?;
+        self.model = Some(model);
+        self.family = Some(family);
+        let mut plan = if self.to_megatron {
+            use crate::megatron_config::{model_section, run_config, to_yaml};
+            let mut p = self.plan_to_megatron(input)?;
+            // Bridge's hf_model_id and tokenizer_model: the HF folder we read.
+            let source = input
+                .attr_str("source_dir")
+                .map(|d| std::fs::canonicalize(&d).map_or(d, |p| p.display().to_string()));
+            let model = model_section(
+                self.family(),
+                &hf,
+                source.as_deref(),
+                self.cfg.make_vocab_size_divisible_by,
+                self.cfg.tensor_parallel.max(1),
+            )?;
+            let yaml = to_yaml(
+                &run_config(&hf, model, source.as_deref()),
+                "# Written by bridgeflow as Megatron-Bridge writes it: `model` instantiates the\n# family's Megatron-Bridge provider (load_megatron_model, export_ckpt); `bridgeflow.hf_config`\n# is the original config.json, from which export rebuilds it exactly.\n",
+            );
+            p.set_attr("run_config_yaml", yaml.into());
+            p
+        } else {
+            self.plan_to_hf(input)?
+        };
+        if !self.to_megatron && derived {
+            plan.set_attr("hf_config", hf);
+        }
+        Ok(plan)
+    }
+
+    fn process(&mut self, _port: usize, item: Item, out: &mut Emitter) -> Result<()> {
+        let t = item.into_tensor()?;
+        if self.to_megatron {
+            self.process_to_megatron(t, out)
+        } else {
+            self.process_to_hf(t, out)
+        }
+    }
+
+    fn finish(&mut self, _out: &mut Emitter) -> Result<()> {
+        if let Some(((i, l), _)) = self.pending.iter().next() {
+            return Err(PluginError::shape(format!(
+                "'{}' never got all its parts from the input",
+                fill(
+                    &self.entry(*i).megatron,
+                    Index {
+                        layer: *l,
+                        expert: None
+                    }
+                )
+            )));
+        }
+        Ok(())
+    }
+}
