@@ -33,6 +33,12 @@ _load = model_load_save.load_model_config
 
 def load_model_config(path):
     cfg, args = _load(path)
+    spec = getattr(cfg, "transformer_layer_spec", None)
+    if getattr(spec, "keywords", {}).get("use_transformer_engine"):
+        # megatron-core's block spec with TE, as a GPU run wants it; without TE here.
+        import functools
+
+        cfg.transformer_layer_spec = functools.partial(spec.func, use_transformer_engine=False)
     mb_cpu_shim.make_provider_cpu_friendly(cfg)
     return cfg, args
 

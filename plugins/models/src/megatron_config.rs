@@ -50,24 +50,66 @@ fn rope_theta(hf: &Value) -> f64 {
         .unwrap_or(10000.0)
 }
 
+/// YaRN parameters: HF key, Megatron field (MLA models use the bare names, GPT ones `yarn_`).
+const YARN: &[(&str, &str)] = &[
+    ("factor", "rotary_scaling_factor"),
+    (
+        "original_max_position_embeddings",
+        "original_max_position_embeddings",
+    ),
+    ("beta_fast", "beta_fast"),
+    ("beta_slow", "beta_slow"),
+    ("mscale", "mscale"),
+    ("mscale_all_dim", "mscale_all_dim"),
+];
+
 /// RoPE scaling (`rope_scaling` in transformers 4, `rope_parameters` in 5) as Bridge maps it:
-/// llama3 → `rope_scaling` + factor, linear → `seq_len_interpolation_factor`.
-fn rope_scaling(hf: &Value) -> Result<Option<(&'static str, f64)>> {
+/// llama3 → `rope_scaling` + factor, linear → `seq_len_interpolation_factor`, yarn → the YaRN
+/// fields (bare for MLA, `yarn_`-prefixed with `position_embedding_type: yarn` otherwise).
+fn rope_fields(hf: &Value, mla: bool) -> Result<Map<String, Value>> {
     let r = if hf["rope_scaling"].is_object() {
         &hf["rope_scaling"]
     } else {
         &hf["rope_parameters"]
     };
     let kind = r["rope_type"].as_str().or_else(|| r["type"].as_str());
-    let factor = r["factor"].as_f64();
-    match (kind, factor) {
-        (None | Some("default"), _) => Ok(None),
-        (Some("llama3"), f) => Ok(Some(("rope_scaling_factor", f.unwrap_or(8.0)))),
-        (Some("linear"), Some(f)) => Ok(Some(("seq_len_interpolation_factor", f))),
-        (Some(k), _) => Err(PluginError::unsupported(format!(
-            "RoPE scaling '{k}' has no Megatron equivalent in the llama mapper (llama3 and linear do)"
-        ))),
+    let mut m = Map::new();
+    match (kind, r["factor"].as_f64()) {
+        (None | Some("default"), _) if mla => {
+            // Megatron's MLA defaults are DeepSeek-V3's YaRN; no scaling is 1.0 (as Bridge).
+            m.insert("rotary_scaling_factor".into(), 1.0.into());
+            m.insert("mscale_all_dim".into(), 1.0.into());
+        }
+        (None | Some("default"), _) => {}
+        (Some("llama3"), f) => {
+            m.insert("rope_scaling".into(), true.into());
+            m.insert("rope_scaling_factor".into(), f.unwrap_or(8.0).into());
+        }
+        (Some("linear"), Some(f)) => {
+            m.insert("seq_len_interpolation_factor".into(), f.into());
+        }
+        (Some("yarn"), _) => {
+            if !mla {
+                m.insert("position_embedding_type".into(), "yarn".into());
+            }
+            for (h, meg) in YARN {
+                if let Some(v) = r.get(*h).filter(|v| !v.is_null()) {
+                    let name = if mla {
+                        meg.to_string()
+                    } else {
+                        format!("yarn_{meg}")
+                    };
+                    m.insert(name, v.clone());
+                }
+            }
+        }
+        (Some(k), _) => {
+            return Err(PluginError::unsupported(format!(
+                "RoPE scaling '{k}' has no Megatron equivalent (llama3, linear and yarn do)"
+            )))
+        }
     }
+    Ok(m)
 }
 
 /// The Megatron model section for an HF config: the family's Bridge provider and fields.
@@ -101,23 +143,15 @@ pub fn model_section(
     m.entry("num_query_groups").or_insert(heads.into());
     m.entry("kv_channels").or_insert((hidden / heads).into());
     m.insert("rotary_base".into(), rope_theta(hf).into());
-    match rope_scaling(hf)? {
-        Some(("rope_scaling_factor", f)) => {
-            m.insert("rope_scaling".into(), true.into());
-            m.insert("rope_scaling_factor".into(), f.into());
-        }
-        Some((field, f)) => {
-            m.insert(field.into(), f.into());
-        }
-        None => {}
-    }
+    let mla = family.megatron.get("multi_latent_attention") == Some(&Value::Bool(true));
+    let rope = rope_fields(hf, mla)?;
     // Qwen2 always has q/k/v biases (no attention_bias key); Qwen3 normalises q and k.
     if arch == "Qwen2ForCausalLM" {
         m.insert("add_qkv_bias".into(), true.into());
     }
     let qk_norm = matches!(arch, "Qwen3ForCausalLM" | "Qwen3MoeForCausalLM");
     m.insert("qk_layernorm".into(), qk_norm.into());
-    for (k, v) in &family.megatron {
+    for (k, v) in family.megatron.iter().chain(&rope) {
         m.insert(k.clone(), v.clone());
     }
     if let Some(n) = hf["first_k_dense_replace"].as_u64() {
@@ -413,13 +447,50 @@ pub fn hf_config_from_run_config(path: &Path) -> Result<Value> {
         });
     } else if let Some(f) = model["seq_len_interpolation_factor"].as_f64() {
         rope = json!({"rope_theta": theta, "rope_type": "linear", "factor": f});
+    } else {
+        // YaRN: GPT providers prefix the fields; MLA ones scale only when the factor is not 1.
+        let yarn = model["position_embedding_type"] == "yarn";
+        let mla = flag("multi_latent_attention")
+            && model["rotary_scaling_factor"]
+                .as_f64()
+                .is_some_and(|f| f != 1.0);
+        if yarn || mla {
+            rope = json!({"rope_theta": theta, "rope_type": "yarn"});
+            for (h, meg) in YARN {
+                let field = if yarn {
+                    format!("yarn_{meg}")
+                } else {
+                    meg.to_string()
+                };
+                if let Some(v) = model.get(&field).filter(|v| !v.is_null()) {
+                    rope[*h] = v.clone();
+                }
+            }
+        }
     }
     if let Some(w) = model["window_size"][0].as_u64() {
         hf.insert("sliding_window".into(), (w + 1).into());
     }
+    // DeepSeek's dense prefix and shared experts, from Megatron's per-layer MoE pattern.
+    if let Some(freq) = model["moe_layer_freq"].as_array() {
+        let dense = freq.iter().take_while(|v| v.as_u64() == Some(0)).count();
+        hf.insert("first_k_dense_replace".into(), dense.into());
+    }
+    if let (Some(s), Some(f)) = (
+        model["moe_shared_expert_intermediate_size"].as_u64(),
+        model["moe_ffn_hidden_size"].as_u64().filter(|&f| f > 0),
+    ) {
+        hf.insert("n_shared_experts".into(), (s / f).into());
+    }
     hf.insert("rope_theta".into(), theta);
     hf.insert("rope_parameters".into(), rope);
-    hf.insert("hidden_act".into(), "silu".into());
+    let act = model["activation_func"]["_target_"].as_str().unwrap_or("");
+    let act = if act.contains("gelu") {
+        "gelu_pytorch_tanh"
+    } else {
+        "silu"
+    };
+    hf.insert("hidden_act".into(), act.into());
     hf.insert("dtype".into(), dtype.into());
     hf.entry("tie_word_embeddings").or_insert(false.into());
     hf.entry("attention_bias").or_insert(false.into());

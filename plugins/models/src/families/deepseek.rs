@@ -4,9 +4,10 @@
 //! layers differ, so megatron-core keeps per-layer keys (`decoder.layers.0.…`), not stacked ones.
 
 use super::llama::{dense_mlp, gpt_fields};
-use super::qwen3_moe::{routed_moe, MOE_FIELDS};
+use super::qwen3_moe::{moe_fields_named, routed_moe};
 use super::{fields, megatron, Family};
 use bridgeflow_sdk::mapping::{Entry, Layers};
+use serde_json::json;
 
 pub fn family() -> Family {
     let a = |m: &str, h: &str| {
@@ -61,13 +62,28 @@ pub fn family() -> Family {
         "model.layers.{l}.mlp.experts.{e}.up_proj.weight",
         "model.layers.{l}.mlp.experts.{e}.down_proj.weight",
     ));
+    // As Megatron-Bridge's DeepSeek-V3 bridge sets them; the layer spec is megatron-core's
+    // per-layer decoder block (dense and MoE layers differ).
     let mut m = megatron(gpt_fields());
-    m.insert("multi_latent_attention".into(), true.into());
-    m.insert("moe_router_score_function".into(), "sigmoid".into());
-    m.insert("moe_router_enable_expert_bias".into(), true.into());
-    m.insert("moe_grouped_gemm".into(), true.into());
-    m.insert("moe_token_dispatcher_type".into(), "alltoall".into());
-    let mut config = fields(MOE_FIELDS);
+    m.extend(megatron(json!({
+        "multi_latent_attention": true,
+        "qk_layernorm": true,
+        "add_bias_linear": false,
+        "moe_grouped_gemm": true,
+        "moe_router_pre_softmax": true,
+        "moe_token_dispatcher_type": "alltoall",
+        "moe_router_load_balancing_type": "seq_aux_loss",
+        "moe_router_score_function": "sigmoid",
+        "moe_router_enable_expert_bias": true,
+        "moe_router_dtype": "fp32",
+        "apply_rope_fusion": false,
+        "transformer_layer_spec": {
+            "_partial_": true,
+            "_target_": "megatron.core.models.gpt.gpt_layer_specs.get_gpt_decoder_block_spec",
+            "use_transformer_engine": true,
+        },
+    })));
+    let mut config = moe_fields_named("n_routed_experts");
     config.extend(fields(&[
         ("q_lora_rank", "q_lora_rank"),
         ("kv_lora_rank", "kv_lora_rank"),

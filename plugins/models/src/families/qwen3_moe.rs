@@ -28,15 +28,16 @@ pub fn routed_moe(router: &str, gate: &str, up: &str, down: &str) -> Vec<Entry> 
     ]
 }
 
-/// HF MoE config keys ⇄ Megatron fields (Megatron-Bridge's names).
-pub const MOE_FIELDS: &[(&str, &str)] = &[
-    ("num_experts", "num_moe_experts"),
-    ("num_local_experts", "num_moe_experts"),
-    ("n_routed_experts", "num_moe_experts"),
-    ("num_experts_per_tok", "moe_router_topk"),
-    ("moe_intermediate_size", "moe_ffn_hidden_size"),
-    ("router_aux_loss_coef", "moe_aux_loss_coeff"),
-];
+/// HF MoE config keys ⇄ Megatron fields (Megatron-Bridge's names), given the family's HF key
+/// for the expert count (`num_experts`, `num_local_experts`, `n_routed_experts`).
+pub fn moe_fields_named(experts: &str) -> Vec<(String, String)> {
+    fields(&[
+        (experts, "num_moe_experts"),
+        ("num_experts_per_tok", "moe_router_topk"),
+        ("moe_intermediate_size", "moe_ffn_hidden_size"),
+        ("router_aux_loss_coef", "moe_aux_loss_coeff"),
+    ])
+}
 
 fn moe_fields() -> serde_json::Map<String, serde_json::Value> {
     let mut m = megatron(gpt_fields());
@@ -61,7 +62,7 @@ pub fn family() -> Family {
             ),
         ]
         .concat(),
-        config: fields(MOE_FIELDS),
+        config: moe_fields_named("num_experts"),
         megatron: moe_fields(),
         ignore: vec!["rotary_emb.inv_freq".into()],
     }
@@ -82,6 +83,7 @@ pub fn mixtral() -> Family {
             ),
         ]
         .concat(),
+        config: moe_fields_named("num_local_experts"),
         ..family()
     }
 }
