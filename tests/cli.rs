@@ -270,3 +270,18 @@ fn verify_command() {
     let o = bridgeflow().arg("verify").output().unwrap();
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// Every bundled pipeline file is valid as shipped (plugins, kinds, inputs, configs).
+#[test]
+fn every_bundled_pipeline_validates() {
+    let mut n = 0;
+    for entry in std::fs::read_dir(workspace_root().join("pipelines")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|x| x == "toml") {
+            let o = bridgeflow().arg("validate").arg(&path).output().unwrap();
+            assert!(o.status.success(), "{}: {}", path.display(), text(&o));
+            n += 1;
+        }
+    }
+    assert!(n >= 10, "only {n} pipelines found");
+}

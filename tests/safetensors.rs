@@ -440,3 +440,76 @@ config = {{ manifest = "{}" }}
     );
     assert!(e.contains("blake3"), "{e}");
 }
+
+fn dequant_pipeline(input: &Path, out: &Path) -> String {
+    format!(
+        r#"
+[stages.read]
+plugin = "safetensors"
+kind = "reader"
+config = {{ path = "{}" }}
+
+[stages.dequant]
+plugin = "fp8-dequant"
+kind = "transform"
+inputs = ["read"]
+
+[stages.write]
+plugin = "safetensors"
+kind = "writer"
+inputs = ["dequant"]
+config = {{ path = "{}" }}
+"#,
+        input.display(),
+        out.display()
+    )
+}
+
+/// Block-scaled FP8 (DeepSeek-V3's HF format) dequantized to bf16 equals Megatron-Bridge's own
+/// `dequantize_fp8_blockwise`, bit for bit, on weights whose sides are not multiples of 128;
+/// the scales are consumed, other tensors pass through; a scale of the wrong shape is named.
+#[test]
+fn fp8_block_scales_dequantize_as_megatron_bridge() {
+    let dir = tempdir();
+    let fx = workspace_root().join("tests/fixtures/fp8");
+    let out = dir.path().join("out.safetensors");
+    run_text(
+        dir.path(),
+        &dequant_pipeline(&fx.join("model.safetensors"), &out),
+        &[],
+        1 << 30,
+    )
+    .unwrap();
+    let got = load_tensors(&out);
+    let want = load_tensors(&fx.join("reference.safetensors"));
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (k, w) in &want {
+        assert!(got[k] == *w, "'{k}' differs from Bridge's dequantization");
+    }
+
+    // A scale grid that does not fit its weight.
+    let src = std::fs::read(fx.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(src[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&src[8..8 + n]).unwrap();
+    header["c.weight_scale_inv"]["shape"] = serde_json::json!([2, 1]);
+    let h = serde_json::to_vec(&header).unwrap();
+    let mut bad = (h.len() as u64).to_le_bytes().to_vec();
+    bad.extend(&h);
+    bad.extend(&src[8 + n..]);
+    let bad_path = dir.path().join("bad.safetensors");
+    std::fs::write(&bad_path, bad).unwrap();
+    let e = run_text(
+        dir.path(),
+        &dequant_pipeline(&bad_path, &dir.path().join("out2.safetensors")),
+        &[],
+        1 << 30,
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("c.weight_scale_inv") && e.contains("[1, 2]"),
+        "{e}"
+    );
+}

@@ -594,6 +594,28 @@ impl Transform for Mapper {
                 Family::from_toml(&text, p)
             })
             .collect::<Result<Vec<_>>>()?;
+        let mut hf = hf;
+        if self.to_megatron {
+            // The config kept with the checkpoint describes the weights as they arrive here
+            // (after a cast or a dequantization upstream).
+            if let Some(d) = input.attr_str("dtype") {
+                hf["dtype"] = d.trim_start_matches("torch.").into();
+                if let Some(o) = hf.as_object_mut() {
+                    o.remove("torch_dtype");
+                }
+            }
+            if let (Some(keys), Some(o)) = (
+                input
+                    .attrs()
+                    .get("drop_config_keys")
+                    .and_then(|v| v.as_array()),
+                hf.as_object_mut(),
+            ) {
+                for k in keys.iter().filter_map(|k| k.as_str()) {
+                    o.remove(k);
+                }
+            }
+        }
         let model = model_config_from(&hf, &path)?;
         let family = families::find(&model.architecture, &tables)
             .map_err(|e| PluginError::unsupported(format!("{}: {}", path.display(), e.message)))?;

@@ -320,6 +320,34 @@ impl SafetensorsWriter {
         it.all(|d| d == first).then_some(first)
     }
 
+    /// Removes the keys a stage said no longer hold (`drop_config_keys`: e.g. the
+    /// `quantization_config` of weights that were dequantized).
+    fn drop_config_keys(&self, text: String) -> String {
+        let Some(keys) = self
+            .plan
+            .attrs()
+            .get("drop_config_keys")
+            .and_then(|v| v.as_array())
+            .cloned()
+        else {
+            return text;
+        };
+        let Ok(mut cfg) = serde_json::from_str::<serde_json::Value>(&text) else {
+            return text;
+        };
+        let Some(obj) = cfg.as_object_mut() else {
+            return text;
+        };
+        let before = obj.len();
+        for k in keys.iter().filter_map(|k| k.as_str()) {
+            obj.remove(k);
+        }
+        if obj.len() == before {
+            return text;
+        }
+        serde_json::to_string_pretty(&cfg).expect("json") + "\n"
+    }
+
     fn copy_side_files(&self, dir: &Path) -> Result<usize> {
         let from = match &self.cfg.copy_from {
             Some(p) => Some(p.clone()),
@@ -350,6 +378,7 @@ impl SafetensorsWriter {
                     Some(d) => set_config_dtype(&text, d),
                     None => text,
                 };
+                let text = self.drop_config_keys(text);
                 std::fs::write(&dst, text).map_err(|e| PluginError::io(&dst, "cannot write", e))?;
             } else {
                 std::fs::copy(&src, &dst).map_err(|e| PluginError::io(&src, "cannot copy", e))?;

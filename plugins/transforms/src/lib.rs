@@ -1,8 +1,9 @@
 //! bridgeflow plugin library with the everyday tensor stages: `cast`, `rename`, `filter`,
-//! `checksum`, `verify` and `verify-manifest`.
+//! `checksum`, `verify`, `verify-manifest` and `fp8-dequant`.
 
 pub mod cast;
 pub mod checksum;
+pub mod fp8;
 pub mod select;
 pub mod verify;
 
@@ -31,6 +32,11 @@ bridgeflow_sdk::export_plugins! {
         version: env!("CARGO_PKG_VERSION"),
         description: "Compares two tensor streams: exact, or max abs diff within a tolerance",
         transform: Transform(verify::Verify),
+    }
+    "fp8-dequant" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "Dequantizes block-scaled FP8 weights to bf16, bit-identical to Megatron-Bridge",
+        transform: Transform(fp8::Fp8Dequant),
     }
     "verify-manifest" {
         version: env!("CARGO_PKG_VERSION"),

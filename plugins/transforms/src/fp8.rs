@@ -1,0 +1,232 @@
+//! `fp8-dequant`: block-scaled FP8 weights (DeepSeek-V3, MiniMax-M2: `X.weight` in F8_E4M3
+//! with `X.weight_scale_inv` in F32, one scale per 128×128 block) to bf16 (or another float),
+//! computed as Megatron-Bridge does — `weight.float() * scale_inv[block]` in f32, then one
+//! rounding to the target — so the result is bit-identical to its import. The scale tensors are
+//! consumed. A weight waits for its scale (or the scale for its weight) only until the other
+//! arrives; in HF checkpoints they sit side by side in the same shard.
+
+use bridgeflow_sdk::numeric::{f8_e4m3_to_f64, f8_e5m2_to_f64};
+use bridgeflow_sdk::{
+    schemars, serde, BufferPool, DType, Emitter, Item, PluginError, Result, StreamPlan, Tensor,
+    TensorInfo, Transform,
+};
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::collections::{HashMap, HashSet};
+
+fn bf16_name() -> String {
+    "bf16".into()
+}
+fn d128() -> u64 {
+    128
+}
+fn scale_inv() -> String {
+    "_scale_inv".into()
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(crate = "bridgeflow_sdk::serde", deny_unknown_fields)]
+pub struct Fp8Config {
+    /// Target dtype: bf16 (default), f16 or f32.
+    #[serde(default = "bf16_name")]
+    pub to: String,
+    /// Rows and columns covered by one scale.
+    #[serde(default = "d128")]
+    pub block_size: u64,
+    /// The scale of `X` is `X` + this suffix.
+    #[serde(default = "scale_inv")]
+    pub scale_suffix: String,
+}
+
+pub struct Fp8Dequant {
+    cfg: Fp8Config,
+    to: DType,
+    /// Weights with a scale, by weight name.
+    scaled: HashSet<String>,
+    /// Whichever of a pair came first, by weight name.
+    waiting: HashMap<String, Tensor>,
+    pool: BufferPool,
+}
+
+fn is_fp8(d: DType) -> bool {
+    matches!(d, DType::F8_E4M3 | DType::F8_E5M2)
+}
+
+/// The 256 values of an FP8 format, exactly, as f32.
+fn table(d: DType) -> [f32; 256] {
+    let decode = if d == DType::F8_E4M3 {
+        f8_e4m3_to_f64
+    } else {
+        f8_e5m2_to_f64
+    };
+    std::array::from_fn(|b| decode(b as u8) as f32)
+}
+
+impl Fp8Dequant {
+    fn scale_of(&self, name: &str) -> Option<String> {
+        name.strip_suffix(self.cfg.scale_suffix.as_str())
+            .map(str::to_string)
+    }
+
+    fn dequantize(&self, w: &Tensor, scale: Option<&Tensor>, out: &mut Emitter) -> Result<()> {
+        let lut = table(w.info.dtype);
+        let shape = w.info.shape.to_vec();
+        let numel = w.info.numel().unwrap_or(0) as usize;
+        let size = self.to.size();
+        let mut buf = self.pool.take(numel * size);
+        let put = |dst: &mut [u8], v: f32| match self.to {
+            DType::BF16 => dst.copy_from_slice(&bf16::from_f32(v).to_le_bytes()),
+            DType::F16 => dst.copy_from_slice(&f16::from_f32(v).to_le_bytes()),
+            _ => dst.copy_from_slice(&v.to_le_bytes()),
+        };
+        match scale {
+            Some(s) => {
+                let (rows, cols) = match shape[..] {
+                    [r, c] => (r as usize, c as usize),
+                    _ => {
+                        return Err(PluginError::shape(format!(
+                            "'{}': block scales need a 2-D weight, not {}",
+                            w.name(),
+                            w.info.shape_string()
+                        )))
+                    }
+                };
+                let b = self.cfg.block_size as usize;
+                let (sr, sc) = (rows.div_ceil(b), cols.div_ceil(b));
+                if s.info.dtype != DType::F32 || s.info.shape.as_slice() != [sr as u64, sc as u64] {
+                    return Err(PluginError::shape(format!(
+                        "'{}': a {rows}x{cols} weight in {b}x{b} blocks needs F32 [{sr}, {sc}] scales, not {} {}",
+                        s.name(),
+                        s.info.dtype,
+                        s.info.shape_string()
+                    )));
+                }
+                let scales: Vec<f32> = s
+                    .bytes()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                let src = w.bytes();
+                buf.as_mut_slice()
+                    .par_chunks_mut(cols * size)
+                    .enumerate()
+                    .for_each(|(r, dst)| {
+                        let row = &src[r * cols..(r + 1) * cols];
+                        let srow = &scales[(r / b) * sc..(r / b + 1) * sc];
+                        for (c, (d, &q)) in dst.chunks_exact_mut(size).zip(row).enumerate() {
+                            put(d, lut[q as usize] * srow[c / b]);
+                        }
+                    });
+            }
+            // No scale: a plain cast, as Bridge falls back to.
+            None => buf
+                .as_mut_slice()
+                .par_chunks_mut(size << 16)
+                .zip(w.bytes().par_chunks(1 << 16))
+                .for_each(|(dst, src)| {
+                    for (d, &q) in dst.chunks_exact_mut(size).zip(src) {
+                        put(d, lut[q as usize]);
+                    }
+                }),
+        }
+        let mut info = w.info.clone();
+        info.dtype = self.to;
+        out.tensor(Tensor::new(info, buf.freeze())?)
+    }
+}
+
+impl Transform for Fp8Dequant {
+    type Config = Fp8Config;
+    const DESCRIPTION: &'static str =
+        "Dequantizes block-scaled FP8 weights (X.weight + X.weight_scale_inv) to bf16, as Megatron-Bridge does";
+
+    fn new(cfg: Fp8Config) -> Result<Self> {
+        let to = DType::parse(&cfg.to)
+            .filter(|d| matches!(d, DType::BF16 | DType::F16 | DType::F32))
+            .ok_or_else(|| {
+                PluginError::config(format!("to = \"{}\": expected bf16, f16 or f32", cfg.to))
+            })?;
+        if cfg.block_size == 0 {
+            return Err(PluginError::config("block_size must be positive"));
+        }
+        Ok(Fp8Dequant {
+            cfg,
+            to,
+            scaled: HashSet::new(),
+            waiting: HashMap::new(),
+            pool: BufferPool::new(64 << 20),
+        })
+    }
+
+    fn plan(&mut self, inputs: &[StreamPlan]) -> Result<StreamPlan> {
+        let input = &inputs[0];
+        let names: HashSet<&str> = input.tensors.iter().map(|t| t.name()).collect();
+        let mut plan = input.clone();
+        let mut kept: Vec<TensorInfo> = Vec::new();
+        for t in input.tensors.iter() {
+            if let Some(w) = self
+                .scale_of(t.name())
+                .filter(|w| names.contains(w.as_str()))
+            {
+                self.scaled.insert(w);
+                continue;
+            }
+            let mut t = t.clone();
+            if is_fp8(t.dtype) {
+                t.dtype = self.to;
+            }
+            kept.push(t);
+        }
+        plan.tensors = kept.into();
+        plan.set_attr("dtype", self.to.torch_name().into());
+        // The weights are no longer quantized: the HF config written beside them must not say so.
+        plan.set_attr(
+            "drop_config_keys",
+            serde_json::json!(["quantization_config"]),
+        );
+        Ok(plan)
+    }
+
+    fn process(&mut self, _port: usize, item: Item, out: &mut Emitter) -> Result<()> {
+        let t = item.into_tensor()?;
+        let (weight, scale) =
+            if let Some(w) = self.scale_of(t.name()).filter(|w| self.scaled.contains(w)) {
+                match self.waiting.remove(&w) {
+                    Some(weight) => (weight, t),
+                    None => {
+                        self.waiting.insert(w, t);
+                        return Ok(());
+                    }
+                }
+            } else if self.scaled.contains(t.name()) {
+                match self.waiting.remove(t.name()) {
+                    Some(scale) => (t, scale),
+                    None => {
+                        self.waiting.insert(t.name().to_string(), t);
+                        return Ok(());
+                    }
+                }
+            } else if is_fp8(t.info.dtype) {
+                return self.dequantize(&t, None, out);
+            } else {
+                return out.tensor(t);
+            };
+        if !is_fp8(weight.info.dtype) {
+            return Err(PluginError::shape(format!(
+                "'{}' has a scale but is {}, not FP8",
+                weight.name(),
+                weight.info.dtype
+            )));
+        }
+        self.dequantize(&weight, Some(&scale), out)
+    }
+
+    fn finish(&mut self, _out: &mut Emitter) -> Result<()> {
+        match self.waiting.keys().next() {
+            Some(k) => Err(PluginError::shape(format!(
+                "'{k}' and its scale did not both arrive"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
