@@ -16,7 +16,7 @@
 
 use bridgeflow_sdk::{Buffer, BufferVTable};
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -36,6 +36,9 @@ pub struct Budget {
     /// Items sent but not yet received.
     queued: AtomicUsize,
     overdrafts: AtomicUsize,
+    /// Bytes consumers have said they are done with (`discard`): work going on out of the
+    /// runtime's sight (a writer's own threads) shows here.
+    discarded: AtomicU64,
 }
 
 impl Budget {
@@ -48,6 +51,7 @@ impl Budget {
             busy: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
             overdrafts: AtomicUsize::new(0),
+            discarded: AtomicU64::new(0),
         })
     }
 
@@ -100,6 +104,7 @@ impl Budget {
         let mut st = self.state.lock().unwrap();
         if wait {
             let mut idle_checks = 0;
+            let mut seen = self.discarded.load(Ordering::SeqCst);
             while st.in_flight > 0 && st.in_flight + bytes > self.limit {
                 if self.is_cancelled() {
                     return false;
@@ -109,7 +114,12 @@ impl Budget {
                     .wait_timeout(st, Duration::from_millis(100))
                     .unwrap();
                 st = guard;
-                if timeout.timed_out() && self.idle() {
+                // A consumer still working through its data (discarding as it goes) is progress,
+                // even when every stage has returned to the runtime.
+                let now = self.discarded.load(Ordering::SeqCst);
+                let progressing = now != seen;
+                seen = now;
+                if timeout.timed_out() && self.idle() && !progressing {
                     idle_checks += 1;
                     if idle_checks >= 2 {
                         if self.overdrafts.fetch_add(1, Ordering::SeqCst) == 0 {
@@ -205,7 +215,12 @@ unsafe extern "C" fn accounted_release(ctx: *const c_void) {
 }
 
 unsafe extern "C" fn accounted_discard(ctx: *const c_void, ptr: *const u8, len: usize) {
-    let inner = &(*(ctx as *const Accounted))._inner;
+    let owner = &*(ctx as *const Accounted);
+    owner
+        .budget
+        .discarded
+        .fetch_add(len as u64, Ordering::SeqCst);
+    let inner = &owner._inner;
     let start = (ptr as usize).saturating_sub(inner.as_slice().as_ptr() as usize);
     inner.discard(start..start + len);
 }
@@ -249,6 +264,32 @@ mod tests {
         let small = t.join().unwrap().unwrap();
         assert_eq!(b.in_flight(), 10);
         drop(small);
+    }
+
+    #[test]
+    fn a_consumer_discarding_as_it_goes_is_not_a_stall() {
+        // Every stage has returned to the runtime (idle), but a writer's own thread is still
+        // working through a buffer, discarding pages as it goes: the source waits, no overdraft.
+        let b = Budget::new(100);
+        let big = b.account(Buffer::from_vec(vec![0; 100]), true).unwrap();
+        let worker = std::thread::spawn(move || {
+            for i in 0..10 {
+                std::thread::sleep(Duration::from_millis(60));
+                big.discard(i * 10..(i + 1) * 10);
+            }
+            drop(big);
+        });
+        let small = b.account(Buffer::from_vec(vec![0; 10]), true).unwrap();
+        worker.join().unwrap();
+        assert_eq!(b.overdrafts(), 0);
+        assert_eq!(b.in_flight(), 10);
+        drop(small);
+
+        // The same wait with nothing moving is a stall, broken by an overdraft.
+        let held = b.account(Buffer::from_vec(vec![0; 100]), true).unwrap();
+        let _more = b.account(Buffer::from_vec(vec![0; 10]), true).unwrap();
+        assert_eq!(b.overdrafts(), 1);
+        drop(held);
     }
 
     #[test]
