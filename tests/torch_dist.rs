@@ -305,16 +305,22 @@ fn convert(dir: &Path, pipeline: &str, sets: &[String]) -> Result<(), String> {
 
 /// HF → Megatron equals Megatron-Bridge's import tensor by tensor (keys, global shapes, dtypes,
 /// bytes, and the `_extra_state` objects) for every family with a Bridge golden: Llama (fp32 and
-/// bf16), Qwen3-MoE (experts stacked on their own axis), Gemma 2 (a TOML table) and DeepSeek-V3
+/// bf16), Qwen3-MoE (experts stacked on their own axis), Gemma 1/2/3 (TOML tables) and DeepSeek-V3
 /// (MLA, a dense first layer, shared experts, per-layer keys); Bridge's checkpoint and ours
 /// exported back give the original HF tensors bit for bit. (The same outputs loaded in
 /// megatron-core 0.19.2 via the oracle: every tensor equal to Bridge's conversion.)
 #[test]
 fn import_equals_megatron_bridge_and_export_is_bit_exact() {
     let dir = tempdir();
-    for name in ["llama", "llama_bf16", "qwen3_moe", "gemma2", "deepseek_v3"] {
-        let hf = fixtures().join("hf").join(name);
-        let bridge = fixtures().join("bridge").join(name);
+    // The shared goldens, and those made here with the same recipe (tests/fixtures/bridge/make.py).
+    let local = workspace_root().join("tests/fixtures");
+    let cases = ["llama", "llama_bf16", "qwen3_moe", "gemma2", "deepseek_v3"]
+        .map(|n| (n, fixtures()))
+        .into_iter()
+        .chain(["gemma", "gemma3"].map(|n| (n, local.clone())));
+    for (name, root) in cases {
+        let hf = root.join("hf").join(name);
+        let bridge = root.join("bridge").join(name);
         let ours = dir.path().join(format!("{name}-megatron"));
         convert(
             dir.path(),
@@ -385,19 +391,24 @@ fn export_needs_only_the_checkpoint() {
     let dir = tempdir();
     let text =
         std::fs::read_to_string(workspace_root().join("pipelines/megatron-to-hf.toml")).unwrap();
-    for name in ["llama", "qwen3_moe", "gemma2", "deepseek_v3"] {
+    let local = workspace_root().join("tests/fixtures");
+    let cases = ["llama", "qwen3_moe", "gemma2", "deepseek_v3"]
+        .map(|n| (n, fixtures()))
+        .into_iter()
+        .chain(["gemma", "gemma3"].map(|n| (n, local.clone())));
+    for (name, root) in cases {
         let out = dir.path().join(name);
         run_text(
             dir.path(),
             &text,
             &[
-                &format!("input={}", fixtures().join("bridge").join(name).display()),
+                &format!("input={}", root.join("bridge").join(name).display()),
                 &format!("output={}", out.display()),
             ],
             1 << 30,
         )
         .unwrap();
-        let hf = fixtures().join("hf").join(name);
+        let hf = root.join("hf").join(name);
         assert_eq!(
             load_tensors(&out),
             load_tensors(&hf.join("model.safetensors")),
@@ -749,4 +760,50 @@ config = {{ path = "{}" }}
         e.contains("my-gemma.toml") && e.contains("not a model table"),
         "{e}"
     );
+}
+
+/// Mixtral has no Megatron-Bridge 0.6.2 bridge (so no golden): its table is checked by the
+/// layout it must produce (experts stacked as Qwen3-MoE's: [layers, experts, 2·ffn, hidden],
+/// the router as `mlp.router.weight`) and an exact round trip, config included.
+#[test]
+fn mixtral_round_trip_and_expert_layout() {
+    let dir = tempdir();
+    let hf = workspace_root().join("tests/fixtures/hf/mixtral");
+    let out = dir.path().join("mixtral-megatron");
+    convert(
+        dir.path(),
+        "hf-to-megatron.toml",
+        &[
+            format!("input={}", hf.display()),
+            format!("output={}", out.display()),
+        ],
+    )
+    .unwrap();
+    let got = load_tensors(&to_safetensors(dir.path(), &out, false));
+    let src = load_tensors(&hf.join("model.safetensors"));
+    let fc1 = &got["decoder.layers.mlp.experts.experts.linear_fc1.weight"];
+    assert_eq!(fc1.shape, vec![2, 4, 256, 64]);
+    // Layer 1, expert 3: rows [w1; w3] (gate; up).
+    let per_expert = 256 * 64 * 4;
+    let at = (4 + 3) * per_expert;
+    let w1 = &src["model.layers.1.block_sparse_moe.experts.3.w1.weight"].bytes;
+    let w3 = &src["model.layers.1.block_sparse_moe.experts.3.w3.weight"].bytes;
+    assert!(fc1.bytes[at..at + w1.len()] == w1[..]);
+    assert!(fc1.bytes[at + w1.len()..at + per_expert] == w3[..]);
+    assert_eq!(
+        got["decoder.layers.mlp.router.weight"].shape,
+        vec![2, 4, 64]
+    );
+    let back = dir.path().join("mixtral-hf");
+    convert(
+        dir.path(),
+        "megatron-to-hf.toml",
+        &[
+            format!("input={}", out.display()),
+            format!("output={}", back.display()),
+        ],
+    )
+    .unwrap();
+    assert_eq!(load_tensors(&back), src);
+    assert_eq!(config_json(&back), config_json(&hf));
 }

@@ -73,7 +73,9 @@ fn write_safetensors(path: &std::path::Path, mut tensors: Vec<(String, Vec<u64>,
                     buf.extend_from_slice(&v.to_le_bytes());
                 }
                 // Positive scales around 1e-3.
-                Kind::F32 => buf.extend_from_slice(&(1e-3 * (1.0 + r as f32 / 65536.0)).to_le_bytes()),
+                Kind::F32 => {
+                    buf.extend_from_slice(&(1e-3 * (1.0 + r as f32 / 65536.0)).to_le_bytes())
+                }
                 // Any E4M3 value but NaN (exponent ≤ 14).
                 Kind::Fp8 => buf.push((r as u8) & 0xf7),
             }
@@ -140,14 +142,30 @@ fn deepseek(a: &[String]) -> (Vec<(String, Vec<u64>, Kind)>, serde_json::Value) 
     for l in 0..layers {
         let p = format!("model.layers.{l}");
         plain(&mut t, format!("{p}.input_layernorm.weight"), vec![h]);
-        plain(&mut t, format!("{p}.post_attention_layernorm.weight"), vec![h]);
+        plain(
+            &mut t,
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+        );
         let a = format!("{p}.self_attn");
         proj(&mut t, format!("{a}.q_a_proj.weight"), vec![q_rank, h]);
         plain(&mut t, format!("{a}.q_a_layernorm.weight"), vec![q_rank]);
-        proj(&mut t, format!("{a}.q_b_proj.weight"), vec![heads * (nope + rope), q_rank]);
-        proj(&mut t, format!("{a}.kv_a_proj_with_mqa.weight"), vec![kv_rank + rope, h]);
+        proj(
+            &mut t,
+            format!("{a}.q_b_proj.weight"),
+            vec![heads * (nope + rope), q_rank],
+        );
+        proj(
+            &mut t,
+            format!("{a}.kv_a_proj_with_mqa.weight"),
+            vec![kv_rank + rope, h],
+        );
         plain(&mut t, format!("{a}.kv_a_layernorm.weight"), vec![kv_rank]);
-        proj(&mut t, format!("{a}.kv_b_proj.weight"), vec![heads * (nope + v), kv_rank]);
+        proj(
+            &mut t,
+            format!("{a}.kv_b_proj.weight"),
+            vec![heads * (nope + v), kv_rank],
+        );
         proj(&mut t, format!("{a}.o_proj.weight"), vec![h, heads * v]);
         let m = format!("{p}.mlp");
         let mlp = |t: &mut Vec<_>, pre: &str, f: u64| {
@@ -159,7 +177,11 @@ fn deepseek(a: &[String]) -> (Vec<(String, Vec<u64>, Kind)>, serde_json::Value) 
             mlp(&mut t, &m, ffn);
         } else {
             plain(&mut t, format!("{m}.gate.weight"), vec![experts, h]);
-            t.push((format!("{m}.gate.e_score_correction_bias"), vec![experts], Kind::F32));
+            t.push((
+                format!("{m}.gate.e_score_correction_bias"),
+                vec![experts],
+                Kind::F32,
+            ));
             mlp(&mut t, &format!("{m}.shared_experts"), moe_ffn);
             for e in 0..experts {
                 mlp(&mut t, &format!("{m}.experts.{e}"), moe_ffn);
@@ -197,7 +219,10 @@ fn main() {
     };
     let out = std::path::PathBuf::from(&a[1]);
     std::fs::create_dir_all(&out).unwrap();
-    let params: u64 = tensors.iter().map(|(_, s, _)| s.iter().product::<u64>()).sum();
+    let params: u64 = tensors
+        .iter()
+        .map(|(_, s, _)| s.iter().product::<u64>())
+        .sum();
     let bytes = write_safetensors(&out.join("model.safetensors"), tensors);
     std::fs::write(
         out.join("config.json"),

@@ -5,7 +5,7 @@
 //! the original HF `config.json`. Export rebuilds `config.json` from that, or from the model
 //! section of a checkpoint Megatron-Bridge wrote, so a checkpoint exports with nothing but itself.
 
-use crate::families::Family;
+use crate::families::{Family, WindowStyle};
 use bridgeflow_sdk::{PluginError, Result};
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -43,11 +43,23 @@ fn callable(target: &str) -> Value {
     json!({"_call_": false, "_target_": target})
 }
 
-fn rope_theta(hf: &Value) -> f64 {
-    hf["rope_parameters"]["rope_theta"]
+/// Megatron's `rotary_base`: one base, or (local, global) for models whose sliding and full
+/// attention layers rotate differently (Gemma 3: transformers 5 nests `rope_parameters` by
+/// layer type; 4 has `rope_local_base_freq`).
+fn rotary_base(hf: &Value) -> Value {
+    let p = &hf["rope_parameters"];
+    let full = p["full_attention"]["rope_theta"]
         .as_f64()
+        .or_else(|| p["rope_theta"].as_f64())
         .or_else(|| hf["rope_theta"].as_f64())
-        .unwrap_or(10000.0)
+        .unwrap_or(10000.0);
+    let local = p["sliding_attention"]["rope_theta"]
+        .as_f64()
+        .or_else(|| hf["rope_local_base_freq"].as_f64());
+    match local {
+        Some(l) => json!([l, full]),
+        None => json!(full),
+    }
 }
 
 /// YaRN parameters: HF key, Megatron field (MLA models use the bare names, GPT ones `yarn_`).
@@ -137,12 +149,24 @@ pub fn model_section(
     m.entry("add_bias_linear").or_insert(false.into());
     m.entry("add_qkv_bias").or_insert(false.into());
     if let Some(w) = hf["sliding_window"].as_u64() {
-        // Mistral's window, as Megatron counts it (tokens before the current one).
-        m.insert("window_size".into(), json!([w.saturating_sub(1), 0]));
+        // Megatron counts the tokens before the current one; Gemma 3's provider takes W.
+        let v = match family.sliding_window {
+            WindowStyle::Pair => json!([w.saturating_sub(1), 0]),
+            WindowStyle::Plain => json!(w),
+        };
+        m.insert("window_size".into(), v);
     }
     m.entry("num_query_groups").or_insert(heads.into());
     m.entry("kv_channels").or_insert((hidden / heads).into());
-    m.insert("rotary_base".into(), rope_theta(hf).into());
+    m.insert("rotary_base".into(), rotary_base(hf));
+    // Gemma 3's attention scale, as Bridge keeps it (Gemma 2 keeps query_pre_attn_scalar itself).
+    let mapped = |k: &str| family.config.iter().any(|(h, _)| h == k);
+    if let Some(q) = hf["query_pre_attn_scalar"]
+        .as_f64()
+        .filter(|_| !mapped("query_pre_attn_scalar"))
+    {
+        m.insert("softmax_scale".into(), (1.0 / q.sqrt()).into());
+    }
     let mla = family.megatron.get("multi_latent_attention") == Some(&Value::Bool(true));
     let rope = rope_fields(hf, mla)?;
     // Qwen2 always has q/k/v biases (no attention_bias key); Qwen3 normalises q and k.
@@ -167,13 +191,16 @@ pub fn model_section(
             (n * ffn).into(),
         );
     }
+    // Always explicit: some providers (Gemma's) default to bf16.
     let dtype = hf.get("dtype").or_else(|| hf.get("torch_dtype"));
-    if let Some(d @ ("bfloat16" | "float16")) = dtype.and_then(Value::as_str) {
-        let flag = if d == "bfloat16" { "bf16" } else { "fp16" };
-        m.insert(flag.into(), true.into());
-        for f in ["params_dtype", "pipeline_dtype"] {
-            m.insert(f.into(), callable(&format!("torch.{d}")));
-        }
+    let d = match dtype.and_then(Value::as_str) {
+        Some(d @ ("bfloat16" | "float16")) => d,
+        _ => "float32",
+    };
+    m.insert("bf16".into(), (d == "bfloat16").into());
+    m.insert("fp16".into(), (d == "float16").into());
+    for f in ["params_dtype", "pipeline_dtype"] {
+        m.insert(f.into(), callable(&format!("torch.{d}")));
     }
     m.insert(
         "make_vocab_size_divisible_by".into(),
@@ -379,9 +406,14 @@ pub fn hf_config_from_run_config(path: &Path) -> Result<Value> {
     // The architecture, from what the provider and its fields say.
     let target = model["_target_"].as_str().unwrap_or("");
     let moe = model["num_moe_experts"].as_u64().is_some();
+    // A provider class of one family only (Gemma's, MLA's) names it.
+    let by_provider = crate::families::builtin()
+        .into_iter()
+        .filter(|f| f.provider == target)
+        .collect::<Vec<_>>();
     let arch = match model["hf_architecture"].as_str() {
         Some(a) => a.to_string(),
-        None if target.contains("gemma2") => "Gemma2ForCausalLM".into(),
+        None if by_provider.len() == 1 => by_provider[0].architectures[0].clone(),
         None if flag("multi_latent_attention") => "DeepseekV3ForCausalLM".into(),
         None if moe && flag("qk_layernorm") => "Qwen3MoeForCausalLM".into(),
         None if moe => "MixtralForCausalLM".into(),
@@ -397,6 +429,8 @@ pub fn hf_config_from_run_config(path: &Path) -> Result<Value> {
         "MixtralForCausalLM" => "mixtral",
         "DeepseekV3ForCausalLM" => "deepseek_v3",
         "Gemma2ForCausalLM" => "gemma2",
+        "GemmaForCausalLM" => "gemma",
+        "Gemma3ForCausalLM" => "gemma3_text",
         _ => "llama",
     };
     let family = crate::families::find(&arch, &[])?;
@@ -468,8 +502,16 @@ pub fn hf_config_from_run_config(path: &Path) -> Result<Value> {
             }
         }
     }
-    if let Some(w) = model["window_size"][0].as_u64() {
-        hf.insert("sliding_window".into(), (w + 1).into());
+    match &model["window_size"] {
+        Value::Array(a) => {
+            if let Some(w) = a.first().and_then(Value::as_u64) {
+                hf.insert("sliding_window".into(), (w + 1).into());
+            }
+        }
+        Value::Number(w) => {
+            hf.insert("sliding_window".into(), w.clone().into());
+        }
+        _ => {}
     }
     // DeepSeek's dense prefix and shared experts, from Megatron's per-layer MoE pattern.
     if let Some(freq) = model["moe_layer_freq"].as_array() {
@@ -482,7 +524,22 @@ pub fn hf_config_from_run_config(path: &Path) -> Result<Value> {
     ) {
         hf.insert("n_shared_experts".into(), (s / f).into());
     }
-    hf.insert("rope_theta".into(), theta);
+    if let Some(scale) = model["softmax_scale"].as_f64().filter(|&x| x > 0.0) {
+        let q = 1.0 / (scale * scale);
+        let q = if (q - q.round()).abs() < 1e-9 {
+            json!(q.round() as u64)
+        } else {
+            json!(q)
+        };
+        hf.entry("query_pre_attn_scalar").or_insert(q);
+    }
+    if let Some([local, full]) = theta.as_array().map(Vec::as_slice) {
+        // (local, global) bases: per layer type, as transformers 5 writes them.
+        let per = |t: &Value| json!({"rope_theta": t, "rope_type": "default"});
+        rope = json!({"full_attention": per(full), "sliding_attention": per(local)});
+    } else {
+        hf.insert("rope_theta".into(), theta);
+    }
     hf.insert("rope_parameters".into(), rope);
     let act = model["activation_func"]["_target_"].as_str().unwrap_or("");
     let act = if act.contains("gelu") {

@@ -154,7 +154,7 @@ impl Transform for Fp8Dequant {
             to,
             scaled: HashSet::new(),
             waiting: HashMap::new(),
-            pool: BufferPool::new(64 << 20),
+            pool: BufferPool::new(16 << 20),
         })
     }
 

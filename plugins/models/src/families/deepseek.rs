@@ -106,5 +106,6 @@ pub fn family() -> Family {
         config,
         megatron: m,
         ignore: vec!["rotary_emb.inv_freq".into()],
+        sliding_window: Default::default(),
     }
 }

@@ -93,5 +93,6 @@ pub fn family() -> Family {
         config: fields(&[]),
         megatron: megatron(gpt_fields()),
         ignore: vec!["rotary_emb.inv_freq".into()],
+        sliding_window: Default::default(),
     }
 }

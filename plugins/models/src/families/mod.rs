@@ -1,6 +1,6 @@
 //! Model families: each a declarative table of HF ⇄ Megatron-Core tensor names and mapping
 //! kinds, with the Megatron model fields its config maps to. A family is a Rust file here or a
-//! TOML file read at run time (the same [`Family`] structure; `gemma2.toml` is one), so a new
+//! TOML file read at run time (the same [`Family`] structure; the Gemma tables are), so a new
 //! architecture may need no compilation.
 
 use bridgeflow_sdk::mapping::Entry;
@@ -35,6 +35,18 @@ pub struct Family {
     /// Suffixes of HF tensors that carry no weights (recomputed buffers).
     #[serde(default)]
     pub ignore: Vec<String>,
+    /// How the provider takes HF's `sliding_window` W: `pair` — Megatron's window_size
+    /// [W-1, 0] (Mistral, Gemma 2) — or `plain`: W itself (Gemma 3's provider).
+    #[serde(default)]
+    pub sliding_window: WindowStyle,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowStyle {
+    #[default]
+    Pair,
+    Plain,
 }
 
 impl Family {
@@ -49,20 +61,25 @@ impl Family {
     }
 }
 
+/// The tables shipped as TOML (read like a user's, at run time).
+const TOML_TABLES: &[(&str, &str)] = &[
+    ("families/gemma.toml", include_str!("gemma.toml")),
+    ("families/gemma2.toml", include_str!("gemma2.toml")),
+    ("families/gemma3.toml", include_str!("gemma3.toml")),
+];
+
 /// The families built in.
 pub fn builtin() -> Vec<Family> {
-    let gemma2 = Family::from_toml(
-        include_str!("gemma2.toml"),
-        Path::new("families/gemma2.toml"),
-    )
-    .expect("the bundled gemma2 table parses");
-    vec![
+    let mut all = vec![
         llama::family(),
         qwen3_moe::family(),
         qwen3_moe::mixtral(),
         deepseek::family(),
-        gemma2,
-    ]
+    ];
+    for (path, text) in TOML_TABLES {
+        all.push(Family::from_toml(text, Path::new(path)).expect("a bundled table parses"));
+    }
+    all
 }
 
 /// The family for an HF architecture, among the built-in ones and `extra` (TOML tables).
