@@ -193,10 +193,10 @@ pub fn model_section(
     }
     // Always explicit: some providers (Gemma's) default to bf16.
     let dtype = hf.get("dtype").or_else(|| hf.get("torch_dtype"));
-    let d = match dtype.and_then(Value::as_str) {
-        Some(d @ ("bfloat16" | "float16")) => d,
-        _ => "float32",
-    };
+    let d = dtype
+        .and_then(Value::as_str)
+        .filter(|d| matches!(*d, "bfloat16" | "float16"))
+        .unwrap_or("float32");
     m.insert("bf16".into(), (d == "bfloat16").into());
     m.insert("fp16".into(), (d == "float16").into());
     for f in ["params_dtype", "pipeline_dtype"] {
