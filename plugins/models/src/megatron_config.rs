@@ -621,8 +621,19 @@ mod tests {
             hf_config_from_run_config(&p).unwrap()["rope_parameters"],
             hf["rope_parameters"]
         );
-        hf["rope_parameters"]["rope_type"] = "yarn".into();
+        // YaRN: GPT providers take yarn_-prefixed fields; back again.
+        hf["rope_parameters"] = json!({"rope_theta": 150000.0, "rope_type": "yarn", "factor": 32.0,
+            "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0});
+        let m = model_section(&llama(), &hf, None, 128, 1).unwrap();
+        assert_eq!(m["position_embedding_type"], "yarn");
+        assert_eq!(m["yarn_rotary_scaling_factor"], 32.0);
+        std::fs::write(&p, to_yaml(&json!({ "model": m }), "")).unwrap();
+        assert_eq!(
+            hf_config_from_run_config(&p).unwrap()["rope_parameters"],
+            hf["rope_parameters"]
+        );
+        hf["rope_parameters"]["rope_type"] = "dynamic".into();
         let e = model_section(&llama(), &hf, None, 128, 1).unwrap_err();
-        assert!(e.message.contains("yarn"), "{}", e.message);
+        assert!(e.message.contains("dynamic"), "{}", e.message);
     }
 }
