@@ -21,6 +21,7 @@ pub mod fsutil;
 pub mod manifest;
 pub mod mapping;
 pub mod numeric;
+pub mod parallel;
 pub mod plugin;
 pub mod records;
 pub mod stage;

@@ -635,6 +635,9 @@ impl Transform for Mapper {
                 self.cfg.make_vocab_size_divisible_by,
                 self.cfg.tensor_parallel.max(1),
             )?;
+            // The model fields also travel as they are, for writers of other formats (the
+            // Megatron-LM writer's args).
+            p.set_attr("megatron_model", serde_json::Value::Object(model.clone()));
             let yaml = to_yaml(
                 &run_config(&hf, model, source.as_deref()),
                 "# Written by bridgeflow as Megatron-Bridge writes it: `model` instantiates the\n# family's Megatron-Bridge provider (load_megatron_model, export_ckpt); `bridgeflow.hf_config`\n# is the original config.json, from which export rebuilds it exactly.\n",

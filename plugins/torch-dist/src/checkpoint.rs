@@ -249,8 +249,27 @@ pub fn tensor_item(
     let entries = zip::entries(item)?;
     let pkl = zip::find(item, &entries, "data.pkl")?;
     let v = pickle::load(pkl, "data.pkl")?;
+    tensor_in(item, &entries, &v, read)
+}
+
+/// Whether a pickled value is a tensor (`_rebuild_tensor_v2`, maybe in `_rebuild_parameter`).
+pub fn is_tensor(v: &Value) -> bool {
+    matches!(
+        v.class().as_deref(),
+        Some("torch._utils._rebuild_tensor_v2" | "torch._utils._rebuild_parameter")
+    )
+}
+
+/// Where the elements of the tensor `v` (unpickled from the archive `item`'s data.pkl) are in
+/// `item`, after the CRC check of its storage record.
+pub fn tensor_in(
+    item: &[u8],
+    entries: &[zip::Entry],
+    v: &Value,
+    read: &mut dyn FnMut(&[u8]),
+) -> std::result::Result<ItemTensor, String> {
     // _rebuild_parameter(tensor, ...) wraps _rebuild_tensor_v2(storage, offset, size, stride, ...)
-    let mut t = v;
+    let mut t = v.clone();
     if let Value::Object(o) = &t {
         let inner = {
             let o = o.borrow();
@@ -319,7 +338,7 @@ pub fn tensor_item(
             "tensor of {numel_needed} elements at offset {offset} overruns its storage of {numel}"
         ));
     }
-    let storage = zip::find_with(item, &entries, &format!("data/{key}"), read)?;
+    let storage = zip::find_with(item, entries, &format!("data/{key}"), read)?;
     let es = dtype.size() as u64;
     if storage.len() as u64 != numel * es {
         return Err(format!(

@@ -247,12 +247,12 @@ struct Rec {
     crc: u32,
 }
 
-/// A `torch.save` archive laid out before its payload is known: the bytes before the payload,
-/// its position, and everything after it (to be completed with the payload's CRC).
+/// A `torch.save` archive laid out before its payloads are known: every record's place, the
+/// small records' bytes, and the frame to be completed with the payloads' CRCs.
 pub struct Archive {
     recs: Vec<Rec>,
-    /// Index of the payload record (`data/0`), if any.
-    payload: Option<usize>,
+    /// Indices of the payload records (`data/0`, `data/1`, ...).
+    payloads: Vec<usize>,
     small: Vec<Vec<u8>>,
     pub total: u64,
 }
@@ -275,10 +275,17 @@ impl Archive {
     /// Lays out an archive named `prefix` (`archive` for items, `common` for common.pt) with
     /// `data.pkl`, the fixed records and, when `payload_len` is Some, `data/0`.
     pub fn new(prefix: &str, pkl: Vec<u8>, payload_len: Option<u64>, seed: &str) -> Archive {
-        Self::with_id(prefix, pkl, payload_len, serialization_id(seed))
+        let lens: Vec<u64> = payload_len.into_iter().collect();
+        Self::with_id(prefix, pkl, &lens, serialization_id(seed))
     }
 
-    pub fn with_id(prefix: &str, pkl: Vec<u8>, payload_len: Option<u64>, sid: String) -> Archive {
+    /// An archive with several storages, `data/0` .. `data/{n-1}` (a whole state dict, as
+    /// Megatron-LM's `model_optim_rng.pt`).
+    pub fn with_payloads(prefix: &str, pkl: Vec<u8>, lens: &[u64], seed: &str) -> Archive {
+        Self::with_id(prefix, pkl, lens, serialization_id(seed))
+    }
+
+    pub fn with_id(prefix: &str, pkl: Vec<u8>, payload_lens: &[u64], sid: String) -> Archive {
         let mut names_data: Vec<(String, Option<Vec<u8>>, u64)> = vec![
             (
                 format!("{prefix}/data.pkl"),
@@ -293,8 +300,8 @@ impl Archive {
             ),
             (format!("{prefix}/byteorder"), Some(b"little".to_vec()), 6),
         ];
-        if let Some(n) = payload_len {
-            names_data.push((format!("{prefix}/data/0"), None, n));
+        for (i, &n) in payload_lens.iter().enumerate() {
+            names_data.push((format!("{prefix}/data/{i}"), None, n));
         }
         names_data.push((format!("{prefix}/version"), Some(b"3\n".to_vec()), 2));
         names_data.push((
@@ -304,7 +311,7 @@ impl Archive {
         ));
         let mut recs = Vec::new();
         let mut small = Vec::new();
-        let mut payload = None;
+        let mut payloads = Vec::new();
         let mut cursor = 0u64;
         for (name, data, len) in names_data {
             let big = len >= U32MAX || cursor >= U32MAX;
@@ -317,7 +324,7 @@ impl Archive {
             let data_off = start + pad;
             let desc = if len >= U32MAX { 24 } else { 16 };
             if data.is_none() {
-                payload = Some(recs.len());
+                payloads.push(recs.len());
             }
             small.push(data.unwrap_or_default());
             recs.push(Rec {
@@ -349,15 +356,20 @@ impl Archive {
         let total = cursor + cd + 56 + 20 + 22;
         Archive {
             recs,
-            payload,
+            payloads,
             small,
             total,
         }
     }
 
-    /// Where the payload goes, relative to the archive start.
+    /// Where the (first) payload goes, relative to the archive start.
     pub fn payload_offset(&self) -> Option<u64> {
-        self.payload.map(|i| self.recs[i].data)
+        self.payloads.first().map(|&i| self.recs[i].data)
+    }
+
+    /// Where each payload goes, relative to the archive start.
+    pub fn payload_offsets(&self) -> Vec<u64> {
+        self.payloads.iter().map(|&i| self.recs[i].data).collect()
     }
 
     fn local_header(&self, i: usize) -> Vec<u8> {
@@ -408,14 +420,20 @@ impl Archive {
     /// Every byte of the archive except the payload, as (offset, bytes) runs; `payload_crc` is
     /// the CRC-32 of the payload (ignored when there is none).
     pub fn frame(&mut self, payload_crc: u32) -> Vec<(u64, Vec<u8>)> {
-        if let Some(i) = self.payload {
-            self.recs[i].crc = payload_crc;
+        let crcs = vec![payload_crc; self.payloads.len().min(1)];
+        self.frame_all(&crcs)
+    }
+
+    /// [`Archive::frame`] for an archive with several payloads, given their CRC-32s in order.
+    pub fn frame_all(&mut self, payload_crcs: &[u32]) -> Vec<(u64, Vec<u8>)> {
+        for (&i, &c) in self.payloads.iter().zip(payload_crcs) {
+            self.recs[i].crc = c;
         }
         let mut runs = Vec::new();
         for i in 0..self.recs.len() {
             let r = &self.recs[i];
             let mut head = self.local_header(i);
-            if Some(i) != self.payload {
+            if !self.payloads.contains(&i) {
                 head.extend_from_slice(&self.small[i]);
                 head.extend_from_slice(&Self::descriptor(r));
                 runs.push((r.header, head));
@@ -564,7 +582,7 @@ mod tests {
                 let mut a = Archive::with_id(
                     "archive",
                     pkl,
-                    Some(payload.len() as u64),
+                    &[payload.len() as u64],
                     String::from_utf8(sid.to_vec()).unwrap(),
                 );
                 assert_eq!(a.total as usize, item.len(), "{key}: archive size");
@@ -593,7 +611,7 @@ mod tests {
         let ours = Archive::with_id(
             "archive",
             none_list_pickle(),
-            None,
+            &[],
             String::from_utf8(sid.to_vec()).unwrap(),
         )
         .bytes();

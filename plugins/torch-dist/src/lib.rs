@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod dtypes;
 pub mod emit;
+pub mod legacy;
 pub mod pickle;
 pub mod reader;
 pub mod writer;
@@ -18,5 +19,11 @@ bridgeflow_sdk::export_plugins! {
         description: "Megatron-Core torch_dist checkpoints: reader (any chunking, zero-copy where possible) and writer",
         reader: Source(reader::TorchDistReader),
         writer: Sink(writer::TorchDistWriter),
+    }
+    "megatron-lm" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "Megatron-LM's own checkpoints (mp_rank_XX[_YYY]/model_optim_rng.pt): reader and writer over TP ranks and PP stages",
+        reader: Source(legacy::LegacyReader),
+        writer: Sink(legacy::LegacyWriter),
     }
 }

@@ -120,6 +120,14 @@ const ALLOWED: &[(&str, &str)] = &[
     ("torch._utils", "_rebuild_parameter"),
     ("collections", "OrderedDict"),
     ("torch", "Size"),
+    // Megatron-LM's own checkpoints (`model_optim_rng.pt`): the run's arguments, bytes as
+    // protocol 2 writes them, Transformer Engine's extra state.
+    ("argparse", "Namespace"),
+    ("_codecs", "encode"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("_io", "BytesIO"),
+    ("io", "BytesIO"),
 ];
 
 fn allowed(module: &str, name: &str) -> bool {
@@ -127,9 +135,14 @@ fn allowed(module: &str, name: &str) -> bool {
         return true;
     }
     // dtypes (torch.float32, ...) and storage classes (torch.FloatStorage, ...).
-    module == "torch"
+    let torch = module == "torch"
         && (crate::dtypes::from_torch(name).is_some()
-            || crate::dtypes::from_storage(name).is_some())
+            || crate::dtypes::from_storage(name).is_some());
+    // Enums and config classes Megatron-LM keeps in its arguments: recorded, never called.
+    let megatron = (module.starts_with("megatron.core.")
+        || module.starts_with("megatron.training."))
+        && name.chars().next().is_some_and(|c| c.is_ascii_uppercase());
+    torch || megatron
 }
 
 pub fn load(data: &[u8], what: &str) -> Result<Value, String> {

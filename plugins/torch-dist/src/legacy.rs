@@ -1,0 +1,928 @@
+//! Megatron-LM's own checkpoints (`--ckpt-format torch`): one `torch.save` archive per
+//! model-parallel rank, `ROOT/iter_XXXXXXX/mp_rank_{tp:02}[_{pp:03}]/model_optim_rng.pt`,
+//! holding `{'args': Namespace, 'checkpoint_version': 3.0, 'iteration': N, 'model': state dict}`
+//! with each rank's local tensors (TP shards; the stage's layers numbered from 0).
+//!
+//! Writer: every rank's archive is laid out from the stream plan (each local tensor a storage
+//! `data/{i}` at a known offset), filled as global tensors arrive — each rank's share cut by
+//! megatron-core's tensor-parallel rules (`bridgeflow_sdk::parallel`) — and framed with its
+//! CRC-32s at commit; the root appears under its name only then. Reader: the ranks' archives
+//! read in place, every global tensor reassembled from its shards (TP), its stage (PP) placing
+//! its layers.
+
+use crate::checkpoint::{is_tensor, tensor_in};
+use crate::emit::{storage_class, Archive, Pickler};
+use crate::pickle::{self, Value};
+use bridgeflow_sdk::parallel::{pp_layers, tp_local_shape, tp_runs, tp_split, TpSplit};
+use bridgeflow_sdk::{
+    schemars, serde, Buffer, BufferPool, DType, Emitter, Item, MapView, PluginError, Result, Sink,
+    Source, StreamPlan, Tensor, TensorInfo,
+};
+use memmap2::Mmap;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const FILE: &str = "model_optim_rng.pt";
+
+fn one() -> u64 {
+    1
+}
+fn te() -> String {
+    "te".into()
+}
+fn yes() -> bool {
+    true
+}
+
+/// `mp_rank_{tp:02}` or, with pipeline stages, `mp_rank_{tp:02}_{pp:03}`.
+fn rank_dir(tp: u64, pp: u64, stages: u64) -> String {
+    if stages > 1 {
+        format!("mp_rank_{tp:02}_{pp:03}")
+    } else {
+        format!("mp_rank_{tp:02}")
+    }
+}
+
+/// Local-spec (`--transformer-impl local`) names of the norms TE fuses into its linears.
+const LOCAL_NAMES: &[(&str, &str)] = &[
+    (
+        "self_attention.linear_qkv.layer_norm_weight",
+        "input_layernorm.weight",
+    ),
+    (
+        "mlp.linear_fc1.layer_norm_weight",
+        "pre_mlp_layernorm.weight",
+    ),
+];
+
+fn split_layer(name: &str) -> Option<(u64, &str)> {
+    let rest = name.strip_prefix("decoder.layers.")?;
+    let (l, param) = rest.split_once('.')?;
+    Some((l.parse().ok()?, param))
+}
+
+// ------------------------------------------------------------------------------------ writer
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(crate = "bridgeflow_sdk::serde", deny_unknown_fields)]
+pub struct LegacyWriterConfig {
+    /// The checkpoint root to create.
+    pub path: PathBuf,
+    /// Tensor-parallel ranks.
+    #[serde(default = "one")]
+    pub tp: u64,
+    /// Pipeline stages.
+    #[serde(default = "one")]
+    pub pp: u64,
+    /// Layers on the first / last pipeline stage (the rest split evenly).
+    #[serde(default)]
+    pub num_layers_in_first_pipeline_stage: Option<u64>,
+    #[serde(default)]
+    pub num_layers_in_last_pipeline_stage: Option<u64>,
+    #[serde(default)]
+    pub iteration: u64,
+    /// `te` (Transformer Engine names, with `_extra_state` entries) or `local` (the local
+    /// spec's separate `input_layernorm` / `pre_mlp_layernorm`).
+    #[serde(default = "te")]
+    pub spec: String,
+    #[serde(default)]
+    pub overwrite: bool,
+    #[serde(default = "yes")]
+    pub fsync: bool,
+}
+
+/// A rank's tensor while laying out: local key, global source, local shape, byte runs.
+type RankTensor<'a> = (String, &'a TensorInfo, Vec<u64>, Vec<(u64, u64)>);
+
+/// One local tensor of a rank: its key, where its bytes come from and go.
+struct Local {
+    key: String,
+    /// The byte runs of its global tensor it is cut from, in order.
+    runs: Vec<(u64, u64)>,
+    at: u64,
+    len: u64,
+    crc: Option<u32>,
+}
+
+struct RankFile {
+    path: PathBuf,
+    file: File,
+    archive: Archive,
+    locals: Vec<Local>,
+}
+
+pub struct LegacyWriter {
+    cfg: LegacyWriterConfig,
+    staging: Option<PathBuf>,
+    ranks: Vec<RankFile>,
+    /// Global tensor name → (rank, local index) it feeds.
+    uses: HashMap<String, Vec<(usize, usize)>>,
+    committed: bool,
+}
+
+/// Megatron-LM argument names for the model fields the mapper hands over (`megatron_model`).
+const ARGS: &[(&str, &str)] = &[
+    ("num_layers", "num_layers"),
+    ("hidden_size", "hidden_size"),
+    ("ffn_hidden_size", "ffn_hidden_size"),
+    ("num_attention_heads", "num_attention_heads"),
+    ("num_query_groups", "num_query_groups"),
+    ("kv_channels", "kv_channels"),
+    ("seq_length", "seq_length"),
+    ("seq_length", "max_position_embeddings"),
+    ("rotary_base", "rotary_base"),
+    ("layernorm_epsilon", "norm_epsilon"),
+    ("normalization", "normalization"),
+    ("position_embedding_type", "position_embedding_type"),
+    ("gated_linear_unit", "swiglu"),
+    ("add_bias_linear", "add_bias_linear"),
+    ("add_qkv_bias", "add_qkv_bias"),
+    ("qk_layernorm", "qk_layernorm"),
+    (
+        "make_vocab_size_divisible_by",
+        "make_vocab_size_divisible_by",
+    ),
+    ("num_moe_experts", "num_experts"),
+    ("moe_router_topk", "moe_router_topk"),
+    ("moe_ffn_hidden_size", "moe_ffn_hidden_size"),
+    ("bf16", "bf16"),
+    ("fp16", "fp16"),
+];
+
+impl LegacyWriter {
+    fn args_pickle(
+        &self,
+        p: &mut Pickler,
+        plan: &StreamPlan,
+        layers: u64,
+        vocab: u64,
+        gated: bool,
+    ) {
+        let model = plan
+            .attrs()
+            .get("megatron_model")
+            .cloned()
+            .unwrap_or_default();
+        let mut fields: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+        for (meg, arg) in ARGS {
+            if let Some(v) = model.get(*meg).filter(|v| !v.is_null()) {
+                fields.insert(arg.to_string(), v.clone());
+            }
+        }
+        if let Some(t) = model
+            .get("share_embeddings_and_output_weights")
+            .and_then(|v| v.as_bool())
+        {
+            fields.insert("untie_embeddings_and_output_weights".into(), (!t).into());
+        }
+        if let Some(g) = model.get("num_query_groups") {
+            let heads = model.get("num_attention_heads");
+            fields.insert("group_query_attention".into(), (Some(g) != heads).into());
+        }
+        fields.insert("num_layers".into(), layers.into());
+        // What the split assumed (the reader needs it to put SwiGLU halves back).
+        fields.insert("swiglu".into(), gated.into());
+        fields.insert("padded_vocab_size".into(), vocab.into());
+        fields.insert("tensor_model_parallel_size".into(), self.cfg.tp.into());
+        fields.insert("pipeline_model_parallel_size".into(), self.cfg.pp.into());
+        for (k, v) in [
+            (
+                "num_layers_in_first_pipeline_stage",
+                self.cfg.num_layers_in_first_pipeline_stage,
+            ),
+            (
+                "num_layers_in_last_pipeline_stage",
+                self.cfg.num_layers_in_last_pipeline_stage,
+            ),
+        ] {
+            fields.insert(k.into(), v.map_or(serde_json::Value::Null, Into::into));
+        }
+        fields.insert("ckpt_format".into(), "torch".into());
+        let impl_ = if self.cfg.spec == "local" {
+            "local"
+        } else {
+            "transformer_engine"
+        };
+        fields.insert("transformer_impl".into(), impl_.into());
+        fields.insert("iteration".into(), self.cfg.iteration.into());
+        p.newobj("argparse", "Namespace");
+        p.dict_begin();
+        for (k, v) in &fields {
+            p.str(k);
+            match v {
+                serde_json::Value::Bool(b) => p.bool(*b),
+                serde_json::Value::Number(n) => match n.as_i64() {
+                    Some(i) => p.int(i),
+                    None => p.float(n.as_f64().unwrap_or(0.0)),
+                },
+                serde_json::Value::String(s) => p.str(s),
+                _ => p.none(),
+            }
+        }
+        p.dict_end();
+        p.build();
+    }
+
+    fn lay_out(&mut self, plan: &StreamPlan) -> Result<()> {
+        let tensors: Vec<TensorInfo> = plan.tensors.iter().cloned().collect();
+        if let Some(t) = tensors.iter().find(|t| t.shard().is_some()) {
+            return Err(PluginError::config(format!(
+                "'{}' arrives as a piece; the legacy writer cuts whole tensors (set zero_copy = false on the mapper, or drop row_pieces on the reader)",
+                t.name()
+            )));
+        }
+        if let Some(t) = tensors
+            .iter()
+            .find(|t| t.name().starts_with("decoder.layers.") && split_layer(t.name()).is_none())
+        {
+            return Err(PluginError::config(format!(
+                "'{}' is stacked over layers; read with split_layers = true",
+                t.name()
+            )));
+        }
+        // Megatron-LM keeps experts per expert (`local_experts.<e>.` or `weight<e>`) and over
+        // expert-parallel ranks; that layout is not written yet, so it is refused, not guessed.
+        if let Some(t) = tensors
+            .iter()
+            .find(|t| t.name().contains(".experts.experts."))
+        {
+            return Err(PluginError::unsupported(format!(
+                "'{}': MoE experts are not written to Megatron-LM checkpoints yet (use torch_dist)",
+                t.name()
+            )));
+        }
+        let layers = tensors
+            .iter()
+            .filter_map(|t| split_layer(t.name()))
+            .map(|(l, _)| l + 1)
+            .max()
+            .unwrap_or(0);
+        let stages = pp_layers(
+            layers,
+            self.cfg.pp,
+            self.cfg.num_layers_in_first_pipeline_stage,
+            self.cfg.num_layers_in_last_pipeline_stage,
+        )?;
+        let gated = plan
+            .attrs()
+            .get("megatron_model")
+            .and_then(|m| m.get("gated_linear_unit"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true);
+        let vocab = tensors
+            .iter()
+            .find(|t| t.name() == "embedding.word_embeddings.weight")
+            .map_or(0, |t| t.shape[0]);
+        let tied = !tensors.iter().any(|t| t.name() == "output_layer.weight");
+        let last = self.cfg.pp.max(1) - 1;
+        let staging = bridgeflow_sdk::fsutil::hidden_sibling(&self.cfg.path, "partial");
+        let iter_dir = staging.join(format!("iter_{:07}", self.cfg.iteration));
+        self.staging = Some(staging.clone());
+        for s in 0..self.cfg.pp.max(1) {
+            let (first_layer, count) = stages[s as usize];
+            for r in 0..self.cfg.tp.max(1) {
+                // This rank's tensors: (local key, global source, dtype, local shape, runs).
+                let mut locals: Vec<RankTensor> = Vec::new();
+                for t in &tensors {
+                    let key = match split_layer(t.name()) {
+                        Some((l, param)) if l >= first_layer && l < first_layer + count => {
+                            let param = match self.cfg.spec.as_str() {
+                                "local" => LOCAL_NAMES
+                                    .iter()
+                                    .find(|(te, _)| *te == param)
+                                    .map_or(param, |(_, local)| local),
+                                _ => param,
+                            };
+                            format!("decoder.layers.{}.{param}", l - first_layer)
+                        }
+                        Some(_) => continue,
+                        None => {
+                            let name = t.name();
+                            let here = match name {
+                                "embedding.word_embeddings.weight" => s == 0 || (tied && s == last),
+                                _ if name.starts_with("embedding.") => s == 0,
+                                _ => s == last,
+                            };
+                            if !here {
+                                continue;
+                            }
+                            name.to_string()
+                        }
+                    };
+                    let split = tp_split(t.name(), gated);
+                    let es = t.dtype.size() as u64;
+                    let runs = tp_runs(&t.shape, es, split, self.cfg.tp.max(1), r)
+                        .map_err(|e| e.context(t.name()))?;
+                    let shape = tp_local_shape(&t.shape, split, self.cfg.tp.max(1));
+                    locals.push((key, t, shape, runs));
+                }
+                let dir = iter_dir.join(rank_dir(r, s, self.cfg.pp));
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| PluginError::io(&dir, "cannot create", e))?;
+                let path = dir.join(FILE);
+                // The state dict: every local tensor a storage of its own, in order; with TE,
+                // an `_extra_state` (None) after each linear's weight.
+                let mut p = Pickler::new();
+                p.dict_begin();
+                p.str("args");
+                self.args_pickle(&mut p, plan, layers, vocab, gated);
+                p.str("checkpoint_version");
+                p.float(3.0);
+                p.str("iteration");
+                p.int(self.cfg.iteration as i64);
+                p.str("model");
+                p.global("collections", "OrderedDict");
+                p.tuple(0);
+                p.op(b'R');
+                p.memo_after();
+                p.mark();
+                for (i, (key, t, shape, _)) in locals.iter().enumerate() {
+                    p.str(key);
+                    tensor_value(&mut p, t.dtype, shape, i);
+                    let linear = key.strip_suffix(".weight").filter(|m| {
+                        m.starts_with("decoder.layers.")
+                            && m.rsplit('.')
+                                .next()
+                                .is_some_and(|x| x.starts_with("linear_"))
+                    });
+                    if let (Some(m), "te") = (linear, self.cfg.spec.as_str()) {
+                        p.str(&format!("{m}._extra_state"));
+                        p.none();
+                    }
+                }
+                p.op(b'u');
+                p.dict_end();
+                let lens: Vec<u64> = locals
+                    .iter()
+                    .map(|(_, t, shape, _)| shape.iter().product::<u64>() * t.dtype.size() as u64)
+                    .collect();
+                let archive = Archive::with_payloads(
+                    "model_optim_rng",
+                    p.finish(),
+                    &lens,
+                    &format!("{}/{}", rank_dir(r, s, self.cfg.pp), self.cfg.iteration),
+                );
+                let f =
+                    File::create(&path).map_err(|e| PluginError::io(&path, "cannot create", e))?;
+                bridgeflow_sdk::fsutil::reserve(&f, &path, archive.total)?;
+                let offsets = archive.payload_offsets();
+                let rank = self.ranks.len();
+                let mut ls = Vec::new();
+                for (i, ((key, t, _, runs), (&at, &len))) in locals
+                    .into_iter()
+                    .zip(offsets.iter().zip(&lens))
+                    .enumerate()
+                {
+                    self.uses
+                        .entry(t.name().to_string())
+                        .or_default()
+                        .push((rank, i));
+                    ls.push(Local {
+                        key,
+                        runs,
+                        at,
+                        len,
+                        crc: None,
+                    });
+                }
+                self.ranks.push(RankFile {
+                    path,
+                    file: f,
+                    archive,
+                    locals: ls,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `torch._utils._rebuild_tensor_v2(storage i, 0, shape, contiguous stride, False,
+/// OrderedDict())`, as torch.save pickles a tensor.
+fn tensor_value(p: &mut Pickler, dtype: DType, shape: &[u64], storage: usize) {
+    let numel: u64 = shape.iter().product();
+    let mut stride = vec![1u64; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        stride[d] = stride[d + 1] * shape[d + 1];
+    }
+    p.global("torch._utils", "_rebuild_tensor_v2");
+    p.mark();
+    p.mark();
+    p.str("storage");
+    p.global("torch", storage_class(dtype));
+    p.str(&storage.to_string());
+    p.str("cpu");
+    p.int(numel as i64);
+    p.tuple(5);
+    p.op(b'Q');
+    p.int(0);
+    p.ints_tuple(shape);
+    p.ints_tuple(&stride);
+    p.bool(false);
+    p.global("collections", "OrderedDict");
+    p.tuple(0);
+    p.op(b'R');
+    p.memo_after();
+    p.tuple(6);
+    p.op(b'R');
+    p.memo_after();
+}
+
+impl Sink for LegacyWriter {
+    type Config = LegacyWriterConfig;
+    const DESCRIPTION: &'static str =
+        "Writes Megatron-LM checkpoints (mp_rank_XX[_YYY]/model_optim_rng.pt) split over TP ranks and PP stages, atomically";
+
+    fn new(cfg: LegacyWriterConfig) -> Result<Self> {
+        if cfg.spec != "te" && cfg.spec != "local" {
+            return Err(PluginError::config(format!(
+                "spec '{}': expected te or local",
+                cfg.spec
+            )));
+        }
+        Ok(LegacyWriter {
+            cfg,
+            staging: None,
+            ranks: Vec::new(),
+            uses: HashMap::new(),
+            committed: false,
+        })
+    }
+
+    fn open(&mut self, inputs: &[StreamPlan]) -> Result<()> {
+        if self.cfg.path.exists() && !self.cfg.overwrite {
+            return Err(PluginError::config(format!(
+                "{} already exists; set overwrite = true or choose another path",
+                self.cfg.path.display()
+            )));
+        }
+        let plan = inputs.first().cloned().unwrap_or_default();
+        let r = self.lay_out(&plan);
+        if r.is_err() {
+            self.abort();
+        }
+        r
+    }
+
+    fn consume(&mut self, _port: usize, item: Item) -> Result<()> {
+        let t = item.into_tensor()?;
+        let uses = self.uses.remove(t.name()).ok_or_else(|| {
+            PluginError::shape(format!(
+                "tensor '{}' was not announced, or arrived twice",
+                t.name()
+            ))
+        })?;
+        let bytes = t.bytes();
+        for (rank, i) in uses {
+            let RankFile {
+                file, path, locals, ..
+            } = &mut self.ranks[rank];
+            let local = &mut locals[i];
+            let write = |b: &[u8], at: u64| {
+                file.write_all_at(b, at)
+                    .map_err(|e| PluginError::io(&*path, &format!("writing '{}' to", local.key), e))
+            };
+            // The rank's share in order: one run for most tensors; a row-parallel weight's
+            // columns are a run per row, gathered before writing.
+            let mut crc = crc32fast::Hasher::new();
+            let mut at = local.at;
+            let mut buf = Vec::new();
+            for &(off, len) in &local.runs {
+                let run = &bytes[off as usize..(off + len) as usize];
+                crc.update(run);
+                if local.runs.len() == 1 {
+                    write(run, at)?;
+                    at += len;
+                    continue;
+                }
+                buf.extend_from_slice(run);
+                if buf.len() >= 8 << 20 {
+                    write(&buf, at)?;
+                    at += buf.len() as u64;
+                    buf.clear();
+                }
+            }
+            if !buf.is_empty() {
+                write(&buf, at)?;
+                at += buf.len() as u64;
+            }
+            debug_assert_eq!(at - local.at, local.len);
+            local.crc = Some(crc.finalize());
+        }
+        t.data.discard(0..bytes.len());
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<String> {
+        if let Some(name) = self.uses.keys().next() {
+            return Err(PluginError::shape(format!(
+                "tensor '{name}' never arrived; nothing committed"
+            )));
+        }
+        for rf in &mut self.ranks {
+            let crcs: Vec<u32> = rf.locals.iter().map(|l| l.crc.unwrap_or(0)).collect();
+            for (off, b) in rf.archive.frame_all(&crcs) {
+                rf.file
+                    .write_all_at(&b, off)
+                    .map_err(|e| PluginError::io(&rf.path, "cannot write", e))?;
+            }
+            if self.cfg.fsync {
+                rf.file
+                    .sync_all()
+                    .map_err(|e| PluginError::io(&rf.path, "cannot sync", e))?;
+            }
+        }
+        let staging = self.staging.clone().expect("opened");
+        let latest = staging.join("latest_checkpointed_iteration.txt");
+        std::fs::write(&latest, self.cfg.iteration.to_string())
+            .map_err(|e| PluginError::io(&latest, "cannot write", e))?;
+        let n = self.ranks.len();
+        let tensors: usize = self.ranks.iter().map(|r| r.locals.len()).sum();
+        self.ranks.clear();
+        bridgeflow_sdk::fsutil::commit(&staging, &self.cfg.path)?;
+        self.staging = None;
+        self.committed = true;
+        Ok(format!(
+            "wrote {n} rank files (TP {} x PP {}), {tensors} local tensors, to {}",
+            self.cfg.tp,
+            self.cfg.pp,
+            self.cfg.path.display()
+        ))
+    }
+
+    fn abort(&mut self) {
+        self.ranks.clear();
+        if !self.committed {
+            if let Some(s) = self.staging.take() {
+                let _ = std::fs::remove_dir_all(s);
+            }
+        }
+    }
+}
+
+impl Drop for LegacyWriter {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+// ------------------------------------------------------------------------------------ reader
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(crate = "bridgeflow_sdk::serde", deny_unknown_fields)]
+pub struct LegacyReaderConfig {
+    /// A checkpoint root (with `latest_checkpointed_iteration.txt`) or an `iter_*` / `release`
+    /// folder holding `mp_rank_*` folders.
+    pub path: PathBuf,
+    /// Read one rank's file only (e.g. `mp_rank_01_000`), its local tensors under their own
+    /// keys, as stored: for inspection and for checking a split.
+    #[serde(default)]
+    pub rank: Option<String>,
+}
+
+/// One rank's archive, mapped, with its state dict's tensors (by local key).
+struct RankData {
+    path: PathBuf,
+    map: Arc<Mmap>,
+    tensors: BTreeMap<String, crate::checkpoint::ItemTensor>,
+}
+
+/// A global tensor: where each TP rank's shard is.
+struct Global {
+    dtype: DType,
+    shape: Vec<u64>,
+    split: TpSplit,
+    /// Per TP rank: (rank data index, local key).
+    shards: Vec<(usize, String)>,
+}
+
+pub struct LegacyReader {
+    cfg: LegacyReaderConfig,
+    ranks: Vec<RankData>,
+    globals: BTreeMap<String, Global>,
+    tp: u64,
+    pool: BufferPool,
+    args: BTreeMap<String, serde_json::Value>,
+}
+
+fn iter_dir(path: &Path) -> Result<PathBuf> {
+    let latest = path.join("latest_checkpointed_iteration.txt");
+    if latest.is_file() {
+        let t = std::fs::read_to_string(&latest)
+            .map_err(|e| PluginError::io(&latest, "cannot read", e))?;
+        let t = t.trim();
+        let d = if t == "release" {
+            path.join("release")
+        } else {
+            let n: u64 = t.parse().map_err(|_| {
+                PluginError::format(format!("{}: '{t}' is not an iteration", latest.display()))
+            })?;
+            path.join(format!("iter_{n:07}"))
+        };
+        return Ok(d);
+    }
+    Ok(path.to_path_buf())
+}
+
+/// The plain value of a pickled scalar (arguments).
+fn scalar(v: &Value) -> serde_json::Value {
+    match v {
+        Value::Bool(b) => (*b).into(),
+        Value::Int(i) => (*i).into(),
+        Value::Float(f) => (*f).into(),
+        Value::Str(s) => s.clone().into(),
+        _ => serde_json::Value::Null,
+    }
+}
+
+impl LegacyReader {
+    fn arg_u64(&self, k: &str) -> Option<u64> {
+        self.args.get(k).and_then(|v| v.as_u64())
+    }
+
+    fn read_rank(&mut self, path: PathBuf) -> Result<BTreeMap<String, serde_json::Value>> {
+        let f = File::open(&path).map_err(|e| PluginError::io(&path, "cannot open", e))?;
+        // SAFETY: read-only map of a checkpoint file.
+        let map = Arc::new(
+            unsafe { Mmap::map(&f) }.map_err(|e| PluginError::io(&path, "cannot map", e))?,
+        );
+        let bad = |e: String| PluginError::format(format!("{}: {e}", path.display()));
+        let entries = crate::zip::entries(&map).map_err(bad)?;
+        let pkl = crate::zip::find(&map, &entries, "data.pkl").map_err(bad)?;
+        let root = pickle::load(pkl, &path.display().to_string()).map_err(bad)?;
+        let top = root
+            .dict_entries()
+            .ok_or_else(|| bad("the pickle is not a dict".into()))?;
+        let get = |k: &str| {
+            top.iter()
+                .find(|(key, _)| key.as_str() == Some(k))
+                .map(|(_, v)| v.clone())
+        };
+        match get("checkpoint_version") {
+            Some(Value::Float(3.0)) => {}
+            Some(v) => {
+                return Err(bad(format!(
+                    "unsupported checkpoint_version {} (bridgeflow reads Megatron-LM's 3.0)",
+                    scalar(&v)
+                )))
+            }
+            None => {
+                return Err(bad(
+                    "no checkpoint_version: not a Megatron-LM checkpoint".into()
+                ))
+            }
+        }
+        if get("model").is_none() && get("model0").is_some() {
+            return Err(bad(
+                "virtual pipeline chunks (model0, model1, ...) are not read yet".into(),
+            ));
+        }
+        // A state dict is an OrderedDict: an object whose state holds the pairs.
+        let pairs = |v: Value| match v {
+            Value::Object(o) => o.borrow().state.as_ref().and_then(|s| s.dict_entries()),
+            v => v.dict_entries(),
+        };
+        let model = get("model")
+            .and_then(pairs)
+            .ok_or_else(|| bad("no 'model' state dict".into()))?;
+        let mut args = BTreeMap::new();
+        if let Some(Value::Object(o)) = get("args") {
+            if let Some(Value::Dict(d)) = &o.borrow().state {
+                for (k, v) in d.borrow().iter() {
+                    if let Some(k) = k.as_str() {
+                        args.insert(k.to_string(), scalar(v));
+                    }
+                }
+            }
+        }
+        let mut tensors = BTreeMap::new();
+        for (k, v) in model {
+            let Some(key) = k.as_str() else { continue };
+            if key.contains("_extra_state") || !is_tensor(&v) {
+                continue;
+            }
+            let t = tensor_in(&map, &entries, &v, &mut |_| {})
+                .map_err(|e| bad(format!("tensor '{key}': {e}")))?;
+            tensors.insert(key.to_string(), t);
+        }
+        self.ranks.push(RankData { path, map, tensors });
+        Ok(args)
+    }
+}
+
+impl Source for LegacyReader {
+    type Config = LegacyReaderConfig;
+    const DESCRIPTION: &'static str =
+        "Reads Megatron-LM checkpoints (mp_rank_XX[_YYY]/model_optim_rng.pt): global tensors from every TP rank and PP stage";
+
+    fn new(cfg: LegacyReaderConfig) -> Result<Self> {
+        Ok(LegacyReader {
+            cfg,
+            ranks: Vec::new(),
+            globals: BTreeMap::new(),
+            tp: 1,
+            pool: BufferPool::new(16 << 20),
+            args: BTreeMap::new(),
+        })
+    }
+
+    fn plan(&mut self) -> Result<StreamPlan> {
+        let dir = iter_dir(&self.cfg.path)?;
+        if let Some(rank) = self.cfg.rank.clone() {
+            self.args = self.read_rank(dir.join(&rank).join(FILE))?;
+            let r = &self.ranks[0];
+            for (key, t) in &r.tensors {
+                self.globals.insert(
+                    key.clone(),
+                    Global {
+                        dtype: t.dtype,
+                        shape: t.size.clone(),
+                        split: TpSplit::Replicated,
+                        shards: vec![(0, key.clone())],
+                    },
+                );
+            }
+            let infos = self
+                .globals
+                .iter()
+                .map(|(n, g)| TensorInfo::new(n.clone(), g.dtype, &g.shape))
+                .collect();
+            let mut plan = StreamPlan::new(infos);
+            plan.set_attr("megatron_args", serde_json::json!(self.args));
+            return Ok(plan);
+        }
+        let first = ["mp_rank_00", "mp_rank_00_000"]
+            .iter()
+            .map(|d| dir.join(d).join(FILE))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                PluginError::format(format!(
+                    "{}: no mp_rank_00[_000]/{FILE}: not a Megatron-LM checkpoint",
+                    dir.display()
+                ))
+            })?;
+        self.args = self.read_rank(first)?;
+        self.ranks.clear();
+        let tp = self
+            .arg_u64("tensor_model_parallel_size")
+            .unwrap_or(1)
+            .max(1);
+        let pp = self
+            .arg_u64("pipeline_model_parallel_size")
+            .unwrap_or(1)
+            .max(1);
+        let layers = self.arg_u64("num_layers").ok_or_else(|| {
+            PluginError::format(format!("{}: args has no num_layers", dir.display()))
+        })?;
+        let gated = self
+            .args
+            .get("swiglu")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let stages = pp_layers(
+            layers,
+            pp,
+            self.arg_u64("num_layers_in_first_pipeline_stage"),
+            self.arg_u64("num_layers_in_last_pipeline_stage"),
+        )?;
+        self.tp = tp;
+        // Every rank of the grid, each read once; a missing one is named.
+        let mut index = BTreeMap::new();
+        for s in 0..pp {
+            for r in 0..tp {
+                let p = dir.join(rank_dir(r, s, pp)).join(FILE);
+                if !p.is_file() {
+                    return Err(PluginError::format(format!(
+                        "{}: missing (the checkpoint says TP {tp} x PP {pp})",
+                        p.display()
+                    )));
+                }
+                self.read_rank(p)?;
+                index.insert((r, s), self.ranks.len() - 1);
+            }
+        }
+        // Global names: stage layers renumbered, local-spec norms renamed to the TE names.
+        let mut globals: BTreeMap<String, Global> = BTreeMap::new();
+        for s in 0..pp {
+            for r in 0..tp {
+                let i = index[&(r, s)];
+                let keys: Vec<String> = self.ranks[i].tensors.keys().cloned().collect();
+                let has =
+                    |l: u64, p: &str| keys.iter().any(|k| k == &format!("decoder.layers.{l}.{p}"));
+                for key in keys.clone() {
+                    let name = match split_layer(&key) {
+                        Some((l, param)) => {
+                            let te = LOCAL_NAMES.iter().find(|(te, local)| {
+                                *local == param
+                                    && has(l, &te.replace("layer_norm_weight", "weight"))
+                            });
+                            let param = te.map_or(param, |(te, _)| te);
+                            format!("decoder.layers.{}.{param}", l + stages[s as usize].0)
+                        }
+                        None => key.clone(),
+                    };
+                    if split_layer(&name).is_none()
+                        && globals
+                            .get(&name)
+                            .is_some_and(|g| g.shards.len() == tp as usize)
+                    {
+                        continue; // an embedding kept on two stages (tied): the first copy
+                    }
+                    let t = &self.ranks[i].tensors[&key];
+                    let split = tp_split(&name, gated);
+                    let g = globals.entry(name.clone()).or_insert_with(|| {
+                        let mut shape = t.size.clone();
+                        match split {
+                            TpSplit::Replicated => {}
+                            TpSplit::Axis(a) => shape[a] *= tp,
+                            TpSplit::GatedRows => shape[0] *= tp,
+                        }
+                        Global {
+                            dtype: t.dtype,
+                            shape,
+                            split,
+                            shards: Vec::new(),
+                        }
+                    });
+                    if tp_local_shape(&g.shape, split, tp) != t.size || g.dtype != t.dtype {
+                        return Err(PluginError::shape(format!(
+                            "{}: '{key}' is {} {:?}; rank 0 of its stage has {} {:?}: inconsistent shapes across ranks",
+                            self.ranks[i].path.display(),
+                            t.dtype,
+                            t.size,
+                            g.dtype,
+                            tp_local_shape(&g.shape, split, tp)
+                        )));
+                    }
+                    g.shards.push((i, key));
+                }
+            }
+        }
+        if let Some((name, g)) = globals.iter().find(|(_, g)| g.shards.len() != tp as usize) {
+            return Err(PluginError::format(format!(
+                "'{name}' is on {} of {tp} tensor-parallel ranks",
+                g.shards.len()
+            )));
+        }
+        let infos = globals
+            .iter()
+            .map(|(n, g)| TensorInfo::new(n.clone(), g.dtype, &g.shape))
+            .collect();
+        self.globals = globals;
+        let mut plan = StreamPlan::new(infos);
+        plan.set_attr("format", "megatron-lm".into());
+        plan.set_attr("megatron_args", serde_json::json!(self.args));
+        Ok(plan)
+    }
+
+    fn run(&mut self, out: &mut Emitter) -> Result<()> {
+        let globals = std::mem::take(&mut self.globals);
+        for (name, g) in globals {
+            let info = TensorInfo::new(name.clone(), g.dtype, &g.shape);
+            let es = g.dtype.size() as u64;
+            let buffer = if self.tp == 1 || g.split == TpSplit::Replicated {
+                let (i, key) = &g.shards[0];
+                let r = &self.ranks[*i];
+                Buffer::from_owner(MapView {
+                    map: r.map.clone(),
+                    range: r.tensors[key].data.clone(),
+                })
+            } else {
+                let numel: u64 = g.shape.iter().product();
+                let mut buf = self.pool.take((numel * es) as usize);
+                for (rank, (i, key)) in g.shards.iter().enumerate() {
+                    let r = &self.ranks[*i];
+                    let src = &r.map[r.tensors[key].data.clone()];
+                    let mut from = 0usize;
+                    for (off, len) in tp_runs(&g.shape, es, g.split, self.tp, rank as u64)? {
+                        let (off, len) = (off as usize, len as usize);
+                        buf.as_mut_slice()[off..off + len].copy_from_slice(&src[from..from + len]);
+                        from += len;
+                    }
+                }
+                buf.freeze()
+            };
+            out.tensor(Tensor::new(info, buffer)?)?;
+        }
+        Ok(())
+    }
+
+    fn summary(&mut self) -> String {
+        format!(
+            "{} rank files (TP {}) from {}",
+            self.ranks.len(),
+            self.tp,
+            self.cfg.path.display()
+        )
+    }
+
+    fn probe(path: &Path) -> u32 {
+        let dir = iter_dir(path).unwrap_or_else(|_| path.to_path_buf());
+        (dir.join("mp_rank_00").join(FILE).is_file()
+            || dir.join("mp_rank_00_000").join(FILE).is_file()) as u32
+            * 100
+    }
+}

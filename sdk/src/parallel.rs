@@ -1,0 +1,195 @@
+//! How Megatron-Core splits a GPT model's tensors over tensor-parallel ranks and its layers over
+//! pipeline stages — the facts a sharder or a per-rank checkpoint format needs. Names are
+//! Megatron-Core's (TE or local spec), per layer (`decoder.layers.<l>.…`).
+
+use crate::{PluginError, Result};
+
+/// How one tensor is divided among tensor-parallel ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TpSplit {
+    /// Every rank holds all of it (norms, routers, row-parallel biases).
+    Replicated,
+    /// Split in equal contiguous parts along this axis (column-parallel: 0; row-parallel: 1;
+    /// vocabulary-parallel embeddings: 0).
+    Axis(usize),
+    /// SwiGLU `linear_fc1` ([gate; up] by rows): each rank holds its part of gate, then its
+    /// part of up.
+    GatedRows,
+}
+
+/// The tensor-parallel split of a Megatron GPT tensor; `gated`: SwiGLU MLPs (`linear_fc1` is
+/// [gate; up]).
+pub fn tp_split(name: &str, gated: bool) -> TpSplit {
+    let column = [
+        "embedding.word_embeddings.weight",
+        "output_layer.weight",
+        "self_attention.linear_qkv.weight",
+        "self_attention.linear_qkv.bias",
+        "self_attention.linear_q_proj.weight",
+        "self_attention.linear_q_up_proj.weight",
+        "self_attention.linear_kv_up_proj.weight",
+    ];
+    let row = [
+        "self_attention.linear_proj.weight",
+        "mlp.linear_fc2.weight",
+        "shared_experts.linear_fc2.weight",
+    ];
+    if column.iter().any(|c| name.ends_with(c)) {
+        return TpSplit::Axis(0);
+    }
+    if row.iter().any(|c| name.ends_with(c)) {
+        return TpSplit::Axis(1);
+    }
+    if name.ends_with("linear_fc1.weight") || name.ends_with("linear_fc1.bias") {
+        return if gated {
+            TpSplit::GatedRows
+        } else {
+            TpSplit::Axis(0)
+        };
+    }
+    TpSplit::Replicated
+}
+
+/// Rank `r`'s share of a tensor of `shape` under `split` with `tp` ranks: runs of (global
+/// byte offset, length), in the order the rank stores them. `es`: bytes per element.
+pub fn tp_runs(shape: &[u64], es: u64, split: TpSplit, tp: u64, r: u64) -> Result<Vec<(u64, u64)>> {
+    let check = |axis: usize, n: u64| -> Result<u64> {
+        if !n.is_multiple_of(tp) {
+            return Err(PluginError::shape(format!(
+                "axis {axis} of {shape:?} ({n}) does not divide over {tp} tensor-parallel ranks"
+            )));
+        }
+        Ok(n / tp)
+    };
+    let numel: u64 = shape.iter().product();
+    Ok(match split {
+        TpSplit::Replicated => vec![(0, numel * es)],
+        TpSplit::Axis(axis) => {
+            let part = check(axis, shape[axis])?;
+            // Blocks: everything before `axis` repeats; within each, rank r's part of the axis.
+            let inner: u64 = shape[axis + 1..].iter().product::<u64>() * es;
+            let outer: u64 = shape[..axis].iter().product();
+            (0..outer)
+                .map(|o| (o * shape[axis] * inner + r * part * inner, part * inner))
+                .collect()
+        }
+        TpSplit::GatedRows => {
+            let half = shape[0] / 2;
+            let part = check(0, half)?;
+            let row: u64 = shape[1..].iter().product::<u64>() * es;
+            vec![
+                (r * part * row, part * row),
+                ((half + r * part) * row, part * row),
+            ]
+        }
+    })
+}
+
+/// The shape rank-local under `split`.
+pub fn tp_local_shape(shape: &[u64], split: TpSplit, tp: u64) -> Vec<u64> {
+    let mut s = shape.to_vec();
+    match split {
+        TpSplit::Replicated => {}
+        TpSplit::Axis(a) => s[a] /= tp,
+        TpSplit::GatedRows => s[0] /= tp,
+    }
+    s
+}
+
+/// The first layer of each pipeline stage and the layer count of each: an even split, or
+/// `first`/`last` layers on the first/last stage and the rest even (Megatron's
+/// `num_layers_in_first_pipeline_stage` / `_last_`).
+pub fn pp_layers(
+    layers: u64,
+    pp: u64,
+    first: Option<u64>,
+    last: Option<u64>,
+) -> Result<Vec<(u64, u64)>> {
+    let pp = pp.max(1);
+    let mut counts = vec![0u64; pp as usize];
+    let (mut rest, mut lo, mut hi) = (layers, 0usize, pp as usize);
+    if let Some(f) = first.filter(|_| pp > 1) {
+        counts[0] = f;
+        rest = rest
+            .checked_sub(f)
+            .ok_or_else(|| PluginError::config("first stage has more layers than the model"))?;
+        lo = 1;
+    }
+    if let Some(l) = last.filter(|_| pp > 1) {
+        counts[pp as usize - 1] = l;
+        rest = rest
+            .checked_sub(l)
+            .ok_or_else(|| PluginError::config("last stage has more layers than the model"))?;
+        hi -= 1;
+    }
+    let middle = (hi - lo) as u64;
+    if middle == 0 && rest != 0 || middle > 0 && rest % middle != 0 {
+        return Err(PluginError::config(format!(
+            "{layers} layers do not divide evenly over {pp} pipeline stages"
+        )));
+    }
+    for c in &mut counts[lo..hi] {
+        *c = rest / middle.max(1);
+    }
+    let mut start = 0;
+    Ok(counts
+        .into_iter()
+        .map(|c| {
+            let s = start;
+            start += c;
+            (s, c)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tp_runs_cover_each_tensor_once() {
+        // A [4, 6] tensor of bytes 0..24: column split, row split, gated rows.
+        let t: Vec<u8> = (0..24).collect();
+        let gather = |split, r| -> Vec<u8> {
+            tp_runs(&[4, 6], 1, split, 2, r)
+                .unwrap()
+                .into_iter()
+                .flat_map(|(o, n)| t[o as usize..(o + n) as usize].to_vec())
+                .collect()
+        };
+        assert_eq!(gather(TpSplit::Axis(0), 1), (12..24).collect::<Vec<u8>>());
+        assert_eq!(
+            gather(TpSplit::Axis(1), 0),
+            vec![0, 1, 2, 6, 7, 8, 12, 13, 14, 18, 19, 20]
+        );
+        // gate rows 0-1, up rows 2-3: rank 1 holds gate row 1 and up row 3.
+        assert_eq!(
+            gather(TpSplit::GatedRows, 1),
+            (6..12).chain(18..24).collect::<Vec<u8>>()
+        );
+        assert!(tp_runs(&[5, 6], 1, TpSplit::Axis(0), 2, 0).is_err());
+        assert_eq!(
+            tp_split("decoder.layers.3.mlp.linear_fc1.weight", true),
+            TpSplit::GatedRows
+        );
+        assert_eq!(
+            tp_split("decoder.layers.3.self_attention.linear_proj.weight", true),
+            TpSplit::Axis(1)
+        );
+        assert_eq!(
+            tp_split("decoder.layers.3.input_layernorm.weight", true),
+            TpSplit::Replicated
+        );
+    }
+
+    #[test]
+    fn pipeline_stages() {
+        assert_eq!(pp_layers(8, 2, None, None).unwrap(), vec![(0, 4), (4, 4)]);
+        assert_eq!(
+            pp_layers(7, 3, Some(1), None).unwrap(),
+            vec![(0, 1), (1, 3), (4, 3)]
+        );
+        assert!(pp_layers(7, 2, None, None).is_err());
+        assert_eq!(pp_layers(5, 1, None, None).unwrap(), vec![(0, 5)]);
+    }
+}
