@@ -176,7 +176,8 @@ fn broken_legacy_checkpoints_are_named() {
     assert!(!dir.path().join("y.safetensors").exists());
 }
 
-/// HF → Megatron-LM at TP2·PP2 (the bundled pipelines) → HF: the original tensors bit for bit;
+/// HF → Megatron-LM at TP2·PP2, and TP2·PP3·VPP2 (the bundled pipelines) → HF: the original
+/// tensors bit for bit;
 /// an MoE model is refused (Megatron-LM's per-expert layout is not written yet), nothing left.
 #[test]
 fn hf_to_megatron_lm_and_back_is_exact() {

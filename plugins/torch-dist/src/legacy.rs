@@ -77,6 +77,10 @@ pub struct LegacyWriterConfig {
     /// Pipeline stages.
     #[serde(default = "one")]
     pub pp: u64,
+    /// Virtual pipeline chunks per stage (interleaved schedule): a rank holds `model0`,
+    /// `model1`, ...; chunk v of stage p is the model's (v·pp + p)-th block of layers.
+    #[serde(default = "one")]
+    pub vpp: u64,
     /// Layers on the first / last pipeline stage (the rest split evenly).
     #[serde(default)]
     pub num_layers_in_first_pipeline_stage: Option<u64>,
@@ -95,7 +99,7 @@ pub struct LegacyWriterConfig {
 }
 
 /// A rank's tensor while laying out: local key, global source, local shape, byte runs.
-type RankTensor<'a> = (String, &'a TensorInfo, Vec<u64>, Vec<(u64, u64)>);
+type RankTensor<'a> = (usize, String, &'a TensorInfo, Vec<u64>, Vec<(u64, u64)>);
 
 /// One local tensor of a rank: its key, where its bytes come from and go.
 struct Local {
@@ -201,6 +205,15 @@ impl LegacyWriter {
             fields.insert(k.into(), v.map_or(serde_json::Value::Null, Into::into));
         }
         fields.insert("ckpt_format".into(), "torch".into());
+        let vpp = self.cfg.vpp.max(1);
+        fields.insert(
+            "virtual_pipeline_model_parallel_size".into(),
+            if vpp > 1 {
+                vpp.into()
+            } else {
+                serde_json::Value::Null
+            },
+        );
         let impl_ = if self.cfg.spec == "local" {
             "local"
         } else {
@@ -260,9 +273,19 @@ impl LegacyWriter {
             .map(|(l, _)| l + 1)
             .max()
             .unwrap_or(0);
-        let stages = pp_layers(
+        let (pp, vpp) = (self.cfg.pp.max(1), self.cfg.vpp.max(1));
+        if vpp > 1
+            && (self.cfg.num_layers_in_first_pipeline_stage.is_some()
+                || self.cfg.num_layers_in_last_pipeline_stage.is_some())
+        {
+            return Err(PluginError::config(
+                "uneven first/last stages with virtual pipeline chunks are not supported",
+            ));
+        }
+        // One block of layers per (virtual) chunk, in model order.
+        let chunks = pp_layers(
             layers,
-            self.cfg.pp,
+            pp * vpp,
             self.cfg.num_layers_in_first_pipeline_stage,
             self.cfg.num_layers_in_last_pipeline_stage,
         )?;
@@ -277,47 +300,52 @@ impl LegacyWriter {
             .find(|t| t.name() == "embedding.word_embeddings.weight")
             .map_or(0, |t| t.shape[0]);
         let tied = !tensors.iter().any(|t| t.name() == "output_layer.weight");
-        let last = self.cfg.pp.max(1) - 1;
+        let last = (pp * vpp - 1) as usize;
         let staging = bridgeflow_sdk::fsutil::hidden_sibling(&self.cfg.path, "partial");
         let iter_dir = staging.join(format!("iter_{:07}", self.cfg.iteration));
         self.staging = Some(staging.clone());
-        for s in 0..self.cfg.pp.max(1) {
-            let (first_layer, count) = stages[s as usize];
+        for s in 0..pp {
             for r in 0..self.cfg.tp.max(1) {
-                // This rank's tensors: (local key, global source, dtype, local shape, runs).
+                // This rank's tensors: (model chunk, local key, global source, local shape, runs).
                 let mut locals: Vec<RankTensor> = Vec::new();
-                for t in &tensors {
-                    let key = match split_layer(t.name()) {
-                        Some((l, param)) if l >= first_layer && l < first_layer + count => {
-                            let param = match self.cfg.spec.as_str() {
-                                "local" => LOCAL_NAMES
-                                    .iter()
-                                    .find(|(te, _)| *te == param)
-                                    .map_or(param, |(_, local)| local),
-                                _ => param,
-                            };
-                            format!("decoder.layers.{}.{param}", l - first_layer)
-                        }
-                        Some(_) => continue,
-                        None => {
-                            let name = t.name();
-                            let here = match name {
-                                "embedding.word_embeddings.weight" => s == 0 || (tied && s == last),
-                                _ if name.starts_with("embedding.") => s == 0,
-                                _ => s == last,
-                            };
-                            if !here {
-                                continue;
+                for v in 0..vpp as usize {
+                    let c = v * pp as usize + s as usize;
+                    let (first_layer, count) = chunks[c];
+                    for t in &tensors {
+                        let key = match split_layer(t.name()) {
+                            Some((l, param)) if l >= first_layer && l < first_layer + count => {
+                                let param = match self.cfg.spec.as_str() {
+                                    "local" => LOCAL_NAMES
+                                        .iter()
+                                        .find(|(te, _)| *te == param)
+                                        .map_or(param, |(_, local)| local),
+                                    _ => param,
+                                };
+                                format!("decoder.layers.{}.{param}", l - first_layer)
                             }
-                            name.to_string()
-                        }
-                    };
-                    let split = tp_split(t.name(), gated);
-                    let es = t.dtype.size() as u64;
-                    let runs = tp_runs(&t.shape, es, split, self.cfg.tp.max(1), r)
-                        .map_err(|e| e.context(t.name()))?;
-                    let shape = tp_local_shape(&t.shape, split, self.cfg.tp.max(1));
-                    locals.push((key, t, shape, runs));
+                            Some(_) => continue,
+                            None => {
+                                let name = t.name();
+                                let here = match name {
+                                    "embedding.word_embeddings.weight" => {
+                                        c == 0 || (tied && c == last)
+                                    }
+                                    _ if name.starts_with("embedding.") => c == 0,
+                                    _ => c == last,
+                                };
+                                if !here {
+                                    continue;
+                                }
+                                name.to_string()
+                            }
+                        };
+                        let split = tp_split(t.name(), gated);
+                        let es = t.dtype.size() as u64;
+                        let runs = tp_runs(&t.shape, es, split, self.cfg.tp.max(1), r)
+                            .map_err(|e| e.context(t.name()))?;
+                        let shape = tp_local_shape(&t.shape, split, self.cfg.tp.max(1));
+                        locals.push((v, key, t, shape, runs));
+                    }
                 }
                 let dir = iter_dir.join(rank_dir(r, s, self.cfg.pp));
                 std::fs::create_dir_all(&dir)
@@ -333,31 +361,41 @@ impl LegacyWriter {
                 p.float(3.0);
                 p.str("iteration");
                 p.int(self.cfg.iteration as i64);
-                p.str("model");
-                p.global("collections", "OrderedDict");
-                p.tuple(0);
-                p.op(b'R');
-                p.memo_after();
-                p.mark();
-                for (i, (key, t, shape, _)) in locals.iter().enumerate() {
-                    p.str(key);
-                    tensor_value(&mut p, t.dtype, shape, i);
-                    let linear = key.strip_suffix(".weight").filter(|m| {
-                        m.starts_with("decoder.layers.")
-                            && m.rsplit('.')
-                                .next()
-                                .is_some_and(|x| x.starts_with("linear_"))
+                for v in 0..vpp as usize {
+                    p.str(&if vpp > 1 {
+                        format!("model{v}")
+                    } else {
+                        "model".into()
                     });
-                    if let (Some(m), "te") = (linear, self.cfg.spec.as_str()) {
-                        p.str(&format!("{m}._extra_state"));
-                        p.none();
+                    p.global("collections", "OrderedDict");
+                    p.tuple(0);
+                    p.op(b'R');
+                    p.memo_after();
+                    p.mark();
+                    for (i, (_, key, t, shape, _)) in
+                        locals.iter().enumerate().filter(|(_, l)| l.0 == v)
+                    {
+                        p.str(key);
+                        tensor_value(&mut p, t.dtype, shape, i);
+                        let linear = key.strip_suffix(".weight").filter(|m| {
+                            m.starts_with("decoder.layers.")
+                                && m.rsplit('.')
+                                    .next()
+                                    .is_some_and(|x| x.starts_with("linear_"))
+                        });
+                        if let (Some(m), "te") = (linear, self.cfg.spec.as_str()) {
+                            p.str(&format!("{m}._extra_state"));
+                            p.none();
+                        }
                     }
+                    p.op(b'u');
                 }
-                p.op(b'u');
                 p.dict_end();
                 let lens: Vec<u64> = locals
                     .iter()
-                    .map(|(_, t, shape, _)| shape.iter().product::<u64>() * t.dtype.size() as u64)
+                    .map(|(_, _, t, shape, _)| {
+                        shape.iter().product::<u64>() * t.dtype.size() as u64
+                    })
                     .collect();
                 let archive = Archive::with_payloads(
                     "model_optim_rng",
@@ -371,7 +409,7 @@ impl LegacyWriter {
                 let offsets = archive.payload_offsets();
                 let rank = self.ranks.len();
                 let mut ls = Vec::new();
-                for (i, ((key, t, _, runs), (&at, &len))) in locals
+                for (i, ((_, key, t, _, runs), (&at, &len))) in locals
                     .into_iter()
                     .zip(offsets.iter().zip(&lens))
                     .enumerate()
@@ -583,11 +621,12 @@ pub struct LegacyReaderConfig {
     pub rank: Option<String>,
 }
 
-/// One rank's archive, mapped, with its state dict's tensors (by local key).
+/// One rank's archive, mapped, with its state dicts' tensors by (model chunk, local key).
 struct RankData {
     path: PathBuf,
     map: Arc<Mmap>,
-    tensors: BTreeMap<String, crate::checkpoint::ItemTensor>,
+    chunks: usize,
+    tensors: BTreeMap<(usize, String), crate::checkpoint::ItemTensor>,
 }
 
 /// A global tensor: where each TP rank's shard is.
@@ -595,8 +634,8 @@ struct Global {
     dtype: DType,
     shape: Vec<u64>,
     split: TpSplit,
-    /// Per TP rank: (rank data index, local key).
-    shards: Vec<(usize, String)>,
+    /// Per TP rank: (rank data index, (model chunk, local key)).
+    shards: Vec<(usize, (usize, String))>,
 }
 
 pub struct LegacyReader {
@@ -675,19 +714,22 @@ impl LegacyReader {
                 ))
             }
         }
-        if get("model").is_none() && get("model0").is_some() {
-            return Err(bad(
-                "virtual pipeline chunks (model0, model1, ...) are not read yet".into(),
-            ));
-        }
         // A state dict is an OrderedDict: an object whose state holds the pairs.
         let pairs = |v: Value| match v {
             Value::Object(o) => o.borrow().state.as_ref().and_then(|s| s.dict_entries()),
             v => v.dict_entries(),
         };
-        let model = get("model")
-            .and_then(pairs)
-            .ok_or_else(|| bad("no 'model' state dict".into()))?;
+        // `model`, or one `model<v>` per virtual pipeline chunk.
+        let models: Vec<Vec<(Value, Value)>> = match get("model") {
+            Some(m) => vec![pairs(m).ok_or_else(|| bad("'model' is not a state dict".into()))?],
+            None => (0..)
+                .map_while(|v| get(&format!("model{v}")))
+                .map(|m| pairs(m).ok_or_else(|| bad("a model chunk is not a state dict".into())))
+                .collect::<Result<_>>()?,
+        };
+        if models.is_empty() {
+            return Err(bad("no 'model' state dict".into()));
+        }
         let mut args = BTreeMap::new();
         if let Some(Value::Object(o)) = get("args") {
             if let Some(Value::Dict(d)) = &o.borrow().state {
@@ -699,16 +741,24 @@ impl LegacyReader {
             }
         }
         let mut tensors = BTreeMap::new();
-        for (k, v) in model {
-            let Some(key) = k.as_str() else { continue };
-            if key.contains("_extra_state") || !is_tensor(&v) {
-                continue;
+        let chunks = models.len();
+        for (c, model) in models.into_iter().enumerate() {
+            for (k, v) in model {
+                let Some(key) = k.as_str() else { continue };
+                if key.contains("_extra_state") || !is_tensor(&v) {
+                    continue;
+                }
+                let t = tensor_in(&map, &entries, &v, &mut |_| {})
+                    .map_err(|e| bad(format!("tensor '{key}': {e}")))?;
+                tensors.insert((c, key.to_string()), t);
             }
-            let t = tensor_in(&map, &entries, &v, &mut |_| {})
-                .map_err(|e| bad(format!("tensor '{key}': {e}")))?;
-            tensors.insert(key.to_string(), t);
         }
-        self.ranks.push(RankData { path, map, tensors });
+        self.ranks.push(RankData {
+            path,
+            map,
+            chunks,
+            tensors,
+        });
         Ok(args)
     }
 }
@@ -734,16 +784,20 @@ impl Source for LegacyReader {
         if let Some(rank) = self.cfg.rank.clone() {
             self.args = self.read_rank(dir.join(&rank).join(FILE))?;
             let r = &self.ranks[0];
-            for (key, t) in &r.tensors {
-                self.globals.insert(
-                    key.clone(),
-                    Global {
-                        dtype: t.dtype,
-                        shape: t.size.clone(),
-                        split: TpSplit::Replicated,
-                        shards: vec![(0, key.clone())],
-                    },
-                );
+            for ((c, key), t) in &r.tensors {
+                // With virtual pipeline chunks, each chunk's keys under `model<v>.`.
+                let name = if r.chunks > 1 {
+                    format!("model{c}.{key}")
+                } else {
+                    key.clone()
+                };
+                let g = Global {
+                    dtype: t.dtype,
+                    shape: t.size.clone(),
+                    split: TpSplit::Replicated,
+                    shards: vec![(0, (*c, key.clone()))],
+                };
+                self.globals.insert(name, g);
             }
             let infos = self
                 .globals
@@ -782,12 +836,16 @@ impl Source for LegacyReader {
             .get("swiglu")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
-        let stages = pp_layers(
+        let vpp = self.ranks.first().map_or(1, |r| r.chunks) as u64;
+        // One block of layers per (virtual) chunk, in model order: chunk v of stage p is the
+        // (v·pp + p)-th.
+        let chunks = pp_layers(
             layers,
-            pp,
+            pp * vpp,
             self.arg_u64("num_layers_in_first_pipeline_stage"),
             self.arg_u64("num_layers_in_last_pipeline_stage"),
         )?;
+        self.ranks.clear();
         self.tp = tp;
         // Every rank of the grid, each read once; a missing one is named.
         let mut index = BTreeMap::new();
@@ -801,6 +859,13 @@ impl Source for LegacyReader {
                     )));
                 }
                 self.read_rank(p)?;
+                let got = self.ranks.last().map_or(0, |r| r.chunks) as u64;
+                if got != vpp {
+                    return Err(PluginError::format(format!(
+                        "{}: {got} model chunks; rank 0 has {vpp}",
+                        self.ranks.last().expect("read").path.display()
+                    )));
+                }
                 index.insert((r, s), self.ranks.len() - 1);
             }
         }
@@ -809,18 +874,21 @@ impl Source for LegacyReader {
         for s in 0..pp {
             for r in 0..tp {
                 let i = index[&(r, s)];
-                let keys: Vec<String> = self.ranks[i].tensors.keys().cloned().collect();
-                let has =
-                    |l: u64, p: &str| keys.iter().any(|k| k == &format!("decoder.layers.{l}.{p}"));
-                for key in keys.clone() {
+                let keys: Vec<(usize, String)> = self.ranks[i].tensors.keys().cloned().collect();
+                let has = |v: usize, l: u64, p: &str| {
+                    keys.iter()
+                        .any(|(c, k)| *c == v && k == &format!("decoder.layers.{l}.{p}"))
+                };
+                for (v, key) in keys.clone() {
+                    let first_layer = chunks[v * pp as usize + s as usize].0;
                     let name = match split_layer(&key) {
                         Some((l, param)) => {
                             let te = LOCAL_NAMES.iter().find(|(te, local)| {
                                 *local == param
-                                    && has(l, &te.replace("layer_norm_weight", "weight"))
+                                    && has(v, l, &te.replace("layer_norm_weight", "weight"))
                             });
                             let param = te.map_or(param, |(te, _)| te);
-                            format!("decoder.layers.{}.{param}", l + stages[s as usize].0)
+                            format!("decoder.layers.{}.{param}", l + first_layer)
                         }
                         None => key.clone(),
                     };
@@ -831,7 +899,7 @@ impl Source for LegacyReader {
                     {
                         continue; // an embedding kept on two stages (tied): the first copy
                     }
-                    let t = &self.ranks[i].tensors[&key];
+                    let t = &self.ranks[i].tensors[&(v, key.clone())];
                     let split = tp_split(&name, gated);
                     let g = globals.entry(name.clone()).or_insert_with(|| {
                         let mut shape = t.size.clone();
@@ -857,7 +925,7 @@ impl Source for LegacyReader {
                             tp_local_shape(&g.shape, split, tp)
                         )));
                     }
-                    g.shards.push((i, key));
+                    g.shards.push((i, (v, key)));
                 }
             }
         }
@@ -924,5 +992,37 @@ impl Source for LegacyReader {
         (dir.join("mp_rank_00").join(FILE).is_file()
             || dir.join("mp_rank_00_000").join(FILE).is_file()) as u32
             * 100
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rank file whose `checkpoint_version` is not Megatron-LM's 3.0 is refused by name.
+    #[test]
+    fn other_checkpoint_versions_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        let mut p = Pickler::new();
+        p.dict_begin();
+        p.str("checkpoint_version");
+        p.float(2.0);
+        p.str("model");
+        p.empty_dict();
+        p.dict_end();
+        let bytes = Archive::with_payloads("model_optim_rng", p.finish(), &[], "t").bytes();
+        std::fs::write(&path, bytes).unwrap();
+        let mut r = LegacyReader::new(LegacyReaderConfig {
+            path: dir.path().into(),
+            rank: None,
+        })
+        .unwrap();
+        let e = r.read_rank(path).unwrap_err();
+        assert!(
+            e.message.contains("unsupported checkpoint_version 2.0"),
+            "{}",
+            e.message
+        );
     }
 }
