@@ -442,6 +442,10 @@ config = {{ manifest = "{}" }}
 }
 
 fn dequant_pipeline(input: &Path, out: &Path) -> String {
+    dequant_pipeline_with(input, out, "")
+}
+
+fn dequant_pipeline_with(input: &Path, out: &Path, config: &str) -> String {
     format!(
         r#"
 [stages.read]
@@ -453,6 +457,7 @@ config = {{ path = "{}" }}
 plugin = "fp8-dequant"
 kind = "transform"
 inputs = ["read"]
+config = {{ {config} }}
 
 [stages.write]
 plugin = "safetensors"
@@ -489,6 +494,17 @@ fn fp8_block_scales_dequantize_as_megatron_bridge() {
     for (k, w) in &want {
         assert!(got[k] == *w, "'{k}' differs from Bridge's dequantization");
     }
+    // The same in blocks of rows (each counted as soon as it is made), placed by the writer.
+    let out2 = dir.path().join("pieces.safetensors");
+    let p = dequant_pipeline_with(&fx.join("model.safetensors"), &out2, "piece_bytes = 20000");
+    let report = run_text(dir.path(), &p, &[], 1 << 30).unwrap();
+    let dequant = report.stages.iter().find(|s| s.name == "dequant").unwrap();
+    assert!(
+        dequant.items_out > 4,
+        "no pieces: {} items",
+        dequant.items_out
+    );
+    assert_eq!(load_tensors(&out2), want);
 
     // A scale grid that does not fit its weight.
     let src = std::fs::read(fx.join("model.safetensors")).unwrap();

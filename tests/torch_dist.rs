@@ -807,3 +807,74 @@ fn mixtral_round_trip_and_expert_layout() {
     assert_eq!(load_tensors(&back), src);
     assert_eq!(config_json(&back), config_json(&hf));
 }
+
+/// DeepSeek-V3 in its FP8 release layout (projections F8_E4M3 + 128×128 `weight_scale_inv`):
+/// dequantized in blocks of rows that go through the mapper as pieces, the checkpoint equals
+/// the one made from whole dequantized tensors, tensor by tensor.
+#[test]
+fn fp8_pieces_through_the_mapper_equal_whole_tensors() {
+    use safetensors::tensor::{Dtype, TensorView};
+    let dir = tempdir();
+    let src = fixtures().join("hf/deepseek_v3");
+    let hf = dir.path().join("ds-fp8");
+    std::fs::create_dir(&hf).unwrap();
+    let tensors = load_tensors(&src.join("model.safetensors"));
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, t) in &tensors {
+        let fp8 = t.shape.len() == 2 && name.contains("_proj.weight");
+        if !fp8 {
+            owned.push((name.clone(), t.dtype, t.shape.clone(), t.bytes.clone()));
+            continue;
+        }
+        // Any FP8 values but NaN, and scales per 128x128 block.
+        let n = t.shape[0] * t.shape[1];
+        let q: Vec<u8> = (0..n).map(|i| t.bytes[i * 4 + 2] & 0xf7).collect();
+        let (sr, sc) = (t.shape[0].div_ceil(128), t.shape[1].div_ceil(128));
+        let scales: Vec<u8> = (0..sr * sc)
+            .flat_map(|i| (0.01f32 * (i + 1) as f32).to_le_bytes())
+            .collect();
+        owned.push((name.clone(), Dtype::F8_E4M3, t.shape.clone(), q));
+        owned.push((
+            format!("{name}_scale_inv"),
+            Dtype::F32,
+            vec![sr, sc],
+            scales,
+        ));
+    }
+    let views: Vec<(String, TensorView)> = owned
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &hf.join("model.safetensors")).unwrap();
+    let mut cfg = config_json(&src);
+    cfg["quantization_config"] =
+        serde_json::json!({"quant_method": "fp8", "weight_block_size": [128, 128]});
+    std::fs::write(hf.join("config.json"), cfg.to_string()).unwrap();
+    let mut flats = Vec::new();
+    for piece_bytes in [0, 512] {
+        let out = dir.path().join(format!("mg-{piece_bytes}"));
+        convert(
+            dir.path(),
+            "hf-fp8-to-megatron.toml",
+            &[
+                format!("input={}", hf.display()),
+                format!("output={}", out.display()),
+                format!("dequant.piece_bytes={piece_bytes}"),
+            ],
+        )
+        .unwrap();
+        flats.push(load_tensors(&to_safetensors(dir.path(), &out, false)));
+        let rc = std::fs::read_to_string(out.join("iter_0000000/run_config.yaml")).unwrap();
+        assert!(
+            !rc.contains("quantization_config") && rc.contains("bf16: true"),
+            "{rc}"
+        );
+    }
+    assert_eq!(flats[0].len(), flats[1].len());
+    for (k, w) in &flats[0] {
+        assert!(
+            flats[1][k] == *w,
+            "'{k}' differs between pieces and whole tensors"
+        );
+    }
+}

@@ -210,10 +210,34 @@ impl Mapper {
         // Each Megatron tensor (row, layer) and its parts: (expert, part) -> info.
         type Parts = BTreeMap<(u64, usize), TensorInfo>;
         let mut groups: BTreeMap<(usize, Option<u64>), Parts> = BTreeMap::new();
+        // An HF tensor may arrive as blocks of rows (a dequantizing stage's pieces): each
+        // block's name and rows, by tensor; a whole tensor is its own single block.
+        let mut blocks: HashMap<String, Vec<(String, std::ops::Range<u64>)>> = HashMap::new();
         for t in input.tensors.iter() {
-            if self.skip_hf(t.name()) {
+            let base = t.base_name().to_string();
+            let whole = match t.shard() {
+                Some(s) => TensorInfo::new(base.clone(), t.dtype, &s.global_shape),
+                None => t.clone(),
+            };
+            let rows = match t.shard() {
+                Some(s) => {
+                    let a = s.offsets.first().copied().unwrap_or(0);
+                    a..a + t.shape.first().copied().unwrap_or(1)
+                }
+                None => 0..t.shape.first().copied().unwrap_or(1),
+            };
+            if self.skip_hf(&base) {
                 continue;
             }
+            let seen = blocks.contains_key(&base);
+            blocks
+                .entry(base.clone())
+                .or_default()
+                .push((t.name().to_string(), rows));
+            if seen {
+                continue;
+            }
+            let t = &whole;
             let (i, p, idx) = self.find_hf(t.name()).ok_or_else(|| {
                 PluginError::unsupported(format!(
                     "tensor '{}' has no mapping in the {} table",
@@ -278,32 +302,45 @@ impl Mapper {
                 && segs.len() == 1
                 && segs[0].rows == fused
                 && e.kind != Kind::Qkv;
-            if !self.cfg.zero_copy || whole || first.shape.is_empty() {
+            let in_pieces = parts.values().any(|t| blocks[t.name()].len() > 1);
+            if in_pieces && !self.cfg.zero_copy {
+                return Err(PluginError::config(format!(
+                    "'{name}' is made of HF tensors that arrive in pieces; whole tensors need them whole (zero_copy = true takes pieces)"
+                )));
+            }
+            if !in_pieces && (!self.cfg.zero_copy || whole || first.shape.is_empty()) {
                 let info = TensorInfo::new(name, first.dtype, &global);
                 self.outputs.insert((*i, *layer), info.clone());
                 out.push(info);
                 continue;
             }
-            // Pieces: every run of every part's rows, and the padding rows as zeros.
+            // Pieces: every run of every part's rows (cut again where the part itself arrives
+            // in blocks), and the padding rows as zeros.
             for ((x, p), t) in parts {
-                for s in segs.iter().filter(|s| s.part == *p) {
-                    let mut offsets: Vec<u64> = experts.map(|_| *x).into_iter().collect();
-                    offsets.push(s.fused);
-                    offsets.extend(std::iter::repeat_n(0, inner.len()));
-                    let mut shape: Vec<u64> = experts.map(|_| 1).into_iter().collect();
-                    shape.push(s.rows);
-                    shape.extend(&inner);
-                    let id = experts.map_or(format!("{}", s.fused), |_| format!("{x}.{}", s.fused));
-                    let info = TensorInfo::new(format!("{name}#{id}"), t.dtype, &shape)
-                        .with_shard(&global, &offsets);
-                    out.push(info.clone());
-                    self.pieces
-                        .entry(t.name().to_string())
-                        .or_default()
-                        .push(Piece {
+                for seg in segs.iter().filter(|s| s.part == *p) {
+                    for (block, rows) in &blocks[t.name()] {
+                        let lo = seg.at.max(rows.start);
+                        let hi = (seg.at + seg.rows).min(rows.end);
+                        if lo >= hi {
+                            continue;
+                        }
+                        let fused_at = seg.fused + (lo - seg.at);
+                        let mut offsets: Vec<u64> = experts.map(|_| *x).into_iter().collect();
+                        offsets.push(fused_at);
+                        offsets.extend(std::iter::repeat_n(0, inner.len()));
+                        let mut shape: Vec<u64> = experts.map(|_| 1).into_iter().collect();
+                        shape.push(hi - lo);
+                        shape.extend(&inner);
+                        let id =
+                            experts.map_or(format!("{fused_at}"), |_| format!("{x}.{fused_at}"));
+                        let info = TensorInfo::new(format!("{name}#{id}"), t.dtype, &shape)
+                            .with_shard(&global, &offsets);
+                        out.push(info.clone());
+                        self.pieces.entry(block.clone()).or_default().push(Piece {
                             info,
-                            rows: Some(s.at..s.at + s.rows),
+                            rows: Some(lo - rows.start..hi - rows.start),
                         });
+                    }
                 }
             }
             let covered: u64 = segs.iter().map(|s| s.rows).sum();
@@ -317,8 +354,9 @@ impl Mapper {
                 )
                 .with_shard(&global, &offsets);
                 out.push(info.clone());
+                let block = blocks[first.name()][0].0.clone();
                 self.pieces
-                    .entry(first.name().to_string())
+                    .entry(block)
                     .or_default()
                     .push(Piece { info, rows: None });
             }
@@ -414,7 +452,7 @@ impl Mapper {
     }
 
     fn process_to_megatron(&mut self, t: Tensor, out: &mut Emitter) -> Result<()> {
-        if self.skip_hf(t.name()) {
+        if self.skip_hf(t.info.base_name()) {
             return Ok(());
         }
         if let Some(pieces) = self.pieces.get(t.name()) {

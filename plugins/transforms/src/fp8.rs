@@ -36,6 +36,16 @@ pub struct Fp8Config {
     /// The scale of `X` is `X` + this suffix.
     #[serde(default = "scale_inv")]
     pub scale_suffix: String,
+    /// Emit a dequantized tensor larger than this as blocks of rows of at most this size
+    /// (pieces `X#<row>` with shard descriptors), each counted against the memory budget as
+    /// soon as it is made; 0: whole tensors. Consumers must take pieces (the models mapper and
+    /// the writers do).
+    #[serde(default = "d16m")]
+    pub piece_bytes: u64,
+}
+
+fn d16m() -> u64 {
+    16 << 20
 }
 
 pub struct Fp8Dequant {
@@ -63,25 +73,75 @@ fn table(d: DType) -> [f32; 256] {
 }
 
 impl Fp8Dequant {
+    /// Row blocks (start, rows) a dequantized tensor of `shape` is emitted in; empty: whole.
+    fn blocks(&self, shape: &[u64]) -> Vec<(u64, u64)> {
+        let row = shape.iter().skip(1).product::<u64>() * self.to.size() as u64;
+        let rows = shape.first().copied().unwrap_or(1);
+        if self.cfg.piece_bytes == 0 || shape.len() < 2 || row * rows <= self.cfg.piece_bytes {
+            return Vec::new();
+        }
+        let per = (self.cfg.piece_bytes / row.max(1)).max(1);
+        (0..rows.div_ceil(per))
+            .map(|i| (i * per, per.min(rows - i * per)))
+            .collect()
+    }
+
     fn scale_of(&self, name: &str) -> Option<String> {
         name.strip_suffix(self.cfg.scale_suffix.as_str())
             .map(str::to_string)
     }
 
     fn dequantize(&self, w: &Tensor, scale: Option<&Tensor>, out: &mut Emitter) -> Result<()> {
+        let shape = w.info.shape.to_vec();
+        let blocks = self.blocks(&shape);
+        if blocks.is_empty() {
+            let rows = shape.first().copied().unwrap_or(1);
+            let buf = self.dequantize_rows(w, scale, 0..rows.max(1))?;
+            let mut info = w.info.clone();
+            info.dtype = self.to;
+            return out.tensor(Tensor::new(info, buf)?);
+        }
+        // Block by block, each emitted (and counted) before the next is made.
+        for (start, rows) in blocks {
+            let buf = self.dequantize_rows(w, scale, start..start + rows)?;
+            let mut s = shape.clone();
+            s[0] = rows;
+            let mut at = vec![0; s.len()];
+            at[0] = start;
+            let info = TensorInfo::new(format!("{}#{start}", w.name()), self.to, &s)
+                .with_shard(&shape, &at);
+            out.tensor(Tensor::new(info, buf)?)?;
+        }
+        Ok(())
+    }
+
+    /// Rows `rows` of `w` dequantized (all of it for a scalar or 1-D tensor).
+    fn dequantize_rows(
+        &self,
+        w: &Tensor,
+        scale: Option<&Tensor>,
+        rows: std::ops::Range<u64>,
+    ) -> Result<bridgeflow_sdk::Buffer> {
         let lut = table(w.info.dtype);
         let shape = w.info.shape.to_vec();
-        let numel = w.info.numel().unwrap_or(0) as usize;
         let size = self.to.size();
+        let row_elems = shape.iter().skip(1).product::<u64>().max(1) as usize;
+        let numel = if shape.len() < 2 {
+            w.info.numel().unwrap_or(0) as usize
+        } else {
+            (rows.end - rows.start) as usize * row_elems
+        };
         let mut buf = self.pool.take(numel * size);
         let put = |dst: &mut [u8], v: f32| match self.to {
             DType::BF16 => dst.copy_from_slice(&bf16::from_f32(v).to_le_bytes()),
             DType::F16 => dst.copy_from_slice(&f16::from_f32(v).to_le_bytes()),
             _ => dst.copy_from_slice(&v.to_le_bytes()),
         };
+        let first = rows.start as usize * row_elems;
+        let src = &w.bytes()[first..first + numel];
         match scale {
             Some(s) => {
-                let (rows, cols) = match shape[..] {
+                let (all_rows, cols) = match shape[..] {
                     [r, c] => (r as usize, c as usize),
                     _ => {
                         return Err(PluginError::shape(format!(
@@ -92,10 +152,10 @@ impl Fp8Dequant {
                     }
                 };
                 let b = self.cfg.block_size as usize;
-                let (sr, sc) = (rows.div_ceil(b), cols.div_ceil(b));
+                let (sr, sc) = (all_rows.div_ceil(b), cols.div_ceil(b));
                 if s.info.dtype != DType::F32 || s.info.shape.as_slice() != [sr as u64, sc as u64] {
                     return Err(PluginError::shape(format!(
-                        "'{}': a {rows}x{cols} weight in {b}x{b} blocks needs F32 [{sr}, {sc}] scales, not {} {}",
+                        "'{}': a {all_rows}x{cols} weight in {b}x{b} blocks needs F32 [{sr}, {sc}] scales, not {} {}",
                         s.name(),
                         s.info.dtype,
                         s.info.shape_string()
@@ -106,12 +166,13 @@ impl Fp8Dequant {
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
                     .collect();
-                let src = w.bytes();
+                let r0 = rows.start as usize;
                 buf.as_mut_slice()
                     .par_chunks_mut(cols * size)
                     .enumerate()
-                    .for_each(|(r, dst)| {
-                        let row = &src[r * cols..(r + 1) * cols];
+                    .for_each(|(i, dst)| {
+                        let r = r0 + i;
+                        let row = &src[i * cols..(i + 1) * cols];
                         let srow = &scales[(r / b) * sc..(r / b + 1) * sc];
                         for (c, (d, &q)) in dst.chunks_exact_mut(size).zip(row).enumerate() {
                             put(d, lut[q as usize] * srow[c / b]);
@@ -122,16 +183,14 @@ impl Fp8Dequant {
             None => buf
                 .as_mut_slice()
                 .par_chunks_mut(size << 16)
-                .zip(w.bytes().par_chunks(1 << 16))
+                .zip(src.par_chunks(1 << 16))
                 .for_each(|(dst, src)| {
                     for (d, &q) in dst.chunks_exact_mut(size).zip(src) {
                         put(d, lut[q as usize]);
                     }
                 }),
         }
-        let mut info = w.info.clone();
-        info.dtype = self.to;
-        out.tensor(Tensor::new(info, buf.freeze())?)
+        Ok(buf.freeze())
     }
 }
 
@@ -174,6 +233,17 @@ impl Transform for Fp8Dequant {
             let mut t = t.clone();
             if is_fp8(t.dtype) {
                 t.dtype = self.to;
+                for (start, rows) in self.blocks(&t.shape) {
+                    let mut shape = t.shape.to_vec();
+                    shape[0] = rows;
+                    let mut at = vec![0; shape.len()];
+                    at[0] = start;
+                    let name = format!("{}#{start}", t.name());
+                    kept.push(TensorInfo::new(name, t.dtype, &shape).with_shard(&t.shape, &at));
+                }
+                if !self.blocks(&t.shape).is_empty() {
+                    continue;
+                }
             }
             kept.push(t);
         }
