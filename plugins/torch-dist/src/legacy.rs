@@ -819,6 +819,7 @@ impl Source for LegacyReader {
                 ))
             })?;
         self.args = self.read_rank(first)?;
+        let vpp = self.ranks.first().map_or(1, |r| r.chunks) as u64;
         self.ranks.clear();
         let tp = self
             .arg_u64("tensor_model_parallel_size")
@@ -836,7 +837,6 @@ impl Source for LegacyReader {
             .get("swiglu")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
-        let vpp = self.ranks.first().map_or(1, |r| r.chunks) as u64;
         // One block of layers per (virtual) chunk, in model order: chunk v of stage p is the
         // (v·pp + p)-th.
         let chunks = pp_layers(
