@@ -33,6 +33,7 @@ pub fn tp_split(name: &str, gated: bool) -> TpSplit {
         "self_attention.linear_proj.weight",
         "mlp.linear_fc2.weight",
         "shared_experts.linear_fc2.weight",
+        "experts.linear_fc2.weight",
     ];
     if column.iter().any(|c| name.ends_with(c)) {
         return TpSplit::Axis(0);

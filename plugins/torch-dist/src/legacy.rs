@@ -37,13 +37,29 @@ fn yes() -> bool {
     true
 }
 
-/// `mp_rank_{tp:02}` or, with pipeline stages, `mp_rank_{tp:02}_{pp:03}`.
-fn rank_dir(tp: u64, pp: u64, stages: u64) -> String {
+/// `mp_rank_{tp:02}`, with pipeline stages `mp_rank_{tp:02}_{pp:03}`, and with expert
+/// parallelism `_{ep:03}` after that (Megatron-LM's `get_checkpoint_name`).
+fn rank_dir(tp: u64, pp: u64, stages: u64, ep: u64, eps: u64) -> String {
+    let mut d = format!("mp_rank_{tp:02}");
     if stages > 1 {
-        format!("mp_rank_{tp:02}_{pp:03}")
-    } else {
-        format!("mp_rank_{tp:02}")
+        d.push_str(&format!("_{pp:03}"));
     }
+    if eps > 1 {
+        d.push_str(&format!("_{ep:03}"));
+    }
+    d
+}
+
+/// Megatron's per-layer expert key (`experts.experts.linear_fcN.weight`, a leading expert axis)
+/// and Megatron-LM's grouped-GEMM key for local expert `i` (`experts.linear_fcN.weight{i}`).
+const STACKED_EXPERTS: &str = ".mlp.experts.experts.";
+const GROUPED_EXPERTS: &str = ".mlp.experts.";
+
+fn grouped_key(stacked_param: &str, i: u64) -> String {
+    format!(
+        "{}{i}",
+        stacked_param.replacen("mlp.experts.experts.", "mlp.experts.", 1)
+    )
 }
 
 /// Local-spec (`--transformer-impl local`) names of the norms TE fuses into its linears.
@@ -77,6 +93,14 @@ pub struct LegacyWriterConfig {
     /// Pipeline stages.
     #[serde(default = "one")]
     pub pp: u64,
+    /// Expert-parallel ranks: rank k holds experts [k·E/ep, (k+1)·E/ep), as local experts
+    /// `experts.linear_fcN.weight{i}` (TE grouped GEMM), in `mp_rank_…_{k:03}`.
+    #[serde(default = "one")]
+    pub ep: u64,
+    /// Expert tensor parallelism: 1 (experts whole on every TP rank) or tp (split like dense
+    /// weights; Megatron's default).
+    #[serde(default)]
+    pub etp: Option<u64>,
     /// Virtual pipeline chunks per stage (interleaved schedule): a rank holds `model0`,
     /// `model1`, ...; chunk v of stage p is the model's (v·pp + p)-th block of layers.
     #[serde(default = "one")]
@@ -205,6 +229,20 @@ impl LegacyWriter {
             fields.insert(k.into(), v.map_or(serde_json::Value::Null, Into::into));
         }
         fields.insert("ckpt_format".into(), "torch".into());
+        let experts = plan
+            .tensors
+            .iter()
+            .find(|t| t.name().contains(STACKED_EXPERTS));
+        if let Some(t) = experts {
+            fields.insert("num_experts".into(), t.shape[0].into());
+            fields.insert("moe_grouped_gemm".into(), true.into());
+        }
+        fields.insert(
+            "expert_model_parallel_size".into(),
+            self.cfg.ep.max(1).into(),
+        );
+        let etp = self.cfg.etp.unwrap_or(self.cfg.tp).max(1);
+        fields.insert("expert_tensor_parallel_size".into(), etp.into());
         let vpp = self.cfg.vpp.max(1);
         fields.insert(
             "virtual_pipeline_model_parallel_size".into(),
@@ -256,15 +294,24 @@ impl LegacyWriter {
                 t.name()
             )));
         }
-        // Megatron-LM keeps experts per expert (`local_experts.<e>.` or `weight<e>`) and over
-        // expert-parallel ranks; that layout is not written yet, so it is refused, not guessed.
+        let (ep, etp) = (
+            self.cfg.ep.max(1),
+            self.cfg.etp.unwrap_or(self.cfg.tp).max(1),
+        );
+        if etp != 1 && etp != self.cfg.tp.max(1) {
+            return Err(PluginError::config(format!(
+                "etp = {etp}: expert tensor parallelism of 1 or tp ({}) is written",
+                self.cfg.tp
+            )));
+        }
         if let Some(t) = tensors
             .iter()
-            .find(|t| t.name().contains(".experts.experts."))
+            .find(|t| t.name().contains(STACKED_EXPERTS) && t.shape[0] % ep != 0)
         {
-            return Err(PluginError::unsupported(format!(
-                "'{}': MoE experts are not written to Megatron-LM checkpoints yet (use torch_dist)",
-                t.name()
+            return Err(PluginError::config(format!(
+                "'{}': {} experts do not divide over {ep} expert-parallel ranks",
+                t.name(),
+                t.shape[0]
             )));
         }
         let layers = tensors
@@ -305,133 +352,163 @@ impl LegacyWriter {
         let iter_dir = staging.join(format!("iter_{:07}", self.cfg.iteration));
         self.staging = Some(staging.clone());
         for s in 0..pp {
-            for r in 0..self.cfg.tp.max(1) {
-                // This rank's tensors: (model chunk, local key, global source, local shape, runs).
-                let mut locals: Vec<RankTensor> = Vec::new();
-                for v in 0..vpp as usize {
-                    let c = v * pp as usize + s as usize;
-                    let (first_layer, count) = chunks[c];
-                    for t in &tensors {
-                        let key = match split_layer(t.name()) {
-                            Some((l, param)) if l >= first_layer && l < first_layer + count => {
-                                let param = match self.cfg.spec.as_str() {
-                                    "local" => LOCAL_NAMES
-                                        .iter()
-                                        .find(|(te, _)| *te == param)
-                                        .map_or(param, |(_, local)| local),
-                                    _ => param,
-                                };
-                                format!("decoder.layers.{}.{param}", l - first_layer)
-                            }
-                            Some(_) => continue,
-                            None => {
-                                let name = t.name();
-                                let here = match name {
-                                    "embedding.word_embeddings.weight" => {
-                                        c == 0 || (tied && c == last)
-                                    }
-                                    _ if name.starts_with("embedding.") => c == 0,
-                                    _ => c == last,
-                                };
-                                if !here {
-                                    continue;
+            for k in 0..ep {
+                for r in 0..self.cfg.tp.max(1) {
+                    // This rank's tensors: (model chunk, local key, global source, local shape, runs).
+                    let mut locals: Vec<RankTensor> = Vec::new();
+                    for v in 0..vpp as usize {
+                        let c = v * pp as usize + s as usize;
+                        let (first_layer, count) = chunks[c];
+                        for t in &tensors {
+                            let key = match split_layer(t.name()) {
+                                Some((l, param)) if l >= first_layer && l < first_layer + count => {
+                                    let param = match self.cfg.spec.as_str() {
+                                        "local" => LOCAL_NAMES
+                                            .iter()
+                                            .find(|(te, _)| *te == param)
+                                            .map_or(param, |(_, local)| local),
+                                        _ => param,
+                                    };
+                                    format!("decoder.layers.{}.{param}", l - first_layer)
                                 }
-                                name.to_string()
+                                Some(_) => continue,
+                                None => {
+                                    let name = t.name();
+                                    let here = match name {
+                                        "embedding.word_embeddings.weight" => {
+                                            c == 0 || (tied && c == last)
+                                        }
+                                        _ if name.starts_with("embedding.") => c == 0,
+                                        _ => c == last,
+                                    };
+                                    if !here {
+                                        continue;
+                                    }
+                                    name.to_string()
+                                }
+                            };
+                            let split = tp_split(t.name(), gated);
+                            let es = t.dtype.size() as u64;
+                            if t.name().contains(STACKED_EXPERTS) {
+                                // This EP rank's experts, each cut for its expert-TP rank.
+                                let per = t.shape[0] / ep;
+                                let one = &t.shape[1..];
+                                let bytes = one.iter().product::<u64>() * es;
+                                let etp_rank = if etp == 1 { 0 } else { r };
+                                for i in 0..per {
+                                    let g = k * per + i;
+                                    let runs = tp_runs(one, es, split, etp, etp_rank)
+                                        .map_err(|e| e.context(t.name()))?
+                                        .into_iter()
+                                        .map(|(o, n)| (g * bytes + o, n))
+                                        .collect();
+                                    let shape = tp_local_shape(one, split, etp);
+                                    locals.push((v, grouped_key(&key, i), t, shape, runs));
+                                }
+                                continue;
                             }
-                        };
-                        let split = tp_split(t.name(), gated);
-                        let es = t.dtype.size() as u64;
-                        let runs = tp_runs(&t.shape, es, split, self.cfg.tp.max(1), r)
-                            .map_err(|e| e.context(t.name()))?;
-                        let shape = tp_local_shape(&t.shape, split, self.cfg.tp.max(1));
-                        locals.push((v, key, t, shape, runs));
-                    }
-                }
-                let dir = iter_dir.join(rank_dir(r, s, self.cfg.pp));
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| PluginError::io(&dir, "cannot create", e))?;
-                let path = dir.join(FILE);
-                // The state dict: every local tensor a storage of its own, in order; with TE,
-                // an `_extra_state` (None) after each linear's weight.
-                let mut p = Pickler::new();
-                p.dict_begin();
-                p.str("args");
-                self.args_pickle(&mut p, plan, layers, vocab, gated);
-                p.str("checkpoint_version");
-                p.float(3.0);
-                p.str("iteration");
-                p.int(self.cfg.iteration as i64);
-                for v in 0..vpp as usize {
-                    p.str(&if vpp > 1 {
-                        format!("model{v}")
-                    } else {
-                        "model".into()
-                    });
-                    p.global("collections", "OrderedDict");
-                    p.tuple(0);
-                    p.op(b'R');
-                    p.memo_after();
-                    p.mark();
-                    for (i, (_, key, t, shape, _)) in
-                        locals.iter().enumerate().filter(|(_, l)| l.0 == v)
-                    {
-                        p.str(key);
-                        tensor_value(&mut p, t.dtype, shape, i);
-                        let linear = key.strip_suffix(".weight").filter(|m| {
-                            m.starts_with("decoder.layers.")
-                                && m.rsplit('.')
-                                    .next()
-                                    .is_some_and(|x| x.starts_with("linear_"))
-                        });
-                        if let (Some(m), "te") = (linear, self.cfg.spec.as_str()) {
-                            p.str(&format!("{m}._extra_state"));
-                            p.none();
+                            let runs = tp_runs(&t.shape, es, split, self.cfg.tp.max(1), r)
+                                .map_err(|e| e.context(t.name()))?;
+                            let shape = tp_local_shape(&t.shape, split, self.cfg.tp.max(1));
+                            locals.push((v, key, t, shape, runs));
                         }
                     }
-                    p.op(b'u');
-                }
-                p.dict_end();
-                let lens: Vec<u64> = locals
-                    .iter()
-                    .map(|(_, _, t, shape, _)| {
-                        shape.iter().product::<u64>() * t.dtype.size() as u64
-                    })
-                    .collect();
-                let archive = Archive::with_payloads(
-                    "model_optim_rng",
-                    p.finish(),
-                    &lens,
-                    &format!("{}/{}", rank_dir(r, s, self.cfg.pp), self.cfg.iteration),
-                );
-                let f =
-                    File::create(&path).map_err(|e| PluginError::io(&path, "cannot create", e))?;
-                bridgeflow_sdk::fsutil::reserve(&f, &path, archive.total)?;
-                let offsets = archive.payload_offsets();
-                let rank = self.ranks.len();
-                let mut ls = Vec::new();
-                for (i, ((_, key, t, _, runs), (&at, &len))) in locals
-                    .into_iter()
-                    .zip(offsets.iter().zip(&lens))
-                    .enumerate()
-                {
-                    self.uses
-                        .entry(t.name().to_string())
-                        .or_default()
-                        .push((rank, i));
-                    ls.push(Local {
-                        key,
-                        runs,
-                        at,
-                        len,
-                        crc: None,
+                    let dir = iter_dir.join(rank_dir(r, s, self.cfg.pp, k, ep));
+                    std::fs::create_dir_all(&dir)
+                        .map_err(|e| PluginError::io(&dir, "cannot create", e))?;
+                    let path = dir.join(FILE);
+                    // The state dict: every local tensor a storage of its own, in order; with TE,
+                    // an `_extra_state` (None) after each linear's weight.
+                    let mut p = Pickler::new();
+                    p.dict_begin();
+                    p.str("args");
+                    self.args_pickle(&mut p, plan, layers, vocab, gated);
+                    p.str("checkpoint_version");
+                    p.float(3.0);
+                    p.str("iteration");
+                    p.int(self.cfg.iteration as i64);
+                    for v in 0..vpp as usize {
+                        p.str(&if vpp > 1 {
+                            format!("model{v}")
+                        } else {
+                            "model".into()
+                        });
+                        p.global("collections", "OrderedDict");
+                        p.tuple(0);
+                        p.op(b'R');
+                        p.memo_after();
+                        p.mark();
+                        for (i, (_, key, t, shape, _)) in
+                            locals.iter().enumerate().filter(|(_, l)| l.0 == v)
+                        {
+                            p.str(key);
+                            tensor_value(&mut p, t.dtype, shape, i);
+                            // A grouped-GEMM expert weight (`…weight{i}`) shares one module: its
+                            // extra state goes with local expert 0.
+                            let module = key.strip_suffix(".weight").or_else(|| {
+                                key.strip_suffix(".weight0")
+                                    .filter(|_| key.contains(GROUPED_EXPERTS))
+                            });
+                            let linear = module.filter(|m| {
+                                m.starts_with("decoder.layers.")
+                                    && m.rsplit('.')
+                                        .next()
+                                        .is_some_and(|x| x.starts_with("linear_"))
+                            });
+                            if let (Some(m), "te") = (linear, self.cfg.spec.as_str()) {
+                                p.str(&format!("{m}._extra_state"));
+                                p.none();
+                            }
+                        }
+                        p.op(b'u');
+                    }
+                    p.dict_end();
+                    let lens: Vec<u64> = locals
+                        .iter()
+                        .map(|(_, _, t, shape, _)| {
+                            shape.iter().product::<u64>() * t.dtype.size() as u64
+                        })
+                        .collect();
+                    let archive = Archive::with_payloads(
+                        "model_optim_rng",
+                        p.finish(),
+                        &lens,
+                        &format!(
+                            "{}/{}",
+                            rank_dir(r, s, self.cfg.pp, k, ep),
+                            self.cfg.iteration
+                        ),
+                    );
+                    let f = File::create(&path)
+                        .map_err(|e| PluginError::io(&path, "cannot create", e))?;
+                    bridgeflow_sdk::fsutil::reserve(&f, &path, archive.total)?;
+                    let offsets = archive.payload_offsets();
+                    let rank = self.ranks.len();
+                    let mut ls = Vec::new();
+                    for (i, ((_, key, t, _, runs), (&at, &len))) in locals
+                        .into_iter()
+                        .zip(offsets.iter().zip(&lens))
+                        .enumerate()
+                    {
+                        self.uses
+                            .entry(t.name().to_string())
+                            .or_default()
+                            .push((rank, i));
+                        ls.push(Local {
+                            key,
+                            runs,
+                            at,
+                            len,
+                            crc: None,
+                        });
+                    }
+                    self.ranks.push(RankFile {
+                        path,
+                        file: f,
+                        archive,
+                        locals: ls,
                     });
                 }
-                self.ranks.push(RankFile {
-                    path,
-                    file: f,
-                    archive,
-                    locals: ls,
-                });
             }
         }
         Ok(())
@@ -629,14 +706,15 @@ struct RankData {
     tensors: BTreeMap<(usize, String), crate::checkpoint::ItemTensor>,
 }
 
-/// A global tensor: where each TP rank's shard is.
+/// A global tensor and the local tensors it is made of: each (rank data index, (model chunk,
+/// local key)) with the byte runs of the global tensor its bytes fill, in order.
 struct Global {
     dtype: DType,
     shape: Vec<u64>,
-    split: TpSplit,
-    /// Per TP rank: (rank data index, (model chunk, local key)).
-    shards: Vec<(usize, (usize, String))>,
+    shards: Vec<Shard>,
 }
+
+type Shard = (usize, (usize, String), Vec<(u64, u64)>);
 
 pub struct LegacyReader {
     cfg: LegacyReaderConfig,
@@ -791,11 +869,11 @@ impl Source for LegacyReader {
                 } else {
                     key.clone()
                 };
+                let bytes = t.size.iter().product::<u64>() * t.dtype.size() as u64;
                 let g = Global {
                     dtype: t.dtype,
                     shape: t.size.clone(),
-                    split: TpSplit::Replicated,
-                    shards: vec![(0, (*c, key.clone()))],
+                    shards: vec![(0, (*c, key.clone()), vec![(0, bytes)])],
                 };
                 self.globals.insert(name, g);
             }
@@ -847,40 +925,95 @@ impl Source for LegacyReader {
         )?;
         self.ranks.clear();
         self.tp = tp;
+        let ep = self
+            .arg_u64("expert_model_parallel_size")
+            .unwrap_or(1)
+            .max(1);
+        let etp = self
+            .arg_u64("expert_tensor_parallel_size")
+            .unwrap_or(tp)
+            .max(1);
+        let experts = self.arg_u64("num_experts");
         // Every rank of the grid, each read once; a missing one is named.
         let mut index = BTreeMap::new();
         for s in 0..pp {
-            for r in 0..tp {
-                let p = dir.join(rank_dir(r, s, pp)).join(FILE);
-                if !p.is_file() {
-                    return Err(PluginError::format(format!(
-                        "{}: missing (the checkpoint says TP {tp} x PP {pp})",
-                        p.display()
-                    )));
+            for k in 0..ep {
+                for r in 0..tp {
+                    let p = dir.join(rank_dir(r, s, pp, k, ep)).join(FILE);
+                    if !p.is_file() {
+                        return Err(PluginError::format(format!(
+                            "{}: missing (the checkpoint says TP {tp} x PP {pp} x EP {ep})",
+                            p.display()
+                        )));
+                    }
+                    self.read_rank(p)?;
+                    let got = self.ranks.last().map_or(0, |r| r.chunks) as u64;
+                    if got != vpp {
+                        return Err(PluginError::format(format!(
+                            "{}: {got} model chunks; rank 0 has {vpp}",
+                            self.ranks.last().expect("read").path.display()
+                        )));
+                    }
+                    index.insert((r, s, k), self.ranks.len() - 1);
                 }
-                self.read_rank(p)?;
-                let got = self.ranks.last().map_or(0, |r| r.chunks) as u64;
-                if got != vpp {
-                    return Err(PluginError::format(format!(
-                        "{}: {got} model chunks; rank 0 has {vpp}",
-                        self.ranks.last().expect("read").path.display()
-                    )));
-                }
-                index.insert((r, s), self.ranks.len() - 1);
             }
         }
-        // Global names: stage layers renumbered, local-spec norms renamed to the TE names.
+        // Global names: stage layers renumbered, local-spec norms renamed to the TE names,
+        // local experts numbered globally; each global tensor from its shards' byte runs.
         let mut globals: BTreeMap<String, Global> = BTreeMap::new();
-        for s in 0..pp {
-            for r in 0..tp {
-                let i = index[&(r, s)];
-                let keys: Vec<(usize, String)> = self.ranks[i].tensors.keys().cloned().collect();
-                let has = |v: usize, l: u64, p: &str| {
-                    keys.iter()
-                        .any(|(c, k)| *c == v && k == &format!("decoder.layers.{l}.{p}"))
-                };
-                for (v, key) in keys.clone() {
-                    let first_layer = chunks[v * pp as usize + s as usize].0;
+        for ((r, s, k), &i) in &index {
+            let (r, s, k) = (*r, *s, *k);
+            let keys: Vec<(usize, String)> = self.ranks[i].tensors.keys().cloned().collect();
+            let has = |v: usize, l: u64, p: &str| {
+                keys.iter()
+                    .any(|(c, key)| *c == v && key == &format!("decoder.layers.{l}.{p}"))
+            };
+            for (v, key) in keys.clone() {
+                let first_layer = chunks[v * pp as usize + s as usize].0;
+                let t = &self.ranks[i].tensors[&(v, key.clone())];
+                let es = t.dtype.size() as u64;
+                // A grouped-GEMM expert: `…mlp.experts.linear_fcN.weight{i}`.
+                let expert = key.rsplit_once(".weight").and_then(|(m, n)| {
+                    (m.contains(GROUPED_EXPERTS) && !n.is_empty())
+                        .then(|| n.parse::<u64>().ok())
+                        .flatten()
+                        .map(|n| (m.to_string(), n))
+                });
+                let (name, shape, runs) = if let Some((module, local)) = expert {
+                    let (l, param) = split_layer(&module).ok_or_else(|| {
+                        PluginError::format(format!("'{key}': an expert outside the decoder"))
+                    })?;
+                    let param = param.replacen("mlp.experts.", "mlp.experts.experts.", 1);
+                    let name = format!("decoder.layers.{}.{param}.weight", l + first_layer);
+                    if etp == 1 && r > 0 {
+                        continue; // the same experts on every TP rank
+                    }
+                    let e = experts.ok_or_else(|| {
+                        PluginError::format(format!(
+                            "'{key}': experts, but args has no num_experts"
+                        ))
+                    })?;
+                    let per = e / ep;
+                    let split = tp_split(&name, gated);
+                    let mut one = t.size.clone();
+                    match split {
+                        TpSplit::Axis(a) => one[a] *= etp,
+                        TpSplit::GatedRows => one[0] *= etp,
+                        TpSplit::Replicated => {}
+                    }
+                    let bytes = one.iter().product::<u64>() * es;
+                    let g = k * per + local;
+                    let runs: Vec<(u64, u64)> =
+                        tp_runs(&one, es, split, etp, if etp == 1 { 0 } else { r })?
+                            .into_iter()
+                            .map(|(o, n)| (g * bytes + o, n))
+                            .collect();
+                    let shape: Vec<u64> = std::iter::once(e).chain(one).collect();
+                    (name, shape, runs)
+                } else {
+                    if k > 0 {
+                        continue; // dense tensors repeat on every expert-parallel rank
+                    }
                     let name = match split_layer(&key) {
                         Some((l, param)) => {
                             let te = LOCAL_NAMES.iter().find(|(te, local)| {
@@ -892,48 +1025,54 @@ impl Source for LegacyReader {
                         }
                         None => key.clone(),
                     };
-                    if split_layer(&name).is_none()
-                        && globals
-                            .get(&name)
-                            .is_some_and(|g| g.shards.len() == tp as usize)
-                    {
-                        continue; // an embedding kept on two stages (tied): the first copy
-                    }
-                    let t = &self.ranks[i].tensors[&(v, key.clone())];
                     let split = tp_split(&name, gated);
-                    let g = globals.entry(name.clone()).or_insert_with(|| {
-                        let mut shape = t.size.clone();
-                        match split {
-                            TpSplit::Replicated => {}
-                            TpSplit::Axis(a) => shape[a] *= tp,
-                            TpSplit::GatedRows => shape[0] *= tp,
-                        }
-                        Global {
-                            dtype: t.dtype,
-                            shape,
-                            split,
-                            shards: Vec::new(),
-                        }
-                    });
-                    if tp_local_shape(&g.shape, split, tp) != t.size || g.dtype != t.dtype {
-                        return Err(PluginError::shape(format!(
-                            "{}: '{key}' is {} {:?}; rank 0 of its stage has {} {:?}: inconsistent shapes across ranks",
-                            self.ranks[i].path.display(),
-                            t.dtype,
-                            t.size,
-                            g.dtype,
-                            tp_local_shape(&g.shape, split, tp)
-                        )));
+                    if split == TpSplit::Replicated && r > 0 {
+                        continue;
                     }
-                    g.shards.push((i, (v, key)));
+                    let mut shape = t.size.clone();
+                    match split {
+                        TpSplit::Replicated => {}
+                        TpSplit::Axis(a) => shape[a] *= tp,
+                        TpSplit::GatedRows => shape[0] *= tp,
+                    }
+                    let runs = tp_runs(&shape, es, split, tp, r)?;
+                    (name, shape, runs)
+                };
+                // An embedding kept on two stages (tied): the first copy.
+                if split_layer(&name).is_none()
+                    && globals
+                        .get(&name)
+                        .is_some_and(|g| g.shards.iter().any(|sh| sh.2 == runs))
+                {
+                    continue;
                 }
+                let g = globals.entry(name.clone()).or_insert_with(|| Global {
+                    dtype: t.dtype,
+                    shape: shape.clone(),
+                    shards: Vec::new(),
+                });
+                if g.shape != shape || g.dtype != t.dtype {
+                    return Err(PluginError::shape(format!(
+                        "{}: '{key}' is {} {:?}, making '{name}' {:?}; another rank makes it {} {:?}: inconsistent shapes across ranks",
+                        self.ranks[i].path.display(),
+                        t.dtype,
+                        t.size,
+                        shape,
+                        g.dtype,
+                        g.shape
+                    )));
+                }
+                g.shards.push((i, (v, key), runs));
             }
         }
-        if let Some((name, g)) = globals.iter().find(|(_, g)| g.shards.len() != tp as usize) {
-            return Err(PluginError::format(format!(
-                "'{name}' is on {} of {tp} tensor-parallel ranks",
-                g.shards.len()
-            )));
+        for (name, g) in &globals {
+            let covered: u64 = g.shards.iter().flat_map(|s| &s.2).map(|r| r.1).sum();
+            let total = g.shape.iter().product::<u64>() * g.dtype.size() as u64;
+            if covered != total {
+                return Err(PluginError::format(format!(
+                    "'{name}': the ranks hold {covered} of its {total} bytes"
+                )));
+            }
         }
         let infos = globals
             .iter()
@@ -950,28 +1089,31 @@ impl Source for LegacyReader {
         let globals = std::mem::take(&mut self.globals);
         for (name, g) in globals {
             let info = TensorInfo::new(name.clone(), g.dtype, &g.shape);
-            let es = g.dtype.size() as u64;
-            let buffer = if self.tp == 1 || g.split == TpSplit::Replicated {
-                let (i, key) = &g.shards[0];
-                let r = &self.ranks[*i];
-                Buffer::from_owner(MapView {
-                    map: r.map.clone(),
-                    range: r.tensors[key].data.clone(),
-                })
-            } else {
-                let numel: u64 = g.shape.iter().product();
-                let mut buf = self.pool.take((numel * es) as usize);
-                for (rank, (i, key)) in g.shards.iter().enumerate() {
+            let total = g.shape.iter().product::<u64>() * g.dtype.size() as u64;
+            let buffer = match &g.shards[..] {
+                // Stored whole in one place: a view of the map.
+                [(i, key, runs)] if runs.len() == 1 && runs[0] == (0, total) => {
                     let r = &self.ranks[*i];
-                    let src = &r.map[r.tensors[key].data.clone()];
-                    let mut from = 0usize;
-                    for (off, len) in tp_runs(&g.shape, es, g.split, self.tp, rank as u64)? {
-                        let (off, len) = (off as usize, len as usize);
-                        buf.as_mut_slice()[off..off + len].copy_from_slice(&src[from..from + len]);
-                        from += len;
-                    }
+                    Buffer::from_owner(MapView {
+                        map: r.map.clone(),
+                        range: r.tensors[key].data.clone(),
+                    })
                 }
-                buf.freeze()
+                shards => {
+                    let mut buf = self.pool.take(total as usize);
+                    for (i, key, runs) in shards {
+                        let r = &self.ranks[*i];
+                        let src = &r.map[r.tensors[key].data.clone()];
+                        let mut from = 0usize;
+                        for &(off, len) in runs {
+                            let (off, len) = (off as usize, len as usize);
+                            buf.as_mut_slice()[off..off + len]
+                                .copy_from_slice(&src[from..from + len]);
+                            from += len;
+                        }
+                    }
+                    buf.freeze()
+                }
             };
             out.tensor(Tensor::new(info, buffer)?)?;
         }
