@@ -74,6 +74,23 @@ const LOCAL_NAMES: &[(&str, &str)] = &[
     ),
 ];
 
+/// The element offset of a block (`offsets`, `shape`) in a row-major tensor of `global` shape,
+/// if the block's elements are contiguous there: size 1 on the axes before its first longer
+/// one, whole on every axis after it.
+fn contiguous_offset(global: &[u64], offsets: &[u64], shape: &[u64]) -> Option<u64> {
+    let n = global.len();
+    let k = (0..n).find(|&d| shape[d] != 1).unwrap_or(n);
+    if !(k + 1..n).all(|d| shape[d] == global[d] && offsets[d] == 0) {
+        return None;
+    }
+    let (mut off, mut stride) = (0u64, 1u64);
+    for d in (0..n).rev() {
+        off += offsets[d] * stride;
+        stride *= global[d];
+    }
+    Some(off)
+}
+
 fn split_layer(name: &str) -> Option<(u64, &str)> {
     let rest = name.strip_prefix("decoder.layers.")?;
     let (l, param) = rest.split_once('.')?;
@@ -148,6 +165,8 @@ pub struct LegacyWriter {
     ranks: Vec<RankFile>,
     /// Global tensor name → (rank, local index) it feeds.
     uses: HashMap<String, Vec<(usize, usize)>>,
+    /// Bytes of each global tensor not arrived yet.
+    remaining: HashMap<String, u64>,
     committed: bool,
 }
 
@@ -278,12 +297,23 @@ impl LegacyWriter {
     }
 
     fn lay_out(&mut self, plan: &StreamPlan) -> Result<()> {
-        let tensors: Vec<TensorInfo> = plan.tensors.iter().cloned().collect();
-        if let Some(t) = tensors.iter().find(|t| t.shard().is_some()) {
-            return Err(PluginError::config(format!(
-                "'{}' arrives as a piece; the legacy writer cuts whole tensors (set zero_copy = false on the mapper, or drop row_pieces on the reader)",
-                t.name()
-            )));
+        // Pieces (blocks of a tensor, e.g. one expert's gate rows) stand for their tensor; each
+        // rank's share is cut from whatever blocks arrive.
+        let mut seen = std::collections::HashSet::new();
+        let tensors: Vec<TensorInfo> = plan
+            .tensors
+            .iter()
+            .filter(|t| seen.insert(t.base_name().to_string()))
+            .map(|t| match t.shard() {
+                Some(s) => TensorInfo::new(t.base_name(), t.dtype, &s.global_shape),
+                None => t.clone(),
+            })
+            .collect();
+        for t in &tensors {
+            let bytes = t
+                .nbytes()
+                .ok_or_else(|| PluginError::shape(format!("'{}': size overflows", t.name())))?;
+            self.remaining.insert(t.name().to_string(), bytes);
         }
         if let Some(t) = tensors
             .iter()
@@ -479,7 +509,12 @@ impl LegacyWriter {
                             self.cfg.iteration
                         ),
                     );
-                    let f = File::create(&path)
+                    // Read as well: blocks that arrive piecewise get their CRC from the file.
+                    let f = File::options()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .open(&path)
                         .map_err(|e| PluginError::io(&path, "cannot create", e))?;
                     bridgeflow_sdk::fsutil::reserve(&f, &path, archive.total)?;
                     let offsets = archive.payload_offsets();
@@ -563,6 +598,7 @@ impl Sink for LegacyWriter {
             staging: None,
             ranks: Vec::new(),
             uses: HashMap::new(),
+            remaining: HashMap::new(),
             committed: false,
         })
     }
@@ -584,13 +620,33 @@ impl Sink for LegacyWriter {
 
     fn consume(&mut self, _port: usize, item: Item) -> Result<()> {
         let t = item.into_tensor()?;
-        let uses = self.uses.remove(t.name()).ok_or_else(|| {
-            PluginError::shape(format!(
+        let base = t.info.base_name().to_string();
+        let (Some(uses), Some(left)) =
+            (self.uses.get(&base).cloned(), self.remaining.get_mut(&base))
+        else {
+            return Err(PluginError::shape(format!(
                 "tensor '{}' was not announced, or arrived twice",
                 t.name()
-            ))
-        })?;
+            )));
+        };
         let bytes = t.bytes();
+        // Where this block lies in its tensor: the whole, or a contiguous block of it.
+        let start = match t.info.shard() {
+            None => 0,
+            Some(s) => {
+                contiguous_offset(&s.global_shape, &s.offsets, &t.info.shape).ok_or_else(|| {
+                    PluginError::shape(format!(
+                        "piece '{}' is not a contiguous block of '{base}'",
+                        t.name()
+                    ))
+                })? * t.info.dtype.size() as u64
+            }
+        };
+        let end = start + bytes.len() as u64;
+        *left = left
+            .checked_sub(bytes.len() as u64)
+            .ok_or_else(|| PluginError::shape(format!("'{base}' got more bytes than it has")))?;
+        let whole = t.info.shard().is_none();
         for (rank, i) in uses {
             let RankFile {
                 file, path, locals, ..
@@ -600,8 +656,24 @@ impl Sink for LegacyWriter {
                 file.write_all_at(b, at)
                     .map_err(|e| PluginError::io(&*path, &format!("writing '{}' to", local.key), e))
             };
-            // The rank's share in order: one run for most tensors; a row-parallel weight's
-            // columns are a run per row, gathered before writing.
+            if !whole {
+                // Each of the rank's runs that this block overlaps, to its place; the CRC is
+                // taken from the file at commit.
+                let mut pos = local.at;
+                for &(off, len) in &local.runs {
+                    let (lo, hi) = (off.max(start), (off + len).min(end));
+                    if lo < hi {
+                        write(
+                            &bytes[(lo - start) as usize..(hi - start) as usize],
+                            pos + lo - off,
+                        )?;
+                    }
+                    pos += len;
+                }
+                continue;
+            }
+            // The whole tensor: the rank's share in order, CRC as it goes; a row-parallel
+            // weight's columns are a run per row, gathered before writing.
             let mut crc = crc32fast::Hasher::new();
             let mut at = local.at;
             let mut buf = Vec::new();
@@ -628,6 +700,10 @@ impl Sink for LegacyWriter {
             local.crc = Some(crc.finalize());
         }
         t.data.discard(0..bytes.len());
+        if self.remaining[&base] == 0 {
+            self.uses.remove(&base);
+            self.remaining.remove(&base);
+        }
         Ok(())
     }
 
@@ -638,6 +714,21 @@ impl Sink for LegacyWriter {
             )));
         }
         for rf in &mut self.ranks {
+            // Tensors that came in blocks: their CRC from what is on disk.
+            for l in rf.locals.iter_mut().filter(|l| l.crc.is_none()) {
+                let mut crc = crc32fast::Hasher::new();
+                let mut buf = vec![0u8; (8 << 20).min(l.len as usize)];
+                let mut done = 0;
+                while done < l.len {
+                    let n = (l.len - done).min(buf.len() as u64) as usize;
+                    rf.file
+                        .read_exact_at(&mut buf[..n], l.at + done)
+                        .map_err(|e| PluginError::io(&rf.path, "cannot read back", e))?;
+                    crc.update(&buf[..n]);
+                    done += n as u64;
+                }
+                l.crc = Some(crc.finalize());
+            }
             let crcs: Vec<u32> = rf.locals.iter().map(|l| l.crc.unwrap_or(0)).collect();
             for (off, b) in rf.archive.frame_all(&crcs) {
                 rf.file
@@ -1140,6 +1231,20 @@ impl Source for LegacyReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contiguous_blocks() {
+        // One expert's gate rows in [experts, 2·ffn, hidden]: contiguous.
+        assert_eq!(
+            contiguous_offset(&[4, 8, 3], &[2, 4, 0], &[1, 4, 3]),
+            Some(2 * 24 + 4 * 3)
+        );
+        // Two experts, half their rows each: not.
+        assert_eq!(contiguous_offset(&[4, 8, 3], &[0, 0, 0], &[2, 4, 3]), None);
+        // Columns of a matrix: not.
+        assert_eq!(contiguous_offset(&[8, 6], &[0, 3], &[8, 3]), None);
+        assert_eq!(contiguous_offset(&[8, 6], &[2, 0], &[3, 6]), Some(12));
+    }
 
     /// A rank file whose `checkpoint_version` is not Megatron-LM's 3.0 is refused by name.
     #[test]
