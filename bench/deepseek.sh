@@ -2,7 +2,8 @@
 # Benchmark: a DeepSeek-V3-shaped checkpoint with the real widths (hidden 7168, MLA, experts of
 # ffn 2048, vocab 129280) but two layers (one dense, one MoE), at two expert counts, in bf16 and
 # in FP8 with 128x128 block scales: HF -> Megatron-Core torch_dist (bf16), wall time and peak RSS
-# next to `cp -r` of the input. Peak RSS must stay within budget + 64 MB whatever the expert
+# (and, in bf16, -> a Megatron-LM checkpoint over 8 expert-parallel ranks) next to `cp -r` of
+# the input. Peak RSS must stay within budget + 64 MB whatever the expert
 # count. Needs about 3x the largest checkpoint in free disk (input, output, cp copy in turn).
 #
 #   bash bench/deepseek.sh [WORKDIR] [BUDGET] [EXPERTS...]   (default /tmp/bridgeflow-bench, 512MiB, 32 128)
@@ -28,6 +29,12 @@ for e in "${counts[@]}"; do
     bench_row "$e experts $q: HF -> Megatron" "$bytes" "$out" $bin run $pipeline \
       --memory-budget "$budget" --no-progress --set input="$in" --set output="$out" \
       --set write.fsync=false --set write.manifest=false
+    # Megatron-LM repeats the dense tensors in every EP rank's file: ~8x the dense bytes on disk.
+    if [ $q = bf16 ] && [ "${EP8:-1}" = 1 ]; then
+      bench_row "$e experts $q: HF -> Megatron-LM EP8" "$bytes" "$out" $bin run \
+        pipelines/hf-to-megatron-lm.toml --memory-budget "$budget" --no-progress \
+        --set input="$in" --set output="$out" --set write.ep=8 --set write.fsync=false
+    fi
     rm -rf "$out" "$in"
   done
 done

@@ -672,24 +672,35 @@ impl Sink for LegacyWriter {
                 }
                 continue;
             }
-            // The whole tensor: the rank's share in order, CRC as it goes; a row-parallel
-            // weight's columns are a run per row, gathered before writing.
+            // The whole tensor: the rank's share in order, CRC as it goes, in windows whose
+            // pages are let go once written (a 2 GB embedding is never resident whole); a
+            // row-parallel weight's columns are a run per row, gathered before writing.
+            const WINDOW: u64 = 8 << 20;
             let mut crc = crc32fast::Hasher::new();
             let mut at = local.at;
             let mut buf = Vec::new();
             for &(off, len) in &local.runs {
-                let run = &bytes[off as usize..(off + len) as usize];
-                crc.update(run);
-                if local.runs.len() == 1 {
-                    write(run, at)?;
-                    at += len;
-                    continue;
-                }
-                buf.extend_from_slice(run);
-                if buf.len() >= 8 << 20 {
-                    write(&buf, at)?;
-                    at += buf.len() as u64;
-                    buf.clear();
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(WINDOW);
+                    let a = (off + done) as usize;
+                    let run = &bytes[a..a + n as usize];
+                    crc.update(run);
+                    if local.runs.len() == 1 {
+                        write(run, at)?;
+                        at += n;
+                    } else {
+                        buf.extend_from_slice(run);
+                        if buf.len() as u64 >= WINDOW {
+                            write(&buf, at)?;
+                            at += buf.len() as u64;
+                            buf.clear();
+                        }
+                    }
+                    if n == WINDOW || local.runs.len() == 1 {
+                        t.data.discard(a..a + n as usize);
+                    }
+                    done += n;
                 }
             }
             if !buf.is_empty() {
