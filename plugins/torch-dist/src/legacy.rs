@@ -798,6 +798,44 @@ pub struct LegacyReaderConfig {
     /// keys, as stored: for inspection and for checking a split.
     #[serde(default)]
     pub rank: Option<String>,
+    /// Hand each stored block that is contiguous in its global tensor (a TP shard of a
+    /// column-parallel weight, a local expert) out as a view of the map with a shard
+    /// descriptor, instead of assembling the tensor: no copy, and an MoE layer's experts are
+    /// never in memory at once. Consumers must take pieces (the models mapper and the writers
+    /// do). Tensors split by columns are still assembled.
+    #[serde(default)]
+    pub pieces: bool,
+}
+
+/// The block (offsets, shape) of a row-major tensor of `shape` that elements
+/// [`start`, `start` + `len`) are, if they form one: whole trailing axes, a run on one axis,
+/// single indices before it.
+fn block_of(shape: &[u64], start: u64, len: u64) -> Option<(Vec<u64>, Vec<u64>)> {
+    let n = shape.len();
+    let (mut k, mut inner) = (n, 1u64);
+    while k > 0 && len % (inner * shape[k - 1]) == 0 && start % (inner * shape[k - 1]) == 0 {
+        inner *= shape[k - 1];
+        k -= 1;
+    }
+    if k == 0 {
+        return (start == 0).then(|| (vec![0; n], shape.to_vec()));
+    }
+    if len % inner != 0 || start % inner != 0 {
+        return None;
+    }
+    let (count, mut idx) = (len / inner, start / inner);
+    let mut offsets = vec![0u64; n];
+    for d in (0..k).rev() {
+        offsets[d] = idx % shape[d];
+        idx /= shape[d];
+    }
+    if offsets[k - 1] + count > shape[k - 1] {
+        return None;
+    }
+    let mut block = vec![1u64; n];
+    block[k - 1] = count;
+    block[k..].copy_from_slice(&shape[k..]);
+    Some((offsets, block))
 }
 
 /// One rank's archive, mapped, with its state dicts' tensors by (model chunk, local key).
@@ -940,6 +978,23 @@ impl LegacyReader {
             tensors,
         });
         Ok(args)
+    }
+}
+
+impl LegacyReader {
+    /// Each shard of `g` as a block of it (element start, offsets, shape), if every shard is
+    /// one contiguous run.
+    fn blocks(&self, g: &Global) -> Option<Vec<(u64, Vec<u64>, Vec<u64>)>> {
+        let es = g.dtype.size() as u64;
+        g.shards
+            .iter()
+            .map(|(_, _, runs)| match runs[..] {
+                [(off, len)] => {
+                    block_of(&g.shape, off / es, len / es).map(|(o, s)| (off / es, o, s))
+                }
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -1176,10 +1231,20 @@ impl Source for LegacyReader {
                 )));
             }
         }
-        let infos = globals
-            .iter()
-            .map(|(n, g)| TensorInfo::new(n.clone(), g.dtype, &g.shape))
-            .collect();
+        let mut infos = Vec::new();
+        for (n, g) in &globals {
+            match self.blocks(g) {
+                Some(blocks) if self.cfg.pieces && blocks.len() > 1 => {
+                    for (start, offsets, shape) in blocks {
+                        infos.push(
+                            TensorInfo::new(format!("{n}#{start}"), g.dtype, &shape)
+                                .with_shard(&g.shape, &offsets),
+                        );
+                    }
+                }
+                _ => infos.push(TensorInfo::new(n.clone(), g.dtype, &g.shape)),
+            }
+        }
         self.globals = globals;
         let mut plan = StreamPlan::new(infos);
         plan.set_attr("format", "megatron-lm".into());
@@ -1190,6 +1255,20 @@ impl Source for LegacyReader {
     fn run(&mut self, out: &mut Emitter) -> Result<()> {
         let globals = std::mem::take(&mut self.globals);
         for (name, g) in globals {
+            if let Some(blocks) = self.blocks(&g).filter(|b| self.cfg.pieces && b.len() > 1) {
+                // Each stored block as it lies in the map.
+                for ((start, offsets, shape), (i, key, _)) in blocks.into_iter().zip(&g.shards) {
+                    let r = &self.ranks[*i];
+                    let info = TensorInfo::new(format!("{name}#{start}"), g.dtype, &shape)
+                        .with_shard(&g.shape, &offsets);
+                    let data = Buffer::from_owner(MapView {
+                        map: r.map.clone(),
+                        range: r.tensors[key].data.clone(),
+                    });
+                    out.tensor(Tensor::new(info, data)?)?;
+                }
+                continue;
+            }
             let info = TensorInfo::new(name.clone(), g.dtype, &g.shape);
             let total = g.shape.iter().product::<u64>() * g.dtype.size() as u64;
             let buffer = match &g.shards[..] {
@@ -1244,6 +1323,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn blocks_of_runs() {
+        // Expert 2's rows 4..8 of [4, 8, 3]; the whole; a part that is no block.
+        assert_eq!(
+            block_of(&[4, 8, 3], 2 * 24 + 12, 12),
+            Some((vec![2, 4, 0], vec![1, 4, 3]))
+        );
+        assert_eq!(
+            block_of(&[4, 8, 3], 24, 48),
+            Some((vec![1, 0, 0], vec![2, 8, 3]))
+        );
+        assert_eq!(
+            block_of(&[4, 8, 3], 0, 96),
+            Some((vec![0, 0, 0], vec![4, 8, 3]))
+        );
+        assert_eq!(block_of(&[4, 8, 3], 1, 3), None);
+        assert_eq!(block_of(&[4, 8, 3], 21, 6), None);
+    }
+
+    #[test]
     fn contiguous_blocks() {
         // One expert's gate rows in [experts, 2·ffn, hidden]: contiguous.
         assert_eq!(
@@ -1274,6 +1372,7 @@ mod tests {
         let mut r = LegacyReader::new(LegacyReaderConfig {
             path: dir.path().into(),
             rank: None,
+            pieces: false,
         })
         .unwrap();
         let e = r.read_rank(path).unwrap_err();
