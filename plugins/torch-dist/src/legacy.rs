@@ -813,14 +813,17 @@ pub struct LegacyReaderConfig {
 fn block_of(shape: &[u64], start: u64, len: u64) -> Option<(Vec<u64>, Vec<u64>)> {
     let n = shape.len();
     let (mut k, mut inner) = (n, 1u64);
-    while k > 0 && len % (inner * shape[k - 1]) == 0 && start % (inner * shape[k - 1]) == 0 {
+    while k > 0
+        && len.is_multiple_of(inner * shape[k - 1])
+        && start.is_multiple_of(inner * shape[k - 1])
+    {
         inner *= shape[k - 1];
         k -= 1;
     }
     if k == 0 {
         return (start == 0).then(|| (vec![0; n], shape.to_vec()));
     }
-    if len % inner != 0 || start % inner != 0 {
+    if !len.is_multiple_of(inner) || !start.is_multiple_of(inner) {
         return None;
     }
     let (count, mut idx) = (len / inner, start / inner);
