@@ -984,10 +984,13 @@ impl LegacyReader {
     }
 }
 
+/// A stored block of a global tensor: its first element, offsets and shape.
+type Block = (u64, Vec<u64>, Vec<u64>);
+
 impl LegacyReader {
     /// Each shard of `g` as a block of it (element start, offsets, shape), if every shard is
     /// one contiguous run.
-    fn blocks(&self, g: &Global) -> Option<Vec<(u64, Vec<u64>, Vec<u64>)>> {
+    fn blocks(&self, g: &Global) -> Option<Vec<Block>> {
         let es = g.dtype.size() as u64;
         g.shards
             .iter()
