@@ -163,6 +163,14 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // glibc raises its mmap threshold after each large free, so later tensor-sized buffers come
+    // from the heap and stay resident after they are freed; a fixed threshold keeps every
+    // buffer of 4 MiB or more its own mapping, returned to the system when dropped (the memory
+    // budget then bounds RSS, not the allocator's history).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+    }
     init_tracing();
     let cli = Cli::parse();
     let host = PluginHost::discover(default_search_path(&cli.plugin_path));
