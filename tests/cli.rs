@@ -229,6 +229,52 @@ fn convert_both_ways() {
     );
 }
 
+/// One-line moves through Megatron-LM's format: torch_dist → Megatron-LM TP2·PP2 → HF (bit
+/// for bit), and an HF export from Megatron-LM without a config is refused with the fix named.
+#[test]
+fn convert_through_megatron_lm() {
+    let dir = tempdir();
+    let fx = fixtures().join("hf/llama");
+    let mlm = dir.path().join("mlm");
+    let run = |args: &[String]| {
+        let o = bridgeflow().arg("convert").args(args).output().unwrap();
+        (o.status.success(), text(&o))
+    };
+    let (ok, t) = run(&[
+        "--from".into(),
+        format!("megatron:{}", fixtures().join("bridge/llama").display()),
+        "--to".into(),
+        format!("megatron-lm:{}", mlm.display()),
+        "--tp=2".into(),
+        "--pp=2".into(),
+    ]);
+    assert!(ok, "{t}");
+    assert!(mlm
+        .join("iter_0000000/mp_rank_01_001/model_optim_rng.pt")
+        .is_file());
+    let hf = dir.path().join("hf");
+    let (ok, t) = run(&[
+        "--from".into(),
+        format!("megatron-lm:{}", mlm.display()),
+        "--to".into(),
+        format!("hf:{}", hf.display()),
+    ]);
+    assert!(!ok && t.contains("--hf-config"), "{t}");
+    let (ok, t) = run(&[
+        "--from".into(),
+        format!("megatron-lm:{}", mlm.display()),
+        "--to".into(),
+        format!("hf:{}", hf.display()),
+        "--hf-config".into(),
+        fx.join("config.json").display().to_string(),
+    ]);
+    assert!(ok, "{t}");
+    assert_eq!(
+        load_tensors(&hf),
+        load_tensors(&fx.join("model.safetensors"))
+    );
+}
+
 #[test]
 fn verify_command() {
     let fx = fixtures().join("hf/llama");

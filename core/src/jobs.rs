@@ -214,6 +214,8 @@ pub fn merge(
 pub enum Endpoint {
     Hf(std::path::PathBuf),
     Megatron(std::path::PathBuf),
+    /// Megatron-LM's own checkpoint (`mp_rank_*/model_optim_rng.pt`).
+    MegatronLm(std::path::PathBuf),
 }
 
 impl Endpoint {
@@ -221,23 +223,49 @@ impl Endpoint {
         match s.split_once(':') {
             Some(("hf", p)) => Ok(Endpoint::Hf(p.into())),
             Some(("megatron", p)) | Some(("mcore", p)) => Ok(Endpoint::Megatron(p.into())),
-            _ => Err(format!("'{s}': expected hf:DIR or megatron:DIR")),
+            Some(("megatron-lm", p)) | Some(("mlm", p)) => Ok(Endpoint::MegatronLm(p.into())),
+            _ => Err(format!(
+                "'{s}': expected hf:DIR, megatron:DIR (torch_dist) or megatron-lm:DIR"
+            )),
         }
     }
 }
 
-/// `bridgeflow convert`: HF ⇄ Megatron-Core torch_dist through the model mapper.
+/// How a Megatron-LM output is split: tensor, pipeline, virtual-pipeline and expert ranks.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    pub tp: u64,
+    pub pp: u64,
+    pub vpp: u64,
+    pub ep: u64,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout {
+            tp: 1,
+            pp: 1,
+            vpp: 1,
+            ep: 1,
+        }
+    }
+}
+
+/// `bridgeflow convert`: between HF, Megatron-Core torch_dist and Megatron-LM checkpoints;
+/// through the model mapper when one side is HF.
 pub fn convert(
     from: &Endpoint,
     to: &Endpoint,
     hf_config: Option<&Path>,
+    layout: Layout,
     overwrite: bool,
     host: &PluginHost,
     opts: &RunOptions,
 ) -> Result<RunReport, JobError> {
     let s = |v: &Path| Value::String(v.to_string_lossy().into_owned());
-    let stages = match (from, to) {
-        (Endpoint::Hf(src), Endpoint::Megatron(dst)) => vec![
+    let yes = Value::Boolean(true);
+    let (read, map_direction) = match from {
+        Endpoint::Hf(src) => (
             stage(
                 "read",
                 "safetensors",
@@ -245,61 +273,86 @@ pub fn convert(
                 &[],
                 table(vec![("path", s(src))]),
             ),
+            Some("to-megatron"),
+        ),
+        // Layers one at a time, stored blocks as views: nothing assembled that need not be.
+        Endpoint::Megatron(src) => (
             stage(
-                "map",
-                "models",
-                "mapper",
-                &["read"],
-                table(vec![("direction", Value::String("to-megatron".into()))]),
-            ),
-            stage(
-                "write",
+                "read",
                 "torch-dist",
-                "writer",
-                &["map"],
+                "reader",
+                &[],
                 table(vec![
-                    ("path", s(dst)),
-                    ("overwrite", Value::Boolean(overwrite)),
+                    ("path", s(src)),
+                    ("split_layers", yes.clone()),
+                    ("row_pieces", yes.clone()),
                 ]),
             ),
-        ],
-        (Endpoint::Megatron(src), Endpoint::Hf(dst)) => {
-            let mut map = table(vec![("direction", Value::String("to-hf".into()))]);
-            if let Some(cfg) = hf_config {
-                map.insert("hf_config".into(), s(cfg));
+            matches!(to, Endpoint::Hf(_)).then_some("to-hf"),
+        ),
+        Endpoint::MegatronLm(src) => (
+            stage(
+                "read",
+                "megatron-lm",
+                "reader",
+                &[],
+                table(vec![("path", s(src)), ("pieces", yes.clone())]),
+            ),
+            matches!(to, Endpoint::Hf(_)).then_some("to-hf"),
+        ),
+    };
+    let write_cfg = |dst: &Path| {
+        table(vec![
+            ("path", s(dst)),
+            ("overwrite", Value::Boolean(overwrite)),
+        ])
+    };
+    let write = match to {
+        Endpoint::Hf(dst) => stage("write", "safetensors", "writer", &["map"], write_cfg(dst)),
+        Endpoint::Megatron(dst) => stage("write", "torch-dist", "writer", &["map"], write_cfg(dst)),
+        Endpoint::MegatronLm(dst) => {
+            let mut cfg = write_cfg(dst);
+            for (k, v) in [
+                ("tp", layout.tp),
+                ("pp", layout.pp),
+                ("vpp", layout.vpp),
+                ("ep", layout.ep),
+            ] {
+                cfg.insert(k.into(), Value::Integer(v as i64));
             }
-            vec![
-                stage(
-                    "read",
-                    "torch-dist",
-                    "reader",
-                    &[],
-                    table(vec![
-                        ("path", s(src)),
-                        ("split_layers", Value::Boolean(true)),
-                        ("row_pieces", Value::Boolean(true)),
-                    ]),
-                ),
-                stage("map", "models", "mapper", &["read"], map),
-                stage(
-                    "write",
-                    "safetensors",
-                    "writer",
-                    &["map"],
-                    table(vec![
-                        ("path", s(dst)),
-                        ("overwrite", Value::Boolean(overwrite)),
-                    ]),
-                ),
-            ]
-        }
-        _ => {
-            return Err(JobError::Invalid(
-                "convert goes from hf: to megatron: or back; for other moves write a pipeline"
-                    .into(),
-            ))
+            stage("write", "megatron-lm", "writer", &["map"], cfg)
         }
     };
+    if matches!((from, to), (Endpoint::Hf(_), Endpoint::Hf(_))) {
+        return Err(JobError::Invalid(
+            "convert needs a Megatron side: hf: to megatron:/megatron-lm: or back".into(),
+        ));
+    }
+    if matches!(from, Endpoint::MegatronLm(_))
+        && matches!(to, Endpoint::Hf(_))
+        && hf_config.is_none()
+    {
+        return Err(JobError::Invalid(
+            "a Megatron-LM checkpoint carries no HF config: give --hf-config HF_DIR/config.json"
+                .into(),
+        ));
+    }
+    let mut stages = vec![read];
+    match map_direction {
+        Some(direction) => {
+            let mut map = table(vec![("direction", Value::String(direction.into()))]);
+            if let (Some(cfg), "to-hf") = (hf_config, direction) {
+                map.insert("hf_config".into(), s(cfg));
+            }
+            stages.push(stage("map", "models", "mapper", &["read"], map));
+            stages.push(write);
+        }
+        // Megatron to Megatron: the tensors as they are, re-laid out by the writer.
+        None => stages.push(StageSpec {
+            inputs: vec!["read".into()],
+            ..write
+        }),
+    }
     run("convert", stages, host, opts)
 }
 

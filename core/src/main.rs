@@ -99,17 +99,32 @@ enum Command {
         #[arg(long)]
         no_progress: bool,
     },
-    /// Convert a checkpoint between Hugging Face and Megatron-Core torch_dist (Llama family):
-    /// `--from hf:DIR --to megatron:DIR`, or `--from megatron:DIR --to hf:DIR` (the HF config is
-    /// rebuilt from the checkpoint's run_config.yaml unless --hf-config is given).
+    /// Convert a checkpoint between Hugging Face, Megatron-Core torch_dist and Megatron-LM's own
+    /// format: `--from hf:DIR --to megatron:DIR`, `--from megatron:DIR --to hf:DIR` (the HF config
+    /// is rebuilt from the checkpoint's run_config.yaml unless --hf-config is given),
+    /// `--to megatron-lm:DIR --tp 2 --pp 2 [--vpp N] [--ep N]` from hf: or megatron:, and
+    /// `--from megatron-lm:DIR` to hf: (with --hf-config) or megatron:.
     Convert {
         #[arg(long, value_parser = Endpoint::parse)]
         from: Endpoint,
         #[arg(long, value_parser = Endpoint::parse)]
         to: Endpoint,
-        /// The HF config.json to export with (default: rebuilt from the checkpoint's run_config.yaml).
+        /// The HF config.json to export with (default: rebuilt from the checkpoint's run_config.yaml;
+        /// required from a Megatron-LM checkpoint).
         #[arg(long)]
         hf_config: Option<PathBuf>,
+        /// Megatron-LM output: tensor-parallel ranks.
+        #[arg(long, default_value_t = 1)]
+        tp: u64,
+        /// Megatron-LM output: pipeline stages.
+        #[arg(long, default_value_t = 1)]
+        pp: u64,
+        /// Megatron-LM output: virtual pipeline chunks per stage.
+        #[arg(long, default_value_t = 1)]
+        vpp: u64,
+        /// Megatron-LM output: expert-parallel ranks.
+        #[arg(long, default_value_t = 1)]
+        ep: u64,
         #[arg(long)]
         overwrite: bool,
         #[arg(long, default_value = "2GiB", value_parser = parse_size)]
@@ -220,16 +235,29 @@ fn main() -> ExitCode {
             from,
             to,
             hf_config,
+            tp,
+            pp,
+            vpp,
+            ep,
             overwrite,
             memory_budget,
             no_progress,
         } => {
+            let layout = bridgeflow_core::jobs::Layout { tp, pp, vpp, ep };
             let opts = RunOptions {
                 memory_budget,
                 progress: !no_progress,
                 ..Default::default()
             };
-            match convert(&from, &to, hf_config.as_deref(), overwrite, &host, &opts) {
+            match convert(
+                &from,
+                &to,
+                hf_config.as_deref(),
+                layout,
+                overwrite,
+                &host,
+                &opts,
+            ) {
                 Ok(r) => {
                     print_report(&r);
                     Ok(ExitCode::SUCCESS)
