@@ -3,6 +3,7 @@
 //! by Megatron-Bridge's import: every global tensor equal to the ground truth, byte for byte.
 
 use bridgeflow_tests::*;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 fn to_safetensors(dir: &Path, ckpt: &Path, split_layers: bool) -> std::path::PathBuf {
@@ -877,4 +878,55 @@ fn fp8_pieces_through_the_mapper_equal_whole_tensors() {
             "'{k}' differs between pieces and whole tensors"
         );
     }
+}
+
+/// Written as 2 tensor-parallel ranks would write it, a checkpoint has megatron-core's own TP=2
+/// layout: the same chunks (column and row splits, SwiGLU halves per rank, replicated tensors
+/// once) in the same rank files (`__0_0.distcp`, `__1_0.distcp`) as its TP=2 fixture.
+#[test]
+fn tp2_layout_equals_megatron_cores() {
+    let dir = tempdir();
+    let src = fixtures().join("mcore/tp2");
+    let out = dir.path().join("tp2");
+    let p = format!(
+        "[stages.read]\nplugin = \"torch-dist\"\nkind = \"reader\"\nconfig = {{ path = \"{}\", split_layers = true }}\n\n[stages.write]\nplugin = \"torch-dist\"\nkind = \"writer\"\ninputs = [\"read\"]\nconfig = {{ path = \"{}\", tp = 2, files = 1 }}\n",
+        src.display(),
+        out.display()
+    );
+    run_text(dir.path(), &p, &[], 1 << 30).unwrap();
+    let chunks = |p: &Path| -> BTreeMap<String, BTreeSet<String>> {
+        let o = bridgeflow()
+            .arg("inspect")
+            .arg("--json")
+            .arg(p)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["attrs"]["chunks"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, cs)| {
+                let set = cs
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect();
+                (k.clone(), set)
+            })
+            .collect()
+    };
+    let (ours, theirs) = (chunks(&out), chunks(&src));
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+    for (k, c) in &theirs {
+        assert_eq!(&ours[k], c, "{k}: chunks and files");
+    }
+    // And the tensors are the ground truth.
+    let got = load_tensors(&to_safetensors(dir.path(), &out, false));
+    let want = load_tensors(&fixtures().join("mcore/tp2_global.safetensors"));
+    assert_eq!(got, want);
 }

@@ -143,6 +143,92 @@ pub fn pp_layers(
         .collect())
 }
 
+/// Rank `r`'s part of a tensor of `shape` under `split` with `tp` ranks, as boxes (offsets,
+/// shape): one for an axis split, two for SwiGLU (its gate rows, its up rows), the whole for
+/// rank 0 of a replicated tensor (none for the other ranks: the main replica is written once).
+pub fn tp_boxes(shape: &[u64], split: TpSplit, tp: u64, r: u64) -> Vec<(Vec<u64>, Vec<u64>)> {
+    let zero = vec![0u64; shape.len()];
+    match split {
+        TpSplit::Replicated => {
+            if r == 0 {
+                vec![(zero, shape.to_vec())]
+            } else {
+                Vec::new()
+            }
+        }
+        TpSplit::Axis(a) => {
+            let part = shape[a] / tp;
+            let (mut o, mut s) = (zero, shape.to_vec());
+            o[a] = r * part;
+            s[a] = part;
+            vec![(o, s)]
+        }
+        TpSplit::GatedRows => {
+            let half = shape[0] / 2;
+            let part = half / tp;
+            [r * part, half + r * part]
+                .into_iter()
+                .map(|start| {
+                    let (mut o, mut s) = (zero.clone(), shape.to_vec());
+                    o[0] = start;
+                    s[0] = part;
+                    (o, s)
+                })
+                .collect()
+        }
+    }
+}
+
+/// The intersection of two boxes (offsets, shape), if not empty.
+pub fn box_intersection(a: (&[u64], &[u64]), b: (&[u64], &[u64])) -> Option<(Vec<u64>, Vec<u64>)> {
+    let n = a.0.len();
+    let lo: Vec<u64> = (0..n).map(|d| a.0[d].max(b.0[d])).collect();
+    let hi: Vec<u64> = (0..n)
+        .map(|d| (a.0[d] + a.1[d]).min(b.0[d] + b.1[d]))
+        .collect();
+    (0..n)
+        .all(|d| lo[d] < hi[d])
+        .then(|| (lo.clone(), (0..n).map(|d| hi[d] - lo[d]).collect()))
+}
+
+/// The byte runs, in row-major order, of the box (`offsets`, `shape`) inside a row-major
+/// tensor of `outer` shape with `es`-byte elements (adjacent runs merged).
+pub fn box_runs(outer: &[u64], es: u64, offsets: &[u64], shape: &[u64]) -> Vec<(u64, u64)> {
+    let n = outer.len();
+    if n == 0 {
+        return vec![(0, es)];
+    }
+    let mut stride = vec![es; n];
+    for d in (0..n - 1).rev() {
+        stride[d] = stride[d + 1] * outer[d + 1];
+    }
+    let row = shape[n - 1] * es;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut idx = vec![0u64; n - 1];
+    loop {
+        let at: u64 = (0..n)
+            .map(|d| (offsets[d] + if d < n - 1 { idx[d] } else { 0 }) * stride[d])
+            .sum();
+        match runs.last_mut() {
+            Some(last) if last.0 + last.1 == at => last.1 += row,
+            _ => runs.push((at, row)),
+        }
+        // Odometer over every axis but the last.
+        let mut d = n - 1;
+        loop {
+            if d == 0 {
+                return runs;
+            }
+            d -= 1;
+            idx[d] += 1;
+            if idx[d] < shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +267,27 @@ mod tests {
             tp_split("decoder.layers.3.input_layernorm.weight", true),
             TpSplit::Replicated
         );
+    }
+
+    #[test]
+    fn boxes_and_runs() {
+        // SwiGLU [8, 3] over 2 ranks: rank 1 holds gate rows 2-3 and up rows 6-7.
+        assert_eq!(
+            tp_boxes(&[8, 3], TpSplit::GatedRows, 2, 1),
+            vec![(vec![2, 0], vec![2, 3]), (vec![6, 0], vec![2, 3])]
+        );
+        assert!(tp_boxes(&[8, 3], TpSplit::Replicated, 2, 1).is_empty());
+        assert_eq!(
+            box_intersection((&[0, 0], &[4, 3]), (&[2, 0], &[4, 3])),
+            Some((vec![2, 0], vec![2, 3]))
+        );
+        assert_eq!(
+            box_intersection((&[0, 0], &[2, 3]), (&[2, 0], &[2, 3])),
+            None
+        );
+        // Rows 1-2 of a [4, 3] tensor of bytes: one merged run; columns 1-2: a run per row.
+        assert_eq!(box_runs(&[4, 3], 1, &[1, 0], &[2, 3]), vec![(3, 6)]);
+        assert_eq!(box_runs(&[2, 3], 1, &[0, 1], &[2, 2]), vec![(1, 2), (4, 2)]);
     }
 
     #[test]

@@ -310,6 +310,22 @@ impl Source for TorchDistReader {
             "byte_objects",
             serde_json::json!(self.meta.bytes.keys().collect::<Vec<_>>()),
         );
+        // How each tensor is stored: its chunks and the data file of each (for `inspect`, and
+        // for checking a layout against megatron-core's).
+        let chunks: serde_json::Map<String, serde_json::Value> = self
+            .meta
+            .tensors
+            .iter()
+            .map(|(k, t)| {
+                let list: Vec<serde_json::Value> = t
+                    .chunks
+                    .iter()
+                    .map(|c| serde_json::json!({"offsets": c.offsets, "sizes": c.sizes, "file": c.storage.file}))
+                    .collect();
+                (k.clone(), serde_json::Value::Array(list))
+            })
+            .collect();
+        plan.set_attr("chunks", serde_json::Value::Object(chunks));
         let tok = self.dir.join("tokenizer");
         if tok.is_dir() {
             plan.set_attr("source_dir", tok.to_string_lossy().into_owned().into());

@@ -12,8 +12,11 @@
 
 use crate::emit::{either::Arg, none_list_pickle, tensor_pickle, Archive, Pickler};
 use bridgeflow_sdk::manifest::{Hasher, Manifest, MANIFEST_FILE};
+use bridgeflow_sdk::parallel::{box_intersection, box_runs, tp_boxes, tp_split};
 use bridgeflow_sdk::TensorInfo;
-use bridgeflow_sdk::{schemars, serde, DType, Item, PluginError, Result, Sink, StreamPlan, Tensor};
+use bridgeflow_sdk::{
+    schemars, serde, Buffer, DType, Item, PluginError, Result, Sink, StreamPlan, Tensor,
+};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -56,10 +59,19 @@ pub struct WriterConfig {
     /// true); the reader checks it with `verify = true`.
     #[serde(default = "yes")]
     pub manifest: bool,
-    /// Data files `__0_{i}.distcp`, each written by its own thread (default 2, as megatron-core
-    /// writes); items are spread over them by size.
+    /// Data files per rank, `__{rank}_{i}.distcp`, each written by its own thread (default 2, as
+    /// megatron-core writes); items are spread over them by size.
     #[serde(default = "two")]
     pub files: usize,
+    /// Write as this many tensor-parallel ranks would: each tensor cut into megatron-core's TP
+    /// chunks (column/row splits, SwiGLU halves; replicated tensors once, by rank 0), each
+    /// rank's chunks in its own files.
+    #[serde(default = "one")]
+    pub tp: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 struct Piece {
@@ -75,6 +87,12 @@ struct Piece {
     /// Until the tensor arrives: its archive, to be completed by the file's thread.
     archive: Option<Archive>,
 }
+
+/// A rank's chunk of an input while laying out: rank, offsets, shape, byte runs of the input.
+type RankChunk = (u64, Vec<u64>, Vec<u64>, Vec<(u64, u64)>);
+
+/// A chunk an input becomes: the piece's index and the byte runs of the input that make it.
+type ChunkOf = (usize, Vec<(u64, u64)>);
 
 /// One tensor for a data file's thread: its payload goes at `payload_at`, then the archive's
 /// frame at `item_offset`.
@@ -145,7 +163,8 @@ pub struct TorchDistWriter {
     iter_dir: PathBuf,
     files: Vec<DataFile>,
     pieces: Vec<Piece>,
-    by_name: HashMap<String, usize>,
+    /// Each input's chunks: (piece index, byte runs of the input that make it).
+    by_name: HashMap<String, Vec<ChunkOf>>,
     /// Byte objects: key, offset and length in data file 0.
     bytes_items: Vec<(String, u64, u64)>,
     source_dir: Option<PathBuf>,
@@ -160,8 +179,8 @@ pub fn chunk_name(key: &str, offsets: &[u64]) -> String {
     format!("{key}@{}", o.join(","))
 }
 
-fn data_file_name(i: usize) -> String {
-    format!("__0_{i}.distcp")
+fn data_file_name(rank: usize, i: usize) -> String {
+    format!("__{rank}_{i}.distcp")
 }
 
 /// The `_extra_state` byte objects megatron-core's Transformer Engine modules write for a key
@@ -319,7 +338,7 @@ impl TorchDistWriter {
             p.newobj("torch.distributed.checkpoint.filesystem", "_StorageInfo");
             p.dict_begin();
             p.str("relative_path");
-            p.str(&data_file_name(file));
+            p.str(&self.files[file].name);
             p.str("offset");
             p.int(off as i64);
             p.str("length");
@@ -393,7 +412,7 @@ impl TorchDistWriter {
                 .collect::<Vec<_>>()
                 .windows(2)
                 .all(|w| w[0] == w[1]);
-        // Each input's key and place: (key, global, offsets, local).
+        // Each input's key and place: (key, global, offsets, local, stacked).
         let mut places = Vec::new();
         for t in &tensors {
             let shape = t.shape.to_vec();
@@ -413,14 +432,22 @@ impl TorchDistWriter {
                         prepend(n_layers, &global),
                         prepend(l, &offsets),
                         prepend(1, &shape),
+                        true,
                     )
                 }
-                _ => (t.base_name().to_string(), global, offsets, shape),
+                _ => (t.base_name().to_string(), global, offsets, shape, false),
             });
         }
-        // Bytes laid out so far in each data file.
+        // Bytes laid out so far in each data file: rank r's files are r·files .. (r+1)·files.
         let n_files = self.cfg.files.max(1);
-        let mut cursor = vec![0u64; n_files];
+        let tp = self.cfg.tp.max(1);
+        let mut cursor = vec![0u64; n_files * tp as usize];
+        let gated = plan
+            .attrs()
+            .get("megatron_model")
+            .and_then(|m| m.get("gated_linear_unit"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true);
         // Byte objects first (in file 0), as megatron-core orders them: given, passed on by
         // the input (a checkpoint read back), or those of the keys' Transformer Engine modules.
         let given = plan
@@ -434,8 +461,10 @@ impl TorchDistWriter {
                 .filter(|k| !k.starts_with("common_state"))
                 .collect(),
             (None, None) => {
-                let globals: BTreeMap<&str, &Vec<u64>> =
-                    places.iter().map(|(k, g, _, _)| (k.as_str(), g)).collect();
+                let globals: BTreeMap<&str, &Vec<u64>> = places
+                    .iter()
+                    .map(|(k, g, _, _, _)| (k.as_str(), g))
+                    .collect();
                 globals
                     .into_iter()
                     .flat_map(|(k, g)| te_extra_state(k, g, homogeneous))
@@ -449,32 +478,69 @@ impl TorchDistWriter {
             cursor[0] += a.len() as u64;
             byte_archives.push(a);
         }
-        for (t, (key, global, offsets, local)) in tensors.iter().zip(places) {
-            let nbytes = t.nbytes().ok_or_else(|| {
+        for (t, (key, global, offsets, local, stacked)) in tensors.iter().zip(places) {
+            t.nbytes().ok_or_else(|| {
                 PluginError::shape(format!("tensor '{}': size overflows", t.name()))
             })?;
-            let archive = Archive::new(
-                "archive",
-                tensor_pickle(t.dtype, &local),
-                Some(nbytes),
-                &format!("{key}{offsets:?}"),
-            );
-            let total = archive.total;
-            // The emptiest file takes the item: the files fill evenly, in plan order.
-            let file = (0..n_files).min_by_key(|&i| cursor[i]).unwrap_or(0);
-            self.by_name.insert(t.name().to_string(), self.pieces.len());
-            self.pieces.push(Piece {
-                key,
-                dtype: t.dtype,
-                global,
-                offsets,
-                local,
-                file,
-                item_offset: cursor[file],
-                item_len: total,
-                archive: Some(archive),
-            });
-            cursor[file] += total;
+            // The input's chunks: (rank, offsets, shape, byte runs of the input).
+            let es = t.dtype.size() as u64;
+            let chunks: Vec<RankChunk> = if tp == 1 {
+                let n = local.iter().product::<u64>() * es;
+                vec![(0, offsets.clone(), local.clone(), vec![(0, n)])]
+            } else {
+                // In per-layer coordinates (without the stacked layer axis); experts split
+                // inside each expert (expert-TP = TP).
+                let lead = stacked as usize;
+                let (g, o, l) = (&global[lead..], &offsets[lead..], &local[lead..]);
+                let expert = t.base_name().contains(".experts.experts.") as usize;
+                let split = tp_split(t.base_name(), gated);
+                let mut out = Vec::new();
+                for r in 0..tp {
+                    for (bo, bs) in tp_boxes(&g[expert..], split, tp, r) {
+                        let bo: Vec<u64> = o[..expert].iter().map(|_| 0).chain(bo).collect();
+                        let bs: Vec<u64> = g[..expert].iter().copied().chain(bs).collect();
+                        let Some((io, is)) = box_intersection((o, l), (&bo, &bs)) else {
+                            continue;
+                        };
+                        let rel: Vec<u64> = io.iter().zip(o).map(|(a, b)| a - b).collect();
+                        let runs = box_runs(l, es, &rel, &is);
+                        let co: Vec<u64> = offsets[..lead].iter().copied().chain(io).collect();
+                        let cs: Vec<u64> = local[..lead].iter().copied().chain(is).collect();
+                        out.push((r, co, cs, runs));
+                    }
+                }
+                out
+            };
+            let mut mine = Vec::new();
+            for (rank, offsets, shape, runs) in chunks {
+                let nbytes = shape.iter().product::<u64>() * es;
+                let archive = Archive::new(
+                    "archive",
+                    tensor_pickle(t.dtype, &shape),
+                    Some(nbytes),
+                    &format!("{key}{offsets:?}"),
+                );
+                let total = archive.total;
+                // The emptiest of the rank's files takes the item: they fill evenly.
+                let base = rank as usize * n_files;
+                let file = (base..base + n_files)
+                    .min_by_key(|&i| cursor[i])
+                    .unwrap_or(base);
+                mine.push((self.pieces.len(), runs));
+                self.pieces.push(Piece {
+                    key: key.clone(),
+                    dtype: t.dtype,
+                    global: global.clone(),
+                    offsets,
+                    local: shape,
+                    file,
+                    item_offset: cursor[file],
+                    item_len: total,
+                    archive: Some(archive),
+                });
+                cursor[file] += total;
+            }
+            self.by_name.insert(t.name().to_string(), mine);
         }
         // Each key's pieces must tile its global tensor, in one dtype.
         let mut per_key: BTreeMap<&str, (DType, &Vec<u64>, u64)> = BTreeMap::new();
@@ -502,7 +568,7 @@ impl TorchDistWriter {
             .map_err(|e| PluginError::io(&self.iter_dir, "cannot create", e))?;
         self.staging = Some(staging);
         for (i, &size) in cursor.iter().enumerate() {
-            let name = data_file_name(i);
+            let name = data_file_name(i / n_files, i % n_files);
             let path = self.iter_dir.join(&name);
             let f = File::create(&path).map_err(|e| PluginError::io(&path, "cannot create", e))?;
             // Blocks reserved up front: a full disk fails here, before any data is written.
@@ -578,40 +644,61 @@ impl Sink for TorchDistWriter {
 
     fn consume(&mut self, _port: usize, item: Item) -> Result<()> {
         let t = item.into_tensor()?;
-        let &i = self.by_name.get(t.name()).ok_or_else(|| {
+        let chunks = self.by_name.get(t.name()).cloned().ok_or_else(|| {
             PluginError::shape(format!(
                 "tensor '{}' was not announced in the stream plan",
                 t.name()
             ))
         })?;
-        let piece = &mut self.pieces[i];
-        let expected: u64 = piece.local.iter().product::<u64>() * piece.dtype.size() as u64;
-        if piece.archive.is_none()
-            || t.info.dtype != piece.dtype
+        let expected: u64 = t.info.nbytes().unwrap_or(0);
+        let planned: u64 = chunks.iter().flat_map(|(_, r)| r).map(|r| r.1).sum();
+        if chunks
+            .iter()
+            .any(|(i, _)| self.pieces[*i].archive.is_none())
+            || chunks
+                .iter()
+                .any(|(i, _)| t.info.dtype != self.pieces[*i].dtype)
             || t.bytes().len() as u64 != expected
+            || (self.cfg.tp.max(1) == 1 && planned != expected)
         {
             return Err(PluginError::shape(format!(
                 "tensor '{}' arrived twice or with another dtype or size than announced",
                 t.name()
             )));
         }
-        let archive = piece.archive.take().expect("checked");
-        let job = Job {
-            piece: i,
-            item_offset: piece.item_offset,
-            payload_at: piece.item_offset + archive.payload_offset().expect("tensor item"),
-            archive,
-            tensor: t,
-        };
-        let file = piece.file;
-        let sent = self.files[file].jobs.as_ref().map(|q| q.send(job).is_ok());
-        if sent != Some(true) {
-            // The file's thread stopped: its error says why.
-            self.finish_files()?;
-            return Err(PluginError::internal(format!(
-                "the thread writing {} stopped",
-                self.files[file].name
-            )));
+        for (i, runs) in chunks {
+            // The chunk's bytes: a view of the input when they are one run, else gathered
+            // (a row-parallel weight's columns).
+            let data = match runs[..] {
+                [(off, len)] => t.data.slice(off as usize..(off + len) as usize),
+                _ => {
+                    let mut v = Vec::with_capacity(runs.iter().map(|r| r.1 as usize).sum());
+                    for (off, len) in runs {
+                        v.extend_from_slice(&t.bytes()[off as usize..(off + len) as usize]);
+                    }
+                    Buffer::from_vec(v)
+                }
+            };
+            let piece = &mut self.pieces[i];
+            let info = TensorInfo::new(t.name(), piece.dtype, &piece.local);
+            let archive = piece.archive.take().expect("checked");
+            let job = Job {
+                piece: i,
+                item_offset: piece.item_offset,
+                payload_at: piece.item_offset + archive.payload_offset().expect("tensor item"),
+                archive,
+                tensor: Tensor::new(info, data)?,
+            };
+            let file = piece.file;
+            let sent = self.files[file].jobs.as_ref().map(|q| q.send(job).is_ok());
+            if sent != Some(true) {
+                // The file's thread stopped: its error says why.
+                self.finish_files()?;
+                return Err(PluginError::internal(format!(
+                    "the thread writing {} stopped",
+                    self.files[file].name
+                )));
+            }
         }
         Ok(())
     }
@@ -685,7 +772,7 @@ impl Sink for TorchDistWriter {
             keys.len(),
             self.pieces.len(),
             self.bytes_items.len(),
-            self.cfg.files.max(1),
+            self.cfg.files.max(1) * self.cfg.tp.max(1) as usize,
             Path::new(&target).display()
         ))
     }
