@@ -309,7 +309,12 @@ pub fn convert(
     };
     let write = match to {
         Endpoint::Hf(dst) => stage("write", "safetensors", "writer", &["map"], write_cfg(dst)),
-        Endpoint::Megatron(dst) => stage("write", "torch-dist", "writer", &["map"], write_cfg(dst)),
+        // torch_dist: written as `--tp` ranks would write it.
+        Endpoint::Megatron(dst) => {
+            let mut cfg = write_cfg(dst);
+            cfg.insert("tp".into(), Value::Integer(layout.tp as i64));
+            stage("write", "torch-dist", "writer", &["map"], cfg)
+        }
         Endpoint::MegatronLm(dst) => {
             let mut cfg = write_cfg(dst);
             for (k, v) in [

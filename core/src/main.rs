@@ -113,7 +113,8 @@ enum Command {
         /// required from a Megatron-LM checkpoint).
         #[arg(long)]
         hf_config: Option<PathBuf>,
-        /// Megatron-LM output: tensor-parallel ranks.
+        /// Tensor-parallel ranks of the output (Megatron-LM: its rank files; torch_dist: written
+        /// as that many ranks would, each rank's chunks in its own files).
         #[arg(long, default_value_t = 1)]
         tp: u64,
         /// Megatron-LM output: pipeline stages.
