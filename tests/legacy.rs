@@ -224,3 +224,68 @@ fn hf_to_megatron_lm_and_back_is_exact() {
         );
     }
 }
+
+/// The vocabulary padded for the TP degree on the way in (make_vocab_size_divisible_by × tp:
+/// 256 rows → 400 with 100 × 2), each rank holding 200 rows with the padding as zeros, and
+/// truncated back on the way out; a TP degree the query groups cannot be split by is refused.
+#[test]
+fn vocab_padding_per_tp_and_truncation() {
+    let dir = tempdir();
+    let hf = fixtures().join("hf/llama");
+    let ckpt = dir.path().join("mlm");
+    let pipeline = |name: &str| {
+        std::fs::read_to_string(workspace_root().join("pipelines").join(name)).unwrap()
+    };
+    let input = format!("input={}", hf.display());
+    let output = format!("output={}", ckpt.display());
+    run_text(
+        dir.path(),
+        &pipeline("hf-to-megatron-lm.toml"),
+        &[
+            &input,
+            &output,
+            "map.make_vocab_size_divisible_by=100",
+            "map.tensor_parallel=2",
+            "write.tp=2",
+        ],
+        1 << 30,
+    )
+    .unwrap();
+    let r1 = load_tensors(&read_legacy(dir.path(), &ckpt, Some("mp_rank_01"), "r1").unwrap());
+    let emb = &r1["embedding.word_embeddings.weight"];
+    assert_eq!(emb.shape, vec![200, 64]);
+    // Rank 1 holds rows 200..400: rows 200..256 real, 256..400 padding.
+    let row = 64 * 4;
+    assert!(emb.bytes[56 * row..].iter().all(|&b| b == 0));
+    assert!(emb.bytes[..56 * row].iter().any(|&b| b != 0));
+    let back = dir.path().join("hf");
+    run_text(
+        dir.path(),
+        &pipeline("megatron-lm-to-hf.toml"),
+        &[
+            &format!("input={}", ckpt.display()),
+            &format!("hf_config={}", hf.join("config.json").display()),
+            &format!("output={}", back.display()),
+        ],
+        1 << 30,
+    )
+    .unwrap();
+    assert_eq!(
+        load_tensors(&back),
+        load_tensors(&hf.join("model.safetensors"))
+    );
+    // 2 query groups over 4 ranks: refused, nothing written.
+    let out4 = format!("output={}", dir.path().join("tp4").display());
+    let e = run_text(
+        dir.path(),
+        &pipeline("hf-to-megatron-lm.toml"),
+        &[&input, &out4, "write.tp=4"],
+        1 << 30,
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("2 query groups do not divide over 4 tensor-parallel ranks"),
+        "{e}"
+    );
+    assert!(!dir.path().join("tp4").exists());
+}

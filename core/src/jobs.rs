@@ -349,6 +349,10 @@ pub fn convert(
             if let (Some(cfg), "to-hf") = (hf_config, direction) {
                 map.insert("hf_config".into(), s(cfg));
             }
+            if direction == "to-megatron" {
+                // The vocabulary is padded for the TP degree (make_vocab_size_divisible_by × tp).
+                map.insert("tensor_parallel".into(), Value::Integer(layout.tp as i64));
+            }
             stages.push(stage("map", "models", "mapper", &["read"], map));
             stages.push(write);
         }

@@ -17,6 +17,23 @@ pub enum TpSplit {
     GatedRows,
 }
 
+/// Refuses a TP degree the attention cannot be split by: megatron-core gives each rank whole
+/// query groups (`model`: the Megatron model fields, when known).
+pub fn check_tp(model: Option<&serde_json::Value>, tp: u64) -> Result<()> {
+    let groups = model
+        .and_then(|m| {
+            m.get("num_query_groups")
+                .or_else(|| m.get("num_attention_heads"))
+        })
+        .and_then(|v| v.as_u64());
+    match groups {
+        Some(g) if tp > 1 && g % tp != 0 => Err(PluginError::config(format!(
+            "{g} query groups do not divide over {tp} tensor-parallel ranks"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The tensor-parallel split of a Megatron GPT tensor; `gated`: SwiGLU MLPs (`linear_fc1` is
 /// [gate; up]).
 pub fn tp_split(name: &str, gated: bool) -> TpSplit {

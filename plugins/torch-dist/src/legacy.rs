@@ -324,6 +324,7 @@ impl LegacyWriter {
                 t.name()
             )));
         }
+        bridgeflow_sdk::parallel::check_tp(plan.attrs().get("megatron_model"), self.cfg.tp.max(1))?;
         let (ep, etp) = (
             self.cfg.ep.max(1),
             self.cfg.etp.unwrap_or(self.cfg.tp).max(1),

@@ -441,6 +441,7 @@ impl TorchDistWriter {
         // Bytes laid out so far in each data file: rank r's files are r·files .. (r+1)·files.
         let n_files = self.cfg.files.max(1);
         let tp = self.cfg.tp.max(1);
+        bridgeflow_sdk::parallel::check_tp(plan.attrs().get("megatron_model"), tp)?;
         let mut cursor = vec![0u64; n_files * tp as usize];
         let gated = plan
             .attrs()
