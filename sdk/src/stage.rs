@@ -94,6 +94,20 @@ pub struct StreamPlan {
 }
 
 impl StreamPlan {
+    /// The whole tensors the plan stands for, in order: a piece (`name#id` with a shard
+    /// descriptor) counts as its tensor (base name, global shape), once.
+    pub fn whole_tensors(&self) -> Vec<TensorInfo> {
+        let mut seen = std::collections::HashSet::new();
+        self.tensors
+            .iter()
+            .filter(|t| seen.insert(t.base_name().to_string()))
+            .map(|t| match t.shard() {
+                Some(s) => TensorInfo::new(t.base_name(), t.dtype, &s.global_shape),
+                None => t.clone(),
+            })
+            .collect()
+    }
+
     pub fn new(tensors: Vec<TensorInfo>) -> Self {
         StreamPlan {
             tensors: tensors.into(),

@@ -205,17 +205,7 @@ impl SafetensorsWriter {
         self.staging = Some(staging.clone());
 
         // A planned piece (`name#id` with a shard descriptor) stands for its whole tensor.
-        let mut seen = std::collections::HashSet::new();
-        let tensors: Vec<TensorInfo> = self
-            .plan
-            .tensors
-            .iter()
-            .filter(|t| seen.insert(t.base_name().to_string()))
-            .map(|t| match t.shard() {
-                Some(s) => TensorInfo::new(t.base_name(), t.dtype, &s.global_shape),
-                None => t.clone(),
-            })
-            .collect();
+        let tensors = self.plan.whole_tensors();
         let max = if self.single_file {
             u64::MAX
         } else {

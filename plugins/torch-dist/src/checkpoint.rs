@@ -37,26 +37,37 @@ pub struct CheckpointMeta {
 
 /// The folder holding `.metadata`: the given one, or the iteration a checkpoint root points to
 /// (`latest_checkpointed_iteration.txt` → `iter_XXXXXXX/`).
+/// The iteration folder a checkpoint root's `latest_checkpointed_iteration.txt` names
+/// (`iter_XXXXXXX` or `release`), with the tracker's text; None without a tracker. Megatron-Core
+/// and Megatron-LM roots share it.
+pub fn latest_iteration(path: &Path) -> Result<Option<(PathBuf, String)>> {
+    let latest = path.join("latest_checkpointed_iteration.txt");
+    if !latest.is_file() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(&latest).map_err(|e| PluginError::io(&latest, "cannot read", e))?;
+    let t = text.trim().to_string();
+    let dir = if t == "release" {
+        path.join("release")
+    } else {
+        let n: u64 = t.parse().map_err(|_| {
+            PluginError::format(format!(
+                "{}: '{t}' is not an iteration number",
+                latest.display()
+            ))
+        })?;
+        path.join(format!("iter_{n:07}"))
+    };
+    Ok(Some((dir, t)))
+}
+
 pub fn resolve_dir(path: &Path) -> Result<PathBuf> {
     if path.join(".metadata").is_file() {
         return Ok(path.to_path_buf());
     }
     let latest = path.join("latest_checkpointed_iteration.txt");
-    if latest.is_file() {
-        let text = std::fs::read_to_string(&latest)
-            .map_err(|e| PluginError::io(&latest, "cannot read", e))?;
-        let t = text.trim();
-        let dir = if t == "release" {
-            path.join("release")
-        } else {
-            let n: u64 = t.parse().map_err(|_| {
-                PluginError::format(format!(
-                    "{}: '{t}' is not an iteration number",
-                    latest.display()
-                ))
-            })?;
-            path.join(format!("iter_{n:07}"))
-        };
+    if let Some((dir, t)) = latest_iteration(path)? {
         if dir.join(".metadata").is_file() {
             return Ok(dir);
         }

@@ -199,18 +199,25 @@ pub fn storage_class(d: DType) -> &'static str {
 
 /// `data.pkl` of `torch.save(tensor)` for a contiguous tensor, byte for byte.
 pub fn tensor_pickle(dtype: DType, shape: &[u64]) -> Vec<u8> {
+    let mut p = Pickler::new();
+    tensor_value(&mut p, dtype, shape, 0);
+    p.finish()
+}
+
+/// `torch._utils._rebuild_tensor_v2(storage, 0, shape, contiguous stride, False,
+/// OrderedDict())` on storage `data/{storage}`, as torch.save pickles a tensor.
+pub fn tensor_value(p: &mut Pickler, dtype: DType, shape: &[u64], storage: usize) {
     let numel: u64 = shape.iter().product();
     let mut stride = vec![1u64; shape.len()];
     for d in (0..shape.len().saturating_sub(1)).rev() {
         stride[d] = stride[d + 1] * shape[d + 1];
     }
-    let mut p = Pickler::new();
     p.global("torch._utils", "_rebuild_tensor_v2");
     p.mark();
     p.mark();
     p.str("storage");
     p.global("torch", storage_class(dtype));
-    p.str("0");
+    p.str(&storage.to_string());
     p.str("cpu");
     p.int(numel as i64);
     p.tuple(5);
@@ -226,10 +233,8 @@ pub fn tensor_pickle(dtype: DType, shape: &[u64]) -> Vec<u8> {
     p.tuple(6);
     p.op(b'R');
     p.memo_after();
-    p.finish()
 }
 
-/// `data.pkl` of `torch.save([None])` (an `_extra_state` object of the local spec).
 pub fn none_list_pickle() -> Vec<u8> {
     vec![0x80, 0x02, b']', b'q', 0, b'N', b'a', b'.']
 }

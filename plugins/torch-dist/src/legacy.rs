@@ -11,7 +11,7 @@
 //! its layers.
 
 use crate::checkpoint::{is_tensor, tensor_in};
-use crate::emit::{storage_class, Archive, Pickler};
+use crate::emit::{tensor_value, Archive, Pickler};
 use crate::pickle::{self, Value};
 use bridgeflow_sdk::parallel::{pp_layers, tp_local_shape, tp_runs, tp_split, TpSplit};
 use bridgeflow_sdk::{
@@ -299,16 +299,7 @@ impl LegacyWriter {
     fn lay_out(&mut self, plan: &StreamPlan) -> Result<()> {
         // Pieces (blocks of a tensor, e.g. one expert's gate rows) stand for their tensor; each
         // rank's share is cut from whatever blocks arrive.
-        let mut seen = std::collections::HashSet::new();
-        let tensors: Vec<TensorInfo> = plan
-            .tensors
-            .iter()
-            .filter(|t| seen.insert(t.base_name().to_string()))
-            .map(|t| match t.shard() {
-                Some(s) => TensorInfo::new(t.base_name(), t.dtype, &s.global_shape),
-                None => t.clone(),
-            })
-            .collect();
+        let tensors = plan.whole_tensors();
         for t in &tensors {
             let bytes = t
                 .nbytes()
@@ -549,37 +540,6 @@ impl LegacyWriter {
         }
         Ok(())
     }
-}
-
-/// `torch._utils._rebuild_tensor_v2(storage i, 0, shape, contiguous stride, False,
-/// OrderedDict())`, as torch.save pickles a tensor.
-fn tensor_value(p: &mut Pickler, dtype: DType, shape: &[u64], storage: usize) {
-    let numel: u64 = shape.iter().product();
-    let mut stride = vec![1u64; shape.len()];
-    for d in (0..shape.len().saturating_sub(1)).rev() {
-        stride[d] = stride[d + 1] * shape[d + 1];
-    }
-    p.global("torch._utils", "_rebuild_tensor_v2");
-    p.mark();
-    p.mark();
-    p.str("storage");
-    p.global("torch", storage_class(dtype));
-    p.str(&storage.to_string());
-    p.str("cpu");
-    p.int(numel as i64);
-    p.tuple(5);
-    p.op(b'Q');
-    p.int(0);
-    p.ints_tuple(shape);
-    p.ints_tuple(&stride);
-    p.bool(false);
-    p.global("collections", "OrderedDict");
-    p.tuple(0);
-    p.op(b'R');
-    p.memo_after();
-    p.tuple(6);
-    p.op(b'R');
-    p.memo_after();
 }
 
 impl Sink for LegacyWriter {
@@ -870,22 +830,7 @@ pub struct LegacyReader {
 }
 
 fn iter_dir(path: &Path) -> Result<PathBuf> {
-    let latest = path.join("latest_checkpointed_iteration.txt");
-    if latest.is_file() {
-        let t = std::fs::read_to_string(&latest)
-            .map_err(|e| PluginError::io(&latest, "cannot read", e))?;
-        let t = t.trim();
-        let d = if t == "release" {
-            path.join("release")
-        } else {
-            let n: u64 = t.parse().map_err(|_| {
-                PluginError::format(format!("{}: '{t}' is not an iteration", latest.display()))
-            })?;
-            path.join(format!("iter_{n:07}"))
-        };
-        return Ok(d);
-    }
-    Ok(path.to_path_buf())
+    Ok(crate::checkpoint::latest_iteration(path)?.map_or_else(|| path.to_path_buf(), |(d, _)| d))
 }
 
 /// The plain value of a pickled scalar (arguments).

@@ -3,7 +3,7 @@
 //! with a shared expert and the router's `expert_bias` (V3's `e_score_correction_bias`). The
 //! layers differ, so megatron-core keeps per-layer keys (`decoder.layers.0.…`), not stacked ones.
 
-use super::llama::{dense_mlp, gpt_fields};
+use super::llama::{dense_mlp, embeddings, gpt_fields};
 use super::qwen3_moe::{moe_fields_named, routed_moe};
 use super::{fields, megatron, Family};
 use bridgeflow_sdk::mapping::{Entry, Layers};
@@ -22,13 +22,8 @@ pub fn family() -> Family {
             &format!("model.layers.{{l}}.mlp.{h}"),
         )
     };
-    let mut tensors = vec![
-        Entry::vocab(
-            "embedding.word_embeddings.weight",
-            "model.embed_tokens.weight",
-        ),
-        Entry::vocab("output_layer.weight", "lm_head.weight"),
-        Entry::direct("decoder.final_layernorm.weight", "model.norm.weight"),
+    let mut tensors = embeddings();
+    tensors.extend([
         Entry::direct(
             "decoder.layers.{l}.input_layernorm.weight",
             "model.layers.{l}.input_layernorm.weight",
@@ -54,7 +49,7 @@ pub fn family() -> Family {
             "shared_experts.linear_fc2.weight",
             "shared_experts.down_proj.weight",
         ),
-    ];
+    ]);
     tensors.extend(dense_mlp().into_iter().map(|e| e.only(Layers::Dense)));
     tensors.extend(routed_moe(
         "model.layers.{l}.mlp.gate.weight",

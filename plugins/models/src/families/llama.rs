@@ -6,8 +6,8 @@ use super::{fields, megatron, Family};
 use bridgeflow_sdk::mapping::Entry;
 use serde_json::json;
 
-/// Attention and dense MLP rows shared with the other GPT-style families.
-pub fn attention_and_norms() -> Vec<Entry> {
+/// Embedding, output layer and final norm, as every HF decoder here names them.
+pub fn embeddings() -> Vec<Entry> {
     vec![
         Entry::vocab(
             "embedding.word_embeddings.weight",
@@ -15,6 +15,13 @@ pub fn attention_and_norms() -> Vec<Entry> {
         ),
         Entry::vocab("output_layer.weight", "lm_head.weight"),
         Entry::direct("decoder.final_layernorm.weight", "model.norm.weight"),
+    ]
+}
+
+/// Attention and dense MLP rows shared with the other GPT-style families.
+pub fn attention_and_norms() -> Vec<Entry> {
+    let mut rows = embeddings();
+    rows.extend([
         Entry::direct(
             "decoder.layers.{l}.self_attention.linear_qkv.layer_norm_weight",
             "model.layers.{l}.input_layernorm.weight",
@@ -43,7 +50,8 @@ pub fn attention_and_norms() -> Vec<Entry> {
             "decoder.layers.{l}.self_attention.linear_proj.weight",
             "model.layers.{l}.self_attn.o_proj.weight",
         ),
-    ]
+    ]);
+    rows
 }
 
 /// The dense SwiGLU MLP with its pre-norm fused into `linear_fc1`.
