@@ -7,21 +7,11 @@ use std::path::Path;
 
 /// torch_dist checkpoint → Megatron-LM checkpoint with the given layout.
 fn to_legacy(dir: &Path, src: &Path, out: &Path, layout: &str) {
-    let p = format!(
-        r#"
-[stages.read]
-plugin = "torch-dist"
-kind = "reader"
-config = {{ path = "{}", split_layers = true }}
-
-[stages.write]
-plugin = "megatron-lm"
-kind = "writer"
-inputs = ["read"]
-config = {{ path = "{}", {layout} }}
-"#,
-        src.display(),
-        out.display()
+    let p = read_write(
+        "torch-dist",
+        &format!("path = \"{}\", split_layers = true", src.display()),
+        "megatron-lm",
+        &format!("path = \"{}\", {layout}", out.display()),
     );
     run_text(dir, &p, &[], 1 << 30).unwrap();
 }
@@ -35,21 +25,11 @@ fn read_legacy(
 ) -> Result<std::path::PathBuf, String> {
     let out = dir.join(format!("{tag}.safetensors"));
     let rank = rank.map_or(String::new(), |r| format!(", rank = \"{r}\""));
-    let p = format!(
-        r#"
-[stages.read]
-plugin = "megatron-lm"
-kind = "reader"
-config = {{ path = "{}"{rank} }}
-
-[stages.write]
-plugin = "safetensors"
-kind = "writer"
-inputs = ["read"]
-config = {{ path = "{}" }}
-"#,
-        src.display(),
-        out.display()
+    let p = read_write(
+        "megatron-lm",
+        &format!("path = \"{}\"{rank}", src.display()),
+        "safetensors",
+        &format!("path = \"{}\"", out.display()),
     );
     run_text(dir, &p, &[], 1 << 30).map(|_| out)
 }
@@ -113,27 +93,21 @@ fn any_layout_to_any_other_is_exact() {
         .is_file());
     // Legacy → legacy with another layout.
     let b = dir.path().join("tp1");
-    let p = format!(
-        "[stages.read]\nplugin = \"megatron-lm\"\nkind = \"reader\"\nconfig = {{ path = \"{}\" }}\n\n[stages.write]\nplugin = \"megatron-lm\"\nkind = \"writer\"\ninputs = [\"read\"]\nconfig = {{ path = \"{}\", spec = \"local\" }}\n",
-        a.display(),
-        b.display()
+    let path = |p: &Path| format!("path = \"{}\"", p.display());
+    let p = read_write(
+        "megatron-lm",
+        &path(&a),
+        "megatron-lm",
+        &format!("{}, spec = \"local\"", path(&b)),
     );
     run_text(dir.path(), &p, &[], 1 << 30).unwrap();
     for (src, tag) in [(&a, "a"), (&b, "b")] {
         // Back to torch_dist, compared by checkpoint key.
         let td = dir.path().join(format!("{tag}-td"));
-        let p = format!(
-            "[stages.read]\nplugin = \"megatron-lm\"\nkind = \"reader\"\nconfig = {{ path = \"{}\" }}\n\n[stages.write]\nplugin = \"torch-dist\"\nkind = \"writer\"\ninputs = [\"read\"]\nconfig = {{ path = \"{}\" }}\n",
-            src.display(),
-            td.display()
-        );
+        let p = read_write("megatron-lm", &path(src), "torch-dist", &path(&td));
         run_text(dir.path(), &p, &[], 1 << 30).unwrap();
         let flat = dir.path().join(format!("{tag}-flat.safetensors"));
-        let p = format!(
-            "[stages.read]\nplugin = \"torch-dist\"\nkind = \"reader\"\nconfig = {{ path = \"{}\" }}\n\n[stages.write]\nplugin = \"safetensors\"\nkind = \"writer\"\ninputs = [\"read\"]\nconfig = {{ path = \"{}\" }}\n",
-            td.display(),
-            flat.display()
-        );
+        let p = read_write("torch-dist", &path(&td), "safetensors", &path(&flat));
         run_text(dir.path(), &p, &[], 1 << 30).unwrap();
         let got = load_tensors(&flat);
         assert_eq!(

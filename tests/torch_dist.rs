@@ -888,10 +888,11 @@ fn tp2_layout_equals_megatron_cores() {
     let dir = tempdir();
     let src = fixtures().join("mcore/tp2");
     let out = dir.path().join("tp2");
-    let p = format!(
-        "[stages.read]\nplugin = \"torch-dist\"\nkind = \"reader\"\nconfig = {{ path = \"{}\", split_layers = true }}\n\n[stages.write]\nplugin = \"torch-dist\"\nkind = \"writer\"\ninputs = [\"read\"]\nconfig = {{ path = \"{}\", tp = 2, files = 1 }}\n",
-        src.display(),
-        out.display()
+    let p = read_write(
+        "torch-dist",
+        &format!("path = \"{}\", split_layers = true", src.display()),
+        "torch-dist",
+        &format!("path = \"{}\", tp = 2, files = 1", out.display()),
     );
     run_text(dir.path(), &p, &[], 1 << 30).unwrap();
     let chunks = |p: &Path| -> BTreeMap<String, BTreeSet<String>> {

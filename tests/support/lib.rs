@@ -81,6 +81,15 @@ pub fn tempdir() -> tempfile::TempDir {
         .unwrap()
 }
 
+/// The text of a two-stage pipeline: `read` (a reader plugin) into `write` (a writer plugin),
+/// each with its inline config table's contents (`path = "…", …`).
+pub fn read_write(reader: &str, read_cfg: &str, writer: &str, write_cfg: &str) -> String {
+    format!(
+        "[stages.read]\nplugin = \"{reader}\"\nkind = \"reader\"\nconfig = {{ {read_cfg} }}\n\n\
+         [stages.write]\nplugin = \"{writer}\"\nkind = \"writer\"\ninputs = [\"read\"]\nconfig = {{ {write_cfg} }}\n"
+    )
+}
+
 /// Writes a pipeline file into `dir` and runs it in-process.
 pub fn run_text(
     dir: &Path,
