@@ -263,3 +263,54 @@ fn vocab_padding_per_tp_and_truncation() {
     );
     assert!(!dir.path().join("tp4").exists());
 }
+
+/// Any MoE layout to any other: DeepSeek-V3 (MLA, shared expert, dense first layer) from
+/// TP2·EP4 to TP4·EP2 through the reader and writer, then to HF: the original tensors.
+#[test]
+fn moe_layouts_reshard_exactly() {
+    let dir = tempdir();
+    let hf = fixtures().join("hf/deepseek_v3");
+    let pipeline = |name: &str| {
+        std::fs::read_to_string(workspace_root().join("pipelines").join(name)).unwrap()
+    };
+    let a = dir.path().join("tp2ep4");
+    run_text(
+        dir.path(),
+        &pipeline("hf-to-megatron-lm.toml"),
+        &[
+            &format!("input={}", hf.display()),
+            &format!("output={}", a.display()),
+            "write.tp=2",
+            "write.ep=4",
+        ],
+        1 << 30,
+    )
+    .unwrap();
+    let b = dir.path().join("tp4ep2");
+    let p = read_write(
+        "megatron-lm",
+        &format!("path = \"{}\", pieces = true", a.display()),
+        "megatron-lm",
+        &format!("path = \"{}\", tp = 4, ep = 2", b.display()),
+    );
+    run_text(dir.path(), &p, &[], 1 << 30).unwrap();
+    assert!(b
+        .join("iter_0000000/mp_rank_03_001/model_optim_rng.pt")
+        .is_file());
+    let back = dir.path().join("hf");
+    run_text(
+        dir.path(),
+        &pipeline("megatron-lm-to-hf.toml"),
+        &[
+            &format!("input={}", b.display()),
+            &format!("hf_config={}", hf.join("config.json").display()),
+            &format!("output={}", back.display()),
+        ],
+        1 << 30,
+    )
+    .unwrap();
+    assert_eq!(
+        load_tensors(&back),
+        load_tensors(&hf.join("model.safetensors"))
+    );
+}

@@ -248,10 +248,9 @@ impl LegacyWriter {
             fields.insert(k.into(), v.map_or(serde_json::Value::Null, Into::into));
         }
         fields.insert("ckpt_format".into(), "torch".into());
-        let experts = plan
-            .tensors
-            .iter()
-            .find(|t| t.name().contains(STACKED_EXPERTS));
+        // The expert count from the whole tensor (a plan in pieces has one expert per piece).
+        let whole = plan.whole_tensors();
+        let experts = whole.iter().find(|t| t.name().contains(STACKED_EXPERTS));
         if let Some(t) = experts {
             fields.insert("num_experts".into(), t.shape[0].into());
             fields.insert("moe_grouped_gemm".into(), true.into());
