@@ -529,3 +529,45 @@ fn fp8_block_scales_dequantize_as_megatron_bridge() {
         "{e}"
     );
 }
+
+/// Re-quantization on export: the f32 weights the FP8 fixture was made from, quantized by
+/// `fp8-quant`, give torch's FP8 bytes and DeepSeek's block scales exactly (scale = amax / 448,
+/// round to nearest even), scales right after their weights; other tensors pass through.
+#[test]
+fn fp8_quantization_equals_torch() {
+    let dir = tempdir();
+    let fx = workspace_root().join("tests/fixtures/fp8");
+    let out = dir.path().join("q.safetensors");
+    let p = format!(
+        r#"
+[stages.read]
+plugin = "safetensors"
+kind = "reader"
+config = {{ path = "{}" }}
+
+[stages.quant]
+plugin = "fp8-quant"
+kind = "transform"
+inputs = ["read"]
+config = {{ include = '^[abc]\.weight$' }}
+
+[stages.write]
+plugin = "safetensors"
+kind = "writer"
+inputs = ["quant"]
+config = {{ path = "{}" }}
+"#,
+        fx.join("source.safetensors").display(),
+        out.display()
+    );
+    run_text(dir.path(), &p, &[], 1 << 30).unwrap();
+    let got = load_tensors(&out);
+    let want = load_tensors(&fx.join("model.safetensors"));
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (k, w) in &want {
+        assert!(got[k] == *w, "'{k}' differs from torch's quantization");
+    }
+}

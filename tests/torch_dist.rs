@@ -931,3 +931,49 @@ fn tp2_layout_equals_megatron_cores() {
     let want = load_tensors(&fixtures().join("mcore/tp2_global.safetensors"));
     assert_eq!(got, want);
 }
+
+/// DeepSeek-V3 exported back to its FP8 release layout (`megatron-to-hf-fp8.toml`): the
+/// projections as F8_E4M3 with their block scales, everything else untouched, and the config
+/// saying so; that output imports again (`hf-fp8-to-megatron.toml`).
+#[test]
+fn deepseek_exports_to_fp8_and_imports_again() {
+    let dir = tempdir();
+    let out = dir.path().join("hf-fp8");
+    convert(
+        dir.path(),
+        "megatron-to-hf-fp8.toml",
+        &[
+            format!("input={}", fixtures().join("bridge/deepseek_v3").display()),
+            format!("output={}", out.display()),
+        ],
+    )
+    .unwrap();
+    let got = load_tensors(&out);
+    let orig = load_tensors(&fixtures().join("hf/deepseek_v3/model.safetensors"));
+    for (k, w) in &orig {
+        let g = &got[k];
+        if k.ends_with("_proj.weight") || k.ends_with("_proj_with_mqa.weight") {
+            assert_eq!(g.dtype, safetensors::Dtype::F8_E4M3, "{k}");
+            let s = &got[&format!("{k}_scale_inv")];
+            assert_eq!(
+                s.shape,
+                vec![w.shape[0].div_ceil(128), w.shape[1].div_ceil(128)]
+            );
+        } else {
+            assert!(g == w, "'{k}' should pass through");
+        }
+    }
+    assert!(
+        config_json(&out)["quantization_config"]["weight_block_size"]
+            == serde_json::json!([128, 128])
+    );
+    convert(
+        dir.path(),
+        "hf-fp8-to-megatron.toml",
+        &[
+            format!("input={}", out.display()),
+            format!("output={}", dir.path().join("again").display()),
+        ],
+    )
+    .unwrap();
+}

@@ -310,30 +310,34 @@ impl SafetensorsWriter {
         it.all(|d| d == first).then_some(first)
     }
 
-    /// Removes the keys a stage said no longer hold (`drop_config_keys`: e.g. the
-    /// `quantization_config` of weights that were dequantized).
-    fn drop_config_keys(&self, text: String) -> String {
-        let Some(keys) = self
-            .plan
-            .attrs()
+    /// What stages said about the config written beside the weights: keys that no longer hold
+    /// (`drop_config_keys`: the `quantization_config` of dequantized weights) and keys to set
+    /// (`config_updates`: the `quantization_config` of re-quantized ones). Untouched otherwise,
+    /// byte for byte.
+    fn update_config(&self, text: String) -> String {
+        let attrs = self.plan.attrs();
+        let drop = attrs
             .get("drop_config_keys")
             .and_then(|v| v.as_array())
-            .cloned()
-        else {
+            .cloned();
+        let set = attrs
+            .get("config_updates")
+            .and_then(|v| v.as_object())
+            .cloned();
+        if drop.is_none() && set.is_none() {
             return text;
-        };
+        }
         let Ok(mut cfg) = serde_json::from_str::<serde_json::Value>(&text) else {
             return text;
         };
         let Some(obj) = cfg.as_object_mut() else {
             return text;
         };
-        let before = obj.len();
-        for k in keys.iter().filter_map(|k| k.as_str()) {
+        for k in drop.iter().flatten().filter_map(|k| k.as_str()) {
             obj.remove(k);
         }
-        if obj.len() == before {
-            return text;
+        for (k, v) in set.into_iter().flatten() {
+            obj.insert(k, v);
         }
         serde_json::to_string_pretty(&cfg).expect("json") + "\n"
     }
@@ -347,7 +351,7 @@ impl SafetensorsWriter {
         // A config handed over in the stream (rebuilt from a Megatron checkpoint) wins.
         if let Some(cfg) = self.plan.attrs().get("hf_config").filter(|v| v.is_object()) {
             let dst = dir.join("config.json");
-            let text = serde_json::to_string_pretty(cfg).expect("json") + "\n";
+            let text = self.update_config(serde_json::to_string_pretty(cfg).expect("json") + "\n");
             std::fs::write(&dst, text).map_err(|e| PluginError::io(&dst, "cannot write", e))?;
             copied += 1;
         }
@@ -368,7 +372,7 @@ impl SafetensorsWriter {
                     Some(d) => set_config_dtype(&text, d),
                     None => text,
                 };
-                let text = self.drop_config_keys(text);
+                let text = self.update_config(text);
                 std::fs::write(&dst, text).map_err(|e| PluginError::io(&dst, "cannot write", e))?;
             } else {
                 std::fs::copy(&src, &dst).map_err(|e| PluginError::io(&src, "cannot copy", e))?;

@@ -300,3 +300,168 @@ impl Transform for Fp8Dequant {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------- quant
+
+fn projections() -> String {
+    r"(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$"
+        .into()
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(crate = "bridgeflow_sdk::serde", deny_unknown_fields)]
+pub struct Fp8QuantConfig {
+    /// 2-D float weights to quantize (default: DeepSeek-V3's linear projections; its router,
+    /// norms, embeddings and output layer stay as they are).
+    #[serde(default = "projections")]
+    pub include: String,
+    /// Rows and columns covered by one scale.
+    #[serde(default = "d128")]
+    pub block_size: u64,
+}
+
+/// `fp8-quant`: float weights to block-scaled F8_E4M3 as DeepSeek-V3 stores them — per
+/// 128×128 block, scale = amax / 448 and each element cast from x / scale with round to
+/// nearest even (torch's `float8_e4m3fn` cast, NaN from 480 up) — with `X.weight_scale_inv`
+/// emitted right after `X.weight`; the HF config written beside them gets the
+/// `quantization_config` back.
+pub struct Fp8Quant {
+    include: regex::Regex,
+    block: usize,
+    /// The 127 finite positive E4M3 values, by code.
+    table: Vec<f32>,
+}
+
+impl Fp8Quant {
+    fn applies(&self, t: &TensorInfo) -> bool {
+        matches!(t.dtype, DType::F32 | DType::BF16 | DType::F16)
+            && t.shape.len() == 2
+            && self.include.is_match(t.name())
+    }
+
+    /// torch's float → float8_e4m3fn: round to nearest, ties to even; NaN from 480 up.
+    fn e4m3(&self, x: f32) -> u8 {
+        let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+        let a = x.abs();
+        if a.is_nan() || a >= 480.0 {
+            return sign | 0x7f;
+        }
+        let i = self.table.partition_point(|&v| v < a);
+        let code = if i >= self.table.len() {
+            self.table.len() - 1
+        } else if i == 0 || self.table[i] == a {
+            i
+        } else {
+            let (lo, hi) = (a - self.table[i - 1], self.table[i] - a);
+            if lo < hi || (lo == hi && (i - 1) % 2 == 0) {
+                i - 1
+            } else {
+                i
+            }
+        };
+        sign | code as u8
+    }
+}
+
+impl Transform for Fp8Quant {
+    type Config = Fp8QuantConfig;
+    const DESCRIPTION: &'static str =
+        "Quantizes float weights to block-scaled FP8 (F8_E4M3 + weight_scale_inv), as DeepSeek-V3 stores them";
+
+    fn new(cfg: Fp8QuantConfig) -> Result<Self> {
+        let include = regex::Regex::new(&cfg.include)
+            .map_err(|e| PluginError::config(format!("include: {e}")))?;
+        if cfg.block_size == 0 {
+            return Err(PluginError::config("block_size must be positive"));
+        }
+        Ok(Fp8Quant {
+            include,
+            block: cfg.block_size as usize,
+            table: (0u8..0x7f).map(|c| f8_e4m3_to_f64(c) as f32).collect(),
+        })
+    }
+
+    fn plan(&mut self, inputs: &[StreamPlan]) -> Result<StreamPlan> {
+        let mut plan = inputs[0].clone();
+        let mut out = Vec::new();
+        for t in inputs[0].tensors.iter() {
+            if t.shard().is_some() && self.include.is_match(t.base_name()) {
+                return Err(PluginError::config(format!(
+                    "'{}' arrives in pieces; block scales need the whole weight (read without row_pieces)",
+                    t.name()
+                )));
+            }
+            if !self.applies(t) {
+                out.push(t.clone());
+                continue;
+            }
+            let b = self.block as u64;
+            let mut q = t.clone();
+            q.dtype = DType::F8_E4M3;
+            out.push(q);
+            let scales = [t.shape[0].div_ceil(b), t.shape[1].div_ceil(b)];
+            out.push(TensorInfo::new(
+                format!("{}_scale_inv", t.name()),
+                DType::F32,
+                &scales,
+            ));
+        }
+        plan.tensors = out.into();
+        plan.set_attr(
+            "config_updates",
+            serde_json::json!({"quantization_config": {
+                "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                "weight_block_size": [self.block, self.block]}}),
+        );
+        Ok(plan)
+    }
+
+    fn process(&mut self, _port: usize, item: Item, out: &mut Emitter) -> Result<()> {
+        let t = item.into_tensor()?;
+        if !self.applies(&t.info) {
+            return out.tensor(t);
+        }
+        let (rows, cols) = (t.info.shape[0] as usize, t.info.shape[1] as usize);
+        let mut values = Vec::new();
+        bridgeflow_sdk::numeric::decode_f64(t.info.dtype, t.bytes(), &mut values);
+        let x: Vec<f32> = values.into_iter().map(|v| v as f32).collect();
+        let b = self.block;
+        let (sr, sc) = (rows.div_ceil(b), cols.div_ceil(b));
+        let mut scales = vec![0f32; sr * sc];
+        let mut q = vec![0u8; rows * cols];
+        for bi in 0..sr {
+            for bj in 0..sc {
+                let (r0, r1, c0, c1) = (
+                    bi * b,
+                    ((bi + 1) * b).min(rows),
+                    bj * b,
+                    ((bj + 1) * b).min(cols),
+                );
+                let amax = (r0..r1)
+                    .flat_map(|r| x[r * cols + c0..r * cols + c1].iter())
+                    .fold(0f32, |m, v| m.max(v.abs()));
+                let s = amax.max(1e-12) / 448.0;
+                scales[bi * sc + bj] = s;
+                for r in r0..r1 {
+                    for c in c0..c1 {
+                        q[r * cols + c] = self.e4m3(x[r * cols + c] / s);
+                    }
+                }
+            }
+        }
+        let mut info = t.info.clone();
+        info.dtype = DType::F8_E4M3;
+        let scale_info = TensorInfo::new(
+            format!("{}_scale_inv", t.name()),
+            DType::F32,
+            &[sr as u64, sc as u64],
+        );
+        drop(t);
+        out.tensor(Tensor::new(info, bridgeflow_sdk::Buffer::from_vec(q))?)?;
+        let sb: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+        out.tensor(Tensor::new(
+            scale_info,
+            bridgeflow_sdk::Buffer::from_vec(sb),
+        )?)
+    }
+}

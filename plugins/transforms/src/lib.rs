@@ -1,5 +1,5 @@
 //! bridgeflow plugin library with the everyday tensor stages: `cast`, `rename`, `filter`,
-//! `checksum`, `verify`, `verify-manifest` and `fp8-dequant`.
+//! `checksum`, `verify`, `verify-manifest`, `fp8-dequant` and `fp8-quant`.
 
 pub mod cast;
 pub mod checksum;
@@ -37,6 +37,11 @@ bridgeflow_sdk::export_plugins! {
         version: env!("CARGO_PKG_VERSION"),
         description: "Dequantizes block-scaled FP8 weights to bf16, bit-identical to Megatron-Bridge",
         transform: Transform(fp8::Fp8Dequant),
+    }
+    "fp8-quant" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "Quantizes float weights to block-scaled FP8 as DeepSeek-V3 stores them (re-quantization on export)",
+        transform: Transform(fp8::Fp8Quant),
     }
     "verify-manifest" {
         version: env!("CARGO_PKG_VERSION"),
