@@ -306,7 +306,8 @@ fn convert(dir: &Path, pipeline: &str, sets: &[String]) -> Result<(), String> {
 
 /// HF → Megatron equals Megatron-Bridge's import tensor by tensor (keys, global shapes, dtypes,
 /// bytes, and the `_extra_state` objects) for every family with a Bridge golden: Llama (fp32 and
-/// bf16), Qwen3-MoE (experts stacked on their own axis), Gemma 1/2/3 (TOML tables) and DeepSeek-V3
+/// bf16), Qwen3-MoE (experts stacked on their own axis), Gemma 1/2/3 (TOML tables), GPT-OSS
+/// (fused experts reshuffled expert by expert, biases, attention sinks) and DeepSeek-V3
 /// (MLA, a dense first layer, shared experts, per-layer keys); Bridge's checkpoint and ours
 /// exported back give the original HF tensors bit for bit. (The same outputs loaded in
 /// megatron-core 0.19.2 via the oracle: every tensor equal to Bridge's conversion.)
@@ -318,7 +319,7 @@ fn import_equals_megatron_bridge_and_export_is_bit_exact() {
     let cases = ["llama", "llama_bf16", "qwen3_moe", "gemma2", "deepseek_v3"]
         .map(|n| (n, fixtures()))
         .into_iter()
-        .chain(["gemma", "gemma3"].map(|n| (n, local.clone())));
+        .chain(["gemma", "gemma3", "gpt_oss"].map(|n| (n, local.clone())));
     for (name, root) in cases {
         let hf = root.join("hf").join(name);
         let bridge = root.join("bridge").join(name);

@@ -17,6 +17,89 @@ pub enum Kind {
     Qkv,
     /// gate and up concatenated along rows (SwiGLU `linear_fc1`).
     GatedMlp,
+    /// All experts fused in one HF tensor [E, in, 2·ffn] with gate and up interleaved by
+    /// column (GPT-OSS `gate_up_proj`) ⇄ Megatron [E, 2·ffn, in] as [gate; up] rows.
+    ExpertsGateUpInterleavedT,
+    /// The same for the bias: [E, 2·ffn] interleaved ⇄ [E, 2·ffn] as [gate; up].
+    ExpertsGateUpInterleaved,
+    /// All experts fused [E, a, b] ⇄ Megatron [E, b, a] (GPT-OSS `down_proj`).
+    ExpertsTransposed,
+}
+
+impl Kind {
+    /// Whether the kind moves rows (views) rather than reshuffling elements within each expert.
+    pub fn by_rows(self) -> bool {
+        matches!(
+            self,
+            Kind::Direct | Kind::Vocab | Kind::Qkv | Kind::GatedMlp
+        )
+    }
+}
+
+/// One expert's block under a reshuffling kind, HF → Megatron (`to_megatron`) or back:
+/// `src` is the expert's bytes in the source layout, `dims` the source block's shape without
+/// the expert axis, `es` bytes per element. Returns the target block.
+pub fn expert_block(kind: Kind, src: &[u8], dims: &[u64], es: usize, to_megatron: bool) -> Vec<u8> {
+    let mut out = vec![0u8; src.len()];
+    let put = |out: &mut [u8], to: usize, from: usize| {
+        out[to * es..(to + 1) * es].copy_from_slice(&src[from * es..(from + 1) * es])
+    };
+    match kind {
+        Kind::ExpertsTransposed => {
+            // [a, b] -> [b, a] (either direction: a transpose of the source block).
+            let (a, b) = (dims[0] as usize, dims[1] as usize);
+            for i in 0..a {
+                for j in 0..b {
+                    put(&mut out, j * a + i, i * b + j);
+                }
+            }
+        }
+        Kind::ExpertsGateUpInterleavedT => {
+            if to_megatron {
+                // HF [in, 2f] interleaved -> Megatron [2f, in]: row g < f is gate column 2g,
+                // row f + g is up column 2g + 1.
+                let (n, two_f) = (dims[0] as usize, dims[1] as usize);
+                let f = two_f / 2;
+                for i in 0..n {
+                    for g in 0..f {
+                        put(&mut out, g * n + i, i * two_f + 2 * g);
+                        put(&mut out, (f + g) * n + i, i * two_f + 2 * g + 1);
+                    }
+                }
+            } else {
+                let (two_f, n) = (dims[0] as usize, dims[1] as usize);
+                let f = two_f / 2;
+                for g in 0..f {
+                    for i in 0..n {
+                        put(&mut out, i * two_f + 2 * g, g * n + i);
+                        put(&mut out, i * two_f + 2 * g + 1, (f + g) * n + i);
+                    }
+                }
+            }
+        }
+        Kind::ExpertsGateUpInterleaved => {
+            let f = dims[0] as usize / 2;
+            for g in 0..f {
+                if to_megatron {
+                    put(&mut out, g, 2 * g);
+                    put(&mut out, f + g, 2 * g + 1);
+                } else {
+                    put(&mut out, 2 * g, g);
+                    put(&mut out, 2 * g + 1, f + g);
+                }
+            }
+        }
+        _ => out.copy_from_slice(src),
+    }
+    out
+}
+
+/// The target block shape of one expert under a reshuffling kind (`dims`: the source block's).
+pub fn expert_block_dims(kind: Kind, dims: &[u64]) -> Vec<u64> {
+    match kind {
+        Kind::ExpertsTransposed | Kind::ExpertsGateUpInterleavedT => vec![dims[1], dims[0]],
+        _ => dims.to_vec(),
+    }
 }
 
 /// Which decoder layers a row applies to (an HF name may map differently in dense and MoE
@@ -44,7 +127,8 @@ pub struct Entry {
 }
 
 impl Entry {
-    fn new(kind: Kind, megatron: &str, hf: &[&str]) -> Entry {
+    /// A row of any kind.
+    pub fn new(kind: Kind, megatron: &str, hf: &[&str]) -> Entry {
         Entry {
             kind,
             megatron: megatron.to_string(),
@@ -240,6 +324,13 @@ pub fn row_segments(
     };
     Ok(match kind {
         Kind::Direct => (vec![fused_rows], vec![seg(0, 0, 0, fused_rows)]),
+        Kind::ExpertsGateUpInterleavedT
+        | Kind::ExpertsGateUpInterleaved
+        | Kind::ExpertsTransposed => {
+            return Err(PluginError::internal(format!(
+                "{kind:?} reshuffles elements within each expert; it has no row segments"
+            )))
+        }
         Kind::Vocab => {
             if fused_rows < vocab {
                 return Err(PluginError::shape(format!(
@@ -364,6 +455,37 @@ mod tests {
         assert!(row_segments(Kind::Vocab, 6, h, 7).is_err());
         assert!(row_segments(Kind::Qkv, 15, h, 0).is_err());
         assert!(row_segments(Kind::GatedMlp, 5, h, 0).is_err());
+    }
+
+    #[test]
+    fn expert_blocks_round_trip() {
+        // One expert, in = 2, 2f = 4: HF [[g0 u0 g1 u1], [g0' u0' g1' u1']] by bytes.
+        let hf: Vec<u8> = vec![10, 20, 11, 21, 12, 22, 13, 23];
+        let meg = expert_block(Kind::ExpertsGateUpInterleavedT, &hf, &[2, 4], 1, true);
+        // Rows: gate0 [10, 12], gate1 [11, 13], up0 [20, 22], up1 [21, 23].
+        assert_eq!(meg, vec![10, 12, 11, 13, 20, 22, 21, 23]);
+        assert_eq!(
+            expert_block(Kind::ExpertsGateUpInterleavedT, &meg, &[4, 2], 1, false),
+            hf
+        );
+        let b = expert_block(Kind::ExpertsGateUpInterleaved, &[1, 2, 3, 4], &[4], 1, true);
+        assert_eq!(b, vec![1, 3, 2, 4]);
+        assert_eq!(
+            expert_block(Kind::ExpertsGateUpInterleaved, &b, &[4], 1, false),
+            vec![1, 2, 3, 4]
+        );
+        let t = expert_block(
+            Kind::ExpertsTransposed,
+            &[1, 2, 3, 4, 5, 6],
+            &[2, 3],
+            1,
+            true,
+        );
+        assert_eq!(t, vec![1, 4, 2, 5, 3, 6]);
+        assert_eq!(
+            expert_block_dims(Kind::ExpertsTransposed, &[2, 3]),
+            vec![3, 2]
+        );
     }
 
     #[test]

@@ -10,8 +10,8 @@
 
 use crate::families::{self, Family};
 use bridgeflow_sdk::mapping::{
-    fill, fused_rows, match_name, round_up, row_segments, split_qkv, Entry, Heads, Index, Kind,
-    Layers, RowSegment,
+    expert_block, expert_block_dims, fill, fused_rows, match_name, round_up, row_segments,
+    split_qkv, Entry, Heads, Index, Kind, Layers, RowSegment,
 };
 use bridgeflow_sdk::{
     schemars, serde, Buffer, Emitter, Item, PluginError, Result, StreamPlan, Tensor, TensorInfo,
@@ -148,6 +148,8 @@ pub struct Mapper {
     /// Whole-tensor import: each Megatron tensor's info and its parts so far.
     outputs: HashMap<(usize, Option<u64>), TensorInfo>,
     pending: BTreeMap<(usize, Option<u64>), Parts>,
+    /// HF tensors whose experts are reshuffled (GPT-OSS): kind, Megatron name, global shape.
+    reshuffle: HashMap<String, (Kind, String, Vec<u64>)>,
 }
 
 /// The HF parts of one Megatron tensor received so far, by (expert, part).
@@ -286,6 +288,37 @@ impl Mapper {
                 }
             }
             let first = &parts[&(0, 0)];
+            if !e.kind.by_rows() {
+                // All experts in one tensor, reshuffled expert by expert: one piece each (a
+                // copy the size of one expert), or the whole tensor without zero_copy.
+                if first.shape.len() < 2 || blocks[first.name()].len() > 1 {
+                    return Err(PluginError::shape(format!(
+                        "'{}': expected one whole tensor with a leading expert axis",
+                        first.name()
+                    )));
+                }
+                let n = first.shape[0];
+                let global: Vec<u64> = std::iter::once(n)
+                    .chain(expert_block_dims(e.kind, &first.shape[1..]))
+                    .collect();
+                if self.cfg.zero_copy {
+                    for x in 0..n {
+                        let mut at = vec![0; global.len()];
+                        at[0] = x;
+                        let mut shape = global.clone();
+                        shape[0] = 1;
+                        out.push(
+                            TensorInfo::new(format!("{name}#{x}"), first.dtype, &shape)
+                                .with_shard(&global, &at),
+                        );
+                    }
+                } else {
+                    out.push(TensorInfo::new(name.clone(), first.dtype, &global));
+                }
+                self.reshuffle
+                    .insert(first.name().to_string(), (e.kind, name.clone(), global));
+                continue;
+            }
             let part_rows: Vec<u64> = (0..e.hf.len())
                 .map(|p| parts[&(0, p)].shape.first().copied().unwrap_or(1))
                 .collect();
@@ -391,6 +424,20 @@ impl Mapper {
             } else {
                 (None, global)
             };
+            if !e.kind.by_rows() {
+                let hf: Vec<u64> = std::iter::once(shape[0])
+                    .chain(expert_block_dims(e.kind, &shape[1..]))
+                    .collect();
+                let name = fill(
+                    &e.hf[0],
+                    Index {
+                        layer: idx.layer,
+                        expert: None,
+                    },
+                );
+                out.push(TensorInfo::new(name, t.dtype, &hf));
+                continue;
+            }
             let part_rows = match shape.first() {
                 Some(&r) => self.segments(e.kind, r, t.base_name())?.0,
                 None => vec![0],
@@ -455,6 +502,33 @@ impl Mapper {
         if self.skip_hf(t.info.base_name()) {
             return Ok(());
         }
+        if let Some((kind, name, global)) = self.reshuffle.get(t.name()).cloned() {
+            let es = t.info.dtype.size();
+            let per = t.bytes().len() / global[0].max(1) as usize;
+            let src_dims = &t.info.shape[1..];
+            let mut whole = Vec::new();
+            for x in 0..global[0] as usize {
+                let block = &t.bytes()[x * per..(x + 1) * per];
+                let b = expert_block(kind, block, src_dims, es, true);
+                t.data.discard(x * per..(x + 1) * per);
+                if !self.cfg.zero_copy {
+                    whole.extend_from_slice(&b);
+                    continue;
+                }
+                let mut at = vec![0; global.len()];
+                at[0] = x as u64;
+                let mut shape = global.clone();
+                shape[0] = 1;
+                let info = TensorInfo::new(format!("{name}#{x}"), t.info.dtype, &shape)
+                    .with_shard(&global, &at);
+                out.tensor(Tensor::new(info, Buffer::from_vec(b))?)?;
+            }
+            if !self.cfg.zero_copy {
+                let info = TensorInfo::new(name, t.info.dtype, &global);
+                out.tensor(Tensor::new(info, Buffer::from_vec(whole))?)?;
+            }
+            return Ok(());
+        }
         if let Some(pieces) = self.pieces.get(t.name()) {
             let row = row_bytes(&t.info.shape, t.info.dtype);
             for pc in pieces {
@@ -501,6 +575,46 @@ impl Mapper {
                 },
             )
         };
+        if !e.kind.by_rows() {
+            // Expert by expert back to the HF layout: a whole tensor, or (from stored blocks)
+            // the experts this block holds, each a piece of the HF tensor.
+            let global = t
+                .info
+                .shard()
+                .map_or(t.info.shape.to_vec(), |s| s.global_shape.to_vec());
+            if t.info.shape[1..] != global[1..] {
+                return Err(PluginError::shape(format!(
+                    "'{}' holds part of an expert; its experts are reshuffled whole",
+                    t.name()
+                )));
+            }
+            let first = t.info.shard().map_or(0, |s| s.offsets[0]);
+            let n = t.info.shape[0] as usize;
+            let es = t.info.dtype.size();
+            let per = t.bytes().len() / n.max(1);
+            let dims = &global[1..];
+            let hf: Vec<u64> = std::iter::once(global[0])
+                .chain(expert_block_dims(e.kind, dims))
+                .collect();
+            let hf_name = name(0, None);
+            let blocks: Vec<Vec<u8>> = (0..n)
+                .map(|x| expert_block(e.kind, &t.bytes()[x * per..(x + 1) * per], dims, es, false))
+                .collect();
+            if t.info.shard().is_none() {
+                let info = TensorInfo::new(hf_name, t.info.dtype, &hf);
+                return out.tensor(Tensor::new(info, Buffer::from_vec(blocks.concat()))?);
+            }
+            for (x, b) in blocks.into_iter().enumerate() {
+                let mut at = vec![0; hf.len()];
+                at[0] = first + x as u64;
+                let mut shape = hf.clone();
+                shape[0] = 1;
+                let info = TensorInfo::new(format!("{hf_name}#{}", at[0]), t.info.dtype, &shape)
+                    .with_shard(&hf, &at);
+                out.tensor(Tensor::new(info, Buffer::from_vec(b))?)?;
+            }
+            return Ok(());
+        }
         if e.kind == Kind::Direct && !e.per_expert() {
             // Renamed; a piece stays a piece of the renamed tensor.
             let n = match t.name().split_once('#') {
@@ -592,6 +706,7 @@ impl Transform for Mapper {
             pieces: HashMap::new(),
             outputs: HashMap::new(),
             pending: BTreeMap::new(),
+            reshuffle: HashMap::new(),
         })
     }
 

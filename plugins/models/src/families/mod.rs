@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use std::path::Path;
 
 mod deepseek;
+mod gpt_oss;
 mod llama;
 mod qwen3_moe;
 
@@ -75,6 +76,7 @@ pub fn builtin() -> Vec<Family> {
         qwen3_moe::family(),
         qwen3_moe::mixtral(),
         deepseek::family(),
+        gpt_oss::family(),
     ];
     for (path, text) in TOML_TABLES {
         all.push(Family::from_toml(text, Path::new(path)).expect("a bundled table parses"));
