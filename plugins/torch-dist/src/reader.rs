@@ -32,7 +32,7 @@ pub struct ReaderConfig {
     /// Hand a tensor (or layer) stored as several blocks of whole rows — SwiGLU halves, q/k/v
     /// group blocks, TP shards of column-parallel weights — out as those blocks, each a view
     /// of the map named `<name>#<row>` with a shard descriptor over the whole, instead of
-    /// assembling it: nothing is copied. The consumer must take pieces (the llama mapper and
+    /// assembling it: nothing is copied. The consumer must take pieces (the models mapper and
     /// both writers do).
     #[serde(default)]
     pub row_pieces: bool,
