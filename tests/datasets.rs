@@ -637,29 +637,20 @@ fn parquet_and_arrow_ipc_inputs_give_the_same_dataset() {
         w.finish().unwrap();
     }
     for (plugin, pattern) in [("parquet", "*.parquet"), ("arrow-ipc", "*.arrow")] {
-        let p = format!(
-            r#"
-[stages.read]
-plugin = "{plugin}"
-kind = "reader"
-config = {{ path = "{}/{pattern}", columns = ["text"] }}
-
-[stages.tokenize]
-plugin = "tokenize"
-kind = "transform"
-inputs = ["read"]
-config = {{ tokenizer = "{}" }}
-
-[stages.write]
-plugin = "megatron-indexed"
-kind = "writer"
-inputs = ["tokenize"]
-config = {{ output_prefix = "{}/{plugin}" }}
-"#,
-            dir.path().display(),
-            data().join("tokenizer/bpe8k").display(),
+        let read = format!(
+            "path = \"{}/{pattern}\", columns = [\"text\"]",
             dir.path().display()
         );
+        let tokenizer = format!(
+            "tokenizer = \"{}\"",
+            data().join("tokenizer/bpe8k").display()
+        );
+        let write = format!("output_prefix = \"{}/{plugin}\"", dir.path().display());
+        let p = chain(&[
+            ("read", plugin, "reader", &read),
+            ("tokenize", "tokenize", "transform", &tokenizer),
+            ("write", "megatron-indexed", "writer", &write),
+        ]);
         run_text(dir.path(), &p, &[], 1 << 30).unwrap();
         assert_identical(&dir.path().join(plugin), "text", "head200_bpe8k_noeod");
     }

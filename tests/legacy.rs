@@ -9,9 +9,9 @@ use std::path::Path;
 fn to_legacy(dir: &Path, src: &Path, out: &Path, layout: &str) {
     let p = read_write(
         "torch-dist",
-        &format!("path = \"{}\", split_layers = true", src.display()),
+        &format!("{}, split_layers = true", path_cfg(src)),
         "megatron-lm",
-        &format!("path = \"{}\", {layout}", out.display()),
+        &format!("{}, {layout}", path_cfg(out)),
     );
     run_text(dir, &p, &[], 1 << 30).unwrap();
 }
@@ -27,9 +27,9 @@ fn read_legacy(
     let rank = rank.map_or(String::new(), |r| format!(", rank = \"{r}\""));
     let p = read_write(
         "megatron-lm",
-        &format!("path = \"{}\"{rank}", src.display()),
+        &format!("{}{rank}", path_cfg(src)),
         "safetensors",
-        &format!("path = \"{}\"", out.display()),
+        &path_cfg(&out),
     );
     run_text(dir, &p, &[], 1 << 30).map(|_| out)
 }
@@ -93,21 +93,25 @@ fn any_layout_to_any_other_is_exact() {
         .is_file());
     // Legacy → legacy with another layout.
     let b = dir.path().join("tp1");
-    let path = |p: &Path| format!("path = \"{}\"", p.display());
     let p = read_write(
         "megatron-lm",
-        &path(&a),
+        &path_cfg(&a),
         "megatron-lm",
-        &format!("{}, spec = \"local\"", path(&b)),
+        &format!("{}, spec = \"local\"", path_cfg(&b)),
     );
     run_text(dir.path(), &p, &[], 1 << 30).unwrap();
     for (src, tag) in [(&a, "a"), (&b, "b")] {
         // Back to torch_dist, compared by checkpoint key.
         let td = dir.path().join(format!("{tag}-td"));
-        let p = read_write("megatron-lm", &path(src), "torch-dist", &path(&td));
+        let p = read_write("megatron-lm", &path_cfg(src), "torch-dist", &path_cfg(&td));
         run_text(dir.path(), &p, &[], 1 << 30).unwrap();
         let flat = dir.path().join(format!("{tag}-flat.safetensors"));
-        let p = read_write("torch-dist", &path(&td), "safetensors", &path(&flat));
+        let p = read_write(
+            "torch-dist",
+            &path_cfg(&td),
+            "safetensors",
+            &path_cfg(&flat),
+        );
         run_text(dir.path(), &p, &[], 1 << 30).unwrap();
         let got = load_tensors(&flat);
         assert_eq!(
@@ -159,13 +163,25 @@ fn hf_to_megatron_lm_and_back_is_exact() {
     let pipeline = |name: &str| {
         std::fs::read_to_string(workspace_root().join("pipelines").join(name)).unwrap()
     };
-    for (hf, layout) in [
-        (fixtures().join("hf/llama"), ["write.tp=2", "write.pp=2"]),
+    let local = workspace_root().join("tests/fixtures/hf");
+    let cases: [(std::path::PathBuf, &[&str]); 5] = [
+        (fixtures().join("hf/llama"), &["write.tp=2", "write.pp=2"]),
+        (local.join("qwen2"), &["write.tp=2", "write.pp=1"]),
+        // 6 layers: 3 stages of 2 virtual chunks (model0, model1) of one layer each.
         (
-            workspace_root().join("tests/fixtures/hf/qwen2"),
-            ["write.tp=2", "write.pp=1"],
+            local.join("gemma3"),
+            &["write.tp=2", "write.pp=3", "write.vpp=2"],
         ),
-    ] {
+        (
+            fixtures().join("hf/qwen3_moe"),
+            &["write.tp=2", "write.ep=2"],
+        ),
+        (
+            fixtures().join("hf/deepseek_v3"),
+            &["write.tp=2", "write.ep=4", "write.etp=1"],
+        ),
+    ];
+    for (hf, layout) in cases {
         let name = hf.file_name().unwrap().to_string_lossy().to_string();
         let ckpt = dir.path().join(format!("{name}-mlm"));
         let back = dir.path().join(format!("{name}-hf"));
@@ -180,6 +196,45 @@ fn hf_to_megatron_lm_and_back_is_exact() {
             1 << 30,
         )
         .unwrap();
+        if layout.contains(&"write.vpp=2") {
+            // Stage 2 holds the model's 3rd and 6th layers as model0 and model1.
+            let r = read_legacy(dir.path(), &ckpt, Some("mp_rank_01_002"), "vpp").unwrap();
+            let names: Vec<String> = load_tensors(&r).into_keys().collect();
+            assert!(
+                names
+                    .iter()
+                    .any(|n| n.starts_with("model0.decoder.layers.0.")),
+                "{names:?}"
+            );
+            assert!(
+                names.contains(&"model1.decoder.final_layernorm.weight".to_string()),
+                "{names:?}"
+            );
+        }
+        if layout.contains(&"write.ep=2") {
+            // EP rank 1 holds experts 2 and 3 as local experts 0 and 1, in mp_rank_01_001.
+            let r = read_legacy(dir.path(), &ckpt, Some("mp_rank_01_001"), "ep").unwrap();
+            let names: Vec<String> = load_tensors(&r).into_keys().collect();
+            assert!(
+                names.contains(&"decoder.layers.1.mlp.experts.linear_fc1.weight1".to_string()),
+                "{names:?}"
+            );
+            assert!(!names.iter().any(|n| n.ends_with("weight2")), "{names:?}");
+            // Read in stored blocks (local experts, TP shards) as views, or assembled: the
+            // same tensors, in more items.
+            let read = |pieces: bool, out: &Path| {
+                let cfg = format!("{}, pieces = {pieces}", path_cfg(&ckpt));
+                let p = read_write("megatron-lm", &cfg, "safetensors", &path_cfg(out));
+                run_text(dir.path(), &p, &[], 1 << 30).unwrap().stages[0].items_out
+            };
+            let (a, b) = (
+                dir.path().join("whole.safetensors"),
+                dir.path().join("blocks.safetensors"),
+            );
+            let (n_whole, n_blocks) = (read(false, &a), read(true, &b));
+            assert!(n_blocks > n_whole, "{n_blocks} vs {n_whole} items");
+            assert_eq!(load_tensors(&a), load_tensors(&b));
+        }
         run_text(
             dir.path(),
             &pipeline("megatron-lm-to-hf.toml"),
@@ -289,9 +344,9 @@ fn moe_layouts_reshard_exactly() {
     let b = dir.path().join("tp4ep2");
     let p = read_write(
         "megatron-lm",
-        &format!("path = \"{}\", pieces = true", a.display()),
+        &format!("{}, pieces = true", path_cfg(&a)),
         "megatron-lm",
-        &format!("path = \"{}\", tp = 4, ep = 2", b.display()),
+        &format!("{}, tp = 4, ep = 2", path_cfg(&b)),
     );
     run_text(dir.path(), &p, &[], 1 << 30).unwrap();
     assert!(b

@@ -75,22 +75,8 @@ fn fp32_fixture_to_bf16_through_the_bundled_pipeline() {
 }
 
 fn reshard(dir: &Path, input: &Path, out: &Path, max: &str) -> String {
-    let p = format!(
-        r#"
-[stages.read]
-plugin = "safetensors"
-kind = "reader"
-config = {{ path = "{}" }}
-
-[stages.write]
-plugin = "safetensors"
-kind = "writer"
-inputs = ["read"]
-config = {{ path = "{}", max_shard_size = "{max}" }}
-"#,
-        input.display(),
-        out.display()
-    );
+    let write = format!("{}, max_shard_size = \"{max}\"", path_cfg(out));
+    let p = read_write("safetensors", &path_cfg(input), "safetensors", &write);
     let r = run_text(dir, &p, &[], 1 << 30).unwrap();
     r.stages.last().unwrap().summary.clone()
 }
@@ -408,22 +394,11 @@ config = {{ tolerance = {tol} }}
 
     let manifest = out.join("bridgeflow-manifest.json");
     let check = |path: &Path| {
-        let p = format!(
-            r#"
-[stages.read]
-plugin = "safetensors"
-kind = "reader"
-config = {{ path = "{}" }}
-
-[stages.check]
-plugin = "verify-manifest"
-kind = "transform"
-inputs = ["read"]
-config = {{ manifest = "{}" }}
-"#,
-            path.display(),
-            manifest.display()
-        );
+        let m = format!("manifest = \"{}\"", manifest.display());
+        let p = chain(&[
+            ("read", "safetensors", "reader", &path_cfg(path)),
+            ("check", "verify-manifest", "transform", &m),
+        ]);
         run_text(dir.path(), &p, &[], 1 << 30)
     };
     check(&out).unwrap();
@@ -446,28 +421,11 @@ fn dequant_pipeline(input: &Path, out: &Path) -> String {
 }
 
 fn dequant_pipeline_with(input: &Path, out: &Path, config: &str) -> String {
-    format!(
-        r#"
-[stages.read]
-plugin = "safetensors"
-kind = "reader"
-config = {{ path = "{}" }}
-
-[stages.dequant]
-plugin = "fp8-dequant"
-kind = "transform"
-inputs = ["read"]
-config = {{ {config} }}
-
-[stages.write]
-plugin = "safetensors"
-kind = "writer"
-inputs = ["dequant"]
-config = {{ path = "{}" }}
-"#,
-        input.display(),
-        out.display()
-    )
+    chain(&[
+        ("read", "safetensors", "reader", &path_cfg(input)),
+        ("dequant", "fp8-dequant", "transform", config),
+        ("write", "safetensors", "writer", &path_cfg(out)),
+    ])
 }
 
 /// Block-scaled FP8 (DeepSeek-V3's HF format) dequantized to bf16 equals Megatron-Bridge's own
@@ -538,28 +496,21 @@ fn fp8_quantization_equals_torch() {
     let dir = tempdir();
     let fx = workspace_root().join("tests/fixtures/fp8");
     let out = dir.path().join("q.safetensors");
-    let p = format!(
-        r#"
-[stages.read]
-plugin = "safetensors"
-kind = "reader"
-config = {{ path = "{}" }}
-
-[stages.quant]
-plugin = "fp8-quant"
-kind = "transform"
-inputs = ["read"]
-config = {{ include = '^[abc]\.weight$' }}
-
-[stages.write]
-plugin = "safetensors"
-kind = "writer"
-inputs = ["quant"]
-config = {{ path = "{}" }}
-"#,
-        fx.join("source.safetensors").display(),
-        out.display()
-    );
+    let p = chain(&[
+        (
+            "read",
+            "safetensors",
+            "reader",
+            &path_cfg(&fx.join("source.safetensors")),
+        ),
+        (
+            "quant",
+            "fp8-quant",
+            "transform",
+            r"include = '^[abc]\.weight$'",
+        ),
+        ("write", "safetensors", "writer", &path_cfg(&out)),
+    ]);
     run_text(dir.path(), &p, &[], 1 << 30).unwrap();
     let got = load_tensors(&out);
     let want = load_tensors(&fx.join("model.safetensors"));

@@ -21,22 +21,11 @@ fn read_to_safetensors(
         "{}-{split_layers}-{row_pieces}.safetensors",
         ckpt.file_name().unwrap().to_string_lossy()
     ));
-    let p = format!(
-        r#"
-[stages.read]
-plugin = "torch-dist"
-kind = "reader"
-config = {{ path = "{}", split_layers = {split_layers}, row_pieces = {row_pieces} }}
-
-[stages.write]
-plugin = "safetensors"
-kind = "writer"
-inputs = ["read"]
-config = {{ path = "{}" }}
-"#,
-        ckpt.display(),
-        out.display()
+    let read = format!(
+        "{}, split_layers = {split_layers}, row_pieces = {row_pieces}",
+        path_cfg(ckpt)
     );
+    let p = read_write("torch-dist", &read, "safetensors", &path_cfg(&out));
     let report = run_text(dir, &p, &[], 1 << 30).unwrap();
     (out, report.stages[0].items_out)
 }
@@ -140,10 +129,7 @@ fn corrupt_checkpoints_are_named() {
     // A truncated data file.
     let data = std::fs::read(src.join("__0_0.distcp")).unwrap();
     std::fs::write(bad.join("__0_0.distcp"), &data[..data.len() / 2]).unwrap();
-    let p = format!(
-        "[stages.read]\nplugin = \"torch-dist\"\nkind = \"reader\"\nconfig = {{ path = \"{}\" }}\n\n[stages.sink]\nplugin = \"testkit\"\nkind = \"writer\"\ninputs = [\"read\"]\nconfig = {{ delay_ms = 0 }}\n",
-        bad.display()
-    );
+    let p = read_write("torch-dist", &path_cfg(&bad), "testkit", "delay_ms = 0");
     let e = run_text(dir.path(), &p, &[], 1 << 30).unwrap_err();
     assert!(e.contains("__0_0.distcp") && e.contains("truncated"), "{e}");
 
@@ -190,22 +176,8 @@ fn writer_round_trips_bridge_and_mcore_checkpoints() {
             .collect();
     for (i, (src, truth)) in cases.iter().enumerate() {
         let out = dir.path().join(format!("ckpt{i}"));
-        let p = format!(
-            r#"
-[stages.read]
-plugin = "torch-dist"
-kind = "reader"
-config = {{ path = "{}", split_layers = true }}
-
-[stages.write]
-plugin = "torch-dist"
-kind = "writer"
-inputs = ["read"]
-config = {{ path = "{}" }}
-"#,
-            src.display(),
-            out.display()
-        );
+        let read = format!("{}, split_layers = true", path_cfg(src));
+        let p = read_write("torch-dist", &read, "torch-dist", &path_cfg(&out));
         run_text(dir.path(), &p, &[], 1 << 30).unwrap();
         assert_eq!(
             std::fs::read_to_string(out.join("latest_checkpointed_iteration.txt")).unwrap(),
@@ -266,28 +238,16 @@ config = {{ path = "{}" }}
 fn an_interrupted_write_leaves_no_checkpoint() {
     let dir = tempdir();
     let out = dir.path().join("ckpt");
-    let p = format!(
-        r#"
-[stages.read]
-plugin = "torch-dist"
-kind = "reader"
-config = {{ path = "{}" }}
-
-[stages.boom]
-plugin = "testkit"
-kind = "transform"
-inputs = ["read"]
-config = {{ after = 3 }}
-
-[stages.write]
-plugin = "torch-dist"
-kind = "writer"
-inputs = ["boom"]
-config = {{ path = "{}" }}
-"#,
-        fixtures().join("mcore/tp1").display(),
-        out.display()
-    );
+    let p = chain(&[
+        (
+            "read",
+            "torch-dist",
+            "reader",
+            &path_cfg(&fixtures().join("mcore/tp1")),
+        ),
+        ("boom", "testkit", "transform", "after = 3"),
+        ("write", "torch-dist", "writer", &path_cfg(&out)),
+    ]);
     let e = run_text(dir.path(), &p, &[], 1 << 30).unwrap_err();
     assert!(e.contains("stage 'boom'"), "{e}");
     assert!(!out.exists());
@@ -566,10 +526,8 @@ fn manifests_beside_outputs_are_checked_on_read() {
     )
     .unwrap();
     let read = |verify: bool| {
-        let p = format!(
-            "[stages.read]\nplugin = \"torch-dist\"\nkind = \"reader\"\nconfig = {{ path = \"{}\", verify = {verify} }}\n\n[stages.sink]\nplugin = \"testkit\"\nkind = \"writer\"\ninputs = [\"read\"]\nconfig = {{ delay_ms = 0 }}\n",
-            ckpt.display()
-        );
+        let read = format!("{}, verify = {verify}", path_cfg(&ckpt));
+        let p = read_write("torch-dist", &read, "testkit", "delay_ms = 0");
         run_text(dir.path(), &p, &[], 1 << 30)
     };
     read(true).unwrap();
@@ -655,12 +613,7 @@ fn missing_metadata_and_uncovered_tensors_are_named() {
     // A folder that is not a checkpoint.
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    let p = |path: &Path| {
-        format!(
-            "[stages.read]\nplugin = \"torch-dist\"\nkind = \"reader\"\nconfig = {{ path = \"{}\" }}\n\n[stages.sink]\nplugin = \"testkit\"\nkind = \"writer\"\ninputs = [\"read\"]\nconfig = {{ delay_ms = 0 }}\n",
-            path.display()
-        )
-    };
+    let p = |path: &Path| read_write("torch-dist", &path_cfg(path), "testkit", "delay_ms = 0");
     let e = run_text(dir.path(), &p(&empty), &[], 1 << 30).unwrap_err();
     assert!(
         e.contains("no .metadata and no latest_checkpointed_iteration.txt"),
@@ -706,28 +659,12 @@ fn toml_model_tables_add_architectures_at_run_time() {
     let table_path = dir.path().join("my-gemma.toml");
     std::fs::write(&table_path, table).unwrap();
     let pipeline = |tables: &str, out: &Path| {
-        format!(
-            r#"
-[stages.read]
-plugin = "safetensors"
-kind = "reader"
-config = {{ path = "{}" }}
-
-[stages.map]
-plugin = "models"
-kind = "mapper"
-inputs = ["read"]
-config = {{ direction = "to-megatron", model_tables = [{tables}] }}
-
-[stages.write]
-plugin = "torch-dist"
-kind = "writer"
-inputs = ["map"]
-config = {{ path = "{}" }}
-"#,
-            hf.display(),
-            out.display()
-        )
+        let map = format!("direction = \"to-megatron\", model_tables = [{tables}]");
+        chain(&[
+            ("read", "safetensors", "reader", &path_cfg(&hf)),
+            ("map", "models", "mapper", &map),
+            ("write", "torch-dist", "writer", &path_cfg(out)),
+        ])
     };
     let out = dir.path().join("out");
     let e = run_text(dir.path(), &pipeline("", &out), &[], 1 << 30).unwrap_err();
@@ -891,9 +828,9 @@ fn tp2_layout_equals_megatron_cores() {
     let out = dir.path().join("tp2");
     let p = read_write(
         "torch-dist",
-        &format!("path = \"{}\", split_layers = true", src.display()),
+        &format!("{}, split_layers = true", path_cfg(&src)),
         "torch-dist",
-        &format!("path = \"{}\", tp = 2, files = 1", out.display()),
+        &format!("{}, tp = 2, files = 1", path_cfg(&out)),
     );
     run_text(dir.path(), &p, &[], 1 << 30).unwrap();
     let chunks = |p: &Path| -> BTreeMap<String, BTreeSet<String>> {

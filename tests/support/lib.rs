@@ -81,13 +81,35 @@ pub fn tempdir() -> tempfile::TempDir {
         .unwrap()
 }
 
-/// The text of a two-stage pipeline: `read` (a reader plugin) into `write` (a writer plugin),
-/// each with its inline config table's contents (`path = "…", …`).
+/// The text of a pipeline whose stages run one after the other: each (name, plugin, kind,
+/// contents of its inline config table), every stage after the first taking the one before.
+pub fn chain(stages: &[(&str, &str, &str, &str)]) -> String {
+    let mut text = String::new();
+    let mut previous: Option<&str> = None;
+    for (name, plugin, kind, config) in stages {
+        text.push_str(&format!(
+            "[stages.{name}]\nplugin = \"{plugin}\"\nkind = \"{kind}\"\n"
+        ));
+        if let Some(p) = previous {
+            text.push_str(&format!("inputs = [\"{p}\"]\n"));
+        }
+        text.push_str(&format!("config = {{ {config} }}\n\n"));
+        previous = Some(name);
+    }
+    text
+}
+
+/// A reader (`read`) into a writer (`write`): [`chain`] of two.
 pub fn read_write(reader: &str, read_cfg: &str, writer: &str, write_cfg: &str) -> String {
-    format!(
-        "[stages.read]\nplugin = \"{reader}\"\nkind = \"reader\"\nconfig = {{ {read_cfg} }}\n\n\
-         [stages.write]\nplugin = \"{writer}\"\nkind = \"writer\"\ninputs = [\"read\"]\nconfig = {{ {write_cfg} }}\n"
-    )
+    chain(&[
+        ("read", reader, "reader", read_cfg),
+        ("write", writer, "writer", write_cfg),
+    ])
+}
+
+/// `path = "<p>"`, the config of most readers and writers.
+pub fn path_cfg(p: &Path) -> String {
+    format!("path = \"{}\"", p.display())
 }
 
 /// Writes a pipeline file into `dir` and runs it in-process.
