@@ -64,6 +64,17 @@ fn remove_any(p: &Path) {
     };
 }
 
+/// Refuses to write over an existing output unless the stage was told to (`overwrite`).
+pub fn refuse_existing(target: &Path, overwrite: bool) -> Result<()> {
+    if target.exists() && !overwrite {
+        return Err(PluginError::config(format!(
+            "{} already exists; set overwrite = true or choose another path",
+            target.display()
+        )));
+    }
+    Ok(())
+}
+
 /// A hidden name beside `target` for work in progress, `.{name}.{tag}-{pid}`: the same
 /// directory (so committing is a rename, not a copy), and named so that it never looks like a
 /// finished output and one process's leftovers never clash with another's.

@@ -268,12 +268,7 @@ impl Sink for PackWriter {
     }
 
     fn open(&mut self, inputs: &[StreamPlan]) -> Result<()> {
-        if self.cfg.output.exists() && !self.cfg.overwrite {
-            return Err(PluginError::config(format!(
-                "{} already exists; set overwrite = true",
-                self.cfg.output.display()
-            )));
-        }
+        bridgeflow_sdk::fsutil::refuse_existing(&self.cfg.output, self.cfg.overwrite)?;
         let attrs = inputs.first().map(|p| p.attrs()).unwrap_or_default();
         self.pad_id = match self.cfg.pad_id {
             Some(p) => p,

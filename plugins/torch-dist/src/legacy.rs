@@ -564,12 +564,7 @@ impl Sink for LegacyWriter {
     }
 
     fn open(&mut self, inputs: &[StreamPlan]) -> Result<()> {
-        if self.cfg.path.exists() && !self.cfg.overwrite {
-            return Err(PluginError::config(format!(
-                "{} already exists; set overwrite = true or choose another path",
-                self.cfg.path.display()
-            )));
-        }
+        bridgeflow_sdk::fsutil::refuse_existing(&self.cfg.path, self.cfg.overwrite)?;
         let plan = inputs.first().cloned().unwrap_or_default();
         let r = self.lay_out(&plan);
         if r.is_err() {

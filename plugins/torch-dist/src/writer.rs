@@ -627,12 +627,7 @@ impl Sink for TorchDistWriter {
     }
 
     fn open(&mut self, inputs: &[StreamPlan]) -> Result<()> {
-        if self.cfg.path.exists() && !self.cfg.overwrite {
-            return Err(PluginError::config(format!(
-                "{} already exists; set overwrite = true or choose another path",
-                self.cfg.path.display()
-            )));
-        }
+        bridgeflow_sdk::fsutil::refuse_existing(&self.cfg.path, self.cfg.overwrite)?;
         let plan = inputs.first().cloned().unwrap_or_default();
         self.source_dir = plan.attr_str("source_dir").map(PathBuf::from);
         self.run_config = plan.attr_str("run_config_yaml");
