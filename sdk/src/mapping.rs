@@ -227,36 +227,10 @@ impl Heads {
     }
 }
 
-/// Fuses q [heads·hd, …], k [groups·hd, …], v [groups·hd, …] into Megatron's `linear_qkv`
-/// layout: per group g, its heads/groups q heads, then k_g, then v_g. `row` is the bytes of one
-/// row (in_features × element size for weights, element size for biases).
-pub fn fuse_qkv(q: &[u8], k: &[u8], v: &[u8], h: Heads, row: usize) -> Result<Vec<u8>> {
-    h.check()?;
-    let per = (h.heads / h.groups) as usize;
-    let hd = h.head_dim as usize;
-    let (qb, kb) = (per * hd * row, hd * row);
-    if q.len() != h.groups as usize * qb || k.len() != h.groups as usize * kb || v.len() != k.len()
-    {
-        return Err(PluginError::shape(format!(
-            "q/k/v sizes {}/{}/{} bytes do not fit {} heads, {} groups of dim {}",
-            q.len(),
-            k.len(),
-            v.len(),
-            h.heads,
-            h.groups,
-            h.head_dim
-        )));
-    }
-    let mut out = Vec::with_capacity(q.len() + k.len() + v.len());
-    for g in 0..h.groups as usize {
-        out.extend_from_slice(&q[g * qb..(g + 1) * qb]);
-        out.extend_from_slice(&k[g * kb..(g + 1) * kb]);
-        out.extend_from_slice(&v[g * kb..(g + 1) * kb]);
-    }
-    Ok(out)
-}
-
-/// The inverse of [`fuse_qkv`].
+/// Megatron's `linear_qkv` (per group g: its heads/groups q heads, then k_g, then v_g) split
+/// into q [heads·hd, …], k and v [groups·hd, …]. `row` is the bytes of one row (in_features ×
+/// element size for weights, element size for biases). The other direction, and any block of
+/// rows in either, is [`row_segments`].
 pub fn split_qkv(qkv: &[u8], h: Heads, row: usize) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
     h.check()?;
     let per = (h.heads / h.groups) as usize;
@@ -387,13 +361,6 @@ pub fn fused_rows(kind: Kind, part_rows: &[u64], padded_vocab: u64) -> u64 {
     }
 }
 
-/// Rows padded with zeros up to `rows` (vocabulary padding).
-pub fn pad_rows(t: &[u8], row: usize, rows: usize) -> Vec<u8> {
-    let mut out = t.to_vec();
-    out.resize(rows * row, 0);
-    out
-}
-
 /// `n` rounded up to a multiple of `m`.
 pub fn round_up(n: u64, m: u64) -> u64 {
     if m == 0 {
@@ -415,11 +382,10 @@ mod tests {
             groups: 2,
             head_dim: 1,
         };
-        let fused = fuse_qkv(&[0, 1, 2, 3], &[10, 11], &[20, 21], h, 1).unwrap();
-        assert_eq!(fused, vec![0, 1, 10, 20, 2, 3, 11, 21]);
+        let fused = vec![0, 1, 10, 20, 2, 3, 11, 21];
         let (q, k, v) = split_qkv(&fused, h, 1).unwrap();
         assert_eq!((q, k, v), (vec![0, 1, 2, 3], vec![10, 11], vec![20, 21]));
-        assert!(fuse_qkv(&[0; 3], &[0; 2], &[0; 2], h, 1).is_err());
+        assert!(split_qkv(&fused[..7], h, 1).is_err());
     }
 
     #[test]
