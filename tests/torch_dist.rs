@@ -346,6 +346,108 @@ fn import_equals_megatron_bridge_and_export_is_bit_exact() {
     }
 }
 
+/// GPT-OSS in its MXFP4 release layout (`*_blocks` + `*_scales`, tests/fixtures/mxfp4/make.py):
+/// `mxfp4-dequant` gives transformers' `convert_moe_packed_tensors` bit for bit in the bf16 HF
+/// layout (and drops `quantization_config` from the config written beside it); HF MXFP4 →
+/// torch_dist equals Megatron-Bridge 0.6.2's own import of the MXFP4 folder tensor by tensor,
+/// with the experts in one-expert pieces through the pipeline file and with `bridgeflow
+/// convert`, which inserts the dequantizer from the config. Blocks without scales are named.
+#[test]
+fn gpt_oss_mxfp4_imports_as_megatron_bridge_does() {
+    let dir = tempdir();
+    let fx = workspace_root().join("tests/fixtures/mxfp4");
+    let model = fx.join("model");
+    let want = load_tensors(&fx.join("bridge/flat_tensors.safetensors"));
+    let same_as_bridge = |ckpt: &Path, how: &str| {
+        let got = load_tensors(&to_safetensors(dir.path(), ckpt, false));
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>(),
+            "{how}: keys"
+        );
+        for (k, w) in &want {
+            assert!(got[k] == *w, "{how}: '{k}' differs from Megatron-Bridge's");
+        }
+    };
+    let ours = dir.path().join("pipeline");
+    let sets = [
+        format!("input={}", model.display()),
+        format!("output={}", ours.display()),
+        "dequant.piece_bytes=10000".to_string(),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let file = workspace_root().join("pipelines/hf-mxfp4-to-megatron.toml");
+    let pipeline = std::fs::read_to_string(file).unwrap();
+    let report = run_text(dir.path(), &pipeline, &sets, 1 << 30).unwrap();
+    let dequant = report.stages.iter().find(|s| s.name == "dequant").unwrap();
+    // Each fused tensor (from its blocks and scales) in 4 one-expert pieces; the rest as stored.
+    let reference = load_tensors(&fx.join("reference/dequantized.safetensors"));
+    let stored = load_tensors(&model.join("model.safetensors"));
+    let plain = stored.len() - 2 * reference.len();
+    assert_eq!(
+        dequant.items_out as usize,
+        plain + 4 * reference.len(),
+        "pieces"
+    );
+    same_as_bridge(&ours, "pipeline");
+
+    let cli = dir.path().join("cli");
+    let o = bridgeflow()
+        .args(["convert", "--from"])
+        .arg(format!("hf:{}", model.display()))
+        .arg("--to")
+        .arg(format!("megatron:{}", cli.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    same_as_bridge(&cli, "convert");
+
+    // Dequantized alone: transformers' tensors, the rest as stored, a config without quantization.
+    let hf = dir.path().join("bf16");
+    let p = chain(&[
+        ("read", "safetensors", "reader", &path_cfg(&model)),
+        ("dequant", "mxfp4-dequant", "transform", ""),
+        ("write", "safetensors", "writer", &path_cfg(&hf)),
+    ]);
+    run_text(dir.path(), &p, &[], 1 << 30).unwrap();
+    let got = load_tensors(&hf);
+    assert_eq!(got.len(), plain + reference.len());
+    for (k, t) in &got {
+        let w = reference.get(k).or(stored.get(k)).unwrap();
+        assert!(t == w, "'{k}' differs from transformers' dequantization");
+    }
+    assert!(config_json(&hf).get("quantization_config").is_none());
+    assert!(config_json(&model).get("quantization_config").is_some());
+
+    // A blocks tensor whose scales are missing (renamed in the header, same length).
+    let bad = dir.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    std::fs::copy(model.join("config.json"), bad.join("config.json")).unwrap();
+    let bytes = std::fs::read(model.join("model.safetensors")).unwrap();
+    let from = b"layers.1.mlp.experts.down_proj_scales";
+    let at = bytes.windows(from.len()).position(|w| w == from).unwrap();
+    let mut bytes = bytes;
+    bytes[at + from.len() - 1] = b'z';
+    std::fs::write(bad.join("model.safetensors"), bytes).unwrap();
+    let p = chain(&[
+        ("read", "safetensors", "reader", &path_cfg(&bad)),
+        ("dequant", "mxfp4-dequant", "transform", ""),
+        (
+            "write",
+            "safetensors",
+            "writer",
+            &path_cfg(&dir.path().join("never")),
+        ),
+    ]);
+    let e = run_text(dir.path(), &p, &[], 1 << 30).unwrap_err();
+    assert!(
+        e.contains("model.layers.1.mlp.experts.down_proj_blocks")
+            && e.contains("model.layers.1.mlp.experts.down_proj_scales"),
+        "{e}"
+    );
+    assert!(!dir.path().join("never").exists());
+}
+
 #[test]
 fn export_needs_only_the_checkpoint() {
     // Megatron-Bridge's checkpoints carry their model config in run_config.yaml: the HF config

@@ -343,6 +343,20 @@ pub fn convert(
         ));
     }
     let mut stages = vec![read];
+    let mut map_input = "read";
+    if let Endpoint::Hf(src) = from {
+        // Quantized releases are dequantized on the way in, as Megatron-Bridge does.
+        if let Some(plugin) = dequantizer(src)? {
+            stages.push(stage(
+                "dequant",
+                plugin,
+                "transform",
+                &["read"],
+                Table::new(),
+            ));
+            map_input = "dequant";
+        }
+    }
     match map_direction {
         Some(direction) => {
             let mut map = table(vec![("direction", Value::String(direction.into()))]);
@@ -353,7 +367,7 @@ pub fn convert(
                 // The vocabulary is padded for the TP degree (make_vocab_size_divisible_by × tp).
                 map.insert("tensor_parallel".into(), Value::Integer(layout.tp as i64));
             }
-            stages.push(stage("map", "models", "mapper", &["read"], map));
+            stages.push(stage("map", "models", "mapper", &[map_input], map));
             stages.push(write);
         }
         // Megatron to Megatron: the tensors as they are, re-laid out by the writer.
@@ -363,6 +377,28 @@ pub fn convert(
         }),
     }
     run("convert", stages, host, opts)
+}
+
+/// The stage that dequantizes an HF checkpoint, from its config's `quantization_config`:
+/// `fp8-dequant` for block-scaled FP8 (DeepSeek-V3), `mxfp4-dequant` for MXFP4 (GPT-OSS).
+fn dequantizer(dir: &Path) -> Result<Option<&'static str>, JobError> {
+    let path = dir.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None); // the reader names a missing config
+    };
+    let cfg: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| JobError::Invalid(format!("{}: {e}", path.display())))?;
+    let Some(q) = cfg.get("quantization_config") else {
+        return Ok(None);
+    };
+    match q.get("quant_method").and_then(|m| m.as_str()) {
+        Some("fp8") => Ok(Some("fp8-dequant")),
+        Some("mxfp4") => Ok(Some("mxfp4-dequant")),
+        other => Err(JobError::Invalid(format!(
+            "{}: quantization_config.quant_method {other:?} is not one convert dequantizes (fp8, mxfp4)",
+            path.display()
+        ))),
+    }
 }
 
 /// What `bridgeflow verify` checks.

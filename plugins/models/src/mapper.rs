@@ -148,7 +148,8 @@ pub struct Mapper {
     /// Whole-tensor import: each Megatron tensor's info and its parts so far.
     outputs: HashMap<(usize, Option<u64>), TensorInfo>,
     pending: BTreeMap<(usize, Option<u64>), Parts>,
-    /// HF tensors whose experts are reshuffled (GPT-OSS): kind, Megatron name, global shape.
+    /// HF tensors (or blocks of whole experts of one) whose experts are reshuffled (GPT-OSS):
+    /// kind, Megatron name, global shape.
     reshuffle: HashMap<String, (Kind, String, Vec<u64>)>,
 }
 
@@ -290,11 +291,17 @@ impl Mapper {
             let first = &parts[&(0, 0)];
             if !e.kind.by_rows() {
                 // All experts in one tensor, reshuffled expert by expert: one piece each (a
-                // copy the size of one expert), or the whole tensor without zero_copy.
-                if first.shape.len() < 2 || blocks[first.name()].len() > 1 {
+                // copy the size of one expert), or the whole tensor without zero_copy. The
+                // tensor may arrive in blocks of whole experts (a dequantizing stage's pieces).
+                if first.shape.len() < 2 {
                     return Err(PluginError::shape(format!(
-                        "'{}': expected one whole tensor with a leading expert axis",
+                        "'{}': expected a tensor with a leading expert axis",
                         first.name()
+                    )));
+                }
+                if blocks[first.name()].len() > 1 && !self.cfg.zero_copy {
+                    return Err(PluginError::config(format!(
+                        "'{name}' is made of HF tensors that arrive in pieces; whole tensors need them whole (zero_copy = true takes pieces)"
                     )));
                 }
                 let n = first.shape[0];
@@ -315,8 +322,10 @@ impl Mapper {
                 } else {
                     out.push(TensorInfo::new(name.clone(), first.dtype, &global));
                 }
-                self.reshuffle
-                    .insert(first.name().to_string(), (e.kind, name.clone(), global));
+                for (block, _) in &blocks[first.name()] {
+                    self.reshuffle
+                        .insert(block.clone(), (e.kind, name.clone(), global.clone()));
+                }
                 continue;
             }
             let part_rows: Vec<u64> = (0..e.hf.len())
@@ -504,10 +513,12 @@ impl Mapper {
         }
         if let Some((kind, name, global)) = self.reshuffle.get(t.name()).cloned() {
             let es = t.info.dtype.size();
-            let per = t.bytes().len() / global[0].max(1) as usize;
+            let n = t.info.shape[0] as usize;
+            let first = t.info.shard().map_or(0, |s| s.offsets[0]);
+            let per = t.bytes().len() / n.max(1);
             let src_dims = &t.info.shape[1..];
             let mut whole = Vec::new();
-            for x in 0..global[0] as usize {
+            for x in 0..n {
                 let block = &t.bytes()[x * per..(x + 1) * per];
                 let b = expert_block(kind, block, src_dims, es, true);
                 t.data.discard(x * per..(x + 1) * per);
@@ -515,8 +526,9 @@ impl Mapper {
                     whole.extend_from_slice(&b);
                     continue;
                 }
+                let x = first + x as u64;
                 let mut at = vec![0; global.len()];
-                at[0] = x as u64;
+                at[0] = x;
                 let mut shape = global.clone();
                 shape[0] = 1;
                 let info = TensorInfo::new(format!("{name}#{x}"), t.info.dtype, &shape)

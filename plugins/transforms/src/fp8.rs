@@ -5,6 +5,7 @@
 //! consumed. A weight waits for its scale (or the scale for its weight) only until the other
 //! arrives; in HF checkpoints they sit side by side in the same shard.
 
+use crate::pairs::Pairs;
 use bridgeflow_sdk::numeric::{f8_e4m3_to_f64, f8_e5m2_to_f64};
 use bridgeflow_sdk::{
     schemars, serde, BufferPool, DType, Emitter, Item, PluginError, Result, StreamPlan, Tensor,
@@ -12,9 +13,9 @@ use bridgeflow_sdk::{
 };
 use half::{bf16, f16};
 use rayon::prelude::*;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
-fn bf16_name() -> String {
+pub(crate) fn bf16_name() -> String {
     "bf16".into()
 }
 fn d128() -> u64 {
@@ -44,7 +45,7 @@ pub struct Fp8Config {
     pub piece_bytes: u64,
 }
 
-fn d16m() -> u64 {
+pub(crate) fn d16m() -> u64 {
     16 << 20
 }
 
@@ -53,9 +54,25 @@ pub struct Fp8Dequant {
     to: DType,
     /// Weights with a scale, by weight name.
     scaled: HashSet<String>,
-    /// Whichever of a pair came first, by weight name.
-    waiting: HashMap<String, Tensor>,
+    /// Weights and scales waiting for each other, by weight name.
+    waiting: Pairs,
     pool: BufferPool,
+}
+
+/// The float dtype a dequantizing stage writes: bf16, f16 or f32.
+pub(crate) fn float_target(to: &str) -> Result<DType> {
+    DType::parse(to)
+        .filter(|d| matches!(d, DType::BF16 | DType::F16 | DType::F32))
+        .ok_or_else(|| PluginError::config(format!("to = \"{to}\": expected bf16, f16 or f32")))
+}
+
+/// `v` rounded (to nearest even) into `dst` as `to` (bf16, f16 or f32).
+pub(crate) fn store(to: DType, dst: &mut [u8], v: f32) {
+    match to {
+        DType::BF16 => dst.copy_from_slice(&bf16::from_f32(v).to_le_bytes()),
+        DType::F16 => dst.copy_from_slice(&f16::from_f32(v).to_le_bytes()),
+        _ => dst.copy_from_slice(&v.to_le_bytes()),
+    }
 }
 
 fn is_fp8(d: DType) -> bool {
@@ -132,11 +149,7 @@ impl Fp8Dequant {
             (rows.end - rows.start) as usize * row_elems
         };
         let mut buf = self.pool.take(numel * size);
-        let put = |dst: &mut [u8], v: f32| match self.to {
-            DType::BF16 => dst.copy_from_slice(&bf16::from_f32(v).to_le_bytes()),
-            DType::F16 => dst.copy_from_slice(&f16::from_f32(v).to_le_bytes()),
-            _ => dst.copy_from_slice(&v.to_le_bytes()),
-        };
+        let put = |dst: &mut [u8], v: f32| store(self.to, dst, v);
         let first = rows.start as usize * row_elems;
         let src = &w.bytes()[first..first + numel];
         match scale {
@@ -200,11 +213,7 @@ impl Transform for Fp8Dequant {
         "Dequantizes block-scaled FP8 weights (X.weight + X.weight_scale_inv) to bf16, as Megatron-Bridge does";
 
     fn new(cfg: Fp8Config) -> Result<Self> {
-        let to = DType::parse(&cfg.to)
-            .filter(|d| matches!(d, DType::BF16 | DType::F16 | DType::F32))
-            .ok_or_else(|| {
-                PluginError::config(format!("to = \"{}\": expected bf16, f16 or f32", cfg.to))
-            })?;
+        let to = float_target(&cfg.to)?;
         if cfg.block_size == 0 {
             return Err(PluginError::config("block_size must be positive"));
         }
@@ -212,7 +221,7 @@ impl Transform for Fp8Dequant {
             cfg,
             to,
             scaled: HashSet::new(),
-            waiting: HashMap::new(),
+            waiting: Pairs::default(),
             pool: BufferPool::new(16 << 20),
         })
     }
@@ -259,28 +268,19 @@ impl Transform for Fp8Dequant {
 
     fn process(&mut self, _port: usize, item: Item, out: &mut Emitter) -> Result<()> {
         let t = item.into_tensor()?;
-        let (weight, scale) =
-            if let Some(w) = self.scale_of(t.name()).filter(|w| self.scaled.contains(w)) {
-                match self.waiting.remove(&w) {
-                    Some(weight) => (weight, t),
-                    None => {
-                        self.waiting.insert(w, t);
-                        return Ok(());
-                    }
-                }
-            } else if self.scaled.contains(t.name()) {
-                match self.waiting.remove(t.name()) {
-                    Some(scale) => (t, scale),
-                    None => {
-                        self.waiting.insert(t.name().to_string(), t);
-                        return Ok(());
-                    }
-                }
-            } else if is_fp8(t.info.dtype) {
-                return self.dequantize(&t, None, out);
-            } else {
-                return out.tensor(t);
-            };
+        let pair = if let Some(w) = self.scale_of(t.name()).filter(|w| self.scaled.contains(w)) {
+            self.waiting.offer(&w, t, false)
+        } else if self.scaled.contains(t.name()) {
+            let w = t.name().to_string();
+            self.waiting.offer(&w, t, true)
+        } else if is_fp8(t.info.dtype) {
+            return self.dequantize(&t, None, out);
+        } else {
+            return out.tensor(t);
+        };
+        let Some((weight, scale)) = pair else {
+            return Ok(());
+        };
         if !is_fp8(weight.info.dtype) {
             return Err(PluginError::shape(format!(
                 "'{}' has a scale but is {}, not FP8",
@@ -292,12 +292,7 @@ impl Transform for Fp8Dequant {
     }
 
     fn finish(&mut self, _out: &mut Emitter) -> Result<()> {
-        match self.waiting.keys().next() {
-            Some(k) => Err(PluginError::shape(format!(
-                "'{k}' and its scale did not both arrive"
-            ))),
-            None => Ok(()),
-        }
+        self.waiting.finish("scale (or weight)")
     }
 }
 

@@ -1,9 +1,11 @@
 //! bridgeflow plugin library with the everyday tensor stages: `cast`, `rename`, `filter`,
-//! `checksum`, `verify`, `verify-manifest`, `fp8-dequant` and `fp8-quant`.
+//! `checksum`, `verify`, `verify-manifest`, `fp8-dequant`, `fp8-quant` and `mxfp4-dequant`.
 
 pub mod cast;
 pub mod checksum;
 pub mod fp8;
+pub mod mxfp4;
+mod pairs;
 pub mod select;
 pub mod verify;
 
@@ -42,6 +44,11 @@ bridgeflow_sdk::export_plugins! {
         version: env!("CARGO_PKG_VERSION"),
         description: "Quantizes float weights to block-scaled FP8 as DeepSeek-V3 stores them (re-quantization on export)",
         transform: Transform(fp8::Fp8Quant),
+    }
+    "mxfp4-dequant" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "Dequantizes MXFP4 expert weights (GPT-OSS X_blocks + X_scales) to bf16 as transformers does",
+        transform: Transform(mxfp4::Mxfp4Dequant),
     }
     "verify-manifest" {
         version: env!("CARGO_PKG_VERSION"),

@@ -3,7 +3,8 @@
 //! layer's experts fused in one tensor — `gate_up_proj` [E, hidden, 2·ffn] with gate and up
 //! interleaved by column, `down_proj` [E, ffn, hidden] — which Megatron stores per expert as
 //! [gate; up] rows and transposed: reshuffled expert by expert (a copy of one expert at a time).
-//! MXFP4-quantized releases (`*_blocks`, `*_scales`) are not read yet.
+//! MXFP4 releases (`*_blocks`, `*_scales`) go through the `mxfp4-dequant` stage first, which
+//! hands this table bf16 tensors in the layout above, in blocks of whole experts.
 
 use super::llama::{attention_and_norms, gpt_fields};
 use super::qwen3_moe::moe_fields_named;
