@@ -6,6 +6,9 @@
 //!     7168, 128 heads, MLA ranks 1536/512, expert ffn 2048, dense ffn 18432, vocab 129280), the
 //!     first layer dense and the rest MoE with EXPERTS routed experts and one shared; `fp8`
 //!     stores the projections as the release does (F8_E4M3 + f32 `weight_scale_inv` per 128×128)
+//! make-checkpoint OUT_DIR gpt-oss LAYERS EXPERTS          GPT-OSS's real widths (hidden 2880,
+//!     64 heads of 64, 8 KV heads, expert ffn 2880, vocab 201088; 120B has 128 experts, 20B 32)
+//!     with the experts in MXFP4 as the release stores them (U8 `*_blocks` + E8M0 `*_scales`)
 
 use serde_json::json;
 use std::io::{BufWriter, Write};
@@ -15,6 +18,10 @@ enum Kind {
     Bf16,
     F32,
     Fp8,
+    /// Packed FP4 codes (any byte).
+    U8,
+    /// E8M0 exponents of MXFP4 blocks, 2^-9..2^0.
+    E8m0,
 }
 
 struct Rng(u64);
@@ -34,7 +41,7 @@ fn write_safetensors(path: &std::path::Path, mut tensors: Vec<(String, Vec<u64>,
     let size = |k: Kind| match k {
         Kind::Bf16 => 2,
         Kind::F32 => 4,
-        Kind::Fp8 => 1,
+        Kind::Fp8 | Kind::U8 | Kind::E8m0 => 1,
     };
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
@@ -45,6 +52,7 @@ fn write_safetensors(path: &std::path::Path, mut tensors: Vec<(String, Vec<u64>,
             Kind::Bf16 => "BF16",
             Kind::F32 => "F32",
             Kind::Fp8 => "F8_E4M3",
+            Kind::U8 | Kind::E8m0 => "U8",
         };
         header.insert(
             name.clone(),
@@ -78,6 +86,8 @@ fn write_safetensors(path: &std::path::Path, mut tensors: Vec<(String, Vec<u64>,
                 }
                 // Any E4M3 value but NaN (exponent ≤ 14).
                 Kind::Fp8 => buf.push((r as u8) & 0xf7),
+                Kind::U8 => buf.push(r as u8),
+                Kind::E8m0 => buf.push(118 + (r % 10) as u8),
             }
         }
         w.write_all(&buf).unwrap();
@@ -207,13 +217,81 @@ fn deepseek(a: &[String]) -> (Vec<(String, Vec<u64>, Kind)>, serde_json::Value) 
     (t, cfg)
 }
 
+fn gpt_oss(a: &[String]) -> (Vec<(String, Vec<u64>, Kind)>, serde_json::Value) {
+    let layers: u64 = a[3].parse().expect("layers");
+    let experts: u64 = a[4].parse().expect("experts");
+    let (h, heads, kv, hd, ffn, vocab) = (2880, 64, 8, 64, 2880, 201088);
+    let mut t: Vec<(String, Vec<u64>, Kind)> = Vec::new();
+    let mut add = |name: String, shape: Vec<u64>, k: Kind| t.push((name, shape, k));
+    add(
+        "model.embed_tokens.weight".into(),
+        vec![vocab, h],
+        Kind::Bf16,
+    );
+    add("lm_head.weight".into(), vec![vocab, h], Kind::Bf16);
+    add("model.norm.weight".into(), vec![h], Kind::Bf16);
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            add(format!("{p}.{n}.weight"), vec![h], Kind::Bf16);
+        }
+        let a = format!("{p}.self_attn");
+        for (n, rows) in [("q", heads * hd), ("k", kv * hd), ("v", kv * hd)] {
+            add(format!("{a}.{n}_proj.weight"), vec![rows, h], Kind::Bf16);
+            add(format!("{a}.{n}_proj.bias"), vec![rows], Kind::Bf16);
+        }
+        add(
+            format!("{a}.o_proj.weight"),
+            vec![h, heads * hd],
+            Kind::Bf16,
+        );
+        add(format!("{a}.o_proj.bias"), vec![h], Kind::Bf16);
+        add(format!("{a}.sinks"), vec![heads], Kind::Bf16);
+        let m = format!("{p}.mlp");
+        add(format!("{m}.router.weight"), vec![experts, h], Kind::Bf16);
+        add(format!("{m}.router.bias"), vec![experts], Kind::Bf16);
+        // MXFP4: [E, out, in/32, 16] codes and [E, out, in/32] exponents.
+        for (n, out, inp) in [("gate_up_proj", 2 * ffn, h), ("down_proj", h, ffn)] {
+            let x = format!("{m}.experts.{n}");
+            add(
+                format!("{x}_blocks"),
+                vec![experts, out, inp / 32, 16],
+                Kind::U8,
+            );
+            add(
+                format!("{x}_scales"),
+                vec![experts, out, inp / 32],
+                Kind::E8m0,
+            );
+            add(format!("{x}_bias"), vec![experts, out], Kind::Bf16);
+        }
+    }
+    let cfg = json!({
+        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "dtype": "bfloat16",
+        "hidden_size": h, "num_hidden_layers": layers, "intermediate_size": ffn,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd,
+        "vocab_size": vocab, "num_local_experts": experts, "num_experts_per_tok": 4,
+        "attention_bias": true, "rms_norm_eps": 1e-5, "sliding_window": 128,
+        "layer_types": (0..layers).map(|l| if l % 2 == 0 { "sliding_attention" } else { "full_attention" }).collect::<Vec<_>>(),
+        "max_position_embeddings": 131072, "tie_word_embeddings": false,
+        "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+            "beta_slow": 1.0, "original_max_position_embeddings": 4096, "rope_theta": 150000.0,
+            "truncate": false},
+        "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+            "lm_head"]}
+    });
+    (t, cfg)
+}
+
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let (tensors, cfg) = match a.get(2).map(String::as_str) {
         Some("deepseek") if a.len() >= 5 => deepseek(&a),
+        Some("gpt-oss") if a.len() == 5 => gpt_oss(&a),
         Some(_) if a.len() == 6 => llama(&a),
         _ => {
-            eprintln!("usage: make-checkpoint OUT_DIR HIDDEN LAYERS FFN VOCAB\n       make-checkpoint OUT_DIR deepseek LAYERS EXPERTS [fp8]");
+            eprintln!("usage: make-checkpoint OUT_DIR HIDDEN LAYERS FFN VOCAB\n       make-checkpoint OUT_DIR deepseek LAYERS EXPERTS [fp8]\n       make-checkpoint OUT_DIR gpt-oss LAYERS EXPERTS");
             std::process::exit(2);
         }
     };

@@ -3,10 +3,15 @@
 //! Every buffer a stage emits is wrapped once in an accounted owner that adds its bytes to the
 //! count and removes them when the last view of the buffer is dropped, wherever that happens
 //! (in a channel, in a writer, in a plugin that keeps it). Sources wait for room before
-//! emitting; downstream stages are counted but never wait, so the run cannot deadlock on its own
-//! budget: the overshoot is bounded by what transforms hold while replacing an input with an
-//! output. A single tensor larger than the whole budget is admitted when nothing else is in
+//! emitting. A single tensor larger than the whole budget is admitted when nothing else is in
 //! flight.
+//!
+//! Downstream stages that make new buffers (a dequantizer turning 1 GB of FP4 codes into 4 GB of
+//! bf16, a mapper reshuffling experts) wait too, but only while some of their own earlier output
+//! is still alive: they can always emit when everything they made has drained, so their own
+//! held input (counted, perhaps larger than the budget) never blocks them for good, and at most
+//! what one call makes beyond the budget is in flight. If every other stage is idle and nothing
+//! moves, nobody will free that output (a mapper keeping q until k and v arrive): admitted.
 //!
 //! One case would still deadlock: a stage that holds data until another source delivers more
 //! (`verify` pairing two streams) while that source waits for room. The runtime reports which
@@ -141,6 +146,48 @@ impl Budget {
         true
     }
 
+    /// [`Self::acquire`] for a downstream stage whose alive output is `own`: waits for room only
+    /// while some of that output is alive; admits when every other stage is idle and neither
+    /// `own` nor the discard count moves for two checks.
+    fn acquire_downstream(&self, bytes: u64, own: &AtomicU64) -> bool {
+        let mut st = self.state.lock().unwrap();
+        let mut idle_checks = 0;
+        let mut seen = (
+            self.discarded.load(Ordering::SeqCst),
+            own.load(Ordering::SeqCst),
+        );
+        while own.load(Ordering::SeqCst) > 0 && st.in_flight + bytes > self.limit {
+            if self.is_cancelled() {
+                return false;
+            }
+            let (guard, timeout) = self
+                .freed
+                .wait_timeout(st, Duration::from_millis(100))
+                .unwrap();
+            st = guard;
+            let now = (
+                self.discarded.load(Ordering::SeqCst),
+                own.load(Ordering::SeqCst),
+            );
+            let progressing = now != seen;
+            seen = now;
+            let others_idle =
+                self.busy.load(Ordering::SeqCst) <= 1 && self.queued.load(Ordering::SeqCst) == 0;
+            if timeout.timed_out() && others_idle && !progressing {
+                idle_checks += 1;
+                if idle_checks >= 2 {
+                    break;
+                }
+            } else {
+                idle_checks = 0;
+            }
+        }
+        st.in_flight += bytes;
+        st.peak = st.peak.max(st.in_flight);
+        own.fetch_add(bytes, Ordering::SeqCst);
+        true
+    }
+
     fn release(&self, bytes: u64) {
         let mut st = self.state.lock().unwrap();
         st.in_flight -= bytes;
@@ -159,17 +206,39 @@ impl Budget {
         if !self.acquire(bytes, wait) {
             return None;
         }
+        Some(self.wrap(buf, bytes, None))
+    }
+
+    /// [`Self::account`] for a stage downstream of the sources, whose new buffers are counted in
+    /// `own` while alive and wait as [`Self::acquire_downstream`] says.
+    pub fn account_downstream(
+        self: &Arc<Self>,
+        buf: Buffer,
+        own: &Arc<AtomicU64>,
+    ) -> Option<Buffer> {
+        if std::ptr::eq(buf.vtable(), &ACCOUNTED) {
+            return Some(buf);
+        }
+        let bytes = buf.len() as u64;
+        if !self.acquire_downstream(bytes, own) {
+            return None;
+        }
+        Some(self.wrap(buf, bytes, Some(own.clone())))
+    }
+
+    fn wrap(self: &Arc<Self>, buf: Buffer, bytes: u64, stage: Option<Arc<AtomicU64>>) -> Buffer {
         let (ptr, len) = (buf.as_slice().as_ptr(), buf.len());
         let owner = Arc::new(Accounted {
             _inner: buf,
             budget: self.clone(),
             bytes,
+            stage,
         });
         // SAFETY: the view points into `_inner`, which the owner keeps alive; we hand over the
         // one strong count created by Arc::new.
-        Some(unsafe {
+        unsafe {
             Buffer::from_raw_parts(ptr, len, Arc::into_raw(owner) as *const c_void, &ACCOUNTED)
-        })
+        }
     }
 
     /// Counts bytes that are not a buffer (record batches) for the lifetime of the guard.
@@ -199,10 +268,15 @@ struct Accounted {
     _inner: Buffer,
     budget: Arc<Budget>,
     bytes: u64,
+    /// The alive-output count of the downstream stage that made it.
+    stage: Option<Arc<AtomicU64>>,
 }
 
 impl Drop for Accounted {
     fn drop(&mut self) {
+        if let Some(own) = &self.stage {
+            own.fetch_sub(self.bytes, Ordering::SeqCst);
+        }
         self.budget.release(self.bytes);
     }
 }
@@ -290,6 +364,37 @@ mod tests {
         let _more = b.account(Buffer::from_vec(vec![0; 10]), true).unwrap();
         assert_eq!(b.overdrafts(), 1);
         drop(held);
+    }
+
+    #[test]
+    fn downstream_stages_wait_only_while_their_own_output_is_alive() {
+        let b = Budget::new(100);
+        // The stage's input, larger than the budget, does not block its first output.
+        let input = b.account(Buffer::from_vec(vec![0; 300]), true).unwrap();
+        let own = Arc::new(AtomicU64::new(0));
+        let first = b
+            .account_downstream(Buffer::from_vec(vec![0; 40]), &own)
+            .unwrap();
+        assert_eq!(own.load(Ordering::SeqCst), 40);
+        // The second waits until the first is consumed (a busy consumer elsewhere).
+        b.set_busy(true); // the stage itself, inside process()
+        b.set_busy(true); // its consumer
+        let (b2, own2) = (b.clone(), own.clone());
+        let t =
+            std::thread::spawn(move || b2.account_downstream(Buffer::from_vec(vec![0; 40]), &own2));
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(!t.is_finished(), "must wait while its own output is alive");
+        drop(first);
+        b.set_busy(false);
+        let second = t.join().unwrap().unwrap();
+        assert_eq!(own.load(Ordering::SeqCst), 40);
+        // With every other stage idle and nothing moving, it is admitted (no deadlock).
+        let third = b
+            .account_downstream(Buffer::from_vec(vec![0; 40]), &own)
+            .unwrap();
+        assert_eq!(own.load(Ordering::SeqCst), 80);
+        drop((second, third, input));
+        assert_eq!((b.in_flight(), own.load(Ordering::SeqCst)), (0, 0));
     }
 
     #[test]

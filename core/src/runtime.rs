@@ -275,17 +275,22 @@ fn drive(
     info!("started");
 
     let (mut items_out, mut bytes_out) = (0u64, 0u64);
+    // Bytes this stage made that are still alive downstream (see Budget::account_downstream).
+    let own_output = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut emit = |item: Item| -> Result<(), PluginError> {
         if budget.is_cancelled() {
             return Err(PluginError::cancelled());
         }
         let bytes = item.data_bytes();
-        // Sources wait for room in the budget; the rest are counted without waiting.
+        // Sources wait for room in the budget; downstream stages while their own output is alive.
         let (item, hold) = match item {
             Item::Tensor(mut t) => {
-                t.data = budget
-                    .account(t.data, is_source)
-                    .ok_or_else(PluginError::cancelled)?;
+                t.data = if is_source {
+                    budget.account(t.data, true)
+                } else {
+                    budget.account_downstream(t.data, &own_output)
+                }
+                .ok_or_else(PluginError::cancelled)?;
                 (Item::Tensor(t), None)
             }
             Item::Records(r) => {

@@ -40,56 +40,88 @@ impl Kind {
 /// `src` is the expert's bytes in the source layout, `dims` the source block's shape without
 /// the expert axis, `es` bytes per element. Returns the target block.
 pub fn expert_block(kind: Kind, src: &[u8], dims: &[u64], es: usize, to_megatron: bool) -> Vec<u8> {
-    let mut out = vec![0u8; src.len()];
-    let put = |out: &mut [u8], to: usize, from: usize| {
-        out[to * es..(to + 1) * es].copy_from_slice(&src[from * es..(from + 1) * es])
-    };
-    match kind {
-        Kind::ExpertsTransposed => {
+    let d = |i: usize| dims.get(i).copied().unwrap_or(1) as usize;
+    // Every kind is a gather: target element (row r, column c) of a rows × cols block is source
+    // element idx(r, c).
+    match (kind, to_megatron) {
+        (Kind::ExpertsTransposed, _) => {
             // [a, b] -> [b, a] (either direction: a transpose of the source block).
-            let (a, b) = (dims[0] as usize, dims[1] as usize);
-            for i in 0..a {
-                for j in 0..b {
-                    put(&mut out, j * a + i, i * b + j);
-                }
-            }
+            let (a, b) = (d(0), d(1));
+            gather(src, es, b, a, |r, c| c * b + r)
         }
-        Kind::ExpertsGateUpInterleavedT => {
-            if to_megatron {
-                // HF [in, 2f] interleaved -> Megatron [2f, in]: row g < f is gate column 2g,
-                // row f + g is up column 2g + 1.
-                let (n, two_f) = (dims[0] as usize, dims[1] as usize);
-                let f = two_f / 2;
-                for i in 0..n {
-                    for g in 0..f {
-                        put(&mut out, g * n + i, i * two_f + 2 * g);
-                        put(&mut out, (f + g) * n + i, i * two_f + 2 * g + 1);
-                    }
-                }
-            } else {
-                let (two_f, n) = (dims[0] as usize, dims[1] as usize);
-                let f = two_f / 2;
-                for g in 0..f {
-                    for i in 0..n {
-                        put(&mut out, i * two_f + 2 * g, g * n + i);
-                        put(&mut out, i * two_f + 2 * g + 1, (f + g) * n + i);
-                    }
-                }
-            }
+        (Kind::ExpertsGateUpInterleavedT, true) => {
+            // HF [in, 2f] interleaved -> Megatron [2f, in]: row g < f is gate column 2g, row
+            // f + g is up column 2g + 1.
+            let (n, two_f) = (d(0), d(1));
+            let f = two_f / 2;
+            gather(src, es, two_f, n, |r, c| {
+                c * two_f + if r < f { 2 * r } else { 2 * (r - f) + 1 }
+            })
         }
-        Kind::ExpertsGateUpInterleaved => {
-            let f = dims[0] as usize / 2;
-            for g in 0..f {
-                if to_megatron {
-                    put(&mut out, g, 2 * g);
-                    put(&mut out, f + g, 2 * g + 1);
+        (Kind::ExpertsGateUpInterleavedT, false) => {
+            let (two_f, n) = (d(0), d(1));
+            let f = two_f / 2;
+            gather(src, es, n, two_f, |r, c| (c / 2 + (c % 2) * f) * n + r)
+        }
+        (Kind::ExpertsGateUpInterleaved, true) => {
+            let f = d(0) / 2;
+            gather(src, es, 1, 2 * f, |_, c| {
+                if c < f {
+                    2 * c
                 } else {
-                    put(&mut out, 2 * g, g);
-                    put(&mut out, 2 * g + 1, f + g);
+                    2 * (c - f) + 1
+                }
+            })
+        }
+        (Kind::ExpertsGateUpInterleaved, false) => {
+            let f = d(0) / 2;
+            gather(src, es, 1, 2 * f, |_, c| c / 2 + (c % 2) * f)
+        }
+        _ => src.to_vec(),
+    }
+}
+
+/// A rows × cols block whose element (r, c) is `src` element `idx(r, c)`, elements `es` bytes.
+/// Filled in bands of 32 rows, column by column, so that a transpose reads its source in runs.
+/// Typed copies for the usual element sizes: a byte-length copy per element would be a call.
+fn gather(
+    src: &[u8],
+    es: usize,
+    rows: usize,
+    cols: usize,
+    idx: impl Fn(usize, usize) -> usize,
+) -> Vec<u8> {
+    fn typed<const N: usize>(
+        src: &[u8],
+        out: &mut [u8],
+        rows: usize,
+        cols: usize,
+        idx: impl Fn(usize, usize) -> usize,
+    ) {
+        let src: &[[u8; N]] = src.as_chunks::<N>().0;
+        let out: &mut [[u8; N]] = out.as_chunks_mut::<N>().0;
+        for r0 in (0..rows).step_by(32) {
+            for c in 0..cols {
+                for r in r0..(r0 + 32).min(rows) {
+                    out[r * cols + c] = src[idx(r, c)];
                 }
             }
         }
-        _ => out.copy_from_slice(src),
+    }
+    let mut out = vec![0u8; rows * cols * es];
+    match es {
+        1 => typed::<1>(src, &mut out, rows, cols, idx),
+        2 => typed::<2>(src, &mut out, rows, cols, idx),
+        4 => typed::<4>(src, &mut out, rows, cols, idx),
+        8 => typed::<8>(src, &mut out, rows, cols, idx),
+        _ => {
+            for r in 0..rows {
+                for c in 0..cols {
+                    let (to, from) = ((r * cols + c) * es, idx(r, c) * es);
+                    out[to..to + es].copy_from_slice(&src[from..from + es]);
+                }
+            }
+        }
     }
     out
 }
@@ -451,6 +483,21 @@ mod tests {
         assert_eq!(
             expert_block_dims(Kind::ExpertsTransposed, &[2, 3]),
             vec![3, 2]
+        );
+        // Two-byte elements, more rows than one band, any odd sizes: each kind and its inverse.
+        let (n, two_f) = (37usize, 70usize);
+        let hf: Vec<u8> = (0..n * two_f * 2).map(|i| (i * 7 % 251) as u8).collect();
+        let el = |v: &[u8], i: usize| [v[2 * i], v[2 * i + 1]];
+        let meg = expert_block(Kind::ExpertsGateUpInterleavedT, &hf, &[37, 70], 2, true);
+        assert_eq!(el(&meg, 0), el(&hf, 0)); // gate 0, in 0
+        assert_eq!(el(&meg, 35 * n + 2), el(&hf, 2 * two_f + 1)); // up 0, in 2
+        let back = expert_block(Kind::ExpertsGateUpInterleavedT, &meg, &[70, 37], 2, false);
+        assert_eq!(back, hf);
+        let t = expert_block(Kind::ExpertsTransposed, &hf, &[37, 70], 2, true);
+        assert_eq!(el(&t, 5 * n + 3), el(&hf, 3 * two_f + 5));
+        assert_eq!(
+            expert_block(Kind::ExpertsTransposed, &t, &[70, 37], 2, true),
+            hf
         );
     }
 

@@ -87,6 +87,47 @@ fn geometry(blocks: &TensorInfo, scales: &TensorInfo) -> Result<(u64, u64, u64, 
     }
 }
 
+enum Tables {
+    Two(Vec<[[u8; 2]; 16]>),
+    Four(Vec<[[u8; 4]; 16]>),
+}
+
+/// Every code's value under every exponent, encoded as `to`: 256 × 16 entries made once per
+/// tensor, so that each output value is one lookup.
+fn encoded<const N: usize>(to: DType) -> Vec<[[u8; N]; 16]> {
+    (0..256)
+        .map(|s| {
+            let mul = pow2(s - 127);
+            let mut enc = [[0u8; N]; 16];
+            for (e, v) in enc.iter_mut().zip(FP4) {
+                store(to, e, v * mul);
+            }
+            enc
+        })
+        .collect()
+}
+
+/// Group `gi` of expert `x`: each of the 2·b values of each of the `o` source rows, written
+/// transposed (value q of row r lands at output row q, column r).
+fn fill_group<const N: usize>(
+    table: &[[[u8; N]; 16]],
+    dst: &mut [u8],
+    blocks: &[u8],
+    scales: &[u8],
+    (x, gi): (usize, usize),
+    (o, g, b): (usize, usize, usize),
+) {
+    let dst: &mut [[u8; N]] = dst.as_chunks_mut::<N>().0;
+    for r in 0..o {
+        let row = (x * o + r) * g + gi;
+        let enc = &table[scales[row] as usize];
+        for (q, &byte) in blocks[row * b..(row + 1) * b].iter().enumerate() {
+            dst[2 * q * o + r] = enc[(byte & 0x0f) as usize];
+            dst[(2 * q + 1) * o + r] = enc[(byte >> 4) as usize];
+        }
+    }
+}
+
 impl Mxfp4Dequant {
     fn key<'a>(&self, name: &'a str) -> Option<(&'a str, bool)> {
         let k = |suffix: &str| {
@@ -140,29 +181,32 @@ impl Mxfp4Dequant {
         );
         let size = self.to.size();
         let k = 2 * b; // values per scale: the output rows one group fills
+        let tables = match size {
+            2 => Tables::Two(encoded::<2>(self.to)),
+            _ => Tables::Four(encoded::<4>(self.to)),
+        };
         for info in self.outputs(key, dims) {
             let x0 = info.shard().map_or(0, |s| s.offsets[0]) as usize;
             let n = info.shape[0] as usize;
             let mut buf = self.pool.take(n * g * k * o * size);
-            // One chunk per (expert, group): k output rows of `o` values, filled from 16 bytes
-            // and one scale of each of the `o` source rows.
+            // One chunk per (expert, group): k output rows of `o` values, filled from the b
+            // bytes and the one scale of each of the `o` source rows.
+            let fill = |j: usize, dst: &mut [u8]| {
+                let (x, gi) = (x0 + j / g, j % g);
+                let (bl, sc) = (blocks.bytes(), scales.bytes());
+                match &tables {
+                    Tables::Two(t) => fill_group(t, dst, bl, sc, (x, gi), (o, g, b)),
+                    Tables::Four(t) => fill_group(t, dst, bl, sc, (x, gi), (o, g, b)),
+                }
+            };
             buf.as_mut_slice()
                 .par_chunks_mut(k * o * size)
                 .enumerate()
-                .for_each(|(j, dst)| {
-                    let (x, gi) = (x0 + j / g, j % g);
-                    for r in 0..o {
-                        let row = (x * o + r) * g + gi;
-                        let mul = pow2(scales.bytes()[row] as i32 - 127);
-                        let codes = &blocks.bytes()[row * b..(row + 1) * b];
-                        for (q, &byte) in codes.iter().enumerate() {
-                            for (half, code) in [(0, byte & 0x0f), (1, byte >> 4)] {
-                                let at = ((2 * q + half) * o + r) * size;
-                                store(self.to, &mut dst[at..at + size], FP4[code as usize] * mul);
-                            }
-                        }
-                    }
-                });
+                .for_each(|(j, dst)| fill(j, dst));
+            // These experts' codes and exponents are read: their pages may go.
+            let rows = (x0 * o * g)..((x0 + n) * o * g);
+            blocks.data.discard(rows.start * b..rows.end * b);
+            scales.data.discard(rows);
             out.tensor(Tensor::new(info, buf.freeze())?)?;
         }
         Ok(())
