@@ -781,9 +781,11 @@ impl Transform for Mapper {
                 }
             }
         }
-        let model = model_config_from(&hf, &path)?;
-        let family = families::find(&model.architecture, &tables)
+        let text = crate::megatron_config::text_view(&hf);
+        let model = model_config_from(&text, &path)?;
+        let mut family = families::find(&model.architecture, &tables)
             .map_err(|e| PluginError::unsupported(format!("{}: {}", path.display(), e.message)))?;
+        family.add_verbatim(input.tensors.iter().map(|t| t.base_name()));
         self.model = Some(model);
         self.family = Some(family);
         let mut plan = if self.to_megatron {
@@ -795,7 +797,7 @@ impl Transform for Mapper {
                 .map(|d| std::fs::canonicalize(&d).map_or(d, |p| p.display().to_string()));
             let model = model_section(
                 self.family(),
-                &hf,
+                &text,
                 source.as_deref(),
                 self.cfg.make_vocab_size_divisible_by,
                 self.cfg.tensor_parallel.max(1),

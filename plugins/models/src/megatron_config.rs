@@ -38,6 +38,27 @@ fn field_pairs(family: &Family) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The config a language model's fields are read from: the config itself, or for a VLM its
+/// `text_config` with the top-level keys over it (`architectures`, `tie_word_embeddings`, the
+/// token ids, `vision_config`).
+pub fn text_view(hf: &Value) -> Value {
+    match (hf.get("text_config"), hf.as_object()) {
+        (Some(Value::Object(text)), Some(top)) => {
+            let mut v = text.clone();
+            for (k, x) in top.iter().filter(|(k, _)| *k != "text_config") {
+                v.insert(k.clone(), x.clone());
+            }
+            Value::Object(v)
+        }
+        _ => hf.clone(),
+    }
+}
+
+/// `hf` at a dotted path (`rope_parameters.mrope_section`).
+fn lookup<'a>(hf: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(hf, |v, k| v.get(k))
+}
+
 /// A reference to a Python object, as Bridge's `instantiate` reads it (not called).
 fn callable(target: &str) -> Value {
     json!({"_call_": false, "_target_": target})
@@ -141,8 +162,15 @@ pub fn model_section(
     let mut m = Map::new();
     m.insert("_target_".into(), family.provider.clone().into());
     for (h, meg) in field_pairs(family) {
-        if let Some(v) = hf.get(h).filter(|v| !v.is_null()) {
+        if let Some(v) = lookup(hf, &h).filter(|v| !v.is_null()) {
             m.insert(meg, v.clone());
+        }
+    }
+    for (h, class) in &family.objects {
+        if let Some(Value::Object(o)) = hf.get(h) {
+            let mut o = o.clone();
+            o.insert("_target_".into(), class.clone().into());
+            m.insert(h.clone(), Value::Object(o));
         }
     }
     // GPTModelProvider defaults to biased linears; this family has none unless it says so.
@@ -453,7 +481,8 @@ pub fn hf_config_from_run_config(path: &Path) -> Result<Value> {
     for (h, meg) in field_pairs(&family) {
         // Several HF keys may name one field (num_experts, n_routed_experts): the family's
         // first wins, as the HF side of that family spells it.
-        if let Some(v) = model.get(&meg).filter(|v| !v.is_null()) {
+        // (A nested HF key such as a VLM's mrope section is not rebuilt here.)
+        if let Some(v) = model.get(&meg).filter(|v| !v.is_null() && !h.contains('.')) {
             hf.entry(h).or_insert(v.clone());
         }
     }

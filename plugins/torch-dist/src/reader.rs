@@ -21,7 +21,7 @@ pub struct ReaderConfig {
     /// A checkpoint root (with `latest_checkpointed_iteration.txt`) or an iteration folder
     /// (with `.metadata`).
     pub path: PathBuf,
-    /// Emit stacked `decoder.layers.<param>` tensors one layer at a time, as
+    /// Emit stacked `[<module>.]decoder.layers.<param>` tensors one layer at a time, as
     /// `decoder.layers.<l>.<param>` (bounded memory, and the per-layer view mappers work on).
     #[serde(default)]
     pub split_layers: bool,
@@ -61,8 +61,8 @@ pub struct TorchDistReader {
 const LARGE_ITEM: usize = 32 << 20;
 
 fn is_stacked(key: &str, t: &TensorMeta) -> bool {
-    key.strip_prefix("decoder.layers.")
-        .and_then(|rest| rest.split('.').next())
+    crate::decoder_layers(key)
+        .and_then(|(_, rest)| rest.split('.').next())
         .is_some_and(|first| first.parse::<u64>().is_err())
         && !t.size.is_empty()
 }
@@ -285,9 +285,9 @@ impl Source for TorchDistReader {
         self.planned.clear();
         for (key, t) in &meta.tensors {
             if self.cfg.split_layers && is_stacked(key, t) {
-                let rest = &key["decoder.layers.".len()..];
+                let (stack, rest) = crate::decoder_layers(key).expect("stacked");
                 for l in 0..t.size[0] {
-                    let name = format!("decoder.layers.{l}.{rest}");
+                    let name = format!("{stack}{l}.{rest}");
                     let mut sizes = t.size.clone();
                     sizes[0] = 1;
                     let mut offsets = vec![0; t.size.len()];

@@ -42,7 +42,7 @@ pub struct WriterConfig {
     /// Iteration number of the folder (`iter_0000000` by default).
     #[serde(default)]
     pub iteration: u64,
-    /// `auto`: per-layer tensors `decoder.layers.<l>.<param>` become stacked keys
+    /// `auto`: per-layer tensors `[<module>.]decoder.layers.<l>.<param>` become stacked keys
     /// `decoder.layers.<param>` (one chunk per layer) when every layer has the same parameters,
     /// as megatron-core stores homogeneous decoders; `never`: keep keys as they come.
     #[serde(default = "auto")]
@@ -189,10 +189,7 @@ fn data_file_name(rank: usize, i: usize) -> String {
 /// (`shard_{l}_{L}`, `shard_{l}.{e}_{L}.{E}`) or, for a per-layer key, among the experts
 /// (`shard_{e}_{E}`, else `shard_0_1`).
 fn te_extra_state(key: &str, global: &[u64], stacked: bool) -> Vec<String> {
-    let Some(module) = key
-        .strip_prefix("decoder.layers.")
-        .and_then(|_| key.strip_suffix(".weight"))
-    else {
+    let Some(module) = crate::decoder_layers(key).and_then(|_| key.strip_suffix(".weight")) else {
         return Vec::new();
     };
     if !module
@@ -222,10 +219,11 @@ fn te_extra_state(key: &str, global: &[u64], stacked: bool) -> Vec<String> {
     }
 }
 
-fn layer_split(name: &str) -> Option<(u64, &str)> {
-    let rest = name.strip_prefix("decoder.layers.")?;
+/// `(stack, layer, param)` of a per-layer name `<stack><layer>.<param>`.
+fn layer_split(name: &str) -> Option<(&str, u64, &str)> {
+    let (stack, rest) = crate::decoder_layers(name)?;
     let (l, param) = rest.split_once('.')?;
-    Some((l.parse().ok()?, param))
+    Some((stack, l.parse().ok()?, param))
 }
 
 impl TorchDistWriter {
@@ -393,14 +391,14 @@ impl TorchDistWriter {
         // layer has the same parameters, dtypes and shapes.
         let mut layers: BTreeMap<u64, BTreeSet<(String, DType, Vec<u64>)>> = BTreeMap::new();
         for t in &tensors {
-            if let Some((l, param)) = layer_split(t.base_name()) {
+            if let Some((stack, l, param)) = layer_split(t.base_name()) {
                 let shape = t
                     .shard()
                     .map_or(t.shape.to_vec(), |s| s.global_shape.to_vec());
                 layers
                     .entry(l)
                     .or_default()
-                    .insert((param.to_string(), t.dtype, shape));
+                    .insert((format!("{stack}{param}"), t.dtype, shape));
             }
         }
         let n_layers = layers.len() as u64;
@@ -421,14 +419,14 @@ impl TorchDistWriter {
                 None => (shape.clone(), vec![0; shape.len()]),
             };
             places.push(match layer_split(t.base_name()) {
-                Some((l, param)) if homogeneous => {
+                Some((stack, l, param)) if homogeneous => {
                     let prepend = |first: u64, v: &[u64]| {
                         std::iter::once(first)
                             .chain(v.iter().copied())
                             .collect::<Vec<_>>()
                     };
                     (
-                        format!("decoder.layers.{param}"),
+                        format!("{stack}{param}"),
                         prepend(n_layers, &global),
                         prepend(l, &offsets),
                         prepend(1, &shape),

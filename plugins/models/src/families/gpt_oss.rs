@@ -77,5 +77,7 @@ pub fn family() -> Family {
         megatron: m,
         ignore: vec!["rotary_emb.inv_freq".into()],
         sliding_window: Default::default(),
+        verbatim: Vec::new(),
+        objects: Vec::new(),
     }
 }

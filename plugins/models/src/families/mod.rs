@@ -11,6 +11,7 @@ use std::path::Path;
 mod deepseek;
 mod gpt_oss;
 mod llama;
+mod qwen2_vl;
 mod qwen3_moe;
 
 /// One model family.
@@ -40,6 +41,14 @@ pub struct Family {
     /// [W-1, 0] (Mistral, Gemma 2) — or `plain`: W itself (Gemma 3's provider).
     #[serde(default)]
     pub sliding_window: WindowStyle,
+    /// Name prefixes of tensors carried as they are, the same name on both sides (a VLM's
+    /// vision tower that Megatron-Bridge keeps as the HF module: its `visual.**`).
+    #[serde(default)]
+    pub verbatim: Vec<String>,
+    /// HF config objects the provider takes as objects: (HF key, Python class), written into
+    /// the model section with that `_target_` (a VLM's `vision_config`).
+    #[serde(default)]
+    pub objects: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -60,6 +69,17 @@ impl Family {
     pub fn ignorable(&self, name: &str) -> bool {
         self.ignore.iter().any(|s| name.ends_with(s.as_str()))
     }
+
+    /// Adds an identity row for each of `names` under a verbatim prefix (once each).
+    pub fn add_verbatim<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) {
+        let mut seen: std::collections::HashSet<String> =
+            self.tensors.iter().map(|e| e.megatron.clone()).collect();
+        for n in names {
+            if self.verbatim.iter().any(|p| n.starts_with(p.as_str())) && seen.insert(n.into()) {
+                self.tensors.push(Entry::direct(n, n));
+            }
+        }
+    }
 }
 
 /// The tables shipped as TOML (read like a user's, at run time).
@@ -77,6 +97,7 @@ pub fn builtin() -> Vec<Family> {
         qwen3_moe::mixtral(),
         deepseek::family(),
         gpt_oss::family(),
+        qwen2_vl::family(),
     ];
     for (path, text) in TOML_TABLES {
         all.push(Family::from_toml(text, Path::new(path)).expect("a bundled table parses"));

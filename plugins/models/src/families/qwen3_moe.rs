@@ -66,6 +66,8 @@ pub fn family() -> Family {
         megatron: moe_fields(),
         ignore: vec!["rotary_emb.inv_freq".into()],
         sliding_window: Default::default(),
+        verbatim: Vec::new(),
+        objects: Vec::new(),
     }
 }
 
