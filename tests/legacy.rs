@@ -156,7 +156,10 @@ fn broken_legacy_checkpoints_are_named() {
 
 /// HF → Megatron-LM at TP2·PP2, TP2·PP3·VPP2, and for MoE models TP2·EP2 (experts split for
 /// expert-TP) and TP2·EP4 with whole experts (DeepSeek-V3: MLA, shared expert, a dense first
-/// layer) (the bundled pipelines) → HF: the original tensors bit for bit.
+/// layer), with TE names and with the local spec's (SequentialMLP `local_experts.{i}`, MLA's
+/// `q_layernorm`/`kv_layernorm`: the names Megatron-LM's loader found in a local-spec model,
+/// scripts/check_megatron_lm_load.py) (the bundled pipelines) → HF: the original tensors bit
+/// for bit.
 #[test]
 fn hf_to_megatron_lm_and_back_is_exact() {
     let dir = tempdir();
@@ -164,7 +167,7 @@ fn hf_to_megatron_lm_and_back_is_exact() {
         std::fs::read_to_string(workspace_root().join("pipelines").join(name)).unwrap()
     };
     let local = workspace_root().join("tests/fixtures/hf");
-    let cases: [(std::path::PathBuf, &[&str]); 5] = [
+    let cases: [(std::path::PathBuf, &[&str]); 7] = [
         (fixtures().join("hf/llama"), &["write.tp=2", "write.pp=2"]),
         (local.join("qwen2"), &["write.tp=2", "write.pp=1"]),
         // 6 layers: 3 stages of 2 virtual chunks (model0, model1) of one layer each.
@@ -180,9 +183,18 @@ fn hf_to_megatron_lm_and_back_is_exact() {
             fixtures().join("hf/deepseek_v3"),
             &["write.tp=2", "write.ep=4", "write.etp=1"],
         ),
+        (
+            fixtures().join("hf/qwen3_moe"),
+            &["write.tp=2", "write.ep=2", "write.spec=local"],
+        ),
+        (
+            fixtures().join("hf/deepseek_v3"),
+            &["write.ep=2", "write.spec=local"],
+        ),
     ];
-    for (hf, layout) in cases {
-        let name = hf.file_name().unwrap().to_string_lossy().to_string();
+    for (case, (hf, layout)) in cases.into_iter().enumerate() {
+        let local_spec = layout.contains(&"write.spec=local");
+        let name = format!("{}{case}", hf.file_name().unwrap().to_string_lossy());
         let ckpt = dir.path().join(format!("{name}-mlm"));
         let back = dir.path().join(format!("{name}-hf"));
         let input = format!("input={}", hf.display());
@@ -211,7 +223,23 @@ fn hf_to_megatron_lm_and_back_is_exact() {
                 "{names:?}"
             );
         }
-        if layout.contains(&"write.ep=2") {
+        if local_spec {
+            let (rank, want) = if name.starts_with("qwen3_moe") {
+                // Expert 3 is EP rank 1's local expert 1.
+                (
+                    "mp_rank_01_001",
+                    "decoder.layers.1.mlp.experts.local_experts.1.linear_fc1.weight",
+                )
+            } else {
+                (
+                    "mp_rank_00_001",
+                    "decoder.layers.0.self_attention.q_layernorm.weight",
+                )
+            };
+            let r = read_legacy(dir.path(), &ckpt, Some(rank), &name).unwrap();
+            let names: Vec<String> = load_tensors(&r).into_keys().collect();
+            assert!(names.contains(&want.to_string()), "{names:?}");
+        } else if layout.contains(&"write.ep=2") {
             // EP rank 1 holds experts 2 and 3 as local experts 0 and 1, in mp_rank_01_001.
             let r = read_legacy(dir.path(), &ckpt, Some("mp_rank_01_001"), "ep").unwrap();
             let names: Vec<String> = load_tensors(&r).into_keys().collect();

@@ -51,15 +51,39 @@ fn rank_dir(tp: u64, pp: u64, stages: u64, ep: u64, eps: u64) -> String {
 }
 
 /// Megatron's per-layer expert key (`experts.experts.linear_fcN.weight`, a leading expert axis)
-/// and Megatron-LM's grouped-GEMM key for local expert `i` (`experts.linear_fcN.weight{i}`).
+/// and Megatron-LM's keys for local expert `i`: TE's grouped GEMM (`experts.linear_fcN.weight{i}`)
+/// or the local spec's SequentialMLP (`experts.local_experts.{i}.linear_fcN.weight`).
 const STACKED_EXPERTS: &str = ".mlp.experts.experts.";
 const GROUPED_EXPERTS: &str = ".mlp.experts.";
+const SEQUENTIAL_EXPERTS: &str = ".mlp.experts.local_experts.";
 
-fn grouped_key(stacked_param: &str, i: u64) -> String {
+fn expert_key(stacked_param: &str, i: u64, local_spec: bool) -> String {
+    if local_spec {
+        let to = format!("mlp.experts.local_experts.{i}.");
+        return stacked_param.replacen("mlp.experts.experts.", &to, 1);
+    }
     format!(
         "{}{i}",
         stacked_param.replacen("mlp.experts.experts.", "mlp.experts.", 1)
     )
+}
+
+/// (module as the grouped key names it, local expert) of a local expert's key in either spec.
+fn local_expert(key: &str) -> Option<(String, u64)> {
+    if let Some((before, rest)) = key.split_once(SEQUENTIAL_EXPERTS) {
+        let (i, linear) = rest.split_once('.')?;
+        let linear = linear.strip_suffix(".weight")?;
+        return Some((
+            format!("{before}{GROUPED_EXPERTS}{linear}"),
+            i.parse().ok()?,
+        ));
+    }
+    key.rsplit_once(".weight").and_then(|(m, n)| {
+        (m.contains(GROUPED_EXPERTS) && !n.is_empty())
+            .then(|| n.parse::<u64>().ok())
+            .flatten()
+            .map(|n| (m.to_string(), n))
+    })
 }
 
 /// Local-spec (`--transformer-impl local`) names of the norms TE fuses into its linears.
@@ -71,6 +95,15 @@ const LOCAL_NAMES: &[(&str, &str)] = &[
     (
         "mlp.linear_fc1.layer_norm_weight",
         "pre_mlp_layernorm.weight",
+    ),
+    // MLA's norms of the compressed q and kv.
+    (
+        "self_attention.linear_q_up_proj.layer_norm_weight",
+        "self_attention.q_layernorm.weight",
+    ),
+    (
+        "self_attention.linear_kv_up_proj.layer_norm_weight",
+        "self_attention.kv_layernorm.weight",
     ),
 ];
 
@@ -424,7 +457,8 @@ impl LegacyWriter {
                                         .map(|(o, n)| (g * bytes + o, n))
                                         .collect();
                                     let shape = tp_local_shape(one, split, etp);
-                                    locals.push((v, grouped_key(&key, i), t, shape, runs));
+                                    let key = expert_key(&key, i, self.cfg.spec == "local");
+                                    locals.push((v, key, t, shape, runs));
                                 }
                                 continue;
                             }
@@ -1075,13 +1109,9 @@ impl Source for LegacyReader {
                 let first_layer = chunks[v * pp as usize + s as usize].0;
                 let t = &self.ranks[i].tensors[&(v, key.clone())];
                 let es = t.dtype.size() as u64;
-                // A grouped-GEMM expert: `…mlp.experts.linear_fcN.weight{i}`.
-                let expert = key.rsplit_once(".weight").and_then(|(m, n)| {
-                    (m.contains(GROUPED_EXPERTS) && !n.is_empty())
-                        .then(|| n.parse::<u64>().ok())
-                        .flatten()
-                        .map(|n| (m.to_string(), n))
-                });
+                // A local expert: `…mlp.experts.linear_fcN.weight{i}` (TE grouped GEMM) or
+                // `…mlp.experts.local_experts.{i}.linear_fcN.weight` (local spec).
+                let expert = local_expert(&key);
                 let (name, shape, runs) = if let Some((module, local)) = expert {
                     let (l, param) = split_layer(&module).ok_or_else(|| {
                         PluginError::format(format!("'{key}': an expert outside the decoder"))
