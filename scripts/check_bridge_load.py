@@ -13,6 +13,14 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "oracle"))
+# A hybrid (Mamba) model: megatron-core's stack with torch classes for TE's and a
+# construction-only mamba_ssm (before megatron is imported), as its golden was made
+# (tests/fixtures/bridge/make.py).
+HYBRID = any("HybridModelProvider" in p.read_text() for p in Path(sys.argv[1]).glob("iter_*/run_config.yaml"))
+if HYBRID:
+    FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "bridge"
+    sys.path[:0] = [str(FIXTURES / "cpu_stubs"), str(FIXTURES)]
+    import make as fixture_make  # noqa: E402
 import mb_cpu_shim  # noqa: E402,F401  (must come before megatron.bridge)
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -45,6 +53,8 @@ def load_model_config(path):
 
 model_load_save.load_model_config = load_model_config
 iter_dir = max(ckpt.glob("iter_*"))
+if HYBRID:
+    fixture_make.cpu_hybrid_stack()
 cfg, _ = load_model_config(str(iter_dir))
 print("run_config.yaml model:", type(cfg).__name__,
       json.dumps({k: getattr(cfg, k) for k in ["num_layers", "hidden_size", "ffn_hidden_size",

@@ -279,7 +279,9 @@ fn import_equals_megatron_bridge_and_export_is_bit_exact() {
     let cases = ["llama", "llama_bf16", "qwen3_moe", "gemma2", "deepseek_v3"]
         .map(|n| (n, fixtures()))
         .into_iter()
-        .chain(["gemma", "gemma3", "gpt_oss", "qwen25_vl"].map(|n| (n, local.clone())));
+        .chain(
+            ["gemma", "gemma3", "gpt_oss", "qwen25_vl", "nemotron_h"].map(|n| (n, local.clone())),
+        );
     for (name, root) in cases {
         let hf = root.join("hf").join(name);
         let bridge = root.join("bridge").join(name);

@@ -24,6 +24,37 @@ pub enum Kind {
     ExpertsGateUpInterleaved,
     /// All experts fused [E, a, b] ⇄ Megatron [E, b, a] (GPT-OSS `down_proj`).
     ExpertsTransposed,
+    /// A Mamba-2 mixer's `in_proj` rows [z; x; B; C; dt], which megatron-core's torch_dist
+    /// stores as five keys `<name>.z`, `.x`, `.B`, `.C`, `.dt` (its split-tensor factory).
+    MambaInProj,
+    /// A Mamba-2 mixer's `conv1d` weight or bias rows [x; B; C], stored as `<name>.x`, `.B`, `.C`.
+    MambaConv,
+}
+
+/// The widths of a Mamba-2 mixer: inner channels (heads × head size), B/C channels (groups ×
+/// state size) and heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MambaDims {
+    pub inner: u64,
+    pub bc: u64,
+    pub heads: u64,
+}
+
+impl Kind {
+    /// The named row blocks of a kind stored as separate keys, in row order.
+    pub fn split_rows(self, m: MambaDims) -> Option<Vec<(&'static str, u64)>> {
+        match self {
+            Kind::MambaInProj => Some(vec![
+                ("z", m.inner),
+                ("x", m.inner),
+                ("B", m.bc),
+                ("C", m.bc),
+                ("dt", m.heads),
+            ]),
+            Kind::MambaConv => Some(vec![("x", m.inner), ("B", m.bc), ("C", m.bc)]),
+            _ => None,
+        }
+    }
 }
 
 impl Kind {
@@ -143,6 +174,12 @@ pub enum Layers {
     All,
     Dense,
     Moe,
+    /// A hybrid model's Mamba-2 layers (Nemotron-H `M`).
+    Mamba,
+    /// A hybrid model's attention-only layers (`*`).
+    Attention,
+    /// A hybrid model's MLP-only layers (`-`).
+    Mlp,
 }
 
 /// One row of a model table. In names, `{l}` stands for the layer index and `{e}` for the
@@ -335,6 +372,11 @@ pub fn row_segments(
         | Kind::ExpertsTransposed => {
             return Err(PluginError::internal(format!(
                 "{kind:?} reshuffles elements within each expert; it has no row segments"
+            )))
+        }
+        Kind::MambaInProj | Kind::MambaConv => {
+            return Err(PluginError::internal(format!(
+                "{kind:?} is stored as separate keys (Kind::split_rows), not fused rows"
             )))
         }
         Kind::Vocab => {

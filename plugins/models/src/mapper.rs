@@ -11,7 +11,7 @@
 use crate::families::{self, Family};
 use bridgeflow_sdk::mapping::{
     expert_block, expert_block_dims, fill, fused_rows, match_name, round_up, row_segments,
-    split_qkv, Entry, Heads, Index, Kind, Layers, RowSegment,
+    split_qkv, Entry, Heads, Index, Kind, Layers, MambaDims, RowSegment,
 };
 use bridgeflow_sdk::{
     schemars, serde, Buffer, Emitter, Item, PluginError, Result, StreamPlan, Tensor, TensorInfo,
@@ -65,10 +65,47 @@ pub struct ModelConfig {
     pub experts: Option<u64>,
     /// Which layers are MoE.
     pub moe: Vec<bool>,
+    /// A hybrid model's kind of each layer (Mamba, attention, MLP, MoE).
+    pub hybrid: Option<Vec<Layers>>,
+    /// A hybrid model's Mamba-2 mixer widths.
+    pub mamba: Option<MambaDims>,
+}
+
+/// The layer kinds of a hybrid config: `layers_block_type` (transformers 5) or
+/// `hybrid_override_pattern` (`M` Mamba, `*` attention, `-` MLP, `E` MoE).
+fn hybrid_layers(c: &serde_json::Value, path: &Path) -> Result<Option<Vec<Layers>>> {
+    let kind = |k: &str| match k {
+        "mamba" | "M" => Ok(Layers::Mamba),
+        "attention" | "*" => Ok(Layers::Attention),
+        "mlp" | "-" => Ok(Layers::Mlp),
+        "moe" | "E" => Ok(Layers::Moe),
+        other => Err(PluginError::format(format!(
+            "{}: layer kind '{other}' is none of mamba (M), attention (*), mlp (-), moe (E)",
+            path.display()
+        ))),
+    };
+    if let Some(list) = c["layers_block_type"].as_array() {
+        return list
+            .iter()
+            .map(|v| kind(v.as_str().unwrap_or("?")))
+            .collect::<Result<Vec<_>>>()
+            .map(Some);
+    }
+    match c["hybrid_override_pattern"].as_str() {
+        Some(p) => p
+            .chars()
+            .map(|ch| kind(&ch.to_string()))
+            .collect::<Result<Vec<_>>>()
+            .map(Some),
+        None => Ok(None),
+    }
 }
 
 impl ModelConfig {
     fn layer_kind(&self, layer: Option<u64>) -> Layers {
+        if let (Some(kinds), Some(l)) = (&self.hybrid, layer) {
+            return kinds.get(l as usize).copied().unwrap_or(Layers::All);
+        }
         match layer {
             Some(l) if self.moe.get(l as usize).copied().unwrap_or(false) => Layers::Moe,
             Some(_) => Layers::Dense,
@@ -115,9 +152,31 @@ pub fn model_config_from(c: &serde_json::Value, path: &Path) -> Result<ModelConf
             experts.is_some() && l >= dense_first && (l + 1) % step == 0 && !mlp_only.contains(&l)
         })
         .collect();
+    let hybrid = hybrid_layers(c, path)?;
+    if let Some(h) = hybrid.as_ref().filter(|h| h.len() as u64 != layers) {
+        return Err(PluginError::format(format!(
+            "{}: {} layer kinds for {layers} layers",
+            path.display(),
+            h.len()
+        )));
+    }
+    let moe = match &hybrid {
+        Some(h) => h.iter().map(|k| *k == Layers::Moe).collect(),
+        None => moe,
+    };
+    let mamba = match (get("mamba_num_heads"), get("mamba_head_dim")) {
+        (Some(h), Some(d)) => Some(MambaDims {
+            inner: h * d,
+            bc: get("n_groups").unwrap_or(1) * need("ssm_state_size")?,
+            heads: h,
+        }),
+        _ => None,
+    };
     Ok(ModelConfig {
         architecture: arch,
         layers,
+        hybrid,
+        mamba,
         heads: Heads {
             heads,
             groups: get("num_key_value_heads").unwrap_or(heads),
@@ -205,6 +264,37 @@ impl Mapper {
         row_segments(kind, fused, m.heads, m.vocab).map_err(|e| e.context(name))
     }
 
+    /// The named row blocks a split kind stores as separate keys (Mamba's in_proj, conv1d).
+    fn split_rows(&self, kind: Kind, name: &str) -> Result<Option<Vec<(&'static str, u64)>>> {
+        if kind
+            .split_rows(MambaDims {
+                inner: 0,
+                bc: 0,
+                heads: 0,
+            })
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let m = self.model().mamba.ok_or_else(|| {
+            PluginError::format(format!(
+                "'{name}' is a Mamba mixer's, but the config gives no mamba_num_heads / mamba_head_dim"
+            ))
+        })?;
+        Ok(kind.split_rows(m))
+    }
+
+    /// A split kind's Megatron key `<name>.<part>`: the table row, its index, and the part's
+    /// first row and the fused row count.
+    fn find_split_part(&self, key: &str) -> Option<(usize, Index, u64, u64)> {
+        let (base, part) = key.rsplit_once('.')?;
+        let (i, idx) = self.find_megatron(base)?;
+        let rows = self.split_rows(self.entry(i).kind, base).ok()??;
+        let at = rows.iter().position(|(p, _)| *p == part)?;
+        let first = rows[..at].iter().map(|(_, r)| r).sum();
+        Some((i, idx, first, rows.iter().map(|(_, r)| r).sum()))
+    }
+
     fn skip_hf(&self, name: &str) -> bool {
         self.family().ignorable(name) || (name == "lm_head.weight" && self.model().tied)
     }
@@ -289,6 +379,39 @@ impl Mapper {
                 }
             }
             let first = &parts[&(0, 0)];
+            if let Some(rows) = self.split_rows(e.kind, &name)? {
+                // Stored as one key per row block: each a view of the HF tensor's rows.
+                let total: u64 = rows.iter().map(|(_, r)| r).sum();
+                if first.shape.first() != Some(&total) || blocks[first.name()].len() > 1 {
+                    return Err(PluginError::shape(format!(
+                        "'{}' {}: expected one whole tensor of {total} rows ({})",
+                        first.name(),
+                        first.shape_string(),
+                        rows.iter()
+                            .map(|(p, r)| format!("{p} {r}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+                let mut at = 0;
+                for (part, n) in rows {
+                    let info = TensorInfo::new(
+                        format!("{name}.{part}"),
+                        first.dtype,
+                        &with_first(n, &first.shape[1..]),
+                    );
+                    out.push(info.clone());
+                    self.pieces
+                        .entry(first.name().to_string())
+                        .or_default()
+                        .push(Piece {
+                            info,
+                            rows: Some(at..at + n),
+                        });
+                    at += n;
+                }
+                continue;
+            }
             if !e.kind.by_rows() {
                 // All experts in one tensor, reshuffled expert by expert: one piece each (a
                 // copy the size of one expert), or the whole tensor without zero_copy. The
@@ -415,6 +538,19 @@ impl Mapper {
         for t in input.tensors.iter() {
             // A piece (a stored block of rows) stands for its whole tensor, announced once.
             if !seen.insert(t.base_name().to_string()) {
+                continue;
+            }
+            if let Some((i, idx, _, total)) = self.find_split_part(t.base_name()) {
+                // One of the row blocks a split kind stores apart: the fused HF tensor, once.
+                let name = fill(&self.entry(i).hf[0], idx);
+                if seen.insert(name.clone()) {
+                    let global = t.shard().map_or(&t.shape, |s| &s.global_shape);
+                    out.push(TensorInfo::new(
+                        name,
+                        t.dtype,
+                        &with_first(total, &global[1..]),
+                    ));
+                }
                 continue;
             }
             let (i, idx) = self.find_megatron(t.base_name()).ok_or_else(|| {
@@ -574,6 +710,20 @@ impl Mapper {
     }
 
     fn process_to_hf(&mut self, t: Tensor, out: &mut Emitter) -> Result<()> {
+        if let Some((i, idx, first, total)) = self.find_split_part(t.info.base_name()) {
+            // A row block stored apart (or a piece of one): its rows of the fused HF tensor.
+            let name = fill(&self.entry(i).hf[0], idx);
+            let row = first + t.info.shard().map_or(0, |s| s.offsets[0]);
+            let global = with_first(total, &t.info.shape[1..]);
+            let mut at = vec![0; global.len()];
+            at[0] = row;
+            let info = t
+                .info
+                .clone()
+                .with_name(format!("{name}#{row}"))
+                .with_shard(&global, &at);
+            return out.tensor(Tensor::new(info, t.data)?);
+        }
         let (i, idx) = self.find_megatron(t.info.base_name()).ok_or_else(|| {
             PluginError::unsupported(format!("Megatron tensor '{}' has no mapping", t.name()))
         })?;
@@ -843,5 +993,24 @@ impl Transform for Mapper {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn hybrid_layer_kinds_from_either_config_form() {
+        let p = Path::new("config.json");
+        let list = json!({"layers_block_type": ["mamba", "attention", "mlp", "moe"]});
+        let pattern = json!({"hybrid_override_pattern": "M*-E"});
+        let want = vec![Layers::Mamba, Layers::Attention, Layers::Mlp, Layers::Moe];
+        assert_eq!(hybrid_layers(&list, p).unwrap(), Some(want.clone()));
+        assert_eq!(hybrid_layers(&pattern, p).unwrap(), Some(want));
+        assert_eq!(hybrid_layers(&json!({}), p).unwrap(), None);
+        let e = hybrid_layers(&json!({"hybrid_override_pattern": "M*X"}), p).unwrap_err();
+        assert!(e.message.contains("config.json") && e.message.contains("'X'"), "{}", e.message);
     }
 }

@@ -40,9 +40,10 @@ fn field_pairs(family: &Family) -> Vec<(String, String)> {
 
 /// The config a language model's fields are read from: the config itself, or for a VLM its
 /// `text_config` with the top-level keys over it (`architectures`, `tie_word_embeddings`, the
-/// token ids, `vision_config`).
+/// token ids, `vision_config`); a hybrid model's layer count from its layer kinds (transformers
+/// 5 saves Nemotron-H's `layers_block_type`, not `num_hidden_layers`).
 pub fn text_view(hf: &Value) -> Value {
-    match (hf.get("text_config"), hf.as_object()) {
+    let mut v = match (hf.get("text_config"), hf.as_object()) {
         (Some(Value::Object(text)), Some(top)) => {
             let mut v = text.clone();
             for (k, x) in top.iter().filter(|(k, _)| *k != "text_config") {
@@ -51,7 +52,11 @@ pub fn text_view(hf: &Value) -> Value {
             Value::Object(v)
         }
         _ => hf.clone(),
+    };
+    if let (Some(kinds), Some(o)) = (hf["layers_block_type"].as_array(), v.as_object_mut()) {
+        o.entry("num_hidden_layers").or_insert(kinds.len().into());
     }
+    v
 }
 
 /// `hf` at a dotted path (`rope_parameters.mrope_section`).
@@ -205,6 +210,22 @@ pub fn model_section(
     m.insert("qk_layernorm".into(), qk_norm.into());
     for (k, v) in family.megatron.iter().chain(&rope) {
         m.insert(k.clone(), v.clone());
+    }
+    // A hybrid model's layer pattern (M Mamba, * attention, - MLP, E MoE).
+    if let Some(kinds) = hf["layers_block_type"].as_array() {
+        let pattern: String = kinds
+            .iter()
+            .map(|k| match k.as_str() {
+                Some("mamba") => 'M',
+                Some("attention") => '*',
+                Some("mlp") => '-',
+                Some("moe") => 'E',
+                _ => '?',
+            })
+            .collect();
+        m.insert("hybrid_layer_pattern".into(), pattern.into());
+    } else if let Some(p) = hf["hybrid_override_pattern"].as_str() {
+        m.insert("hybrid_layer_pattern".into(), p.into());
     }
     if let Some(n) = hf["first_k_dense_replace"].as_u64() {
         // Megatron's moe_layer_freq: 0 for a dense layer, 1 for an MoE one.

@@ -188,15 +188,23 @@ fn data_file_name(rank: usize, i: usize) -> String {
 /// module's weight in the decoder, named by the shard's place among the stacked layers
 /// (`shard_{l}_{L}`, `shard_{l}.{e}_{L}.{E}`) or, for a per-layer key, among the experts
 /// (`shard_{e}_{E}`, else `shard_0_1`).
-fn te_extra_state(key: &str, global: &[u64], stacked: bool) -> Vec<String> {
-    let Some(module) = crate::decoder_layers(key).and_then(|_| key.strip_suffix(".weight")) else {
+/// A hybrid model (megatron-core's HybridModel) also has them for its Mamba mixers' `in_proj` /
+/// `out_proj` and for the output layer.
+fn te_extra_state<'a>(key: &'a str, global: &[u64], stacked: bool, hybrid: bool) -> Vec<String> {
+    if hybrid && key == "output_layer.weight" {
+        return vec!["output_layer._extra_state/shard_0_1".into()];
+    }
+    // A weight stored as named row blocks (`in_proj.weight.z`, ...) is still one module's.
+    let weight = |k: &'a str| k.strip_suffix(".weight");
+    let Some(module) = crate::decoder_layers(key)
+        .and_then(|_| weight(key).or_else(|| key.rsplit_once('.').and_then(|(w, _)| weight(w))))
+    else {
         return Vec::new();
     };
-    if !module
-        .rsplit('.')
-        .next()
-        .is_some_and(|m| m.starts_with("linear_"))
-    {
+    if !module.rsplit('.').next().is_some_and(|m| {
+        m.starts_with("linear_")
+            || (hybrid && module.ends_with(&format!("mixer.{m}")) && m.ends_with("_proj"))
+    }) {
         return Vec::new();
     }
     let experts = module.contains(".experts.experts.");
@@ -441,12 +449,14 @@ impl TorchDistWriter {
         let tp = self.cfg.tp.max(1);
         bridgeflow_sdk::parallel::check_tp(plan.attrs().get("megatron_model"), tp)?;
         let mut cursor = vec![0u64; n_files * tp as usize];
-        let gated = plan
-            .attrs()
-            .get("megatron_model")
-            .and_then(|m| m.get("gated_linear_unit"))
-            .and_then(|v| v.as_bool())
-            .unwrap_or(true);
+        let model_flag = |k: &str| {
+            plan.attrs()
+                .get("megatron_model")
+                .and_then(|m| m.get(k))
+                .and_then(|v| v.as_bool())
+        };
+        let gated = model_flag("gated_linear_unit").unwrap_or(true);
+        let hybrid = model_flag("is_hybrid_model").unwrap_or(false);
         // Byte objects first (in file 0), as megatron-core orders them: given, passed on by
         // the input (a checkpoint read back), or those of the keys' Transformer Engine modules.
         let given = plan
@@ -464,9 +474,11 @@ impl TorchDistWriter {
                     .iter()
                     .map(|(k, g, _, _, _)| (k.as_str(), g))
                     .collect();
+                let mut seen = std::collections::HashSet::new();
                 globals
                     .into_iter()
-                    .flat_map(|(k, g)| te_extra_state(k, g, homogeneous))
+                    .flat_map(|(k, g)| te_extra_state(k, g, homogeneous, hybrid))
+                    .filter(|k| seen.insert(k.clone()))
                     .collect()
             }
         };

@@ -11,6 +11,7 @@ use std::path::Path;
 mod deepseek;
 mod gpt_oss;
 mod llama;
+mod nemotron_h;
 mod qwen2_vl;
 mod qwen3_moe;
 
@@ -98,6 +99,7 @@ pub fn builtin() -> Vec<Family> {
         deepseek::family(),
         gpt_oss::family(),
         qwen2_vl::family(),
+        nemotron_h::family(),
     ];
     for (path, text) in TOML_TABLES {
         all.push(Family::from_toml(text, Path::new(path)).expect("a bundled table parses"));

@@ -1,0 +1,100 @@
+//! Nemotron-H: a hybrid of Mamba-2 (`M`), attention (`*`) and squared-ReLU MLP (`-`) layers, in
+//! the order the config's `layers_block_type` (or `hybrid_override_pattern`) gives. HF names
+//! every layer's block `mixer` and its pre-norm `norm`; Megatron fuses that norm into the
+//! block's first linear, so one HF name maps by layer kind. megatron-core keeps the layers apart
+//! (no stacking: they differ) and stores a mixer's `in_proj` as five keys (z, x, B, C, dt) and
+//! `conv1d` as three (x, B, C). MoE layers (Nemotron-3) are not in this table yet.
+
+use super::{fields, megatron, Family};
+use bridgeflow_sdk::mapping::{Entry, Kind, Layers};
+use serde_json::json;
+
+pub fn family() -> Family {
+    let l = |s: &str| format!("decoder.layers.{{l}}.{s}");
+    let h = |s: &str| format!("backbone.layers.{{l}}.{s}");
+    let norm = |megatron: &str, kind| Entry::direct(&l(megatron), &h("norm.weight")).only(kind);
+    let mut tensors = vec![
+        // NVIDIA's releases (and export) say `embeddings`; transformers 5 saves `embedding`.
+        Entry::vocab(
+            "embedding.word_embeddings.weight",
+            "backbone.embeddings.weight",
+        ),
+        Entry::vocab(
+            "embedding.word_embeddings.weight",
+            "backbone.embedding.weight",
+        ),
+        Entry::vocab("output_layer.weight", "lm_head.weight"),
+        Entry::direct("decoder.final_norm.weight", "backbone.norm_f.weight"),
+        // Mamba-2 mixer.
+        norm("mixer.in_proj.layer_norm_weight", Layers::Mamba),
+        Entry::new(
+            Kind::MambaInProj,
+            &l("mixer.in_proj.weight"),
+            &[&h("mixer.in_proj.weight")],
+        ),
+        Entry::new(
+            Kind::MambaConv,
+            &l("mixer.conv1d.weight"),
+            &[&h("mixer.conv1d.weight")],
+        ),
+        Entry::new(
+            Kind::MambaConv,
+            &l("mixer.conv1d.bias"),
+            &[&h("mixer.conv1d.bias")],
+        ),
+        // Attention.
+        norm(
+            "self_attention.linear_qkv.layer_norm_weight",
+            Layers::Attention,
+        ),
+        Entry::qkv(
+            &l("self_attention.linear_qkv.weight"),
+            &h("mixer.q_proj.weight"),
+            &h("mixer.k_proj.weight"),
+            &h("mixer.v_proj.weight"),
+        ),
+        Entry::direct(
+            &l("self_attention.linear_proj.weight"),
+            &h("mixer.o_proj.weight"),
+        ),
+        // MLP (not gated: squared ReLU).
+        norm("mlp.linear_fc1.layer_norm_weight", Layers::Mlp),
+        Entry::direct(&l("mlp.linear_fc1.weight"), &h("mixer.up_proj.weight")),
+        Entry::direct(&l("mlp.linear_fc2.weight"), &h("mixer.down_proj.weight")),
+    ];
+    for p in ["A_log", "D", "dt_bias", "norm.weight", "out_proj.weight"] {
+        tensors.push(Entry::direct(
+            &l(&format!("mixer.{p}")),
+            &h(&format!("mixer.{p}")),
+        ));
+    }
+    Family {
+        name: "nemotron-h".into(),
+        architectures: vec!["NemotronHForCausalLM".into()],
+        provider: "megatron.bridge.models.hybrid.hybrid_provider.HybridModelProvider".into(),
+        tensors,
+        // As Megatron-Bridge's Nemotron-H bridge maps them.
+        config: fields(&[
+            ("layer_norm_epsilon", "layernorm_epsilon"),
+            ("mamba_num_heads", "mamba_num_heads"),
+            ("mamba_head_dim", "mamba_head_dim"),
+            ("n_groups", "mamba_num_groups"),
+            ("ssm_state_size", "mamba_state_dim"),
+            ("chunk_size", "mamba_chunk_size"),
+            ("use_bias", "add_bias_linear"),
+        ]),
+        megatron: megatron(json!({
+            "normalization": "RMSNorm",
+            "gated_linear_unit": false,
+            "position_embedding_type": "none",
+            "activation_func": {"_call_": false, "_target_": "megatron.core.activations.squared_relu"},
+            "is_hybrid_model": true,
+            "first_last_layers_bf16": true,
+            "hidden_dropout": 0.0,
+        })),
+        ignore: Vec::new(),
+        sliding_window: Default::default(),
+        verbatim: Vec::new(),
+        objects: Vec::new(),
+    }
+}
