@@ -17,10 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "shared" / "oracle"
 # construction-only mamba_ssm (before megatron is imported), as its golden was made
 # (tests/fixtures/bridge/make.py).
 HYBRID = any("HybridModelProvider" in p.read_text() for p in Path(sys.argv[1]).glob("iter_*/run_config.yaml"))
-if HYBRID:
-    FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "bridge"
-    sys.path[:0] = [str(FIXTURES / "cpu_stubs"), str(FIXTURES)]
-    import make as fixture_make  # noqa: E402
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "bridge"
+sys.path[:0] = [str(FIXTURES / "cpu_stubs")] * HYBRID + [str(FIXTURES)]
+import make as fixture_make  # noqa: E402  (the CPU stand-ins the goldens were made with)
 import mb_cpu_shim  # noqa: E402,F401  (must come before megatron.bridge)
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -55,6 +54,7 @@ model_load_save.load_model_config = load_model_config
 iter_dir = max(ckpt.glob("iter_*"))
 if HYBRID:
     fixture_make.cpu_hybrid_stack()
+fixture_make.cpu_mtp_spec()  # multi-token-prediction layers, if the model has them
 cfg, _ = load_model_config(str(iter_dir))
 print("run_config.yaml model:", type(cfg).__name__,
       json.dumps({k: getattr(cfg, k) for k in ["num_layers", "hidden_size", "ffn_hidden_size",

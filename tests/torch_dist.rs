@@ -268,7 +268,9 @@ fn convert(dir: &Path, pipeline: &str, sets: &[String]) -> Result<(), String> {
 /// bytes, and the `_extra_state` objects) for every family with a Bridge golden: Llama (fp32 and
 /// bf16), Qwen3-MoE (experts stacked on their own axis), Gemma 1/2/3 (TOML tables), GPT-OSS
 /// (fused experts reshuffled expert by expert, biases, attention sinks) and DeepSeek-V3
-/// (MLA, a dense first layer, shared experts, per-layer keys); Bridge's checkpoint and ours
+/// (MLA, a dense first layer, shared experts, per-layer keys; with a multi-token-prediction
+/// layer as `mtp.layers.0.…`, its embedding and head copies written back on export), Qwen2.5-VL
+/// (vision tower verbatim), Nemotron-H (hybrid Mamba layers); Bridge's checkpoint and ours
 /// exported back give the original HF tensors bit for bit. (The same outputs loaded in
 /// megatron-core 0.19.2 via the oracle: every tensor equal to Bridge's conversion.)
 #[test]
@@ -280,7 +282,15 @@ fn import_equals_megatron_bridge_and_export_is_bit_exact() {
         .map(|n| (n, fixtures()))
         .into_iter()
         .chain(
-            ["gemma", "gemma3", "gpt_oss", "qwen25_vl", "nemotron_h"].map(|n| (n, local.clone())),
+            [
+                "gemma",
+                "gemma3",
+                "gpt_oss",
+                "qwen25_vl",
+                "nemotron_h",
+                "deepseek_v3_mtp",
+            ]
+            .map(|n| (n, local.clone())),
         );
     for (name, root) in cases {
         let hf = root.join("hf").join(name);

@@ -69,6 +69,8 @@ pub struct ModelConfig {
     pub hybrid: Option<Vec<Layers>>,
     /// A hybrid model's Mamba-2 mixer widths.
     pub mamba: Option<MambaDims>,
+    /// Multi-token-prediction layers (HF's layers `layers..layers + mtp`).
+    pub mtp: u64,
 }
 
 /// The layer kinds of a hybrid config: `layers_block_type` (transformers 5) or
@@ -147,7 +149,8 @@ pub fn model_config_from(c: &serde_json::Value, path: &Path) -> Result<ModelConf
         .as_array()
         .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
         .unwrap_or_default();
-    let moe = (0..layers)
+    let mtp = get("num_nextn_predict_layers").unwrap_or(0);
+    let moe = (0..layers + mtp)
         .map(|l| {
             experts.is_some() && l >= dense_first && (l + 1) % step == 0 && !mlp_only.contains(&l)
         })
@@ -177,6 +180,7 @@ pub fn model_config_from(c: &serde_json::Value, path: &Path) -> Result<ModelConf
         layers,
         hybrid,
         mamba,
+        mtp,
         heads: Heads {
             heads,
             groups: get("num_key_value_heads").unwrap_or(heads),
@@ -251,11 +255,78 @@ impl Mapper {
         })
     }
     fn find_megatron(&self, name: &str) -> Option<(usize, Index)> {
+        let name = self.from_mtp(name);
         self.family()
             .tensors
             .iter()
             .enumerate()
-            .find_map(|(i, e)| match_name(&e.megatron, name).map(|idx| (i, idx)))
+            .find_map(|(i, e)| match_name(&e.megatron, &name).map(|idx| (i, idx)))
+    }
+
+    /// Megatron names of multi-token-prediction layers, which the table writes with HF's
+    /// layer index `l` ≥ the decoder's layer count L: a decoder row `decoder.layers.{l}.…` is
+    /// `mtp.layers.{l-L}.transformer_layer.…`, an MTP row `mtp.layers.{l}.…` is
+    /// `mtp.layers.{l-L}.…`.
+    fn to_mtp(&self, name: String) -> String {
+        let l0 = self.model().layers;
+        let split = |prefix: &str| {
+            let (n, tail) = name.strip_prefix(prefix)?.split_once('.')?;
+            let n: u64 = n.parse().ok()?;
+            (n >= l0).then(|| (n - l0, tail.to_string()))
+        };
+        if let Some((m, tail)) = split("decoder.layers.") {
+            return format!("mtp.layers.{m}.transformer_layer.{tail}");
+        }
+        if let Some((m, tail)) = split("mtp.layers.") {
+            return format!("mtp.layers.{m}.{tail}");
+        }
+        name
+    }
+
+    /// The inverse of [`Self::to_mtp`]: a Megatron name as the table writes it.
+    fn from_mtp(&self, name: &str) -> String {
+        let l0 = self.model().layers;
+        let Some((m, tail)) = name
+            .strip_prefix("mtp.layers.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(m, t)| Some((m.parse::<u64>().ok()?, t)))
+        else {
+            return name.to_string();
+        };
+        match tail.strip_prefix("transformer_layer.") {
+            Some(rest) => format!("decoder.layers.{}.{rest}", m + l0),
+            None => format!("mtp.layers.{}.{tail}", m + l0),
+        }
+    }
+
+    /// Whether `name` is an MTP layer's copy of a main-model tensor (not imported).
+    fn mtp_copy(&self, name: &str) -> bool {
+        self.family().mtp_shared.iter().any(|(_, pat)| {
+            match_name(pat, name)
+                .and_then(|i| i.layer)
+                .is_some_and(|l| l >= self.model().layers)
+        })
+    }
+
+    /// The MTP layers' names for a main-model tensor they repeat.
+    fn mtp_copies(&self, name: &str) -> Vec<String> {
+        let m = self.model();
+        self.family()
+            .mtp_shared
+            .iter()
+            .filter(|(main, _)| main == name)
+            .flat_map(|(_, pat)| {
+                (m.layers..m.layers + m.mtp).map(move |l| {
+                    fill(
+                        pat,
+                        Index {
+                            layer: Some(l),
+                            expert: None,
+                        },
+                    )
+                })
+            })
+            .collect()
     }
 
     /// Rows of each HF part and where they lie in a fused tensor of `fused` rows.
@@ -296,7 +367,9 @@ impl Mapper {
     }
 
     fn skip_hf(&self, name: &str) -> bool {
-        self.family().ignorable(name) || (name == "lm_head.weight" && self.model().tied)
+        self.family().ignorable(name)
+            || (name == "lm_head.weight" && self.model().tied)
+            || self.mtp_copy(name)
     }
 
     fn plan_to_megatron(&mut self, input: &StreamPlan) -> Result<StreamPlan> {
@@ -346,13 +419,13 @@ impl Mapper {
         let mut out = Vec::new();
         for ((i, layer), parts) in &groups {
             let e = self.entry(*i).clone();
-            let name = fill(
+            let name = self.to_mtp(fill(
                 &e.megatron,
                 Index {
                     layer: *layer,
                     expert: None,
                 },
-            );
+            ));
             let experts = if e.per_expert() {
                 Some(self.model().experts.ok_or_else(|| {
                     PluginError::format(format!(
@@ -605,6 +678,16 @@ impl Mapper {
                 }
             }
         }
+        // The MTP layers' copies of main-model tensors (DeepSeek-V3's release has them).
+        let copies: Vec<TensorInfo> = out
+            .iter()
+            .flat_map(|t| {
+                self.mtp_copies(t.name())
+                    .into_iter()
+                    .map(|c| t.clone().with_name(c))
+            })
+            .collect();
+        out.extend(copies);
         let mut plan = StreamPlan::new(out);
         plan.attrs = input.attrs.clone();
         if let Some(dir) = self.cfg.hf_config.as_ref().and_then(|c| c.parent()) {
@@ -973,10 +1056,33 @@ impl Transform for Mapper {
     fn process(&mut self, _port: usize, item: Item, out: &mut Emitter) -> Result<()> {
         let t = item.into_tensor()?;
         if self.to_megatron {
-            self.process_to_megatron(t, out)
-        } else {
-            self.process_to_hf(t, out)
+            return self.process_to_megatron(t, out);
         }
+        if self.model().mtp == 0 || self.family().mtp_shared.is_empty() {
+            return self.process_to_hf(t, out);
+        }
+        // Each tensor the MTP layers repeat goes out again under their names (the same bytes).
+        let copies: Vec<(String, Vec<String>)> = self
+            .family()
+            .mtp_shared
+            .iter()
+            .map(|(main, _)| (main.clone(), self.mtp_copies(main)))
+            .collect();
+        let mut both = |item: Item| -> Result<()> {
+            let t = item.into_tensor()?;
+            let base = t.info.base_name().to_string();
+            for (_, names) in copies.iter().filter(|(main, _)| *main == base) {
+                for c in names {
+                    let name = match t.name().split_once('#') {
+                        Some((_, id)) => format!("{c}#{id}"),
+                        None => c.clone(),
+                    };
+                    out.tensor(Tensor::new(t.info.clone().with_name(name), t.data.clone())?)?;
+                }
+            }
+            out.tensor(t)
+        };
+        Emitter::scoped(&mut both, None, |em| self.process_to_hf(t, em))
     }
 
     fn finish(&mut self, _out: &mut Emitter) -> Result<()> {
@@ -1011,6 +1117,10 @@ mod tests {
         assert_eq!(hybrid_layers(&pattern, p).unwrap(), Some(want));
         assert_eq!(hybrid_layers(&json!({}), p).unwrap(), None);
         let e = hybrid_layers(&json!({"hybrid_override_pattern": "M*X"}), p).unwrap_err();
-        assert!(e.message.contains("config.json") && e.message.contains("'X'"), "{}", e.message);
+        assert!(
+            e.message.contains("config.json") && e.message.contains("'X'"),
+            "{}",
+            e.message
+        );
     }
 }

@@ -189,27 +189,32 @@ fn data_file_name(rank: usize, i: usize) -> String {
 /// (`shard_{l}_{L}`, `shard_{l}.{e}_{L}.{E}`) or, for a per-layer key, among the experts
 /// (`shard_{e}_{E}`, else `shard_0_1`).
 /// A hybrid model (megatron-core's HybridModel) also has them for its Mamba mixers' `in_proj` /
-/// `out_proj` and for the output layer.
+/// `out_proj` and for the output layer; multi-token-prediction layers (`mtp.layers.{m}.…`,
+/// never stacked) for their linears and `eh_proj`.
 fn te_extra_state<'a>(key: &'a str, global: &[u64], stacked: bool, hybrid: bool) -> Vec<String> {
     if hybrid && key == "output_layer.weight" {
         return vec!["output_layer._extra_state/shard_0_1".into()];
     }
     // A weight stored as named row blocks (`in_proj.weight.z`, ...) is still one module's.
     let weight = |k: &'a str| k.strip_suffix(".weight");
-    let Some(module) = crate::decoder_layers(key)
-        .and_then(|_| weight(key).or_else(|| key.rsplit_once('.').and_then(|(w, _)| weight(w))))
+    // Decoder layers, and multi-token-prediction layers (their projection `eh_proj` too).
+    let mtp = key.starts_with("mtp.layers.");
+    let Some(module) = (crate::decoder_layers(key).is_some() || mtp)
+        .then(|| weight(key).or_else(|| key.rsplit_once('.').and_then(|(w, _)| weight(w))))
+        .flatten()
     else {
         return Vec::new();
     };
     if !module.rsplit('.').next().is_some_and(|m| {
         m.starts_with("linear_")
+            || (mtp && m == "eh_proj")
             || (hybrid && module.ends_with(&format!("mixer.{m}")) && m.ends_with("_proj"))
     }) {
         return Vec::new();
     }
     let experts = module.contains(".experts.experts.");
     let name = |shard: String| format!("{module}._extra_state/shard_{shard}");
-    let stacked = stacked && layer_split(key).is_none();
+    let stacked = stacked && !mtp && layer_split(key).is_none();
     match (stacked, experts) {
         (true, true) => {
             let (l, e) = (global[0], global[1]);

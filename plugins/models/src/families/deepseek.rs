@@ -2,6 +2,8 @@
 //! the up-projections), the first `first_k_dense_replace` layers dense, the rest routed MoE
 //! with a shared expert and the router's `expert_bias` (V3's `e_score_correction_bias`). The
 //! layers differ, so megatron-core keeps per-layer keys (`decoder.layers.0.…`), not stacked ones.
+//! Multi-token-prediction layers (`num_nextn_predict_layers`, HF's layers after the last) are
+//! `mtp.layers.{m}.…` as megatron-core 0.19 names them.
 
 use super::llama::{dense_mlp, embeddings, gpt_fields};
 use super::qwen3_moe::{moe_fields_named, routed_moe};
@@ -50,6 +52,20 @@ pub fn family() -> Family {
             "shared_experts.down_proj.weight",
         ),
     ]);
+    // Multi-token prediction (HF layers from num_hidden_layers on): its own norms and
+    // projection; its transformer layer is a decoder layer's rows (Megatron
+    // `mtp.layers.{m}.transformer_layer.…`, renamed by the mapper).
+    for (m, h) in [
+        ("enorm", "enorm"),
+        ("hnorm", "hnorm"),
+        ("eh_proj", "eh_proj"),
+        ("final_layernorm", "shared_head.norm"),
+    ] {
+        tensors.push(Entry::direct(
+            &format!("mtp.layers.{{l}}.{m}.weight"),
+            &format!("model.layers.{{l}}.{h}.weight"),
+        ));
+    }
     tensors.extend(dense_mlp().into_iter().map(|e| e.only(Layers::Dense)));
     tensors.extend(routed_moe(
         "model.layers.{l}.mlp.gate.weight",
@@ -104,5 +120,15 @@ pub fn family() -> Family {
         sliding_window: Default::default(),
         verbatim: Vec::new(),
         objects: Vec::new(),
+        mtp_shared: vec![
+            (
+                "model.embed_tokens.weight".into(),
+                "model.layers.{l}.embed_tokens.weight".into(),
+            ),
+            (
+                "lm_head.weight".into(),
+                "model.layers.{l}.shared_head.head.weight".into(),
+            ),
+        ],
     }
 }

@@ -50,6 +50,11 @@ pub struct Family {
     /// the model section with that `_target_` (a VLM's `vision_config`).
     #[serde(default)]
     pub objects: Vec<(String, String)>,
+    /// HF tensors that multi-token-prediction layers repeat from the main model: (main name,
+    /// MTP-layer pattern with `{l}`). Skipped on import (Megatron shares them), written again
+    /// for each MTP layer on export (DeepSeek-V3's `embed_tokens`, `shared_head.head`).
+    #[serde(default)]
+    pub mtp_shared: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]

@@ -48,5 +48,6 @@ pub fn family() -> Family {
             "vision_config".into(),
             "transformers.models.qwen2_5_vl.configuration_qwen2_5_vl.Qwen2_5_VLVisionConfig".into(),
         )],
+        mtp_shared: Vec::new(),
     }
 }

@@ -68,6 +68,7 @@ pub fn family() -> Family {
         sliding_window: Default::default(),
         verbatim: Vec::new(),
         objects: Vec::new(),
+        mtp_shared: Vec::new(),
     }
 }
 
