@@ -255,7 +255,7 @@ impl Mapper {
         })
     }
     fn find_megatron(&self, name: &str) -> Option<(usize, Index)> {
-        let name = self.from_mtp(name);
+        let name = self.table_name(name);
         self.family()
             .tensors
             .iter()
@@ -283,8 +283,8 @@ impl Mapper {
         name
     }
 
-    /// The inverse of [`Self::to_mtp`]: a Megatron name as the table writes it.
-    fn from_mtp(&self, name: &str) -> String {
+    /// The inverse of [`Self::to_mtp`]: a Megatron name as the table writes it (MTP layers by HF index).
+    fn table_name(&self, name: &str) -> String {
         let l0 = self.model().layers;
         let Some((m, tail)) = name
             .strip_prefix("mtp.layers.")
