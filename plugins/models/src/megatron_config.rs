@@ -233,7 +233,12 @@ pub fn model_section(
         let freq: Vec<u64> = (0..layers).map(|l| (l >= n) as u64).collect();
         m.insert("moe_layer_freq".into(), json!(freq));
     }
-    if let Some(n) = hf["n_shared_experts"].as_u64() {
+    // DeepSeek gives its shared experts' width as a count of routed widths (Nemotron-H maps
+    // the width itself, through its table).
+    if let Some(n) = hf["n_shared_experts"]
+        .as_u64()
+        .filter(|_| !mapped("moe_shared_expert_intermediate_size"))
+    {
         let ffn = hf["moe_intermediate_size"].as_u64().unwrap_or(0);
         m.insert(
             "moe_shared_expert_intermediate_size".into(),

@@ -3,7 +3,8 @@
 //! every layer's block `mixer` and its pre-norm `norm`; Megatron fuses that norm into the
 //! block's first linear, so one HF name maps by layer kind. megatron-core keeps the layers apart
 //! (no stacking: they differ) and stores a mixer's `in_proj` as five keys (z, x, B, C, dt) and
-//! `conv1d` as three (x, B, C). MoE layers (Nemotron-3) are not in this table yet.
+//! `conv1d` as three (x, B, C). MoE layers (`E`, Nemotron-3): squared-ReLU experts stacked on
+//! an expert axis, a shared expert, a sigmoid router with expert bias.
 
 use super::{fields, megatron, Family};
 use bridgeflow_sdk::mapping::{Entry, Kind, Layers};
@@ -61,6 +62,29 @@ pub fn family() -> Family {
         norm("mlp.linear_fc1.layer_norm_weight", Layers::Mlp),
         Entry::direct(&l("mlp.linear_fc1.weight"), &h("mixer.up_proj.weight")),
         Entry::direct(&l("mlp.linear_fc2.weight"), &h("mixer.down_proj.weight")),
+        // MoE.
+        norm("pre_mlp_layernorm.weight", Layers::Moe),
+        Entry::direct(&l("mlp.router.weight"), &h("mixer.gate.weight")),
+        Entry::direct(
+            &l("mlp.router.expert_bias"),
+            &h("mixer.gate.e_score_correction_bias"),
+        ),
+        Entry::direct(
+            &l("mlp.experts.experts.linear_fc1.weight"),
+            &h("mixer.experts.{e}.up_proj.weight"),
+        ),
+        Entry::direct(
+            &l("mlp.experts.experts.linear_fc2.weight"),
+            &h("mixer.experts.{e}.down_proj.weight"),
+        ),
+        Entry::direct(
+            &l("mlp.shared_experts.linear_fc1.weight"),
+            &h("mixer.shared_experts.up_proj.weight"),
+        ),
+        Entry::direct(
+            &l("mlp.shared_experts.linear_fc2.weight"),
+            &h("mixer.shared_experts.down_proj.weight"),
+        ),
     ];
     for p in ["A_log", "D", "dt_bias", "norm.weight", "out_proj.weight"] {
         tensors.push(Entry::direct(
@@ -82,6 +106,14 @@ pub fn family() -> Family {
             ("ssm_state_size", "mamba_state_dim"),
             ("chunk_size", "mamba_chunk_size"),
             ("use_bias", "add_bias_linear"),
+            ("n_routed_experts", "num_moe_experts"),
+            ("num_experts_per_tok", "moe_router_topk"),
+            ("moe_intermediate_size", "moe_ffn_hidden_size"),
+            (
+                "moe_shared_expert_intermediate_size",
+                "moe_shared_expert_intermediate_size",
+            ),
+            ("routed_scaling_factor", "moe_router_topk_scaling_factor"),
         ]),
         megatron: megatron(json!({
             "normalization": "RMSNorm",
@@ -91,6 +123,11 @@ pub fn family() -> Family {
             "is_hybrid_model": true,
             "first_last_layers_bf16": true,
             "hidden_dropout": 0.0,
+            "moe_router_score_function": "sigmoid",
+            "moe_router_enable_expert_bias": true,
+            "moe_router_dtype": "fp32",
+            "moe_grouped_gemm": true,
+            "moe_token_dispatcher_type": "alltoall",
         })),
         ignore: Vec::new(),
         sliding_window: Default::default(),
