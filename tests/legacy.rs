@@ -154,6 +154,30 @@ fn broken_legacy_checkpoints_are_named() {
     assert!(!dir.path().join("y.safetensors").exists());
 }
 
+/// Models whose Megatron-LM layout the writer does not know (a VLM's `language_model.*` and
+/// vision tower, Nemotron-H's Mamba mixers) are refused by tensor name, and nothing is left.
+#[test]
+fn models_the_megatron_lm_writer_cannot_place_are_refused() {
+    let dir = tempdir();
+    let text =
+        std::fs::read_to_string(workspace_root().join("pipelines/hf-to-megatron-lm.toml")).unwrap();
+    for (name, want) in [("qwen25_vl", "language_model."), ("nemotron_h", "decoder.")] {
+        let hf = workspace_root().join("tests/fixtures/hf").join(name);
+        let out = dir.path().join(name);
+        let sets = [
+            format!("input={}", hf.display()),
+            format!("output={}", out.display()),
+        ];
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let e = run_text(dir.path(), &text, &sets, 1 << 30).unwrap_err();
+        assert!(
+            e.contains(&format!("'{want}")) && e.contains("places GPT decoders"),
+            "{name}: {e}"
+        );
+        assert!(!out.exists(), "{name}: output left behind");
+    }
+}
+
 /// HF → Megatron-LM at TP2·PP2, TP2·PP3·VPP2, and for MoE models TP2·EP2 (experts split for
 /// expert-TP) and TP2·EP4 with whole experts (DeepSeek-V3: MLA, shared expert, a dense first
 /// layer), with TE names and with the local spec's (SequentialMLP `local_experts.{i}`, MLA's

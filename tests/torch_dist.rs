@@ -984,6 +984,69 @@ fn tp2_layout_equals_megatron_cores() {
     assert_eq!(got, want);
 }
 
+/// Written as TP2 × PP2 ranks (`convert --tp 2 --pp 2`): each stage's layers, the embedding
+/// (first stage) and the output layer and final norm (last stage) in the files of that stage's
+/// ranks (rank = tp_rank + 2 · stage), TP-cut as above; the tensors read back are the original.
+#[test]
+fn pp2_layout_puts_each_stage_in_its_ranks_files() {
+    let dir = tempdir();
+    let out = dir.path().join("tp2pp2");
+    let hf = fixtures().join("hf/llama");
+    let o = bridgeflow()
+        .args(["convert", "--tp", "2", "--pp", "2", "--from"])
+        .arg(format!("hf:{}", hf.display()))
+        .arg("--to")
+        .arg(format!("megatron:{}", out.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = bridgeflow()
+        .args(["inspect", "--json"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // Ranks holding each key's chunks, by the chunk's first offset when asked.
+    let ranks = |key: &str, layer: Option<u64>| -> BTreeSet<u64> {
+        v["attrs"]["chunks"][key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| layer.is_none_or(|l| c["offsets"][0] == l))
+            .map(|c| {
+                let f = c["file"].as_str().unwrap();
+                f[2..f.rfind('_').unwrap()].parse().unwrap()
+            })
+            .collect()
+    };
+    let qkv = "decoder.layers.self_attention.linear_qkv.weight";
+    assert_eq!(ranks(qkv, Some(0)), BTreeSet::from([0, 1]));
+    assert_eq!(ranks(qkv, Some(1)), BTreeSet::from([2, 3]));
+    assert_eq!(
+        ranks("embedding.word_embeddings.weight", None),
+        BTreeSet::from([0, 1])
+    );
+    assert_eq!(ranks("output_layer.weight", None), BTreeSet::from([2, 3]));
+    assert_eq!(
+        ranks("decoder.final_layernorm.weight", None),
+        BTreeSet::from([2])
+    );
+    let back = dir.path().join("hf");
+    convert(
+        dir.path(),
+        "megatron-to-hf.toml",
+        &[
+            format!("input={}", out.display()),
+            format!("output={}", back.display()),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        load_tensors(&back),
+        load_tensors(&hf.join("model.safetensors"))
+    );
+}
+
 /// DeepSeek-V3 exported back to its FP8 release layout (`megatron-to-hf-fp8.toml`): the
 /// projections as F8_E4M3 with their block scales, everything else untouched, and the config
 /// saying so; that output imports again (`hf-fp8-to-megatron.toml`).

@@ -309,10 +309,11 @@ pub fn convert(
     };
     let write = match to {
         Endpoint::Hf(dst) => stage("write", "safetensors", "writer", &["map"], write_cfg(dst)),
-        // torch_dist: written as `--tp` ranks would write it.
+        // torch_dist: written as `--tp` × `--pp` ranks would write it.
         Endpoint::Megatron(dst) => {
             let mut cfg = write_cfg(dst);
             cfg.insert("tp".into(), Value::Integer(layout.tp as i64));
+            cfg.insert("pp".into(), Value::Integer(layout.pp as i64));
             stage("write", "torch-dist", "writer", &["map"], cfg)
         }
         Endpoint::MegatronLm(dst) => {

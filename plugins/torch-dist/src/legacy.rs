@@ -347,6 +347,23 @@ impl LegacyWriter {
                 t.name()
             )));
         }
+        // What this writer knows how to place and cut: GPT decoders (dense, MoE, MLA) with their
+        // embedding, output layer and final norm. A VLM's submodules, multi-token-prediction
+        // layers and Mamba mixers have their own Megatron-LM layouts (not written here): refused
+        // by name rather than written to the wrong ranks.
+        if let Some(t) = tensors.iter().find(|t| {
+            let n = t.name();
+            let known = n.starts_with("decoder.layers.")
+                || n.starts_with("embedding.")
+                || n.starts_with("output_layer.")
+                || n.starts_with("decoder.final_layernorm.");
+            !known || n.contains(".mixer.")
+        }) {
+            return Err(PluginError::unsupported(format!(
+                "'{}': the Megatron-LM writer places GPT decoders (dense, MoE, MLA) only; write this model as torch_dist",
+                t.name()
+            )));
+        }
         bridgeflow_sdk::parallel::check_tp(plan.attrs().get("megatron_model"), self.cfg.tp.max(1))?;
         let (ep, etp) = (
             self.cfg.ep.max(1),

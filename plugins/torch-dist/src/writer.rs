@@ -68,6 +68,34 @@ pub struct WriterConfig {
     /// rank's chunks in its own files.
     #[serde(default = "one")]
     pub tp: u64,
+    /// And over this many pipeline stages: each stage's decoder layers (an even split, or as
+    /// the two options below say), the embedding on the first, the output layer, final norm
+    /// and multi-token-prediction layers on the last; rank = tp_rank + tp · stage, as
+    /// megatron-core numbers ranks without data parallelism.
+    #[serde(default = "one")]
+    pub pp: u64,
+    #[serde(default)]
+    pub num_layers_in_first_pipeline_stage: Option<u64>,
+    #[serde(default)]
+    pub num_layers_in_last_pipeline_stage: Option<u64>,
+}
+
+/// The pipeline stage that holds a (per-layer) tensor: its layer's stage, else the first stage
+/// for the embedding (and a VLM's vision tower), the last for the rest.
+fn pipeline_stage(name: &str, stages: &[(u64, u64)]) -> u64 {
+    let last = stages.len().saturating_sub(1) as u64;
+    if let Some((_, l, _)) = layer_split(name) {
+        return stages
+            .iter()
+            .position(|&(first, n)| l >= first && l < first + n)
+            .map_or(last, |s| s as u64);
+    }
+    let module = name.strip_prefix("language_model.").unwrap_or(name);
+    if module.starts_with("embedding.") || name.starts_with("visual.") {
+        0
+    } else {
+        last
+    }
 }
 
 fn one() -> u64 {
@@ -453,7 +481,14 @@ impl TorchDistWriter {
         let n_files = self.cfg.files.max(1);
         let tp = self.cfg.tp.max(1);
         bridgeflow_sdk::parallel::check_tp(plan.attrs().get("megatron_model"), tp)?;
-        let mut cursor = vec![0u64; n_files * tp as usize];
+        let pp = self.cfg.pp.max(1);
+        let stages = bridgeflow_sdk::parallel::pp_layers(
+            n_layers,
+            pp,
+            self.cfg.num_layers_in_first_pipeline_stage,
+            self.cfg.num_layers_in_last_pipeline_stage,
+        )?;
+        let mut cursor = vec![0u64; n_files * (tp * pp) as usize];
         let model_flag = |k: &str| {
             plan.attrs()
                 .get("megatron_model")
@@ -527,8 +562,10 @@ impl TorchDistWriter {
                 }
                 out
             };
+            let stage = pipeline_stage(t.base_name(), &stages);
             let mut mine = Vec::new();
             for (rank, offsets, shape, runs) in chunks {
+                let rank = rank + tp * stage;
                 let nbytes = shape.iter().product::<u64>() * es;
                 let archive = Archive::new(
                     "archive",
@@ -783,7 +820,7 @@ impl Sink for TorchDistWriter {
             keys.len(),
             self.pieces.len(),
             self.bytes_items.len(),
-            self.cfg.files.max(1) * self.cfg.tp.max(1) as usize,
+            self.cfg.files.max(1) * (self.cfg.tp.max(1) * self.cfg.pp.max(1)) as usize,
             Path::new(&target).display()
         ))
     }
