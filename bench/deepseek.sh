@@ -29,8 +29,11 @@ for e in "${counts[@]}"; do
     bench_row "$e experts $q: HF -> Megatron" "$bytes" "$out" $bin run $pipeline \
       --memory-budget "$budget" --no-progress --set input="$in" --set output="$out" \
       --set write.fsync=false --set write.manifest=false
-    # Megatron-LM repeats the dense tensors in every EP rank's file: ~8x the dense bytes on disk.
-    if [ $q = bf16 ] && [ "${EP8:-1}" = 1 ]; then
+    # Megatron-LM repeats the dense tensors in every EP rank's file: ~5-8x the input on disk.
+    free=$(df -B1 --output=avail "$work" | tail -1)
+    if [ $q = bf16 ] && [ "${EP8:-1}" = 1 ] && [ "$free" -lt $((bytes * 6)) ]; then
+      echo "$e experts $q: HF -> Megatron-LM EP8 skipped: needs ~$((bytes * 6 / 1000000000)) GB free, $((free / 1000000000)) GB here"
+    elif [ $q = bf16 ] && [ "${EP8:-1}" = 1 ]; then
       bench_row "$e experts $q: HF -> Megatron-LM EP8" "$bytes" "$out" $bin run \
         pipelines/hf-to-megatron-lm.toml --memory-budget "$budget" --no-progress \
         --set input="$in" --set output="$out" --set write.ep=8 --set write.fsync=false

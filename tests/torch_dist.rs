@@ -264,6 +264,20 @@ fn convert(dir: &Path, pipeline: &str, sets: &[String]) -> Result<(), String> {
     run_text(dir, &text, &sets, 1 << 30).map(|_| ())
 }
 
+/// A torch_dist checkpoint exported to HF with the bundled pipeline (`out`); its tensors.
+fn export_hf(dir: &Path, ckpt: &Path, out: &Path) -> BTreeMap<String, Loaded> {
+    convert(
+        dir,
+        "megatron-to-hf.toml",
+        &[
+            format!("input={}", ckpt.display()),
+            format!("output={}", out.display()),
+        ],
+    )
+    .unwrap();
+    load_tensors(out)
+}
+
 /// HF → Megatron equals Megatron-Bridge's import tensor by tensor (keys, global shapes, dtypes,
 /// bytes, and the `_extra_state` objects) for every family with a Bridge golden: Llama (fp32 and
 /// bf16), Qwen3-MoE (experts stacked on their own axis), Gemma 1/2/3 (TOML tables), GPT-OSS
@@ -702,17 +716,8 @@ fn llama_family_logits_and_round_trips() {
         )
         .unwrap();
         let back = dir.path().join(format!("{name}-hf"));
-        convert(
-            dir.path(),
-            "megatron-to-hf.toml",
-            &[
-                format!("input={}", out.display()),
-                format!("output={}", back.display()),
-            ],
-        )
-        .unwrap();
         assert_eq!(
-            load_tensors(&back),
+            export_hf(dir.path(), &out, &back),
             load_tensors(&hf.join("model.safetensors")),
             "{name}"
         );
@@ -848,16 +853,7 @@ fn mixtral_round_trip_and_expert_layout() {
         vec![2, 4, 64]
     );
     let back = dir.path().join("mixtral-hf");
-    convert(
-        dir.path(),
-        "megatron-to-hf.toml",
-        &[
-            format!("input={}", out.display()),
-            format!("output={}", back.display()),
-        ],
-    )
-    .unwrap();
-    assert_eq!(load_tensors(&back), src);
+    assert_eq!(export_hf(dir.path(), &out, &back), src);
     assert_eq!(config_json(&back), config_json(&hf));
 }
 
@@ -1031,18 +1027,8 @@ fn pp2_layout_puts_each_stage_in_its_ranks_files() {
         ranks("decoder.final_layernorm.weight", None),
         BTreeSet::from([2])
     );
-    let back = dir.path().join("hf");
-    convert(
-        dir.path(),
-        "megatron-to-hf.toml",
-        &[
-            format!("input={}", out.display()),
-            format!("output={}", back.display()),
-        ],
-    )
-    .unwrap();
     assert_eq!(
-        load_tensors(&back),
+        export_hf(dir.path(), &out, &dir.path().join("hf")),
         load_tensors(&hf.join("model.safetensors"))
     );
 }

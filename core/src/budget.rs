@@ -25,6 +25,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+/// Who waits for room: a source, or a downstream stage with its alive output.
+enum Waiter<'a> {
+    Source,
+    Downstream(&'a AtomicU64),
+}
+
 #[derive(Default)]
 struct State {
     in_flight: u64,
@@ -99,18 +105,43 @@ impl Budget {
         self.overdrafts.load(Ordering::SeqCst)
     }
 
-    fn idle(&self) -> bool {
-        self.busy.load(Ordering::SeqCst) == 0 && self.queued.load(Ordering::SeqCst) == 0
-    }
-
     /// Adds `bytes` to the count; when `wait`, first blocks until they fit. Returns false if the
     /// run was cancelled while waiting.
     fn acquire(&self, bytes: u64, wait: bool) -> bool {
+        self.acquire_as(bytes, wait.then_some(Waiter::Source))
+    }
+
+    /// [`Self::acquire`] for a downstream stage whose alive output is `own`: waits for room only
+    /// while some of that output is alive.
+    fn acquire_downstream(&self, bytes: u64, own: &AtomicU64) -> bool {
+        let ok = self.acquire_as(bytes, Some(Waiter::Downstream(own)));
+        if ok {
+            own.fetch_add(bytes, Ordering::SeqCst);
+        }
+        ok
+    }
+
+    /// The wait for room, by who waits (None: no wait). Waiting ends when the bytes fit, when
+    /// nothing else is in flight (a source) or nothing of the stage's own output is (downstream),
+    /// or when nothing can move: the other stages idle and neither the discard count nor the
+    /// stage's own output changing for two checks — then the bytes are admitted over budget.
+    fn acquire_as(&self, bytes: u64, waiter: Option<Waiter<'_>>) -> bool {
         let mut st = self.state.lock().unwrap();
-        if wait {
+        if let Some(w) = waiter {
+            let own = |w: &Waiter<'_>| match w {
+                Waiter::Source => 0,
+                Waiter::Downstream(o) => o.load(Ordering::SeqCst),
+            };
+            let must_wait = |in_flight: u64| {
+                in_flight + bytes > self.limit
+                    && match w {
+                        Waiter::Source => in_flight > 0,
+                        Waiter::Downstream(o) => o.load(Ordering::SeqCst) > 0,
+                    }
+            };
             let mut idle_checks = 0;
-            let mut seen = self.discarded.load(Ordering::SeqCst);
-            while st.in_flight > 0 && st.in_flight + bytes > self.limit {
+            let mut seen = (self.discarded.load(Ordering::SeqCst), own(&w));
+            while must_wait(st.in_flight) {
                 if self.is_cancelled() {
                     return false;
                 }
@@ -121,70 +152,37 @@ impl Budget {
                 st = guard;
                 // A consumer still working through its data (discarding as it goes) is progress,
                 // even when every stage has returned to the runtime.
-                let now = self.discarded.load(Ordering::SeqCst);
+                let now = (self.discarded.load(Ordering::SeqCst), own(&w));
                 let progressing = now != seen;
                 seen = now;
-                if timeout.timed_out() && self.idle() && !progressing {
-                    idle_checks += 1;
-                    if idle_checks >= 2 {
-                        if self.overdrafts.fetch_add(1, Ordering::SeqCst) == 0 {
-                            tracing::warn!(
-                                in_flight = st.in_flight,
-                                budget = self.limit,
-                                "a stage holds data until another source delivers; admitting over the memory budget to keep going (raise --memory-budget)"
-                            );
-                        }
-                        break;
-                    }
-                } else {
+                // Besides the waiter itself, when it waits inside a stage call.
+                let others_idle = self.queued.load(Ordering::SeqCst) == 0
+                    && self.busy.load(Ordering::SeqCst)
+                        <= matches!(w, Waiter::Downstream(_)) as usize;
+                if !(timeout.timed_out() && others_idle && !progressing) {
                     idle_checks = 0;
+                    continue;
                 }
-            }
-        }
-        st.in_flight += bytes;
-        st.peak = st.peak.max(st.in_flight);
-        true
-    }
-
-    /// [`Self::acquire`] for a downstream stage whose alive output is `own`: waits for room only
-    /// while some of that output is alive; admits when every other stage is idle and neither
-    /// `own` nor the discard count moves for two checks.
-    fn acquire_downstream(&self, bytes: u64, own: &AtomicU64) -> bool {
-        let mut st = self.state.lock().unwrap();
-        let mut idle_checks = 0;
-        let mut seen = (
-            self.discarded.load(Ordering::SeqCst),
-            own.load(Ordering::SeqCst),
-        );
-        while own.load(Ordering::SeqCst) > 0 && st.in_flight + bytes > self.limit {
-            if self.is_cancelled() {
-                return false;
-            }
-            let (guard, timeout) = self
-                .freed
-                .wait_timeout(st, Duration::from_millis(100))
-                .unwrap();
-            st = guard;
-            let now = (
-                self.discarded.load(Ordering::SeqCst),
-                own.load(Ordering::SeqCst),
-            );
-            let progressing = now != seen;
-            seen = now;
-            let others_idle =
-                self.busy.load(Ordering::SeqCst) <= 1 && self.queued.load(Ordering::SeqCst) == 0;
-            if timeout.timed_out() && others_idle && !progressing {
                 idle_checks += 1;
-                if idle_checks >= 2 {
-                    break;
+                if idle_checks < 2 {
+                    continue;
                 }
-            } else {
-                idle_checks = 0;
+                // A source's overdraft is news (a stage holds data for another source); a
+                // downstream stage's is a mapper waiting for a tensor's other parts.
+                if matches!(w, Waiter::Source)
+                    && self.overdrafts.fetch_add(1, Ordering::SeqCst) == 0
+                {
+                    tracing::warn!(
+                        in_flight = st.in_flight,
+                        budget = self.limit,
+                        "a stage holds data until another source delivers; admitting over the memory budget to keep going (raise --memory-budget)"
+                    );
+                }
+                break;
             }
         }
         st.in_flight += bytes;
         st.peak = st.peak.max(st.in_flight);
-        own.fetch_add(bytes, Ordering::SeqCst);
         true
     }
 

@@ -59,6 +59,14 @@ pub struct Fp8Dequant {
     pool: BufferPool,
 }
 
+/// The weights are no longer quantized: the HF config written beside them must not say so.
+pub(crate) fn no_longer_quantized(plan: &mut StreamPlan) {
+    plan.set_attr(
+        "drop_config_keys",
+        serde_json::json!(["quantization_config"]),
+    );
+}
+
 /// The float dtype a dequantizing stage writes: bf16, f16 or f32.
 pub(crate) fn float_target(to: &str) -> Result<DType> {
     DType::parse(to)
@@ -258,11 +266,7 @@ impl Transform for Fp8Dequant {
         }
         plan.tensors = kept.into();
         plan.set_attr("dtype", self.to.torch_name().into());
-        // The weights are no longer quantized: the HF config written beside them must not say so.
-        plan.set_attr(
-            "drop_config_keys",
-            serde_json::json!(["quantization_config"]),
-        );
+        no_longer_quantized(&mut plan);
         Ok(plan)
     }
 

@@ -9,7 +9,7 @@
 //! Dequantized experts are emitted in blocks of whole experts (pieces `X#<first expert>`, each at
 //! most `piece_bytes` unless one expert is larger), so a 4 GB fused tensor is never resident.
 
-use crate::fp8::{bf16_name, d16m, float_target, store};
+use crate::fp8::{bf16_name, d16m, float_target, no_longer_quantized, store};
 use crate::pairs::Pairs;
 use bridgeflow_sdk::{
     schemars, serde, BufferPool, DType, Emitter, Item, PluginError, Result, StreamPlan, Tensor,
@@ -254,11 +254,7 @@ impl Transform for Mxfp4Dequant {
         }
         let mut plan = input.clone();
         plan.tensors = kept.into();
-        // The experts are no longer quantized: the HF config written beside them must not say so.
-        plan.set_attr(
-            "drop_config_keys",
-            serde_json::json!(["quantization_config"]),
-        );
+        no_longer_quantized(&mut plan);
         Ok(plan)
     }
 
