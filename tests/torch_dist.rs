@@ -581,6 +581,48 @@ fn unknown_architectures_are_named() {
     assert!(!dir.path().join("x").exists());
 }
 
+/// A hybrid config that does not fit its weights is named, and nothing is written: Mamba widths
+/// that do not add up to `in_proj`'s rows, and a layer pattern of the wrong length.
+#[test]
+fn hybrid_configs_that_do_not_fit_are_named() {
+    let dir = tempdir();
+    let src = workspace_root().join("tests/fixtures/hf/nemotron_h");
+    let cases: [(&str, serde_json::Value, &[&str]); 2] = [
+        (
+            "heads",
+            serde_json::json!({"mamba_num_heads": 8}),
+            &["backbone.layers.0.mixer.in_proj.weight", "z 128"],
+        ),
+        (
+            "pattern",
+            serde_json::json!({"layers_block_type": ["mamba", "attention"]}),
+            &["backbone.layers.2.", "in layer 2", "describes 2 layers"],
+        ),
+    ];
+    for (tag, change, want) in cases {
+        let hf = dir.path().join(tag);
+        std::fs::create_dir(&hf).unwrap();
+        std::fs::copy(src.join("model.safetensors"), hf.join("model.safetensors")).unwrap();
+        let mut cfg = config_json(&src);
+        for (k, v) in change.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        std::fs::write(hf.join("config.json"), cfg.to_string()).unwrap();
+        let out = dir.path().join(format!("{tag}-out"));
+        let e = convert(
+            dir.path(),
+            "hf-to-megatron.toml",
+            &[
+                format!("input={}", hf.display()),
+                format!("output={}", out.display()),
+            ],
+        )
+        .unwrap_err();
+        assert!(want.iter().all(|w| e.contains(w)), "{tag}: {e}");
+        assert!(!out.exists(), "{tag}");
+    }
+}
+
 #[test]
 fn in_memory_roundtrip_pipeline_is_exact() {
     let dir = tempdir();

@@ -366,6 +366,31 @@ impl Mapper {
         Some((i, idx, first, rows.iter().map(|(_, r)| r).sum()))
     }
 
+    /// Why an HF tensor has no row: a layer the config does not have, or a name the table
+    /// does not know.
+    fn unmapped(&self, name: &str) -> PluginError {
+        let m = self.model();
+        let layer = name
+            .split_once(".layers.")
+            .and_then(|(_, rest)| rest.split('.').next())
+            .and_then(|l| l.parse::<u64>().ok());
+        match layer.filter(|&l| l >= m.layers + m.mtp) {
+            Some(l) => PluginError::shape(format!(
+                "tensor '{name}' is in layer {l}, but the config describes {} layers{}",
+                m.layers,
+                if m.mtp > 0 {
+                    format!(" and {} MTP layers", m.mtp)
+                } else {
+                    String::new()
+                }
+            )),
+            None => PluginError::unsupported(format!(
+                "tensor '{name}' has no mapping in the {} table",
+                self.family().name
+            )),
+        }
+    }
+
     fn skip_hf(&self, name: &str) -> bool {
         self.family().ignorable(name)
             || (name == "lm_head.weight" && self.model().tied)
@@ -404,13 +429,9 @@ impl Mapper {
                 continue;
             }
             let t = &whole;
-            let (i, p, idx) = self.find_hf(t.name()).ok_or_else(|| {
-                PluginError::unsupported(format!(
-                    "tensor '{}' has no mapping in the {} table",
-                    t.name(),
-                    self.family().name
-                ))
-            })?;
+            let (i, p, idx) = self
+                .find_hf(t.name())
+                .ok_or_else(|| self.unmapped(t.name()))?;
             groups
                 .entry((i, idx.layer))
                 .or_default()
