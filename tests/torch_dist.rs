@@ -727,7 +727,8 @@ fn llama_family_logits_and_round_trips() {
     let dir = tempdir();
     let logits =
         std::fs::read_to_string(workspace_root().join("pipelines/verify-logits.toml")).unwrap();
-    for name in ["qwen2", "qwen3", "mistral"] {
+    // Qwen2.5-VL: its language model on text (the multimodal RoPE is plain RoPE there).
+    for name in ["qwen2", "qwen3", "mistral", "qwen25_vl"] {
         let hf = workspace_root().join("tests/fixtures/hf").join(name);
         let out = dir.path().join(name);
         convert(

@@ -1,6 +1,8 @@
 //! `llama-logits`: a pass-through stage that keeps the Megatron-layout weights it sees and, at
 //! the end, runs the fp32 forward pass on a reference input and compares the logits with the
-//! reference (`reference/logits.safetensors` of an HF model: `input_ids`, `logits`).
+//! reference (`reference/logits.safetensors` of an HF model: `input_ids`, `logits`). A VLM's
+//! language model (`language_model.*`) is checked on text: its multimodal RoPE gives every
+//! text token the same position on all three axes, which is plain RoPE.
 
 use crate::forward::{logits, Weights};
 use crate::mapper::model_config;
@@ -80,6 +82,7 @@ impl Transform for LogitsCheck {
         let c = model_config(&self.cfg.hf_config)?;
         let text = std::fs::read_to_string(&self.cfg.hf_config).unwrap_or_default();
         let j: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let j = crate::megatron_config::text_view(&j);
         let eps = j["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32;
         let theta = j["rope_parameters"]["rope_theta"]
             .as_f64()

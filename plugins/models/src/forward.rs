@@ -20,11 +20,17 @@ impl Weights {
             tensors: HashMap::new(),
         }
     }
+    /// Keeps a decoder tensor (a VLM's language model without its `language_model.` prefix;
+    /// its vision tower is not needed for text).
     pub fn add(&mut self, t: &Tensor) {
+        if t.name().starts_with("visual.") {
+            return;
+        }
+        let name = t.name().strip_prefix("language_model.").unwrap_or(t.name());
         let mut v = Vec::new();
         decode_f64(t.info.dtype, t.bytes(), &mut v);
         self.tensors.insert(
-            t.name().to_string(),
+            name.to_string(),
             (
                 t.info.shape.to_vec(),
                 v.into_iter().map(|x| x as f32).collect(),

@@ -124,7 +124,7 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value> {
 }
 
 pub fn model_config(path: &Path) -> Result<ModelConfig> {
-    model_config_from(&read_json(path)?, path)
+    model_config_from(&crate::megatron_config::text_view(&read_json(path)?), path)
 }
 
 /// The geometry of an HF config (`path` only names it in messages).
