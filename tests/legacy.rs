@@ -3,7 +3,30 @@
 //! broken checkpoints named.
 
 use bridgeflow_tests::*;
+use std::collections::BTreeMap;
 use std::path::Path;
+
+/// A bundled pipeline file's text.
+fn pipeline(name: &str) -> String {
+    std::fs::read_to_string(workspace_root().join("pipelines").join(name)).unwrap()
+}
+
+/// A Megatron-LM checkpoint back to HF at `out` (the HF config from `hf`) with the bundled
+/// pipeline; its tensors.
+fn export_hf(dir: &Path, ckpt: &Path, hf: &Path, out: &Path) -> BTreeMap<String, Loaded> {
+    run_text(
+        dir,
+        &pipeline("megatron-lm-to-hf.toml"),
+        &[
+            &format!("input={}", ckpt.display()),
+            &format!("hf_config={}", hf.join("config.json").display()),
+            &format!("output={}", out.display()),
+        ],
+        1 << 30,
+    )
+    .unwrap();
+    load_tensors(out)
+}
 
 /// torch_dist checkpoint → Megatron-LM checkpoint with the given layout.
 fn to_legacy(dir: &Path, src: &Path, out: &Path, layout: &str) {
@@ -159,8 +182,7 @@ fn broken_legacy_checkpoints_are_named() {
 #[test]
 fn models_the_megatron_lm_writer_cannot_place_are_refused() {
     let dir = tempdir();
-    let text =
-        std::fs::read_to_string(workspace_root().join("pipelines/hf-to-megatron-lm.toml")).unwrap();
+    let text = pipeline("hf-to-megatron-lm.toml");
     for (name, want) in [("qwen25_vl", "language_model."), ("nemotron_h", "decoder.")] {
         let hf = workspace_root().join("tests/fixtures/hf").join(name);
         let out = dir.path().join(name);
@@ -187,9 +209,6 @@ fn models_the_megatron_lm_writer_cannot_place_are_refused() {
 #[test]
 fn hf_to_megatron_lm_and_back_is_exact() {
     let dir = tempdir();
-    let pipeline = |name: &str| {
-        std::fs::read_to_string(workspace_root().join("pipelines").join(name)).unwrap()
-    };
     let local = workspace_root().join("tests/fixtures/hf");
     let cases: [(std::path::PathBuf, &[&str]); 7] = [
         (fixtures().join("hf/llama"), &["write.tp=2", "write.pp=2"]),
@@ -287,19 +306,8 @@ fn hf_to_megatron_lm_and_back_is_exact() {
             assert!(n_blocks > n_whole, "{n_blocks} vs {n_whole} items");
             assert_eq!(load_tensors(&a), load_tensors(&b));
         }
-        run_text(
-            dir.path(),
-            &pipeline("megatron-lm-to-hf.toml"),
-            &[
-                &format!("input={}", ckpt.display()),
-                &format!("hf_config={}", hf.join("config.json").display()),
-                &format!("output={}", back.display()),
-            ],
-            1 << 30,
-        )
-        .unwrap();
         assert_eq!(
-            load_tensors(&back),
+            export_hf(dir.path(), &ckpt, &hf, &back),
             load_tensors(&hf.join("model.safetensors")),
             "{name}"
         );
@@ -314,9 +322,6 @@ fn vocab_padding_per_tp_and_truncation() {
     let dir = tempdir();
     let hf = fixtures().join("hf/llama");
     let ckpt = dir.path().join("mlm");
-    let pipeline = |name: &str| {
-        std::fs::read_to_string(workspace_root().join("pipelines").join(name)).unwrap()
-    };
     let input = format!("input={}", hf.display());
     let output = format!("output={}", ckpt.display());
     run_text(
@@ -340,19 +345,8 @@ fn vocab_padding_per_tp_and_truncation() {
     assert!(emb.bytes[56 * row..].iter().all(|&b| b == 0));
     assert!(emb.bytes[..56 * row].iter().any(|&b| b != 0));
     let back = dir.path().join("hf");
-    run_text(
-        dir.path(),
-        &pipeline("megatron-lm-to-hf.toml"),
-        &[
-            &format!("input={}", ckpt.display()),
-            &format!("hf_config={}", hf.join("config.json").display()),
-            &format!("output={}", back.display()),
-        ],
-        1 << 30,
-    )
-    .unwrap();
     assert_eq!(
-        load_tensors(&back),
+        export_hf(dir.path(), &ckpt, &hf, &back),
         load_tensors(&hf.join("model.safetensors"))
     );
     // 2 query groups over 4 ranks: refused, nothing written.
@@ -377,9 +371,6 @@ fn vocab_padding_per_tp_and_truncation() {
 fn moe_layouts_reshard_exactly() {
     let dir = tempdir();
     let hf = fixtures().join("hf/deepseek_v3");
-    let pipeline = |name: &str| {
-        std::fs::read_to_string(workspace_root().join("pipelines").join(name)).unwrap()
-    };
     let a = dir.path().join("tp2ep4");
     run_text(
         dir.path(),
@@ -405,19 +396,8 @@ fn moe_layouts_reshard_exactly() {
         .join("iter_0000000/mp_rank_03_001/model_optim_rng.pt")
         .is_file());
     let back = dir.path().join("hf");
-    run_text(
-        dir.path(),
-        &pipeline("megatron-lm-to-hf.toml"),
-        &[
-            &format!("input={}", b.display()),
-            &format!("hf_config={}", hf.join("config.json").display()),
-            &format!("output={}", back.display()),
-        ],
-        1 << 30,
-    )
-    .unwrap();
     assert_eq!(
-        load_tensors(&back),
+        export_hf(dir.path(), &b, &hf, &back),
         load_tensors(&hf.join("model.safetensors"))
     );
 }

@@ -209,21 +209,9 @@ fn writer_round_trips_bridge_and_mcore_checkpoints() {
             );
         }
         // The byte objects the model needs are there (Bridge's _extra_state keys).
-        let o = bridgeflow()
-            .arg("inspect")
-            .arg("--json")
-            .arg(&out)
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let v = inspect_json(&out);
         let ours: Vec<String> = serde_json::from_value(v["attrs"]["byte_objects"].clone()).unwrap();
-        let o = bridgeflow()
-            .arg("inspect")
-            .arg("--json")
-            .arg(src)
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let v = inspect_json(src);
         let theirs: Vec<String> =
             serde_json::from_value(v["attrs"]["byte_objects"].clone()).unwrap();
         let theirs: Vec<String> = theirs
@@ -262,6 +250,28 @@ fn convert(dir: &Path, pipeline: &str, sets: &[String]) -> Result<(), String> {
     let text = std::fs::read_to_string(workspace_root().join("pipelines").join(pipeline)).unwrap();
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     run_text(dir, &text, &sets, 1 << 30).map(|_| ())
+}
+
+/// An HF folder imported to torch_dist at `out` with the bundled pipeline.
+fn import_hf(dir: &Path, hf: &Path, out: &Path) -> Result<(), String> {
+    convert(
+        dir,
+        "hf-to-megatron.toml",
+        &[
+            format!("input={}", hf.display()),
+            format!("output={}", out.display()),
+        ],
+    )
+}
+
+/// `bridgeflow inspect --json` of a checkpoint.
+fn inspect_json(p: &Path) -> serde_json::Value {
+    let o = bridgeflow()
+        .args(["inspect", "--json"])
+        .arg(p)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&o.stdout).unwrap()
 }
 
 /// A torch_dist checkpoint exported to HF with the bundled pipeline (`out`); its tensors.
@@ -310,15 +320,7 @@ fn import_equals_megatron_bridge_and_export_is_bit_exact() {
         let hf = root.join("hf").join(name);
         let bridge = root.join("bridge").join(name);
         let ours = dir.path().join(format!("{name}-megatron"));
-        convert(
-            dir.path(),
-            "hf-to-megatron.toml",
-            &[
-                format!("input={}", hf.display()),
-                format!("output={}", ours.display()),
-            ],
-        )
-        .unwrap();
+        import_hf(dir.path(), &hf, &ours).unwrap();
         let got = load_tensors(&to_safetensors(dir.path(), &ours, false));
         let want = load_tensors(&bridge.join("flat_tensors.safetensors"));
         assert_eq!(
@@ -330,13 +332,7 @@ fn import_equals_megatron_bridge_and_export_is_bit_exact() {
             assert!(got[k] == *w, "{name}: '{k}' differs from Megatron-Bridge's");
         }
         let objects = |p: &Path| -> Vec<String> {
-            let o = bridgeflow()
-                .arg("inspect")
-                .arg("--json")
-                .arg(p)
-                .output()
-                .unwrap();
-            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let v = inspect_json(p);
             let all: Vec<String> =
                 serde_json::from_value(v["attrs"]["byte_objects"].clone()).unwrap();
             all.into_iter()
@@ -564,15 +560,7 @@ fn unknown_architectures_are_named() {
     let mut cfg = config_json(&src);
     cfg["architectures"] = serde_json::json!(["FalconForCausalLM"]);
     std::fs::write(hf.join("config.json"), cfg.to_string()).unwrap();
-    let e = convert(
-        dir.path(),
-        "hf-to-megatron.toml",
-        &[
-            format!("input={}", hf.display()),
-            format!("output={}", dir.path().join("x").display()),
-        ],
-    )
-    .unwrap_err();
+    let e = import_hf(dir.path(), &hf, &dir.path().join("x")).unwrap_err();
     assert!(
         e.contains("config.json")
             && e.contains("architecture 'FalconForCausalLM' has no model table"),
@@ -609,15 +597,7 @@ fn hybrid_configs_that_do_not_fit_are_named() {
         }
         std::fs::write(hf.join("config.json"), cfg.to_string()).unwrap();
         let out = dir.path().join(format!("{tag}-out"));
-        let e = convert(
-            dir.path(),
-            "hf-to-megatron.toml",
-            &[
-                format!("input={}", hf.display()),
-                format!("output={}", out.display()),
-            ],
-        )
-        .unwrap_err();
+        let e = import_hf(dir.path(), &hf, &out).unwrap_err();
         assert!(want.iter().all(|w| e.contains(w)), "{tag}: {e}");
         assert!(!out.exists(), "{tag}");
     }
@@ -646,15 +626,7 @@ fn in_memory_roundtrip_pipeline_is_exact() {
 fn rust_logits_check() {
     let dir = tempdir();
     let ours = dir.path().join("ours");
-    convert(
-        dir.path(),
-        "hf-to-megatron.toml",
-        &[
-            format!("input={}", fixtures().join("hf/llama").display()),
-            format!("output={}", ours.display()),
-        ],
-    )
-    .unwrap();
+    import_hf(dir.path(), &fixtures().join("hf/llama"), &ours).unwrap();
     let text =
         std::fs::read_to_string(workspace_root().join("pipelines/verify-logits.toml")).unwrap();
     let hf = format!("hf={}", fixtures().join("hf/llama").display());
@@ -686,15 +658,7 @@ fn rust_logits_check() {
 fn manifests_beside_outputs_are_checked_on_read() {
     let dir = tempdir();
     let ckpt = dir.path().join("m");
-    convert(
-        dir.path(),
-        "hf-to-megatron.toml",
-        &[
-            format!("input={}", fixtures().join("hf/llama").display()),
-            format!("output={}", ckpt.display()),
-        ],
-    )
-    .unwrap();
+    import_hf(dir.path(), &fixtures().join("hf/llama"), &ckpt).unwrap();
     let read = |verify: bool| {
         let read = format!("{}, verify = {verify}", path_cfg(&ckpt));
         let p = read_write("torch-dist", &read, "testkit", "delay_ms = 0");
@@ -731,15 +695,7 @@ fn llama_family_logits_and_round_trips() {
     for name in ["qwen2", "qwen3", "mistral", "qwen25_vl"] {
         let hf = workspace_root().join("tests/fixtures/hf").join(name);
         let out = dir.path().join(name);
-        convert(
-            dir.path(),
-            "hf-to-megatron.toml",
-            &[
-                format!("input={}", hf.display()),
-                format!("output={}", out.display()),
-            ],
-        )
-        .unwrap();
+        import_hf(dir.path(), &hf, &out).unwrap();
         let r = run_text(
             dir.path(),
             &logits,
@@ -871,15 +827,7 @@ fn mixtral_round_trip_and_expert_layout() {
     let dir = tempdir();
     let hf = workspace_root().join("tests/fixtures/hf/mixtral");
     let out = dir.path().join("mixtral-megatron");
-    convert(
-        dir.path(),
-        "hf-to-megatron.toml",
-        &[
-            format!("input={}", hf.display()),
-            format!("output={}", out.display()),
-        ],
-    )
-    .unwrap();
+    import_hf(dir.path(), &hf, &out).unwrap();
     let got = load_tensors(&to_safetensors(dir.path(), &out, false));
     let src = load_tensors(&hf.join("model.safetensors"));
     let fc1 = &got["decoder.layers.mlp.experts.experts.linear_fc1.weight"];
@@ -987,13 +935,7 @@ fn tp2_layout_equals_megatron_cores() {
     );
     run_text(dir.path(), &p, &[], 1 << 30).unwrap();
     let chunks = |p: &Path| -> BTreeMap<String, BTreeSet<String>> {
-        let o = bridgeflow()
-            .arg("inspect")
-            .arg("--json")
-            .arg(p)
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let v = inspect_json(p);
         v["attrs"]["chunks"]
             .as_object()
             .unwrap()
@@ -1039,12 +981,7 @@ fn pp2_layout_puts_each_stage_in_its_ranks_files() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
-    let o = bridgeflow()
-        .args(["inspect", "--json"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = inspect_json(&out);
     // Ranks holding each key's chunks, by the chunk's first offset when asked.
     let ranks = |key: &str, layer: Option<u64>| -> BTreeSet<u64> {
         v["attrs"]["chunks"][key]
