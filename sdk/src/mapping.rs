@@ -41,6 +41,11 @@ pub struct MambaDims {
 }
 
 impl Kind {
+    /// Whether the kind's rows are stored as separate named keys (see [`Kind::split_rows`]).
+    pub fn is_split(self) -> bool {
+        matches!(self, Kind::MambaInProj | Kind::MambaConv)
+    }
+
     /// The named row blocks of a kind stored as separate keys, in row order.
     pub fn split_rows(self, m: MambaDims) -> Option<Vec<(&'static str, u64)>> {
         match self {

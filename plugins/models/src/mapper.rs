@@ -337,14 +337,7 @@ impl Mapper {
 
     /// The named row blocks a split kind stores as separate keys (Mamba's in_proj, conv1d).
     fn split_rows(&self, kind: Kind, name: &str) -> Result<Option<Vec<(&'static str, u64)>>> {
-        if kind
-            .split_rows(MambaDims {
-                inner: 0,
-                bc: 0,
-                heads: 0,
-            })
-            .is_none()
-        {
+        if !kind.is_split() {
             return Ok(None);
         }
         let m = self.model().mamba.ok_or_else(|| {

@@ -117,9 +117,6 @@ pub fn family() -> Family {
         config,
         megatron: m,
         ignore: vec!["rotary_emb.inv_freq".into()],
-        sliding_window: Default::default(),
-        verbatim: Vec::new(),
-        objects: Vec::new(),
         mtp_shared: vec![
             (
                 "model.embed_tokens.weight".into(),
@@ -130,5 +127,6 @@ pub fn family() -> Family {
                 "model.layers.{l}.shared_head.head.weight".into(),
             ),
         ],
+        ..Default::default()
     }
 }

@@ -76,9 +76,6 @@ pub fn family() -> Family {
         config,
         megatron: m,
         ignore: vec!["rotary_emb.inv_freq".into()],
-        sliding_window: Default::default(),
-        verbatim: Vec::new(),
-        objects: Vec::new(),
-        mtp_shared: Vec::new(),
+        ..Default::default()
     }
 }

@@ -16,7 +16,7 @@ mod qwen2_vl;
 mod qwen3_moe;
 
 /// One model family.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Family {
     /// Short name (messages).

@@ -129,10 +129,6 @@ pub fn family() -> Family {
             "moe_grouped_gemm": true,
             "moe_token_dispatcher_type": "alltoall",
         })),
-        ignore: Vec::new(),
-        sliding_window: Default::default(),
-        verbatim: Vec::new(),
-        objects: Vec::new(),
-        mtp_shared: Vec::new(),
+        ..Default::default()
     }
 }

@@ -42,12 +42,11 @@ pub fn family() -> Family {
         ]),
         megatron: m,
         ignore: vec!["rotary_emb.inv_freq".into()],
-        sliding_window: Default::default(),
         verbatim: vec!["visual.".into()],
         objects: vec![(
             "vision_config".into(),
             "transformers.models.qwen2_5_vl.configuration_qwen2_5_vl.Qwen2_5_VLVisionConfig".into(),
         )],
-        mtp_shared: Vec::new(),
+        ..Default::default()
     }
 }

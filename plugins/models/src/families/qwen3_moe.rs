@@ -65,10 +65,7 @@ pub fn family() -> Family {
         config: moe_fields_named("num_experts"),
         megatron: moe_fields(),
         ignore: vec!["rotary_emb.inv_freq".into()],
-        sliding_window: Default::default(),
-        verbatim: Vec::new(),
-        objects: Vec::new(),
-        mtp_shared: Vec::new(),
+        ..Default::default()
     }
 }
 
