@@ -172,7 +172,9 @@ pub fn expert_block_dims(kind: Kind, dims: &[u64]) -> Vec<u64> {
 
 /// Which decoder layers a row applies to (an HF name may map differently in dense and MoE
 /// layers, e.g. DeepSeek's `post_attention_layernorm`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Layers {
     #[default]
@@ -198,6 +200,14 @@ pub struct Entry {
     pub hf: Vec<String>,
     #[serde(default)]
     pub layers: Layers,
+    /// A row some models of the family lack altogether (biases, q/k norms, one of two
+    /// attention variants). A model that has it has it in every layer of a kind.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optional: bool,
+    /// Each HF part's shape in config terms (`hidden`, `q` = heads × head_dim, `kv` = query
+    /// groups × head_dim, `head_dim`, `ffn`, `moe_ffn`, `vocab`, `experts`); empty: unchecked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dims: Vec<Vec<String>>,
 }
 
 impl Entry {
@@ -208,6 +218,8 @@ impl Entry {
             megatron: megatron.to_string(),
             hf: hf.iter().map(|s| s.to_string()).collect(),
             layers: Layers::All,
+            optional: false,
+            dims: Vec::new(),
         }
     }
     pub fn direct(megatron: &str, hf: &str) -> Entry {
@@ -225,6 +237,19 @@ impl Entry {
     /// This row only in dense (or only in MoE) layers.
     pub fn only(mut self, layers: Layers) -> Entry {
         self.layers = layers;
+        self
+    }
+    /// A row some models lack (see [`Entry::optional`]).
+    pub fn optional(mut self) -> Entry {
+        self.optional = true;
+        self
+    }
+    /// The HF parts' shapes in config terms (see [`Entry::dims`]), one list per part.
+    pub fn dims(mut self, parts: &[&[&str]]) -> Entry {
+        self.dims = parts
+            .iter()
+            .map(|p| p.iter().map(|d| d.to_string()).collect())
+            .collect();
         self
     }
     /// Whether the Megatron tensor has a leading expert axis.

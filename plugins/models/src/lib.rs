@@ -3,6 +3,7 @@
 //! logits check of Llama-family weights in Megatron layout.
 
 pub mod check;
+pub mod expect;
 pub mod families;
 pub mod forward;
 pub mod mapper;

@@ -8,6 +8,7 @@
 //! (the safetensors writer places them). With `zero_copy = false` whole tensors are assembled
 //! instead, for consumers that need them (verify, the logits check).
 
+use crate::expect;
 use crate::families::{self, Family};
 use bridgeflow_sdk::mapping::{
     expert_block, expert_block_dims, fill, fused_rows, match_name, round_up, row_segments,
@@ -52,11 +53,23 @@ pub struct MapperConfig {
     /// families: a new architecture without compiling anything.
     #[serde(default)]
     pub model_tables: Vec<PathBuf>,
+    /// HF tensor names (`*`, `?` wildcards) the model may lack although its table and config
+    /// call for them; without, a missing tensor fails the run before anything is written.
+    #[serde(default)]
+    pub allow_missing: Vec<String>,
+    /// HF tensor names to drop although no row places them (or, beside tied embeddings, an
+    /// `lm_head`); without, an unexpected tensor fails the run.
+    #[serde(default)]
+    pub allow_unexpected: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     pub architecture: String,
+    pub hidden: u64,
+    /// The dense MLP's width (`intermediate_size`) and an expert's (`moe_intermediate_size`).
+    pub ffn: Option<u64>,
+    pub moe_ffn: Option<u64>,
     pub layers: u64,
     pub heads: Heads,
     pub vocab: u64,
@@ -72,6 +85,14 @@ pub struct ModelConfig {
     /// Multi-token-prediction layers (HF's layers `layers..layers + mtp`).
     pub mtp: u64,
 }
+
+/// Sane maxima for config numbers (the largest released models are far below each): a hostile
+/// config must fail with its key named, not size an allocation.
+const MAX_LAYERS: u64 = 1 << 16;
+const MAX_WIDTH: u64 = 1 << 24;
+const MAX_HEADS: u64 = 1 << 16;
+const MAX_EXPERTS: u64 = 1 << 16;
+const MAX_VOCAB: u64 = 1 << 32;
 
 /// The layer kinds of a hybrid config: `layers_block_type` (transformers 5) or
 /// `hybrid_override_pattern` (`M` Mamba, `*` attention, `-` MLP, `E` MoE).
@@ -104,7 +125,7 @@ fn hybrid_layers(c: &serde_json::Value, path: &Path) -> Result<Option<Vec<Layers
 }
 
 impl ModelConfig {
-    fn layer_kind(&self, layer: Option<u64>) -> Layers {
+    pub fn layer_kind(&self, layer: Option<u64>) -> Layers {
         if let (Some(kinds), Some(l)) = (&self.hybrid, layer) {
             return kinds.get(l as usize).copied().unwrap_or(Layers::All);
         }
@@ -130,17 +151,50 @@ pub fn model_config(path: &Path) -> Result<ModelConfig> {
 /// The geometry of an HF config (`path` only names it in messages).
 pub fn model_config_from(c: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
     let arch = c["architectures"][0].as_str().unwrap_or("").to_string();
+    // Every number is checked against its range before anything is sized by it.
     let get = |k: &str| c[k].as_u64();
     let need = |k: &str| {
         get(k).ok_or_else(|| PluginError::format(format!("{}: no '{k}'", path.display())))
     };
-    let hidden = need("hidden_size")?;
-    let heads = need("num_attention_heads")?;
-    let layers = need("num_hidden_layers")?;
-    let experts = get("num_local_experts")
-        .or_else(|| get("num_experts"))
-        .or_else(|| get("n_routed_experts"))
-        .filter(|&e| e > 0);
+    let within = |k: &str, v: u64, lo: u64, hi: u64| {
+        if (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(PluginError::config(format!(
+                "{}: '{k}' is {v}; expected {lo} to {hi}",
+                path.display()
+            )))
+        }
+    };
+    let bounded = |k: &str, lo: u64, hi: u64| need(k).and_then(|v| within(k, v, lo, hi));
+    let maybe = |k: &str, lo: u64, hi: u64| get(k).map(|v| within(k, v, lo, hi)).transpose();
+    let hidden = bounded("hidden_size", 1, MAX_WIDTH)?;
+    let heads = bounded("num_attention_heads", 1, MAX_HEADS)?;
+    let layers = bounded("num_hidden_layers", 1, MAX_LAYERS)?;
+    let experts = match get("num_local_experts")
+        .map(|v| ("num_local_experts", v))
+        .or_else(|| get("num_experts").map(|v| ("num_experts", v)))
+        .or_else(|| get("n_routed_experts").map(|v| ("n_routed_experts", v)))
+    {
+        Some((k, v)) => Some(within(k, v, 0, MAX_EXPERTS)?).filter(|&e| e > 0),
+        None => None,
+    };
+    let groups = maybe("num_key_value_heads", 1, heads)?.unwrap_or(heads);
+    if heads % groups != 0 {
+        return Err(PluginError::config(format!(
+            "{}: {heads} attention heads do not divide into {groups} key/value heads",
+            path.display()
+        )));
+    }
+    let head_dim = match maybe("head_dim", 1, MAX_WIDTH)? {
+        Some(d) => d,
+        None => within(
+            "hidden_size / num_attention_heads",
+            hidden / heads,
+            1,
+            MAX_WIDTH,
+        )?,
+    };
     // MoE layers: all but the first `first_k_dense_replace`, every `decoder_sparse_step`-th,
     // none of `mlp_only_layers`.
     let dense_first = get("first_k_dense_replace").unwrap_or(0);
@@ -149,7 +203,7 @@ pub fn model_config_from(c: &serde_json::Value, path: &Path) -> Result<ModelConf
         .as_array()
         .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
         .unwrap_or_default();
-    let mtp = get("num_nextn_predict_layers").unwrap_or(0);
+    let mtp = maybe("num_nextn_predict_layers", 0, MAX_LAYERS)?.unwrap_or(0);
     let moe = (0..layers + mtp)
         .map(|l| {
             experts.is_some() && l >= dense_first && (l + 1) % step == 0 && !mlp_only.contains(&l)
@@ -167,26 +221,38 @@ pub fn model_config_from(c: &serde_json::Value, path: &Path) -> Result<ModelConf
         Some(h) => h.iter().map(|k| *k == Layers::Moe).collect(),
         None => moe,
     };
-    let mamba = match (get("mamba_num_heads"), get("mamba_head_dim")) {
+    let mamba = match (
+        maybe("mamba_num_heads", 1, MAX_HEADS)?,
+        maybe("mamba_head_dim", 1, MAX_WIDTH)?,
+    ) {
         (Some(h), Some(d)) => Some(MambaDims {
-            inner: h * d,
-            bc: get("n_groups").unwrap_or(1) * need("ssm_state_size")?,
+            inner: within("mamba_num_heads * mamba_head_dim", h * d, 1, MAX_WIDTH)?,
+            bc: within(
+                "n_groups * ssm_state_size",
+                maybe("n_groups", 1, MAX_HEADS)?.unwrap_or(1)
+                    * bounded("ssm_state_size", 1, MAX_WIDTH)?,
+                1,
+                MAX_WIDTH,
+            )?,
             heads: h,
         }),
         _ => None,
     };
     Ok(ModelConfig {
         architecture: arch,
+        hidden,
+        ffn: maybe("intermediate_size", 1, MAX_WIDTH)?,
+        moe_ffn: maybe("moe_intermediate_size", 1, MAX_WIDTH)?,
         layers,
         hybrid,
         mamba,
         mtp,
         heads: Heads {
             heads,
-            groups: get("num_key_value_heads").unwrap_or(heads),
-            head_dim: get("head_dim").unwrap_or(hidden / heads),
+            groups,
+            head_dim,
         },
-        vocab: need("vocab_size")?,
+        vocab: bounded("vocab_size", 1, MAX_VOCAB)?,
         tied: c["tie_word_embeddings"].as_bool().unwrap_or(false),
         experts,
         moe,
@@ -214,6 +280,8 @@ pub struct Mapper {
     /// HF tensors (or blocks of whole experts of one) whose experts are reshuffled (GPT-OSS):
     /// kind, Megatron name, global shape.
     reshuffle: HashMap<String, (Kind, String, Vec<u64>)>,
+    /// HF tensors `allow_unexpected` drops.
+    dropped: HashSet<String>,
 }
 
 /// The HF parts of one Megatron tensor received so far, by (expert, part).
@@ -246,13 +314,7 @@ impl Mapper {
 
     /// Which table row, part and index an HF name belongs to (in its layer's kind).
     fn find_hf(&self, name: &str) -> Option<(usize, usize, Index)> {
-        self.family().tensors.iter().enumerate().find_map(|(i, e)| {
-            e.hf.iter().enumerate().find_map(|(p, pat)| {
-                let idx = match_name(pat, name)?;
-                let kind = self.model().layer_kind(idx.layer);
-                (e.layers == Layers::All || e.layers == kind).then_some((i, p, idx))
-            })
-        })
+        expect::find_hf(self.family(), self.model(), name)
     }
     fn find_megatron(&self, name: &str) -> Option<(usize, Index)> {
         let name = self.table_name(name);
@@ -362,35 +424,54 @@ impl Mapper {
     /// Why an HF tensor has no row: a layer the config does not have, or a name the table
     /// does not know.
     fn unmapped(&self, name: &str) -> PluginError {
-        let m = self.model();
-        let layer = name
-            .split_once(".layers.")
-            .and_then(|(_, rest)| rest.split('.').next())
-            .and_then(|l| l.parse::<u64>().ok());
-        match layer.filter(|&l| l >= m.layers + m.mtp) {
-            Some(l) => PluginError::shape(format!(
-                "tensor '{name}' is in layer {l}, but the config describes {} layers{}",
-                m.layers,
-                if m.mtp > 0 {
-                    format!(" and {} MTP layers", m.mtp)
-                } else {
-                    String::new()
-                }
-            )),
-            None => PluginError::unsupported(format!(
-                "tensor '{name}' has no mapping in the {} table",
-                self.family().name
-            )),
-        }
+        expect::unmapped(self.family(), self.model(), name)
+    }
+
+    /// HF tensors left out on purpose: recomputed buffers and the MTP layers' copies.
+    fn leave_out(&self, name: &str) -> bool {
+        self.family().ignorable(name) || self.mtp_copy(name)
     }
 
     fn skip_hf(&self, name: &str) -> bool {
-        self.family().ignorable(name)
+        self.leave_out(name)
+            || self.dropped.contains(name)
             || (name == "lm_head.weight" && self.model().tied)
-            || self.mtp_copy(name)
     }
 
-    fn plan_to_megatron(&mut self, input: &StreamPlan) -> Result<StreamPlan> {
+    /// The HF side checked against the table and config (see [`expect`]): the input on
+    /// import, the planned output on export.
+    fn check_complete(&mut self, hf: &[TensorInfo], import: bool, what: String) -> Result<()> {
+        let allow = expect::Allow::new(&self.cfg.allow_missing, &self.cfg.allow_unexpected)?;
+        let leave_out = |n: &str| self.leave_out(n);
+        let dropped = expect::check(
+            self.family(),
+            self.model(),
+            hf,
+            leave_out,
+            import,
+            &allow,
+            &what,
+        )?;
+        self.dropped = dropped;
+        Ok(())
+    }
+
+    /// Each HF tensor once, whole (an input may arrive as pieces of rows).
+    fn whole_tensors(input: &StreamPlan) -> Vec<TensorInfo> {
+        let mut seen = HashSet::new();
+        input
+            .tensors
+            .iter()
+            .filter(|t| seen.insert(t.base_name().to_string()))
+            .map(|t| match t.shard() {
+                Some(s) => TensorInfo::new(t.base_name().to_string(), t.dtype, &s.global_shape),
+                None => t.clone(),
+            })
+            .collect()
+    }
+
+    fn plan_to_megatron(&mut self, input: &StreamPlan, what: String) -> Result<StreamPlan> {
+        self.check_complete(&Self::whole_tensors(input), true, what)?;
         // Each Megatron tensor (row, layer) and its parts: (expert, part) -> info.
         type Parts = BTreeMap<(u64, usize), TensorInfo>;
         let mut groups: BTreeMap<(usize, Option<u64>), Parts> = BTreeMap::new();
@@ -619,7 +700,7 @@ impl Mapper {
         Ok(plan)
     }
 
-    fn plan_to_hf(&mut self, input: &StreamPlan) -> Result<StreamPlan> {
+    fn plan_to_hf(&mut self, input: &StreamPlan, what: String) -> Result<StreamPlan> {
         let mut out = Vec::new();
         let mut seen = HashSet::new();
         for t in input.tensors.iter() {
@@ -692,6 +773,7 @@ impl Mapper {
                 }
             }
         }
+        self.check_complete(&out, false, what)?;
         // The MTP layers' copies of main-model tensors (DeepSeek-V3's release has them).
         let copies: Vec<TensorInfo> = out
             .iter()
@@ -966,6 +1048,7 @@ impl Transform for Mapper {
             outputs: HashMap::new(),
             pending: BTreeMap::new(),
             reshuffle: HashMap::new(),
+            dropped: HashSet::new(),
         })
     }
 
@@ -1037,7 +1120,14 @@ impl Transform for Mapper {
         self.family = Some(family);
         let mut plan = if self.to_megatron {
             use crate::megatron_config::{model_section, run_config, to_yaml};
-            let mut p = self.plan_to_megatron(input)?;
+            let what = format!(
+                "HF model {} does not fit {}",
+                input
+                    .attr_str("source_dir")
+                    .unwrap_or_else(|| "(input)".into()),
+                path.display()
+            );
+            let mut p = self.plan_to_megatron(input, what)?;
             // Bridge's hf_model_id and tokenizer_model: the HF folder we read.
             let source = input
                 .attr_str("source_dir")
@@ -1059,7 +1149,14 @@ impl Transform for Mapper {
             p.set_attr("run_config_yaml", yaml.into());
             p
         } else {
-            self.plan_to_hf(input)?
+            let what = format!(
+                "Megatron checkpoint {} does not fit {}",
+                input
+                    .attr_str("checkpoint_dir")
+                    .unwrap_or_else(|| "(input)".into()),
+                path.display()
+            );
+            self.plan_to_hf(input, what)?
         };
         if !self.to_megatron && derived {
             plan.set_attr("hf_config", hf);

@@ -23,8 +23,38 @@ pub struct Header {
     pub metadata: HashMap<String, String>,
 }
 
+/// Most tensors one file may declare. Parsing costs about a kilobyte and a few microseconds a
+/// tensor, so a header is bounded by its count as well as its 100 MB: a 1M-tensor header would
+/// take a gigabyte. The largest releases hold a few tens of thousands per file.
+pub const MAX_TENSORS: usize = 1 << 18;
+
+/// How many tensors a header declares, counted without parsing it (its `data_offsets` keys;
+/// a count that is too high only over-estimates when a name contains the key's text).
+fn declared_tensors(bytes: &[u8]) -> usize {
+    let Some(n) = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    else {
+        return 0;
+    };
+    let end = 8usize
+        .saturating_add(n.min(bytes.len() as u64) as usize)
+        .min(bytes.len());
+    let key = b"\"data_offsets\"";
+    bytes[8.min(end)..end]
+        .windows(key.len())
+        .filter(|w| *w == key)
+        .count()
+}
+
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<Header> {
     let file = path.display();
+    let count = declared_tensors(bytes);
+    if count > MAX_TENSORS {
+        return Err(PluginError::format(format!(
+            "{file}: the header declares {count} tensors, more than the {MAX_TENSORS} one file may hold (corrupt or hostile)"
+        )));
+    }
     let (n, meta) = SafeTensors::read_metadata(bytes)
         .map_err(|e| PluginError::format(format!("{file}: {}", explain(&e, bytes))))?;
     let data_start = 8 + n;
@@ -175,4 +205,45 @@ fn diagnose(bytes: &[u8]) -> Option<String> {
 
 fn diagnose_end(bytes: &[u8]) -> Option<u64> {
     raw_entries(bytes)?.iter().map(|r| r.end).max()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header of `n` one-byte tensors.
+    fn header_of(n: usize) -> Vec<u8> {
+        let mut text = String::from("{");
+        for i in 0..n {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push_str(&format!(
+                "\"t{i}\":{{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[{i},{}]}}",
+                i + 1
+            ));
+        }
+        text.push('}');
+        let mut out = (text.len() as u64).to_le_bytes().to_vec();
+        out.extend(text.into_bytes());
+        out.extend(std::iter::repeat_n(0u8, n));
+        out
+    }
+
+    #[test]
+    fn a_header_is_bounded_by_its_tensor_count() {
+        let p = Path::new("many.safetensors");
+        assert_eq!(parse(p, &header_of(3)).unwrap().entries.len(), 3);
+        assert_eq!(declared_tensors(&header_of(1000)), 1000);
+        let e = parse(p, &header_of(MAX_TENSORS + 1)).err().unwrap();
+        assert!(
+            e.message.contains("many.safetensors") && e.message.contains("262145 tensors"),
+            "{}",
+            e.message
+        );
+        // A header length past the file's end counts only what is there.
+        let mut short = header_of(2);
+        short[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(declared_tensors(&short), 2);
+    }
 }

@@ -30,10 +30,11 @@ pub fn family() -> Family {
             "decoder.layers.{l}.input_layernorm.weight",
             "model.layers.{l}.input_layernorm.weight",
         ),
-        a("linear_q_proj.weight", "q_proj.weight"), // V2-Lite: no q compression
-        a("linear_q_down_proj.weight", "q_a_proj.weight"),
-        a("linear_q_up_proj.layer_norm_weight", "q_a_layernorm.weight"),
-        a("linear_q_up_proj.weight", "q_b_proj.weight"),
+        // V2-Lite: no q compression (q_proj); the others: q_a_proj, its norm, q_b_proj.
+        a("linear_q_proj.weight", "q_proj.weight").optional(),
+        a("linear_q_down_proj.weight", "q_a_proj.weight").optional(),
+        a("linear_q_up_proj.layer_norm_weight", "q_a_layernorm.weight").optional(),
+        a("linear_q_up_proj.weight", "q_b_proj.weight").optional(),
         a("linear_kv_down_proj.weight", "kv_a_proj_with_mqa.weight"),
         a(
             "linear_kv_up_proj.layer_norm_weight",
@@ -41,16 +42,23 @@ pub fn family() -> Family {
         ),
         a("linear_kv_up_proj.weight", "kv_b_proj.weight"),
         a("linear_proj.weight", "o_proj.weight"),
-        mlp("router.expert_bias", "gate.e_score_correction_bias"),
+        // V3's router bias; V2 has none.
+        mlp("router.expert_bias", "gate.e_score_correction_bias")
+            .only(Layers::Moe)
+            .optional(),
         Entry::gated(
             "decoder.layers.{l}.mlp.shared_experts.linear_fc1.weight",
             "model.layers.{l}.mlp.shared_experts.gate_proj.weight",
             "model.layers.{l}.mlp.shared_experts.up_proj.weight",
-        ),
+        )
+        .only(Layers::Moe)
+        .optional(),
         mlp(
             "shared_experts.linear_fc2.weight",
             "shared_experts.down_proj.weight",
-        ),
+        )
+        .only(Layers::Moe)
+        .optional(),
     ]);
     // Multi-token prediction (HF layers from num_hidden_layers on): its own norms and
     // projection; its transformer layer is a decoder layer's rows (Megatron

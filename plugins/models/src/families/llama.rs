@@ -12,9 +12,10 @@ pub fn embeddings() -> Vec<Entry> {
         Entry::vocab(
             "embedding.word_embeddings.weight",
             "model.embed_tokens.weight",
-        ),
-        Entry::vocab("output_layer.weight", "lm_head.weight"),
-        Entry::direct("decoder.final_layernorm.weight", "model.norm.weight"),
+        )
+        .dims(&[&["vocab", "hidden"]]),
+        Entry::vocab("output_layer.weight", "lm_head.weight").dims(&[&["vocab", "hidden"]]),
+        Entry::direct("decoder.final_layernorm.weight", "model.norm.weight").dims(&[&["hidden"]]),
     ]
 }
 
@@ -25,31 +26,40 @@ pub fn attention_and_norms() -> Vec<Entry> {
         Entry::direct(
             "decoder.layers.{l}.self_attention.linear_qkv.layer_norm_weight",
             "model.layers.{l}.input_layernorm.weight",
-        ),
+        )
+        .dims(&[&["hidden"]]),
         Entry::qkv(
             "decoder.layers.{l}.self_attention.linear_qkv.weight",
             "model.layers.{l}.self_attn.q_proj.weight",
             "model.layers.{l}.self_attn.k_proj.weight",
             "model.layers.{l}.self_attn.v_proj.weight",
-        ),
+        )
+        .dims(&[&["q", "hidden"], &["kv", "hidden"], &["kv", "hidden"]]),
         Entry::qkv(
             "decoder.layers.{l}.self_attention.linear_qkv.bias",
             "model.layers.{l}.self_attn.q_proj.bias",
             "model.layers.{l}.self_attn.k_proj.bias",
             "model.layers.{l}.self_attn.v_proj.bias",
-        ),
+        )
+        .optional()
+        .dims(&[&["q"], &["kv"], &["kv"]]),
         Entry::direct(
             "decoder.layers.{l}.self_attention.q_layernorm.weight",
             "model.layers.{l}.self_attn.q_norm.weight",
-        ),
+        )
+        .optional()
+        .dims(&[&["head_dim"]]),
         Entry::direct(
             "decoder.layers.{l}.self_attention.k_layernorm.weight",
             "model.layers.{l}.self_attn.k_norm.weight",
-        ),
+        )
+        .optional()
+        .dims(&[&["head_dim"]]),
         Entry::direct(
             "decoder.layers.{l}.self_attention.linear_proj.weight",
             "model.layers.{l}.self_attn.o_proj.weight",
-        ),
+        )
+        .dims(&[&["hidden", "q"]]),
     ]);
     rows
 }
@@ -60,16 +70,19 @@ pub fn dense_mlp() -> Vec<Entry> {
         Entry::direct(
             "decoder.layers.{l}.mlp.linear_fc1.layer_norm_weight",
             "model.layers.{l}.post_attention_layernorm.weight",
-        ),
+        )
+        .dims(&[&["hidden"]]),
         Entry::gated(
             "decoder.layers.{l}.mlp.linear_fc1.weight",
             "model.layers.{l}.mlp.gate_proj.weight",
             "model.layers.{l}.mlp.up_proj.weight",
-        ),
+        )
+        .dims(&[&["ffn", "hidden"], &["ffn", "hidden"]]),
         Entry::direct(
             "decoder.layers.{l}.mlp.linear_fc2.weight",
             "model.layers.{l}.mlp.down_proj.weight",
-        ),
+        )
+        .dims(&[&["hidden", "ffn"]]),
     ]
 }
 

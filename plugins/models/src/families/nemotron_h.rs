@@ -32,17 +32,21 @@ pub fn family() -> Family {
             Kind::MambaInProj,
             &l("mixer.in_proj.weight"),
             &[&h("mixer.in_proj.weight")],
-        ),
+        )
+        .only(Layers::Mamba),
         Entry::new(
             Kind::MambaConv,
             &l("mixer.conv1d.weight"),
             &[&h("mixer.conv1d.weight")],
-        ),
+        )
+        .only(Layers::Mamba),
         Entry::new(
             Kind::MambaConv,
             &l("mixer.conv1d.bias"),
             &[&h("mixer.conv1d.bias")],
-        ),
+        )
+        .only(Layers::Mamba)
+        .optional(),
         // Attention.
         norm(
             "self_attention.linear_qkv.layer_norm_weight",
@@ -53,22 +57,25 @@ pub fn family() -> Family {
             &h("mixer.q_proj.weight"),
             &h("mixer.k_proj.weight"),
             &h("mixer.v_proj.weight"),
-        ),
+        )
+        .only(Layers::Attention),
         Entry::direct(
             &l("self_attention.linear_proj.weight"),
             &h("mixer.o_proj.weight"),
-        ),
+        )
+        .only(Layers::Attention),
         // MLP (not gated: squared ReLU).
         norm("mlp.linear_fc1.layer_norm_weight", Layers::Mlp),
-        Entry::direct(&l("mlp.linear_fc1.weight"), &h("mixer.up_proj.weight")),
-        Entry::direct(&l("mlp.linear_fc2.weight"), &h("mixer.down_proj.weight")),
+        Entry::direct(&l("mlp.linear_fc1.weight"), &h("mixer.up_proj.weight")).only(Layers::Mlp),
+        Entry::direct(&l("mlp.linear_fc2.weight"), &h("mixer.down_proj.weight")).only(Layers::Mlp),
         // MoE.
         norm("pre_mlp_layernorm.weight", Layers::Moe),
         Entry::direct(&l("mlp.router.weight"), &h("mixer.gate.weight")),
         Entry::direct(
             &l("mlp.router.expert_bias"),
             &h("mixer.gate.e_score_correction_bias"),
-        ),
+        )
+        .optional(),
         Entry::direct(
             &l("mlp.experts.experts.linear_fc1.weight"),
             &h("mixer.experts.{e}.up_proj.weight"),
@@ -80,17 +87,23 @@ pub fn family() -> Family {
         Entry::direct(
             &l("mlp.shared_experts.linear_fc1.weight"),
             &h("mixer.shared_experts.up_proj.weight"),
-        ),
+        )
+        .optional(),
         Entry::direct(
             &l("mlp.shared_experts.linear_fc2.weight"),
             &h("mixer.shared_experts.down_proj.weight"),
-        ),
+        )
+        .optional(),
     ];
+    // The MoE rows above exist only in MoE layers.
+    let moe_rows = tensors.len() - 6..tensors.len();
+    for e in &mut tensors[moe_rows] {
+        e.layers = Layers::Moe;
+    }
     for p in ["A_log", "D", "dt_bias", "norm.weight", "out_proj.weight"] {
-        tensors.push(Entry::direct(
-            &l(&format!("mixer.{p}")),
-            &h(&format!("mixer.{p}")),
-        ));
+        tensors.push(
+            Entry::direct(&l(&format!("mixer.{p}")), &h(&format!("mixer.{p}"))).only(Layers::Mamba),
+        );
     }
     Family {
         name: "nemotron-h".into(),

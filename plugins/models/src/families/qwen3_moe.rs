@@ -14,17 +14,24 @@ pub fn routed_moe(router: &str, gate: &str, up: &str, down: &str) -> Vec<Entry> 
             "decoder.layers.{l}.pre_mlp_layernorm.weight",
             "model.layers.{l}.post_attention_layernorm.weight",
         )
-        .only(Layers::Moe),
-        Entry::direct("decoder.layers.{l}.mlp.router.weight", router),
+        .only(Layers::Moe)
+        .dims(&[&["hidden"]]),
+        Entry::direct("decoder.layers.{l}.mlp.router.weight", router)
+            .only(Layers::Moe)
+            .dims(&[&["experts", "hidden"]]),
         Entry::gated(
             "decoder.layers.{l}.mlp.experts.experts.linear_fc1.weight",
             gate,
             up,
-        ),
+        )
+        .only(Layers::Moe)
+        .dims(&[&["moe_ffn", "hidden"], &["moe_ffn", "hidden"]]),
         Entry::direct(
             "decoder.layers.{l}.mlp.experts.experts.linear_fc2.weight",
             down,
-        ),
+        )
+        .only(Layers::Moe)
+        .dims(&[&["hidden", "moe_ffn"]]),
     ]
 }
 
