@@ -277,3 +277,33 @@ fn a_checkpoint_without_a_tensor_does_not_export() {
     assert!(!out.exists());
     assert!(leftovers(d).is_empty(), "{:?}", leftovers(d));
 }
+
+/// A torch_dist data file holding bytes that `.metadata` does not describe (what a damaged
+/// `.metadata` that lost an entry looks like) is refused, naming the file.
+#[test]
+fn bytes_no_metadata_entry_describes_are_refused() {
+    let dir = tempdir();
+    let d = dir.path();
+    let ckpt = d.join("ckpt");
+    import(d, &mistral(), &ckpt).unwrap();
+    let iter = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.join(".metadata").is_file())
+        .unwrap();
+    let data = iter.join("__0_0.distcp");
+    let mut bytes = std::fs::read(&data).unwrap();
+    let len = bytes.len();
+    bytes.extend([0u8; 24]);
+    std::fs::write(&data, bytes).unwrap();
+    let out = d.join("hf-out");
+    let sets = [
+        format!("input={}", ckpt.display()),
+        format!("output={}", out.display()),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let e = run_text(d, &pipeline("megatron-to-hf.toml"), &sets, 1 << 30).unwrap_err();
+    let want = format!("bytes {len}..{} belong to no item", len + 24);
+    assert!(e.contains("__0_0.distcp") && e.contains(&want), "{e}");
+    assert!(!out.exists());
+}

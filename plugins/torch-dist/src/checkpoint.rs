@@ -145,6 +145,8 @@ pub fn read_metadata(dir: &Path) -> Result<CheckpointMeta> {
         }
         storage.insert((fqn, offsets), s);
     }
+    check_files_tiled(dir, &storage)?;
+    let mut used: std::collections::HashSet<(String, Vec<u64>)> = Default::default();
     let mut meta = CheckpointMeta::default();
     for (k, v) in root
         .field("state_dict_metadata")
@@ -158,6 +160,7 @@ pub fn read_metadata(dir: &Path) -> Result<CheckpointMeta> {
         match v.class().as_deref() {
             Some("torch.distributed.checkpoint.metadata.BytesStorageMetadata") => {
                 if let Some(s) = storage.get(&(key.clone(), vec![])) {
+                    used.insert((key.clone(), vec![]));
                     meta.bytes.insert(key, s.clone());
                 }
             }
@@ -203,7 +206,7 @@ pub fn read_metadata(dir: &Path) -> Result<CheckpointMeta> {
                             .iter()
                             .zip(&sizes)
                             .zip(&size)
-                            .any(|((o, s), g)| o + s > *g)
+                            .any(|((o, s), g)| o.checked_add(*s).is_none_or(|end| end > *g))
                     {
                         return Err(bad(&format!(
                             "'{key}': chunk at {offsets:?} of {sizes:?} lies outside {size:?}"
@@ -215,17 +218,24 @@ pub fn read_metadata(dir: &Path) -> Result<CheckpointMeta> {
                         .ok_or_else(|| {
                             bad(&format!("'{key}': no storage for the chunk at {offsets:?}"))
                         })?;
+                    used.insert((key.clone(), offsets.clone()));
                     chunks.push(Chunk {
                         offsets,
                         sizes,
                         storage: st,
                     });
                 }
-                let covered: u64 = chunks.iter().map(|c| c.sizes.iter().product::<u64>()).sum();
-                if covered != size.iter().product::<u64>() {
+                let elements = |dims: &[u64]| dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+                let covered = chunks
+                    .iter()
+                    .try_fold(0u64, |n, c| n.checked_add(elements(&c.sizes)?));
+                let whole = elements(&size);
+                if covered.is_none() || covered != whole {
+                    let n = |v: Option<u64>| v.map_or("over 2^64".into(), |v| v.to_string());
                     return Err(bad(&format!(
-                        "'{key}': chunks cover {covered} of {} elements (missing or overlapping pieces)",
-                        size.iter().product::<u64>()
+                        "'{key}': chunks cover {} of {} elements (missing or overlapping pieces)",
+                        n(covered),
+                        n(whole)
                     )));
                 }
                 meta.tensors.insert(
@@ -240,7 +250,78 @@ pub fn read_metadata(dir: &Path) -> Result<CheckpointMeta> {
             other => return Err(bad(&format!("'{key}' has unknown metadata {other:?}"))),
         }
     }
+    // Stored bytes that no entry describes: an entry lost from state_dict_metadata.
+    let orphans: Vec<&str> = storage
+        .keys()
+        .filter(|k| !used.contains(*k))
+        .map(|(fqn, _)| fqn.as_str())
+        .collect();
+    if let Some(first) = orphans.first() {
+        return Err(bad(&format!(
+            "{} stored item(s) have no entry in state_dict_metadata, first '{first}' (a damaged .metadata would lose the tensor)",
+            orphans.len()
+        )));
+    }
     Ok(meta)
+}
+
+/// Where one stored item lies: file, first byte, length, and whose it is.
+type Placement<'a> = (&'a str, u64, u64, &'a str);
+
+/// Every data file is exactly its items end to end, as torch's FileSystemWriter and ours write
+/// them: a hole is bytes a damaged `.metadata` no longer describes (a lost tensor), an overlap
+/// or a run past the end is a lie about where bytes are.
+fn check_files_tiled(dir: &Path, storage: &BTreeMap<(String, Vec<u64>), Storage>) -> Result<()> {
+    let mut by_file: BTreeMap<&str, Vec<Placement>> = BTreeMap::new();
+    for ((fqn, _), s) in storage {
+        by_file.entry(s.file.as_str()).or_default().push((
+            s.file.as_str(),
+            s.offset,
+            s.length,
+            fqn.as_str(),
+        ));
+    }
+    for (file, mut items) in by_file {
+        let path = dir.join(file);
+        let len = std::fs::metadata(&path)
+            .map_err(|e| PluginError::io(&path, "cannot read", e))?
+            .len();
+        items.sort_by_key(|&(_, at, n, _)| (at, n));
+        tiling_gap(&items, len).map_or(Ok(()), |why| {
+            Err(PluginError::format(format!("{}: {why}", path.display())))
+        })?;
+    }
+    Ok(())
+}
+
+/// Why items sorted by offset do not tile a file of `len` bytes, if they do not.
+fn tiling_gap(items: &[Placement], len: u64) -> Option<String> {
+    let mut at = 0u64;
+    for &(_, offset, length, fqn) in items {
+        if offset > at {
+            return Some(format!(
+                "bytes {at}..{offset} belong to no item of .metadata (before '{fqn}'): an entry is missing"
+            ));
+        }
+        if offset < at {
+            return Some(format!(
+                "'{fqn}' at byte {offset} overlaps the item before it"
+            ));
+        }
+        at = match offset.checked_add(length) {
+            Some(end) => end,
+            None => return Some(format!("'{fqn}' claims {length} bytes at {offset}")),
+        };
+    }
+    match at.cmp(&len) {
+        std::cmp::Ordering::Less => Some(format!(
+            "bytes {at}..{len} belong to no item of .metadata: an entry is missing"
+        )),
+        std::cmp::Ordering::Greater => Some(format!(
+            "its items run to byte {at}, past its {len} bytes: truncated"
+        )),
+        std::cmp::Ordering::Equal => None,
+    }
 }
 
 /// The payload of one tensor item: its bytes within `item` and its layout.
@@ -443,6 +524,26 @@ mod tests {
     }
 
     #[test]
+    fn data_files_must_be_their_items_end_to_end() {
+        let items = |v: &[(u64, u64)]| -> Vec<Placement<'static>> {
+            v.iter().map(|&(a, n)| ("f", a, n, "t")).collect()
+        };
+        assert_eq!(tiling_gap(&items(&[(0, 4), (4, 6)]), 10), None);
+        let hole = tiling_gap(&items(&[(0, 4), (6, 4)]), 10).unwrap();
+        assert!(
+            hole.contains("bytes 4..6") && hole.contains("missing"),
+            "{hole}"
+        );
+        let tail = tiling_gap(&items(&[(0, 4)]), 10).unwrap();
+        assert!(tail.contains("bytes 4..10"), "{tail}");
+        let over = tiling_gap(&items(&[(0, 4), (2, 4)]), 6).unwrap();
+        assert!(over.contains("overlaps"), "{over}");
+        let past = tiling_gap(&items(&[(0, 12)]), 10).unwrap();
+        assert!(past.contains("truncated"), "{past}");
+        assert!(tiling_gap(&items(&[(0, u64::MAX), (1, 1)]), 10).is_some());
+    }
+
+    #[test]
     fn chunks_must_tile_the_tensor() {
         let dir = std::env::temp_dir().join(format!("bf-meta-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -451,14 +552,24 @@ mod tests {
             metadata(&[([0, 0], [2, 2]), ([2, 0], [2, 2])]),
         )
         .unwrap();
+        // The data file: one 100-byte item per chunk, end to end.
+        std::fs::write(dir.join("__0_0.distcp"), vec![0u8; 200]).unwrap();
         let m = read_metadata(&dir).unwrap();
         assert_eq!(m.tensors["w"].chunks.len(), 2);
+        std::fs::write(dir.join("__0_0.distcp"), vec![0u8; 300]).unwrap();
+        let e = read_metadata(&dir).unwrap_err();
+        assert!(
+            e.message.contains("bytes 200..300 belong to no item"),
+            "{e}"
+        );
+        std::fs::write(dir.join("__0_0.distcp"), vec![0u8; 100]).unwrap();
         std::fs::write(dir.join(".metadata"), metadata(&[([0, 0], [2, 2])])).unwrap();
         let e = read_metadata(&dir).unwrap_err();
         assert!(
             e.message.contains("'w': chunks cover 4 of 8 elements"),
             "{e}"
         );
+        std::fs::write(dir.join("__0_0.distcp"), vec![0u8; 200]).unwrap();
         std::fs::write(
             dir.join(".metadata"),
             metadata(&[([0, 0], [2, 2]), ([3, 0], [2, 2])]),
