@@ -331,3 +331,183 @@ fn every_bundled_pipeline_validates() {
     }
     assert!(n >= 10, "only {n} pipelines found");
 }
+
+/// Parallel degrees out of range are refused with the option named, before anything is sized
+/// from them (`--pp 4294967296` once aborted on a 32 GiB allocation; `--tp 0 --pp 0` were
+/// written into the checkpoint). The plugins refuse them in their configs too.
+#[test]
+fn parallel_degrees_out_of_range_are_refused_naming_the_option() {
+    let dir = tempdir();
+    let fx = fixtures().join("hf/llama");
+    for (opt, value, to) in [
+        ("--tp", "0", "megatron"),
+        ("--pp", "0", "megatron"),
+        ("--pp", "4294967296", "megatron-lm"),
+        ("--vpp", "4294967296", "megatron-lm"),
+        ("--ep", "0", "megatron-lm"),
+        ("--tp", "65537", "megatron"),
+    ] {
+        let out = dir.path().join(format!("o{}{value}", &opt[2..]));
+        let o = bridgeflow()
+            .arg("convert")
+            .arg("--from")
+            .arg(format!("hf:{}", fx.display()))
+            .arg("--to")
+            .arg(format!("{to}:{}", out.display()))
+            .arg(format!("{opt}={value}"))
+            .output()
+            .unwrap();
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{opt} {value}: {t}");
+        assert!(
+            t.contains(opt) && t.contains("1..=65536"),
+            "{opt} {value}: {t}"
+        );
+        assert!(!out.exists(), "{opt} {value}");
+    }
+    // Model checks still name the model's limit: 2 query groups over 4 ranks.
+    let out = dir.path().join("tp4");
+    let o = bridgeflow()
+        .arg("convert")
+        .arg("--from")
+        .arg(format!("hf:{}", fx.display()))
+        .arg("--to")
+        .arg(format!("megatron:{}", out.display()))
+        .arg("--tp=4")
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success() && text(&o).contains("query groups"),
+        "{}",
+        text(&o)
+    );
+    // Pipeline files: the writers' configs.
+    for (writer, cfg, want) in [
+        (
+            "torch-dist",
+            "tp = 0",
+            "tp = 0: a parallel degree is from 1 to 65536",
+        ),
+        (
+            "torch-dist",
+            "pp = 4294967296",
+            "pp = 4294967296: a parallel degree",
+        ),
+        (
+            "torch-dist",
+            "files = 100000",
+            "files = 100000: at most 256",
+        ),
+        (
+            "megatron-lm",
+            "vpp = 4294967296",
+            "vpp = 4294967296: a parallel degree",
+        ),
+        (
+            "megatron-lm",
+            "pp = 2, vpp = 2",
+            "pp = 2, vpp = 2: 4 pipeline chunks for 2 layers",
+        ),
+        (
+            "megatron-lm",
+            "tp = 256, pp = 256, ep = 2",
+            "tp × pp × ep = 256 × 256 × 2",
+        ),
+    ] {
+        let out = dir.path().join("w");
+        let p = dir.path().join("p.toml");
+        let pipeline = chain(&[
+            ("read", "safetensors", "reader", &path_cfg(&fx)),
+            ("map", "models", "mapper", r#"direction = "to-megatron""#),
+            (
+                "write",
+                writer,
+                "writer",
+                &format!("{}, {cfg}", path_cfg(&out)),
+            ),
+        ]);
+        std::fs::write(&p, pipeline).unwrap();
+        let o = bridgeflow().arg("run").arg(&p).output().unwrap();
+        let t = text(&o);
+        // Refused as a config (exit status 2), or at planning against the model (1).
+        assert!(matches!(o.status.code(), Some(1 | 2)), "{writer} {cfg}: {t}");
+        assert!(t.contains(want), "{writer} {cfg}: {t}");
+        assert!(!out.exists(), "{writer} {cfg}");
+    }
+}
+
+/// Re-sharding torch_dist → torch_dist keeps the checkpoint's `run_config.yaml` (its parallel
+/// sizes now the new layout's), so the result still exports to HF on its own, bit for bit.
+#[test]
+fn resharding_torch_dist_keeps_run_config() {
+    let dir = tempdir();
+    let fx = fixtures().join("hf/llama");
+    let run = |args: &[String]| {
+        let o = bridgeflow().arg("convert").args(args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+    };
+    let a = dir.path().join("a");
+    run(&[
+        "--from".into(),
+        format!("hf:{}", fx.display()),
+        "--to".into(),
+        format!("megatron:{}", a.display()),
+    ]);
+    // Ours (bridgeflow's run config) and Megatron-Bridge's.
+    for (name, src) in [
+        ("ours", a.clone()),
+        ("bridge", fixtures().join("bridge/llama")),
+    ] {
+        let b = dir.path().join(format!("{name}-tp2pp2"));
+        run(&[
+            "--from".into(),
+            format!("megatron:{}", src.display()),
+            "--to".into(),
+            format!("megatron:{}", b.display()),
+            "--tp=2".into(),
+            "--pp=2".into(),
+        ]);
+        let rc = std::fs::read_to_string(b.join("iter_0000000/run_config.yaml"))
+            .unwrap_or_else(|e| panic!("{name}: no run_config.yaml: {e}"));
+        assert!(rc.contains("tensor_model_parallel_size: 2"), "{name}: {rc}");
+        assert!(
+            rc.contains("pipeline_model_parallel_size: 2"),
+            "{name}: {rc}"
+        );
+        let original = std::fs::read_to_string(
+            std::fs::read_dir(&src)
+                .unwrap()
+                .filter_map(|e| e.ok().map(|e| e.path().join("run_config.yaml")))
+                .find(|p| p.is_file())
+                .unwrap(),
+        )
+        .unwrap();
+        let unchanged = |t: &str| {
+            t.lines()
+                .filter(|l| !l.contains("_model_parallel_size:"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(unchanged(&rc), unchanged(&original), "{name}");
+        assert!(b.join("iter_0000000/bridgeflow-manifest.json").is_file());
+        let o = bridgeflow()
+            .args(["verify", "--manifest"])
+            .arg(&b)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        // No --hf-config: the config comes from the carried run_config.yaml.
+        let hf = dir.path().join(format!("{name}-hf"));
+        run(&[
+            "--from".into(),
+            format!("megatron:{}", b.display()),
+            "--to".into(),
+            format!("hf:{}", hf.display()),
+        ]);
+        assert_eq!(
+            load_tensors(&hf),
+            load_tensors(&fx.join("model.safetensors")),
+            "{name}"
+        );
+    }
+}

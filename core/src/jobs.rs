@@ -87,6 +87,28 @@ fn dataset_exists(prefix: &str) -> bool {
     Path::new(&format!("{prefix}.idx")).is_file() && Path::new(&format!("{prefix}.bin")).is_file()
 }
 
+/// Most partitions and workers `preprocess` takes: each partition is a pipeline run and a
+/// dataset to merge, each worker a thread; beyond these a typo stalls the machine.
+const MAX_PARTITIONS: u64 = 1024;
+const MAX_WORKERS: usize = 1024;
+
+/// `--partitions` and `--workers` against their ranges, before anything is built.
+fn check_counts(p: &Preprocess) -> Result<(), JobError> {
+    if !(1..=MAX_PARTITIONS).contains(&p.partitions) {
+        return Err(JobError::Invalid(format!(
+            "--partitions is {}; allowed: 1 to {MAX_PARTITIONS}",
+            p.partitions
+        )));
+    }
+    if p.workers > MAX_WORKERS {
+        return Err(JobError::Invalid(format!(
+            "--workers is {}; allowed: 0 (all cores) to {MAX_WORKERS}",
+            p.workers
+        )));
+    }
+    Ok(())
+}
+
 /// Tokenizes JSON Lines into `{output_prefix}_{key}_document.{bin,idx}`.
 pub fn preprocess(
     p: &Preprocess,
@@ -137,6 +159,7 @@ pub fn preprocess(
             ),
         ]
     };
+    check_counts(p)?;
     if p.partitions <= 1 {
         return Ok(vec![run(
             "preprocess",
@@ -240,6 +263,23 @@ pub struct Layout {
     pub ep: u64,
 }
 
+impl Layout {
+    /// Each degree from 1 to [`bridgeflow_sdk::parallel::MAX_DEGREE`], named as its option.
+    pub fn check(&self) -> Result<(), String> {
+        for (option, v) in [
+            ("--tp", self.tp),
+            ("--pp", self.pp),
+            ("--vpp", self.vpp),
+            ("--ep", self.ep),
+        ] {
+            bridgeflow_sdk::parallel::check_degree(option, v).map_err(|e| e.message.to_string())?;
+        }
+        bridgeflow_sdk::parallel::check_product("--tp × --pp × --ep", &[self.tp, self.pp, self.ep])
+            .map_err(|e| e.message.to_string())?;
+        Ok(())
+    }
+}
+
 impl Default for Layout {
     fn default() -> Self {
         Layout {
@@ -262,6 +302,7 @@ pub fn convert(
     host: &PluginHost,
     opts: &RunOptions,
 ) -> Result<RunReport, JobError> {
+    layout.check().map_err(JobError::Invalid)?;
     let s = |v: &Path| Value::String(v.to_string_lossy().into_owned());
     let yes = Value::Boolean(true);
     let (read, map_direction) = match from {

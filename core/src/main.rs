@@ -115,16 +115,16 @@ enum Command {
         hf_config: Option<PathBuf>,
         /// Tensor-parallel ranks of the output (Megatron-LM: its rank files; torch_dist: written
         /// as that many ranks would, each rank's chunks in its own files).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = degree())]
         tp: u64,
         /// Megatron-LM output: pipeline stages.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = degree())]
         pp: u64,
         /// Megatron-LM output: virtual pipeline chunks per stage.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = degree())]
         vpp: u64,
         /// Megatron-LM output: expert-parallel ranks.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = degree())]
         ep: u64,
         #[arg(long)]
         overwrite: bool,
@@ -162,6 +162,13 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Remove what killed runs left beside an output: hidden staging `.NAME.TAG-PID` (folders or
+    /// files) of processes that are gone, and stale `.NAME.lock` files. PATH is the output (a
+    /// checkpoint folder, a dataset file) or a folder, whose outputs are then all cleaned. Lists
+    /// what it removed; refuses (exit status 1) to touch what a live process may still be
+    /// writing: staging whose pid is alive, or any of an output whose lock is held. Runs clean
+    /// up the same way by themselves before writing an output.
+    Clean { path: PathBuf },
     /// Show the tensors of a checkpoint any reader plugin understands.
     Inspect {
         path: PathBuf,
@@ -171,6 +178,11 @@ enum Command {
         #[arg(long, value_name = "PLUGIN")]
         reader: Option<String>,
     },
+}
+
+/// A parallel degree on the command line: 1 to 65536 (clap names the option when it is not).
+fn degree() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(1..=bridgeflow_sdk::parallel::MAX_DEGREE)
 }
 
 fn main() -> ExitCode {
@@ -189,6 +201,9 @@ fn main() -> ExitCode {
     }
     init_tracing();
     let cli = Cli::parse();
+    if let Command::Clean { path } = &cli.command {
+        return cmd_clean(path);
+    }
     let host = PluginHost::discover(default_search_path(&cli.plugin_path));
     let result = match cli.command {
         Command::Run {
@@ -200,6 +215,7 @@ fn main() -> ExitCode {
         } => cmd_run(&host, pipeline, &set, memory_budget, !no_progress, report),
         Command::Validate { pipeline, set } => cmd_validate(&host, pipeline, &set),
         Command::Plugins { json, schema } => cmd_plugins(&host, json, schema),
+        Command::Clean { .. } => unreachable!("handled before plugin discovery"),
         Command::Inspect { path, json, reader } => cmd_inspect(&host, path, json, reader),
         Command::Preprocess {
             input,
@@ -318,6 +334,38 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// `bridgeflow clean PATH`.
+fn cmd_clean(path: &std::path::Path) -> ExitCode {
+    let done = match bridgeflow_sdk::fsutil::clean(path) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    for p in &done.removed {
+        println!("removed {}", p.display());
+    }
+    for (from, to) in &done.restored {
+        println!(
+            "restored {} as {} (an overwrite was killed half-way)",
+            from.display(),
+            to.display()
+        );
+    }
+    for (p, why) in &done.kept {
+        eprintln!("refusing to remove {}: {why}", p.display());
+    }
+    if done.removed.is_empty() && done.restored.is_empty() && done.kept.is_empty() {
+        println!("nothing to clean at {}", path.display());
+    }
+    if done.kept.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

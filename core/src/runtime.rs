@@ -3,11 +3,33 @@
 //!
 //! Plugin calls are synchronous FFI doing I/O and CPU work, so each stage runs in
 //! `spawn_blocking` (CPU-heavy plugins add rayon inside); the async executor only supervises.
+//!
+//! # Interrupts and the commit point
+//!
+//! SIGINT (Ctrl-C), SIGTERM (`timeout`, Slurm, Kubernetes) and SIGHUP are handled alike, while
+//! a run is active, against the run's [`CommitGate`]. Each writer (every stage without outputs)
+//! passes a commit point right before it makes its output visible (`fsutil::commit`, asked
+//! through the emitter of the sink's `finish`); the gate decides, once and atomically, between
+//! an interrupt and each writer:
+//!
+//! - an interrupt that comes while some writer has not yet passed its commit point cancels the
+//!   run like an error: writers that have not passed it do not commit and remove their staging,
+//!   and the run fails ("interrupted (SIGTERM)", exit status 1). A writer already past its
+//!   commit point (another writer of the same run) finishes its commit;
+//! - an interrupt that comes once every writer has passed its commit point no longer fails the
+//!   run: the commits complete, the run succeeds (exit status 0), and a note on stderr says the
+//!   signal came after the commit point. Later runs in the same process then refuse to start.
+//!
+//! An error anywhere closes the gate too: a run that fails commits nothing that had not
+//! already passed its commit point. A second signal during a run exits at once with status
+//! 128 + the signal number (staging left behind is removed by the next run writing the same
+//! output, or by `bridgeflow clean`). With no run active, a signal has its default effect.
 
 use crate::budget::{Budget, Hold};
 use crate::error::RunError;
 use crate::graph::{Graph, Node};
 use crate::progress::Progress;
+use bridgeflow_sdk::fsutil::{CommitGate, Interrupt};
 use bridgeflow_sdk::{Emitter, Item, PluginError, RecordBatchFfi, StreamPlan};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -57,6 +79,9 @@ pub struct RunReport {
     /// Times a source was let over the budget because the pipeline could not progress otherwise.
     pub overdrafts: usize,
     pub seconds: f64,
+    /// The signal that arrived after every writer's commit point (the run still succeeded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interrupted_after_commit: Option<String>,
 }
 
 enum Envelope {
@@ -73,6 +98,21 @@ enum Envelope {
 struct Shared {
     budget: Arc<Budget>,
     first_error: Mutex<Option<RunError>>,
+    /// Where interrupts and writers' commits meet (see the module docs).
+    gate: CommitGate,
+    /// The first signal this run received.
+    interrupted: Mutex<Option<&'static str>>,
+    /// Set when that signal came after every writer's commit point.
+    late_interrupt: Mutex<Option<&'static str>>,
+}
+
+/// What a signal did to a run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Signalled {
+    Cancelled,
+    AfterCommitPoint,
+    /// The run had received a signal before: the process exits now.
+    Again,
 }
 
 impl Shared {
@@ -83,16 +123,199 @@ impl Shared {
             *first = Some(error);
         }
         drop(first);
+        self.cancel();
+    }
+
+    /// Stops sources and waiting stages, and closes the commit gate.
+    fn cancel(&self) {
+        self.gate.cancel();
         self.budget.cancel();
     }
 
     fn fail(&self, node: &Node, error: PluginError) {
         if error.is_cancelled() {
-            self.budget.cancel();
+            self.cancel();
         } else {
             self.record(run_error(node, error));
         }
     }
+
+    /// SIGINT, SIGTERM or SIGHUP arrived: decided against the commit gate.
+    fn on_signal(&self, name: &'static str) -> Signalled {
+        {
+            let mut first = self.interrupted.lock().unwrap();
+            if first.is_some() {
+                return Signalled::Again;
+            }
+            *first = Some(name);
+        }
+        match self.gate.interrupt() {
+            Interrupt::Cancelled => {
+                self.record(RunError::runtime(PluginError::new(
+                    bridgeflow_sdk::ErrorKind::Cancelled,
+                    format!("interrupted ({name})"),
+                )));
+                Signalled::Cancelled
+            }
+            Interrupt::AfterCommitPoint => {
+                *self.late_interrupt.lock().unwrap() = Some(name);
+                eprintln!(
+                    "note: {name} arrived after the commit point: the output is being committed \
+                     in full and the run will succeed"
+                );
+                Signalled::AfterCommitPoint
+            }
+        }
+    }
+}
+
+/// Signals that stop a run, listened for on a thread of their own from the first run on.
+mod signals {
+    use super::{Shared, Signalled};
+    use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+    use std::time::Duration;
+
+    #[derive(Default)]
+    struct HubState {
+        runs: Vec<Weak<Shared>>,
+        /// A signal that came after a run's commit point: later runs refuse to start.
+        pending: Option<&'static str>,
+        delivered: u64,
+    }
+
+    #[derive(Default)]
+    pub(super) struct Hub {
+        state: Mutex<HubState>,
+        changed: Condvar,
+    }
+
+    pub(super) fn hub() -> &'static Hub {
+        static HUB: OnceLock<Hub> = OnceLock::new();
+        HUB.get_or_init(Hub::default)
+    }
+
+    /// Starts the listener once; true once SIGINT, SIGTERM and SIGHUP are caught.
+    fn listening() -> bool {
+        static STARTED: OnceLock<bool> = OnceLock::new();
+        *STARTED.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let spawned = std::thread::Builder::new()
+                .name("bridgeflow-signals".into())
+                .spawn(move || listen(tx));
+            spawned.is_ok() && rx.recv().unwrap_or(false)
+        })
+    }
+
+    fn listen(ready: std::sync::mpsc::Sender<bool>) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            let _ = ready.send(false);
+            return;
+        };
+        rt.block_on(async move {
+            let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+            ) else {
+                let _ = ready.send(false);
+                return;
+            };
+            let _ = ready.send(true);
+            loop {
+                let (signo, name) = tokio::select! {
+                    _ = int.recv() => (libc::SIGINT, "SIGINT"),
+                    _ = term.recv() => (libc::SIGTERM, "SIGTERM"),
+                    _ = hup.recv() => (libc::SIGHUP, "SIGHUP"),
+                };
+                hub().deliver(signo, name);
+            }
+        });
+    }
+
+    impl Hub {
+        /// Registers a run; Err(signal) if an earlier signal means no run should start.
+        pub(super) fn register(&self, run: &Arc<Shared>) -> Result<(), &'static str> {
+            if !listening() {
+                tracing::warn!("cannot listen for SIGINT/SIGTERM/SIGHUP");
+            }
+            let mut s = self.state.lock().unwrap();
+            if let Some(name) = s.pending {
+                return Err(name);
+            }
+            s.runs.retain(|w| w.strong_count() > 0);
+            s.runs.push(Arc::downgrade(run));
+            Ok(())
+        }
+
+        pub(super) fn unregister(&self, run: &Arc<Shared>) {
+            let mut s = self.state.lock().unwrap();
+            s.runs
+                .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(run)));
+        }
+
+        fn deliver(&self, signo: i32, name: &'static str) {
+            let mut s = self.state.lock().unwrap();
+            let runs: Vec<Arc<Shared>> = s.runs.iter().filter_map(Weak::upgrade).collect();
+            if runs.is_empty() {
+                // No run to stop: the signal's default effect, as if it were not caught.
+                drop(s);
+                // SAFETY: restoring the default disposition and re-raising are plain syscalls.
+                unsafe {
+                    libc::signal(signo, libc::SIG_DFL);
+                    libc::raise(signo);
+                }
+                return;
+            }
+            for run in runs {
+                match run.on_signal(name) {
+                    Signalled::Again => {
+                        eprintln!(
+                            "bridgeflow: {name} again: exiting now (staging left behind is \
+                             removed by the next run writing that output, or by `bridgeflow clean`)"
+                        );
+                        std::process::exit(128 + signo);
+                    }
+                    Signalled::AfterCommitPoint => s.pending = Some(name),
+                    Signalled::Cancelled => {}
+                }
+            }
+            s.delivered += 1;
+            self.changed.notify_all();
+        }
+
+        /// Sends `signo` to this process and waits until the listener has handled it (for the
+        /// `BRIDGEFLOW_TEST_SIGNAL_AT_COMMIT` hook).
+        pub(super) fn raise_and_wait(&self, signo: i32) {
+            let s = self.state.lock().unwrap();
+            let before = s.delivered;
+            // SAFETY: a plain syscall.
+            unsafe { libc::kill(libc::getpid(), signo) };
+            let _ = self
+                .changed
+                .wait_timeout_while(s, Duration::from_secs(10), |s| s.delivered == before);
+        }
+    }
+}
+
+/// Writer `w` reached its commit point: true if it may commit. With
+/// `BRIDGEFLOW_TEST_SIGNAL_AT_COMMIT=before` (or `after`) the process first sends itself SIGTERM
+/// right before (after) the gate decides, and waits until it was handled: the tests' way to
+/// place an interrupt exactly at the commit point.
+fn commit_point(shared: &Shared, w: usize) -> bool {
+    let hook = std::env::var("BRIDGEFLOW_TEST_SIGNAL_AT_COMMIT").ok();
+    let fresh = shared.interrupted.lock().unwrap().is_none();
+    if fresh && hook.as_deref() == Some("before") {
+        signals::hub().raise_and_wait(libc::SIGTERM);
+    }
+    let go = shared.gate.enter(w);
+    if go && fresh && hook.as_deref() == Some("after") {
+        signals::hub().raise_and_wait(libc::SIGTERM);
+    }
+    go
 }
 
 fn run_error(node: &Node, error: PluginError) -> RunError {
@@ -124,6 +347,51 @@ pub async fn run(graph: Graph, opts: RunOptions) -> Result<RunReport, RunError> 
     let pipeline = graph.spec.name.clone();
     let mut nodes = graph.nodes;
 
+    let budget = Budget::new(opts.memory_budget);
+    let shared = Arc::new(Shared {
+        budget: budget.clone(),
+        first_error: Mutex::new(None),
+        gate: CommitGate::new(),
+        interrupted: Mutex::new(None),
+        late_interrupt: Mutex::new(None),
+    });
+    // Writers: the stages without outputs, numbered for the commit gate.
+    let mut sinks: Vec<Option<usize>> = Vec::with_capacity(nodes.len());
+    let mut writers = 0;
+    for n in &nodes {
+        if n.descriptor.outputs.is_empty() {
+            sinks.push(Some(writers));
+            writers += 1;
+        } else {
+            sinks.push(None);
+        }
+    }
+    shared.gate.set_writers(writers);
+    // Signals count from here: writers claim their outputs while planning.
+    if let Err(name) = signals::hub().register(&shared) {
+        for n in nodes.iter_mut() {
+            n.stage.abort();
+        }
+        return Err(RunError::runtime(PluginError::new(
+            bridgeflow_sdk::ErrorKind::Cancelled,
+            format!("interrupted ({name}) before this run started"),
+        )));
+    }
+    let result = run_registered(nodes, sinks, &shared, opts, started, pipeline).await;
+    signals::hub().unregister(&shared);
+    result
+}
+
+async fn run_registered(
+    mut nodes: Vec<Node>,
+    sinks: Vec<Option<usize>>,
+    shared: &Arc<Shared>,
+    opts: RunOptions,
+    started: Instant,
+    pipeline: String,
+) -> Result<RunReport, RunError> {
+    let budget = shared.budget.clone();
+
     // 1. Plans, in topological order: each stage learns what its inputs will carry.
     let (nodes_back, plans) = tokio::task::spawn_blocking(move || {
         let mut plans: Vec<StreamPlan> = Vec::with_capacity(nodes.len());
@@ -149,6 +417,14 @@ pub async fn run(graph: Graph, opts: RunOptions) -> Result<RunReport, RunError> 
     .expect("planning task panicked");
     let plans = plans?;
     nodes = nodes_back;
+    // Interrupted while planning.
+    if budget.is_cancelled() {
+        for n in nodes.iter_mut() {
+            n.stage.abort();
+        }
+        let e = shared.first_error.lock().unwrap().take();
+        return Err(e.unwrap_or_else(|| RunError::runtime(PluginError::cancelled())));
+    }
 
     // 2. Channels: one inbound channel per stage with inputs, shared by its input ports.
     let mut senders: Vec<Option<Sender<Envelope>>> = Vec::new();
@@ -164,25 +440,7 @@ pub async fn run(graph: Graph, opts: RunOptions) -> Result<RunReport, RunError> 
         }
     }
 
-    let budget = Budget::new(opts.memory_budget);
-    let shared = Arc::new(Shared {
-        budget: budget.clone(),
-        first_error: Mutex::new(None),
-    });
     let progress = Progress::new(opts.progress);
-
-    // Ctrl-C cancels like an error: writers abort and remove their partial output.
-    let interrupt = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                shared.record(RunError::runtime(PluginError::new(
-                    bridgeflow_sdk::ErrorKind::Cancelled,
-                    "interrupted (Ctrl-C)",
-                )));
-            }
-        })
-    };
 
     // 3. One blocking task per stage.
     let mut handles = Vec::new();
@@ -215,8 +473,9 @@ pub async fn run(graph: Graph, opts: RunOptions) -> Result<RunReport, RunError> 
             progress.bar(&node.name, expected)
         };
         let shared = shared.clone();
+        let sink = sinks[i];
         handles.push(tokio::task::spawn_blocking(move || {
-            drive(node, rx, outs, shared, bar, expected_items)
+            drive(node, sink, rx, outs, shared, bar, expected_items)
         }));
     }
     drop(senders);
@@ -233,7 +492,6 @@ pub async fn run(graph: Graph, opts: RunOptions) -> Result<RunReport, RunError> 
             }
         }
     }
-    interrupt.abort();
     progress.clear();
 
     if let Some(e) = shared.first_error.lock().unwrap().take() {
@@ -242,6 +500,8 @@ pub async fn run(graph: Graph, opts: RunOptions) -> Result<RunReport, RunError> 
     if budget.is_cancelled() {
         return Err(RunError::runtime(PluginError::cancelled()));
     }
+    // A run that read an input truncated or changed while it was read did not succeed.
+    bridgeflow_sdk::inputs_intact().map_err(RunError::runtime)?;
     Ok(RunReport {
         pipeline,
         stages: reports,
@@ -249,12 +509,14 @@ pub async fn run(graph: Graph, opts: RunOptions) -> Result<RunReport, RunError> 
         peak_in_flight: budget.peak(),
         overdrafts: budget.overdrafts(),
         seconds: started.elapsed().as_secs_f64(),
+        interrupted_after_commit: shared.late_interrupt.lock().unwrap().map(str::to_string),
     })
 }
 
 /// Runs one stage to completion. Returns its report, or None after recording an error.
 fn drive(
     mut node: Node,
+    sink: Option<usize>,
     rx: Option<Receiver<Envelope>>,
     outs: Vec<(Sender<Envelope>, usize)>,
     shared: Arc<Shared>,
@@ -364,9 +626,28 @@ fn drive(
                 }
             }
             if !is_source {
+                // Nothing read from an input truncated or changed meanwhile is passed on or
+                // committed (bridgeflow_sdk::inputs; writers check again right before commit).
+                bridgeflow_sdk::inputs_intact()?;
                 shared.budget.set_busy(true);
             }
-            let r = node.stage.finish(em).into_result().map(|s| s.to_string());
+            let r = match sink {
+                // A writer's commit point is answered through its own emitter (see module docs).
+                Some(w) => {
+                    let at_commit = || !commit_point(&shared, w);
+                    let mut no_emit = |_: Item| -> Result<(), PluginError> {
+                        Err(PluginError::internal("a sink emitted an item"))
+                    };
+                    let r = Emitter::scoped(&mut no_emit, Some(&at_commit), |fin| {
+                        node.stage.finish(fin).into_result().map(|s| s.to_string())
+                    });
+                    if r.is_ok() {
+                        shared.gate.passed(w);
+                    }
+                    r
+                }
+                None => node.stage.finish(em).into_result().map(|s| s.to_string()),
+            };
             if !is_source {
                 shared.budget.set_busy(false);
             }

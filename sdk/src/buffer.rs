@@ -241,29 +241,52 @@ pub fn release_pages(map: &memmap2::Mmap, range: Range<usize>, outward: bool) {
     }
 }
 
+/// A read-only memory map whose pages can be let go: a plain [`memmap2::Mmap`], or an input
+/// map guarded against truncation ([`crate::InputMap`]).
+pub trait MappedBytes: Send + Sync + 'static {
+    fn mapped(&self) -> &[u8];
+    /// See [`release_pages`].
+    fn release(&self, range: Range<usize>, outward: bool);
+}
+
+impl MappedBytes for memmap2::Mmap {
+    fn mapped(&self) -> &[u8] {
+        self
+    }
+    fn release(&self, range: Range<usize>, outward: bool) {
+        release_pages(self, range, outward);
+    }
+}
+
+impl MappedBytes for crate::InputMap {
+    fn mapped(&self) -> &[u8] {
+        self
+    }
+    fn release(&self, range: Range<usize>, outward: bool) {
+        self.release_pages(range, outward);
+    }
+}
+
 /// A view of part of a shared memory map as a buffer owner: consumers' `discard` and the last
 /// view's drop release its pages (see [`release_pages`]).
-pub struct MapView {
-    pub map: Arc<memmap2::Mmap>,
+pub struct MapView<M: MappedBytes = memmap2::Mmap> {
+    pub map: Arc<M>,
     pub range: Range<usize>,
 }
 
-impl BufferOwner for MapView {
+impl<M: MappedBytes> BufferOwner for MapView<M> {
     fn bytes(&self) -> &[u8] {
-        &self.map[self.range.clone()]
+        &self.map.mapped()[self.range.clone()]
     }
     fn discard(&self, r: Range<usize>) {
-        release_pages(
-            &self.map,
-            self.range.start + r.start..self.range.start + r.end,
-            false,
-        );
+        self.map
+            .release(self.range.start + r.start..self.range.start + r.end, false);
     }
 }
 
-impl Drop for MapView {
+impl<M: MappedBytes> Drop for MapView<M> {
     fn drop(&mut self) {
-        release_pages(&self.map, self.range.clone(), true);
+        self.map.release(self.range.clone(), true);
     }
 }
 

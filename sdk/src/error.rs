@@ -78,8 +78,22 @@ impl PluginError {
     pub fn cancelled() -> Self {
         Self::new(ErrorKind::Cancelled, "run cancelled")
     }
-    /// An I/O error with the path it happened on.
+    /// An I/O error with the path it happened on. `EFAULT` ("Bad address") is what writing
+    /// out of a memory map of a truncated input gives: it is reported against that input
+    /// when one is found (see [`crate::inputs`]).
     pub fn io(path: impl AsRef<std::path::Path>, what: &str, e: std::io::Error) -> Self {
+        if e.raw_os_error() == Some(libc::EFAULT) {
+            if let Err(input) = crate::inputs::inputs_intact() {
+                return Self::new(
+                    ErrorKind::Io,
+                    format!(
+                        "{} ({what} {}: {e})",
+                        input.message,
+                        path.as_ref().display()
+                    ),
+                );
+            }
+        }
         let hint = if e.raw_os_error() == Some(28) {
             " (disk full)"
         } else {

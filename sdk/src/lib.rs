@@ -18,6 +18,7 @@ pub mod buffer;
 pub mod dtype;
 pub mod error;
 pub mod fsutil;
+pub mod inputs;
 pub mod manifest;
 pub mod mapping;
 pub mod numeric;
@@ -29,10 +30,11 @@ pub mod tensor;
 pub mod units;
 
 pub use buffer::{
-    release_pages, Buffer, BufferOwner, BufferPool, BufferVTable, MapView, PooledVec,
+    release_pages, Buffer, BufferOwner, BufferPool, BufferVTable, MapView, MappedBytes, PooledVec,
 };
 pub use dtype::DType;
 pub use error::{ErrorKind, PluginError, Result};
+pub use inputs::{inputs_intact, InputMap};
 pub use plugin::{
     AbiStamp, PluginDescriptor, PluginLib, PluginLibRef, StageDescriptor, ABI_VERSION, SDK_VERSION,
 };

@@ -17,6 +17,40 @@ pub enum TpSplit {
     GatedRows,
 }
 
+/// The largest parallel degree (TP, PP, EP, virtual pipeline chunks) and the most ranks
+/// accepted: beyond any cluster, and small enough that nothing sized from it can exhaust memory.
+pub const MAX_DEGREE: u64 = 1 << 16;
+
+/// Refuses a parallel degree outside 1..=[`MAX_DEGREE`], naming the option (`tp`, `--pp`, ...).
+pub fn check_degree(option: &str, value: u64) -> Result<()> {
+    if !(1..=MAX_DEGREE).contains(&value) {
+        return Err(PluginError::config(format!(
+            "{option} = {value}: a parallel degree is from 1 to {MAX_DEGREE}"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses degrees whose product (ranks, or stages × virtual chunks) exceeds [`MAX_DEGREE`];
+/// `what` names them (`tp × pp`).
+pub fn check_product(what: &str, degrees: &[u64]) -> Result<u64> {
+    let n = degrees
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .filter(|&n| n <= MAX_DEGREE)
+        .ok_or_else(|| {
+            PluginError::config(format!(
+                "{what} = {}: more than {MAX_DEGREE} ranks",
+                degrees
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" × ")
+            ))
+        })?;
+    Ok(n)
+}
+
 /// Refuses a TP degree the attention cannot be split by: megatron-core gives each rank whole
 /// query groups (`model`: the Megatron model fields, when known).
 pub fn check_tp(model: Option<&serde_json::Value>, tp: u64) -> Result<()> {
@@ -124,6 +158,11 @@ pub fn pp_layers(
     last: Option<u64>,
 ) -> Result<Vec<(u64, u64)>> {
     let pp = pp.max(1);
+    if pp > MAX_DEGREE {
+        return Err(PluginError::config(format!(
+            "{pp} pipeline stages: at most {MAX_DEGREE}"
+        )));
+    }
     let mut counts = vec![0u64; pp as usize];
     let (mut rest, mut lo, mut hi) = (layers, 0usize, pp as usize);
     if let Some(f) = first.filter(|_| pp > 1) {
@@ -144,6 +183,12 @@ pub fn pp_layers(
     if middle == 0 && rest != 0 || middle > 0 && rest % middle != 0 {
         return Err(PluginError::config(format!(
             "{layers} layers do not divide evenly over {pp} pipeline stages"
+        )));
+    }
+    if layers > 0 && middle > 0 && rest < middle {
+        return Err(PluginError::config(format!(
+            "{pp} pipeline stages for {layers} layers: {} of them would hold no layer",
+            middle - rest
         )));
     }
     for c in &mut counts[lo..hi] {
@@ -316,5 +361,25 @@ mod tests {
         );
         assert!(pp_layers(7, 2, None, None).is_err());
         assert_eq!(pp_layers(5, 1, None, None).unwrap(), vec![(0, 5)]);
+        // Nothing is sized from an unchecked count.
+        let e = pp_layers(8, 1 << 32, None, None).unwrap_err();
+        assert!(e.message.contains("at most 65536"), "{e}");
+        let e = pp_layers(4, 1000, Some(2), Some(2)).unwrap_err();
+        assert!(e.message.contains("would hold no layer"), "{e}");
+        assert_eq!(pp_layers(0, 2, None, None).unwrap(), vec![(0, 0), (0, 0)]);
+    }
+
+    #[test]
+    fn degrees_are_bounded_and_named() {
+        check_degree("tp", 1).unwrap();
+        check_degree("tp", MAX_DEGREE).unwrap();
+        let e = check_degree("tp", 0).unwrap_err();
+        assert!(e.message.starts_with("tp = 0: "), "{e}");
+        let e = check_degree("vpp", 1 << 32).unwrap_err();
+        assert!(e.message.starts_with("vpp = 4294967296: "), "{e}");
+        assert_eq!(check_product("tp × pp", &[8, 16]).unwrap(), 128);
+        let e = check_product("tp × pp", &[65536, 2]).unwrap_err();
+        assert!(e.message.contains("65536 × 2"), "{e}");
+        assert!(check_product("x", &[u64::MAX, 2]).is_err());
     }
 }

@@ -307,7 +307,11 @@ pub trait Sink: Send + Sized + 'static {
     fn new(config: Self::Config) -> Result<Self>;
     fn open(&mut self, inputs: &[StreamPlan]) -> Result<()>;
     fn consume(&mut self, port: usize, item: Item) -> Result<()>;
-    /// Makes the output visible (atomically); returns a one-line summary.
+    /// Makes the output visible (atomically); returns a one-line summary. Right before the
+    /// output becomes visible, the writer passes the run's commit point
+    /// ([`crate::fsutil::commit`] and [`crate::fsutil::OutputClaim::commit`] do it): a run
+    /// cancelled before then gets `Cancelled` and must not commit; once past it, an interrupt no
+    /// longer fails the run.
     fn commit(&mut self) -> Result<String>;
     /// Removes partial output. Also called when the run fails elsewhere.
     fn abort(&mut self) {}
@@ -395,7 +399,9 @@ impl<K: Sink> StageFfi for SinkAdapter<K> {
     fn process(&mut self, port: u32, item: Item, _out: &mut Emitter) -> RResult<(), PluginError> {
         guard(|| self.0.consume(port as usize, item))
     }
-    fn finish(&mut self, _out: &mut Emitter) -> RResult<RString, PluginError> {
+    fn finish(&mut self, out: &mut Emitter) -> RResult<RString, PluginError> {
+        // The host answers the commit point through this emitter (fsutil::enter_commit_point).
+        let _hook = crate::fsutil::CommitHook::install(out);
         guard(|| self.0.commit().map(RString::from))
     }
     fn abort(&mut self) {

@@ -209,13 +209,13 @@ pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// Names in a folder that look like staging leftovers.
+/// Names in a folder that look like staging leftovers (or a lock file left behind).
 pub fn leftovers(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.contains(".partial-") || n.ends_with(".tmp"))
+                .filter(|n| n.contains("partial-") || n.ends_with(".tmp") || n.ends_with(".lock"))
                 .collect()
         })
         .unwrap_or_default()

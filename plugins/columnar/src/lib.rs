@@ -27,6 +27,20 @@ pub struct ColumnarConfig {
     pub batch_rows: usize,
 }
 
+/// The most rows per batch: a batch is sized from this (Parquet's reader allocates for it, up
+/// to the file's own row count), so it is bounded like the `jsonl` reader's.
+pub const MAX_BATCH_ROWS: usize = 1 << 20;
+
+fn check(cfg: &ColumnarConfig) -> Result<()> {
+    if cfg.batch_rows > MAX_BATCH_ROWS {
+        return Err(PluginError::config(format!(
+            "batch_rows is {}; allowed: 0 to {MAX_BATCH_ROWS}",
+            cfg.batch_rows
+        )));
+    }
+    Ok(())
+}
+
 fn resolve(path: &str, exts: &[&str]) -> Result<Vec<PathBuf>> {
     bridgeflow_sdk::fsutil::resolve_inputs(path, |f| {
         f.extension().is_some_and(|x| exts.iter().any(|e| x == *e))
@@ -83,6 +97,7 @@ impl Source for ParquetReader {
     const OUTPUT: PortType = PortType::Records;
 
     fn new(cfg: ColumnarConfig) -> Result<Self> {
+        check(&cfg)?;
         Ok(ParquetReader {
             cfg,
             files: Vec::new(),
@@ -164,6 +179,7 @@ impl Source for IpcReader {
     const OUTPUT: PortType = PortType::Records;
 
     fn new(cfg: ColumnarConfig) -> Result<Self> {
+        check(&cfg)?;
         Ok(IpcReader {
             cfg,
             files: Vec::new(),

@@ -1,7 +1,7 @@
 //! The `jsonl` reader stage.
 
 use crate::lines::UniversalLines;
-use crate::pyjson::{parse_line, sentences};
+use crate::pyjson::{document_sentences, parse_document};
 use bridgeflow_sdk::arrow_array::builder::{
     ListBuilder, StringBuilder, UInt32Builder, UInt64Builder,
 };
@@ -59,6 +59,13 @@ pub struct JsonlReader {
 }
 
 const BATCH_BYTES: usize = 8 << 20;
+
+/// The most partitions: each one is a full pass over the input (lines are dealt round-robin),
+/// so more than this is minutes of re-reading for nothing; Megatron's `--partitions` is bounded
+/// by its `--workers` (it asserts `workers % partitions == 0`), and tokenize's workers by 1,024.
+pub const MAX_PARTITIONS: u64 = 1024;
+/// The most documents per batch (batches also close at 8 MiB of text).
+pub const MAX_BATCH_ROWS: usize = 1 << 20;
 
 fn is_jsonl(p: &Path) -> bool {
     let n = p
@@ -172,12 +179,24 @@ impl Source for JsonlReader {
             ));
         }
         if let Some(p) = cfg.partition {
-            if p.count == 0 || p.index >= p.count {
+            if p.count == 0 || p.count > MAX_PARTITIONS {
+                return Err(PluginError::config(format!(
+                    "partition.count (--partitions) is {}; allowed: 1 to {MAX_PARTITIONS}",
+                    p.count
+                )));
+            }
+            if p.index >= p.count {
                 return Err(PluginError::config(format!(
                     "partition index {} of {} is out of range",
                     p.index, p.count
                 )));
             }
+        }
+        if cfg.batch_rows > MAX_BATCH_ROWS {
+            return Err(PluginError::config(format!(
+                "batch_rows is {}; allowed: 0 to {MAX_BATCH_ROWS}",
+                cfg.batch_rows
+            )));
         }
         Ok(JsonlReader {
             cfg,
@@ -230,7 +249,7 @@ impl Source for JsonlReader {
                         continue;
                     }
                 };
-                let doc = match parse_line(text) {
+                let doc = match parse_document(text) {
                     Ok(d) => d,
                     Err(reason) => {
                         self.bad_line(file, line_no, &reason)?;
@@ -240,7 +259,7 @@ impl Source for JsonlReader {
                 let mut values = Vec::with_capacity(keys.len());
                 let mut bad = None;
                 for k in &keys {
-                    match sentences(&doc, k) {
+                    match document_sentences(&doc, k) {
                         Ok(v) => values.push(v),
                         Err(reason) => {
                             bad = Some(reason);
@@ -253,6 +272,7 @@ impl Source for JsonlReader {
                     continue;
                 }
                 if let Some(r) = batch.raw.as_mut() {
+                    let doc = &doc.value;
                     if !doc.is_object() {
                         self.bad_line(file, line_no, "the line is not a JSON object")?;
                         continue;

@@ -5,8 +5,8 @@
 use crate::format::{paths, Index, TokenType};
 use bridgeflow_sdk::arrow_array::builder::{Int32Builder, ListBuilder, UInt32Builder};
 use bridgeflow_sdk::arrow_array::{ArrayRef, RecordBatch};
+use bridgeflow_sdk::InputMap;
 use bridgeflow_sdk::{schemars, serde, Emitter, PluginError, PortType, Result, Source, StreamPlan};
-use memmap2::Mmap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -33,8 +33,8 @@ pub struct IndexedReaderConfig {
 }
 
 struct Dataset {
-    idx_map: Mmap,
-    bin_map: Mmap,
+    idx_map: InputMap,
+    bin_map: InputMap,
     name: String,
 }
 
@@ -44,10 +44,10 @@ pub struct IndexedReader {
     dtype: Option<TokenType>,
 }
 
-fn map(p: &Path) -> Result<Mmap> {
-    let f = std::fs::File::open(p).map_err(|e| PluginError::io(p, "cannot open", e))?;
-    // SAFETY: read-only map of a dataset nobody should be writing while it is read.
-    unsafe { Mmap::map(&f) }.map_err(|e| PluginError::io(p, "cannot map", e))
+/// Guarded: a dataset truncated or changed while read is named, never a SIGBUS
+/// (bridgeflow_sdk::inputs).
+fn map(p: &Path) -> Result<InputMap> {
+    InputMap::open(p)
 }
 
 impl Source for IndexedReader {
@@ -75,7 +75,7 @@ impl Source for IndexedReader {
         self.sets.clear();
         let (mut docs, mut seqs, mut tokens) = (0u64, 0u64, 0u64);
         let mut hist = [0u64; 8];
-        let mut longest = 0i32;
+        let mut longest = 0i64;
         for prefix in &prefixes {
             let (bin, idx) = paths(prefix);
             let idx_map = map(&idx)?;
@@ -106,7 +106,8 @@ impl Source for IndexedReader {
             tokens += index.data_bytes() / index.dtype.size() as u64;
             for d in 0..index.doc_entries - 1 {
                 let (a, b) = (index.doc_index(d) as usize, index.doc_index(d + 1) as usize);
-                let len: i32 = (a..b).map(|s| index.length(s)).sum();
+                // i64: a document's sequences may add up past i32 (each length is checked >= 0).
+                let len: i64 = (a..b).map(|s| index.length(s) as i64).sum();
                 longest = longest.max(len);
                 let bucket = match len {
                     0 => 0,
@@ -150,7 +151,7 @@ impl Source for IndexedReader {
     fn run(&mut self, out: &mut Emitter) -> Result<()> {
         let key = self.cfg.key.clone();
         for set in &self.sets {
-            let (_, idx_path) = paths(&set.name);
+            let (bin_path, idx_path) = paths(&set.name);
             let index = Index::parse(&idx_path, &set.idx_map)?;
             let dtype = index.dtype;
             let size = dtype.size();
@@ -163,8 +164,15 @@ impl Source for IndexedReader {
                     let len = index.length(s) as usize;
                     let start = index.pointer(s) as usize;
                     let bytes = &set.bin_map[start..start + len * size];
-                    for t in bytes.chunks_exact(size) {
-                        ids_b.values().append_value(dtype.get(t));
+                    for (k, t) in bytes.chunks_exact(size).enumerate() {
+                        let id = dtype.get_checked(t).map_err(|v| {
+                            PluginError::format(format!(
+                                "{}: sequence {s}, token {k}: {v} is not a token id (0 to {})",
+                                bin_path.display(),
+                                u32::MAX
+                            ))
+                        })?;
+                        ids_b.values().append_value(id);
                     }
                     lens_b.values().append_value(len as i32);
                 }

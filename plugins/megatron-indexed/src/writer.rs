@@ -33,7 +33,6 @@ pub struct IndexedWriterConfig {
 
 struct KeyOut {
     key: String,
-    bin: PathBuf,
     idx: PathBuf,
     bin_tmp: PathBuf,
     lens_tmp: PathBuf,
@@ -44,6 +43,9 @@ struct KeyOut {
     sequences: u64,
     doc_entries: u64,
     tokens: u64,
+    /// The locks of `bin` and `idx`, from `open` on.
+    bin_claim: OutputClaim,
+    idx_claim: OutputClaim,
 }
 
 pub struct IndexedWriter {
@@ -55,8 +57,10 @@ pub struct IndexedWriter {
 }
 
 fn tmp_name(p: &Path, what: &str) -> PathBuf {
-    bridgeflow_sdk::fsutil::hidden_sibling(p, &format!("{what}.partial"))
+    bridgeflow_sdk::fsutil::hidden_sibling(p, &format!("{what}_partial"))
 }
+
+use bridgeflow_sdk::fsutil::OutputClaim;
 
 fn create(p: &Path) -> Result<BufWriter<File>> {
     File::create(p)
@@ -72,6 +76,10 @@ impl IndexedWriter {
             format!("{}_{key}_document", self.cfg.output_prefix)
         };
         let (bin, idx) = crate::format::paths(&base);
+        // One writer per output (a second run fails here, naming this one's pid); the existence
+        // check below is made under the locks.
+        let bin_claim = OutputClaim::claim(&bin)?;
+        let idx_claim = OutputClaim::claim(&idx)?;
         for p in [&bin, &idx] {
             if p.exists() && !self.cfg.overwrite {
                 return Err(PluginError::config(format!(
@@ -97,7 +105,6 @@ impl IndexedWriter {
             bin_w: create(&bin_tmp)?,
             lens_w: create(&lens_tmp)?,
             docs_w,
-            bin,
             idx,
             bin_tmp,
             lens_tmp,
@@ -105,6 +112,8 @@ impl IndexedWriter {
             sequences: 0,
             doc_entries: 1,
             tokens: 0,
+            bin_claim,
+            idx_claim,
         })
     }
 
@@ -159,8 +168,12 @@ impl Sink for IndexedWriter {
 
     fn new(cfg: IndexedWriterConfig) -> Result<Self> {
         if let Some(d) = &cfg.dtype {
-            TokenType::parse(d).ok_or_else(|| {
-                PluginError::config(format!("dtype '{d}': expected uint16, int32, int64, ..."))
+            let t = TokenType::parse(d).filter(|t| t.is_integer());
+            t.ok_or_else(|| {
+                PluginError::config(format!(
+                    "dtype '{d}': token data must be an integer type ({})",
+                    TokenType::INTEGER_NAMES
+                ))
             })?;
         }
         Ok(IndexedWriter {
@@ -178,9 +191,14 @@ impl Sink for IndexedWriter {
         self.dtype = match &self.cfg.dtype {
             Some(d) => TokenType::parse(d).expect("checked in new"),
             None => match attrs.get("token_dtype").and_then(|v| v.as_str()) {
-                Some(d) => TokenType::parse(d).ok_or_else(|| {
-                    PluginError::format(format!("input token_dtype '{d}' is unknown"))
-                })?,
+                Some(d) => TokenType::parse(d)
+                    .filter(|t| t.is_integer())
+                    .ok_or_else(|| {
+                        PluginError::format(format!(
+                            "input token_dtype '{d}' is not an integer token type ({})",
+                            TokenType::INTEGER_NAMES
+                        ))
+                    })?,
                 None => {
                     let vocab = attrs
                         .get("vocab_size")
@@ -305,12 +323,13 @@ impl Sink for IndexedWriter {
             idx_tmps.push(t);
         }
         // Data files first, indexes last: a reader never finds an index without its data.
-        for k in &self.keys {
-            std::fs::rename(&k.bin_tmp, &k.bin)
-                .map_err(|e| PluginError::io(&k.bin, "cannot commit", e))?;
+        // The first commit passes the run's commit point (or finds the run cancelled).
+        let overwrite = self.cfg.overwrite;
+        for k in self.keys.iter_mut() {
+            k.bin_claim.commit(&k.bin_tmp, overwrite)?;
         }
-        for (k, t) in self.keys.iter().zip(&idx_tmps) {
-            std::fs::rename(t, &k.idx).map_err(|e| PluginError::io(&k.idx, "cannot commit", e))?;
+        for (k, t) in self.keys.iter_mut().zip(&idx_tmps) {
+            k.idx_claim.commit(t, overwrite)?;
         }
         self.committed = true;
         for k in &self.keys {

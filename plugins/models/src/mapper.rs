@@ -456,22 +456,9 @@ impl Mapper {
         Ok(())
     }
 
-    /// Each HF tensor once, whole (an input may arrive as pieces of rows).
-    fn whole_tensors(input: &StreamPlan) -> Vec<TensorInfo> {
-        let mut seen = HashSet::new();
-        input
-            .tensors
-            .iter()
-            .filter(|t| seen.insert(t.base_name().to_string()))
-            .map(|t| match t.shard() {
-                Some(s) => TensorInfo::new(t.base_name().to_string(), t.dtype, &s.global_shape),
-                None => t.clone(),
-            })
-            .collect()
-    }
 
     fn plan_to_megatron(&mut self, input: &StreamPlan, what: String) -> Result<StreamPlan> {
-        self.check_complete(&Self::whole_tensors(input), true, what)?;
+        self.check_complete(&input.whole_tensors(), true, what)?;
         // Each Megatron tensor (row, layer) and its parts: (expert, part) -> info.
         type Parts = BTreeMap<(u64, usize), TensorInfo>;
         let mut groups: BTreeMap<(usize, Option<u64>), Parts> = BTreeMap::new();
@@ -1030,6 +1017,14 @@ impl Transform for Mapper {
         "HF <-> Megatron-Core names and layouts from a model table (Llama, Mistral, Qwen2/3, Qwen3-MoE, Mixtral, Gemma 2, DeepSeek-V2/V3, or a TOML table)";
 
     fn new(cfg: MapperConfig) -> Result<Self> {
+        bridgeflow_sdk::parallel::check_degree("tensor_parallel", cfg.tensor_parallel)?;
+        if !(1..=1 << 20).contains(&cfg.make_vocab_size_divisible_by) {
+            return Err(PluginError::config(format!(
+                "make_vocab_size_divisible_by is {}; expected 1 to {}",
+                cfg.make_vocab_size_divisible_by,
+                1u64 << 20
+            )));
+        }
         let to_megatron = match cfg.direction.as_str() {
             "to-megatron" => true,
             "to-hf" => false,

@@ -429,19 +429,107 @@ fn to_json(y: &Yaml) -> Value {
     }
 }
 
-/// Parses YAML text (the first document) as JSON.
+/// The largest YAML file read (Megatron-Bridge's `run_config.yaml` is tens of KiB).
+pub const MAX_YAML_BYTES: u64 = 16 << 20;
+/// The most nodes a YAML document may have with every alias expanded: an alias repeats its
+/// anchor's whole node, so ~400 bytes of nested aliases ("billion laughs") would otherwise
+/// expand to gigabytes as the loader copies them.
+pub const MAX_YAML_NODES: u64 = 1_000_000;
+/// The deepest nesting accepted (the loader and the conversion to JSON recurse).
+pub const MAX_YAML_DEPTH: usize = 128;
+
+/// Walks the parser's events of `text` without building anything, counting the nodes the
+/// documents would have with every alias expanded (each anchor's size is known when its node
+/// ends), and their depth: refuses text beyond [`MAX_YAML_NODES`] or [`MAX_YAML_DEPTH`] before
+/// the loader expands a single alias.
+fn check_yaml_bounds(text: &str, path: &Path) -> Result<()> {
+    use yaml_rust2::parser::{Event, Parser};
+    let bad = |what: String| PluginError::format(format!("{}: {what}", path.display()));
+    let mut parser = Parser::new_from_str(text);
+    let mut sizes: std::collections::HashMap<usize, u64> = std::collections::HashMap::new();
+    // Open sequences and mappings: (anchor id, nodes so far, themselves included).
+    let mut open: Vec<(usize, u64)> = Vec::new();
+    let mut total = 0u64;
+    loop {
+        let (ev, _) = parser
+            .next_token()
+            .map_err(|e| bad(format!("invalid YAML: {e}")))?;
+        let done = match ev {
+            Event::StreamEnd => break,
+            Event::Scalar(_, _, anchor, _) => {
+                if anchor > 0 {
+                    sizes.insert(anchor, 1);
+                }
+                Some(1)
+            }
+            Event::Alias(id) => Some(sizes.get(&id).copied().unwrap_or(1)),
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                open.push((anchor, 1));
+                if open.len() > MAX_YAML_DEPTH {
+                    return Err(bad(format!(
+                        "YAML nested deeper than {MAX_YAML_DEPTH} levels; refused"
+                    )));
+                }
+                None
+            }
+            Event::SequenceEnd | Event::MappingEnd => open.pop().map(|(anchor, n)| {
+                if anchor > 0 {
+                    sizes.insert(anchor, n);
+                }
+                n
+            }),
+            _ => None,
+        };
+        if let Some(n) = done {
+            let count = match open.last_mut() {
+                Some((_, c)) => c,
+                None => &mut total,
+            };
+            *count = count.saturating_add(n);
+            if *count > MAX_YAML_NODES {
+                return Err(bad(format!(
+                    "YAML expands to more than {MAX_YAML_NODES} nodes (aliases repeating \
+                     anchors that repeat others: an alias bomb?); refused"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses YAML text (the first document) as JSON, within [`MAX_YAML_NODES`] and
+/// [`MAX_YAML_DEPTH`].
 pub fn parse_yaml(text: &str, path: &Path) -> Result<Value> {
+    check_yaml_bounds(text, path)?;
     let docs = YamlLoader::load_from_str(text)
         .map_err(|e| PluginError::format(format!("{}: invalid YAML: {e}", path.display())))?;
     Ok(docs.first().map(to_json).unwrap_or(Value::Null))
 }
 
+/// Reads and parses a YAML file of at most [`MAX_YAML_BYTES`] (see [`parse_yaml`]).
+pub fn read_yaml(path: &Path) -> Result<Value> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| PluginError::io(path, "cannot read", e))?;
+    let mut bytes = Vec::new();
+    f.take(MAX_YAML_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| PluginError::io(path, "cannot read", e))?;
+    if bytes.len() as u64 > MAX_YAML_BYTES {
+        return Err(PluginError::format(format!(
+            "{}: larger than {} MiB, more than any run config; refused",
+            path.display(),
+            MAX_YAML_BYTES >> 20
+        )));
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|e| PluginError::format(format!("{}: not UTF-8: {e}", path.display())))?;
+    parse_yaml(&text, path)
+}
+
 /// An HF config from a checkpoint's `run_config.yaml`: the original one bridgeflow kept, else
 /// rebuilt from the model section (Megatron-Bridge's, or an older bridgeflow's flat one).
 pub fn hf_config_from_run_config(path: &Path) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| PluginError::io(path, "cannot read", e))?;
-    let rc = parse_yaml(&text, path)?;
+    let rc = read_yaml(path)?;
     if rc["bridgeflow"]["hf_config"].is_object() {
         return Ok(rc["bridgeflow"]["hf_config"].clone());
     }
@@ -623,6 +711,62 @@ mod tests {
             .join(name)
             .join("config.json");
         serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_before_it_expands() {
+        // Nine levels of ten aliases each: 10^9 nodes from ~400 bytes.
+        let mut text = String::from(
+            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
+        for (prev, name) in ["a", "b", "c", "d", "e", "f", "g", "h"]
+            .iter()
+            .zip(["b", "c", "d", "e", "f", "g", "h", "i"])
+        {
+            let refs = vec![format!("*{prev}"); 10].join(",");
+            text.push_str(&format!("{name}: &{name} [{refs}]\n"));
+        }
+        text.push_str("model: *i\n");
+        assert!(text.len() < 600, "{}", text.len());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run_config.yaml");
+        std::fs::write(&p, &text).unwrap();
+        let t0 = std::time::Instant::now();
+        let e = hf_config_from_run_config(&p).unwrap_err();
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+        assert!(e.message.contains("alias bomb"), "{}", e.message);
+        assert!(
+            e.message.contains(&p.display().to_string()),
+            "{}",
+            e.message
+        );
+        // A few aliases well within bounds still load, expanded.
+        let ok = "base: &b {x: 1, y: [1, 2]}\nmodel: {one: *b, two: *b}\n";
+        let v = parse_yaml(ok, Path::new("ok.yaml")).unwrap();
+        assert_eq!(v["model"]["two"]["y"], json!([1, 2]));
+    }
+
+    #[test]
+    fn oversized_and_deep_yaml_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run_config.yaml");
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(MAX_YAML_BYTES + 1).unwrap();
+        let e = hf_config_from_run_config(&p).unwrap_err();
+        assert!(e.message.contains("larger than 16 MiB"), "{}", e.message);
+        // Block nesting (flow nesting stops at the scanner's own limit of 255).
+        let deep: String = (0..2000)
+            .map(|i| format!("{}a:\n", " ".repeat(i)))
+            .collect();
+        let e = parse_yaml(&deep, Path::new("deep.yaml")).unwrap_err();
+        assert!(
+            e.message.contains("deep.yaml: YAML nested deeper"),
+            "{}",
+            e.message
+        );
+        let flow = format!("{}1{}", "[".repeat(5000), "]".repeat(5000));
+        let e = parse_yaml(&flow, Path::new("flow.yaml")).unwrap_err();
+        assert!(e.message.starts_with("flow.yaml: "), "{}", e.message);
     }
 
     #[test]

@@ -3,10 +3,9 @@
 use crate::files::{self, Layout};
 use crate::header::{self, Entry};
 use bridgeflow_sdk::{
-    schemars, serde, Buffer, BufferOwner, Emitter, MapView, PluginError, Result, Source,
+    schemars, serde, Buffer, BufferOwner, Emitter, InputMap, MapView, PluginError, Result, Source,
     StreamPlan, Tensor,
 };
-use memmap2::Mmap;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,7 +25,7 @@ pub struct SafetensorsReader {
     path: PathBuf,
     verify: bool,
     manifest: Option<bridgeflow_sdk::manifest::Manifest>,
-    maps: Vec<Arc<Mmap>>,
+    maps: Vec<Arc<InputMap>>,
     /// (file index, entry) in emission order: file by file, by offset, so reads are sequential.
     entries: Vec<(usize, Entry)>,
 }
@@ -37,13 +36,11 @@ impl SafetensorsReader {
         self.maps.clear();
         self.entries.clear();
         for (i, f) in layout.files.iter().enumerate() {
-            let file = std::fs::File::open(f).map_err(|e| PluginError::io(f, "cannot open", e))?;
-            // SAFETY: the file is mapped read-only; a file truncated underneath a running
-            // conversion is outside what any reader can defend against.
-            let map =
-                unsafe { Mmap::map(&file) }.map_err(|e| PluginError::io(f, "cannot map", e))?;
-            let _ = map.advise(memmap2::Advice::Sequential);
-            let header = header::parse(f, &map)?;
+            // Guarded: a file truncated or changed underneath gives an error naming it (see
+            // bridgeflow_sdk::inputs), not SIGBUS.
+            let map = InputMap::open(f)?;
+            map.advise(memmap2::Advice::Sequential);
+            let header = header::parse(f, &map).map_err(|e| map.explain(e))?;
             let mut names: BTreeSet<String> = BTreeSet::new();
             let wanted = layout
                 .index
@@ -114,6 +111,8 @@ impl Source for SafetensorsReader {
             self.open()?;
         }
         for (i, e) in std::mem::take(&mut self.entries) {
+            // Still the file that was planned (checked again before any commit).
+            self.maps[i].check()?;
             // Its pages are released as consumers finish with them (bounded RSS).
             let owner = MapView {
                 map: self.maps[i].clone(),
@@ -121,7 +120,10 @@ impl Source for SafetensorsReader {
             };
             if let Some(m) = &self.manifest {
                 m.check(&e.info, owner.bytes()).map_err(|err| {
-                    PluginError::mismatch(format!("{}: {err}", self.path.display()))
+                    owner.map.explain(PluginError::mismatch(format!(
+                        "{}: {err}",
+                        self.path.display()
+                    )))
                 })?;
             }
             let tensor = Tensor::new(e.info, Buffer::from_owner(owner))?;

@@ -86,6 +86,8 @@ pub struct SafetensorsWriter {
     written: usize,
     committed: bool,
     manifest: Manifest,
+    /// The output's lock, from `open` until the commit is done.
+    claim: Option<OutputClaim>,
 }
 
 /// Assigns tensors to shards in stream order, as huggingface_hub's
@@ -158,18 +160,7 @@ fn shard_header(tensors: &[&TensorInfo]) -> Result<(Vec<u8>, Offsets)> {
     Ok((header, offsets))
 }
 
-fn staging_path(target: &Path) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    // Also apart within one process: two runs in one process (as in tests) never share one.
-    let mut name = bridgeflow_sdk::fsutil::hidden_sibling(target, "partial").into_os_string();
-    name.push(format!("-{nanos}"));
-    name.into()
-}
-
-use bridgeflow_sdk::fsutil::reserve;
+use bridgeflow_sdk::fsutil::{reserve, OutputClaim};
 
 fn is_nonempty_dir(p: &Path) -> bool {
     std::fs::read_dir(p)
@@ -180,6 +171,9 @@ fn is_nonempty_dir(p: &Path) -> bool {
 impl SafetensorsWriter {
     fn layout(&mut self) -> Result<()> {
         let target = &self.cfg.path;
+        // One writer per output (a second run fails here, naming this one's pid); the existence
+        // check below is made under the lock.
+        let claim = self.claim.insert(OutputClaim::claim(target)?);
         if target.exists() && !self.cfg.overwrite {
             let blocking = if self.single_file {
                 true
@@ -197,7 +191,7 @@ impl SafetensorsWriter {
             std::fs::create_dir_all(parent)
                 .map_err(|e| PluginError::io(parent, "cannot create", e))?;
         }
-        let staging = staging_path(target);
+        let staging = claim.staging("partial");
         if !self.single_file {
             std::fs::create_dir(&staging)
                 .map_err(|e| PluginError::io(&staging, "cannot create", e))?;
@@ -239,12 +233,11 @@ impl SafetensorsWriter {
             head.extend_from_slice(&header);
             file.write_all_at(&head, 0)
                 .map_err(|e| PluginError::io(&path, "cannot write", e))?;
+            // By name: a shard may hold hundreds of thousands of tensors.
+            let by_name: HashMap<&str, &TensorInfo> =
+                infos.iter().map(|t| (t.name(), *t)).collect();
             for (tname, off) in offsets {
-                let info = infos
-                    .iter()
-                    .find(|t| t.name() == tname)
-                    .map(|t| (*t).clone())
-                    .expect("from this group");
+                let info = (*by_name.get(tname.as_str()).expect("from this group")).clone();
                 if self
                     .slots
                     .insert(
@@ -427,6 +420,7 @@ impl Sink for SafetensorsWriter {
             written: 0,
             committed: false,
             manifest: Manifest::new(),
+            claim: None,
         })
     }
 
@@ -589,9 +583,11 @@ impl Sink for SafetensorsWriter {
             }
         }
         // Make the output visible in one rename where possible.
-        bridgeflow_sdk::fsutil::commit(&staging, &target)?;
+        let claim = self.claim.as_mut().expect("claimed in open");
+        claim.commit(&staging, self.cfg.overwrite)?;
         self.staging = None;
         self.committed = true;
+        self.claim = None;
         let bytes: u64 = self.shards.iter().map(|s| s.size).sum();
         Ok(format!(
             "wrote {} tensors, {} in {} file{}{} to {}",
@@ -612,6 +608,7 @@ impl Sink for SafetensorsWriter {
         if !self.committed {
             self.remove_staging();
         }
+        self.claim = None;
     }
 }
 

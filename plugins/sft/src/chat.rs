@@ -58,6 +58,10 @@ pub struct SftConfig {
     pub workers: usize,
 }
 
+/// The most encoding threads: one OS thread each, so a mistyped count (100000) would stall for
+/// minutes starting them. 1,024 is more cores than any one host has.
+pub const MAX_WORKERS: usize = 1024;
+
 struct Loaded {
     tok: Tokenizer,
     env: minijinja::Environment<'static>,
@@ -244,6 +248,12 @@ impl Transform for SftTokenize {
     const OUTPUT: PortType = PortType::Records;
 
     fn new(cfg: SftConfig) -> Result<Self> {
+        if cfg.workers > MAX_WORKERS {
+            return Err(PluginError::config(format!(
+                "workers is {}; allowed: 0 (all cores) to {MAX_WORKERS}",
+                cfg.workers
+            )));
+        }
         if cfg.loss_mode != "assistant" && cfg.loss_mode != "all" {
             return Err(PluginError::config(format!(
                 "loss_mode '{}': expected assistant or all",

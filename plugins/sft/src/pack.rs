@@ -56,6 +56,13 @@ pub struct PackConfig {
     pub overwrite: bool,
 }
 
+/// The largest `pack_size` (and `max_seq_length`): 2^24 = 16,777,216 tokens per packed row.
+/// Above every context length models train with (1M-10M tokens), and it keeps the bounds of
+/// what one row costs: 9 bytes a token in the row being built (i64 id + i8 mask), 150 MiB at
+/// most, and `cu_seqlens`/`seq_start_id` far inside i32. Nothing is allocated from these
+/// numbers themselves: the length buckets are sized by the longest sequence actually seen.
+pub const MAX_PACK_SIZE: usize = 1 << 24;
+
 pub struct PackWriter {
     cfg: PackConfig,
     algo: Algorithm,
@@ -66,10 +73,12 @@ pub struct PackWriter {
     /// (byte offset in the spill file, token count) per sequence, in input order.
     seqs: Vec<(u64, u32)>,
     committed: bool,
+    /// The output's lock, from `open` until the commit is done.
+    claim: Option<bridgeflow_sdk::fsutil::OutputClaim>,
 }
 
 fn tmp(p: &std::path::Path, what: &str) -> PathBuf {
-    bridgeflow_sdk::fsutil::hidden_sibling(p, &format!("{what}.partial"))
+    bridgeflow_sdk::fsutil::hidden_sibling(p, &format!("{what}_partial"))
 }
 
 impl PackWriter {
@@ -249,10 +258,25 @@ impl Sink for PackWriter {
                 cfg.algorithm
             ))
         })?;
-        if cfg.pack_size == 0 || cfg.pad_seq_to_mult == 0 {
-            return Err(PluginError::config(
-                "pack_size and pad_seq_to_mult must be positive",
-            ));
+        if cfg.pack_size == 0 || cfg.pack_size > MAX_PACK_SIZE {
+            return Err(PluginError::config(format!(
+                "pack_size is {}; allowed: 1 to {MAX_PACK_SIZE} tokens",
+                cfg.pack_size
+            )));
+        }
+        if let Some(m) = cfg.max_seq_length.filter(|&m| m > MAX_PACK_SIZE) {
+            return Err(PluginError::config(format!(
+                "max_seq_length is {m}; allowed: 0 to {MAX_PACK_SIZE} tokens"
+            )));
+        }
+        let max_len = cfg.max_seq_length.unwrap_or(cfg.pack_size);
+        // Padding to a multiple larger than the longest sequence kept would cut every sequence
+        // to one token.
+        if cfg.pad_seq_to_mult == 0 || (cfg.pad_seq_to_mult > 1 && cfg.pad_seq_to_mult > max_len) {
+            return Err(PluginError::config(format!(
+                "pad_seq_to_mult is {}; allowed: 1 to max_seq_length ({max_len})",
+                cfg.pad_seq_to_mult
+            )));
         }
         let spill_path = tmp(&cfg.output, "sequences");
         Ok(PackWriter {
@@ -264,10 +288,15 @@ impl Sink for PackWriter {
             spill_len: 0,
             seqs: Vec::new(),
             committed: false,
+            claim: None,
         })
     }
 
     fn open(&mut self, inputs: &[StreamPlan]) -> Result<()> {
+        // One writer per output; the existence check is made under its lock.
+        self.claim = Some(bridgeflow_sdk::fsutil::OutputClaim::claim(
+            &self.cfg.output,
+        )?);
         bridgeflow_sdk::fsutil::refuse_existing(&self.cfg.output, self.cfg.overwrite)?;
         let attrs = inputs.first().map(|p| p.attrs()).unwrap_or_default();
         self.pad_id = match self.cfg.pad_id {
@@ -353,7 +382,16 @@ impl Sink for PackWriter {
         };
         let pack = self.cfg.pack_size;
         let max_len = self.max_len();
-        let mut buckets: Vec<Vec<usize>> = vec![Vec::new(); max_len + 1];
+        // One bucket per length up to the longest kept: sized by the data, not by max_len (a
+        // config number). Lengths are 0..=max_len either way, so the packing is the same.
+        let longest_kept = self
+            .seqs
+            .iter()
+            .map(|&(_, n)| (n as usize).saturating_sub(1))
+            .filter(|&l| l <= max_len)
+            .max()
+            .unwrap_or(0);
+        let mut buckets: Vec<Vec<usize>> = vec![Vec::new(); longest_kept + 1];
         let mut skipped = 0usize;
         for (i, &(_, n)) in self.seqs.iter().enumerate() {
             let seq_len = (n as usize).saturating_sub(1);
@@ -372,7 +410,7 @@ impl Sink for PackWriter {
         let mut rng = LegacyRandom::seed(self.cfg.seed);
         let bins = assign(&histogram, pack, self.algo, &mut rng);
         let meta = metadata(&bins, pack);
-        let mut queues: Vec<Vec<usize>> = vec![Vec::new(); max_len + 1];
+        let mut queues: Vec<Vec<usize>> = vec![Vec::new(); buckets.len()];
         for (len, bucket) in buckets.iter().enumerate() {
             if !bucket.is_empty() {
                 queues[len] = rng
@@ -409,8 +447,8 @@ impl Sink for PackWriter {
         let n_rows = self.write_parquet(rows, &out_tmp).inspect_err(|_| {
             let _ = std::fs::remove_file(&out_tmp);
         })?;
-        std::fs::rename(&out_tmp, &self.cfg.output)
-            .map_err(|e| PluginError::io(&self.cfg.output, "cannot commit", e))?;
+        let claim = self.claim.as_mut().expect("claimed in open");
+        claim.commit(&out_tmp, self.cfg.overwrite)?;
         let meta_path = self.append_metadata(&meta)?;
         self.committed = true;
         let _ = std::fs::remove_file(&self.spill_path);
@@ -431,6 +469,7 @@ impl Sink for PackWriter {
             let _ = std::fs::remove_file(&self.spill_path);
             let _ = std::fs::remove_file(tmp(&self.cfg.output, "parquet"));
         }
+        self.claim = None;
     }
 }
 

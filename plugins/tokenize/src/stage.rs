@@ -45,6 +45,10 @@ fn yes() -> bool {
     true
 }
 
+/// The most encoding threads: one OS thread each, so a mistyped count (100000) would stall for
+/// minutes starting them. 1,024 is more cores than any one host has.
+pub const MAX_WORKERS: usize = 1024;
+
 /// One document's (ids, sentence lengths), or why the tokenizer refused it.
 type Encoded = std::result::Result<(Vec<u32>, Vec<i32>), String>;
 
@@ -171,6 +175,12 @@ impl Transform for Tokenize {
     fn new(cfg: TokenizeConfig) -> Result<Self> {
         if cfg.json_keys.is_empty() {
             return Err(PluginError::config("json_keys is empty"));
+        }
+        if cfg.workers > MAX_WORKERS {
+            return Err(PluginError::config(format!(
+                "workers (--workers) is {}; allowed: 0 (all cores) to {MAX_WORKERS}",
+                cfg.workers
+            )));
         }
         Ok(Tokenize {
             cfg,

@@ -354,6 +354,15 @@ pub fn is_tensor(v: &Value) -> bool {
 
 /// Where the elements of the tensor `v` (unpickled from the archive `item`'s data.pkl) are in
 /// `item`, after the CRC check of its storage record.
+/// A pickled integer that must be ≥ 0 (a size, offset or stride from an untrusted file).
+fn nonneg(v: &Value, what: &str) -> std::result::Result<u64, String> {
+    match v.as_int() {
+        Some(n) if n >= 0 => Ok(n as u64),
+        Some(n) => Err(format!("{what} {n} is negative")),
+        None => Err(format!("{what} is not an integer")),
+    }
+}
+
 pub fn tensor_in(
     item: &[u8],
     entries: &[zip::Entry],
@@ -393,27 +402,23 @@ pub fn tensor_in(
             key.as_str()
                 .ok_or("storage key is not a string")?
                 .to_string(),
-            numel.as_int().ok_or("storage size is not an integer")? as u64,
+            nonneg(numel, "storage size")?,
         ),
         _ => return Err("unexpected storage id".into()),
     };
-    let offset = o.args[1]
-        .as_int()
-        .ok_or("storage offset is not an integer")? as u64;
-    let size: Vec<u64> = o.args[2]
-        .items()
-        .ok_or("size is not a tuple")?
-        .iter()
-        .map(|d| d.as_int().map(|x| x as u64))
-        .collect::<Option<_>>()
-        .ok_or("bad size")?;
-    let stride: Vec<u64> = o.args[3]
-        .items()
-        .ok_or("stride is not a tuple")?
-        .iter()
-        .map(|d| d.as_int().map(|x| x as u64))
-        .collect::<Option<_>>()
-        .ok_or("bad stride")?;
+    let offset = nonneg(&o.args[1], "storage offset")?;
+    let dims = |v: &Value, what: &str| -> std::result::Result<Vec<u64>, String> {
+        v.items()
+            .ok_or(format!("{what} is not a tuple"))?
+            .iter()
+            .map(|d| nonneg(d, what))
+            .collect()
+    };
+    let size = dims(&o.args[2], "size")?;
+    let stride = dims(&o.args[3], "stride")?;
+    if stride.len() != size.len() {
+        return Err(format!("size {size:?} with stride {stride:?}"));
+    }
     // Only contiguous row-major layouts (what torch_dist writes: every chunk is cloned).
     let mut want = 1u64;
     for (d, s) in size.iter().zip(&stride).rev() {
@@ -422,17 +427,23 @@ pub fn tensor_in(
                 "non-contiguous tensor (size {size:?}, stride {stride:?})"
             ));
         }
-        want *= d;
+        want = want.saturating_mul(*d);
     }
-    let numel_needed: u64 = size.iter().product();
-    if offset + numel_needed > numel {
+    let numel_needed = size
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| format!("size {size:?} overflows"))?;
+    if offset
+        .checked_add(numel_needed)
+        .is_none_or(|end| end > numel)
+    {
         return Err(format!(
             "tensor of {numel_needed} elements at offset {offset} overruns its storage of {numel}"
         ));
     }
     let storage = zip::find_with(item, entries, &format!("data/{key}"), read)?;
     let es = dtype.size() as u64;
-    if storage.len() as u64 != numel * es {
+    if numel.checked_mul(es) != Some(storage.len() as u64) {
         return Err(format!(
             "storage record has {} bytes, {numel} × {es} expected",
             storage.len()

@@ -10,7 +10,8 @@
 //! read in place, every global tensor reassembled from its shards (TP), its stage (PP) placing
 //! its layers.
 
-use crate::checkpoint::{is_tensor, tensor_in};
+use crate::checkpoint::is_tensor;
+use crate::dtypes;
 use crate::emit::{tensor_value, Archive, Pickler};
 use crate::pickle::{self, Value};
 use bridgeflow_sdk::parallel::{pp_layers, tp_local_shape, tp_runs, tp_split, TpSplit};
@@ -18,7 +19,6 @@ use bridgeflow_sdk::{
     schemars, serde, Buffer, BufferPool, DType, Emitter, Item, MapView, PluginError, Result, Sink,
     Source, StreamPlan, Tensor, TensorInfo,
 };
-use memmap2::Mmap;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -195,6 +195,8 @@ struct RankFile {
 pub struct LegacyWriter {
     cfg: LegacyWriterConfig,
     staging: Option<PathBuf>,
+    /// The output's lock, from `open` until the commit is done.
+    claim: Option<bridgeflow_sdk::fsutil::OutputClaim>,
     ranks: Vec<RankFile>,
     /// Global tensor name → (rank, local index) it feeds.
     uses: HashMap<String, Vec<(usize, usize)>>,
@@ -392,6 +394,12 @@ impl LegacyWriter {
             .max()
             .unwrap_or(0);
         let (pp, vpp) = (self.cfg.pp.max(1), self.cfg.vpp.max(1));
+        if layers > 0 && pp * vpp > layers {
+            return Err(PluginError::config(format!(
+                "pp = {pp}, vpp = {vpp}: {} pipeline chunks for {layers} layers",
+                pp * vpp
+            )));
+        }
         if vpp > 1
             && (self.cfg.num_layers_in_first_pipeline_stage.is_some()
                 || self.cfg.num_layers_in_last_pipeline_stage.is_some())
@@ -419,7 +427,10 @@ impl LegacyWriter {
             .map_or(0, |t| t.shape[0]);
         let tied = !tensors.iter().any(|t| t.name() == "output_layer.weight");
         let last = (pp * vpp - 1) as usize;
-        let staging = bridgeflow_sdk::fsutil::hidden_sibling(&self.cfg.path, "partial");
+        let staging = match self.claim.as_mut() {
+            Some(c) => c.staging("partial"),
+            None => bridgeflow_sdk::fsutil::hidden_sibling(&self.cfg.path, "partial"),
+        };
         let iter_dir = staging.join(format!("iter_{:07}", self.cfg.iteration));
         self.staging = Some(staging.clone());
         for s in 0..pp {
@@ -604,9 +615,25 @@ impl Sink for LegacyWriter {
                 cfg.spec
             )));
         }
+        // Each degree in range before anything is sized or looped over from it.
+        use bridgeflow_sdk::parallel::{check_degree, check_product};
+        for (option, v) in [
+            ("tp", cfg.tp),
+            ("pp", cfg.pp),
+            ("ep", cfg.ep),
+            ("vpp", cfg.vpp),
+        ] {
+            check_degree(option, v)?;
+        }
+        if let Some(etp) = cfg.etp {
+            check_degree("etp", etp)?;
+        }
+        check_product("tp × pp × ep", &[cfg.tp, cfg.pp, cfg.ep])?;
+        check_product("pp × vpp", &[cfg.pp, cfg.vpp])?;
         Ok(LegacyWriter {
             cfg,
             staging: None,
+            claim: None,
             ranks: Vec::new(),
             uses: HashMap::new(),
             remaining: HashMap::new(),
@@ -615,6 +642,8 @@ impl Sink for LegacyWriter {
     }
 
     fn open(&mut self, inputs: &[StreamPlan]) -> Result<()> {
+        // One writer per output; the existence check is made under its lock.
+        self.claim = Some(bridgeflow_sdk::fsutil::OutputClaim::claim(&self.cfg.path)?);
         bridgeflow_sdk::fsutil::refuse_existing(&self.cfg.path, self.cfg.overwrite)?;
         let plan = inputs.first().cloned().unwrap_or_default();
         let r = self.lay_out(&plan);
@@ -765,9 +794,11 @@ impl Sink for LegacyWriter {
         let n = self.ranks.len();
         let tensors: usize = self.ranks.iter().map(|r| r.locals.len()).sum();
         self.ranks.clear();
-        bridgeflow_sdk::fsutil::commit(&staging, &self.cfg.path)?;
+        let claim = self.claim.as_mut().expect("claimed in open");
+        claim.commit(&staging, self.cfg.overwrite)?;
         self.staging = None;
         self.committed = true;
+        self.claim = None;
         Ok(format!(
             "wrote {n} rank files (TP {} x PP {}), {tensors} local tensors, to {}",
             self.cfg.tp,
@@ -783,6 +814,7 @@ impl Sink for LegacyWriter {
                 let _ = std::fs::remove_dir_all(s);
             }
         }
+        self.claim = None;
     }
 }
 
@@ -850,9 +882,193 @@ fn block_of(shape: &[u64], start: u64, len: u64) -> Option<(Vec<u64>, Vec<u64>)>
 /// One rank's archive, mapped, with its state dicts' tensors by (model chunk, local key).
 struct RankData {
     path: PathBuf,
-    map: Arc<Mmap>,
+    map: Arc<bridgeflow_sdk::InputMap>,
     chunks: usize,
     tensors: BTreeMap<(usize, String), crate::checkpoint::ItemTensor>,
+    /// The run's arguments and the top-level `iteration`, compared across the rank files.
+    args: BTreeMap<String, serde_json::Value>,
+    iteration: serde_json::Value,
+}
+
+// Numbers a rank file states are untrusted: each is bounded before anything is sized or looped
+// over from it (a parallel degree of 2^32 once asked for 32 GiB).
+/// The largest parallel degree (TP, PP, EP, virtual chunks) accepted.
+const MAX_DEGREE: u64 = 1 << 16;
+/// The most layers / experts a model may state.
+const MAX_LAYERS: u64 = 1 << 20;
+const MAX_EXPERTS: u64 = 1 << 20;
+/// The most dimensions a tensor may have.
+const MAX_DIMS: usize = 64;
+
+/// The arguments that shape the model or its split, the same in every rank file of one
+/// checkpoint (a rank file from another run or another layout is named, not mixed in).
+const CHECKED_ARGS: &[&str] = &[
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size",
+    "expert_model_parallel_size",
+    "expert_tensor_parallel_size",
+    "num_layers",
+    "num_layers_in_first_pipeline_stage",
+    "num_layers_in_last_pipeline_stage",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "group_query_attention",
+    "kv_channels",
+    "padded_vocab_size",
+    "max_position_embeddings",
+    "swiglu",
+    "num_experts",
+    "moe_ffn_hidden_size",
+    "moe_router_topk",
+    "moe_grouped_gemm",
+    "multi_latent_attention",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_head_dim",
+    "qk_pos_emb_head_dim",
+    "v_head_dim",
+    "untie_embeddings_and_output_weights",
+    "transformer_impl",
+    "normalization",
+    "position_embedding_type",
+    "add_bias_linear",
+    "add_qkv_bias",
+    "qk_layernorm",
+    "bf16",
+    "fp16",
+];
+
+/// The non-negative integers of a pickled tuple (a size or stride), at most [`MAX_DIMS`].
+fn dims(v: &Value, what: &str) -> std::result::Result<Vec<u64>, String> {
+    let n = match v {
+        Value::Tuple(t) => t.len(),
+        Value::List(l) => l.borrow().len(),
+        _ => return Err(format!("its {what} is not a tuple")),
+    };
+    if n > MAX_DIMS {
+        return Err(format!("its {what} has {n} dimensions"));
+    }
+    v.items()
+        .unwrap_or_default()
+        .iter()
+        .map(|d| match d.as_int() {
+            Some(x) if x >= 0 => Ok(x as u64),
+            Some(x) => Err(format!("its {what} holds {x}, a negative number")),
+            None => Err(format!("its {what} holds a value that is not an integer")),
+        })
+        .collect()
+}
+
+/// Where the elements of the tensor `v` (`_rebuild_tensor_v2(storage, offset, size, stride,
+/// ...)`, maybe in `_rebuild_parameter`) lie in the archive `item`, every number of its view
+/// checked: offset, sizes and strides non-negative, the layout contiguous row-major, not empty,
+/// and its elements [offset, offset + numel) inside its storage record, whose length must be
+/// the storage's element count times the dtype size (all in checked arithmetic). Each storage
+/// record is CRC-checked once (`verified`), however many tensors view it.
+fn tensor_view(
+    item: &[u8],
+    entries: &[crate::zip::Entry],
+    v: &Value,
+    verified: &mut HashMap<String, std::ops::Range<usize>>,
+) -> std::result::Result<crate::checkpoint::ItemTensor, String> {
+    let mut t = v.clone();
+    if let Value::Object(o) = v {
+        let o = o.borrow();
+        if o.name == "_rebuild_parameter" {
+            t = o
+                .args
+                .first()
+                .cloned()
+                .ok_or("a parameter without its tensor")?;
+        }
+    }
+    let Value::Object(o) = &t else {
+        return Err("not a tensor".into());
+    };
+    let o = o.borrow();
+    if o.name != "_rebuild_tensor_v2" || o.args.len() < 4 {
+        return Err(format!("{}.{}, not a tensor", o.module, o.name));
+    }
+    let Value::Persistent(pid) = &o.args[0] else {
+        return Err("a tensor without storage".into());
+    };
+    let Value::Tuple(pid) = &**pid else {
+        return Err("a storage id that is not a tuple".into());
+    };
+    let [_, Value::Global(_, cls), key, _, numel] = &pid[..] else {
+        return Err("an unexpected storage id".into());
+    };
+    let dtype = dtypes::from_storage(cls).ok_or_else(|| format!("unknown storage {cls}"))?;
+    let key = key.as_str().ok_or("its storage key is not a string")?;
+    let numel = match numel.as_int() {
+        Some(n) if n >= 0 => n as u64,
+        _ => return Err("its storage size is not a non-negative integer".into()),
+    };
+    let offset = match o.args[1].as_int() {
+        Some(n) if n >= 0 => n as u64,
+        Some(n) => return Err(format!("storage offset {n} is negative")),
+        None => return Err("its storage offset is not an integer".into()),
+    };
+    let size = dims(&o.args[2], "size")?;
+    let stride = dims(&o.args[3], "stride")?;
+    if stride.len() != size.len() {
+        return Err(format!("size {size:?} with stride {stride:?}"));
+    }
+    let n = size
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| format!("size {size:?} overflows"))?;
+    if n == 0 {
+        return Err(format!(
+            "empty (size {size:?}): no weights where the model needs them"
+        ));
+    }
+    // Contiguous row-major only (Megatron-LM saves parameters as they are: contiguous).
+    let mut want = 1u64;
+    for (d, s) in size.iter().zip(&stride).rev() {
+        if *d > 1 && *s != want {
+            return Err(format!(
+                "non-contiguous (size {size:?}, stride {stride:?}): not read"
+            ));
+        }
+        want *= d; // ≤ n: no overflow
+    }
+    if !matches!(offset.checked_add(n), Some(end) if end <= numel) {
+        return Err(format!(
+            "its elements [{offset}, {offset} + {n}) lie outside its storage of {numel} elements"
+        ));
+    }
+    let es = dtype.size() as u64;
+    let record = match verified.get(key) {
+        Some(r) => r.clone(),
+        None => {
+            let data = crate::zip::find(item, entries, &format!("data/{key}"))?;
+            let start = data.as_ptr() as usize - item.as_ptr() as usize;
+            let r = start..start + data.len();
+            verified.insert(key.to_string(), r.clone());
+            r
+        }
+    };
+    if numel.checked_mul(es) != Some(record.len() as u64) {
+        return Err(format!(
+            "storage record data/{key} has {} bytes, {numel} elements × {es} expected",
+            record.len()
+        ));
+    }
+    // In bounds of the record by the checks above (offset + n ≤ numel, numel·es = its length).
+    let start = record.start + (offset * es) as usize;
+    let end = start + (n * es) as usize;
+    if end > record.end {
+        return Err(format!("its bytes run past storage record data/{key}"));
+    }
+    Ok(crate::checkpoint::ItemTensor {
+        data: start..end,
+        dtype,
+        size,
+    })
 }
 
 /// A global tensor and the local tensors it is made of: each (rank data index, (model chunk,
@@ -895,11 +1111,8 @@ impl LegacyReader {
     }
 
     fn read_rank(&mut self, path: PathBuf) -> Result<BTreeMap<String, serde_json::Value>> {
-        let f = File::open(&path).map_err(|e| PluginError::io(&path, "cannot open", e))?;
-        // SAFETY: read-only map of a checkpoint file.
-        let map = Arc::new(
-            unsafe { Mmap::map(&f) }.map_err(|e| PluginError::io(&path, "cannot map", e))?,
-        );
+        // Guarded: truncated or changed underneath, it is named (bridgeflow_sdk::inputs).
+        let map = Arc::new(bridgeflow_sdk::InputMap::open(&path)?);
         let bad = |e: String| PluginError::format(format!("{}: {e}", path.display()));
         let entries = crate::zip::entries(&map).map_err(bad)?;
         let pkl = crate::zip::find(&map, &entries, "data.pkl").map_err(bad)?;
@@ -907,11 +1120,14 @@ impl LegacyReader {
         let top = root
             .dict_entries()
             .ok_or_else(|| bad("the pickle is not a dict".into()))?;
-        let get = |k: &str| {
-            top.iter()
-                .find(|(key, _)| key.as_str() == Some(k))
-                .map(|(_, v)| v.clone())
-        };
+        // By key (a dict's keys are unique; the first kept): one look-up per `model<v>`.
+        let mut by_key: HashMap<&str, &Value> = HashMap::new();
+        for (k, v) in &top {
+            if let Some(k) = k.as_str() {
+                by_key.entry(k).or_insert(v);
+            }
+        }
+        let get = |k: &str| by_key.get(k).map(|v| (*v).clone());
         match get("checkpoint_version") {
             Some(Value::Float(3.0)) => {}
             Some(v) => {
@@ -934,11 +1150,16 @@ impl LegacyReader {
         // `model`, or one `model<v>` per virtual pipeline chunk.
         let models: Vec<Vec<(Value, Value)>> = match get("model") {
             Some(m) => vec![pairs(m).ok_or_else(|| bad("'model' is not a state dict".into()))?],
-            None => (0..)
+            None => (0..MAX_DEGREE + 1)
                 .map_while(|v| get(&format!("model{v}")))
                 .map(|m| pairs(m).ok_or_else(|| bad("a model chunk is not a state dict".into())))
                 .collect::<Result<_>>()?,
         };
+        if models.len() as u64 > MAX_DEGREE {
+            return Err(bad(format!(
+                "more than {MAX_DEGREE} model chunks (model0, model1, ...)"
+            )));
+        }
         if models.is_empty() {
             return Err(bad("no 'model' state dict".into()));
         }
@@ -954,22 +1175,33 @@ impl LegacyReader {
         }
         let mut tensors = BTreeMap::new();
         let chunks = models.len();
+        let mut verified = HashMap::new();
         for (c, model) in models.into_iter().enumerate() {
             for (k, v) in model {
                 let Some(key) = k.as_str() else { continue };
                 if key.contains("_extra_state") || !is_tensor(&v) {
                     continue;
                 }
-                let t = tensor_in(&map, &entries, &v, &mut |_| {})
+                let t = tensor_view(&map, &entries, &v, &mut verified)
                     .map_err(|e| bad(format!("tensor '{key}': {e}")))?;
-                tensors.insert((c, key.to_string()), t);
+                // Its CRC check read every page of its record: back to the page cache, so
+                // that reading a rank file never holds more than one record.
+                map.release_pages(t.data.clone(), true);
+                if tensors.insert((c, key.to_string()), t).is_some() {
+                    return Err(bad(format!(
+                        "tensor '{key}' appears twice in one state dict"
+                    )));
+                }
             }
         }
+        let iteration = get("iteration").map_or(serde_json::Value::Null, |v| scalar(&v));
         self.ranks.push(RankData {
             path,
             map,
             chunks,
             tensors,
+            args: args.clone(),
+            iteration,
         });
         Ok(args)
     }
@@ -977,6 +1209,240 @@ impl LegacyReader {
 
 /// A stored block of a global tensor: its first element, offsets and shape.
 type Block = (u64, Vec<u64>, Vec<u64>);
+
+/// Rank files by grid place (TP rank, stage, EP rank) → index in `ranks`.
+type Grid = BTreeMap<(u64, u64, u64), usize>;
+/// A local tensor of a rank file: (model chunk, local key).
+type LocalKey = (usize, String);
+/// Per (stage, EP rank), per TP rank: the rank file's TP-split tensors.
+type Sharded = BTreeMap<(u64, u64), BTreeMap<u64, Vec<LocalKey>>>;
+
+impl LegacyReader {
+    /// Whether rank files `a` and `b` hold `keys` (of `a`) byte for byte alike.
+    fn identical(&self, a: usize, b: usize, keys: &[(usize, String)]) -> bool {
+        let (ra, rb) = (&self.ranks[a], &self.ranks[b]);
+        !keys.is_empty()
+            && keys
+                .iter()
+                .all(|k| match (ra.tensors.get(k), rb.tensors.get(k)) {
+                    (Some(x), Some(y)) => {
+                        let same = x.dtype == y.dtype
+                            && x.size == y.size
+                            && ra.map[x.data.clone()] == rb.map[y.data.clone()];
+                        // Compared: their pages back to the page cache (bounded memory).
+                        ra.map.release_pages(x.data.clone(), true);
+                        rb.map.release_pages(y.data.clone(), true);
+                        same
+                    }
+                    _ => false,
+                })
+    }
+
+    /// A cheap digest of `keys` in rank file `i` (their names and first bytes): rank files
+    /// that are copies of each other digest alike; others almost never do, so only those
+    /// alike are compared byte for byte.
+    fn digest(&self, i: usize, keys: &[(usize, String)]) -> u32 {
+        let r = &self.ranks[i];
+        let mut h = crc32fast::Hasher::new();
+        for k in keys {
+            h.update(k.1.as_bytes());
+            if let Some(t) = r.tensors.get(k) {
+                let d = &r.map[t.data.clone()];
+                h.update(&d[..d.len().min(64)]);
+            }
+        }
+        h.finalize()
+    }
+
+    /// The first pair of rank files among `files` (grid coordinate, index) with the same
+    /// `keys_of` that hold them identically.
+    fn duplicates<'a>(
+        &self,
+        files: &[(u64, usize)],
+        keys_of: &dyn Fn(u64) -> &'a [(usize, String)],
+        pair_ok: &dyn Fn(u64, u64) -> bool,
+    ) -> Option<(usize, usize, &'a [LocalKey])> {
+        let mut by_digest: HashMap<u32, Vec<(u64, usize)>> = HashMap::new();
+        for &(c, i) in files {
+            by_digest
+                .entry(self.digest(i, keys_of(c)))
+                .or_default()
+                .push((c, i));
+        }
+        for group in by_digest.values().filter(|g| g.len() > 1) {
+            for (x, &(c1, i1)) in group.iter().enumerate() {
+                for &(c2, i2) in &group[x + 1..] {
+                    let keys = keys_of(c1);
+                    if pair_ok(c1, c2) && keys == keys_of(c2) && self.identical(i1, i2, keys) {
+                        return Some((i1, i2, keys));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// What the rank files must agree on, beyond their shapes:
+    /// - every model chunk holds each of its layers (none missing, none of another stage);
+    /// - the arguments that shape the model and its split, and the iteration, are the same in
+    ///   every file (the reader sizes everything from rank 0's);
+    /// - no two TP ranks hold byte-identical shards of every TP-split tensor, and the first or
+    ///   last stage is no byte copy of another stage.
+    ///
+    /// The last is how a rank file copied over another is caught: Megatron-LM's `args` carry
+    /// no TP or PP rank (and its global `rank` is the saver's: a converter saves every file
+    /// from one process), so the file cannot say where it belongs. Its shards can: distinct TP
+    /// ranks hold distinct slices of each split weight, and identical slices of *every* split
+    /// weight (embedding, QKV, projections, MLP) do not occur in a real model. The first and
+    /// last stages hold the embedding and the final norm / output layer, which no other stage
+    /// does. Middle stages and expert-parallel ranks are not compared: a depth-upscaled model
+    /// repeats layers and a sparse-upcycled MoE starts with identical experts, legitimately.
+    fn check_ranks(
+        &self,
+        index: &Grid,
+        chunks: &[(u64, u64)],
+        seen_layers: &BTreeMap<(usize, usize), std::collections::BTreeSet<u64>>,
+        sharded: &Sharded,
+        pp: u64,
+        vpp: u64,
+    ) -> Result<()> {
+        for (&(_, s, _), &i) in index {
+            for v in 0..vpp as usize {
+                let count = chunks[v * pp as usize + s as usize].1;
+                let seen = seen_layers.get(&(i, v));
+                if seen.map_or(0, |x| x.len() as u64) != count {
+                    let missing = (0..count)
+                        .find(|l| !seen.is_some_and(|x| x.contains(l)))
+                        .unwrap_or(0);
+                    return Err(PluginError::format(format!(
+                        "{}: model chunk {v} holds no tensor of its layer {missing} (it has {count} layers)",
+                        self.ranks[i].path.display()
+                    )));
+                }
+            }
+        }
+        let first = &self.ranks[index[&(0, 0, 0)]];
+        for &i in index.values() {
+            let r = &self.ranks[i];
+            let null = serde_json::Value::Null;
+            for k in CHECKED_ARGS {
+                let (a, b) = (
+                    first.args.get(*k).unwrap_or(&null),
+                    r.args.get(*k).unwrap_or(&null),
+                );
+                if a != b {
+                    return Err(PluginError::format(format!(
+                        "{}: args.{k} = {b}, but {} has {a}: rank files of different runs or layouts",
+                        r.path.display(),
+                        first.path.display()
+                    )));
+                }
+            }
+            if r.iteration != first.iteration {
+                return Err(PluginError::format(format!(
+                    "{}: iteration {}, but {} is iteration {}: rank files of different checkpoints",
+                    r.path.display(),
+                    r.iteration,
+                    first.path.display(),
+                    first.iteration
+                )));
+            }
+        }
+        for (&(s, k), by_rank) in sharded {
+            let files: Vec<(u64, usize)> =
+                by_rank.keys().map(|&r| (r, index[&(r, s, k)])).collect();
+            let keys_of = |r: u64| by_rank[&r].as_slice();
+            if let Some((a, b, keys)) = self.duplicates(&files, &keys_of, &|_, _| true) {
+                return Err(PluginError::format(format!(
+                    "rank files {} and {} hold identical shards of all {} tensor-parallel tensors (e.g. '{}'): one is a copy of the other, not a different TP rank's",
+                    self.ranks[a].path.display(),
+                    self.ranks[b].path.display(),
+                    keys.len(),
+                    keys[0].1
+                )));
+            }
+        }
+        if pp > 1 {
+            let all: BTreeMap<usize, Vec<(usize, String)>> = index
+                .values()
+                .map(|&i| (i, self.ranks[i].tensors.keys().cloned().collect()))
+                .collect();
+            let mut groups: BTreeMap<(u64, u64), Vec<(u64, usize)>> = BTreeMap::new();
+            for (&(r, s, k), &i) in index {
+                groups.entry((r, k)).or_default().push((s, i));
+            }
+            for ((r, k), files) in groups {
+                let keys_of = |s: u64| all[&index[&(r, s, k)]].as_slice();
+                let ends = |a: u64, b: u64| a == 0 || b == 0 || a == pp - 1 || b == pp - 1;
+                if let Some((a, b, keys)) = self.duplicates(&files, &keys_of, &ends) {
+                    return Err(PluginError::format(format!(
+                        "rank files {} and {} hold the same {} tensors byte for byte (e.g. '{}'), one of them the first or last pipeline stage: one is a copy of the other",
+                        self.ranks[a].path.display(),
+                        self.ranks[b].path.display(),
+                        keys.len(),
+                        keys[0].1
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The shards of `g` tile it exactly: each shard's runs as long as its bytes, and all runs
+    /// together covering [0, total) with no gap and no overlap.
+    fn check_tiling(&self, name: &str, g: &Global) -> Result<()> {
+        let total = g
+            .shape
+            .iter()
+            .try_fold(g.dtype.size() as u64, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| PluginError::shape(format!("'{name}' {:?}: size overflows", g.shape)))?;
+        let mut runs: Vec<(u64, u64, usize)> = Vec::new();
+        for (n, (i, key, rs)) in g.shards.iter().enumerate() {
+            let r = &self.ranks[*i];
+            let held = r.tensors[key].data.len() as u64;
+            let want = rs.iter().try_fold(0u64, |a, x| a.checked_add(x.1));
+            if want != Some(held) {
+                return Err(PluginError::shape(format!(
+                    "{}: '{}' holds {held} bytes, its place in '{name}' {want:?}",
+                    r.path.display(),
+                    key.1
+                )));
+            }
+            runs.extend(rs.iter().filter(|x| x.1 > 0).map(|&(o, l)| (o, l, n)));
+        }
+        runs.sort_unstable();
+        let shard = |n: usize| {
+            let (i, key, _) = &g.shards[n];
+            format!("{} ('{}')", self.ranks[*i].path.display(), key.1)
+        };
+        let (mut pos, mut prev) = (0u64, None);
+        for (off, len, n) in runs {
+            if off < pos {
+                return Err(PluginError::shape(format!(
+                    "'{name}': bytes [{off}, {pos}) are held by both {} and {}: overlapping shards",
+                    prev.map_or_else(String::new, shard),
+                    shard(n)
+                )));
+            }
+            if off > pos {
+                return Err(PluginError::shape(format!(
+                    "'{name}': bytes [{pos}, {off}) of its {total} are held by no rank file (before {})",
+                    shard(n)
+                )));
+            }
+            pos = off.checked_add(len).ok_or_else(|| {
+                PluginError::shape(format!("'{name}': a shard's place overflows"))
+            })?;
+            prev = Some(n);
+        }
+        if pos != total {
+            return Err(PluginError::shape(format!(
+                "'{name}': the ranks hold {pos} of its {total} bytes"
+            )));
+        }
+        Ok(())
+    }
+}
 
 impl LegacyReader {
     /// Each shard of `g` as a block of it (element start, offsets, shape), if every shard is
@@ -1050,45 +1516,98 @@ impl Source for LegacyReader {
                     dir.display()
                 ))
             })?;
-        self.args = self.read_rank(first)?;
+        self.args = self.read_rank(first.clone())?;
         let vpp = self.ranks.first().map_or(1, |r| r.chunks) as u64;
         self.ranks.clear();
-        let tp = self
-            .arg_u64("tensor_model_parallel_size")
-            .unwrap_or(1)
-            .max(1);
-        let pp = self
-            .arg_u64("pipeline_model_parallel_size")
-            .unwrap_or(1)
-            .max(1);
+        // Every number that sizes or loops is bounded first (named with the file it is from).
+        let first_shown = first.display().to_string();
+        let arg_err =
+            |k: &str, what: String| PluginError::format(format!("{first_shown}: args.{k} {what}"));
+        let degree = |k: &str, default: u64| -> Result<u64> {
+            match self.args.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(default),
+                Some(v) => v
+                    .as_u64()
+                    .filter(|d| (1..=MAX_DEGREE).contains(d))
+                    .ok_or_else(|| {
+                        arg_err(
+                            k,
+                            format!("= {v}: not a parallel degree in 1..={MAX_DEGREE}"),
+                        )
+                    }),
+            }
+        };
+        let tp = degree("tensor_model_parallel_size", 1)?;
+        let pp = degree("pipeline_model_parallel_size", 1)?;
+        let ep = degree("expert_model_parallel_size", 1)?;
+        let etp = degree("expert_tensor_parallel_size", tp)?;
+        // The model chunks a rank holds are what the interleaved schedule saved.
+        let stated_vpp = degree("virtual_pipeline_model_parallel_size", 1)?;
+        if stated_vpp != vpp {
+            return Err(arg_err(
+                "virtual_pipeline_model_parallel_size",
+                format!("= {stated_vpp}, but the file holds {vpp} model chunks"),
+            ));
+        }
         let layers = self.arg_u64("num_layers").ok_or_else(|| {
             PluginError::format(format!("{}: args has no num_layers", dir.display()))
         })?;
+        if !(1..=MAX_LAYERS).contains(&layers) {
+            return Err(arg_err(
+                "num_layers",
+                format!("= {layers}: not 1..={MAX_LAYERS}"),
+            ));
+        }
         let gated = self
             .args
             .get("swiglu")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
-        // One block of layers per (virtual) chunk, in model order: chunk v of stage p is the
-        // (v·pp + p)-th.
-        let chunks = pp_layers(
-            layers,
-            pp * vpp,
-            self.arg_u64("num_layers_in_first_pipeline_stage"),
-            self.arg_u64("num_layers_in_last_pipeline_stage"),
-        )?;
+        let experts = match self.args.get("num_experts") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .filter(|e| (1..=MAX_EXPERTS).contains(e) && e % ep == 0)
+                    .ok_or_else(|| {
+                        arg_err(
+                            "num_experts",
+                            format!("= {v}: not 1..={MAX_EXPERTS} experts over {ep} expert-parallel ranks"),
+                        )
+                    })?,
+            ),
+        };
+        // Experts are split over 1 or all TP ranks (a dense model's etp is unused).
+        if experts.is_some() && etp != 1 && etp != tp {
+            return Err(arg_err(
+                "expert_tensor_parallel_size",
+                format!("= {etp}: 1 or the TP size ({tp}) is read"),
+            ));
+        }
+        // The grid against the folders there: every rank of it must be present (named when
+        // one is missing, below), and none beyond it (a rank 0 whose args were altered, or
+        // files of another layout mixed in).
+        let grid = tp
+            .checked_mul(pp)
+            .and_then(|n| n.checked_mul(ep))
+            .ok_or_else(|| arg_err("tensor_model_parallel_size", "x PP x EP overflows".into()))?;
+        let present = std::fs::read_dir(&dir)
+            .map_err(|e| PluginError::io(&dir, "cannot list", e))?
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name().to_string_lossy().starts_with("mp_rank_")
+                    && e.path().join(FILE).is_file()
+            })
+            .count() as u64;
+        if present > grid {
+            return Err(PluginError::format(format!(
+                "{}: {present} rank folders, but {first_shown} says TP {tp} x PP {pp} x EP {ep} = {grid}",
+                dir.display()
+            )));
+        }
         self.ranks.clear();
         self.tp = tp;
-        let ep = self
-            .arg_u64("expert_model_parallel_size")
-            .unwrap_or(1)
-            .max(1);
-        let etp = self
-            .arg_u64("expert_tensor_parallel_size")
-            .unwrap_or(tp)
-            .max(1);
-        let experts = self.arg_u64("num_experts");
-        // Every rank of the grid, each read once; a missing one is named.
+        // Every rank of the grid, each read once; a missing one is named (the loop ends at the
+        // first missing file, so it never runs past the files there).
         let mut index = BTreeMap::new();
         for s in 0..pp {
             for k in 0..ep {
@@ -1112,18 +1631,79 @@ impl Source for LegacyReader {
                 }
             }
         }
+        // One block of layers per (virtual) chunk, in model order: chunk v of stage p is the
+        // (v·pp + p)-th (pp · vpp ≤ the files read × the chunks in one: no large allocation).
+        let chunks = pp_layers(
+            layers,
+            pp * vpp,
+            self.arg_u64("num_layers_in_first_pipeline_stage"),
+            self.arg_u64("num_layers_in_last_pipeline_stage"),
+        )?;
+        let last_chunk = chunks.len() - 1;
+        // Per rank file: the local layers each chunk holds (all of 0..count must be there).
+        let mut seen_layers: BTreeMap<(usize, usize), std::collections::BTreeSet<u64>> =
+            BTreeMap::new();
+        // Per (stage, EP rank), per TP rank: its TP-split tensors, for the duplicate check.
+        let mut sharded: Sharded = BTreeMap::new();
         // Global names: stage layers renumbered, local-spec norms renamed to the TE names,
         // local experts numbered globally; each global tensor from its shards' byte runs.
         let mut globals: BTreeMap<String, Global> = BTreeMap::new();
         for ((r, s, k), &i) in &index {
             let (r, s, k) = (*r, *s, *k);
             let keys: Vec<(usize, String)> = self.ranks[i].tensors.keys().cloned().collect();
+            let keyset: std::collections::HashSet<&(usize, String)> = keys.iter().collect();
             let has = |v: usize, l: u64, p: &str| {
-                keys.iter()
-                    .any(|(c, key)| *c == v && key == &format!("decoder.layers.{l}.{p}"))
+                keyset.contains(&(v, format!("decoder.layers.{l}.{p}")))
+            };
+            let path = self.ranks[i].path.display().to_string();
+            let bad = |what: String| PluginError::format(format!("{path}: {what}"));
+            let too_big = |key: &str| bad(format!("'{key}': its global size overflows"));
+            // The same file of TP rank 0 in this stage and EP rank: where a replicated tensor
+            // of another TP rank must match in dtype and shape.
+            let i0 = index[&(0, s, k)];
+            let same_as_rank0 = |v: usize, key: &str| -> Result<()> {
+                let t = &self.ranks[i].tensors[&(v, key.to_string())];
+                match self.ranks[i0].tensors.get(&(v, key.to_string())) {
+                    Some(t0) if t0.dtype == t.dtype && t0.size == t.size => Ok(()),
+                    Some(t0) => Err(PluginError::shape(format!(
+                        "{path}: '{key}' is {} {:?}; TP rank 0 ({}) holds it as {} {:?}: inconsistent shapes across ranks",
+                        t.dtype,
+                        t.size,
+                        self.ranks[i0].path.display(),
+                        t0.dtype,
+                        t0.size
+                    ))),
+                    None => Err(bad(format!(
+                        "'{key}', which TP rank 0 ({}) does not hold",
+                        self.ranks[i0].path.display()
+                    ))),
+                }
             };
             for (v, key) in keys.clone() {
-                let first_layer = chunks[v * pp as usize + s as usize].0;
+                let c = v * pp as usize + s as usize;
+                let (first_layer, count) = chunks[c];
+                // A layer this chunk does not have would land on another stage's layer.
+                let layer = split_layer(&key).map(|(l, _)| l);
+                if let Some(l) = layer {
+                    if l >= count {
+                        return Err(bad(format!(
+                            "'{key}': layer {l}, but model chunk {v} of stage {s} holds {count} layers"
+                        )));
+                    }
+                    seen_layers.entry((i, v)).or_default().insert(l);
+                } else if pp * vpp > 1 {
+                    // The embedding lives on the first chunk (a tied copy on the last), the
+                    // final norm and output layer on the last: elsewhere a stage is misplaced.
+                    let pre = key.starts_with("embedding.");
+                    let post = key.starts_with("output_layer.")
+                        || key.starts_with("decoder.final_layernorm.");
+                    if (pre && c != 0 && c != last_chunk) || (post && c != last_chunk) {
+                        return Err(bad(format!(
+                            "'{key}' in model chunk {v} of stage {s}, which is not the model's {} chunk: a rank file of another stage",
+                            if pre { "first" } else { "last" }
+                        )));
+                    }
+                }
                 let t = &self.ranks[i].tensors[&(v, key.clone())];
                 let es = t.dtype.size() as u64;
                 // A local expert: `…mlp.experts.linear_fcN.weight{i}` (TE grouped GEMM) or
@@ -1133,9 +1713,17 @@ impl Source for LegacyReader {
                     let (l, param) = split_layer(&module).ok_or_else(|| {
                         PluginError::format(format!("'{key}': an expert outside the decoder"))
                     })?;
+                    if l >= count {
+                        return Err(bad(format!(
+                            "'{key}': layer {l}, but model chunk {v} of stage {s} holds {count} layers"
+                        )));
+                    }
+                    seen_layers.entry((i, v)).or_default().insert(l);
                     let param = param.replacen("mlp.experts.", "mlp.experts.experts.", 1);
                     let name = format!("decoder.layers.{}.{param}.weight", l + first_layer);
+                    let split = tp_split(&name, gated);
                     if etp == 1 && r > 0 {
+                        same_as_rank0(v, &key)?;
                         continue; // the same experts on every TP rank
                     }
                     let e = experts.ok_or_else(|| {
@@ -1144,19 +1732,41 @@ impl Source for LegacyReader {
                         ))
                     })?;
                     let per = e / ep;
-                    let split = tp_split(&name, gated);
-                    let mut one = t.size.clone();
-                    match split {
-                        TpSplit::Axis(a) => one[a] *= etp,
-                        TpSplit::GatedRows => one[0] *= etp,
-                        TpSplit::Replicated => {}
+                    if local >= per {
+                        return Err(bad(format!(
+                            "'{key}': local expert {local}, but each of {ep} expert-parallel ranks holds {per} of {e}"
+                        )));
                     }
-                    let bytes = one.iter().product::<u64>() * es;
+                    if split != TpSplit::Replicated && etp > 1 {
+                        sharded
+                            .entry((s, k))
+                            .or_default()
+                            .entry(r)
+                            .or_default()
+                            .push((v, key.clone()));
+                    }
+                    let mut one = t.size.clone();
+                    let a = match split {
+                        TpSplit::Axis(a) => Some(a),
+                        TpSplit::GatedRows => Some(0),
+                        TpSplit::Replicated => None,
+                    };
+                    if let Some(a) = a {
+                        let d = one.get_mut(a).ok_or_else(|| {
+                            bad(format!("'{key}' is {:?}: no axis {a} to split", t.size))
+                        })?;
+                        *d = d.checked_mul(etp).ok_or_else(|| too_big(&key))?;
+                    }
+                    let bytes = one
+                        .iter()
+                        .try_fold(es, |a, &d| a.checked_mul(d))
+                        .ok_or_else(|| too_big(&key))?;
                     let g = k * per + local;
+                    let base = g.checked_mul(bytes).ok_or_else(|| too_big(&key))?;
                     let runs: Vec<(u64, u64)> =
                         tp_runs(&one, es, split, etp, if etp == 1 { 0 } else { r })?
                             .into_iter()
-                            .map(|(o, n)| (g * bytes + o, n))
+                            .map(|(o, n)| (base + o, n))
                             .collect();
                     let shape: Vec<u64> = std::iter::once(e).chain(one).collect();
                     (name, shape, runs)
@@ -1177,13 +1787,28 @@ impl Source for LegacyReader {
                     };
                     let split = tp_split(&name, gated);
                     if split == TpSplit::Replicated && r > 0 {
+                        same_as_rank0(v, &key)?;
                         continue;
                     }
+                    if split != TpSplit::Replicated && tp > 1 {
+                        sharded
+                            .entry((s, k))
+                            .or_default()
+                            .entry(r)
+                            .or_default()
+                            .push((v, key.clone()));
+                    }
                     let mut shape = t.size.clone();
-                    match split {
-                        TpSplit::Replicated => {}
-                        TpSplit::Axis(a) => shape[a] *= tp,
-                        TpSplit::GatedRows => shape[0] *= tp,
+                    let a = match split {
+                        TpSplit::Replicated => None,
+                        TpSplit::Axis(a) => Some(a),
+                        TpSplit::GatedRows => Some(0),
+                    };
+                    if let Some(a) = a {
+                        let d = shape.get_mut(a).ok_or_else(|| {
+                            bad(format!("'{key}' is {:?}: no axis {a} to split", t.size))
+                        })?;
+                        *d = d.checked_mul(tp).ok_or_else(|| too_big(&key))?;
                     }
                     let runs = tp_runs(&shape, es, split, tp, r)?;
                     (name, shape, runs)
@@ -1215,14 +1840,13 @@ impl Source for LegacyReader {
                 g.shards.push((i, (v, key), runs));
             }
         }
+        self.check_ranks(&index, &chunks, &seen_layers, &sharded, pp, vpp)?;
         for (name, g) in &globals {
-            let covered: u64 = g.shards.iter().flat_map(|s| &s.2).map(|r| r.1).sum();
-            let total = g.shape.iter().product::<u64>() * g.dtype.size() as u64;
-            if covered != total {
-                return Err(PluginError::format(format!(
-                    "'{name}': the ranks hold {covered} of its {total} bytes"
-                )));
-            }
+            self.check_tiling(name, g)?;
+        }
+        // The checks compared bytes across rank files: their pages go back too.
+        for r in &self.ranks {
+            r.map.release_pages(0..r.map.len(), true);
         }
         let mut infos = Vec::new();
         for (n, g) in &globals {
@@ -1252,6 +1876,7 @@ impl Source for LegacyReader {
                 // Each stored block as it lies in the map.
                 for ((start, offsets, shape), (i, key, _)) in blocks.into_iter().zip(&g.shards) {
                     let r = &self.ranks[*i];
+                    r.map.check()?;
                     let info = TensorInfo::new(format!("{name}#{start}"), g.dtype, &shape)
                         .with_shard(&g.shape, &offsets);
                     let data = Buffer::from_owner(MapView {
@@ -1268,6 +1893,7 @@ impl Source for LegacyReader {
                 // Stored whole in one place: a view of the map.
                 [(i, key, runs)] if runs.len() == 1 && runs[0] == (0, total) => {
                     let r = &self.ranks[*i];
+                    r.map.check()?;
                     Buffer::from_owner(MapView {
                         map: r.map.clone(),
                         range: r.tensors[key].data.clone(),
@@ -1277,6 +1903,7 @@ impl Source for LegacyReader {
                     let mut buf = self.pool.take(total as usize);
                     for (i, key, runs) in shards {
                         let r = &self.ranks[*i];
+                        r.map.check()?;
                         let src = &r.map[r.tensors[key].data.clone()];
                         let mut from = 0usize;
                         for &(off, len) in runs {
@@ -1285,6 +1912,13 @@ impl Source for LegacyReader {
                                 .copy_from_slice(&src[from..from + len]);
                             from += len;
                         }
+                        // Copied out: the rank file's pages go back to the page cache, so
+                        // resident memory follows the budget, not the checkpoint's size.
+                        bridgeflow_sdk::buffer::MappedBytes::release(
+                            &*r.map,
+                            r.tensors[key].data.clone(),
+                            false,
+                        );
                     }
                     buf.freeze()
                 }
@@ -1346,6 +1980,243 @@ mod tests {
         // Columns of a matrix: not.
         assert_eq!(contiguous_offset(&[8, 6], &[0, 3], &[8, 3]), None);
         assert_eq!(contiguous_offset(&[8, 6], &[2, 0], &[3, 6]), Some(12));
+    }
+
+    /// `_rebuild_tensor_v2(storage data/{key} of `numel` f32, offset, size, stride, ...)`.
+    fn rebuild(p: &mut Pickler, key: &str, numel: i64, offset: i64, size: &[i64], stride: &[i64]) {
+        p.global("torch._utils", "_rebuild_tensor_v2");
+        p.mark();
+        p.mark();
+        p.str("storage");
+        p.global("torch", "FloatStorage");
+        p.str(key);
+        p.str("cpu");
+        p.int(numel);
+        p.tuple(5);
+        p.op(b'Q');
+        p.int(offset);
+        for t in [size, stride] {
+            p.mark();
+            for &d in t {
+                p.int(d);
+            }
+            p.op(b't');
+        }
+        p.bool(false);
+        p.global("collections", "OrderedDict");
+        p.tuple(0);
+        p.op(b'R');
+        p.tuple(6);
+        p.op(b'R');
+    }
+
+    /// A torch.save archive of `pkl` with storage records `payloads` (`data/0`, ...), CRCs set.
+    fn archive(pkl: Vec<u8>, payloads: &[Vec<u8>]) -> Vec<u8> {
+        let lens: Vec<u64> = payloads.iter().map(|p| p.len() as u64).collect();
+        let mut a = Archive::with_payloads("archive", pkl, &lens, "t");
+        let mut out = vec![0u8; a.total as usize];
+        for (&o, d) in a.payload_offsets().iter().zip(payloads) {
+            out[o as usize..o as usize + d.len()].copy_from_slice(d);
+        }
+        let crcs: Vec<u32> = payloads.iter().map(|d| crc32fast::hash(d)).collect();
+        for (o, b) in a.frame_all(&crcs) {
+            out[o as usize..o as usize + b.len()].copy_from_slice(&b);
+        }
+        out
+    }
+
+    /// The view of one tensor over storage `data/0` of `record` bytes, or its error.
+    fn view(
+        numel: i64,
+        offset: i64,
+        size: &[i64],
+        stride: &[i64],
+        record: usize,
+    ) -> std::result::Result<crate::checkpoint::ItemTensor, String> {
+        let mut p = Pickler::new();
+        rebuild(&mut p, "0", numel, offset, size, stride);
+        let b = archive(p.finish(), &[(0..record).map(|i| i as u8).collect()]);
+        let entries = crate::zip::entries(&b)?;
+        let v = pickle::load(crate::zip::find(&b, &entries, "data.pkl")?, "t")?;
+        let t = tensor_view(&b, &entries, &v, &mut HashMap::new())?;
+        // The view lies inside its record.
+        let rec = &entries
+            .iter()
+            .find(|e| e.name.ends_with("data/0"))
+            .unwrap()
+            .data;
+        assert!(rec.start <= t.data.start && t.data.end <= rec.end);
+        Ok(t)
+    }
+
+    /// Every number of a tensor view is checked against its storage record: a view outside
+    /// it, negative numbers, an empty or non-contiguous tensor, sizes whose products overflow,
+    /// a record of the wrong length.
+    #[test]
+    fn tensor_views_must_lie_in_their_storage() {
+        let t = view(12, 4, &[2, 4], &[4, 1], 48).unwrap();
+        assert_eq!((t.data.len(), t.size.clone()), (32, vec![2, 4]));
+        // Size-1 axes may have any stride; a scalar is one element.
+        assert!(view(12, 0, &[1, 12], &[99, 1], 48).is_ok());
+        assert_eq!(view(12, 11, &[], &[], 48).unwrap().data.len(), 4);
+        let err = |numel, offset, size: &[i64], stride: &[i64], record| match view(
+            numel, offset, size, stride, record,
+        ) {
+            Ok(_) => panic!("{size:?} at {offset} read"),
+            Err(e) => e,
+        };
+        let m = i64::MAX;
+        for (e, want) in [
+            (
+                err(12, -1, &[2, 4], &[4, 1], 48),
+                "storage offset -1 is negative",
+            ),
+            (
+                err(12, 5, &[2, 4], &[4, 1], 48),
+                "lie outside its storage of 12",
+            ),
+            (err(12, m, &[2, 4], &[4, 1], 48), "lie outside"),
+            (err(12, 0, &[0], &[1], 48), "empty (size [0])"),
+            (err(12, 0, &[4, 0, 3], &[0, 3, 1], 48), "empty"),
+            (err(12, 0, &[-1, 4], &[4, 1], 48), "negative"),
+            (err(12, 0, &[2, 4], &[4, -1], 48), "negative"),
+            (err(12, 0, &[2, 4], &[1, 2], 48), "non-contiguous"),
+            (err(12, 0, &[2, 4], &[4], 48), "stride"),
+            (
+                err(12, 0, &[1 << 40, 1 << 40], &[1 << 40, 1], 48),
+                "overflows",
+            ),
+            (err(m, 0, &[2, 4], &[4, 1], 48), "expected"),
+            (err(-3, 0, &[2, 4], &[4, 1], 48), "storage size"),
+            (
+                err(12, 0, &[2, 4], &[4, 1], 44),
+                "has 44 bytes, 12 elements × 4 expected",
+            ),
+        ] {
+            assert!(e.contains(want), "{want}: {e}");
+        }
+    }
+
+    /// Rank file `dir/name` holding `tensors` (key, f32 values), one storage each.
+    fn rank_file(dir: &Path, name: &str, tensors: &[(&str, Vec<f32>)]) -> PathBuf {
+        let mut p = Pickler::new();
+        p.dict_begin();
+        p.str("checkpoint_version");
+        p.float(3.0);
+        p.str("model");
+        p.dict_begin();
+        for (i, (k, v)) in tensors.iter().enumerate() {
+            p.str(k);
+            rebuild(
+                &mut p,
+                &i.to_string(),
+                v.len() as i64,
+                0,
+                &[v.len() as i64],
+                &[1],
+            );
+        }
+        p.dict_end();
+        p.dict_end();
+        let payloads: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let path = dir.join(name);
+        std::fs::write(&path, archive(p.finish(), &payloads)).unwrap();
+        path
+    }
+
+    fn reader(dir: &Path) -> LegacyReader {
+        LegacyReader::new(LegacyReaderConfig {
+            path: dir.into(),
+            rank: None,
+            pieces: false,
+        })
+        .unwrap()
+    }
+
+    /// Shards must tile their global tensor: a gap, an overlap or a shard whose place is not
+    /// as long as its bytes is named with the files.
+    #[test]
+    fn shards_must_tile_their_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = reader(dir.path());
+        for n in ["a.pt", "b.pt"] {
+            r.read_rank(rank_file(dir.path(), n, &[("w", vec![1.0; 4])]))
+                .unwrap();
+        }
+        let g = |runs: [Vec<(u64, u64)>; 2]| Global {
+            dtype: DType::F32,
+            shape: vec![8],
+            shards: runs
+                .into_iter()
+                .enumerate()
+                .map(|(i, rs)| (i, (0, "w".to_string()), rs))
+                .collect(),
+        };
+        assert!(r
+            .check_tiling("w", &g([vec![(0, 16)], vec![(16, 16)]]))
+            .is_ok());
+        let e = r
+            .check_tiling("w", &g([vec![(0, 16)], vec![(8, 16)]]))
+            .unwrap_err();
+        assert!(
+            e.message.contains("bytes [8, 16) are held by both")
+                && e.message.contains("a.pt")
+                && e.message.contains("b.pt"),
+            "{e}"
+        );
+        let e = r
+            .check_tiling("w", &g([vec![(0, 16)], vec![(20, 12)]]))
+            .unwrap_err();
+        assert!(e.message.contains("holds 16 bytes"), "{e}");
+        let e = r
+            .check_tiling("w", &g([vec![(0, 8), (8, 8)], vec![(20, 8), (28, 8)]]))
+            .unwrap_err();
+        assert!(
+            e.message
+                .contains("bytes [16, 20) of its 32 are held by no rank file"),
+            "{e}"
+        );
+        let e = r
+            .check_tiling("w", &g([vec![(0, 16)], vec![(24, 16)]]))
+            .unwrap_err();
+        assert!(e.message.contains("held by no rank file"), "{e}");
+    }
+
+    /// A state dict holding one key twice (an OrderedDict's pairs as pickled): refused.
+    #[test]
+    fn a_key_twice_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = rank_file(
+            dir.path(),
+            "x.pt",
+            &[("w", vec![1.0; 4]), ("w", vec![2.0; 4])],
+        );
+        // A plain dict keeps the last value, as Python does.
+        let mut r = reader(dir.path());
+        r.read_rank(path.clone()).unwrap();
+        assert_eq!(r.ranks[0].tensors.len(), 1);
+        // The OrderedDict Megatron-LM saves keeps both pairs: named.
+        let mut p = Pickler::new();
+        p.dict_begin();
+        p.str("checkpoint_version");
+        p.float(3.0);
+        p.str("model");
+        p.global("collections", "OrderedDict");
+        p.tuple(0);
+        p.op(b'R');
+        p.mark();
+        for _ in 0..2 {
+            p.str("w");
+            rebuild(&mut p, "0", 4, 0, &[4], &[1]);
+        }
+        p.op(b'u');
+        p.dict_end();
+        std::fs::write(&path, archive(p.finish(), &[vec![0; 16]])).unwrap();
+        let e = reader(dir.path()).read_rank(path).unwrap_err();
+        assert!(e.message.contains("x.pt: tensor 'w' appears twice"), "{e}");
     }
 
     /// A rank file whose `checkpoint_version` is not Megatron-LM's 3.0 is refused by name.

@@ -7,6 +7,7 @@
 //! `Rc<RefCell<..>>`, so an item appended after memoization is seen through every reference.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 #[derive(Debug, Clone)]
@@ -17,7 +18,9 @@ pub enum Value {
     Float(f64),
     Str(String),
     Bytes(Vec<u8>),
-    Tuple(Vec<Value>),
+    /// Shared like the containers: a memoized tuple fetched again is the same tuple (a clone
+    /// is O(1), so `((t, t), (t, t))`-style pickles cannot blow up exponentially).
+    Tuple(Rc<Vec<Value>>),
     List(Rc<RefCell<Vec<Value>>>),
     Dict(Rc<RefCell<Vec<(Value, Value)>>>),
     /// A class or function named by GLOBAL/STACK_GLOBAL (module, name).
@@ -52,7 +55,7 @@ impl Value {
     }
     pub fn items(&self) -> Option<Vec<Value>> {
         match self {
-            Value::Tuple(v) => Some(v.clone()),
+            Value::Tuple(v) => Some(v.to_vec()),
             Value::List(l) => Some(l.borrow().clone()),
             _ => None,
         }
@@ -145,16 +148,163 @@ fn allowed(module: &str, name: &str) -> bool {
     torch || megatron
 }
 
+/// The deepest nesting of containers accepted. Real checkpoints nest about 10 deep; a hostile
+/// pickle nests one level per byte (`)` then TUPLE1 ...), and dropping or walking such a value
+/// recursively overflows the stack.
+const MAX_DEPTH: usize = 512;
+
 pub fn load(data: &[u8], what: &str) -> Result<Value, String> {
-    Unpickler {
+    let mut u = Unpickler {
         data,
         pos: 0,
         stack: Vec::new(),
         marks: Vec::new(),
-        memo: Vec::new(),
+        memo: HashMap::new(),
+        dead: Vec::new(),
+        keys: HashMap::new(),
+        copied: 0,
+    };
+    let result = u.run().and_then(|v| match check_depth(&v) {
+        Ok(()) => Ok(v),
+        Err(e) => {
+            dismantle(vec![v], true);
+            Err(e)
+        }
+    });
+    // What is left on the stack and in the memo is let go without recursion; on an error
+    // everything is (containers emptied, so cycles are freed too).
+    let mut rest = std::mem::take(&mut u.stack);
+    rest.append(&mut u.dead);
+    rest.extend(u.memo.drain().map(|(_, v)| v));
+    rest.extend(u.keys.drain().map(|(_, (d, _))| d));
+    dismantle(rest, result.is_err());
+    result.map_err(|e| format!("{what}: {e}"))
+}
+
+/// The node identity of a shared value, if it is one.
+fn node(v: &Value) -> Option<usize> {
+    match v {
+        Value::Tuple(t) => Some(Rc::as_ptr(t) as *const u8 as usize),
+        Value::List(l) => Some(Rc::as_ptr(l) as *const u8 as usize),
+        Value::Dict(d) => Some(Rc::as_ptr(d) as *const u8 as usize),
+        Value::Object(o) => Some(Rc::as_ptr(o) as *const u8 as usize),
+        _ => None,
     }
-    .run()
-    .map_err(|e| format!("{what}: {e}"))
+}
+
+/// The values directly inside `v`.
+fn children(v: &Value) -> Vec<Value> {
+    match v {
+        Value::Tuple(t) => t.to_vec(),
+        Value::List(l) => l.borrow().clone(),
+        Value::Dict(d) => d
+            .borrow()
+            .iter()
+            .flat_map(|(k, v)| [k.clone(), v.clone()])
+            .collect(),
+        Value::Object(o) => {
+            let o = o.borrow();
+            o.args.iter().cloned().chain(o.state.clone()).collect()
+        }
+        Value::Persistent(p) => vec![(**p).clone()],
+        _ => Vec::new(),
+    }
+}
+
+/// Refuses a value graph with a cycle (a list holding itself: torch never pickles one, and any
+/// walk of it would not end) or nested deeper than [`MAX_DEPTH`]; without recursion, each
+/// shared node visited once.
+fn check_depth(root: &Value) -> Result<(), String> {
+    // Longest path below each finished node; nodes on the current path are "open".
+    let mut done: HashMap<usize, usize> = HashMap::new();
+    let mut open: std::collections::HashSet<usize> = std::collections::HashSet::new();
+    // (value, its children still to visit, deepest child so far)
+    let mut path: Vec<(Option<usize>, std::vec::IntoIter<Value>, usize)> =
+        vec![(node(root), children(root).into_iter(), 0)];
+    open.extend(node(root));
+    while let Some((id, it, deepest)) = path.last_mut() {
+        match it.next() {
+            Some(c) => {
+                let cid = node(&c);
+                if let Some(d) = cid.and_then(|i| done.get(&i)) {
+                    *deepest = (*deepest).max(*d + 1);
+                    continue;
+                }
+                if cid.is_some_and(|i| open.contains(&i)) {
+                    return Err("the pickle holds a cycle (a container inside itself)".into());
+                }
+                if path.len() >= MAX_DEPTH {
+                    return Err(format!(
+                        "the pickle nests containers more than {MAX_DEPTH} deep"
+                    ));
+                }
+                open.extend(cid);
+                path.push((cid, children(&c).into_iter(), 0));
+            }
+            None => {
+                let (id, d) = (*id, *deepest);
+                path.pop();
+                if let Some(i) = id {
+                    open.remove(&i);
+                    done.insert(i, d);
+                }
+                if let Some((_, _, up)) = path.last_mut() {
+                    *up = (*up).max(d + 1);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Drops values without recursing into them: each container's contents are moved onto a work
+/// list once its last reference goes (with `drain`, taken out of shared lists, dicts and
+/// objects at once, which also breaks cycles: for values no one keeps).
+fn dismantle(mut work: Vec<Value>, drain: bool) {
+    fn take_object(o: &RefCell<Object>, work: &mut Vec<Value>) {
+        let mut o = o.borrow_mut();
+        work.append(&mut o.args);
+        work.extend(o.state.take());
+    }
+    while let Some(v) = work.pop() {
+        match v {
+            Value::Tuple(t) => {
+                if let Ok(items) = Rc::try_unwrap(t) {
+                    work.extend(items);
+                }
+            }
+            Value::List(l) => {
+                if drain {
+                    work.append(&mut l.borrow_mut());
+                } else if let Ok(items) = Rc::try_unwrap(l) {
+                    work.extend(items.into_inner());
+                }
+            }
+            Value::Dict(d) => {
+                let pairs = if drain {
+                    std::mem::take(&mut *d.borrow_mut())
+                } else {
+                    match Rc::try_unwrap(d) {
+                        Ok(p) => p.into_inner(),
+                        Err(_) => continue,
+                    }
+                };
+                for (k, v) in pairs {
+                    work.push(k);
+                    work.push(v);
+                }
+            }
+            Value::Object(o) => {
+                if drain {
+                    take_object(&o, &mut work);
+                } else if let Ok(o) = Rc::try_unwrap(o) {
+                    take_object(&o, &mut work);
+                }
+            }
+            Value::Persistent(p) => work.push(*p),
+            _ => {}
+        }
+    }
 }
 
 struct Unpickler<'a> {
@@ -162,7 +312,40 @@ struct Unpickler<'a> {
     pos: usize,
     stack: Vec<Value>,
     marks: Vec<usize>,
-    memo: Vec<Option<Value>>,
+    /// As Python's: a dict, so a far index costs one entry, not a table up to it.
+    memo: HashMap<usize, Value>,
+    /// Values let go while running, dropped without recursion at the end (a deep value
+    /// dropped in place would recurse once per level).
+    dead: Vec<Value>,
+    /// Each dict's keys → their place, so a dict of n keys is built in O(n), not O(n²) (the
+    /// dict is kept here too, so its address cannot be reused by another).
+    keys: HashMap<usize, (Value, HashMap<DictKey, usize>)>,
+    /// Elements copied out of argument tuples: a tuple fetched from the memo and passed to
+    /// REDUCE again and again would copy it each time (n² memory from n bytes).
+    copied: usize,
+}
+
+/// A dict key as Python compares the keys torch pickles (text, integers); other keys never match.
+#[derive(PartialEq, Eq, Hash)]
+enum DictKey {
+    Str(String),
+    Int(i64),
+}
+
+fn same_key(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Str(x), Value::Str(y)) => x == y,
+        (Value::Int(x), Value::Int(y)) => x == y,
+        _ => false,
+    }
+}
+
+fn dict_key(v: &Value) -> Option<DictKey> {
+    match v {
+        Value::Str(s) => Some(DictKey::Str(s.clone())),
+        Value::Int(i) => Some(DictKey::Int(*i)),
+        _ => None,
+    }
 }
 
 impl Unpickler<'_> {
@@ -213,21 +396,16 @@ impl Unpickler<'_> {
     }
     fn memo_put(&mut self, idx: usize) -> Result<(), String> {
         let v = self.stack.last().cloned().ok_or("pickle stack underflow")?;
-        if self.memo.len() <= idx {
-            if idx > 10_000_000 {
-                return Err("pickle memo index out of range".into());
-            }
-            self.memo.resize(idx + 1, None);
+        if let Some(old) = self.memo.insert(idx, v) {
+            self.dead.push(old);
         }
-        self.memo[idx] = Some(v);
         Ok(())
     }
     fn memo_get(&mut self, idx: usize) -> Result<(), String> {
         let v = self
             .memo
-            .get(idx)
+            .get(&idx)
             .cloned()
-            .flatten()
             .ok_or_else(|| format!("pickle memo {idx} is empty"))?;
         self.stack.push(v);
         Ok(())
@@ -252,17 +430,30 @@ impl Unpickler<'_> {
                 }))));
                 Ok(())
             }
-            other => Err(format!("pickle calls a non-class value {other:?}")),
+            // Named by kind only: the value may be huge or hold itself.
+            other => {
+                let kind = match other {
+                    Value::Object(_) => "an object",
+                    Value::Tuple(_) | Value::List(_) | Value::Dict(_) => "a container",
+                    _ => "a plain value",
+                };
+                self.dead.push(other);
+                self.dead.extend(args);
+                Err(format!("pickle calls {kind}, not a class"))
+            }
         }
     }
-    fn set_items(target: &Value, items: Vec<Value>) -> Result<(), String> {
+    fn set_items(&mut self, target: &Value, items: Vec<Value>) -> Result<(), String> {
         let Value::Dict(d) = target else {
             // OrderedDict and other dict-like objects: keep the pairs as their state.
             if let Value::Object(o) = target {
                 let mut o = o.borrow_mut();
                 let pairs = match o.state.take() {
                     Some(Value::Dict(d)) => d,
-                    _ => Rc::new(RefCell::new(Vec::new())),
+                    other => {
+                        self.dead.extend(other);
+                        Rc::new(RefCell::new(Vec::new()))
+                    }
                 };
                 for kv in items.chunks(2) {
                     if let [k, v] = kv {
@@ -272,25 +463,60 @@ impl Unpickler<'_> {
                 o.state = Some(Value::Dict(pairs));
                 return Ok(());
             }
+            self.dead.extend(items);
             return Err("SETITEM on a value that is not a dict".into());
         };
         if !items.len().is_multiple_of(2) {
+            self.dead.extend(items);
             return Err("SETITEMS with an odd number of values".into());
         }
+        let id = Rc::as_ptr(d) as *const u8 as usize;
+        // Small dicts (nearly all: objects' __dict__) by a scan; larger ones through an index.
+        if !self.keys.contains_key(&id) && d.borrow().len() + items.len() / 2 <= 32 {
+            let mut d = d.borrow_mut();
+            let mut it = items.into_iter();
+            while let (Some(key), Some(value)) = (it.next(), it.next()) {
+                // A repeated key replaces the earlier value, as in a Python dict.
+                match d.iter().position(|(k, _)| same_key(k, &key)) {
+                    Some(i) => {
+                        self.dead.push(std::mem::replace(&mut d[i].1, value));
+                        self.dead.push(key);
+                    }
+                    None => d.push((key, value)),
+                }
+            }
+            return Ok(());
+        }
+        let (_, index) = self.keys.entry(id).or_insert_with(|| {
+            let index = d
+                .borrow()
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (k, _))| Some((dict_key(k)?, i)))
+                .collect();
+            (target.clone(), index)
+        });
         let mut d = d.borrow_mut();
-        for kv in items.chunks(2) {
+        let mut it = items.into_iter();
+        while let (Some(key), Some(value)) = (it.next(), it.next()) {
             // A repeated key replaces the earlier value, as in a Python dict (compared as text).
-            let key = kv[0].clone();
-            if let Some(slot) = d.iter_mut().find(|(k, _)| same_key(k, &key)) {
-                slot.1 = kv[1].clone();
-            } else {
-                d.push((key, kv[1].clone()));
+            match dict_key(&key).and_then(|k| index.get(&k).copied()) {
+                Some(i) => {
+                    self.dead.push(std::mem::replace(&mut d[i].1, value));
+                    self.dead.push(key);
+                }
+                None => {
+                    if let Some(k) = dict_key(&key) {
+                        index.insert(k, d.len());
+                    }
+                    d.push((key, value));
+                }
             }
         }
         Ok(())
     }
 
-    fn run(mut self) -> Result<Value, String> {
+    fn run(&mut self) -> Result<Value, String> {
         loop {
             let op = self.u8()?;
             match op {
@@ -305,10 +531,10 @@ impl Unpickler<'_> {
                 }
                 b'.' => return self.pop(),
                 b'(' => self.marks.push(self.stack.len()),
-                b')' => self.stack.push(Value::Tuple(vec![])),
+                b')' => self.stack.push(Value::Tuple(Rc::new(vec![]))),
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(items));
+                    self.stack.push(Value::Tuple(Rc::new(items)));
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -316,44 +542,56 @@ impl Unpickler<'_> {
                         return Err("pickle stack underflow".into());
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Value::Tuple(items));
+                    self.stack.push(Value::Tuple(Rc::new(items)));
                 }
                 b']' => self.stack.push(Value::List(Rc::new(RefCell::new(vec![])))),
                 b'l' => {
                     let items = self.pop_mark()?;
                     self.stack.push(Value::List(Rc::new(RefCell::new(items))));
                 }
+                // Nothing popped is dropped here: a refused value goes to `dead`.
                 b'a' => {
                     let v = self.pop()?;
-                    match self.top()? {
-                        Value::List(l) => l.borrow_mut().push(v),
-                        _ => return Err("APPEND to a value that is not a list".into()),
+                    match self.stack.last() {
+                        Some(Value::List(l)) => l.borrow_mut().push(v),
+                        _ => {
+                            self.dead.push(v);
+                            return Err("APPEND to a value that is not a list".into());
+                        }
                     }
                 }
                 b'e' => {
                     let items = self.pop_mark()?;
-                    match self.top()? {
-                        Value::List(l) => l.borrow_mut().extend(items),
-                        _ => return Err("APPENDS to a value that is not a list".into()),
+                    match self.stack.last() {
+                        Some(Value::List(l)) => l.borrow_mut().extend(items),
+                        _ => {
+                            self.dead.extend(items);
+                            return Err("APPENDS to a value that is not a list".into());
+                        }
                     }
                 }
                 b'}' => self.stack.push(Value::Dict(Rc::new(RefCell::new(vec![])))),
                 b'd' => {
                     let items = self.pop_mark()?;
                     let d = Value::Dict(Rc::new(RefCell::new(vec![])));
-                    Self::set_items(&d, items)?;
+                    self.set_items(&d, items)?;
                     self.stack.push(d);
                 }
                 b's' => {
-                    let v = self.pop()?;
-                    let k = self.pop()?;
+                    if self.stack.len() < 3 {
+                        return Err("pickle stack underflow".into());
+                    }
+                    let items = self.stack.split_off(self.stack.len() - 2);
                     let target = self.top()?.clone();
-                    Self::set_items(&target, vec![k, v])?;
+                    self.set_items(&target, items)?;
                 }
                 b'u' => {
                     let items = self.pop_mark()?;
-                    let target = self.top()?.clone();
-                    Self::set_items(&target, items)?;
+                    let Some(target) = self.stack.last().cloned() else {
+                        self.dead.extend(items);
+                        return Err("pickle stack underflow".into());
+                    };
+                    self.set_items(&target, items)?;
                 }
                 b'N' => self.stack.push(Value::None),
                 0x88 => self.stack.push(Value::Bool(true)),
@@ -472,38 +710,63 @@ impl Unpickler<'_> {
                     self.global(module, name)?;
                 }
                 0x93 => {
+                    if self.stack.len() < 2 {
+                        return Err("pickle stack underflow".into());
+                    }
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (module, name) {
                         (Value::Str(m), Value::Str(n)) => self.global(m, n)?,
-                        _ => return Err("STACK_GLOBAL without two strings".into()),
+                        (m, n) => {
+                            self.dead.extend([m, n]);
+                            return Err("STACK_GLOBAL without two strings".into());
+                        }
                     }
                 }
-                b'R' => {
-                    let args = self
-                        .pop()?
-                        .items()
-                        .ok_or("REDUCE arguments are not a tuple")?;
+                b'R' | 0x81 => {
+                    if self.stack.len() < 2 {
+                        return Err("pickle stack underflow".into());
+                    }
+                    let what = if op == b'R' { "REDUCE" } else { "NEWOBJ" };
+                    let args = self.pop()?;
                     let callable = self.pop()?;
-                    self.instantiate(callable, args)?;
-                }
-                0x81 => {
-                    let args = self
-                        .pop()?
-                        .items()
-                        .ok_or("NEWOBJ arguments are not a tuple")?;
-                    let cls = self.pop()?;
-                    self.instantiate(cls, args)?;
+                    let items = args.items();
+                    self.dead.extend([args]);
+                    let Some(items) = items else {
+                        self.dead.push(callable);
+                        return Err(format!("{what} arguments are not a tuple"));
+                    };
+                    self.copied = self.copied.saturating_add(items.len());
+                    if self.copied > self.data.len() {
+                        self.dead.push(callable);
+                        self.dead.extend(items);
+                        return Err(format!(
+                            "{what} arguments copied more often than the pickle is long: refusing a pickle that expands itself"
+                        ));
+                    }
+                    self.instantiate(callable, items)?;
                 }
                 b'b' => {
                     let state = self.pop()?;
-                    match self.top()? {
-                        Value::Object(o) => o.borrow_mut().state = Some(state),
-                        _ => return Err("BUILD on a value that is not an object".into()),
+                    match self.stack.last() {
+                        Some(Value::Object(o)) => {
+                            let old = o.borrow_mut().state.replace(state);
+                            self.dead.extend(old);
+                        }
+                        _ => {
+                            self.dead.push(state);
+                            return Err("BUILD on a value that is not an object".into());
+                        }
                     }
                 }
                 b'Q' => {
+                    // torch's persistent ids are tuples (`('storage', cls, key, location, n)`);
+                    // anything else (a persistent id of a persistent id ...) is refused.
                     let pid = self.pop()?;
+                    if !matches!(pid, Value::Tuple(_)) {
+                        self.dead.push(pid);
+                        return Err("a persistent id that is not a tuple".into());
+                    }
                     self.stack.push(Value::Persistent(Box::new(pid)));
                 }
                 other => {
@@ -514,14 +777,6 @@ impl Unpickler<'_> {
                 }
             }
         }
-    }
-}
-
-fn same_key(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Str(x), Value::Str(y)) => x == y,
-        (Value::Int(x), Value::Int(y)) => x == y,
-        _ => false,
     }
 }
 
@@ -558,6 +813,84 @@ mod tests {
         assert_eq!(first[0].as_int(), Some(1i64 << 40));
         assert_eq!(first[1].as_int(), Some(-1));
         assert_eq!(t[1].items().unwrap().len(), 2, "memo shares the list");
+    }
+
+    /// Hostile pickles: refused (or read) with an error, never a stack overflow, an
+    /// exponential blow-up or a huge allocation.
+    #[test]
+    fn hostile_pickles_are_refused_not_crashed_on() {
+        const N: usize = 200_000;
+        // ((((...)))) 200 000 deep, one byte a level: too deep.
+        let mut p = vec![0x80, 0x02, b')'];
+        p.extend(std::iter::repeat_n(0x85, N));
+        p.push(b'.');
+        let e = load(&p, "t").unwrap_err();
+        assert!(e.contains("more than 512 deep"), "{e}");
+        // The same left on the stack under a harmless result: let go without recursion.
+        p.pop();
+        p.extend_from_slice(b"N.");
+        assert!(matches!(load(&p, "t").unwrap(), Value::None));
+        // ... or under an error.
+        p.truncate(p.len() - 2);
+        p.push(0xff);
+        assert!(load(&p, "t")
+            .unwrap_err()
+            .contains("unsupported pickle opcode"));
+        // Lists nested by APPEND, and a dict holding a deep value under a key replaced later.
+        let mut p = vec![0x80, 0x02];
+        p.extend(std::iter::repeat_n(b']', N));
+        p.extend(std::iter::repeat_n(b'a', N - 1));
+        p.push(b'.');
+        assert!(load(&p, "t").unwrap_err().contains("deep"));
+        let mut p = vec![0x80, 0x02, b'}', b'K', 1, b')'];
+        p.extend(std::iter::repeat_n(0x85, N));
+        p.extend_from_slice(&[b's', b'K', 1, b'N', b's', b'.']);
+        let d = load(&p, "t").unwrap().dict_entries().unwrap();
+        assert!(matches!(d.as_slice(), [(Value::Int(1), Value::None)]));
+        // A list inside itself.
+        let p = [0x80, 0x02, b']', b'q', 0, b'h', 0, b'a', b'.'];
+        assert!(load(&p, "t").unwrap_err().contains("cycle"));
+        // A memo index of 2^32 - 1: one entry, not a table of 4 billion.
+        let p = [
+            0x80, 0x02, b'N', b'r', 0xff, 0xff, 0xff, 0xff, b'j', 0xff, 0xff, 0xff, 0xff, 0x86,
+            b'.',
+        ];
+        assert_eq!(load(&p, "t").unwrap().items().unwrap().len(), 2);
+        // t(i+1) = (t(i), t(i)) 64 times: 2^64 leaves if copied, 64 shared tuples here.
+        let mut p = vec![0x80, 0x02, b')', b'q', 0];
+        for i in 0..64u8 {
+            p.extend_from_slice(&[b'h', i, b'h', i, 0x86, b'q', i + 1]);
+        }
+        p.push(b'.');
+        assert_eq!(load(&p, "t").unwrap().items().unwrap().len(), 2);
+        // A 1000-item argument tuple passed to REDUCE 10 000 times: refused, not 10^7 copies.
+        let mut p = vec![0x80, 0x02];
+        p.extend_from_slice(b"ccollections\nOrderedDict\nq\x00(");
+        p.extend(std::iter::repeat_n(b'N', 1000));
+        p.extend_from_slice(&[b't', b'q', 1]);
+        for _ in 0..10_000 {
+            p.extend_from_slice(&[b'h', 0, b'h', 1, b'R']);
+        }
+        p.push(b'.');
+        assert!(load(&p, "t").unwrap_err().contains("expands itself"));
+        // A persistent id of a persistent id.
+        let p = [0x80, 0x02, b')', b'Q', b'Q', b'.'];
+        assert!(load(&p, "t").unwrap_err().contains("persistent id"));
+        // A huge length: refused before anything is allocated.
+        let mut p = vec![0x80, 0x04, 0x8d];
+        p.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(load(&p, "t").unwrap_err().contains("truncated"));
+        // A dict of many keys, one repeated: built in linear time, the last value kept.
+        let mut p = vec![0x80, 0x02, b'}', b'('];
+        for i in 0..100_000u32 {
+            p.push(b'J');
+            p.extend_from_slice(&i.to_le_bytes());
+            p.push(b'N');
+        }
+        p.extend_from_slice(&[b'K', 7, 0x88, b'u', b'.']);
+        let d = load(&p, "t").unwrap().dict_entries().unwrap();
+        assert_eq!(d.len(), 100_000);
+        assert!(matches!(d[7], (Value::Int(7), Value::Bool(true))));
     }
 
     #[test]

@@ -7,10 +7,9 @@ use crate::checkpoint::{
     read_metadata, resolve_dir, tensor_item, CheckpointMeta, Chunk, TensorMeta,
 };
 use bridgeflow_sdk::{
-    release_pages, schemars, serde, Buffer, BufferPool, Emitter, MapView, PluginError, Result,
-    Source, StreamPlan, Tensor, TensorInfo,
+    schemars, serde, Buffer, BufferPool, Emitter, InputMap, MapView, PluginError, Result, Source,
+    StreamPlan, Tensor, TensorInfo,
 };
-use memmap2::Mmap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -52,7 +51,7 @@ pub struct TorchDistReader {
     dir: PathBuf,
     meta: CheckpointMeta,
     planned: Vec<Planned>,
-    maps: HashMap<String, Arc<Mmap>>,
+    maps: HashMap<String, Arc<InputMap>>,
     pool: BufferPool,
     manifest: Option<bridgeflow_sdk::manifest::Manifest>,
 }
@@ -175,15 +174,14 @@ impl TorchDistReader {
         }
     }
 
-    fn map(&mut self, file: &str) -> Result<Arc<Mmap>> {
+    /// The data file's map, checked to be the file first mapped (a truncated or changed file
+    /// is named, see bridgeflow_sdk::inputs).
+    fn map(&mut self, file: &str) -> Result<Arc<InputMap>> {
         if let Some(m) = self.maps.get(file) {
+            m.check()?;
             return Ok(m.clone());
         }
-        let p = self.dir.join(file);
-        let f = std::fs::File::open(&p).map_err(|e| PluginError::io(&p, "cannot open", e))?;
-        // SAFETY: read-only map of a checkpoint file.
-        let m =
-            Arc::new(unsafe { Mmap::map(&f) }.map_err(|e| PluginError::io(&p, "cannot map", e))?);
+        let m = Arc::new(InputMap::open(self.dir.join(file))?);
         self.maps.insert(file.to_string(), m.clone());
         Ok(m)
     }
@@ -194,7 +192,7 @@ impl TorchDistReader {
         key: &str,
         c: &Chunk,
         t: &TensorMeta,
-    ) -> Result<(Arc<Mmap>, std::ops::Range<usize>)> {
+    ) -> Result<(Arc<InputMap>, std::ops::Range<usize>)> {
         let map = self.map(&c.storage.file)?;
         let (a, b) = (
             c.storage.offset as usize,
@@ -217,15 +215,16 @@ impl TorchDistReader {
         let mut read = |w: &[u8]| {
             if large {
                 let at = w.as_ptr() as usize - base;
-                release_pages(&map, at..at + w.len(), true);
+                map.release_pages(at..at + w.len(), true);
             }
         };
         let it = tensor_item(item, &mut read).map_err(|e| {
-            PluginError::format(format!(
+            // Zeros read from a map truncated meanwhile fail the CRC: name the truncation.
+            map.explain(PluginError::format(format!(
                 "{}: tensor '{key}' chunk at {:?}: {e}",
                 path.display(),
                 c.offsets
-            ))
+            )))
         })?;
         if it.dtype != t.dtype || it.size != c.sizes {
             return Err(PluginError::shape(format!(
@@ -245,12 +244,17 @@ impl TorchDistReader {
                 t.dtype,
                 &c.sizes,
             );
-            m.check(&info, &map[range.clone()])
-                .map_err(|e| PluginError::mismatch(format!("{}: {e}", self.dir.display())))?;
+            m.check(&info, &map[range.clone()]).map_err(|e| {
+                map.explain(PluginError::mismatch(format!(
+                    "{}: {e}",
+                    self.dir.display()
+                )))
+            })?;
             if large {
-                release_pages(&map, range.clone(), true);
+                map.release_pages(range.clone(), true);
             }
         }
+        map.check()?;
         Ok((map, range))
     }
 }
@@ -373,7 +377,8 @@ impl Source for TorchDistReader {
                         es,
                         buf.as_mut_slice(),
                     );
-                    release_pages(&map, range, true);
+                    map.check()?;
+                    map.release_pages(range, true);
                 }
                 buf.freeze()
             };

@@ -102,6 +102,72 @@ fn one() -> u64 {
     1
 }
 
+/// The most data files per rank (`files`).
+const MAX_FILES_PER_RANK: usize = 256;
+
+/// The largest `run_config.yaml` carried over (Megatron-Bridge's are tens of KiB).
+const MAX_RUN_CONFIG_BYTES: u64 = 16 << 20;
+
+/// The input checkpoint's `run_config.yaml` (beside the `.metadata` the torch_dist reader
+/// names as `checkpoint_dir`), so that a re-sharded checkpoint still exports to HF and loads in
+/// Megatron-Bridge without being told its config.
+fn carried_run_config(plan: &StreamPlan) -> Result<Option<String>> {
+    use std::io::Read;
+    let Some(dir) = plan.attr_str("checkpoint_dir") else {
+        return Ok(None);
+    };
+    let p = Path::new(&dir).join("run_config.yaml");
+    let f = match File::open(&p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(PluginError::io(&p, "cannot read", e)),
+    };
+    let mut bytes = Vec::new();
+    f.take(MAX_RUN_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| PluginError::io(&p, "cannot read", e))?;
+    if bytes.len() as u64 > MAX_RUN_CONFIG_BYTES {
+        return Err(PluginError::format(format!(
+            "{}: larger than {} MiB, more than any run config",
+            p.display(),
+            MAX_RUN_CONFIG_BYTES >> 20
+        )));
+    }
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|e| PluginError::format(format!("{}: not UTF-8: {e}", p.display())))
+}
+
+/// `yaml` with every `tensor_model_parallel_size: N` / `pipeline_model_parallel_size: N` line
+/// (an integer value, any indentation) saying this layout's; everything else as it was.
+fn with_parallel_sizes(yaml: &str, tp: u64, pp: u64) -> String {
+    let mut out = String::with_capacity(yaml.len());
+    for line in yaml.split_inclusive('\n') {
+        let body = line.trim_end_matches(['\n', '\r']);
+        let indent = body.len() - body.trim_start().len();
+        let set = [
+            ("tensor_model_parallel_size", tp),
+            ("pipeline_model_parallel_size", pp),
+        ]
+        .into_iter()
+        .find_map(|(k, v)| {
+            let value = body[indent..].strip_prefix(k)?.strip_prefix(':')?.trim();
+            value
+                .parse::<u64>()
+                .is_ok()
+                .then(|| format!("{}{k}: {v}", &body[..indent]))
+        });
+        match set {
+            Some(l) => {
+                out.push_str(&l);
+                out.push_str(&line[body.len()..]);
+            }
+            None => out.push_str(line),
+        }
+    }
+    out
+}
+
 struct Piece {
     key: String,
     dtype: DType,
@@ -188,6 +254,8 @@ fn fill_data_file(
 pub struct TorchDistWriter {
     cfg: WriterConfig,
     staging: Option<PathBuf>,
+    /// The output's lock, from `open` until the commit is done.
+    claim: Option<bridgeflow_sdk::fsutil::OutputClaim>,
     iter_dir: PathBuf,
     files: Vec<DataFile>,
     pieces: Vec<Piece>,
@@ -268,8 +336,11 @@ fn layer_split(name: &str) -> Option<(&str, u64, &str)> {
 }
 
 impl TorchDistWriter {
-    fn staging_root(&self) -> PathBuf {
-        bridgeflow_sdk::fsutil::hidden_sibling(&self.cfg.path, "partial")
+    fn staging_root(&mut self) -> PathBuf {
+        match self.claim.as_mut() {
+            Some(c) => c.staging("partial"),
+            None => bridgeflow_sdk::fsutil::hidden_sibling(&self.cfg.path, "partial"),
+        }
     }
 
     /// Closes the data files' queues and waits for their threads: what they wrote, or the
@@ -663,9 +734,26 @@ impl Sink for TorchDistWriter {
                 cfg.stack_layers
             )));
         }
+        // Each degree in range, and the data files (a thread each) bounded, before anything
+        // is sized from them.
+        use bridgeflow_sdk::parallel::{check_degree, check_product};
+        check_degree("tp", cfg.tp)?;
+        check_degree("pp", cfg.pp)?;
+        check_product("tp × pp", &[cfg.tp, cfg.pp])?;
+        if cfg.files > MAX_FILES_PER_RANK {
+            return Err(PluginError::config(format!(
+                "files = {}: at most {MAX_FILES_PER_RANK} data files per rank",
+                cfg.files
+            )));
+        }
+        check_product(
+            "files × tp × pp",
+            &[cfg.files.max(1) as u64, cfg.tp, cfg.pp],
+        )?;
         Ok(TorchDistWriter {
             cfg,
             staging: None,
+            claim: None,
             iter_dir: PathBuf::new(),
             files: Vec::new(),
             pieces: Vec::new(),
@@ -679,10 +767,18 @@ impl Sink for TorchDistWriter {
     }
 
     fn open(&mut self, inputs: &[StreamPlan]) -> Result<()> {
+        // One writer per output; the existence check is made under its lock.
+        self.claim = Some(bridgeflow_sdk::fsutil::OutputClaim::claim(&self.cfg.path)?);
         bridgeflow_sdk::fsutil::refuse_existing(&self.cfg.path, self.cfg.overwrite)?;
         let plan = inputs.first().cloned().unwrap_or_default();
         self.source_dir = plan.attr_str("source_dir").map(PathBuf::from);
-        self.run_config = plan.attr_str("run_config_yaml");
+        // The run config: the import's (from the mapper), else the input checkpoint's own
+        // (re-sharding torch_dist), with the parallel sizes of this layout.
+        self.run_config = match plan.attr_str("run_config_yaml") {
+            Some(rc) => Some(rc),
+            None => carried_run_config(&plan)?,
+        }
+        .map(|rc| with_parallel_sizes(&rc, self.cfg.tp, self.cfg.pp));
         let r = self.lay_out(&plan);
         if r.is_err() {
             self.remove_staging();
@@ -810,9 +906,11 @@ impl Sink for TorchDistWriter {
         )?;
         self.files.clear();
         let target = self.cfg.path.clone();
-        bridgeflow_sdk::fsutil::commit(&staging, &target)?;
+        let claim = self.claim.as_mut().expect("claimed in open");
+        claim.commit(&staging, self.cfg.overwrite)?;
         self.staging = None;
         self.committed = true;
+        self.claim = None;
         let keys: std::collections::BTreeSet<&str> =
             self.pieces.iter().map(|p| p.key.as_str()).collect();
         Ok(format!(
@@ -829,11 +927,32 @@ impl Sink for TorchDistWriter {
         if !self.committed {
             self.remove_staging();
         }
+        self.claim = None;
     }
 }
 
 impl Drop for TorchDistWriter {
     fn drop(&mut self) {
         self.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_parallel_sizes;
+
+    #[test]
+    fn run_config_parallel_sizes_follow_the_layout() {
+        let rc = "model:\n  _target_: x.GPTModelProvider\n  tensor_model_parallel_size: 1\n  \
+                  pipeline_model_parallel_size: 1\r\n  virtual_pipeline_model_parallel_size: null\n  \
+                  hidden_size: 64\nnote: tensor_model_parallel_size: 1\n";
+        let got = with_parallel_sizes(rc, 2, 4);
+        assert_eq!(
+            got,
+            "model:\n  _target_: x.GPTModelProvider\n  tensor_model_parallel_size: 2\n  \
+             pipeline_model_parallel_size: 4\r\n  virtual_pipeline_model_parallel_size: null\n  \
+             hidden_size: 64\nnote: tensor_model_parallel_size: 1\n"
+        );
+        assert_eq!(with_parallel_sizes(rc, 1, 1), rc);
     }
 }

@@ -54,6 +54,9 @@ pub struct FailConfig {
     /// Panic instead of returning an error.
     #[serde(default)]
     pub panic: bool,
+    /// Sleep this long per tensor first (a run slow enough to be interrupted).
+    #[serde(default)]
+    pub delay_ms: u64,
 }
 
 pub struct Fail {
@@ -72,6 +75,7 @@ impl Transform for Fail {
     }
     fn process(&mut self, _port: usize, item: Item, out: &mut Emitter) -> Result<()> {
         let t = item.into_tensor()?;
+        std::thread::sleep(std::time::Duration::from_millis(self.cfg.delay_ms));
         if self.seen == self.cfg.after {
             if self.cfg.panic {
                 panic!("testkit panics on tensor '{}'", t.name());
