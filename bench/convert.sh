@@ -32,5 +32,13 @@ bench_row "Megatron -> HF" "$bytes" "$out" $bin run pipelines/megatron-to-hf.tom
   --memory-budget "$budget" --no-progress --set input="$mg" --set output="$out" "${nosync[@]}"
 bench_row "Megatron -> HF (convert: fsync+b3)" "$bytes" "$out" $bin convert --from "megatron:$mg" \
   --to "hf:$out" --memory-budget "$budget" --no-progress
+ml="$work/llama-1g-megatron-lm"
+[ -f "$ml/latest_checkpointed_iteration.txt" ] ||
+  $bin convert --from "hf:$hf" --to "megatron-lm:$ml" --tp 2 --pp 2 --no-progress > /dev/null
+cat "$ml"/iter_*/mp_rank_*/model_optim_rng.pt > /dev/null
+bench_row "cp -r Megatron-LM TP2xPP2 folder" "$bytes" "$out" cp -r "$ml" "$out"
+bench_row "Megatron-LM TP2xPP2 -> HF" "$bytes" "$out" $bin run pipelines/megatron-lm-to-hf.toml \
+  --memory-budget "$budget" --no-progress --set input="$ml" --set output="$out" \
+  --set hf_config="$hf/config.json" "${nosync[@]}"
 rm -rf "$out"
 echo "GB/s of the HF tensor bytes at the median of ${REPS:-3} runs; budget $budget; warm page cache"
