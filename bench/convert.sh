@@ -3,7 +3,7 @@
 # Llama from make-checkpoint (hidden 2048, 8 layers, ffn 5632, vocab 32000), next to `cp -r` of
 # the same input folder. Prints wall time, GB/s and peak RSS; warm page cache. Megatron-Bridge
 # 0.6.2 takes ~27 s (2.3 GB RSS) to import and ~23 s (2.6 GB) to export a 1 GB Llama on a 2-core
-# machine (../shared/fixtures/README.md).
+# machine (tests/fixtures/shared/README.md).
 #
 #   bash bench/convert.sh [WORKDIR] [BUDGET]      (default: /tmp/bridgeflow-bench, 256MiB)
 set -euo pipefail

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmark: JSONL -> Megatron indexed dataset on the fixture corpus repeated 15x (76 MB, 45,915
-# documents, bpe8k, --append-eod), as ../shared/fixtures/data/bench measured Megatron-LM's
+# documents, bpe8k, --append-eod), as tests/fixtures/shared/data/bench measured Megatron-LM's
 # preprocess_data.py. Prints docs/s, MB/s and peak RSS for 1 and 2 workers and checks that the
 # output .bin is the golden .bin repeated 15 times.
 #
@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-/tmp/bridgeflow-bench-data}
-F=../shared/fixtures/data
+F=tests/fixtures/shared/data
 mkdir -p "$work"
 cargo build --release --quiet --workspace
 export BRIDGEFLOW_PLUGIN_PATH=$PWD/target/release
@@ -29,4 +29,4 @@ for w in 1 2; do
     "$secs" "$w" "$rss" "$ok"
   rm -f "$log"
 done
-echo "peer (../shared/fixtures/data/bench): preprocess_data.py 832-872 docs/s (w1), 1,108-1,206 (w2); gigatoken path 9.8-14.5 s"
+echo "peer (tests/fixtures/shared/data/bench): preprocess_data.py 832-872 docs/s (w1), 1,108-1,206 (w2); gigatoken path 9.8-14.5 s"

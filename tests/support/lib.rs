@@ -17,15 +17,11 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// `../shared/fixtures`, made by the real tools.
+/// The golden fixtures made by the real tools (transformers, megatron-core, Megatron-Bridge,
+/// Megatron-LM): kept in the repository, `tests/fixtures/shared/README.md` says how each was
+/// made.
 pub fn fixtures() -> PathBuf {
-    let p = workspace_root().join("../shared/fixtures");
-    assert!(
-        p.is_dir(),
-        "fixtures not found at {} (the shared/ folder beside the checkout)",
-        p.display()
-    );
-    p
+    workspace_root().join("tests/fixtures/shared")
 }
 
 /// target/<profile>, where the binary and plugin libraries are built.

@@ -707,7 +707,7 @@ mod tests {
 
     fn fixture_config(name: &str) -> Value {
         let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/fixtures/hf")
+            .join("../../tests/fixtures/shared/hf")
             .join(name)
             .join("config.json");
         serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()

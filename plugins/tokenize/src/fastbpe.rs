@@ -419,7 +419,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn fixtures() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/data")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/shared/data")
     }
 
     /// Every corpus document (and some hand-made strings), both tokenizers, with and without
