@@ -180,6 +180,8 @@ pub fn parse(
     }
 
     let mut stages = Vec::new();
+    // Substitution may repeat a variable many times: the file's expansion is bounded.
+    let mut expansion_left = MAX_EXPANSION;
     for (name, value) in raw.stages {
         let line = stage_line(text, &name);
         let stage_raw: StageRaw = match value.try_into() {
@@ -200,7 +202,7 @@ pub fn parse(
                 set_path(&mut config, key, o.value.clone());
             }
         }
-        if let Err(msg) = substitute_table(&mut config, &vars) {
+        if let Err(msg) = substitute_table(&mut config, &vars, &mut expansion_left) {
             errors.push(fail(line, Some(&name), msg));
         }
         stages.push(StageSpec {
@@ -270,36 +272,57 @@ fn var_text(v: &Value) -> String {
 }
 
 /// Replaces `${name}` (and `${env:NAME}`) in every string of the table; `$$` is a literal `$`.
-fn substitute_table(table: &mut Table, vars: &BTreeMap<String, Value>) -> Result<(), String> {
+fn substitute_table(
+    table: &mut Table,
+    vars: &BTreeMap<String, Value>,
+    left: &mut usize,
+) -> Result<(), String> {
     for (_, v) in table.iter_mut() {
-        substitute_value(v, vars)?;
+        substitute_value(v, vars, left)?;
     }
     Ok(())
 }
 
-fn substitute_value(v: &mut Value, vars: &BTreeMap<String, Value>) -> Result<(), String> {
+/// Most bytes that variable substitution may produce in one pipeline file: far above any real
+/// pipeline (paths, numbers), far below what a file repeating a long variable could ask for.
+const MAX_EXPANSION: usize = 16 << 20;
+
+/// Charges `n` substituted bytes against what the file may still expand to.
+fn charge(left: &mut usize, n: usize) -> Result<(), String> {
+    *left = left.checked_sub(n).ok_or_else(|| {
+        format!(
+            "variable substitution expands past {} MiB (a variable repeated too often?)",
+            MAX_EXPANSION >> 20
+        )
+    })?;
+    Ok(())
+}
+
+fn substitute_value(
+    v: &mut Value,
+    vars: &BTreeMap<String, Value>,
+    left: &mut usize,
+) -> Result<(), String> {
     match v {
         Value::String(s) => {
             // A string that is exactly one variable takes the variable's type (numbers stay
             // numbers).
             if let Some(name) = s.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
                 if !name.contains("${") && !name.starts_with("env:") {
-                    let val = vars
-                        .get(name)
-                        .ok_or_else(|| unknown_var(name, vars))?
-                        .clone();
-                    *v = val;
+                    let val = vars.get(name).ok_or_else(|| unknown_var(name, vars))?;
+                    charge(left, var_text(val).len())?;
+                    *v = val.clone();
                     return Ok(());
                 }
             }
-            *s = substitute_str(s, vars)?;
+            *s = substitute_str_within(s, vars, left)?;
         }
         Value::Array(a) => {
             for x in a {
-                substitute_value(x, vars)?;
+                substitute_value(x, vars, left)?;
             }
         }
-        Value::Table(t) => substitute_table(t, vars)?,
+        Value::Table(t) => substitute_table(t, vars, left)?,
         _ => {}
     }
     Ok(())
@@ -314,6 +337,15 @@ fn unknown_var(name: &str, vars: &BTreeMap<String, Value>) -> String {
 }
 
 pub fn substitute_str(s: &str, vars: &BTreeMap<String, Value>) -> Result<String, String> {
+    let mut left = MAX_EXPANSION;
+    substitute_str_within(s, vars, &mut left)
+}
+
+fn substitute_str_within(
+    s: &str,
+    vars: &BTreeMap<String, Value>,
+    left: &mut usize,
+) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find('$') {
@@ -332,8 +364,9 @@ pub fn substitute_str(s: &str, vars: &BTreeMap<String, Value>) -> Result<String,
                     .map_err(|_| format!("environment variable {env} is not set"))?;
                 out.push_str(&val);
             } else {
-                let val = vars.get(name).ok_or_else(|| unknown_var(name, vars))?;
-                out.push_str(&var_text(val));
+                let val = var_text(vars.get(name).ok_or_else(|| unknown_var(name, vars))?);
+                charge(left, val.len())?;
+                out.push_str(&val);
             }
             rest = &r[end + 1..];
         } else {
@@ -348,6 +381,25 @@ pub fn substitute_str(s: &str, vars: &BTreeMap<String, Value>) -> Result<String,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn substitution_is_bounded() {
+        let mut vars = BTreeMap::new();
+        vars.insert("v".to_string(), Value::String("x".repeat(1 << 16)));
+        let mut left = MAX_EXPANSION;
+        let e = substitute_str_within(&"${v}".repeat(300), &vars, &mut left).unwrap_err();
+        assert!(e.contains("expands past 16 MiB"), "{e}");
+        // Whole-value references count too, across a table.
+        let mut t = Table::new();
+        t.insert(
+            "many".into(),
+            Value::Array(vec![Value::String("${v}".into()); 300]),
+        );
+        let mut left = MAX_EXPANSION;
+        let e = substitute_table(&mut t, &vars, &mut left).unwrap_err();
+        assert!(e.contains("expands past"), "{e}");
+        assert_eq!(substitute_str("a${v}", &vars).unwrap().len(), 1 + (1 << 16));
+    }
 
     const P: &str = r#"
 [pipeline]

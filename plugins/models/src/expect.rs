@@ -225,6 +225,17 @@ pub fn check(
             Err(why) => found.unexpected.push(why),
         }
     }
+    // A config calling for far more tensors than arrived (hostile layer or expert counts)
+    // is named at once, not enumerated name by name.
+    let called_for = expected_upper_bound(family, model);
+    if called_for > 16 * (tensors.len() as u64) + 4096 {
+        return Err(PluginError::shape(format!(
+            "{what}: the config calls for up to {called_for} tensors ({} layers, {} experts), the input has {}",
+            model.layers + model.mtp,
+            model.experts.unwrap_or(0),
+            tensors.len()
+        )));
+    }
     missing(family, model, &placed, allow, &mut found);
     shapes(family, model, &placed, &mut found);
     if found.is_empty() {
@@ -232,6 +243,30 @@ pub fn check(
     } else {
         Err(found.into_error(what))
     }
+}
+
+/// How many HF tensors the table and config could call for at most (every row in every
+/// layer, every expert).
+fn expected_upper_bound(family: &Family, model: &ModelConfig) -> u64 {
+    family
+        .tensors
+        .iter()
+        .map(|e| {
+            let layers = if e.megatron.contains("{l}") || e.hf.iter().any(|h| h.contains("{l}")) {
+                model.layers + model.mtp
+            } else {
+                1
+            };
+            let experts = if e.hf.iter().any(|h| h.contains("{e}")) {
+                model.experts.unwrap_or(1)
+            } else {
+                1
+            };
+            layers
+                .saturating_mul(experts)
+                .saturating_mul(e.hf.len() as u64)
+        })
+        .fold(0u64, u64::saturating_add)
 }
 
 /// The row an HF tensor belongs to, or why it is unexpected.
@@ -647,8 +682,20 @@ mod tests {
     }
 
     #[test]
-    fn a_long_list_is_cut() {
+    fn a_config_calling_for_far_more_tensors_is_named_at_once() {
         let m = llama(json!({"num_hidden_layers": 60000}));
+        let t0 = std::time::Instant::now();
+        let e = err(&m, &llama_tensors(2));
+        assert!(t0.elapsed() < std::time::Duration::from_secs(1));
+        assert!(
+            e.contains("calls for up to") && e.contains("60000 layers"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_long_list_is_cut() {
+        let m = llama(json!({"num_hidden_layers": 200}));
         let e = err(&m, &llama_tensors(2));
         assert!(
             e.contains("and ") && e.contains("more") && e.len() < 4000,

@@ -446,25 +446,27 @@ fn check_yaml_bounds(text: &str, path: &Path) -> Result<()> {
     use yaml_rust2::parser::{Event, Parser};
     let bad = |what: String| PluginError::format(format!("{}: {what}", path.display()));
     let mut parser = Parser::new_from_str(text);
-    let mut sizes: std::collections::HashMap<usize, u64> = std::collections::HashMap::new();
-    // Open sequences and mappings: (anchor id, nodes so far, themselves included).
-    let mut open: Vec<(usize, u64)> = Vec::new();
+    // Each anchor's node count and height, with the aliases inside it expanded.
+    let mut sizes: std::collections::HashMap<usize, (u64, u64)> = Default::default();
+    // Open sequences and mappings: (anchor id, nodes so far themselves included, tallest child).
+    let mut open: Vec<(usize, u64, u64)> = Vec::new();
     let mut total = 0u64;
     loop {
         let (ev, _) = parser
             .next_token()
             .map_err(|e| bad(format!("invalid YAML: {e}")))?;
+        // A node just completed: its node count and height.
         let done = match ev {
             Event::StreamEnd => break,
             Event::Scalar(_, _, anchor, _) => {
                 if anchor > 0 {
-                    sizes.insert(anchor, 1);
+                    sizes.insert(anchor, (1, 1));
                 }
-                Some(1)
+                Some((1, 1))
             }
-            Event::Alias(id) => Some(sizes.get(&id).copied().unwrap_or(1)),
+            Event::Alias(id) => Some(sizes.get(&id).copied().unwrap_or((1, 1))),
             Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
-                open.push((anchor, 1));
+                open.push((anchor, 1, 0));
                 if open.len() > MAX_YAML_DEPTH {
                     return Err(bad(format!(
                         "YAML nested deeper than {MAX_YAML_DEPTH} levels; refused"
@@ -472,26 +474,36 @@ fn check_yaml_bounds(text: &str, path: &Path) -> Result<()> {
                 }
                 None
             }
-            Event::SequenceEnd | Event::MappingEnd => open.pop().map(|(anchor, n)| {
+            Event::SequenceEnd | Event::MappingEnd => open.pop().map(|(anchor, n, tallest)| {
+                let node = (n, tallest + 1);
                 if anchor > 0 {
-                    sizes.insert(anchor, n);
+                    sizes.insert(anchor, node);
                 }
-                n
+                node
             }),
             _ => None,
         };
-        if let Some(n) = done {
-            let count = match open.last_mut() {
-                Some((_, c)) => c,
-                None => &mut total,
-            };
-            *count = count.saturating_add(n);
-            if *count > MAX_YAML_NODES {
-                return Err(bad(format!(
-                    "YAML expands to more than {MAX_YAML_NODES} nodes (aliases repeating \
-                     anchors that repeat others: an alias bomb?); refused"
-                )));
+        let Some((n, height)) = done else { continue };
+        // Where it lands, with aliases expanded: as deep as its parents plus its own height
+        // (loading and converting a document recurse that deep).
+        if open.len() as u64 + height > MAX_YAML_DEPTH as u64 {
+            return Err(bad(format!(
+                "YAML nested deeper than {MAX_YAML_DEPTH} levels once its aliases are expanded; refused"
+            )));
+        }
+        let count = match open.last_mut() {
+            Some((_, c, tallest)) => {
+                *tallest = (*tallest).max(height);
+                c
             }
+            None => &mut total,
+        };
+        *count = count.saturating_add(n);
+        if *count > MAX_YAML_NODES {
+            return Err(bad(format!(
+                "YAML expands to more than {MAX_YAML_NODES} nodes (aliases repeating \
+                 anchors that repeat others: an alias bomb?); refused"
+            )));
         }
     }
     Ok(())
@@ -711,6 +723,26 @@ mod tests {
             .join(name)
             .join("config.json");
         serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn nesting_is_bounded_with_aliases_expanded() {
+        // Each anchor nests 100 deep around an alias of the one before: the text stays under
+        // the depth limit, the expanded document does not.
+        let mut text = String::from("a0: &a0 1\n");
+        for i in 1..4 {
+            let open = "[".repeat(100);
+            let close = "]".repeat(100);
+            text.push_str(&format!("a{i}: &a{i} {open}*a{}{close}\n", i - 1));
+        }
+        let e = parse_yaml(&text, Path::new("deep.yaml")).unwrap_err();
+        assert!(
+            e.message.contains("deep.yaml") && e.message.contains("aliases are expanded"),
+            "{}",
+            e.message
+        );
+        // One such level is fine.
+        parse_yaml("a0: &a0 1\na1: [[[[*a0]]]]\n", Path::new("ok.yaml")).unwrap();
     }
 
     #[test]

@@ -128,6 +128,8 @@ pub fn read_metadata(dir: &Path) -> Result<CheckpointMeta> {
         .and_then(|s| s.dict_entries())
         .ok_or_else(|| bad("no storage_data"))?
     {
+        few_fields(&k, "a MetadataIndex").map_err(|e| bad(&e))?;
+        few_fields(&v, "a storage entry").map_err(|e| bad(&e))?;
         let fqn = k
             .field("fqn")
             .and_then(|f| f.as_str().map(str::to_owned))
@@ -165,6 +167,7 @@ pub fn read_metadata(dir: &Path) -> Result<CheckpointMeta> {
                 }
             }
             Some("torch.distributed.checkpoint.metadata.TensorStorageMetadata") => {
+                few_fields(&v, &format!("'{key}'")).map_err(|e| bad(&e))?;
                 let props = v
                     .field("properties")
                     .ok_or_else(|| bad(&format!("'{key}' has no properties")))?;
@@ -218,7 +221,22 @@ pub fn read_metadata(dir: &Path) -> Result<CheckpointMeta> {
                         .ok_or_else(|| {
                             bad(&format!("'{key}': no storage for the chunk at {offsets:?}"))
                         })?;
-                    used.insert((key.clone(), offsets.clone()));
+                    // Each chunk its own stored item, holding at least its elements: a chunk
+                    // listed twice, or larger than its bytes, is a lie that would size memory.
+                    if !used.insert((key.clone(), offsets.clone())) {
+                        return Err(bad(&format!(
+                            "'{key}': the chunk at {offsets:?} is listed twice"
+                        )));
+                    }
+                    let chunk_bytes = sizes
+                        .iter()
+                        .try_fold(dtype.size() as u64, |n, &d| n.checked_mul(d));
+                    if chunk_bytes.is_none_or(|b| b > st.length) {
+                        return Err(bad(&format!(
+                            "'{key}': the chunk at {offsets:?} of {sizes:?} needs more bytes than its stored {}",
+                            st.length
+                        )));
+                    }
                     chunks.push(Chunk {
                         offsets,
                         sizes,
@@ -354,6 +372,22 @@ pub fn is_tensor(v: &Value) -> bool {
 
 /// Where the elements of the tensor `v` (unpickled from the archive `item`'s data.pkl) are in
 /// `item`, after the CRC check of its storage record.
+/// Most fields a checkpoint metadata object has (torch's have at most five): looking fields up
+/// is a scan, so a shared object with thousands of junk fields would make reading quadratic.
+const MAX_FIELDS: usize = 16;
+
+fn few_fields(v: &Value, what: &str) -> std::result::Result<(), String> {
+    if let Value::Object(o) = v {
+        if let Some(Value::Dict(d)) = o.borrow().state.as_ref() {
+            let n = d.borrow().len();
+            if n > MAX_FIELDS {
+                return Err(format!("{what} has {n} fields, more than {MAX_FIELDS}"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A pickled integer that must be ≥ 0 (a size, offset or stride from an untrusted file).
 fn nonneg(v: &Value, what: &str) -> std::result::Result<u64, String> {
     match v.as_int() {
