@@ -430,7 +430,10 @@ fn parallel_degrees_out_of_range_are_refused_naming_the_option() {
         let o = bridgeflow().arg("run").arg(&p).output().unwrap();
         let t = text(&o);
         // Refused as a config (exit status 2), or at planning against the model (1).
-        assert!(matches!(o.status.code(), Some(1 | 2)), "{writer} {cfg}: {t}");
+        assert!(
+            matches!(o.status.code(), Some(1 | 2)),
+            "{writer} {cfg}: {t}"
+        );
         assert!(t.contains(want), "{writer} {cfg}: {t}");
         assert!(!out.exists(), "{writer} {cfg}");
     }

@@ -456,7 +456,6 @@ impl Mapper {
         Ok(())
     }
 
-
     fn plan_to_megatron(&mut self, input: &StreamPlan, what: String) -> Result<StreamPlan> {
         self.check_complete(&input.whole_tensors(), true, what)?;
         // Each Megatron tensor (row, layer) and its parts: (expert, part) -> info.

@@ -568,7 +568,8 @@ mod tests {
     /// the same random serialization id).
     #[test]
     fn tensor_archive_is_byte_identical_to_torch_save() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/shared/mcore/tp1");
+        let dir =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/shared/mcore/tp1");
         let meta = read_metadata(&dir).unwrap();
         let data = std::fs::read(dir.join("__0_0.distcp")).unwrap();
         for (key, t) in &meta.tensors {
