@@ -228,6 +228,66 @@ impl Raw {
     }
 }
 
+const DCP: &str = "torch.distributed.checkpoint.metadata";
+
+/// The classes a tensor `.metadata` refers to, each a memoized global.
+struct Classes {
+    meta: u32,
+    tsm: u32,
+    props: u32,
+    chunk: u32,
+    index: u32,
+    info: u32,
+    size: u32,
+    bf16: u32,
+    layout: u32,
+    mem: u32,
+}
+
+impl Classes {
+    fn new(p: &mut Raw) -> Classes {
+        Classes {
+            meta: p.global(DCP, "Metadata"),
+            tsm: p.global(DCP, "TensorStorageMetadata"),
+            props: p.global(DCP, "TensorProperties"),
+            chunk: p.global(DCP, "ChunkStorageMetadata"),
+            index: p.global(DCP, "MetadataIndex"),
+            info: p.global("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+            size: p.global("torch", "Size"),
+            bf16: p.global("torch", "bfloat16"),
+            layout: p.global("torch.serialization", "_get_layout"),
+            mem: p.global(DCP, "_MEM_FORMAT_ENCODING"),
+        }
+    }
+}
+
+impl Raw {
+    /// A TensorStorageMetadata's `properties` field: bf16, strided, contiguous.
+    fn bf16_properties(&mut self, c: &Classes) {
+        self.str("properties");
+        self.get(c.props);
+        self.op(b")\x81(");
+        self.get(c.bf16);
+        self.get(c.layout);
+        self.str("torch.strided");
+        self.op(b"\x85R\x89");
+        self.get(c.mem);
+        self.op(b"K\x00\x85R\x89");
+        self.op(b"tb");
+    }
+    /// A `_StorageInfo` (class `info`): bytes `offset..offset + length` of `__0_0.distcp`.
+    fn storage_info(&mut self, info: u32, offset: u32, length: u32) {
+        self.object(info, |p| {
+            p.str("relative_path");
+            p.str("__0_0.distcp");
+            p.str("offset");
+            p.int(offset);
+            p.str("length");
+            p.int(length);
+        });
+    }
+}
+
 /// The length of the data file the dcp-metadata target puts beside each `.metadata`.
 pub fn gemma_distcp_len() -> u32 {
     std::fs::metadata(
@@ -242,18 +302,9 @@ pub fn gemma_distcp_len() -> u32 {
 /// one shared empty item at its end: they tile it) and read_metadata's element count check
 /// holds (m chunks of 1 element = m).
 pub fn metadata_fanout(n: usize, m: usize, file_len: u32) -> Vec<u8> {
-    const M: &str = "torch.distributed.checkpoint.metadata";
     let mut p = Raw::new();
-    let meta = p.global(M, "Metadata");
-    let tsm = p.global(M, "TensorStorageMetadata");
-    let props = p.global(M, "TensorProperties");
-    let chunk = p.global(M, "ChunkStorageMetadata");
-    let index = p.global(M, "MetadataIndex");
-    let info = p.global("torch.distributed.checkpoint.filesystem", "_StorageInfo");
-    let size = p.global("torch", "Size");
-    let bf16 = p.global("torch", "bfloat16");
-    let layout = p.global("torch.serialization", "_get_layout");
-    let mem = p.global(M, "_MEM_FORMAT_ENCODING");
+    let c = Classes::new(&mut p);
+    let (meta, tsm, chunk, index, size) = (c.meta, c.tsm, c.chunk, c.index, c.size);
     p.object(meta, |p| {
         p.str("state_dict_metadata");
         p.op(b"}(");
@@ -264,16 +315,7 @@ pub fn metadata_fanout(n: usize, m: usize, file_len: u32) -> Vec<u8> {
                 Some(s) => p.get(s),
                 None => {
                     p.object(tsm, |p| {
-                        p.str("properties");
-                        p.get(props);
-                        p.op(b")\x81(");
-                        p.get(bf16);
-                        p.get(layout);
-                        p.str("torch.strided");
-                        p.op(b"\x85R\x89");
-                        p.get(mem);
-                        p.op(b"K\x00\x85R\x89");
-                        p.op(b"tb");
+                        p.bf16_properties(&c);
                         p.str("size");
                         p.size(size, &[m as u32]);
                         p.str("chunks");
@@ -314,21 +356,11 @@ pub fn metadata_fanout(n: usize, m: usize, file_len: u32) -> Vec<u8> {
                 p.str("index");
                 p.op(b"N");
             });
-            let item = |p: &mut Raw, offset: u32, length: u32| {
-                p.object(info, |p| {
-                    p.str("relative_path");
-                    p.str("__0_0.distcp");
-                    p.str("offset");
-                    p.int(offset);
-                    p.str("length");
-                    p.int(length);
-                });
-            };
             match storage {
-                _ if i == 0 => item(p, 0, file_len),
+                _ if i == 0 => p.storage_info(c.info, 0, file_len),
                 Some(s) => p.get(s),
                 None => {
-                    item(p, file_len, 0);
+                    p.storage_info(c.info, file_len, 0);
                     storage = Some(p.memoize());
                 }
             }
@@ -345,11 +377,10 @@ pub fn metadata_fanout(n: usize, m: usize, file_len: u32) -> Vec<u8> {
 /// field dict holds `junk` other fields before `fqn` (and one _StorageInfo covering the data
 /// file); state_dict_metadata is one tensor-less bytes entry.
 pub fn metadata_wide_index(n: usize, junk: usize, file_len: u32) -> Vec<u8> {
-    const M: &str = "torch.distributed.checkpoint.metadata";
     let mut p = Raw::new();
-    let meta = p.global(M, "Metadata");
-    let bytes = p.global(M, "BytesStorageMetadata");
-    let index = p.global(M, "MetadataIndex");
+    let meta = p.global(DCP, "Metadata");
+    let bytes = p.global(DCP, "BytesStorageMetadata");
+    let index = p.global(DCP, "MetadataIndex");
     let info = p.global("torch.distributed.checkpoint.filesystem", "_StorageInfo");
     p.object(meta, |p| {
         p.str("state_dict_metadata");
@@ -383,14 +414,7 @@ pub fn metadata_wide_index(n: usize, junk: usize, file_len: u32) -> Vec<u8> {
             match value {
                 Some(v) => p.get(v),
                 None => {
-                    p.object(info, |p| {
-                        p.str("relative_path");
-                        p.str("__0_0.distcp");
-                        p.str("offset");
-                        p.int(0);
-                        p.str("length");
-                        p.int(file_len);
-                    });
+                    p.storage_info(info, 0, file_len);
                     value = Some(p.memoize());
                 }
             }
@@ -413,18 +437,9 @@ pub struct Tensor {
 /// A `.metadata` of bf16 `tensors`, their chunks' items splitting a data file of `file_len`
 /// bytes in equal parts (so that they tile it).
 pub fn metadata_of(tensors: &[Tensor], file_len: u32) -> Vec<u8> {
-    const M: &str = "torch.distributed.checkpoint.metadata";
     let mut p = Raw::new();
-    let meta = p.global(M, "Metadata");
-    let tsm = p.global(M, "TensorStorageMetadata");
-    let props = p.global(M, "TensorProperties");
-    let chunk = p.global(M, "ChunkStorageMetadata");
-    let index = p.global(M, "MetadataIndex");
-    let info = p.global("torch.distributed.checkpoint.filesystem", "_StorageInfo");
-    let size = p.global("torch", "Size");
-    let bf16 = p.global("torch", "bfloat16");
-    let layout = p.global("torch.serialization", "_get_layout");
-    let mem = p.global(M, "_MEM_FORMAT_ENCODING");
+    let c = Classes::new(&mut p);
+    let (meta, tsm, chunk, index, size) = (c.meta, c.tsm, c.chunk, c.index, c.size);
     let long = |p: &mut Raw, v: u64| {
         p.op(&[0x8a, 8]);
         p.op(&v.to_le_bytes());
@@ -444,16 +459,7 @@ pub fn metadata_of(tensors: &[Tensor], file_len: u32) -> Vec<u8> {
         for t in tensors {
             p.str(&t.name);
             p.object(tsm, |p| {
-                p.str("properties");
-                p.get(props);
-                p.op(b")\x81(");
-                p.get(bf16);
-                p.get(layout);
-                p.str("torch.strided");
-                p.op(b"\x85R\x89");
-                p.get(mem);
-                p.op(b"K\x00\x85R\x89");
-                p.op(b"tb");
+                p.bf16_properties(&c);
                 p.str("size");
                 big_size(p, &t.size);
                 p.str("chunks");
@@ -491,14 +497,7 @@ pub fn metadata_of(tensors: &[Tensor], file_len: u32) -> Vec<u8> {
                 } else {
                     part
                 };
-                p.object(info, |p| {
-                    p.str("relative_path");
-                    p.str("__0_0.distcp");
-                    p.str("offset");
-                    p.int(k * part);
-                    p.str("length");
-                    p.int(len);
-                });
+                p.storage_info(c.info, k * part, len);
                 k += 1;
             }
         }
