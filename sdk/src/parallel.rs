@@ -17,6 +17,17 @@ pub enum TpSplit {
     GatedRows,
 }
 
+impl TpSplit {
+    /// The axis the ranks divide, if any.
+    pub fn axis(self) -> Option<usize> {
+        match self {
+            TpSplit::Replicated => None,
+            TpSplit::Axis(a) => Some(a),
+            TpSplit::GatedRows => Some(0),
+        }
+    }
+}
+
 /// The largest parallel degree (TP, PP, EP, virtual pipeline chunks) and the most ranks
 /// accepted: beyond any cluster, and small enough that nothing sized from it can exhaust memory.
 pub const MAX_DEGREE: u64 = 1 << 16;
@@ -135,6 +146,17 @@ pub fn tp_runs(shape: &[u64], es: u64, split: TpSplit, tp: u64, r: u64) -> Resul
             ]
         }
     })
+}
+
+/// The global shape of a rank-local one under `split` (the inverse of [`tp_local_shape`]):
+/// None when the shape has no such axis or the global size overflows.
+pub fn tp_global_shape(local: &[u64], split: TpSplit, tp: u64) -> Option<Vec<u64>> {
+    let mut s = local.to_vec();
+    if let Some(a) = split.axis() {
+        let d = s.get_mut(a)?;
+        *d = d.checked_mul(tp)?;
+    }
+    Some(s)
 }
 
 /// The shape rank-local under `split`.
@@ -294,6 +316,21 @@ pub fn box_runs(outer: &[u64], es: u64, offsets: &[u64], shape: &[u64]) -> Vec<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn global_shapes_invert_local_ones() {
+        for (shape, split) in [
+            (vec![8, 6], TpSplit::Axis(0)),
+            (vec![8, 6], TpSplit::Axis(1)),
+            (vec![8, 6], TpSplit::GatedRows),
+            (vec![8], TpSplit::Replicated),
+        ] {
+            let local = tp_local_shape(&shape, split, 2);
+            assert_eq!(tp_global_shape(&local, split, 2), Some(shape));
+        }
+        assert_eq!(tp_global_shape(&[4], TpSplit::Axis(1), 2), None);
+        assert_eq!(tp_global_shape(&[u64::MAX], TpSplit::Axis(0), 2), None);
+    }
 
     #[test]
     fn tp_runs_cover_each_tensor_once() {

@@ -14,7 +14,9 @@ use crate::checkpoint::is_tensor;
 use crate::dtypes;
 use crate::emit::{tensor_value, Archive, Pickler};
 use crate::pickle::{self, Value};
-use bridgeflow_sdk::parallel::{pp_layers, tp_local_shape, tp_runs, tp_split, TpSplit};
+use bridgeflow_sdk::parallel::{
+    pp_layers, tp_global_shape, tp_local_shape, tp_runs, tp_split, TpSplit,
+};
 use bridgeflow_sdk::{
     schemars, serde, Buffer, BufferPool, DType, Emitter, Item, MapView, PluginError, Result, Sink,
     Source, StreamPlan, Tensor, TensorInfo,
@@ -1706,6 +1708,16 @@ impl Source for LegacyReader {
                 }
                 let t = &self.ranks[i].tensors[&(v, key.clone())];
                 let es = t.dtype.size() as u64;
+                // The global shape this rank's shard is of, `degree` ranks dividing it.
+                let global_shape = |key: &str, split: TpSplit, degree: u64| -> Result<Vec<u64>> {
+                    if let Some(a) = split.axis().filter(|&a| a >= t.size.len()) {
+                        return Err(bad(format!(
+                            "'{key}' is {:?}: no axis {a} to split",
+                            t.size
+                        )));
+                    }
+                    tp_global_shape(&t.size, split, degree).ok_or_else(|| too_big(key))
+                };
                 // A local expert: `…mlp.experts.linear_fcN.weight{i}` (TE grouped GEMM) or
                 // `…mlp.experts.local_experts.{i}.linear_fcN.weight` (local spec).
                 let expert = local_expert(&key);
@@ -1745,18 +1757,7 @@ impl Source for LegacyReader {
                             .or_default()
                             .push((v, key.clone()));
                     }
-                    let mut one = t.size.clone();
-                    let a = match split {
-                        TpSplit::Axis(a) => Some(a),
-                        TpSplit::GatedRows => Some(0),
-                        TpSplit::Replicated => None,
-                    };
-                    if let Some(a) = a {
-                        let d = one.get_mut(a).ok_or_else(|| {
-                            bad(format!("'{key}' is {:?}: no axis {a} to split", t.size))
-                        })?;
-                        *d = d.checked_mul(etp).ok_or_else(|| too_big(&key))?;
-                    }
+                    let one = global_shape(&key, split, etp)?;
                     let bytes = one
                         .iter()
                         .try_fold(es, |a, &d| a.checked_mul(d))
@@ -1798,18 +1799,7 @@ impl Source for LegacyReader {
                             .or_default()
                             .push((v, key.clone()));
                     }
-                    let mut shape = t.size.clone();
-                    let a = match split {
-                        TpSplit::Replicated => None,
-                        TpSplit::Axis(a) => Some(a),
-                        TpSplit::GatedRows => Some(0),
-                    };
-                    if let Some(a) = a {
-                        let d = shape.get_mut(a).ok_or_else(|| {
-                            bad(format!("'{key}' is {:?}: no axis {a} to split", t.size))
-                        })?;
-                        *d = d.checked_mul(tp).ok_or_else(|| too_big(&key))?;
-                    }
+                    let shape = global_shape(&key, split, tp)?;
                     let runs = tp_runs(&shape, es, split, tp, r)?;
                     (name, shape, runs)
                 };
