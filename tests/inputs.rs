@@ -68,7 +68,7 @@ fn a_writer_writing_out_of_a_truncated_input_names_the_input_and_nothing_crashes
         StageKind::Reader,
         serde_json::json!({ "path": input }),
     );
-    let plan: StreamPlan = reader.plan(RVec::new()).into_result().unwrap();
+    let plan: StreamPlan = reader.plan(RVec::new()).into_result().unwrap().remove(0);
     let items = read_all(&mut reader).unwrap();
     let views: Vec<Buffer> = items
         .iter()

@@ -1,4 +1,5 @@
-//! The global memory budget: bytes of tensor data in flight between stages.
+//! The global memory budget: bytes of tensor data in flight between stages, and apart from
+//! them the bytes stateful stages retain.
 //!
 //! Every buffer a stage emits is wrapped once in an accounted owner that adds its bytes to the
 //! count and removes them when the last view of the buffer is dropped, wherever that happens
@@ -18,6 +19,12 @@
 //! stages are busy and how many items sit in channels; when a source has waited while nothing
 //! was busy or queued for two consecutive checks, the pipeline cannot progress on its own, so
 //! the source is admitted over budget (with a warning) rather than hang.
+//!
+//! A stateful stage (a trainer holding a model's weights, `retains_inputs` in its descriptor)
+//! keeps what it receives on purpose. Each tensor it receives moves from in flight to retained
+//! ([`Budget::retain`]): retained bytes are reported, but they never make a source wait, never
+//! hold back the stage that made them, and never count toward an overdraft. The budget bounds
+//! the data moving through the pipeline; what a stage decides to keep is the stage's own size.
 
 use bridgeflow_sdk::{Buffer, BufferVTable};
 use std::ffi::c_void;
@@ -35,6 +42,8 @@ enum Waiter<'a> {
 struct State {
     in_flight: u64,
     peak: u64,
+    retained: u64,
+    peak_retained: u64,
 }
 
 pub struct Budget {
@@ -75,6 +84,14 @@ impl Budget {
     /// The highest count seen during the run.
     pub fn peak(&self) -> u64 {
         self.state.lock().unwrap().peak
+    }
+    /// Bytes stateful stages hold now.
+    pub fn retained(&self) -> u64 {
+        self.state.lock().unwrap().retained
+    }
+    /// The most bytes stateful stages held at once.
+    pub fn peak_retained(&self) -> u64 {
+        self.state.lock().unwrap().peak_retained
     }
 
     /// Wakes every waiter and makes later waits fail.
@@ -186,9 +203,36 @@ impl Budget {
         true
     }
 
-    fn release(&self, bytes: u64) {
+    fn release(&self, bytes: u64, retained: bool) {
         let mut st = self.state.lock().unwrap();
-        st.in_flight -= bytes;
+        if retained {
+            st.retained -= bytes;
+        } else {
+            st.in_flight -= bytes;
+        }
+        drop(st);
+        self.freed.notify_all();
+    }
+
+    /// A stateful stage keeps `buf`: its bytes move from in flight to retained, and stop
+    /// counting as the output of the stage that made it. Idempotent; buffers the budget never
+    /// counted are left alone.
+    pub fn retain(&self, buf: &Buffer) {
+        if !std::ptr::eq(buf.vtable(), &ACCOUNTED) {
+            return;
+        }
+        // SAFETY: accounted buffers' owner is an `Accounted` (see `wrap`), alive while `buf` is.
+        let owner = unsafe { &*(buf.owner() as *const Accounted) };
+        if owner.retained.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(own) = &owner.stage {
+            own.fetch_sub(owner.bytes, Ordering::SeqCst);
+        }
+        let mut st = self.state.lock().unwrap();
+        st.in_flight -= owner.bytes;
+        st.retained += owner.bytes;
+        st.peak_retained = st.peak_retained.max(st.retained);
         drop(st);
         self.freed.notify_all();
     }
@@ -231,6 +275,7 @@ impl Budget {
             budget: self.clone(),
             bytes,
             stage,
+            retained: AtomicBool::new(false),
         });
         // SAFETY: the view points into `_inner`, which the owner keeps alive; we hand over the
         // one strong count created by Arc::new.
@@ -258,7 +303,7 @@ pub struct Hold {
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        self.budget.release(self.bytes);
+        self.budget.release(self.bytes, false);
     }
 }
 
@@ -268,14 +313,17 @@ struct Accounted {
     bytes: u64,
     /// The alive-output count of the downstream stage that made it.
     stage: Option<Arc<AtomicU64>>,
+    /// Kept by a stateful stage: counted as retained, no longer in `stage`'s output.
+    retained: AtomicBool,
 }
 
 impl Drop for Accounted {
     fn drop(&mut self) {
-        if let Some(own) = &self.stage {
+        let retained = self.retained.load(Ordering::SeqCst);
+        if let (Some(own), false) = (&self.stage, retained) {
             own.fetch_sub(self.bytes, Ordering::SeqCst);
         }
-        self.budget.release(self.bytes);
+        self.budget.release(self.bytes, retained);
     }
 }
 
@@ -393,6 +441,35 @@ mod tests {
         assert_eq!(own.load(Ordering::SeqCst), 80);
         drop((second, third, input));
         assert_eq!((b.in_flight(), own.load(Ordering::SeqCst)), (0, 0));
+    }
+
+    #[test]
+    fn retained_bytes_block_nobody() {
+        let b = Budget::new(100);
+        let own = Arc::new(AtomicU64::new(0));
+        let kept: Vec<Buffer> = (0..10)
+            .map(|_| {
+                let buf = b
+                    .account_downstream(Buffer::from_vec(vec![0; 60]), &own)
+                    .unwrap();
+                b.retain(&buf);
+                b.retain(&buf); // once only
+                buf
+            })
+            .collect();
+        assert_eq!(
+            (b.in_flight(), b.retained(), own.load(Ordering::SeqCst)),
+            (0, 600, 0)
+        );
+        // A source is not held back by the 600 retained bytes.
+        let more = b.account(Buffer::from_vec(vec![0; 90]), true).unwrap();
+        assert_eq!((b.in_flight(), b.overdrafts()), (90, 0));
+        drop(kept);
+        drop(more);
+        assert_eq!(
+            (b.in_flight(), b.retained(), b.peak_retained()),
+            (0, 0, 600)
+        );
     }
 
     #[test]

@@ -11,8 +11,8 @@
 
 use bridgeflow_sdk::plugin::{AbiStamp, ABI_MAGIC, ABI_SYMBOL};
 use bridgeflow_sdk::{
-    PluginDescriptor, PluginError, PluginLibRef, StageBox, StageDescriptor, StageKind, ABI_VERSION,
-    SDK_VERSION,
+    EndpointDecl, PluginDescriptor, PluginError, PluginLibRef, StageBox, StageDescriptor,
+    StageKind, TranslationDecl, ABI_VERSION, SDK_VERSION,
 };
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -198,6 +198,81 @@ impl PluginHost {
             .filter(|(score, _)| *score > 0)
             .max_by_key(|(score, _)| *score)
             .map(|(_, pl)| pl)
+    }
+
+    /// The plugin whose `kind` stage declares `scheme` (or an alias of it) as an endpoint, with
+    /// that declaration.
+    pub fn endpoint(&self, kind: StageKind, scheme: &str) -> Option<(&Plugin, &EndpointDecl)> {
+        self.plugins.iter().find_map(|pl| {
+            let d = pl
+                .stage(kind)?
+                .endpoints
+                .iter()
+                .find(|e| e.answers(scheme))?;
+            Some((pl, d))
+        })
+    }
+
+    /// Every scheme `kind` stages serve, sorted (for messages and `--help`).
+    pub fn schemes(&self, kind: StageKind) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .plugins
+            .iter()
+            .filter_map(|pl| pl.stage(kind))
+            .flat_map(|s| s.endpoints.iter().map(|e| e.scheme.to_string()))
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// A stage that translates a stream named `from` into names `to`: (plugin, its kind, the
+    /// declaration).
+    pub fn translator(
+        &self,
+        from: &str,
+        to: &str,
+    ) -> Option<(&Plugin, StageKind, &TranslationDecl)> {
+        self.plugins.iter().find_map(|pl| {
+            pl.descriptor.stages.iter().find_map(|s| {
+                let t = s
+                    .translations
+                    .iter()
+                    .find(|t| t.from == from && t.to == to)?;
+                Some((pl, s.kind, t))
+            })
+        })
+    }
+
+    /// The transform that dequantizes `quant_method`, and every method some stage takes.
+    pub fn dequantizer(&self, quant_method: &str) -> Result<&Plugin, Vec<String>> {
+        let takes = |s: &StageDescriptor| s.quant_methods.iter().any(|m| m == quant_method);
+        self.plugins
+            .iter()
+            .find(|pl| pl.descriptor.stages.iter().any(takes))
+            .ok_or_else(|| {
+                let mut all: Vec<String> = self
+                    .plugins
+                    .iter()
+                    .flat_map(|pl| pl.descriptor.stages.iter())
+                    .flat_map(|s| s.quant_methods.iter().map(|m| m.to_string()))
+                    .collect();
+                all.sort();
+                all.dedup();
+                all
+            })
+    }
+
+    /// The quantization method `plugin`'s reader finds at `path` (None: not quantized).
+    pub fn quant_method(
+        &self,
+        plugin: &Plugin,
+        path: &Path,
+    ) -> Result<Option<String>, PluginError> {
+        let probe = self.libraries[plugin.library].module.quant_method();
+        let p = path.to_string_lossy();
+        let m = probe(plugin.name().into(), p.as_ref().into()).into_result()?;
+        Ok((!m.is_empty()).then(|| m.to_string()))
     }
 
     /// Text listing what was refused, for "unknown plugin" messages.

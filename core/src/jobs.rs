@@ -1,4 +1,5 @@
-//! The common jobs behind one-line commands (`bridgeflow preprocess`, `bridgeflow merge`): each
+//! The common jobs behind one-line commands (`bridgeflow preprocess`, `bridgeflow merge`,
+//! `bridgeflow verify`; `bridgeflow convert` is in [`crate::convert`]): each
 //! builds an ordinary pipeline from plugins and runs it through the same runtime, so they
 //! validate, stream, cancel and report exactly as pipeline files do.
 
@@ -27,7 +28,13 @@ impl std::fmt::Display for JobError {
 
 impl std::error::Error for JobError {}
 
-fn stage(name: &str, plugin: &str, kind: &str, inputs: &[&str], config: Table) -> StageSpec {
+pub(crate) fn stage(
+    name: &str,
+    plugin: &str,
+    kind: &str,
+    inputs: &[&str],
+    config: Table,
+) -> StageSpec {
     StageSpec {
         name: name.into(),
         plugin: plugin.into(),
@@ -38,7 +45,7 @@ fn stage(name: &str, plugin: &str, kind: &str, inputs: &[&str], config: Table) -
     }
 }
 
-fn table(pairs: Vec<(&str, Value)>) -> Table {
+pub(crate) fn table(pairs: Vec<(&str, Value)>) -> Table {
     pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
@@ -58,7 +65,17 @@ fn run(
         description: String::new(),
         vars: Default::default(),
         stages,
+        convert: None,
     };
+    run_spec(spec, host, opts)
+}
+
+/// Validates, builds and runs a pipeline spec.
+pub(crate) fn run_spec(
+    spec: PipelineSpec,
+    host: &PluginHost,
+    opts: &RunOptions,
+) -> Result<RunReport, JobError> {
     let graph = graph::build(spec, host).map_err(|e| JobError::Invalid(e.to_string()))?;
     run_blocking(graph, opts.clone()).map_err(JobError::Run)
 }
@@ -230,217 +247,6 @@ pub fn merge(
         ),
     ];
     run("merge", stages, host, opts)
-}
-
-/// A checkpoint location on the command line: `hf:DIR` or `megatron:DIR`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Endpoint {
-    Hf(std::path::PathBuf),
-    Megatron(std::path::PathBuf),
-    /// Megatron-LM's own checkpoint (`mp_rank_*/model_optim_rng.pt`).
-    MegatronLm(std::path::PathBuf),
-}
-
-impl Endpoint {
-    pub fn parse(s: &str) -> Result<Endpoint, String> {
-        match s.split_once(':') {
-            Some(("hf", p)) => Ok(Endpoint::Hf(p.into())),
-            Some(("megatron", p)) | Some(("mcore", p)) => Ok(Endpoint::Megatron(p.into())),
-            Some(("megatron-lm", p)) | Some(("mlm", p)) => Ok(Endpoint::MegatronLm(p.into())),
-            _ => Err(format!(
-                "'{s}': expected hf:DIR, megatron:DIR (torch_dist) or megatron-lm:DIR"
-            )),
-        }
-    }
-}
-
-/// How a Megatron-LM output is split: tensor, pipeline, virtual-pipeline and expert ranks.
-#[derive(Debug, Clone, Copy)]
-pub struct Layout {
-    pub tp: u64,
-    pub pp: u64,
-    pub vpp: u64,
-    pub ep: u64,
-}
-
-impl Layout {
-    /// Each degree from 1 to [`bridgeflow_sdk::parallel::MAX_DEGREE`], named as its option.
-    pub fn check(&self) -> Result<(), String> {
-        for (option, v) in [
-            ("--tp", self.tp),
-            ("--pp", self.pp),
-            ("--vpp", self.vpp),
-            ("--ep", self.ep),
-        ] {
-            bridgeflow_sdk::parallel::check_degree(option, v).map_err(|e| e.message.to_string())?;
-        }
-        bridgeflow_sdk::parallel::check_product("--tp × --pp × --ep", &[self.tp, self.pp, self.ep])
-            .map_err(|e| e.message.to_string())?;
-        Ok(())
-    }
-}
-
-impl Default for Layout {
-    fn default() -> Self {
-        Layout {
-            tp: 1,
-            pp: 1,
-            vpp: 1,
-            ep: 1,
-        }
-    }
-}
-
-/// `bridgeflow convert`: between HF, Megatron-Core torch_dist and Megatron-LM checkpoints;
-/// through the model mapper when one side is HF.
-pub fn convert(
-    from: &Endpoint,
-    to: &Endpoint,
-    hf_config: Option<&Path>,
-    layout: Layout,
-    overwrite: bool,
-    host: &PluginHost,
-    opts: &RunOptions,
-) -> Result<RunReport, JobError> {
-    layout.check().map_err(JobError::Invalid)?;
-    let s = |v: &Path| Value::String(v.to_string_lossy().into_owned());
-    let yes = Value::Boolean(true);
-    let (read, map_direction) = match from {
-        Endpoint::Hf(src) => (
-            stage(
-                "read",
-                "safetensors",
-                "reader",
-                &[],
-                table(vec![("path", s(src))]),
-            ),
-            Some("to-megatron"),
-        ),
-        // Layers one at a time, stored blocks as views: nothing assembled that need not be.
-        Endpoint::Megatron(src) => (
-            stage(
-                "read",
-                "torch-dist",
-                "reader",
-                &[],
-                table(vec![
-                    ("path", s(src)),
-                    ("split_layers", yes.clone()),
-                    ("row_pieces", yes.clone()),
-                ]),
-            ),
-            matches!(to, Endpoint::Hf(_)).then_some("to-hf"),
-        ),
-        Endpoint::MegatronLm(src) => (
-            stage(
-                "read",
-                "megatron-lm",
-                "reader",
-                &[],
-                table(vec![("path", s(src)), ("pieces", yes.clone())]),
-            ),
-            matches!(to, Endpoint::Hf(_)).then_some("to-hf"),
-        ),
-    };
-    let write_cfg = |dst: &Path| {
-        table(vec![
-            ("path", s(dst)),
-            ("overwrite", Value::Boolean(overwrite)),
-        ])
-    };
-    let write = match to {
-        Endpoint::Hf(dst) => stage("write", "safetensors", "writer", &["map"], write_cfg(dst)),
-        // torch_dist: written as `--tp` × `--pp` ranks would write it.
-        Endpoint::Megatron(dst) => {
-            let mut cfg = write_cfg(dst);
-            cfg.insert("tp".into(), Value::Integer(layout.tp as i64));
-            cfg.insert("pp".into(), Value::Integer(layout.pp as i64));
-            stage("write", "torch-dist", "writer", &["map"], cfg)
-        }
-        Endpoint::MegatronLm(dst) => {
-            let mut cfg = write_cfg(dst);
-            for (k, v) in [
-                ("tp", layout.tp),
-                ("pp", layout.pp),
-                ("vpp", layout.vpp),
-                ("ep", layout.ep),
-            ] {
-                cfg.insert(k.into(), Value::Integer(v as i64));
-            }
-            stage("write", "megatron-lm", "writer", &["map"], cfg)
-        }
-    };
-    if matches!((from, to), (Endpoint::Hf(_), Endpoint::Hf(_))) {
-        return Err(JobError::Invalid(
-            "convert needs a Megatron side: hf: to megatron:/megatron-lm: or back".into(),
-        ));
-    }
-    if matches!(from, Endpoint::MegatronLm(_))
-        && matches!(to, Endpoint::Hf(_))
-        && hf_config.is_none()
-    {
-        return Err(JobError::Invalid(
-            "a Megatron-LM checkpoint carries no HF config: give --hf-config HF_DIR/config.json"
-                .into(),
-        ));
-    }
-    let mut stages = vec![read];
-    let mut map_input = "read";
-    if let Endpoint::Hf(src) = from {
-        // Quantized releases are dequantized on the way in, as Megatron-Bridge does.
-        if let Some(plugin) = dequantizer(src)? {
-            stages.push(stage(
-                "dequant",
-                plugin,
-                "transform",
-                &["read"],
-                Table::new(),
-            ));
-            map_input = "dequant";
-        }
-    }
-    match map_direction {
-        Some(direction) => {
-            let mut map = table(vec![("direction", Value::String(direction.into()))]);
-            if let (Some(cfg), "to-hf") = (hf_config, direction) {
-                map.insert("hf_config".into(), s(cfg));
-            }
-            if direction == "to-megatron" {
-                // The vocabulary is padded for the TP degree (make_vocab_size_divisible_by × tp).
-                map.insert("tensor_parallel".into(), Value::Integer(layout.tp as i64));
-            }
-            stages.push(stage("map", "models", "mapper", &[map_input], map));
-            stages.push(write);
-        }
-        // Megatron to Megatron: the tensors as they are, re-laid out by the writer.
-        None => stages.push(StageSpec {
-            inputs: vec!["read".into()],
-            ..write
-        }),
-    }
-    run("convert", stages, host, opts)
-}
-
-/// The stage that dequantizes an HF checkpoint, from its config's `quantization_config`:
-/// `fp8-dequant` for block-scaled FP8 (DeepSeek-V3), `mxfp4-dequant` for MXFP4 (GPT-OSS).
-fn dequantizer(dir: &Path) -> Result<Option<&'static str>, JobError> {
-    let path = dir.join("config.json");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(None); // the reader names a missing config
-    };
-    let cfg: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| JobError::Invalid(format!("{}: {e}", path.display())))?;
-    let Some(q) = cfg.get("quantization_config") else {
-        return Ok(None);
-    };
-    match q.get("quant_method").and_then(|m| m.as_str()) {
-        Some("fp8") => Ok(Some("fp8-dequant")),
-        Some("mxfp4") => Ok(Some("mxfp4-dequant")),
-        other => Err(JobError::Invalid(format!(
-            "{}: quantization_config.quant_method {other:?} is not one convert dequantizes (fp8, mxfp4)",
-            path.display()
-        ))),
-    }
 }
 
 /// What `bridgeflow verify` checks.

@@ -6,6 +6,7 @@
 //! under a [`budget`]).
 
 pub mod budget;
+pub mod convert;
 pub mod error;
 pub mod graph;
 pub mod host;

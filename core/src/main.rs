@@ -1,10 +1,9 @@
 //! The `bridgeflow` command.
 
 use anyhow::{anyhow, Context};
+use bridgeflow_core::convert::{convert, Convert, Location};
 use bridgeflow_core::host::{default_search_path, PluginHost};
-use bridgeflow_core::jobs::{
-    convert, merge, preprocess, verify, Endpoint, JobError, Preprocess, VerifyTarget,
-};
+use bridgeflow_core::jobs::{merge, preprocess, verify, JobError, Preprocess, VerifyTarget};
 use bridgeflow_core::pipeline::Override;
 use bridgeflow_core::runtime::{run_blocking, RunOptions, RunReport};
 use bridgeflow_sdk::units::{human, parse_size};
@@ -99,16 +98,18 @@ enum Command {
         #[arg(long)]
         no_progress: bool,
     },
-    /// Convert a checkpoint between Hugging Face, Megatron-Core torch_dist and Megatron-LM's own
-    /// format: `--from hf:DIR --to megatron:DIR`, `--from megatron:DIR --to hf:DIR` (the HF config
-    /// is rebuilt from the checkpoint's run_config.yaml unless --hf-config is given),
-    /// `--to megatron-lm:DIR --tp 2 --pp 2 [--vpp N] [--ep N]` from hf: or megatron:, and
-    /// `--from megatron-lm:DIR` to hf: (with --hf-config) or megatron:.
+    /// Convert a checkpoint between formats, each side SCHEME:PATH as reader and writer plugins
+    /// declare them (`bridgeflow plugins` lists them): `--from hf:DIR --to megatron:DIR`,
+    /// `--from megatron:DIR --to hf:DIR` (the HF config is rebuilt from the checkpoint's
+    /// run_config.yaml unless --hf-config is given), `--to megatron-lm:DIR --tp 2 --pp 2 [--vpp N]
+    /// [--ep N]` from hf: or megatron:, and `--from megatron-lm:DIR` to hf: (with --hf-config) or
+    /// megatron:. A conversion a pipeline file declares ([convert] in pipelines/*.toml) runs
+    /// that pipeline; others are composed from the plugins' declarations.
     Convert {
-        #[arg(long, value_parser = Endpoint::parse)]
-        from: Endpoint,
-        #[arg(long, value_parser = Endpoint::parse)]
-        to: Endpoint,
+        #[arg(long, value_parser = Location::parse)]
+        from: Location,
+        #[arg(long, value_parser = Location::parse)]
+        to: Location,
         /// The HF config.json to export with (default: rebuilt from the checkpoint's run_config.yaml;
         /// required from a Megatron-LM checkpoint).
         #[arg(long)]
@@ -117,7 +118,7 @@ enum Command {
         /// as that many ranks would, each rank's chunks in its own files).
         #[arg(long, default_value_t = 1, value_parser = degree())]
         tp: u64,
-        /// Megatron-LM output: pipeline stages.
+        /// Pipeline stages of the output.
         #[arg(long, default_value_t = 1, value_parser = degree())]
         pp: u64,
         /// Megatron-LM output: virtual pipeline chunks per stage.
@@ -128,6 +129,9 @@ enum Command {
         ep: u64,
         #[arg(long)]
         overwrite: bool,
+        /// Override a stage's config (`write.max_shard_size=2GB`) or a pipeline variable.
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = Override::parse)]
+        set: Vec<Override>,
         #[arg(long, default_value = "2GiB", value_parser = parse_size)]
         memory_budget: u64,
         #[arg(long)]
@@ -180,9 +184,12 @@ enum Command {
     },
 }
 
+/// The largest parallel degree the command line takes (writers check their own limits too).
+const MAX_DEGREE: u64 = 65536;
+
 /// A parallel degree on the command line: 1 to 65536 (clap names the option when it is not).
 fn degree() -> clap::builder::RangedU64ValueParser<u64> {
-    clap::value_parser!(u64).range(1..=bridgeflow_sdk::parallel::MAX_DEGREE)
+    clap::value_parser!(u64).range(1..=MAX_DEGREE)
 }
 
 fn main() -> ExitCode {
@@ -257,24 +264,38 @@ fn main() -> ExitCode {
             vpp,
             ep,
             overwrite,
+            set,
             memory_budget,
             no_progress,
         } => {
-            let layout = bridgeflow_core::jobs::Layout { tp, pp, vpp, ep };
+            // Only what differs from the defaults is passed on (see convert's module docs).
+            let mut options: Vec<(String, toml::Value)> =
+                [("tp", tp), ("pp", pp), ("vpp", vpp), ("ep", ep)]
+                    .into_iter()
+                    .filter(|&(_, v)| v != 1)
+                    .map(|(k, v)| (k.to_string(), toml::Value::Integer(v as i64)))
+                    .collect();
+            if let Some(c) = hf_config {
+                options.push((
+                    "hf_config".into(),
+                    toml::Value::String(c.to_string_lossy().into()),
+                ));
+            }
+            if overwrite {
+                options.push(("overwrite".into(), toml::Value::Boolean(true)));
+            }
+            let req = Convert {
+                from: Some(from),
+                to: Some(to),
+                options,
+                overrides: set,
+            };
             let opts = RunOptions {
                 memory_budget,
                 progress: !no_progress,
                 ..Default::default()
             };
-            match convert(
-                &from,
-                &to,
-                hf_config.as_deref(),
-                layout,
-                overwrite,
-                &host,
-                &opts,
-            ) {
+            match convert(&req, &host, &opts) {
                 Ok(r) => {
                     print_report(&r);
                     Ok(ExitCode::SUCCESS)
@@ -508,12 +529,42 @@ fn print_report(r: &RunReport) {
             print!(" — {}", s.summary);
         }
         println!();
+        if let Some(m) = metrics_line(&s.metrics) {
+            println!("  {:<14} {m}", "");
+        }
     }
     println!(
         "  peak tensor data in flight: {} (budget {})",
         human(r.peak_in_flight),
         human(r.budget)
     );
+    if r.peak_retained > 0 {
+        println!(
+            "  peak tensor data retained by stateful stages: {} (apart from the budget)",
+            human(r.peak_retained)
+        );
+    }
+}
+
+/// A stage's metrics on one line: its top-level numbers, strings and booleans (`key=value`),
+/// lists by their length and last value (a loss curve: `loss=[20 values, last 2.31]`).
+fn metrics_line(m: &serde_json::Value) -> Option<String> {
+    let obj = m.as_object()?;
+    let parts: Vec<String> = obj
+        .iter()
+        .filter_map(|(k, v)| match v {
+            serde_json::Value::Array(a) => Some(match a.last() {
+                Some(last) if !last.is_object() && !last.is_array() => {
+                    format!("{k}=[{} values, last {last}]", a.len())
+                }
+                _ => format!("{k}=[{} values]", a.len()),
+            }),
+            serde_json::Value::Object(_) | serde_json::Value::Null => None,
+            serde_json::Value::String(t) => Some(format!("{k}={t}")),
+            other => Some(format!("{k}={other}")),
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(" "))
 }
 
 fn cmd_validate(
@@ -530,7 +581,17 @@ fn cmd_validate(
                 if g.nodes.len() == 1 { "" } else { "s" }
             );
             for n in &g.nodes {
-                let ins: Vec<&str> = n.inputs.iter().map(|&i| g.nodes[i].name.as_str()).collect();
+                let ins: Vec<String> = n
+                    .inputs
+                    .iter()
+                    .map(|u| {
+                        let up = &g.nodes[u.node];
+                        match up.descriptor.outputs.len() {
+                            1 => up.name.clone(),
+                            _ => format!("{}.{}", up.name, up.descriptor.outputs[u.port].name),
+                        }
+                    })
+                    .collect();
                 println!(
                     "  {:<14} {} {}{}",
                     n.name,
@@ -573,6 +634,7 @@ fn cmd_plugins(host: &PluginHost, json: bool, schema: Option<String>) -> anyhow:
                     "version": p.descriptor.version.as_str(),
                     "sdk_version": p.descriptor.sdk_version.as_str(),
                     "kinds": p.kinds().iter().map(|k| k.name()).collect::<Vec<_>>(),
+                    "stages": p.descriptor.stages.iter().map(stage_json).collect::<Vec<_>>(),
                     "file": host.library_of(p).path,
                     "description": p.descriptor.description.as_str(),
                 })
@@ -607,11 +669,44 @@ fn cmd_plugins(host: &PluginHost, json: bool, schema: Option<String>) -> anyhow:
             host.library_of(p).path.display()
         );
         println!("{:<14} {}", "", p.descriptor.description.as_str());
+        for s in p.descriptor.stages.iter() {
+            for e in s.endpoints.iter() {
+                println!(
+                    "{:<14} {} {}: ({} names) {}",
+                    "", s.kind, e.scheme, e.naming, e.description
+                );
+            }
+        }
     }
     for r in &host.refused {
         println!("refused {}: {}", r.path.display(), r.reason);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A stage's declaration for `plugins --json`.
+fn stage_json(s: &bridgeflow_sdk::StageDescriptor) -> serde_json::Value {
+    serde_json::json!({
+        "kind": s.kind.name(),
+        "description": s.description.as_str(),
+        "inputs": s.inputs.iter().map(|t| t.name()).collect::<Vec<_>>(),
+        "outputs": s.outputs.iter()
+            .map(|o| serde_json::json!({"name": o.name.as_str(), "type": o.ty.name()}))
+            .collect::<Vec<_>>(),
+        "retains_inputs": s.retains_inputs,
+        "endpoints": s.endpoints.iter()
+            .map(|e| serde_json::json!({
+                "scheme": e.scheme.as_str(),
+                "aliases": e.aliases.iter().map(|a| a.as_str()).collect::<Vec<_>>(),
+                "naming": e.naming.as_str(),
+                "options": e.options.iter().map(|o| o.as_str()).collect::<Vec<_>>(),
+            }))
+            .collect::<Vec<_>>(),
+        "translations": s.translations.iter()
+            .map(|t| serde_json::json!({"from": t.from.as_str(), "to": t.to.as_str()}))
+            .collect::<Vec<_>>(),
+        "quant_methods": s.quant_methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+    })
 }
 
 fn cmd_inspect(
@@ -645,7 +740,10 @@ fn cmd_inspect(
     let plan: StreamPlan = stage
         .plan(Vec::new().into())
         .into_result()
-        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
     if json {
         let tensors: Vec<serde_json::Value> = plan
             .tensors

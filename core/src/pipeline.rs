@@ -33,6 +33,34 @@ pub struct PipelineSpec {
     pub vars: BTreeMap<String, Value>,
     /// Stages in file order.
     pub stages: Vec<StageSpec>,
+    /// Set when the file is `bridgeflow convert`'s definition of one conversion.
+    pub convert: Option<ConvertSpec>,
+}
+
+/// A pipeline file's `[convert]` table: `bridgeflow convert --from FROM:IN --to TO:OUT` runs
+/// this pipeline with the variables `input` = IN and `output` = OUT.
+///
+/// ```toml
+/// [convert]
+/// from = "hf"
+/// to = "megatron"
+/// options = { tp = ["write.tp", "map.tensor_parallel"], overwrite = ["write.overwrite"] }
+/// required = { hf_config = "give --hf-config HF_DIR/config.json" }
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConvertSpec {
+    /// The reader's scheme.
+    pub from: String,
+    /// The writer's scheme.
+    pub to: String,
+    /// Each of convert's options (`tp`, `hf_config`, `overwrite`, …) as the `--set` keys its
+    /// value goes to: `stage.key` for a config key, `name` for a variable.
+    #[serde(default)]
+    pub options: BTreeMap<String, Vec<String>>,
+    /// Options this conversion cannot go without, each with the message saying why.
+    #[serde(default)]
+    pub required: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +92,8 @@ struct FileRaw {
     vars: BTreeMap<String, Value>,
     #[serde(default)]
     stages: toml::map::Map<String, Value>,
+    #[serde(default)]
+    convert: Option<ConvertSpec>,
 }
 
 #[derive(Deserialize)]
@@ -243,6 +273,7 @@ pub fn parse(
         description: raw.pipeline.description.unwrap_or_default(),
         vars,
         stages,
+        convert: raw.convert,
     })
 }
 

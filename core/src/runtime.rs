@@ -27,10 +27,10 @@
 
 use crate::budget::{Budget, Hold};
 use crate::error::RunError;
-use crate::graph::{Graph, Node};
+use crate::graph::{Graph, Node, Upstream};
 use crate::progress::Progress;
 use bridgeflow_sdk::fsutil::{CommitGate, Interrupt};
-use bridgeflow_sdk::{Emitter, Item, PluginError, RecordBatchFfi, StreamPlan};
+use bridgeflow_sdk::{Emitter, Finished, Item, PluginError, PortType, RecordBatchFfi, StreamPlan};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::mpsc::{channel, Receiver, Sender};
@@ -67,6 +67,9 @@ pub struct StageReport {
     pub seconds: f64,
     /// What the stage said when it finished (writers: what they committed).
     pub summary: String,
+    /// The numbers the stage reported when it finished (null: none).
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    pub metrics: serde_json::Value,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -76,6 +79,8 @@ pub struct RunReport {
     pub budget: u64,
     /// Highest bytes of tensor data in flight, by the runtime's own count.
     pub peak_in_flight: u64,
+    /// Most bytes stateful stages retained at once (not part of the in-flight count).
+    pub peak_retained: u64,
     /// Times a source was let over the budget because the pipeline could not progress otherwise.
     pub overdrafts: usize,
     pub seconds: f64,
@@ -383,7 +388,7 @@ pub async fn run(graph: Graph, opts: RunOptions) -> Result<RunReport, RunError> 
 }
 
 async fn run_registered(
-    mut nodes: Vec<Node>,
+    nodes: Vec<Node>,
     sinks: Vec<Option<usize>>,
     shared: &Arc<Shared>,
     opts: RunOptions,
@@ -391,94 +396,41 @@ async fn run_registered(
     pipeline: String,
 ) -> Result<RunReport, RunError> {
     let budget = shared.budget.clone();
-
-    // 1. Plans, in topological order: each stage learns what its inputs will carry.
-    let (nodes_back, plans) = tokio::task::spawn_blocking(move || {
-        let mut plans: Vec<StreamPlan> = Vec::with_capacity(nodes.len());
-        for i in 0..nodes.len() {
-            let inputs: Vec<StreamPlan> =
-                nodes[i].inputs.iter().map(|&j| plans[j].clone()).collect();
-            let span = info_span!("plan", stage = %nodes[i].name);
-            let _e = span.enter();
-            match nodes[i].stage.plan(inputs.into()).into_result() {
-                Ok(p) => plans.push(p),
-                Err(e) => {
-                    let err = run_error(&nodes[i], e);
-                    for n in nodes.iter_mut() {
-                        n.stage.abort();
-                    }
-                    return (nodes, Err(err));
-                }
-            }
-        }
-        (nodes, Ok(plans))
-    })
-    .await
-    .expect("planning task panicked");
+    let (mut nodes, plans) = tokio::task::spawn_blocking(move || plan_all(nodes))
+        .await
+        .expect("planning task panicked");
     let plans = plans?;
-    nodes = nodes_back;
     // Interrupted while planning.
     if budget.is_cancelled() {
-        for n in nodes.iter_mut() {
-            n.stage.abort();
-        }
+        abort_all(&mut nodes);
         let e = shared.first_error.lock().unwrap().take();
         return Err(e.unwrap_or_else(|| RunError::runtime(PluginError::cancelled())));
     }
 
-    // 2. Channels: one inbound channel per stage with inputs, shared by its input ports.
-    let mut senders: Vec<Option<Sender<Envelope>>> = Vec::new();
-    let mut receivers: Vec<Option<Receiver<Envelope>>> = Vec::new();
-    for n in &nodes {
-        if n.is_source() {
-            senders.push(None);
-            receivers.push(None);
-        } else {
-            let (tx, rx) = channel(opts.channel_capacity.max(1));
-            senders.push(Some(tx));
-            receivers.push(Some(rx));
-        }
-    }
-
+    let mut wiring = Wiring::new(&nodes, opts.channel_capacity);
     let progress = Progress::new(opts.progress);
-
-    // 3. One blocking task per stage.
+    // One blocking task per stage.
     let mut handles = Vec::new();
     for (i, node) in nodes.into_iter().enumerate() {
-        let outs: Vec<(Sender<Envelope>, usize)> = node
-            .consumers
-            .iter()
-            .map(|&(c, port)| (senders[c].clone().expect("consumer has a channel"), port))
-            .collect();
-        let rx = receivers[i].take();
-        let expected = if node.is_source() {
-            plans[i].total_bytes()
-        } else {
-            node.inputs.iter().map(|&j| plans[j].total_bytes()).sum()
-        };
-        let expected_items = if node.is_source() {
-            plans[i].tensors.len()
-        } else {
-            node.inputs.iter().map(|&j| plans[j].tensors.len()).sum()
-        };
-        // Record streams are counted in rows (documents); their totals are not known up front.
-        let rows = if node.is_source() {
-            node.descriptor.outputs.first() == Some(&bridgeflow_sdk::PortType::Records)
-        } else {
-            node.descriptor.inputs.first() == Some(&bridgeflow_sdk::PortType::Records)
-        };
-        let bar = if rows {
+        let outs = wiring.outputs_of(&node);
+        let rx = wiring.receivers[i].take();
+        let (expected, expected_items) = expected_input(&node, i, &plans);
+        let bar = if carries_rows(&node) {
             progress.rows_bar(&node.name)
         } else {
             progress.bar(&node.name, expected)
         };
-        let shared = shared.clone();
-        let sink = sinks[i];
+        let ctx = StageCtx {
+            shared: shared.clone(),
+            sink: sinks[i],
+            bar,
+            expected_items,
+        };
         handles.push(tokio::task::spawn_blocking(move || {
-            drive(node, sink, rx, outs, shared, bar, expected_items)
+            drive(node, rx, outs, ctx)
         }));
     }
-    drop(senders);
+    drop(wiring);
 
     let mut reports = Vec::new();
     for h in handles {
@@ -507,196 +459,407 @@ async fn run_registered(
         stages: reports,
         budget: budget.limit(),
         peak_in_flight: budget.peak(),
+        peak_retained: budget.peak_retained(),
         overdrafts: budget.overdrafts(),
         seconds: started.elapsed().as_secs_f64(),
         interrupted_after_commit: shared.late_interrupt.lock().unwrap().map(str::to_string),
     })
 }
 
+fn abort_all(nodes: &mut [Node]) {
+    for n in nodes.iter_mut() {
+        n.stage.abort();
+    }
+}
+
+/// The plan of every output port, in topological order: each stage learns what its inputs
+/// will carry. A stage must return one plan per declared output port.
+fn plan_all(mut nodes: Vec<Node>) -> (Vec<Node>, Result<Vec<Vec<StreamPlan>>, RunError>) {
+    let mut plans: Vec<Vec<StreamPlan>> = Vec::with_capacity(nodes.len());
+    for i in 0..nodes.len() {
+        let inputs: Vec<StreamPlan> = nodes[i]
+            .inputs
+            .iter()
+            .map(|u| plans[u.node][u.port].clone())
+            .collect();
+        let span = info_span!("plan", stage = %nodes[i].name);
+        let _e = span.enter();
+        let planned = nodes[i]
+            .stage
+            .plan(inputs.into())
+            .into_result()
+            .and_then(|p| check_plan_count(&nodes[i], p.into_vec()));
+        match planned {
+            Ok(p) => plans.push(p),
+            Err(e) => {
+                let err = run_error(&nodes[i], e);
+                abort_all(&mut nodes);
+                return (nodes, Err(err));
+            }
+        }
+    }
+    (nodes, Ok(plans))
+}
+
+fn check_plan_count(node: &Node, plans: Vec<StreamPlan>) -> Result<Vec<StreamPlan>, PluginError> {
+    let ports = node.descriptor.outputs.len();
+    if plans.len() != ports {
+        return Err(PluginError::internal(format!(
+            "planned {} output stream(s) but declares {ports} output port(s)",
+            plans.len()
+        )));
+    }
+    Ok(plans)
+}
+
+/// Bytes and items a stage's progress bar counts: what a source announces on all its ports,
+/// what a downstream stage's inputs announce.
+fn expected_input(node: &Node, i: usize, plans: &[Vec<StreamPlan>]) -> (u64, usize) {
+    let streams: Vec<&StreamPlan> = if node.is_source() {
+        plans[i].iter().collect()
+    } else {
+        node.inputs
+            .iter()
+            .map(|u: &Upstream| &plans[u.node][u.port])
+            .collect()
+    };
+    let bytes = streams
+        .iter()
+        .map(|p| p.total_bytes())
+        .fold(0, u64::saturating_add);
+    (bytes, streams.iter().map(|p| p.tensors.len()).sum())
+}
+
+/// Record streams are counted in rows (documents); their totals are not known up front.
+fn carries_rows(node: &Node) -> bool {
+    let first = if node.is_source() {
+        node.descriptor.outputs.first().map(|o| o.ty)
+    } else {
+        node.descriptor.inputs.first().copied()
+    };
+    first == Some(PortType::Records)
+}
+
+/// Where items go: (channel, the consumer's input port).
+type Outlet = (Sender<Envelope>, usize);
+
+/// One inbound channel per stage with inputs, shared by its input ports.
+struct Wiring {
+    senders: Vec<Option<Sender<Envelope>>>,
+    receivers: Vec<Option<Receiver<Envelope>>>,
+}
+
+impl Wiring {
+    fn new(nodes: &[Node], capacity: usize) -> Wiring {
+        let (mut senders, mut receivers) = (Vec::new(), Vec::new());
+        for n in nodes {
+            if n.is_source() {
+                senders.push(None);
+                receivers.push(None);
+            } else {
+                let (tx, rx) = channel(capacity.max(1));
+                senders.push(Some(tx));
+                receivers.push(Some(rx));
+            }
+        }
+        Wiring { senders, receivers }
+    }
+
+    /// Per output port of `node`, the outlets of its consumers.
+    fn outputs_of(&self, node: &Node) -> Vec<Vec<Outlet>> {
+        node.consumers
+            .iter()
+            .map(|port| {
+                port.iter()
+                    .map(|&(c, p)| (self.senders[c].clone().expect("consumer has a channel"), p))
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// What a stage's task needs besides its node and channels.
+struct StageCtx {
+    shared: Arc<Shared>,
+    /// The writer number for the commit gate (sinks only).
+    sink: Option<usize>,
+    bar: indicatif::ProgressBar,
+    expected_items: usize,
+}
+
+/// Counts for the stage's report.
+#[derive(Default)]
+struct Counts {
+    items_in: u64,
+    bytes_in: u64,
+    items_out: u64,
+    bytes_out: u64,
+}
+
 /// Runs one stage to completion. Returns its report, or None after recording an error.
 fn drive(
     mut node: Node,
-    sink: Option<usize>,
     rx: Option<Receiver<Envelope>>,
-    outs: Vec<(Sender<Envelope>, usize)>,
-    shared: Arc<Shared>,
-    bar: indicatif::ProgressBar,
-    expected_items: usize,
+    outs: Vec<Vec<Outlet>>,
+    ctx: StageCtx,
 ) -> Option<StageReport> {
     let span = info_span!("stage", name = %node.name, plugin = %node.plugin, kind = %node.kind);
     let _entered = span.enter();
     let started = Instant::now();
-    let budget = shared.budget.clone();
-    let is_source = node.is_source();
-    let mut report = StageReport {
-        name: node.name.clone(),
-        plugin: node.plugin.clone(),
-        kind: node.kind.to_string(),
-        ..Default::default()
-    };
     info!("started");
-
-    let (mut items_out, mut bytes_out) = (0u64, 0u64);
-    // Bytes this stage made that are still alive downstream (see Budget::account_downstream).
-    let own_output = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut emit = |item: Item| -> Result<(), PluginError> {
-        if budget.is_cancelled() {
-            return Err(PluginError::cancelled());
-        }
-        let bytes = item.data_bytes();
-        // Sources wait for room in the budget; downstream stages while their own output is alive.
-        let (item, hold) = match item {
-            Item::Tensor(mut t) => {
-                t.data = if is_source {
-                    budget.account(t.data, true)
-                } else {
-                    budget.account_downstream(t.data, &own_output)
-                }
-                .ok_or_else(PluginError::cancelled)?;
-                (Item::Tensor(t), None)
-            }
-            Item::Records(r) => {
-                let hold = budget
-                    .hold(r.memory_bytes(), is_source)
-                    .ok_or_else(PluginError::cancelled)?;
-                (Item::Records(r), Some(Arc::new(hold)))
-            }
-        };
-        items_out += 1;
-        bytes_out += bytes;
-        if is_source {
-            match &item {
-                Item::Records(r) => bar.inc(r.num_rows()),
-                Item::Tensor(_) => {
-                    bar.inc(bytes);
-                    bar.set_message(format!("{items_out}/{expected_items} tensors"));
-                }
-            }
-        }
-        send_all(&budget, &outs, item, hold)
-    };
-    let is_cancelled = || shared.budget.is_cancelled();
-
-    let mut rx = rx;
-    let (mut items_in, mut bytes_in) = (0u64, 0u64);
-    let result: Result<String, PluginError> =
-        Emitter::scoped(&mut emit, Some(&is_cancelled), |em| {
-            if is_source {
-                node.stage.run(em).into_result()?;
-            } else {
-                let rx = rx.as_mut().expect("non-source has a channel");
-                let mut open = node.inputs.len();
-                while open > 0 {
-                    if shared.budget.is_cancelled() {
-                        return Err(PluginError::cancelled());
-                    }
-                    match rx.blocking_recv() {
-                        Some(Envelope::Data { port, item, _hold }) => {
-                            let b = item.data_bytes();
-                            let rows = match &item {
-                                Item::Records(r) => Some(r.num_rows()),
-                                Item::Tensor(_) => None,
-                            };
-                            items_in += 1;
-                            bytes_in += b;
-                            shared.budget.set_busy(true);
-                            shared.budget.item_received();
-                            let r = node.stage.process(port as u32, item, em).into_result();
-                            shared.budget.set_busy(false);
-                            r?;
-                            match rows {
-                                Some(n) => bar.inc(n),
-                                None => {
-                                    bar.inc(b);
-                                    bar.set_message(format!("{items_in}/{expected_items} tensors"));
-                                }
-                            }
-                        }
-                        Some(Envelope::End { port }) => {
-                            shared.budget.set_busy(true);
-                            shared.budget.item_received();
-                            shared.budget.set_busy(false);
-                            debug!(port, "input ended");
-                            open -= 1;
-                        }
-                        // An upstream stage stopped without finishing: it failed or was
-                        // cancelled, and reported that itself.
-                        None => return Err(PluginError::cancelled()),
-                    }
-                }
-            }
-            if !is_source {
-                // Nothing read from an input truncated or changed meanwhile is passed on or
-                // committed (bridgeflow_sdk::inputs; writers check again right before commit).
-                bridgeflow_sdk::inputs_intact()?;
-                shared.budget.set_busy(true);
-            }
-            let r = match sink {
-                // A writer's commit point is answered through its own emitter (see module docs).
-                Some(w) => {
-                    let at_commit = || !commit_point(&shared, w);
-                    let mut no_emit = |_: Item| -> Result<(), PluginError> {
-                        Err(PluginError::internal("a sink emitted an item"))
-                    };
-                    let r = Emitter::scoped(&mut no_emit, Some(&at_commit), |fin| {
-                        node.stage.finish(fin).into_result().map(|s| s.to_string())
-                    });
-                    if r.is_ok() {
-                        shared.gate.passed(w);
-                    }
-                    r
-                }
-                None => node.stage.finish(em).into_result().map(|s| s.to_string()),
-            };
-            if !is_source {
-                shared.budget.set_busy(false);
-            }
-            r
-        });
-    drop(rx);
-
-    report.items_in = items_in;
-    report.bytes_in = bytes_in;
-    report.items_out = items_out;
-    report.bytes_out = bytes_out;
-    report.seconds = started.elapsed().as_secs_f64();
+    let mut counts = Counts::default();
+    let result = run_stage(&mut node, rx, &outs, &ctx, &mut counts);
+    let seconds = started.elapsed().as_secs_f64();
     match result {
-        Ok(summary) => {
-            for (tx, port) in &outs {
-                // A consumer that already stopped has reported why.
-                shared.budget.item_queued();
-                if tx.blocking_send(Envelope::End { port: *port }).is_err() {
-                    shared.budget.item_received();
-                }
-            }
-            bar.finish();
-            info!(
-                items_in,
-                items_out,
-                bytes_out,
-                seconds = report.seconds,
-                "finished {summary}"
-            );
-            report.summary = summary;
-            Some(report)
+        Ok(finished) => {
+            end_outputs(&ctx.shared.budget, &outs);
+            ctx.bar.finish();
+            Some(report(&node, counts, seconds, finished))
         }
         Err(e) => {
             node.stage.abort();
-            bar.abandon();
+            ctx.bar.abandon();
             if e.is_cancelled() {
                 debug!("cancelled");
             } else {
                 tracing::error!("failed: {e}");
             }
-            shared.fail(&node, e);
+            ctx.shared.fail(&node, e);
             None
         }
     }
 }
 
+fn report(node: &Node, c: Counts, seconds: f64, finished: Finished) -> StageReport {
+    let summary = finished.summary.to_string();
+    info!(
+        items_in = c.items_in,
+        items_out = c.items_out,
+        bytes_out = c.bytes_out,
+        seconds,
+        "finished {summary}"
+    );
+    // A plugin's metrics that are not JSON are kept as text rather than lost.
+    let metrics = match finished.metrics.as_str() {
+        "" => serde_json::Value::Null,
+        m => serde_json::from_str(m).unwrap_or_else(|_| serde_json::Value::String(m.into())),
+    };
+    StageReport {
+        name: node.name.clone(),
+        plugin: node.plugin.clone(),
+        kind: node.kind.to_string(),
+        items_in: c.items_in,
+        bytes_in: c.bytes_in,
+        items_out: c.items_out,
+        bytes_out: c.bytes_out,
+        seconds,
+        summary,
+        metrics,
+    }
+}
+
+/// Tells every consumer this stage's outputs have ended.
+fn end_outputs(budget: &Budget, outs: &[Vec<Outlet>]) {
+    for (tx, port) in outs.iter().flatten() {
+        // A consumer that already stopped has reported why.
+        budget.item_queued();
+        if tx.blocking_send(Envelope::End { port: *port }).is_err() {
+            budget.item_received();
+        }
+    }
+}
+
+/// The stage's run (sources) or input loop (others), then its finish or commit.
+fn run_stage(
+    node: &mut Node,
+    rx: Option<Receiver<Envelope>>,
+    outs: &[Vec<Outlet>],
+    ctx: &StageCtx,
+    counts: &mut Counts,
+) -> Result<Finished, PluginError> {
+    let budget = ctx.shared.budget.clone();
+    let is_source = node.is_source();
+    let ports: Vec<PortType> = node.descriptor.outputs.iter().map(|o| o.ty).collect();
+    // Bytes this stage made that are still alive downstream (see Budget::account_downstream).
+    let own_output = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (mut items_out, mut bytes_out) = (0u64, 0u64);
+    let mut emit = |port: usize, item: Item| -> Result<(), PluginError> {
+        if budget.is_cancelled() {
+            return Err(PluginError::cancelled());
+        }
+        check_port(&ports, port, &item)?;
+        let bytes = item.data_bytes();
+        let (item, hold) = admit(&budget, item, is_source, &own_output)?;
+        items_out += 1;
+        bytes_out += bytes;
+        if is_source {
+            match &item {
+                Item::Records(r) => ctx.bar.inc(r.num_rows()),
+                Item::Tensor(_) => {
+                    ctx.bar.inc(bytes);
+                    ctx.bar
+                        .set_message(format!("{items_out}/{} tensors", ctx.expected_items));
+                }
+            }
+        }
+        send_all(&budget, &outs[port], item, hold)
+    };
+    let is_cancelled = || budget.is_cancelled();
+    let mut rx = rx;
+    let result = Emitter::scoped_ports(&mut emit, Some(&is_cancelled), |em| {
+        match rx.as_mut() {
+            None => node.stage.run(em).into_result()?,
+            Some(rx) => receive_all(node, rx, em, ctx, counts)?,
+        }
+        finish(node, em, ctx)
+    });
+    drop(rx);
+    counts.items_out = items_out;
+    counts.bytes_out = bytes_out;
+    result
+}
+
+/// An item emitted on `port` must exist and carry that port's type.
+fn check_port(ports: &[PortType], port: usize, item: &Item) -> Result<(), PluginError> {
+    let Some(&want) = ports.get(port) else {
+        return Err(PluginError::internal(format!(
+            "emitted on output port {port}, but the stage declares {} output port(s)",
+            ports.len()
+        )));
+    };
+    let got = match item {
+        Item::Tensor(_) => PortType::Tensors,
+        Item::Records(_) => PortType::Records,
+    };
+    if got != want {
+        return Err(PluginError::internal(format!(
+            "emitted {got} on output port {port}, which carries {want}"
+        )));
+    }
+    Ok(())
+}
+
+/// Counts an emitted item against the budget: sources wait for room, downstream stages while
+/// their own output is alive.
+fn admit(
+    budget: &Arc<Budget>,
+    item: Item,
+    is_source: bool,
+    own_output: &Arc<std::sync::atomic::AtomicU64>,
+) -> Result<(Item, Option<Arc<Hold>>), PluginError> {
+    match item {
+        Item::Tensor(mut t) => {
+            t.data = if is_source {
+                budget.account(t.data, true)
+            } else {
+                budget.account_downstream(t.data, own_output)
+            }
+            .ok_or_else(PluginError::cancelled)?;
+            Ok((Item::Tensor(t), None))
+        }
+        Item::Records(r) => {
+            let hold = budget
+                .hold(r.memory_bytes(), is_source)
+                .ok_or_else(PluginError::cancelled)?;
+            Ok((Item::Records(r), Some(Arc::new(hold))))
+        }
+    }
+}
+
+/// Feeds every input item to the stage until each input port has ended.
+fn receive_all(
+    node: &mut Node,
+    rx: &mut Receiver<Envelope>,
+    em: &mut Emitter,
+    ctx: &StageCtx,
+    counts: &mut Counts,
+) -> Result<(), PluginError> {
+    let budget = &ctx.shared.budget;
+    let retains = node.descriptor.retains_inputs;
+    let mut open = node.inputs.len();
+    while open > 0 {
+        if budget.is_cancelled() {
+            return Err(PluginError::cancelled());
+        }
+        match rx.blocking_recv() {
+            Some(Envelope::Data { port, item, _hold }) => {
+                let b = item.data_bytes();
+                let rows = match &item {
+                    Item::Records(r) => Some(r.num_rows()),
+                    Item::Tensor(t) => {
+                        if retains {
+                            budget.retain(&t.data);
+                        }
+                        None
+                    }
+                };
+                counts.items_in += 1;
+                counts.bytes_in += b;
+                budget.set_busy(true);
+                budget.item_received();
+                let r = node.stage.process(port as u32, item, em).into_result();
+                budget.set_busy(false);
+                r?;
+                match rows {
+                    Some(n) => ctx.bar.inc(n),
+                    None => {
+                        ctx.bar.inc(b);
+                        ctx.bar.set_message(format!(
+                            "{}/{} tensors",
+                            counts.items_in, ctx.expected_items
+                        ));
+                    }
+                }
+            }
+            Some(Envelope::End { port }) => {
+                budget.set_busy(true);
+                budget.item_received();
+                budget.set_busy(false);
+                debug!(port, "input ended");
+                open -= 1;
+            }
+            // An upstream stage stopped without finishing: it failed or was cancelled, and
+            // reported that itself.
+            None => return Err(PluginError::cancelled()),
+        }
+    }
+    Ok(())
+}
+
+/// The stage's finish: a writer's commit passes its commit point, answered through an emitter
+/// of its own (see the module docs).
+fn finish(node: &mut Node, em: &mut Emitter, ctx: &StageCtx) -> Result<Finished, PluginError> {
+    if node.is_source() {
+        return node.stage.finish(em).into_result();
+    }
+    // Nothing read from an input truncated or changed meanwhile is passed on or committed
+    // (bridgeflow_sdk::inputs; writers check again right before commit).
+    bridgeflow_sdk::inputs_intact()?;
+    let shared = &ctx.shared;
+    shared.budget.set_busy(true);
+    let r = match ctx.sink {
+        Some(w) => {
+            let at_commit = || !commit_point(shared, w);
+            let mut no_emit = |_: Item| -> Result<(), PluginError> {
+                Err(PluginError::internal("a sink emitted an item"))
+            };
+            let r = Emitter::scoped(&mut no_emit, Some(&at_commit), |fin| {
+                node.stage.finish(fin).into_result()
+            });
+            if r.is_ok() {
+                shared.gate.passed(w);
+            }
+            r
+        }
+        None => node.stage.finish(em).into_result(),
+    };
+    shared.budget.set_busy(false);
+    r
+}
+
 fn send_all(
     budget: &Budget,
-    outs: &[(Sender<Envelope>, usize)],
+    outs: &[Outlet],
     item: Item,
     hold: Option<Arc<Hold>>,
 ) -> Result<(), PluginError> {

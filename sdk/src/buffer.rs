@@ -186,6 +186,12 @@ impl Buffer {
     pub fn vtable(&self) -> &'static BufferVTable {
         self.vtable
     }
+
+    /// The owner's context pointer, meaningful only to the code that built the buffer (a host
+    /// recognising its own buffers by [`Buffer::vtable`] reads its owner through it).
+    pub fn owner(&self) -> *const c_void {
+        self.ctx
+    }
 }
 
 impl Clone for Buffer {

@@ -14,7 +14,9 @@
 // sabi_trait expands to impls of foreign traits inside a const block.
 #![allow(non_local_definitions)]
 
+pub mod attrs;
 pub mod buffer;
+pub mod declare;
 pub mod dtype;
 pub mod error;
 pub mod fsutil;
@@ -29,8 +31,12 @@ pub mod stage;
 pub mod tensor;
 pub mod units;
 
+pub use attrs::{Attr, AttrValue};
 pub use buffer::{
     release_pages, Buffer, BufferOwner, BufferPool, BufferVTable, MapView, MappedBytes, PooledVec,
+};
+pub use declare::{
+    Endpoint, EndpointDecl, OutputPort, Port, Translation, TranslationDecl, DEFAULT_PORT,
 };
 pub use dtype::DType;
 pub use error::{ErrorKind, PluginError, Result};
@@ -40,8 +46,8 @@ pub use plugin::{
 };
 pub use records::RecordBatchFfi;
 pub use stage::{
-    Emitter, Item, PortType, Sink, Source, StageBox, StageFfi, StageFfi_TO, StageKind, StreamPlan,
-    Transform,
+    Emitter, Finished, Item, PortType, Sink, Source, StageBox, StageFfi, StageFfi_TO, StageKind,
+    StreamPlan, Transform,
 };
 pub use tensor::{ShardInfo, Tensor, TensorInfo};
 

@@ -1,5 +1,6 @@
 //! Plugin descriptors, the root module a plugin library exports, and the export macro.
 
+use crate::declare::{output_ports, EndpointDecl, OutputPort, TranslationDecl};
 use crate::stage::{SinkAdapter, SourceAdapter, TransformAdapter};
 use crate::{
     PluginError, PortType, Result, Sink, Source, StageBox, StageFfi_TO, StageKind, Transform,
@@ -17,7 +18,7 @@ use abi_stable::{
 
 /// Bumped on any change to the types that cross the boundary. The host refuses plugins built
 /// against another value before touching anything else in them.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 /// The version of this SDK crate, recorded in every plugin built against it.
 pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -30,7 +31,23 @@ pub struct StageDescriptor {
     /// JSON Schema of the stage's config table.
     pub config_schema: RString,
     pub inputs: RVec<PortType>,
-    pub outputs: RVec<PortType>,
+    /// Named output ports, in order (one `out` for most stages; none for sinks).
+    pub outputs: RVec<OutputPort>,
+    /// The stage keeps its inputs alive (see `Transform::RETAINS_INPUTS`).
+    pub retains_inputs: bool,
+    /// Command-line schemes a reader or writer serves.
+    pub endpoints: RVec<EndpointDecl>,
+    /// Name worlds a transform translates between.
+    pub translations: RVec<TranslationDecl>,
+    /// `quant_method`s a transform dequantizes.
+    pub quant_methods: RVec<RString>,
+}
+
+impl StageDescriptor {
+    /// The index of the output port called `name`.
+    pub fn output_index(&self, name: &str) -> Option<usize> {
+        self.outputs.iter().position(|p| p.name == name)
+    }
 }
 
 /// What `bridgeflow plugins` lists.
@@ -59,8 +76,12 @@ pub struct PluginLib {
         kind: StageKind,
         config_json: RStr<'_>,
     ) -> RResult<StageBox, PluginError>,
-    #[sabi(last_prefix_field)]
     pub probe: extern "C" fn(plugin: RStr<'_>, path: RStr<'_>) -> u32,
+    /// The quantization method of the input at `path` as the plugin's readers see it (empty:
+    /// not quantized).
+    #[sabi(last_prefix_field)]
+    pub quant_method:
+        extern "C" fn(plugin: RStr<'_>, path: RStr<'_>) -> RResult<RString, PluginError>,
 }
 
 impl RootModule for PluginLibRef {
@@ -112,12 +133,29 @@ impl AbiStamp {
 
 type Factory = Box<dyn Fn(&str) -> Result<StageBox> + Send + Sync>;
 type Probe = fn(&std::path::Path) -> u32;
+type QuantProbe = fn(&std::path::Path) -> Result<Option<String>>;
 
 /// One stage in a plugin's registry (built by [`export_plugins!`]).
 pub struct StageEntry {
     descriptor: StageDescriptor,
     factory: Factory,
     probe: Option<Probe>,
+    quant_method: Option<QuantProbe>,
+}
+
+/// A descriptor with nothing declared beyond its ports.
+fn plain(kind: StageKind, description: &str, config_schema: RString) -> StageDescriptor {
+    StageDescriptor {
+        kind,
+        description: description.into(),
+        config_schema,
+        inputs: RVec::new(),
+        outputs: RVec::new(),
+        retains_inputs: false,
+        endpoints: RVec::new(),
+        translations: RVec::new(),
+        quant_methods: RVec::new(),
+    }
 }
 
 fn schema_of<C: schemars::JsonSchema>() -> RString {
@@ -133,49 +171,50 @@ impl StageEntry {
     pub fn source<S: Source>(kind: StageKind) -> StageEntry {
         StageEntry {
             descriptor: StageDescriptor {
-                kind,
-                description: S::DESCRIPTION.into(),
-                config_schema: schema_of::<S::Config>(),
-                inputs: RVec::new(),
-                outputs: vec![S::OUTPUT].into(),
+                outputs: output_ports(S::OUTPUTS, S::OUTPUT),
+                endpoints: S::ENDPOINTS.iter().map(EndpointDecl::from).collect(),
+                ..plain(kind, S::DESCRIPTION, schema_of::<S::Config>())
             },
             factory: Box::new(|json| {
                 let stage = S::new(parse_config(json)?)?;
                 Ok(StageFfi_TO::from_value(SourceAdapter(stage), TD_Opaque))
             }),
             probe: Some(S::probe),
+            quant_method: Some(S::quant_method),
         }
     }
     pub fn transform<T: Transform>(kind: StageKind) -> StageEntry {
         StageEntry {
             descriptor: StageDescriptor {
-                kind,
-                description: T::DESCRIPTION.into(),
-                config_schema: schema_of::<T::Config>(),
                 inputs: T::INPUTS.to_vec().into(),
-                outputs: vec![T::OUTPUT].into(),
+                outputs: output_ports(T::OUTPUTS, T::OUTPUT),
+                retains_inputs: T::RETAINS_INPUTS,
+                translations: T::TRANSLATES.iter().map(TranslationDecl::from).collect(),
+                quant_methods: T::QUANT_METHODS.iter().map(|&m| RString::from(m)).collect(),
+                ..plain(kind, T::DESCRIPTION, schema_of::<T::Config>())
             },
             factory: Box::new(|json| {
                 let stage = T::new(parse_config(json)?)?;
                 Ok(StageFfi_TO::from_value(TransformAdapter(stage), TD_Opaque))
             }),
             probe: None,
+            quant_method: None,
         }
     }
     pub fn sink<K: Sink>(kind: StageKind) -> StageEntry {
         StageEntry {
             descriptor: StageDescriptor {
-                kind,
-                description: K::DESCRIPTION.into(),
-                config_schema: schema_of::<K::Config>(),
                 inputs: K::INPUTS.to_vec().into(),
-                outputs: RVec::new(),
+                retains_inputs: K::RETAINS_INPUTS,
+                endpoints: K::ENDPOINTS.iter().map(EndpointDecl::from).collect(),
+                ..plain(kind, K::DESCRIPTION, schema_of::<K::Config>())
             },
             factory: Box::new(|json| {
                 let stage = K::new(parse_config(json)?)?;
                 Ok(StageFfi_TO::from_value(SinkAdapter(stage), TD_Opaque))
             }),
             probe: None,
+            quant_method: None,
         }
     }
 }
@@ -239,6 +278,33 @@ impl Registry {
             .unwrap_or(0)
     }
 
+    /// The first quantization method a reader of `plugin` finds at `path`.
+    pub fn quant_method(&self, plugin: &str, path: &str) -> Result<Option<String>> {
+        for probe in self
+            .plugins
+            .iter()
+            .filter(|p| p.name == plugin)
+            .flat_map(|p| p.stages.iter())
+            .filter_map(|s| s.quant_method)
+        {
+            if let Some(m) = probe(std::path::Path::new(path))? {
+                return Ok(Some(m));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn quant_method_ffi(
+        &self,
+        plugin: RStr<'_>,
+        path: RStr<'_>,
+    ) -> RResult<RString, PluginError> {
+        crate::stage::guard(|| {
+            self.quant_method(plugin.as_str(), path.as_str())
+                .map(|m| RString::from(m.unwrap_or_default()))
+        })
+    }
+
     /// The FFI entry point behind [`PluginLib::create`].
     pub fn create_ffi(
         &self,
@@ -263,12 +329,14 @@ pub fn __root_module(
     plugins: extern "C" fn() -> RVec<PluginDescriptor>,
     create: extern "C" fn(RStr<'_>, StageKind, RStr<'_>) -> RResult<StageBox, PluginError>,
     probe: extern "C" fn(RStr<'_>, RStr<'_>) -> u32,
+    quant_method: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<RString, PluginError>,
 ) -> PluginLibRef {
     PluginLib {
         abi_version: ABI_VERSION,
         plugins,
         create,
         probe,
+        quant_method,
     }
     .leak_into_prefix()
 }
@@ -339,11 +407,19 @@ macro_rules! export_plugins {
             __bridgeflow_registry().probe_ffi(plugin, path)
         }
         #[doc(hidden)]
+        extern "C" fn __bridgeflow_quant_method(
+            plugin: $crate::reexports::RStr<'_>,
+            path: $crate::reexports::RStr<'_>,
+        ) -> $crate::reexports::RResult<$crate::reexports::RString, $crate::PluginError> {
+            __bridgeflow_registry().quant_method_ffi(plugin, path)
+        }
+        #[doc(hidden)]
         fn __bridgeflow_root() -> $crate::plugin::PluginLibRef {
             $crate::plugin::__root_module(
                 __bridgeflow_plugins,
                 __bridgeflow_create,
                 __bridgeflow_probe,
+                __bridgeflow_quant_method,
             )
         }
 

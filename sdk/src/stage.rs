@@ -1,6 +1,7 @@
 //! Stages: what flows between them, the traits a plugin author implements, and the
 //! ABI-stable object the host drives.
 
+use crate::declare::{Endpoint, Port, Translation};
 use crate::{PluginError, RecordBatchFfi, Result, Tensor, TensorInfo};
 use abi_stable::{
     sabi_trait,
@@ -181,15 +182,21 @@ impl Item {
 #[derive(StableAbi)]
 pub struct Emitter {
     ctx: *mut c_void,
-    emit_fn: unsafe extern "C" fn(ctx: *mut c_void, item: Item) -> RResult<(), PluginError>,
+    emit_fn:
+        unsafe extern "C" fn(ctx: *mut c_void, port: u32, item: Item) -> RResult<(), PluginError>,
     cancelled_fn: unsafe extern "C" fn(ctx: *mut c_void) -> bool,
 }
 
-type EmitClosure<'a> = &'a mut dyn FnMut(Item) -> Result<()>;
+/// The host's side of an emitter: (output port, item).
+type EmitClosure<'a> = &'a mut dyn FnMut(usize, Item) -> Result<()>;
 
-unsafe extern "C" fn closure_emit(ctx: *mut c_void, item: Item) -> RResult<(), PluginError> {
+unsafe extern "C" fn closure_emit(
+    ctx: *mut c_void,
+    port: u32,
+    item: Item,
+) -> RResult<(), PluginError> {
     let f = &mut *(ctx as *mut EmitClosure<'_>);
-    match catch_unwind(AssertUnwindSafe(|| f(item))) {
+    match catch_unwind(AssertUnwindSafe(|| f(port as usize, item))) {
         Ok(r) => r.into(),
         Err(_) => RResult::RErr(PluginError::internal("panic in the host's emit callback")),
     }
@@ -199,10 +206,21 @@ unsafe extern "C" fn never_cancelled(_: *mut c_void) -> bool {
 }
 
 impl Emitter {
-    /// Runs `body` with an emitter that hands every item to `f`. This is how hosts (and tests)
-    /// drive a stage; the emitter cannot outlive the closure.
+    /// Runs `body` with an emitter that hands every item to `f`, whatever its output port (for
+    /// single-output stages; [`Emitter::scoped_ports`] passes the port too). This is how hosts
+    /// (and tests) drive a stage; the emitter cannot outlive the closure.
     pub fn scoped<R>(
         f: &mut dyn FnMut(Item) -> Result<()>,
+        cancelled: Option<&(dyn Fn() -> bool + Sync)>,
+        body: impl FnOnce(&mut Emitter) -> R,
+    ) -> R {
+        let mut any_port = |_: usize, item: Item| f(item);
+        Emitter::scoped_ports(&mut any_port, cancelled, body)
+    }
+
+    /// [`Emitter::scoped`] with the output port each item was emitted on.
+    pub fn scoped_ports<R>(
+        f: &mut dyn FnMut(usize, Item) -> Result<()>,
         cancelled: Option<&(dyn Fn() -> bool + Sync)>,
         body: impl FnOnce(&mut Emitter) -> R,
     ) -> R {
@@ -223,10 +241,11 @@ impl Emitter {
                 }
                 unsafe extern "C" fn both_emit(
                     ctx: *mut c_void,
+                    port: u32,
                     item: Item,
                 ) -> RResult<(), PluginError> {
                     let b = &mut *(ctx as *mut Both<'_, '_>);
-                    closure_emit(&mut b.f as *mut EmitClosure<'_> as *mut c_void, item)
+                    closure_emit(&mut b.f as *mut EmitClosure<'_> as *mut c_void, port, item)
                 }
                 unsafe extern "C" fn both_cancelled(ctx: *mut c_void) -> bool {
                     let b = &*(ctx as *const Both<'_, '_>);
@@ -243,8 +262,15 @@ impl Emitter {
         }
     }
 
+    /// Sends `item` on the first (or only) output port.
     pub fn emit(&mut self, item: Item) -> Result<()> {
-        unsafe { (self.emit_fn)(self.ctx, item) }.into_result()
+        self.emit_to(0, item)
+    }
+    /// Sends `item` on output port `port` (the index in the stage's declared `OUTPUTS`).
+    pub fn emit_to(&mut self, port: usize, item: Item) -> Result<()> {
+        let port = u32::try_from(port)
+            .map_err(|_| PluginError::internal(format!("output port {port} out of range")))?;
+        unsafe { (self.emit_fn)(self.ctx, port, item) }.into_result()
     }
     pub fn tensor(&mut self, t: Tensor) -> Result<()> {
         self.emit(Item::Tensor(t))
@@ -252,42 +278,116 @@ impl Emitter {
     pub fn records(&mut self, batch: &RecordBatch) -> Result<()> {
         self.emit(Item::Records(RecordBatchFfi::from_batch(batch)?))
     }
+    pub fn tensor_to(&mut self, port: usize, t: Tensor) -> Result<()> {
+        self.emit_to(port, Item::Tensor(t))
+    }
+    pub fn records_to(&mut self, port: usize, batch: &RecordBatch) -> Result<()> {
+        self.emit_to(port, Item::Records(RecordBatchFfi::from_batch(batch)?))
+    }
     /// True once the run is being cancelled; long loops should check it.
     pub fn is_cancelled(&self) -> bool {
         unsafe { (self.cancelled_fn)(self.ctx) }
     }
 }
 
+/// Text and numbers a stage reports when it finishes: `summary` for people, `metrics` (any
+/// JSON value; null for none) for the run report and programs reading it.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default)]
+pub struct Finished {
+    pub summary: RString,
+    /// JSON text; empty for none.
+    pub metrics: RString,
+}
+
+impl Finished {
+    fn new(summary: String, metrics: serde_json::Value) -> Finished {
+        Finished {
+            summary: summary.into(),
+            metrics: if metrics.is_null() {
+                RString::new()
+            } else {
+                metrics.to_string().into()
+            },
+        }
+    }
+}
+
+fn one_plan_only(what: &str) -> PluginError {
+    PluginError::internal(format!(
+        "{what}: a stage with one output implements plan(), one with several plan_outputs()"
+    ))
+}
+
 /// A stage with no inputs (readers).
 pub trait Source: Send + Sized + 'static {
     type Config: serde::de::DeserializeOwned + schemars::JsonSchema;
     const DESCRIPTION: &'static str;
+    /// The type of the only output port (named [`crate::declare::DEFAULT_PORT`]).
     const OUTPUT: PortType = PortType::Tensors;
+    /// Several named output ports instead (then implement [`Source::plan_outputs`] and emit
+    /// with [`Emitter::emit_to`]).
+    const OUTPUTS: &'static [Port] = &[];
+    /// The command-line schemes this reader serves (`bridgeflow convert --from hf:DIR`).
+    const ENDPOINTS: &'static [Endpoint] = &[];
     /// Builds the stage from its config. Must not do I/O: `validate` calls it.
     fn new(config: Self::Config) -> Result<Self>;
     /// Opens the input and announces what will flow.
-    fn plan(&mut self) -> Result<StreamPlan>;
+    fn plan(&mut self) -> Result<StreamPlan> {
+        Err(one_plan_only("plan"))
+    }
+    /// One plan per output port, in declared order.
+    fn plan_outputs(&mut self) -> Result<Vec<StreamPlan>> {
+        Ok(vec![self.plan()?])
+    }
     /// Emits everything announced.
     fn run(&mut self, out: &mut Emitter) -> Result<()>;
     /// A one-line summary once `run` has returned (what was read, what was skipped).
     fn summary(&mut self) -> String {
         String::new()
     }
+    /// Numbers for the run report once `run` has returned (null: none).
+    fn metrics(&mut self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
     /// How sure this reader is that it can read `path` (0 = no); used by `bridgeflow inspect`.
     fn probe(_path: &std::path::Path) -> u32 {
         0
     }
+    /// The quantization method of the input at `path`, if it is quantized (HF's
+    /// `quantization_config.quant_method`): `convert` inserts the stage that declares it.
+    fn quant_method(_path: &std::path::Path) -> Result<Option<String>> {
+        Ok(None)
+    }
 }
 
-/// A stage with inputs and one output (mappers, sharders, transforms).
+/// A stage with inputs and outputs (mappers, sharders, transforms, trainers).
 pub trait Transform: Send + Sized + 'static {
     type Config: serde::de::DeserializeOwned + schemars::JsonSchema;
     const DESCRIPTION: &'static str;
     const INPUTS: &'static [PortType] = &[PortType::Tensors];
+    /// The type of the only output port (named [`crate::declare::DEFAULT_PORT`]).
     const OUTPUT: PortType = PortType::Tensors;
+    /// Several named output ports instead (then implement [`Transform::plan_outputs`] and emit
+    /// with [`Emitter::emit_to`]).
+    const OUTPUTS: &'static [Port] = &[];
+    /// The stage keeps (some of) its inputs alive past `process` (a trainer holding weights):
+    /// the runtime counts those bytes as retained, not in flight, so they neither block
+    /// sources nor count as an overdraft.
+    const RETAINS_INPUTS: bool = false;
+    /// The name worlds it translates between (the model mapper: hf to megatron and back).
+    const TRANSLATES: &'static [Translation] = &[];
+    /// The `quant_method`s it dequantizes (see [`Source::quant_method`]).
+    const QUANT_METHODS: &'static [&'static str] = &[];
     fn new(config: Self::Config) -> Result<Self>;
     /// Receives the plans of the inputs, returns the plan of the output.
-    fn plan(&mut self, inputs: &[StreamPlan]) -> Result<StreamPlan>;
+    fn plan(&mut self, _inputs: &[StreamPlan]) -> Result<StreamPlan> {
+        Err(one_plan_only("plan"))
+    }
+    /// One plan per output port, in declared order.
+    fn plan_outputs(&mut self, inputs: &[StreamPlan]) -> Result<Vec<StreamPlan>> {
+        Ok(vec![self.plan(inputs)?])
+    }
     fn process(&mut self, port: usize, item: Item, out: &mut Emitter) -> Result<()>;
     /// Called once every input has ended.
     fn finish(&mut self, _out: &mut Emitter) -> Result<()> {
@@ -297,6 +397,10 @@ pub trait Transform: Send + Sized + 'static {
     fn summary(&mut self) -> String {
         String::new()
     }
+    /// Numbers for the run report after `finish` (a loss curve, counts; null: none).
+    fn metrics(&mut self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
 
 /// A stage with inputs and no output (writers, exporters).
@@ -304,6 +408,10 @@ pub trait Sink: Send + Sized + 'static {
     type Config: serde::de::DeserializeOwned + schemars::JsonSchema;
     const DESCRIPTION: &'static str;
     const INPUTS: &'static [PortType] = &[PortType::Tensors];
+    /// As [`Transform::RETAINS_INPUTS`].
+    const RETAINS_INPUTS: bool = false;
+    /// The command-line schemes this writer serves (`bridgeflow convert --to megatron:DIR`).
+    const ENDPOINTS: &'static [Endpoint] = &[];
     fn new(config: Self::Config) -> Result<Self>;
     fn open(&mut self, inputs: &[StreamPlan]) -> Result<()>;
     fn consume(&mut self, port: usize, item: Item) -> Result<()>;
@@ -313,6 +421,10 @@ pub trait Sink: Send + Sized + 'static {
     /// cancelled before then gets `Cancelled` and must not commit; once past it, an interrupt no
     /// longer fails the run.
     fn commit(&mut self) -> Result<String>;
+    /// Numbers for the run report after `commit` (files, bytes; null: none).
+    fn metrics(&mut self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
     /// Removes partial output. Also called when the run fails elsewhere.
     fn abort(&mut self) {}
 }
@@ -320,10 +432,11 @@ pub trait Sink: Send + Sized + 'static {
 /// The object the host drives, across the ABI. Plugin authors never implement it directly.
 #[sabi_trait]
 pub trait StageFfi: Send {
-    fn plan(&mut self, inputs: RVec<StreamPlan>) -> RResult<StreamPlan, PluginError>;
+    /// One plan per output port (sinks: none).
+    fn plan(&mut self, inputs: RVec<StreamPlan>) -> RResult<RVec<StreamPlan>, PluginError>;
     fn run(&mut self, out: &mut Emitter) -> RResult<(), PluginError>;
     fn process(&mut self, port: u32, item: Item, out: &mut Emitter) -> RResult<(), PluginError>;
-    fn finish(&mut self, out: &mut Emitter) -> RResult<RString, PluginError>;
+    fn finish(&mut self, out: &mut Emitter) -> RResult<Finished, PluginError>;
     #[sabi(last_prefix_field)]
     fn abort(&mut self);
 }
@@ -355,8 +468,8 @@ fn not_for(role: &str, what: &str) -> RResult<(), PluginError> {
 }
 
 impl<S: Source> StageFfi for SourceAdapter<S> {
-    fn plan(&mut self, _inputs: RVec<StreamPlan>) -> RResult<StreamPlan, PluginError> {
-        guard(|| self.0.plan())
+    fn plan(&mut self, _inputs: RVec<StreamPlan>) -> RResult<RVec<StreamPlan>, PluginError> {
+        guard(|| self.0.plan_outputs().map(RVec::from))
     }
     fn run(&mut self, out: &mut Emitter) -> RResult<(), PluginError> {
         guard(|| self.0.run(out))
@@ -364,15 +477,15 @@ impl<S: Source> StageFfi for SourceAdapter<S> {
     fn process(&mut self, _: u32, _: Item, _: &mut Emitter) -> RResult<(), PluginError> {
         not_for("source", "process")
     }
-    fn finish(&mut self, _out: &mut Emitter) -> RResult<RString, PluginError> {
-        guard(|| Ok(RString::from(self.0.summary())))
+    fn finish(&mut self, _out: &mut Emitter) -> RResult<Finished, PluginError> {
+        guard(|| Ok(Finished::new(self.0.summary(), self.0.metrics())))
     }
     fn abort(&mut self) {}
 }
 
 impl<T: Transform> StageFfi for TransformAdapter<T> {
-    fn plan(&mut self, inputs: RVec<StreamPlan>) -> RResult<StreamPlan, PluginError> {
-        guard(|| self.0.plan(&inputs))
+    fn plan(&mut self, inputs: RVec<StreamPlan>) -> RResult<RVec<StreamPlan>, PluginError> {
+        guard(|| self.0.plan_outputs(&inputs).map(RVec::from))
     }
     fn run(&mut self, _out: &mut Emitter) -> RResult<(), PluginError> {
         not_for("transform", "run")
@@ -380,18 +493,18 @@ impl<T: Transform> StageFfi for TransformAdapter<T> {
     fn process(&mut self, port: u32, item: Item, out: &mut Emitter) -> RResult<(), PluginError> {
         guard(|| self.0.process(port as usize, item, out))
     }
-    fn finish(&mut self, out: &mut Emitter) -> RResult<RString, PluginError> {
+    fn finish(&mut self, out: &mut Emitter) -> RResult<Finished, PluginError> {
         guard(|| {
             self.0.finish(out)?;
-            Ok(RString::from(self.0.summary()))
+            Ok(Finished::new(self.0.summary(), self.0.metrics()))
         })
     }
     fn abort(&mut self) {}
 }
 
 impl<K: Sink> StageFfi for SinkAdapter<K> {
-    fn plan(&mut self, inputs: RVec<StreamPlan>) -> RResult<StreamPlan, PluginError> {
-        guard(|| self.0.open(&inputs).map(|()| StreamPlan::default()))
+    fn plan(&mut self, inputs: RVec<StreamPlan>) -> RResult<RVec<StreamPlan>, PluginError> {
+        guard(|| self.0.open(&inputs).map(|()| RVec::new()))
     }
     fn run(&mut self, _out: &mut Emitter) -> RResult<(), PluginError> {
         not_for("sink", "run")
@@ -399,10 +512,13 @@ impl<K: Sink> StageFfi for SinkAdapter<K> {
     fn process(&mut self, port: u32, item: Item, _out: &mut Emitter) -> RResult<(), PluginError> {
         guard(|| self.0.consume(port as usize, item))
     }
-    fn finish(&mut self, out: &mut Emitter) -> RResult<RString, PluginError> {
+    fn finish(&mut self, out: &mut Emitter) -> RResult<Finished, PluginError> {
         // The host answers the commit point through this emitter (fsutil::enter_commit_point).
         let _hook = crate::fsutil::CommitHook::install(out);
-        guard(|| self.0.commit().map(RString::from))
+        guard(|| {
+            let summary = self.0.commit()?;
+            Ok(Finished::new(summary, self.0.metrics()))
+        })
     }
     fn abort(&mut self) {
         let _ = catch_unwind(AssertUnwindSafe(|| self.0.abort()));

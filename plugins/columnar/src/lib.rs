@@ -79,8 +79,8 @@ fn select(
 
 fn plan_for(files: &[PathBuf], cols: &[String]) -> StreamPlan {
     let mut plan = StreamPlan::default();
-    plan.set_attr("json_keys", serde_json::json!(cols));
-    plan.set_attr("input_files", serde_json::json!(files));
+    plan.set(bridgeflow_sdk::attrs::JSON_KEYS, cols.to_vec());
+    plan.set(bridgeflow_sdk::attrs::INPUT_FILES, files.to_vec());
     plan
 }
 

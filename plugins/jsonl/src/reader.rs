@@ -215,9 +215,9 @@ impl Source for JsonlReader {
             .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
             .sum();
         let mut plan = StreamPlan::default();
-        plan.set_attr("json_keys", serde_json::json!(self.cfg.json_keys));
-        plan.set_attr("input_files", serde_json::json!(self.files));
-        plan.set_attr("input_bytes", bytes.into());
+        plan.set(bridgeflow_sdk::attrs::JSON_KEYS, self.cfg.json_keys.clone());
+        plan.set(bridgeflow_sdk::attrs::INPUT_FILES, self.files.clone());
+        plan.set(bridgeflow_sdk::attrs::INPUT_BYTES, bytes);
         Ok(plan)
     }
 

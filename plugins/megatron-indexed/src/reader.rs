@@ -131,20 +131,22 @@ impl Source for IndexedReader {
         let labels = [
             "0", "1-63", "64-255", "256-1023", "1k-4k", "4k-16k", "16k-64k", ">=64k",
         ];
-        let histogram: serde_json::Map<String, serde_json::Value> = labels
+        let histogram: std::collections::BTreeMap<String, u64> = labels
             .iter()
             .zip(hist)
-            .map(|(l, n)| (l.to_string(), n.into()))
+            .map(|(l, n)| (l.to_string(), n))
             .collect();
+        use bridgeflow_sdk::attrs;
         let mut plan = StreamPlan::default();
-        plan.set_attr("format", "megatron-indexed".into());
-        plan.set_attr("token_dtype", dtype.name().into());
-        plan.set_attr("json_keys", serde_json::json!([self.cfg.key]));
-        plan.set_attr("documents", docs.into());
-        plan.set_attr("sequences", seqs.into());
-        plan.set_attr("tokens", tokens.into());
-        plan.set_attr("longest_document_tokens", longest.into());
-        plan.set_attr("document_length_histogram", histogram.into());
+        plan.set(attrs::FORMAT, "megatron-indexed");
+        plan.set(attrs::TOKEN_DTYPE, dtype.name());
+        plan.set(attrs::JSON_KEYS, vec![self.cfg.key.clone()]);
+        plan.set(attrs::DOCUMENTS, docs);
+        plan.set(attrs::SEQUENCES, seqs);
+        plan.set(attrs::TOKENS, tokens);
+        // Never negative: the longest of lengths, from 0.
+        plan.set(attrs::LONGEST_DOCUMENT_TOKENS, longest.max(0) as u64);
+        plan.set(attrs::DOCUMENT_LENGTH_HISTOGRAM, histogram);
         Ok(plan)
     }
 

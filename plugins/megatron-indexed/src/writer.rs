@@ -187,11 +187,12 @@ impl Sink for IndexedWriter {
 
     fn open(&mut self, inputs: &[StreamPlan]) -> Result<()> {
         let plan = inputs.first().cloned().unwrap_or_default();
-        let attrs = plan.attrs();
+        use bridgeflow_sdk::attrs;
         self.dtype = match &self.cfg.dtype {
             Some(d) => TokenType::parse(d).expect("checked in new"),
-            None => match attrs.get("token_dtype").and_then(|v| v.as_str()) {
-                Some(d) => TokenType::parse(d)
+            // The token dtype decides the file format: an ill-typed one is an error, not absent.
+            None => match plan.try_get(attrs::TOKEN_DTYPE)? {
+                Some(d) => TokenType::parse(&d)
                     .filter(|t| t.is_integer())
                     .ok_or_else(|| {
                         PluginError::format(format!(
@@ -200,23 +201,17 @@ impl Sink for IndexedWriter {
                         ))
                     })?,
                 None => {
-                    let vocab = attrs
-                        .get("vocab_size")
-                        .and_then(|v| v.as_u64())
-                        .ok_or_else(|| {
-                            PluginError::config(
-                                "the input does not say its vocabulary size; set dtype",
-                            )
-                        })?;
+                    let vocab = plan.try_get(attrs::VOCAB_SIZE)?.ok_or_else(|| {
+                        PluginError::config("the input does not say its vocabulary size; set dtype")
+                    })?;
                     TokenType::optimal(vocab)
                 }
             },
         };
         let keys: Vec<String> = match &self.cfg.json_keys {
             Some(k) => k.clone(),
-            None => attrs
-                .get("json_keys")
-                .and_then(|v| serde_json::from_value(v.clone()).ok())
+            None => plan
+                .get(attrs::JSON_KEYS)
                 .unwrap_or_else(|| vec!["text".to_string()]),
         };
         if self.cfg.exact_prefix && keys.len() != 1 {

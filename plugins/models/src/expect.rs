@@ -16,7 +16,8 @@
 
 use crate::families::Family;
 use crate::mapper::ModelConfig;
-use bridgeflow_sdk::mapping::{fill, match_name, Entry, Index, Kind, Layers};
+use bridgeflow_megatron::mapping::{fill, match_name, Entry, Index, Kind, Layers};
+use bridgeflow_megatron::names;
 use bridgeflow_sdk::{DType, PluginError, Result, TensorInfo};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -95,7 +96,7 @@ pub fn unmapped(family: &Family, model: &ModelConfig, name: &str) -> PluginError
 }
 
 fn is_mtp_row(e: &Entry) -> bool {
-    e.megatron.contains("mtp.layers.")
+    e.megatron.contains(names::MTP_LAYERS)
 }
 
 /// Whether a row applies to layer `l` (`None`: a row outside the layers).
@@ -112,7 +113,7 @@ fn class(model: &ModelConfig, l: Option<u64>) -> Option<Class> {
 
 /// The output layer's row: not expected beside tied embeddings.
 fn is_output_row(e: &Entry) -> bool {
-    e.kind == Kind::Vocab && e.megatron.ends_with("output_layer.weight")
+    e.kind == Kind::Vocab && e.megatron.ends_with(names::OUTPUT_LAYER)
 }
 
 /// The value of a dimension name of [`Entry::dims`], where the config gives it.

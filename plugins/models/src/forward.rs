@@ -5,7 +5,8 @@
 //! verification models the checks run on, not for serving.
 
 use crate::mapper::ModelConfig;
-use bridgeflow_sdk::mapping::split_qkv;
+use bridgeflow_megatron::mapping::split_qkv;
+use bridgeflow_megatron::names;
 use bridgeflow_sdk::numeric::decode_f64;
 use bridgeflow_sdk::{PluginError, Result, Tensor};
 use std::collections::HashMap;
@@ -102,7 +103,7 @@ fn rope(x: &mut [f32], seq: usize, heads: usize, hd: usize, theta: f32) {
 
 /// Logits [seq, vocab] for `ids`.
 pub fn logits(w: &Weights, c: &ModelConfig, ids: &[u64], eps: f32, theta: f32) -> Result<Vec<f32>> {
-    let (emb_shape, emb) = w.get("embedding.word_embeddings.weight")?;
+    let (emb_shape, emb) = w.get(names::WORD_EMBEDDINGS)?;
     let hidden = emb_shape[1] as usize;
     let seq = ids.len();
     let mut x = Vec::with_capacity(seq * hidden);
@@ -116,7 +117,7 @@ pub fn logits(w: &Weights, c: &ModelConfig, ids: &[u64], eps: f32, theta: f32) -
         c.heads.head_dim as usize,
     );
     for l in 0..c.layers {
-        let p = |n: &str| format!("decoder.layers.{l}.{n}");
+        let p = |n: &str| names::layer_key(l, n);
         let h = rms_norm(
             &x,
             &w.get(&p("self_attention.linear_qkv.layer_norm_weight"))?.1,
@@ -205,8 +206,8 @@ pub fn logits(w: &Weights, c: &ModelConfig, ids: &[u64], eps: f32, theta: f32) -
         let d = linear(&act, seq, &w.get(&p("mlp.linear_fc2.weight"))?.1, hidden);
         x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
     }
-    let x = rms_norm(&x, &w.get("decoder.final_layernorm.weight")?.1, eps);
-    let out = match w.get("output_layer.weight") {
+    let x = rms_norm(&x, &w.get(names::FINAL_LAYERNORM)?.1, eps);
+    let out = match w.get(names::OUTPUT_LAYER) {
         Ok((_, o)) => o,
         Err(_) => emb,
     };

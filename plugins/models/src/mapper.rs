@@ -10,8 +10,8 @@
 
 use crate::expect;
 use crate::families::{self, Family};
-use bridgeflow_sdk::mapping::{
-    expert_block, expert_block_dims, fill, fused_rows, match_name, round_up, row_segments,
+use bridgeflow_megatron::mapping::{
+    expert_block, expert_block_dims, fill, fused_rows, match_name, row_segments,
     split_qkv, Entry, Heads, Index, Kind, Layers, MambaDims, RowSegment,
 };
 use bridgeflow_sdk::{
@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 fn d128() -> u64 {
-    128
+    bridgeflow_megatron::vocab::DEFAULT_DIVISIBLE_BY
 }
 fn one() -> u64 {
     1
@@ -306,9 +306,10 @@ impl Mapper {
         &self.family().tensors[i]
     }
     fn padded_vocab(&self) -> u64 {
-        round_up(
+        bridgeflow_megatron::vocab::padded(
             self.model().vocab,
-            self.cfg.make_vocab_size_divisible_by * self.cfg.tensor_parallel.max(1),
+            self.cfg.make_vocab_size_divisible_by,
+            self.cfg.tensor_parallel,
         )
     }
 
@@ -326,39 +327,14 @@ impl Mapper {
     }
 
     /// Megatron names of multi-token-prediction layers, which the table writes with HF's
-    /// layer index `l` ≥ the decoder's layer count L: a decoder row `decoder.layers.{l}.…` is
-    /// `mtp.layers.{l-L}.transformer_layer.…`, an MTP row `mtp.layers.{l}.…` is
-    /// `mtp.layers.{l-L}.…`.
+    /// layer index (see [`bridgeflow_megatron::names::mtp_from_table`]).
     fn to_mtp(&self, name: String) -> String {
-        let l0 = self.model().layers;
-        let split = |prefix: &str| {
-            let (n, tail) = name.strip_prefix(prefix)?.split_once('.')?;
-            let n: u64 = n.parse().ok()?;
-            (n >= l0).then(|| (n - l0, tail.to_string()))
-        };
-        if let Some((m, tail)) = split("decoder.layers.") {
-            return format!("mtp.layers.{m}.transformer_layer.{tail}");
-        }
-        if let Some((m, tail)) = split("mtp.layers.") {
-            return format!("mtp.layers.{m}.{tail}");
-        }
-        name
+        bridgeflow_megatron::names::mtp_from_table(name, self.model().layers)
     }
 
     /// The inverse of [`Self::to_mtp`]: a Megatron name as the table writes it (MTP layers by HF index).
     fn table_name(&self, name: &str) -> String {
-        let l0 = self.model().layers;
-        let Some((m, tail)) = name
-            .strip_prefix("mtp.layers.")
-            .and_then(|r| r.split_once('.'))
-            .and_then(|(m, t)| Some((m.parse::<u64>().ok()?, t)))
-        else {
-            return name.to_string();
-        };
-        match tail.strip_prefix("transformer_layer.") {
-            Some(rest) => format!("decoder.layers.{}.{rest}", m + l0),
-            None => format!("mtp.layers.{}.{tail}", m + l0),
-        }
+        bridgeflow_megatron::names::mtp_to_table(name, self.model().layers)
     }
 
     /// Whether `name` is an MTP layer's copy of a main-model tensor (not imported).
@@ -682,7 +658,10 @@ impl Mapper {
         }
         let mut plan = StreamPlan::new(out);
         plan.attrs = input.attrs.clone();
-        plan.set_attr("architecture", self.model().architecture.clone().into());
+        plan.set(
+            bridgeflow_sdk::attrs::ARCHITECTURE,
+            self.model().architecture.clone(),
+        );
         Ok(plan)
     }
 
@@ -773,7 +752,7 @@ impl Mapper {
         let mut plan = StreamPlan::new(out);
         plan.attrs = input.attrs.clone();
         if let Some(dir) = self.cfg.hf_config.as_ref().and_then(|c| c.parent()) {
-            plan.set_attr("source_dir", dir.to_string_lossy().into_owned().into());
+            plan.set(bridgeflow_sdk::attrs::SOURCE_DIR, dir);
         }
         Ok(plan)
     }
@@ -1014,16 +993,25 @@ impl Transform for Mapper {
     type Config = MapperConfig;
     const DESCRIPTION: &'static str =
         "HF <-> Megatron-Core names and layouts from a model table (Llama, Mistral, Qwen2/3, Qwen3-MoE, Mixtral, Gemma 2, DeepSeek-V2/V3, or a TOML table)";
+    // The vocabulary is padded for the TP degree (make_vocab_size_divisible_by × tp).
+    const TRANSLATES: &'static [bridgeflow_sdk::Translation] = &[
+        bridgeflow_sdk::Translation {
+            from: "hf",
+            to: "megatron",
+            config: r#"{"direction": "to-megatron"}"#,
+            options: &["tp=tensor_parallel"],
+        },
+        bridgeflow_sdk::Translation {
+            from: "megatron",
+            to: "hf",
+            config: r#"{"direction": "to-hf"}"#,
+            options: &["hf_config"],
+        },
+    ];
 
     fn new(cfg: MapperConfig) -> Result<Self> {
-        bridgeflow_sdk::parallel::check_degree("tensor_parallel", cfg.tensor_parallel)?;
-        if !(1..=1 << 20).contains(&cfg.make_vocab_size_divisible_by) {
-            return Err(PluginError::config(format!(
-                "make_vocab_size_divisible_by is {}; expected 1 to {}",
-                cfg.make_vocab_size_divisible_by,
-                1u64 << 20
-            )));
-        }
+        bridgeflow_megatron::degree::check_degree("tensor_parallel", cfg.tensor_parallel)?;
+        bridgeflow_megatron::vocab::check_divisible_by(cfg.make_vocab_size_divisible_by)?;
         let to_megatron = match cfg.direction.as_str() {
             "to-megatron" => true,
             "to-hf" => false,
@@ -1053,16 +1041,16 @@ impl Transform for Mapper {
         let given = match &self.cfg.hf_config {
             Some(p) => Some(p.clone()),
             None => input
-                .attr_str("source_dir")
-                .map(|d| PathBuf::from(d).join("config.json"))
+                .get(bridgeflow_sdk::attrs::SOURCE_DIR)
+                .map(|d| d.join("config.json"))
                 .filter(|p| p.is_file()),
         };
         let (hf, path, derived) = match given {
             Some(p) => (read_json(&p)?, p, false),
             None => {
                 let run_config = input
-                    .attr_str("checkpoint_dir")
-                    .map(|d| PathBuf::from(d).join("run_config.yaml"))
+                    .get(bridgeflow_sdk::attrs::CHECKPOINT_DIR)
+                    .map(|d| d.join("run_config.yaml"))
                     .filter(|p| p.is_file())
                     .ok_or_else(|| {
                         PluginError::config(
@@ -1087,20 +1075,17 @@ impl Transform for Mapper {
         if self.to_megatron {
             // The config kept with the checkpoint describes the weights as they arrive here
             // (after a cast or a dequantization upstream).
-            if let Some(d) = input.attr_str("dtype") {
+            if let Some(d) = input.get(bridgeflow_sdk::attrs::DTYPE) {
                 hf["dtype"] = d.trim_start_matches("torch.").into();
                 if let Some(o) = hf.as_object_mut() {
                     o.remove("torch_dtype");
                 }
             }
             if let (Some(keys), Some(o)) = (
-                input
-                    .attrs()
-                    .get("drop_config_keys")
-                    .and_then(|v| v.as_array()),
+                input.get(bridgeflow_sdk::attrs::DROP_CONFIG_KEYS),
                 hf.as_object_mut(),
             ) {
-                for k in keys.iter().filter_map(|k| k.as_str()) {
+                for k in &keys {
                     o.remove(k);
                 }
             }
@@ -1117,15 +1102,15 @@ impl Transform for Mapper {
             let what = format!(
                 "HF model {} does not fit {}",
                 input
-                    .attr_str("source_dir")
-                    .unwrap_or_else(|| "(input)".into()),
+                    .get(bridgeflow_sdk::attrs::SOURCE_DIR)
+                    .map_or_else(|| "(input)".into(), |d| d.display().to_string()),
                 path.display()
             );
             let mut p = self.plan_to_megatron(input, what)?;
             // Bridge's hf_model_id and tokenizer_model: the HF folder we read.
             let source = input
-                .attr_str("source_dir")
-                .map(|d| std::fs::canonicalize(&d).map_or(d, |p| p.display().to_string()));
+                .get(bridgeflow_sdk::attrs::SOURCE_DIR)
+                .map(|d| std::fs::canonicalize(&d).unwrap_or(d).display().to_string());
             let model = model_section(
                 self.family(),
                 &text,
@@ -1135,25 +1120,28 @@ impl Transform for Mapper {
             )?;
             // The model fields also travel as they are, for writers of other formats (the
             // Megatron-LM writer's args).
-            p.set_attr("megatron_model", serde_json::Value::Object(model.clone()));
+            p.set(bridgeflow_sdk::attrs::MEGATRON_MODEL, model.clone());
             let yaml = to_yaml(
                 &run_config(&hf, model, source.as_deref()),
                 "# Written by bridgeflow as Megatron-Bridge writes it: `model` instantiates the\n# family's Megatron-Bridge provider (load_megatron_model, export_ckpt); `bridgeflow.hf_config`\n# is the original config.json, from which export rebuilds it exactly.\n",
             );
-            p.set_attr("run_config_yaml", yaml.into());
+            p.set(bridgeflow_sdk::attrs::RUN_CONFIG_YAML, yaml);
             p
         } else {
             let what = format!(
                 "Megatron checkpoint {} does not fit {}",
                 input
-                    .attr_str("checkpoint_dir")
-                    .unwrap_or_else(|| "(input)".into()),
+                    .get(bridgeflow_sdk::attrs::CHECKPOINT_DIR)
+                    .map_or_else(|| "(input)".into(), |d| d.display().to_string()),
                 path.display()
             );
             self.plan_to_hf(input, what)?
         };
         if !self.to_megatron && derived {
-            plan.set_attr("hf_config", hf);
+            // Rebuilt from a run config: always an object.
+            if let serde_json::Value::Object(hf) = hf {
+                plan.set(bridgeflow_sdk::attrs::HF_CONFIG, hf);
+            }
         }
         Ok(plan)
     }

@@ -80,6 +80,11 @@ impl Source for SafetensorsReader {
     type Config = ReaderConfig;
     const DESCRIPTION: &'static str =
         "Reads safetensors files or an HF model folder; zero-copy views of memory maps";
+    const ENDPOINTS: &'static [bridgeflow_sdk::Endpoint] = &[bridgeflow_sdk::Endpoint::new(
+        "hf",
+        "hf",
+        "a Hugging Face model folder (config.json + safetensors)",
+    )];
 
     fn new(config: ReaderConfig) -> Result<Self> {
         Ok(SafetensorsReader {
@@ -98,11 +103,8 @@ impl Source for SafetensorsReader {
             self.manifest = Some(bridgeflow_sdk::manifest::Manifest::load(&m)?);
         }
         let mut plan = StreamPlan::new(self.entries.iter().map(|(_, e)| e.info.clone()).collect());
-        plan.set_attr("format", "safetensors".into());
-        plan.set_attr(
-            "source_dir",
-            layout.dir.to_string_lossy().into_owned().into(),
-        );
+        plan.set(bridgeflow_sdk::attrs::FORMAT, "safetensors");
+        plan.set(bridgeflow_sdk::attrs::SOURCE_DIR, layout.dir.clone());
         Ok(plan)
     }
 
@@ -131,6 +133,27 @@ impl Source for SafetensorsReader {
         }
         self.maps.clear();
         Ok(())
+    }
+
+    /// `quantization_config.quant_method` of the folder's `config.json`. A missing config is
+    /// no answer (the plan names it where it matters); one that is not JSON is an error.
+    fn quant_method(path: &Path) -> Result<Option<String>> {
+        let cfg = path.join("config.json");
+        let Ok(text) = std::fs::read_to_string(&cfg) else {
+            return Ok(None);
+        };
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| PluginError::format(format!("{}: {e}", cfg.display())))?;
+        let Some(q) = json.get("quantization_config") else {
+            return Ok(None);
+        };
+        match q.get("quant_method").and_then(|m| m.as_str()) {
+            Some(m) => Ok(Some(m.to_string())),
+            None => Err(PluginError::format(format!(
+                "{}: quantization_config has no quant_method string",
+                cfg.display()
+            ))),
+        }
     }
 
     fn probe(path: &Path) -> u32 {

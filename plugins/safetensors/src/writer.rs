@@ -308,15 +308,8 @@ impl SafetensorsWriter {
     /// (`config_updates`: the `quantization_config` of re-quantized ones). Untouched otherwise,
     /// byte for byte.
     fn update_config(&self, text: String) -> String {
-        let attrs = self.plan.attrs();
-        let drop = attrs
-            .get("drop_config_keys")
-            .and_then(|v| v.as_array())
-            .cloned();
-        let set = attrs
-            .get("config_updates")
-            .and_then(|v| v.as_object())
-            .cloned();
+        let drop = self.plan.get(bridgeflow_sdk::attrs::DROP_CONFIG_KEYS);
+        let set = self.plan.get(bridgeflow_sdk::attrs::CONFIG_UPDATES);
         if drop.is_none() && set.is_none() {
             return text;
         }
@@ -326,7 +319,7 @@ impl SafetensorsWriter {
         let Some(obj) = cfg.as_object_mut() else {
             return text;
         };
-        for k in drop.iter().flatten().filter_map(|k| k.as_str()) {
+        for k in drop.iter().flatten() {
             obj.remove(k);
         }
         for (k, v) in set.into_iter().flatten() {
@@ -338,13 +331,13 @@ impl SafetensorsWriter {
     fn copy_side_files(&self, dir: &Path) -> Result<usize> {
         let from = match &self.cfg.copy_from {
             Some(p) => Some(p.clone()),
-            None => self.plan.attr_str("source_dir").map(PathBuf::from),
+            None => self.plan.get(bridgeflow_sdk::attrs::SOURCE_DIR),
         };
         let mut copied = 0;
         // A config handed over in the stream (rebuilt from a Megatron checkpoint) wins.
-        if let Some(cfg) = self.plan.attrs().get("hf_config").filter(|v| v.is_object()) {
+        if let Some(cfg) = self.plan.get(bridgeflow_sdk::attrs::HF_CONFIG) {
             let dst = dir.join("config.json");
-            let text = self.update_config(serde_json::to_string_pretty(cfg).expect("json") + "\n");
+            let text = self.update_config(serde_json::to_string_pretty(&cfg).expect("json") + "\n");
             std::fs::write(&dst, text).map_err(|e| PluginError::io(&dst, "cannot write", e))?;
             copied += 1;
         }
@@ -404,6 +397,14 @@ impl Sink for SafetensorsWriter {
     type Config = WriterConfig;
     const DESCRIPTION: &'static str =
         "Writes HF sharded safetensors with index and side files, atomically";
+    const ENDPOINTS: &'static [bridgeflow_sdk::Endpoint] = &[bridgeflow_sdk::Endpoint {
+        options: &["overwrite"],
+        ..bridgeflow_sdk::Endpoint::new(
+            "hf",
+            "hf",
+            "a Hugging Face model folder (config.json + safetensors)",
+        )
+    }];
 
     fn new(cfg: WriterConfig) -> Result<Self> {
         if cfg.path.as_os_str().is_empty() {

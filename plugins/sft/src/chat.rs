@@ -270,9 +270,12 @@ impl Transform for SftTokenize {
     fn plan(&mut self, inputs: &[StreamPlan]) -> Result<StreamPlan> {
         let l = load(&self.cfg)?;
         let mut plan = inputs[0].clone();
-        plan.set_attr("vocab_size", (l.tok.get_vocab_size(true) as u64).into());
+        plan.set(
+            bridgeflow_sdk::attrs::VOCAB_SIZE,
+            l.tok.get_vocab_size(true) as u64,
+        );
         if let Some((_, id)) = &l.eos {
-            plan.set_attr("eod_id", (*id).into());
+            plan.set(bridgeflow_sdk::attrs::EOD_ID, *id);
         }
         self.loaded = Some(Arc::new(l));
         let threads = if self.cfg.workers == 0 {

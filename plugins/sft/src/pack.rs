@@ -298,10 +298,12 @@ impl Sink for PackWriter {
             &self.cfg.output,
         )?);
         bridgeflow_sdk::fsutil::refuse_existing(&self.cfg.output, self.cfg.overwrite)?;
-        let attrs = inputs.first().map(|p| p.attrs()).unwrap_or_default();
         self.pad_id = match self.cfg.pad_id {
             Some(p) => p,
-            None => attrs.get("eod_id").and_then(|v| v.as_u64()).unwrap_or(0) as u32,
+            None => inputs
+                .first()
+                .and_then(|p| p.get(bridgeflow_sdk::attrs::EOD_ID))
+                .unwrap_or(0),
         };
         if let Some(dir) = self
             .cfg

@@ -198,11 +198,12 @@ impl Transform for Tokenize {
         let tok = self.tokenizer.as_ref().expect("loaded");
         let mut plan = inputs[0].clone();
         // Megatron sizes the token dtype by len(tokenizer): the vocabulary with added tokens.
-        plan.set_attr("vocab_size", (tok.get_vocab_size(true) as u64).into());
+        use bridgeflow_sdk::attrs;
+        plan.set(attrs::VOCAB_SIZE, tok.get_vocab_size(true) as u64);
         if let Some(e) = self.eod {
-            plan.set_attr("eod_id", e.into());
+            plan.set(attrs::EOD_ID, e);
         }
-        plan.set_attr("json_keys", serde_json::json!(self.cfg.json_keys));
+        plan.set(attrs::JSON_KEYS, self.cfg.json_keys.clone());
         Ok(plan)
     }
 

@@ -111,6 +111,9 @@ fn storage_of(v: &Value) -> Option<Storage> {
     })
 }
 
+/// A `.metadata` error: its path and what is wrong.
+type Bad<'a> = &'a dyn Fn(&str) -> PluginError;
+
 pub fn read_metadata(dir: &Path) -> Result<CheckpointMeta> {
     let path = dir.join(".metadata");
     let bytes = std::fs::read(&path).map_err(|e| PluginError::io(&path, "cannot read", e))?;
@@ -121,7 +124,50 @@ pub fn read_metadata(dir: &Path) -> Result<CheckpointMeta> {
             "the pickle is not a torch.distributed.checkpoint Metadata",
         ));
     }
-    // storage_data: (fqn, chunk offsets) → where the bytes are.
+    let storage = storage_data(&root, &bad)?;
+    check_files_tiled(dir, &storage)?;
+    let mut used: std::collections::HashSet<(String, Vec<u64>)> = Default::default();
+    let mut meta = CheckpointMeta::default();
+    for (k, v) in root
+        .field("state_dict_metadata")
+        .and_then(|s| s.dict_entries())
+        .ok_or_else(|| bad("no state_dict_metadata"))?
+    {
+        let key = k
+            .as_str()
+            .ok_or_else(|| bad("a non-string key"))?
+            .to_string();
+        match v.class().as_deref() {
+            Some("torch.distributed.checkpoint.metadata.BytesStorageMetadata") => {
+                if let Some(s) = storage.get(&(key.clone(), vec![])) {
+                    used.insert((key.clone(), vec![]));
+                    meta.bytes.insert(key, s.clone());
+                }
+            }
+            Some("torch.distributed.checkpoint.metadata.TensorStorageMetadata") => {
+                let t = tensor_meta(&key, &v, &storage, &mut used, &bad)?;
+                meta.tensors.insert(key, t);
+            }
+            other => return Err(bad(&format!("'{key}' has unknown metadata {other:?}"))),
+        }
+    }
+    // Stored bytes that no entry describes: an entry lost from state_dict_metadata.
+    let orphans: Vec<&str> = storage
+        .keys()
+        .filter(|k| !used.contains(*k))
+        .map(|(fqn, _)| fqn.as_str())
+        .collect();
+    if let Some(first) = orphans.first() {
+        return Err(bad(&format!(
+            "{} stored item(s) have no entry in state_dict_metadata, first '{first}' (a damaged .metadata would lose the tensor)",
+            orphans.len()
+        )));
+    }
+    Ok(meta)
+}
+
+/// `storage_data`: (fqn, chunk offsets) → where the bytes are, each inside the checkpoint.
+fn storage_data(root: &Value, bad: Bad) -> Result<BTreeMap<(String, Vec<u64>), Storage>> {
     let mut storage: BTreeMap<(String, Vec<u64>), Storage> = BTreeMap::new();
     for (k, v) in root
         .field("storage_data")
@@ -147,140 +193,123 @@ pub fn read_metadata(dir: &Path) -> Result<CheckpointMeta> {
         }
         storage.insert((fqn, offsets), s);
     }
-    check_files_tiled(dir, &storage)?;
-    let mut used: std::collections::HashSet<(String, Vec<u64>)> = Default::default();
-    let mut meta = CheckpointMeta::default();
-    for (k, v) in root
-        .field("state_dict_metadata")
-        .and_then(|s| s.dict_entries())
-        .ok_or_else(|| bad("no state_dict_metadata"))?
-    {
-        let key = k
-            .as_str()
-            .ok_or_else(|| bad("a non-string key"))?
-            .to_string();
-        match v.class().as_deref() {
-            Some("torch.distributed.checkpoint.metadata.BytesStorageMetadata") => {
-                if let Some(s) = storage.get(&(key.clone(), vec![])) {
-                    used.insert((key.clone(), vec![]));
-                    meta.bytes.insert(key, s.clone());
-                }
-            }
-            Some("torch.distributed.checkpoint.metadata.TensorStorageMetadata") => {
-                few_fields(&v, &format!("'{key}'")).map_err(|e| bad(&e))?;
-                let props = v
-                    .field("properties")
-                    .ok_or_else(|| bad(&format!("'{key}' has no properties")))?;
-                let dtype = match &props {
-                    Value::Object(o) => match o
-                        .borrow()
-                        .state
-                        .as_ref()
-                        .and_then(|s| s.items())
-                        .and_then(|t| t.first().cloned())
-                    {
-                        Some(Value::Global(m, n)) if m == "torch" => dtypes::from_torch(&n),
-                        _ => None,
-                    },
-                    _ => None,
-                }
-                .ok_or_else(|| bad(&format!("'{key}': unknown or missing dtype")))?;
-                let size = v
-                    .field("size")
-                    .and_then(|s| size_of(&s))
-                    .ok_or_else(|| bad(&format!("'{key}' has no size")))?;
-                let mut chunks = Vec::new();
-                for c in v
-                    .field("chunks")
-                    .and_then(|c| c.items())
-                    .ok_or_else(|| bad(&format!("'{key}' has no chunks")))?
-                {
-                    let offsets = c
-                        .field("offsets")
-                        .and_then(|o| size_of(&o))
-                        .ok_or_else(|| bad(&format!("'{key}': chunk without offsets")))?;
-                    let sizes = c
-                        .field("sizes")
-                        .and_then(|o| size_of(&o))
-                        .ok_or_else(|| bad(&format!("'{key}': chunk without sizes")))?;
-                    if offsets.len() != size.len()
-                        || sizes.len() != size.len()
-                        || offsets
-                            .iter()
-                            .zip(&sizes)
-                            .zip(&size)
-                            .any(|((o, s), g)| o.checked_add(*s).is_none_or(|end| end > *g))
-                    {
-                        return Err(bad(&format!(
-                            "'{key}': chunk at {offsets:?} of {sizes:?} lies outside {size:?}"
-                        )));
-                    }
-                    let st = storage
-                        .get(&(key.clone(), offsets.clone()))
-                        .cloned()
-                        .ok_or_else(|| {
-                            bad(&format!("'{key}': no storage for the chunk at {offsets:?}"))
-                        })?;
-                    // Each chunk its own stored item, holding at least its elements: a chunk
-                    // listed twice, or larger than its bytes, is a lie that would size memory.
-                    if !used.insert((key.clone(), offsets.clone())) {
-                        return Err(bad(&format!(
-                            "'{key}': the chunk at {offsets:?} is listed twice"
-                        )));
-                    }
-                    let chunk_bytes = sizes
-                        .iter()
-                        .try_fold(dtype.size() as u64, |n, &d| n.checked_mul(d));
-                    if chunk_bytes.is_none_or(|b| b > st.length) {
-                        return Err(bad(&format!(
-                            "'{key}': the chunk at {offsets:?} of {sizes:?} needs more bytes than its stored {}",
-                            st.length
-                        )));
-                    }
-                    chunks.push(Chunk {
-                        offsets,
-                        sizes,
-                        storage: st,
-                    });
-                }
-                let elements = |dims: &[u64]| dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
-                let covered = chunks
-                    .iter()
-                    .try_fold(0u64, |n, c| n.checked_add(elements(&c.sizes)?));
-                let whole = elements(&size);
-                if covered.is_none() || covered != whole {
-                    let n = |v: Option<u64>| v.map_or("over 2^64".into(), |v| v.to_string());
-                    return Err(bad(&format!(
-                        "'{key}': chunks cover {} of {} elements (missing or overlapping pieces)",
-                        n(covered),
-                        n(whole)
-                    )));
-                }
-                meta.tensors.insert(
-                    key,
-                    TensorMeta {
-                        dtype,
-                        size,
-                        chunks,
-                    },
-                );
-            }
-            other => return Err(bad(&format!("'{key}' has unknown metadata {other:?}"))),
-        }
+    Ok(storage)
+}
+
+/// A `TensorStorageMetadata` entry: dtype, size and chunks, each chunk inside the tensor and
+/// stored once (`used`), the chunks covering the tensor's elements.
+fn tensor_meta(
+    key: &str,
+    v: &Value,
+    storage: &BTreeMap<(String, Vec<u64>), Storage>,
+    used: &mut std::collections::HashSet<(String, Vec<u64>)>,
+    bad: Bad,
+) -> Result<TensorMeta> {
+    few_fields(v, &format!("'{key}'")).map_err(|e| bad(&e))?;
+    let props = v
+        .field("properties")
+        .ok_or_else(|| bad(&format!("'{key}' has no properties")))?;
+    let dtype = match &props {
+        Value::Object(o) => match o
+            .borrow()
+            .state
+            .as_ref()
+            .and_then(|s| s.items())
+            .and_then(|t| t.first().cloned())
+        {
+            Some(Value::Global(m, n)) if m == "torch" => dtypes::from_torch(&n),
+            _ => None,
+        },
+        _ => None,
     }
-    // Stored bytes that no entry describes: an entry lost from state_dict_metadata.
-    let orphans: Vec<&str> = storage
-        .keys()
-        .filter(|k| !used.contains(*k))
-        .map(|(fqn, _)| fqn.as_str())
-        .collect();
-    if let Some(first) = orphans.first() {
+    .ok_or_else(|| bad(&format!("'{key}': unknown or missing dtype")))?;
+    let size = v
+        .field("size")
+        .and_then(|s| size_of(&s))
+        .ok_or_else(|| bad(&format!("'{key}' has no size")))?;
+    let mut chunks = Vec::new();
+    for c in v
+        .field("chunks")
+        .and_then(|c| c.items())
+        .ok_or_else(|| bad(&format!("'{key}' has no chunks")))?
+    {
+        chunks.push(chunk_meta(key, &c, (dtype, &size), storage, used, bad)?);
+    }
+    let elements = |dims: &[u64]| dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+    let covered = chunks
+        .iter()
+        .try_fold(0u64, |n, c| n.checked_add(elements(&c.sizes)?));
+    let whole = elements(&size);
+    if covered.is_none() || covered != whole {
+        let n = |v: Option<u64>| v.map_or("over 2^64".into(), |v| v.to_string());
         return Err(bad(&format!(
-            "{} stored item(s) have no entry in state_dict_metadata, first '{first}' (a damaged .metadata would lose the tensor)",
-            orphans.len()
+            "'{key}': chunks cover {} of {} elements (missing or overlapping pieces)",
+            n(covered),
+            n(whole)
         )));
     }
-    Ok(meta)
+    Ok(TensorMeta {
+        dtype,
+        size,
+        chunks,
+    })
+}
+
+/// One `ChunkStorageMetadata` of tensor `key` (`dtype`, `size`): inside the tensor, with its
+/// own stored item holding at least its elements.
+fn chunk_meta(
+    key: &str,
+    c: &Value,
+    (dtype, size): (DType, &[u64]),
+    storage: &BTreeMap<(String, Vec<u64>), Storage>,
+    used: &mut std::collections::HashSet<(String, Vec<u64>)>,
+    bad: Bad,
+) -> Result<Chunk> {
+    let offsets = c
+        .field("offsets")
+        .and_then(|o| size_of(&o))
+        .ok_or_else(|| bad(&format!("'{key}': chunk without offsets")))?;
+    let sizes = c
+        .field("sizes")
+        .and_then(|o| size_of(&o))
+        .ok_or_else(|| bad(&format!("'{key}': chunk without sizes")))?;
+    if offsets.len() != size.len()
+        || sizes.len() != size.len()
+        || offsets
+            .iter()
+            .zip(&sizes)
+            .zip(size)
+            .any(|((o, s), g)| o.checked_add(*s).is_none_or(|end| end > *g))
+    {
+        return Err(bad(&format!(
+            "'{key}': chunk at {offsets:?} of {sizes:?} lies outside {size:?}"
+        )));
+    }
+    let st = storage
+        .get(&(key.to_string(), offsets.clone()))
+        .cloned()
+        .ok_or_else(|| bad(&format!("'{key}': no storage for the chunk at {offsets:?}")))?;
+    // Each chunk its own stored item, holding at least its elements: a chunk listed twice, or
+    // larger than its bytes, is a lie that would size memory.
+    if !used.insert((key.to_string(), offsets.clone())) {
+        return Err(bad(&format!(
+            "'{key}': the chunk at {offsets:?} is listed twice"
+        )));
+    }
+    let chunk_bytes = sizes
+        .iter()
+        .try_fold(dtype.size() as u64, |n, &d| n.checked_mul(d));
+    if chunk_bytes.is_none_or(|b| b > st.length) {
+        return Err(bad(&format!(
+            "'{key}': the chunk at {offsets:?} of {sizes:?} needs more bytes than its stored {}",
+            st.length
+        )));
+    }
+    Ok(Chunk {
+        offsets,
+        sizes,
+        storage: st,
+    })
 }
 
 /// Where one stored item lies: file, first byte, length, and whose it is.

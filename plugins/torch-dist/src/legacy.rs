@@ -5,7 +5,7 @@
 //!
 //! Writer: every rank's archive is laid out from the stream plan (each local tensor a storage
 //! `data/{i}` at a known offset), filled as global tensors arrive — each rank's share cut by
-//! megatron-core's tensor-parallel rules (`bridgeflow_sdk::parallel`) — and framed with its
+//! megatron-core's tensor-parallel rules (`bridgeflow_megatron::placement`) — and framed with its
 //! CRC-32s at commit; the root appears under its name only then. Reader: the ranks' archives
 //! read in place, every global tensor reassembled from its shards (TP), its stage (PP) placing
 //! its layers.
@@ -14,9 +14,14 @@ use crate::checkpoint::is_tensor;
 use crate::dtypes;
 use crate::emit::{tensor_value, Archive, Pickler};
 use crate::pickle::{self, Value};
-use bridgeflow_sdk::parallel::{
-    pp_layers, tp_global_shape, tp_local_shape, tp_runs, tp_split, TpSplit,
+use bridgeflow_megatron::blocks::{block_of, contiguous_offset};
+use bridgeflow_megatron::degree::{check_degree, check_product, MAX_DEGREE};
+use bridgeflow_megatron::names;
+use bridgeflow_megatron::placement::{
+    chunk_index, chunk_layers, expert_runs, global_expert, legacy_expert_name, legacy_global_name,
+    misplaced, pp_layers, GlobalTensor, LegacyLayout, LocalTensor,
 };
+use bridgeflow_megatron::tp::{check_tp, global_shape_of, tp_runs, tp_split, TpSplit, Unsplittable};
 use bridgeflow_sdk::{
     schemars, serde, Buffer, BufferPool, DType, Emitter, Item, MapView, PluginError, Result, Sink,
     Source, StreamPlan, Tensor, TensorInfo,
@@ -27,7 +32,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-const FILE: &str = "model_optim_rng.pt";
+const FILE: &str = names::LEGACY_FILE;
 
 fn one() -> u64 {
     1
@@ -37,99 +42,6 @@ fn te() -> String {
 }
 fn yes() -> bool {
     true
-}
-
-/// `mp_rank_{tp:02}`, with pipeline stages `mp_rank_{tp:02}_{pp:03}`, and with expert
-/// parallelism `_{ep:03}` after that (Megatron-LM's `get_checkpoint_name`).
-fn rank_dir(tp: u64, pp: u64, stages: u64, ep: u64, eps: u64) -> String {
-    let mut d = format!("mp_rank_{tp:02}");
-    if stages > 1 {
-        d.push_str(&format!("_{pp:03}"));
-    }
-    if eps > 1 {
-        d.push_str(&format!("_{ep:03}"));
-    }
-    d
-}
-
-/// Megatron's per-layer expert key (`experts.experts.linear_fcN.weight`, a leading expert axis)
-/// and Megatron-LM's keys for local expert `i`: TE's grouped GEMM (`experts.linear_fcN.weight{i}`)
-/// or the local spec's SequentialMLP (`experts.local_experts.{i}.linear_fcN.weight`).
-const STACKED_EXPERTS: &str = ".mlp.experts.experts.";
-const GROUPED_EXPERTS: &str = ".mlp.experts.";
-const SEQUENTIAL_EXPERTS: &str = ".mlp.experts.local_experts.";
-
-fn expert_key(stacked_param: &str, i: u64, local_spec: bool) -> String {
-    if local_spec {
-        let to = format!("mlp.experts.local_experts.{i}.");
-        return stacked_param.replacen("mlp.experts.experts.", &to, 1);
-    }
-    format!(
-        "{}{i}",
-        stacked_param.replacen("mlp.experts.experts.", "mlp.experts.", 1)
-    )
-}
-
-/// (module as the grouped key names it, local expert) of a local expert's key in either spec.
-fn local_expert(key: &str) -> Option<(String, u64)> {
-    if let Some((before, rest)) = key.split_once(SEQUENTIAL_EXPERTS) {
-        let (i, linear) = rest.split_once('.')?;
-        let linear = linear.strip_suffix(".weight")?;
-        return Some((
-            format!("{before}{GROUPED_EXPERTS}{linear}"),
-            i.parse().ok()?,
-        ));
-    }
-    key.rsplit_once(".weight").and_then(|(m, n)| {
-        (m.contains(GROUPED_EXPERTS) && !n.is_empty())
-            .then(|| n.parse::<u64>().ok())
-            .flatten()
-            .map(|n| (m.to_string(), n))
-    })
-}
-
-/// Local-spec (`--transformer-impl local`) names of the norms TE fuses into its linears.
-const LOCAL_NAMES: &[(&str, &str)] = &[
-    (
-        "self_attention.linear_qkv.layer_norm_weight",
-        "input_layernorm.weight",
-    ),
-    (
-        "mlp.linear_fc1.layer_norm_weight",
-        "pre_mlp_layernorm.weight",
-    ),
-    // MLA's norms of the compressed q and kv.
-    (
-        "self_attention.linear_q_up_proj.layer_norm_weight",
-        "self_attention.q_layernorm.weight",
-    ),
-    (
-        "self_attention.linear_kv_up_proj.layer_norm_weight",
-        "self_attention.kv_layernorm.weight",
-    ),
-];
-
-/// The element offset of a block (`offsets`, `shape`) in a row-major tensor of `global` shape,
-/// if the block's elements are contiguous there: size 1 on the axes before its first longer
-/// one, whole on every axis after it.
-fn contiguous_offset(global: &[u64], offsets: &[u64], shape: &[u64]) -> Option<u64> {
-    let n = global.len();
-    let k = (0..n).find(|&d| shape[d] != 1).unwrap_or(n);
-    if !(k + 1..n).all(|d| shape[d] == global[d] && offsets[d] == 0) {
-        return None;
-    }
-    let (mut off, mut stride) = (0u64, 1u64);
-    for d in (0..n).rev() {
-        off += offsets[d] * stride;
-        stride *= global[d];
-    }
-    Some(off)
-}
-
-fn split_layer(name: &str) -> Option<(u64, &str)> {
-    let rest = name.strip_prefix("decoder.layers.")?;
-    let (l, param) = rest.split_once('.')?;
-    Some((l.parse().ok()?, param))
 }
 
 // ------------------------------------------------------------------------------------ writer
@@ -173,9 +85,6 @@ pub struct LegacyWriterConfig {
     #[serde(default = "yes")]
     pub fsync: bool,
 }
-
-/// A rank's tensor while laying out: local key, global source, local shape, byte runs.
-type RankTensor<'a> = (usize, String, &'a TensorInfo, Vec<u64>, Vec<(u64, u64)>);
 
 /// One local tensor of a rank: its key, where its bytes come from and go.
 struct Local {
@@ -246,9 +155,7 @@ impl LegacyWriter {
         gated: bool,
     ) {
         let model = plan
-            .attrs()
-            .get("megatron_model")
-            .cloned()
+            .get(bridgeflow_sdk::attrs::MEGATRON_MODEL)
             .unwrap_or_default();
         let mut fields: BTreeMap<String, serde_json::Value> = BTreeMap::new();
         for (meg, arg) in ARGS {
@@ -287,7 +194,7 @@ impl LegacyWriter {
         fields.insert("ckpt_format".into(), "torch".into());
         // The expert count from the whole tensor (a plan in pieces has one expert per piece).
         let whole = plan.whole_tensors();
-        let experts = whole.iter().find(|t| t.name().contains(STACKED_EXPERTS));
+        let experts = whole.iter().find(|t| names::has_stacked_experts(t.name()));
         if let Some(t) = experts {
             fields.insert("num_experts".into(), t.shape[0].into());
             fields.insert("moe_grouped_gemm".into(), true.into());
@@ -332,19 +239,12 @@ impl LegacyWriter {
         p.build();
     }
 
-    fn lay_out(&mut self, plan: &StreamPlan) -> Result<()> {
-        // Pieces (blocks of a tensor, e.g. one expert's gate rows) stand for their tensor; each
-        // rank's share is cut from whatever blocks arrive.
-        let tensors = plan.whole_tensors();
-        for t in &tensors {
-            let bytes = t
-                .nbytes()
-                .ok_or_else(|| PluginError::shape(format!("'{}': size overflows", t.name())))?;
-            self.remaining.insert(t.name().to_string(), bytes);
-        }
+    /// Refuses what this writer cannot place: tensors stacked over layers, and any that is not
+    /// a GPT decoder's.
+    fn check_tensors(tensors: &[TensorInfo]) -> Result<()> {
         if let Some(t) = tensors
             .iter()
-            .find(|t| t.name().starts_with("decoder.layers.") && split_layer(t.name()).is_none())
+            .find(|t| names::is_layer_key(t.name()) && names::split_layer(t.name()).is_none())
         {
             return Err(PluginError::config(format!(
                 "'{}' is stacked over layers; read with split_layers = true",
@@ -355,20 +255,22 @@ impl LegacyWriter {
         // embedding, output layer and final norm. A VLM's submodules, multi-token-prediction
         // layers and Mamba mixers have their own Megatron-LM layouts (not written here): refused
         // by name rather than written to the wrong ranks.
-        if let Some(t) = tensors.iter().find(|t| {
-            let n = t.name();
-            let known = n.starts_with("decoder.layers.")
-                || n.starts_with("embedding.")
-                || n.starts_with("output_layer.")
-                || n.starts_with("decoder.final_layernorm.");
-            !known || n.contains(".mixer.")
-        }) {
+        if let Some(t) = tensors.iter().find(|t| !names::is_gpt_key(t.name())) {
             return Err(PluginError::unsupported(format!(
                 "'{}': the Megatron-LM writer places GPT decoders (dense, MoE, MLA) only; write this model as torch_dist",
                 t.name()
             )));
         }
-        bridgeflow_sdk::parallel::check_tp(plan.attrs().get("megatron_model"), self.cfg.tp.max(1))?;
+        Ok(())
+    }
+
+    /// The rank files' layout: the degrees (checked against the model), each chunk's layers
+    /// and the model's choices; and the layer count.
+    fn layout(&self, plan: &StreamPlan, tensors: &[TensorInfo]) -> Result<(LegacyLayout, u64)> {
+        let megatron_model = plan
+            .get(bridgeflow_sdk::attrs::MEGATRON_MODEL)
+            .map(serde_json::Value::Object);
+        check_tp(megatron_model.as_ref(), self.cfg.tp.max(1))?;
         let (ep, etp) = (
             self.cfg.ep.max(1),
             self.cfg.etp.unwrap_or(self.cfg.tp).max(1),
@@ -381,7 +283,7 @@ impl LegacyWriter {
         }
         if let Some(t) = tensors
             .iter()
-            .find(|t| t.name().contains(STACKED_EXPERTS) && t.shape[0] % ep != 0)
+            .find(|t| names::has_stacked_experts(t.name()) && t.shape[0] % ep != 0)
         {
             return Err(PluginError::config(format!(
                 "'{}': {} experts do not divide over {ep} expert-parallel ranks",
@@ -391,216 +293,178 @@ impl LegacyWriter {
         }
         let layers = tensors
             .iter()
-            .filter_map(|t| split_layer(t.name()))
+            .filter_map(|t| names::split_layer(t.name()))
             .map(|(l, _)| l + 1)
             .max()
             .unwrap_or(0);
         let (pp, vpp) = (self.cfg.pp.max(1), self.cfg.vpp.max(1));
-        if layers > 0 && pp * vpp > layers {
-            return Err(PluginError::config(format!(
-                "pp = {pp}, vpp = {vpp}: {} pipeline chunks for {layers} layers",
-                pp * vpp
-            )));
-        }
-        if vpp > 1
-            && (self.cfg.num_layers_in_first_pipeline_stage.is_some()
-                || self.cfg.num_layers_in_last_pipeline_stage.is_some())
-        {
-            return Err(PluginError::config(
-                "uneven first/last stages with virtual pipeline chunks are not supported",
-            ));
-        }
         // One block of layers per (virtual) chunk, in model order.
-        let chunks = pp_layers(
+        let chunks = chunk_layers(
             layers,
-            pp * vpp,
+            pp,
+            vpp,
             self.cfg.num_layers_in_first_pipeline_stage,
             self.cfg.num_layers_in_last_pipeline_stage,
         )?;
-        let gated = plan
-            .attrs()
-            .get("megatron_model")
-            .and_then(|m| m.get("gated_linear_unit"))
-            .and_then(|v| v.as_bool())
+        let gated = megatron_model
+            .as_ref()
+            .and_then(|m| m.get("gated_linear_unit")?.as_bool())
             .unwrap_or(true);
+        let layout = LegacyLayout {
+            tp: self.cfg.tp.max(1),
+            pp,
+            vpp,
+            ep,
+            etp,
+            chunks,
+            gated,
+            local_spec: self.cfg.spec == "local",
+            tied: !tensors.iter().any(|t| t.name() == names::OUTPUT_LAYER),
+        };
+        Ok((layout, layers))
+    }
+
+    fn lay_out(&mut self, plan: &StreamPlan) -> Result<()> {
+        // Pieces (blocks of a tensor, e.g. one expert's gate rows) stand for their tensor; each
+        // rank's share is cut from whatever blocks arrive.
+        let tensors = plan.whole_tensors();
+        for t in &tensors {
+            let bytes = t
+                .nbytes()
+                .ok_or_else(|| PluginError::shape(format!("'{}': size overflows", t.name())))?;
+            self.remaining.insert(t.name().to_string(), bytes);
+        }
+        Self::check_tensors(&tensors)?;
+        let (layout, layers) = self.layout(plan, &tensors)?;
         let vocab = tensors
             .iter()
-            .find(|t| t.name() == "embedding.word_embeddings.weight")
+            .find(|t| t.name() == names::WORD_EMBEDDINGS)
             .map_or(0, |t| t.shape[0]);
-        let tied = !tensors.iter().any(|t| t.name() == "output_layer.weight");
-        let last = (pp * vpp - 1) as usize;
         let staging = match self.claim.as_mut() {
             Some(c) => c.staging("partial"),
             None => bridgeflow_sdk::fsutil::hidden_sibling(&self.cfg.path, "partial"),
         };
         let iter_dir = staging.join(format!("iter_{:07}", self.cfg.iteration));
         self.staging = Some(staging.clone());
-        for s in 0..pp {
-            for k in 0..ep {
-                for r in 0..self.cfg.tp.max(1) {
-                    // This rank's tensors: (model chunk, local key, global source, local shape, runs).
-                    let mut locals: Vec<RankTensor> = Vec::new();
-                    for v in 0..vpp as usize {
-                        let c = v * pp as usize + s as usize;
-                        let (first_layer, count) = chunks[c];
-                        for t in &tensors {
-                            let key = match split_layer(t.name()) {
-                                Some((l, param)) if l >= first_layer && l < first_layer + count => {
-                                    let param = match self.cfg.spec.as_str() {
-                                        "local" => LOCAL_NAMES
-                                            .iter()
-                                            .find(|(te, _)| *te == param)
-                                            .map_or(param, |(_, local)| local),
-                                        _ => param,
-                                    };
-                                    format!("decoder.layers.{}.{param}", l - first_layer)
-                                }
-                                Some(_) => continue,
-                                None => {
-                                    let name = t.name();
-                                    let here = match name {
-                                        "embedding.word_embeddings.weight" => {
-                                            c == 0 || (tied && c == last)
-                                        }
-                                        _ if name.starts_with("embedding.") => c == 0,
-                                        _ => c == last,
-                                    };
-                                    if !here {
-                                        continue;
-                                    }
-                                    name.to_string()
-                                }
-                            };
-                            let split = tp_split(t.name(), gated);
-                            let es = t.dtype.size() as u64;
-                            if t.name().contains(STACKED_EXPERTS) {
-                                // This EP rank's experts, each cut for its expert-TP rank.
-                                let per = t.shape[0] / ep;
-                                let one = &t.shape[1..];
-                                let bytes = one.iter().product::<u64>() * es;
-                                let etp_rank = if etp == 1 { 0 } else { r };
-                                for i in 0..per {
-                                    let g = k * per + i;
-                                    let runs = tp_runs(one, es, split, etp, etp_rank)
-                                        .map_err(|e| e.context(t.name()))?
-                                        .into_iter()
-                                        .map(|(o, n)| (g * bytes + o, n))
-                                        .collect();
-                                    let shape = tp_local_shape(one, split, etp);
-                                    let key = expert_key(&key, i, self.cfg.spec == "local");
-                                    locals.push((v, key, t, shape, runs));
-                                }
-                                continue;
-                            }
-                            let runs = tp_runs(&t.shape, es, split, self.cfg.tp.max(1), r)
-                                .map_err(|e| e.context(t.name()))?;
-                            let shape = tp_local_shape(&t.shape, split, self.cfg.tp.max(1));
-                            locals.push((v, key, t, shape, runs));
-                        }
+        let globals: Vec<GlobalTensor> = tensors
+            .iter()
+            .map(|t| GlobalTensor {
+                name: t.name(),
+                shape: &t.shape,
+                es: t.dtype.size() as u64,
+            })
+            .collect();
+        for (r, s, k) in layout.ranks() {
+            let locals = layout.rank_tensors(&globals, r, s, k)?;
+            let folder = names::legacy_rank_dir(r, s, self.cfg.pp, k, layout.ep);
+            let pkl = self.rank_pickle(plan, &layout, &tensors, &locals, (layers, vocab));
+            self.create_rank_file(&iter_dir, &folder, pkl, &tensors, locals)?;
+        }
+        Ok(())
+    }
+
+    /// A rank file's pickle: its `args`, version and iteration, and each model chunk's state
+    /// dict — every local tensor a storage of its own, in order; with TE, an `_extra_state`
+    /// (None) after each linear's weight.
+    fn rank_pickle(
+        &self,
+        plan: &StreamPlan,
+        layout: &LegacyLayout,
+        tensors: &[TensorInfo],
+        locals: &[LocalTensor],
+        (layers, vocab): (u64, u64),
+    ) -> Vec<u8> {
+        let mut p = Pickler::new();
+        p.dict_begin();
+        p.str("args");
+        self.args_pickle(&mut p, plan, layers, vocab, layout.gated);
+        p.str("checkpoint_version");
+        p.float(3.0);
+        p.str("iteration");
+        p.int(self.cfg.iteration as i64);
+        let vpp = layout.vpp as usize;
+        for v in 0..vpp {
+            p.str(&names::model_chunk_key(v, vpp));
+            p.global("collections", "OrderedDict");
+            p.tuple(0);
+            p.op(b'R');
+            p.memo_after();
+            p.mark();
+            for (i, l) in locals.iter().enumerate().filter(|(_, l)| l.chunk == v) {
+                p.str(&l.key);
+                tensor_value(&mut p, tensors[l.global].dtype, &l.shape, i);
+                match names::legacy_extra_state(&l.key) {
+                    Some(extra) if !layout.local_spec => {
+                        p.str(&extra);
+                        p.none();
                     }
-                    let dir = iter_dir.join(rank_dir(r, s, self.cfg.pp, k, ep));
-                    std::fs::create_dir_all(&dir)
-                        .map_err(|e| PluginError::io(&dir, "cannot create", e))?;
-                    let path = dir.join(FILE);
-                    // The state dict: every local tensor a storage of its own, in order; with TE,
-                    // an `_extra_state` (None) after each linear's weight.
-                    let mut p = Pickler::new();
-                    p.dict_begin();
-                    p.str("args");
-                    self.args_pickle(&mut p, plan, layers, vocab, gated);
-                    p.str("checkpoint_version");
-                    p.float(3.0);
-                    p.str("iteration");
-                    p.int(self.cfg.iteration as i64);
-                    for v in 0..vpp as usize {
-                        p.str(&if vpp > 1 {
-                            format!("model{v}")
-                        } else {
-                            "model".into()
-                        });
-                        p.global("collections", "OrderedDict");
-                        p.tuple(0);
-                        p.op(b'R');
-                        p.memo_after();
-                        p.mark();
-                        for (i, (_, key, t, shape, _)) in
-                            locals.iter().enumerate().filter(|(_, l)| l.0 == v)
-                        {
-                            p.str(key);
-                            tensor_value(&mut p, t.dtype, shape, i);
-                            // A grouped-GEMM expert weight (`…weight{i}`) shares one module: its
-                            // extra state goes with local expert 0.
-                            let module = key.strip_suffix(".weight").or_else(|| {
-                                key.strip_suffix(".weight0")
-                                    .filter(|_| key.contains(GROUPED_EXPERTS))
-                            });
-                            let linear = module.filter(|m| {
-                                m.starts_with("decoder.layers.")
-                                    && m.rsplit('.')
-                                        .next()
-                                        .is_some_and(|x| x.starts_with("linear_"))
-                            });
-                            if let (Some(m), "te") = (linear, self.cfg.spec.as_str()) {
-                                p.str(&format!("{m}._extra_state"));
-                                p.none();
-                            }
-                        }
-                        p.op(b'u');
-                    }
-                    p.dict_end();
-                    let lens: Vec<u64> = locals
-                        .iter()
-                        .map(|(_, _, t, shape, _)| {
-                            shape.iter().product::<u64>() * t.dtype.size() as u64
-                        })
-                        .collect();
-                    let archive = Archive::with_payloads(
-                        "model_optim_rng",
-                        p.finish(),
-                        &lens,
-                        &format!(
-                            "{}/{}",
-                            rank_dir(r, s, self.cfg.pp, k, ep),
-                            self.cfg.iteration
-                        ),
-                    );
-                    // Read as well: blocks that arrive piecewise get their CRC from the file.
-                    let f = File::options()
-                        .read(true)
-                        .write(true)
-                        .create_new(true)
-                        .open(&path)
-                        .map_err(|e| PluginError::io(&path, "cannot create", e))?;
-                    bridgeflow_sdk::fsutil::reserve(&f, &path, archive.total)?;
-                    let offsets = archive.payload_offsets();
-                    let rank = self.ranks.len();
-                    let mut ls = Vec::new();
-                    for (i, ((_, key, t, _, runs), (&at, &len))) in locals
-                        .into_iter()
-                        .zip(offsets.iter().zip(&lens))
-                        .enumerate()
-                    {
-                        self.uses
-                            .entry(t.name().to_string())
-                            .or_default()
-                            .push((rank, i));
-                        ls.push(Local {
-                            key,
-                            runs,
-                            at,
-                            len,
-                            crc: None,
-                        });
-                    }
-                    self.ranks.push(RankFile {
-                        path,
-                        file: f,
-                        archive,
-                        locals: ls,
-                    });
+                    _ => {}
                 }
             }
+            p.op(b'u');
         }
+        p.dict_end();
+        p.finish()
+    }
+
+    /// Creates rank file `folder/model_optim_rng.pt` under `iter_dir`, its blocks reserved,
+    /// with the archive of pickle `pkl` and storages for `locals`, and records where each
+    /// global tensor's bytes go.
+    fn create_rank_file(
+        &mut self,
+        iter_dir: &Path,
+        folder: &str,
+        pkl: Vec<u8>,
+        tensors: &[TensorInfo],
+        locals: Vec<LocalTensor>,
+    ) -> Result<()> {
+        let dir = iter_dir.join(folder);
+        std::fs::create_dir_all(&dir).map_err(|e| PluginError::io(&dir, "cannot create", e))?;
+        let path = dir.join(FILE);
+        let lens: Vec<u64> = locals
+            .iter()
+            .map(|l| l.shape.iter().product::<u64>() * tensors[l.global].dtype.size() as u64)
+            .collect();
+        let archive = Archive::with_payloads(
+            "model_optim_rng",
+            pkl,
+            &lens,
+            &format!("{folder}/{}", self.cfg.iteration),
+        );
+        // Read as well: blocks that arrive piecewise get their CRC from the file.
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| PluginError::io(&path, "cannot create", e))?;
+        bridgeflow_sdk::fsutil::reserve(&f, &path, archive.total)?;
+        let offsets = archive.payload_offsets();
+        let rank = self.ranks.len();
+        let mut ls = Vec::new();
+        for (i, (l, (&at, &len))) in locals
+            .into_iter()
+            .zip(offsets.iter().zip(&lens))
+            .enumerate()
+        {
+            self.uses
+                .entry(tensors[l.global].name().to_string())
+                .or_default()
+                .push((rank, i));
+            ls.push(Local {
+                key: l.key,
+                runs: l.runs,
+                at,
+                len,
+                crc: None,
+            });
+        }
+        self.ranks.push(RankFile {
+            path,
+            file: f,
+            archive,
+            locals: ls,
+        });
         Ok(())
     }
 }
@@ -609,6 +473,15 @@ impl Sink for LegacyWriter {
     type Config = LegacyWriterConfig;
     const DESCRIPTION: &'static str =
         "Writes Megatron-LM checkpoints (mp_rank_XX[_YYY]/model_optim_rng.pt) split over TP ranks and PP stages, atomically";
+    const ENDPOINTS: &'static [bridgeflow_sdk::Endpoint] = &[bridgeflow_sdk::Endpoint {
+        aliases: &["mlm"],
+        options: &["tp", "pp", "vpp", "ep", "overwrite"],
+        ..bridgeflow_sdk::Endpoint::new(
+            "megatron-lm",
+            "megatron",
+            "Megatron-LM's own checkpoint (mp_rank_*/model_optim_rng.pt)",
+        )
+    }];
 
     fn new(cfg: LegacyWriterConfig) -> Result<Self> {
         if cfg.spec != "te" && cfg.spec != "local" {
@@ -618,7 +491,6 @@ impl Sink for LegacyWriter {
             )));
         }
         // Each degree in range before anything is sized or looped over from it.
-        use bridgeflow_sdk::parallel::{check_degree, check_product};
         for (option, v) in [
             ("tp", cfg.tp),
             ("pp", cfg.pp),
@@ -847,40 +719,6 @@ pub struct LegacyReaderConfig {
     pub pieces: bool,
 }
 
-/// The block (offsets, shape) of a row-major tensor of `shape` that elements
-/// [`start`, `start` + `len`) are, if they form one: whole trailing axes, a run on one axis,
-/// single indices before it.
-fn block_of(shape: &[u64], start: u64, len: u64) -> Option<(Vec<u64>, Vec<u64>)> {
-    let n = shape.len();
-    let (mut k, mut inner) = (n, 1u64);
-    while k > 0
-        && len.is_multiple_of(inner * shape[k - 1])
-        && start.is_multiple_of(inner * shape[k - 1])
-    {
-        inner *= shape[k - 1];
-        k -= 1;
-    }
-    if k == 0 {
-        return (start == 0).then(|| (vec![0; n], shape.to_vec()));
-    }
-    if !len.is_multiple_of(inner) || !start.is_multiple_of(inner) {
-        return None;
-    }
-    let (count, mut idx) = (len / inner, start / inner);
-    let mut offsets = vec![0u64; n];
-    for d in (0..k).rev() {
-        offsets[d] = idx % shape[d];
-        idx /= shape[d];
-    }
-    if offsets[k - 1] + count > shape[k - 1] {
-        return None;
-    }
-    let mut block = vec![1u64; n];
-    block[k - 1] = count;
-    block[k..].copy_from_slice(&shape[k..]);
-    Some((offsets, block))
-}
-
 /// One rank's archive, mapped, with its state dicts' tensors by (model chunk, local key).
 struct RankData {
     path: PathBuf,
@@ -893,9 +731,8 @@ struct RankData {
 }
 
 // Numbers a rank file states are untrusted: each is bounded before anything is sized or looped
-// over from it (a parallel degree of 2^32 once asked for 32 GiB).
-/// The largest parallel degree (TP, PP, EP, virtual chunks) accepted.
-const MAX_DEGREE: u64 = 1 << 16;
+// over from it (a parallel degree of 2^32 once asked for 32 GiB; at most
+// bridgeflow_megatron::degree::MAX_DEGREE).
 /// The most layers / experts a model may state.
 const MAX_LAYERS: u64 = 1 << 20;
 const MAX_EXPERTS: u64 = 1 << 20;
@@ -976,49 +813,15 @@ fn tensor_view(
     v: &Value,
     verified: &mut HashMap<String, std::ops::Range<usize>>,
 ) -> std::result::Result<crate::checkpoint::ItemTensor, String> {
-    let mut t = v.clone();
-    if let Value::Object(o) = v {
-        let o = o.borrow();
-        if o.name == "_rebuild_parameter" {
-            t = o
-                .args
-                .first()
-                .cloned()
-                .ok_or("a parameter without its tensor")?;
-        }
-    }
-    let Value::Object(o) = &t else {
-        return Err("not a tensor".into());
-    };
-    let o = o.borrow();
-    if o.name != "_rebuild_tensor_v2" || o.args.len() < 4 {
-        return Err(format!("{}.{}, not a tensor", o.module, o.name));
-    }
-    let Value::Persistent(pid) = &o.args[0] else {
-        return Err("a tensor without storage".into());
-    };
-    let Value::Tuple(pid) = &**pid else {
-        return Err("a storage id that is not a tuple".into());
-    };
-    let [_, Value::Global(_, cls), key, _, numel] = &pid[..] else {
-        return Err("an unexpected storage id".into());
-    };
-    let dtype = dtypes::from_storage(cls).ok_or_else(|| format!("unknown storage {cls}"))?;
-    let key = key.as_str().ok_or("its storage key is not a string")?;
-    let numel = match numel.as_int() {
-        Some(n) if n >= 0 => n as u64,
-        _ => return Err("its storage size is not a non-negative integer".into()),
-    };
-    let offset = match o.args[1].as_int() {
-        Some(n) if n >= 0 => n as u64,
-        Some(n) => return Err(format!("storage offset {n} is negative")),
-        None => return Err("its storage offset is not an integer".into()),
-    };
-    let size = dims(&o.args[2], "size")?;
-    let stride = dims(&o.args[3], "stride")?;
-    if stride.len() != size.len() {
-        return Err(format!("size {size:?} with stride {stride:?}"));
-    }
+    let View {
+        dtype,
+        key,
+        numel,
+        offset,
+        size,
+        stride,
+    } = rebuild_args(v)?;
+    let key = key.as_str();
     let n = size
         .iter()
         .try_fold(1u64, |a, &d| a.checked_mul(d))
@@ -1070,6 +873,74 @@ fn tensor_view(
         data: start..end,
         dtype,
         size,
+    })
+}
+
+/// The arguments of a `_rebuild_tensor_v2(storage, offset, size, stride, ...)` call.
+struct View {
+    /// The storage's dtype, key (its record is `data/{key}`) and element count.
+    dtype: DType,
+    key: String,
+    numel: u64,
+    /// The view: first element, size and stride.
+    offset: u64,
+    size: Vec<u64>,
+    stride: Vec<u64>,
+}
+
+/// The [`View`] the tensor `v` (maybe in `_rebuild_parameter`) states, each number a
+/// non-negative integer, its size and stride as long.
+fn rebuild_args(v: &Value) -> std::result::Result<View, String> {
+    let mut t = v.clone();
+    if let Value::Object(o) = v {
+        let o = o.borrow();
+        if o.name == "_rebuild_parameter" {
+            t = o
+                .args
+                .first()
+                .cloned()
+                .ok_or("a parameter without its tensor")?;
+        }
+    }
+    let Value::Object(o) = &t else {
+        return Err("not a tensor".into());
+    };
+    let o = o.borrow();
+    if o.name != "_rebuild_tensor_v2" || o.args.len() < 4 {
+        return Err(format!("{}.{}, not a tensor", o.module, o.name));
+    }
+    let Value::Persistent(pid) = &o.args[0] else {
+        return Err("a tensor without storage".into());
+    };
+    let Value::Tuple(pid) = &**pid else {
+        return Err("a storage id that is not a tuple".into());
+    };
+    let [_, Value::Global(_, cls), key, _, numel] = &pid[..] else {
+        return Err("an unexpected storage id".into());
+    };
+    let dtype = dtypes::from_storage(cls).ok_or_else(|| format!("unknown storage {cls}"))?;
+    let key = key.as_str().ok_or("its storage key is not a string")?;
+    let numel = match numel.as_int() {
+        Some(n) if n >= 0 => n as u64,
+        _ => return Err("its storage size is not a non-negative integer".into()),
+    };
+    let offset = match o.args[1].as_int() {
+        Some(n) if n >= 0 => n as u64,
+        Some(n) => return Err(format!("storage offset {n} is negative")),
+        None => return Err("its storage offset is not an integer".into()),
+    };
+    let size = dims(&o.args[2], "size")?;
+    let stride = dims(&o.args[3], "stride")?;
+    if stride.len() != size.len() {
+        return Err(format!("size {size:?} with stride {stride:?}"));
+    }
+    Ok(View {
+        dtype,
+        key: key.to_string(),
+        numel,
+        offset,
+        size,
+        stride,
     })
 }
 
@@ -1150,10 +1021,10 @@ impl LegacyReader {
             v => v.dict_entries(),
         };
         // `model`, or one `model<v>` per virtual pipeline chunk.
-        let models: Vec<Vec<(Value, Value)>> = match get("model") {
+        let models: Vec<Vec<(Value, Value)>> = match get(names::MODEL) {
             Some(m) => vec![pairs(m).ok_or_else(|| bad("'model' is not a state dict".into()))?],
             None => (0..MAX_DEGREE + 1)
-                .map_while(|v| get(&format!("model{v}")))
+                .map_while(|v| get(&names::virtual_chunk_key(v as usize)))
                 .map(|m| pairs(m).ok_or_else(|| bad("a model chunk is not a state dict".into())))
                 .collect::<Result<_>>()?,
         };
@@ -1181,7 +1052,7 @@ impl LegacyReader {
         for (c, model) in models.into_iter().enumerate() {
             for (k, v) in model {
                 let Some(key) = k.as_str() else { continue };
-                if key.contains("_extra_state") || !is_tensor(&v) {
+                if names::is_extra_state(key) || !is_tensor(&v) {
                     continue;
                 }
                 let t = tensor_view(&map, &entries, &v, &mut verified)
@@ -1463,52 +1334,105 @@ impl LegacyReader {
     }
 }
 
-impl Source for LegacyReader {
-    type Config = LegacyReaderConfig;
-    const DESCRIPTION: &'static str =
-        "Reads Megatron-LM checkpoints (mp_rank_XX[_YYY]/model_optim_rng.pt): global tensors from every TP rank and PP stage";
+/// The layout a checkpoint's first rank file states, every number bounded.
+struct Stated {
+    tp: u64,
+    pp: u64,
+    ep: u64,
+    etp: u64,
+    vpp: u64,
+    layers: u64,
+    gated: bool,
+    experts: Option<u64>,
+}
 
-    fn new(cfg: LegacyReaderConfig) -> Result<Self> {
-        Ok(LegacyReader {
-            cfg,
-            ranks: Vec::new(),
-            globals: BTreeMap::new(),
-            tp: 1,
-            pool: BufferPool::new(16 << 20),
-            args: BTreeMap::new(),
-        })
+/// The rank files' local tensors gathered into global ones, and what the checks need.
+#[derive(Default)]
+struct Gathered {
+    /// Per rank file: the local layers each chunk holds (all of 0..count must be there).
+    seen_layers: BTreeMap<(usize, usize), std::collections::BTreeSet<u64>>,
+    /// Per (stage, EP rank), per TP rank: its TP-split tensors, for the duplicate check.
+    sharded: Sharded,
+    /// Global names: stage layers renumbered, local-spec norms renamed to the TE names,
+    /// local experts numbered globally; each global tensor from its shards' byte runs.
+    globals: BTreeMap<String, Global>,
+}
+
+impl Gathered {
+    /// Notes a TP-split tensor of rank file (TP rank `r`, stage `s`, EP rank `k`).
+    fn split_shard(&mut self, (r, s, k): (u64, u64, u64), key: LocalKey) {
+        self.sharded
+            .entry((s, k))
+            .or_default()
+            .entry(r)
+            .or_default()
+            .push(key);
+    }
+}
+
+/// One rank file being gathered: its index and place in the grid, TP rank 0's file of its
+/// stage and EP rank (where a replicated tensor of another TP rank must match), its keys.
+struct RankCtx<'a> {
+    i: usize,
+    i0: usize,
+    place: (u64, u64, u64),
+    path: String,
+    keyset: std::collections::HashSet<&'a LocalKey>,
+}
+
+impl RankCtx<'_> {
+    fn bad(&self, what: String) -> PluginError {
+        PluginError::format(format!("{}: {what}", self.path))
+    }
+    fn too_big(&self, key: &str) -> PluginError {
+        self.bad(format!("'{key}': its global size overflows"))
+    }
+    /// The error for a layer `l` beyond the `count` of model chunk `v`.
+    fn beyond(&self, key: &str, l: u64, v: usize, count: u64) -> PluginError {
+        let s = self.place.1;
+        self.bad(format!(
+            "'{key}': layer {l}, but model chunk {v} of stage {s} holds {count} layers"
+        ))
+    }
+}
+
+/// A local tensor's place in its global tensor: the global name and shape, and the byte runs
+/// its bytes fill.
+type Placed = (String, Vec<u64>, Vec<(u64, u64)>);
+
+impl LegacyReader {
+    /// One rank file's local tensors under their own keys (`rank`), as stored.
+    fn plan_rank(&mut self, dir: &Path, rank: &str) -> Result<StreamPlan> {
+        self.args = self.read_rank(dir.join(rank).join(FILE))?;
+        let r = &self.ranks[0];
+        for ((c, key), t) in &r.tensors {
+            // With virtual pipeline chunks, each chunk's keys under `model<v>.`.
+            let name = if r.chunks > 1 {
+                format!("{}.{key}", names::model_chunk_key(*c, r.chunks))
+            } else {
+                key.clone()
+            };
+            let bytes = t.size.iter().product::<u64>() * t.dtype.size() as u64;
+            let g = Global {
+                dtype: t.dtype,
+                shape: t.size.clone(),
+                shards: vec![(0, (*c, key.clone()), vec![(0, bytes)])],
+            };
+            self.globals.insert(name, g);
+        }
+        let infos = self
+            .globals
+            .iter()
+            .map(|(n, g)| TensorInfo::new(n.clone(), g.dtype, &g.shape))
+            .collect();
+        let mut plan = StreamPlan::new(infos);
+        plan.set(bridgeflow_sdk::attrs::MEGATRON_ARGS, self.args.clone());
+        Ok(plan)
     }
 
-    fn plan(&mut self) -> Result<StreamPlan> {
-        let dir = iter_dir(&self.cfg.path)?;
-        if let Some(rank) = self.cfg.rank.clone() {
-            self.args = self.read_rank(dir.join(&rank).join(FILE))?;
-            let r = &self.ranks[0];
-            for ((c, key), t) in &r.tensors {
-                // With virtual pipeline chunks, each chunk's keys under `model<v>.`.
-                let name = if r.chunks > 1 {
-                    format!("model{c}.{key}")
-                } else {
-                    key.clone()
-                };
-                let bytes = t.size.iter().product::<u64>() * t.dtype.size() as u64;
-                let g = Global {
-                    dtype: t.dtype,
-                    shape: t.size.clone(),
-                    shards: vec![(0, (*c, key.clone()), vec![(0, bytes)])],
-                };
-                self.globals.insert(name, g);
-            }
-            let infos = self
-                .globals
-                .iter()
-                .map(|(n, g)| TensorInfo::new(n.clone(), g.dtype, &g.shape))
-                .collect();
-            let mut plan = StreamPlan::new(infos);
-            plan.set_attr("megatron_args", serde_json::json!(self.args));
-            return Ok(plan);
-        }
-        let first = ["mp_rank_00", "mp_rank_00_000"]
+    /// Rank 0's file (`mp_rank_00[_000]/model_optim_rng.pt`).
+    fn first_rank(dir: &Path) -> Result<PathBuf> {
+        names::LEGACY_FIRST_RANKS
             .iter()
             .map(|d| dir.join(d).join(FILE))
             .find(|p| p.is_file())
@@ -1517,11 +1441,12 @@ impl Source for LegacyReader {
                     "{}: no mp_rank_00[_000]/{FILE}: not a Megatron-LM checkpoint",
                     dir.display()
                 ))
-            })?;
-        self.args = self.read_rank(first.clone())?;
-        let vpp = self.ranks.first().map_or(1, |r| r.chunks) as u64;
-        self.ranks.clear();
-        // Every number that sizes or loops is bounded first (named with the file it is from).
+            })
+    }
+
+    /// The layout rank 0's `args` state (read from `first`, which holds `vpp` model chunks),
+    /// every number that sizes or loops bounded first (named with the file it is from).
+    fn stated(&self, dir: &Path, first: &Path, vpp: u64) -> Result<Stated> {
         let first_shown = first.display().to_string();
         let arg_err =
             |k: &str, what: String| PluginError::format(format!("{first_shown}: args.{k} {what}"));
@@ -1585,18 +1510,35 @@ impl Source for LegacyReader {
                 format!("= {etp}: 1 or the TP size ({tp}) is read"),
             ));
         }
-        // The grid against the folders there: every rank of it must be present (named when
-        // one is missing, below), and none beyond it (a rank 0 whose args were altered, or
-        // files of another layout mixed in).
-        let grid = tp
-            .checked_mul(pp)
-            .and_then(|n| n.checked_mul(ep))
-            .ok_or_else(|| arg_err("tensor_model_parallel_size", "x PP x EP overflows".into()))?;
-        let present = std::fs::read_dir(&dir)
-            .map_err(|e| PluginError::io(&dir, "cannot list", e))?
+        let st = Stated {
+            tp,
+            pp,
+            ep,
+            etp,
+            vpp,
+            layers,
+            gated,
+            experts,
+        };
+        Self::check_folders(dir, &first_shown, &st)?;
+        Ok(st)
+    }
+
+    /// The grid against the folders there: every rank of it must be present (named when one
+    /// is missing, see [`Self::read_grid`]), and none beyond it (a rank 0 whose args were
+    /// altered, or files of another layout mixed in).
+    fn check_folders(dir: &Path, first_shown: &str, st: &Stated) -> Result<()> {
+        let (tp, pp, ep) = (st.tp, st.pp, st.ep);
+        let grid = tp.checked_mul(pp).and_then(|n| n.checked_mul(ep)).ok_or_else(|| {
+            PluginError::format(format!(
+                "{first_shown}: args.tensor_model_parallel_size x PP x EP overflows"
+            ))
+        })?;
+        let present = std::fs::read_dir(dir)
+            .map_err(|e| PluginError::io(dir, "cannot list", e))?
             .filter_map(|e| e.ok())
             .filter(|e| {
-                e.file_name().to_string_lossy().starts_with("mp_rank_")
+                names::is_legacy_rank_dir(&e.file_name().to_string_lossy())
                     && e.path().join(FILE).is_file()
             })
             .count() as u64;
@@ -1606,15 +1548,18 @@ impl Source for LegacyReader {
                 dir.display()
             )));
         }
-        self.ranks.clear();
-        self.tp = tp;
-        // Every rank of the grid, each read once; a missing one is named (the loop ends at the
-        // first missing file, so it never runs past the files there).
+        Ok(())
+    }
+
+    /// Every rank file of the grid, each read once; a missing one is named (the loop ends at
+    /// the first missing file, so it never runs past the files there).
+    fn read_grid(&mut self, dir: &Path, st: &Stated) -> Result<Grid> {
+        let (tp, pp, ep, vpp) = (st.tp, st.pp, st.ep, st.vpp);
         let mut index = BTreeMap::new();
         for s in 0..pp {
             for k in 0..ep {
                 for r in 0..tp {
-                    let p = dir.join(rank_dir(r, s, pp, k, ep)).join(FILE);
+                    let p = dir.join(names::legacy_rank_dir(r, s, pp, k, ep)).join(FILE);
                     if !p.is_file() {
                         return Err(PluginError::format(format!(
                             "{}: missing (the checkpoint says TP {tp} x PP {pp} x EP {ep})",
@@ -1633,213 +1578,230 @@ impl Source for LegacyReader {
                 }
             }
         }
-        // One block of layers per (virtual) chunk, in model order: chunk v of stage p is the
-        // (v·pp + p)-th (pp · vpp ≤ the files read × the chunks in one: no large allocation).
-        let chunks = pp_layers(
-            layers,
-            pp * vpp,
-            self.arg_u64("num_layers_in_first_pipeline_stage"),
-            self.arg_u64("num_layers_in_last_pipeline_stage"),
-        )?;
-        let last_chunk = chunks.len() - 1;
-        // Per rank file: the local layers each chunk holds (all of 0..count must be there).
-        let mut seen_layers: BTreeMap<(usize, usize), std::collections::BTreeSet<u64>> =
-            BTreeMap::new();
-        // Per (stage, EP rank), per TP rank: its TP-split tensors, for the duplicate check.
-        let mut sharded: Sharded = BTreeMap::new();
-        // Global names: stage layers renumbered, local-spec norms renamed to the TE names,
-        // local experts numbered globally; each global tensor from its shards' byte runs.
-        let mut globals: BTreeMap<String, Global> = BTreeMap::new();
-        for ((r, s, k), &i) in &index {
-            let (r, s, k) = (*r, *s, *k);
-            let keys: Vec<(usize, String)> = self.ranks[i].tensors.keys().cloned().collect();
-            let keyset: std::collections::HashSet<&(usize, String)> = keys.iter().collect();
-            let has = |v: usize, l: u64, p: &str| {
-                keyset.contains(&(v, format!("decoder.layers.{l}.{p}")))
-            };
-            let path = self.ranks[i].path.display().to_string();
-            let bad = |what: String| PluginError::format(format!("{path}: {what}"));
-            let too_big = |key: &str| bad(format!("'{key}': its global size overflows"));
-            // The same file of TP rank 0 in this stage and EP rank: where a replicated tensor
-            // of another TP rank must match in dtype and shape.
-            let i0 = index[&(0, s, k)];
-            let same_as_rank0 = |v: usize, key: &str| -> Result<()> {
-                let t = &self.ranks[i].tensors[&(v, key.to_string())];
-                match self.ranks[i0].tensors.get(&(v, key.to_string())) {
-                    Some(t0) if t0.dtype == t.dtype && t0.size == t.size => Ok(()),
-                    Some(t0) => Err(PluginError::shape(format!(
-                        "{path}: '{key}' is {} {:?}; TP rank 0 ({}) holds it as {} {:?}: inconsistent shapes across ranks",
-                        t.dtype,
-                        t.size,
-                        self.ranks[i0].path.display(),
-                        t0.dtype,
-                        t0.size
-                    ))),
-                    None => Err(bad(format!(
-                        "'{key}', which TP rank 0 ({}) does not hold",
-                        self.ranks[i0].path.display()
-                    ))),
-                }
+        Ok(index)
+    }
+
+    /// Every rank file's local tensors gathered into global tensors (`chunks`: one block of
+    /// layers per model chunk, in model order).
+    fn gather(&self, index: &Grid, chunks: &[(u64, u64)], st: &Stated) -> Result<Gathered> {
+        let mut g = Gathered::default();
+        for (&(r, s, k), &i) in index {
+            let keys: Vec<LocalKey> = self.ranks[i].tensors.keys().cloned().collect();
+            let ctx = RankCtx {
+                i,
+                i0: index[&(0, s, k)],
+                place: (r, s, k),
+                path: self.ranks[i].path.display().to_string(),
+                keyset: keys.iter().collect(),
             };
             for (v, key) in keys.clone() {
-                let c = v * pp as usize + s as usize;
-                let (first_layer, count) = chunks[c];
-                // A layer this chunk does not have would land on another stage's layer.
-                let layer = split_layer(&key).map(|(l, _)| l);
-                if let Some(l) = layer {
-                    if l >= count {
-                        return Err(bad(format!(
-                            "'{key}': layer {l}, but model chunk {v} of stage {s} holds {count} layers"
-                        )));
-                    }
-                    seen_layers.entry((i, v)).or_default().insert(l);
-                } else if pp * vpp > 1 {
-                    // The embedding lives on the first chunk (a tied copy on the last), the
-                    // final norm and output layer on the last: elsewhere a stage is misplaced.
-                    let pre = key.starts_with("embedding.");
-                    let post = key.starts_with("output_layer.")
-                        || key.starts_with("decoder.final_layernorm.");
-                    if (pre && c != 0 && c != last_chunk) || (post && c != last_chunk) {
-                        return Err(bad(format!(
-                            "'{key}' in model chunk {v} of stage {s}, which is not the model's {} chunk: a rank file of another stage",
-                            if pre { "first" } else { "last" }
-                        )));
-                    }
+                if let Some(placed) = self.place_local(&mut g, &ctx, v, &key, chunks, st)? {
+                    self.add_shard(&mut g, &ctx, (v, key), placed)?;
                 }
-                let t = &self.ranks[i].tensors[&(v, key.clone())];
-                let es = t.dtype.size() as u64;
-                // The global shape this rank's shard is of, `degree` ranks dividing it.
-                let global_shape = |key: &str, split: TpSplit, degree: u64| -> Result<Vec<u64>> {
-                    if let Some(a) = split.axis().filter(|&a| a >= t.size.len()) {
-                        return Err(bad(format!(
-                            "'{key}' is {:?}: no axis {a} to split",
-                            t.size
-                        )));
-                    }
-                    tp_global_shape(&t.size, split, degree).ok_or_else(|| too_big(key))
-                };
-                // A local expert: `…mlp.experts.linear_fcN.weight{i}` (TE grouped GEMM) or
-                // `…mlp.experts.local_experts.{i}.linear_fcN.weight` (local spec).
-                let expert = local_expert(&key);
-                let (name, shape, runs) = if let Some((module, local)) = expert {
-                    let (l, param) = split_layer(&module).ok_or_else(|| {
-                        PluginError::format(format!("'{key}': an expert outside the decoder"))
-                    })?;
-                    if l >= count {
-                        return Err(bad(format!(
-                            "'{key}': layer {l}, but model chunk {v} of stage {s} holds {count} layers"
-                        )));
-                    }
-                    seen_layers.entry((i, v)).or_default().insert(l);
-                    let param = param.replacen("mlp.experts.", "mlp.experts.experts.", 1);
-                    let name = format!("decoder.layers.{}.{param}.weight", l + first_layer);
-                    let split = tp_split(&name, gated);
-                    if etp == 1 && r > 0 {
-                        same_as_rank0(v, &key)?;
-                        continue; // the same experts on every TP rank
-                    }
-                    let e = experts.ok_or_else(|| {
-                        PluginError::format(format!(
-                            "'{key}': experts, but args has no num_experts"
-                        ))
-                    })?;
-                    let per = e / ep;
-                    if local >= per {
-                        return Err(bad(format!(
-                            "'{key}': local expert {local}, but each of {ep} expert-parallel ranks holds {per} of {e}"
-                        )));
-                    }
-                    if split != TpSplit::Replicated && etp > 1 {
-                        sharded
-                            .entry((s, k))
-                            .or_default()
-                            .entry(r)
-                            .or_default()
-                            .push((v, key.clone()));
-                    }
-                    let one = global_shape(&key, split, etp)?;
-                    let bytes = one
-                        .iter()
-                        .try_fold(es, |a, &d| a.checked_mul(d))
-                        .ok_or_else(|| too_big(&key))?;
-                    let g = k * per + local;
-                    let base = g.checked_mul(bytes).ok_or_else(|| too_big(&key))?;
-                    let runs: Vec<(u64, u64)> =
-                        tp_runs(&one, es, split, etp, if etp == 1 { 0 } else { r })?
-                            .into_iter()
-                            .map(|(o, n)| (base + o, n))
-                            .collect();
-                    let shape: Vec<u64> = std::iter::once(e).chain(one).collect();
-                    (name, shape, runs)
-                } else {
-                    if k > 0 {
-                        continue; // dense tensors repeat on every expert-parallel rank
-                    }
-                    let name = match split_layer(&key) {
-                        Some((l, param)) => {
-                            let te = LOCAL_NAMES.iter().find(|(te, local)| {
-                                *local == param
-                                    && has(v, l, &te.replace("layer_norm_weight", "weight"))
-                            });
-                            let param = te.map_or(param, |(te, _)| te);
-                            format!("decoder.layers.{}.{param}", l + first_layer)
-                        }
-                        None => key.clone(),
-                    };
-                    let split = tp_split(&name, gated);
-                    if split == TpSplit::Replicated && r > 0 {
-                        same_as_rank0(v, &key)?;
-                        continue;
-                    }
-                    if split != TpSplit::Replicated && tp > 1 {
-                        sharded
-                            .entry((s, k))
-                            .or_default()
-                            .entry(r)
-                            .or_default()
-                            .push((v, key.clone()));
-                    }
-                    let shape = global_shape(&key, split, tp)?;
-                    let runs = tp_runs(&shape, es, split, tp, r)?;
-                    (name, shape, runs)
-                };
-                // An embedding kept on two stages (tied): the first copy.
-                if split_layer(&name).is_none()
-                    && globals
-                        .get(&name)
-                        .is_some_and(|g| g.shards.iter().any(|sh| sh.2 == runs))
-                {
-                    continue;
-                }
-                let g = globals.entry(name.clone()).or_insert_with(|| Global {
-                    dtype: t.dtype,
-                    shape: shape.clone(),
-                    shards: Vec::new(),
-                });
-                if g.shape != shape || g.dtype != t.dtype {
-                    return Err(PluginError::shape(format!(
-                        "{}: '{key}' is {} {:?}, making '{name}' {:?}; another rank makes it {} {:?}: inconsistent shapes across ranks",
-                        self.ranks[i].path.display(),
-                        t.dtype,
-                        t.size,
-                        shape,
-                        g.dtype,
-                        g.shape
-                    )));
-                }
-                g.shards.push((i, (v, key), runs));
             }
         }
-        self.check_ranks(&index, &chunks, &seen_layers, &sharded, pp, vpp)?;
-        for (name, g) in &globals {
-            self.check_tiling(name, g)?;
+        Ok(g)
+    }
+
+    /// Where local tensor `key` of model chunk `v` lies in its global tensor, checked against
+    /// the chunk's layers and ends; None for a copy that adds nothing (a replicated tensor of
+    /// TP rank > 0, a dense tensor of EP rank > 0).
+    fn place_local(
+        &self,
+        g: &mut Gathered,
+        ctx: &RankCtx,
+        v: usize,
+        key: &str,
+        chunks: &[(u64, u64)],
+        st: &Stated,
+    ) -> Result<Option<Placed>> {
+        let s = ctx.place.1;
+        let c = chunk_index(s, v as u64, st.pp);
+        let count = chunks[c].1;
+        // A layer this chunk does not have would land on another stage's layer.
+        if let Some((l, _)) = names::split_layer(key) {
+            if l >= count {
+                return Err(ctx.beyond(key, l, v, count));
+            }
+            g.seen_layers.entry((ctx.i, v)).or_default().insert(l);
+        } else if st.pp * st.vpp > 1 {
+            // The embedding lives on the first chunk (a tied copy on the last), the final norm
+            // and output layer on the last: elsewhere a stage is misplaced.
+            if let Some(end) = misplaced(key, c, chunks.len() - 1) {
+                return Err(ctx.bad(format!(
+                    "'{key}' in model chunk {v} of stage {s}, which is not the model's {end} chunk: a rank file of another stage"
+                )));
+            }
         }
-        // The checks compared bytes across rank files: their pages go back too.
-        for r in &self.ranks {
-            r.map.release_pages(0..r.map.len(), true);
+        // A local expert: `…mlp.experts.linear_fcN.weight{i}` (TE grouped GEMM) or
+        // `…mlp.experts.local_experts.{i}.linear_fcN.weight` (local spec).
+        match names::legacy_local_expert(key) {
+            Some((module, local)) => {
+                self.place_expert(g, ctx, (v, key), (&module, local), chunks[c], st)
+            }
+            None => self.place_dense(g, ctx, (v, key), chunks[c].0, st),
         }
+    }
+
+    /// The global shape the local tensor `key` is a share of, `degree` ranks dividing it.
+    fn global_shape(
+        &self,
+        ctx: &RankCtx,
+        (v, key): (usize, &str),
+        split: TpSplit,
+        degree: u64,
+    ) -> Result<Vec<u64>> {
+        let t = &self.ranks[ctx.i].tensors[&(v, key.to_string())];
+        global_shape_of(&t.size, split, degree).map_err(|e| match e {
+            Unsplittable::NoAxis(a) => {
+                ctx.bad(format!("'{key}' is {:?}: no axis {a} to split", t.size))
+            }
+            Unsplittable::Overflow => ctx.too_big(key),
+        })
+    }
+
+    /// A local expert's place in its layer's stacked experts (`module`: as the grouped key
+    /// names it; `local`: its index on the EP rank; `(first_layer, count)`: the chunk's).
+    fn place_expert(
+        &self,
+        g: &mut Gathered,
+        ctx: &RankCtx,
+        (v, key): (usize, &str),
+        (module, local): (&str, u64),
+        (first_layer, count): (u64, u64),
+        st: &Stated,
+    ) -> Result<Option<Placed>> {
+        let (r, _, k) = ctx.place;
+        let (l, param) = names::split_layer(module).ok_or_else(|| {
+            PluginError::format(format!("'{key}': an expert outside the decoder"))
+        })?;
+        if l >= count {
+            return Err(ctx.beyond(key, l, v, count));
+        }
+        g.seen_layers.entry((ctx.i, v)).or_default().insert(l);
+        let name = legacy_expert_name(l, param, first_layer);
+        let split = tp_split(&name, st.gated);
+        if st.etp == 1 && r > 0 {
+            self.same_as_rank0(ctx, v, key)?;
+            return Ok(None); // the same experts on every TP rank
+        }
+        let e = st.experts.ok_or_else(|| {
+            PluginError::format(format!("'{key}': experts, but args has no num_experts"))
+        })?;
+        let (ep, etp) = (st.ep, st.etp);
+        let per = e / ep;
+        if local >= per {
+            return Err(ctx.bad(format!(
+                "'{key}': local expert {local}, but each of {ep} expert-parallel ranks holds {per} of {e}"
+            )));
+        }
+        if split != TpSplit::Replicated && etp > 1 {
+            g.split_shard(ctx.place, (v, key.to_string()));
+        }
+        let one = self.global_shape(ctx, (v, key), split, etp)?;
+        let es = self.ranks[ctx.i].tensors[&(v, key.to_string())].dtype.size() as u64;
+        let global = global_expert(k, local, per);
+        let etp_rank = if etp == 1 { 0 } else { r };
+        let runs =
+            expert_runs(&one, es, split, etp, etp_rank, global)?.ok_or_else(|| ctx.too_big(key))?;
+        let shape: Vec<u64> = std::iter::once(e).chain(one).collect();
+        Ok(Some((name, shape, runs)))
+    }
+
+    /// A dense local tensor's place in its global tensor (`first_layer`: the chunk's).
+    fn place_dense(
+        &self,
+        g: &mut Gathered,
+        ctx: &RankCtx,
+        (v, key): (usize, &str),
+        first_layer: u64,
+        st: &Stated,
+    ) -> Result<Option<Placed>> {
+        let (r, _, k) = ctx.place;
+        if k > 0 {
+            return Ok(None); // dense tensors repeat on every expert-parallel rank
+        }
+        let has = |l: u64, p: &str| ctx.keyset.contains(&(v, names::layer_key(l, p)));
+        let name = legacy_global_name(key, first_layer, has);
+        let split = tp_split(&name, st.gated);
+        if split == TpSplit::Replicated && r > 0 {
+            self.same_as_rank0(ctx, v, key)?;
+            return Ok(None);
+        }
+        if split != TpSplit::Replicated && st.tp > 1 {
+            g.split_shard(ctx.place, (v, key.to_string()));
+        }
+        let shape = self.global_shape(ctx, (v, key), split, st.tp)?;
+        let es = self.ranks[ctx.i].tensors[&(v, key.to_string())].dtype.size() as u64;
+        let runs = tp_runs(&shape, es, split, st.tp, r)?;
+        Ok(Some((name, shape, runs)))
+    }
+
+    /// A tensor of a TP rank > 0 that every rank holds whole: as TP rank 0 holds it.
+    fn same_as_rank0(&self, ctx: &RankCtx, v: usize, key: &str) -> Result<()> {
+        let t = &self.ranks[ctx.i].tensors[&(v, key.to_string())];
+        let rank0 = &self.ranks[ctx.i0];
+        match rank0.tensors.get(&(v, key.to_string())) {
+            Some(t0) if t0.dtype == t.dtype && t0.size == t.size => Ok(()),
+            Some(t0) => Err(PluginError::shape(format!(
+                "{}: '{key}' is {} {:?}; TP rank 0 ({}) holds it as {} {:?}: inconsistent shapes across ranks",
+                ctx.path,
+                t.dtype,
+                t.size,
+                rank0.path.display(),
+                t0.dtype,
+                t0.size
+            ))),
+            None => Err(ctx.bad(format!(
+                "'{key}', which TP rank 0 ({}) does not hold",
+                rank0.path.display()
+            ))),
+        }
+    }
+
+    /// Adds local tensor `local` of rank file `ctx` as a shard of its global tensor, which
+    /// every shard must make of one dtype and shape.
+    fn add_shard(
+        &self,
+        g: &mut Gathered,
+        ctx: &RankCtx,
+        local: LocalKey,
+        (name, shape, runs): Placed,
+    ) -> Result<()> {
+        // An embedding kept on two stages (tied): the first copy.
+        if names::split_layer(&name).is_none()
+            && g.globals
+                .get(&name)
+                .is_some_and(|g| g.shards.iter().any(|sh| sh.2 == runs))
+        {
+            return Ok(());
+        }
+        let t = &self.ranks[ctx.i].tensors[&local];
+        let global = g.globals.entry(name.clone()).or_insert_with(|| Global {
+            dtype: t.dtype,
+            shape: shape.clone(),
+            shards: Vec::new(),
+        });
+        if global.shape != shape || global.dtype != t.dtype {
+            return Err(PluginError::shape(format!(
+                "{}: '{}' is {} {:?}, making '{name}' {:?}; another rank makes it {} {:?}: inconsistent shapes across ranks",
+                self.ranks[ctx.i].path.display(),
+                local.1,
+                t.dtype,
+                t.size,
+                shape,
+                global.dtype,
+                global.shape
+            )));
+        }
+        global.shards.push((ctx.i, local, runs));
+        Ok(())
+    }
+
+    /// The plan's tensors: each global tensor, or with `pieces` each of its stored blocks.
+    fn infos(&self, globals: &BTreeMap<String, Global>) -> Vec<TensorInfo> {
         let mut infos = Vec::new();
-        for (n, g) in &globals {
+        for (n, g) in globals {
             match self.blocks(g) {
                 Some(blocks) if self.cfg.pieces && blocks.len() > 1 => {
                     for (start, offsets, shape) in blocks {
@@ -1852,10 +1814,70 @@ impl Source for LegacyReader {
                 _ => infos.push(TensorInfo::new(n.clone(), g.dtype, &g.shape)),
             }
         }
-        self.globals = globals;
+        infos
+    }
+}
+
+impl Source for LegacyReader {
+    type Config = LegacyReaderConfig;
+    const DESCRIPTION: &'static str =
+        "Reads Megatron-LM checkpoints (mp_rank_XX[_YYY]/model_optim_rng.pt): global tensors from every TP rank and PP stage";
+    // Rank shards as pieces: nothing assembled that need not be.
+    const ENDPOINTS: &'static [bridgeflow_sdk::Endpoint] = &[bridgeflow_sdk::Endpoint {
+        aliases: &["mlm"],
+        config: r#"{"pieces": true}"#,
+        ..bridgeflow_sdk::Endpoint::new(
+            "megatron-lm",
+            "megatron",
+            "Megatron-LM's own checkpoint (mp_rank_*/model_optim_rng.pt)",
+        )
+    }];
+
+    fn new(cfg: LegacyReaderConfig) -> Result<Self> {
+        Ok(LegacyReader {
+            cfg,
+            ranks: Vec::new(),
+            globals: BTreeMap::new(),
+            tp: 1,
+            pool: BufferPool::new(16 << 20),
+            args: BTreeMap::new(),
+        })
+    }
+
+    fn plan(&mut self) -> Result<StreamPlan> {
+        let dir = iter_dir(&self.cfg.path)?;
+        if let Some(rank) = self.cfg.rank.clone() {
+            return self.plan_rank(&dir, &rank);
+        }
+        let first = Self::first_rank(&dir)?;
+        self.args = self.read_rank(first.clone())?;
+        let vpp = self.ranks.first().map_or(1, |r| r.chunks) as u64;
+        self.ranks.clear();
+        let st = self.stated(&dir, &first, vpp)?;
+        self.tp = st.tp;
+        let index = self.read_grid(&dir, &st)?;
+        // One block of layers per (virtual) chunk, in model order: chunk v of stage p is the
+        // (v·pp + p)-th (pp · vpp ≤ the files read × the chunks in one: no large allocation).
+        let chunks = pp_layers(
+            st.layers,
+            st.pp * vpp,
+            self.arg_u64("num_layers_in_first_pipeline_stage"),
+            self.arg_u64("num_layers_in_last_pipeline_stage"),
+        )?;
+        let g = self.gather(&index, &chunks, &st)?;
+        self.check_ranks(&index, &chunks, &g.seen_layers, &g.sharded, st.pp, vpp)?;
+        for (name, global) in &g.globals {
+            self.check_tiling(name, global)?;
+        }
+        // The checks compared bytes across rank files: their pages go back too.
+        for r in &self.ranks {
+            r.map.release_pages(0..r.map.len(), true);
+        }
+        let infos = self.infos(&g.globals);
+        self.globals = g.globals;
         let mut plan = StreamPlan::new(infos);
-        plan.set_attr("format", "megatron-lm".into());
-        plan.set_attr("megatron_args", serde_json::json!(self.args));
+        plan.set(bridgeflow_sdk::attrs::FORMAT, "megatron-lm");
+        plan.set(bridgeflow_sdk::attrs::MEGATRON_ARGS, self.args.clone());
         Ok(plan)
     }
 
@@ -1929,48 +1951,13 @@ impl Source for LegacyReader {
 
     fn probe(path: &Path) -> u32 {
         let dir = iter_dir(path).unwrap_or_else(|_| path.to_path_buf());
-        (dir.join("mp_rank_00").join(FILE).is_file()
-            || dir.join("mp_rank_00_000").join(FILE).is_file()) as u32
-            * 100
+        Self::first_rank(&dir).is_ok() as u32 * 100
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn blocks_of_runs() {
-        // Expert 2's rows 4..8 of [4, 8, 3]; the whole; a part that is no block.
-        assert_eq!(
-            block_of(&[4, 8, 3], 2 * 24 + 12, 12),
-            Some((vec![2, 4, 0], vec![1, 4, 3]))
-        );
-        assert_eq!(
-            block_of(&[4, 8, 3], 24, 48),
-            Some((vec![1, 0, 0], vec![2, 8, 3]))
-        );
-        assert_eq!(
-            block_of(&[4, 8, 3], 0, 96),
-            Some((vec![0, 0, 0], vec![4, 8, 3]))
-        );
-        assert_eq!(block_of(&[4, 8, 3], 1, 3), None);
-        assert_eq!(block_of(&[4, 8, 3], 21, 6), None);
-    }
-
-    #[test]
-    fn contiguous_blocks() {
-        // One expert's gate rows in [experts, 2·ffn, hidden]: contiguous.
-        assert_eq!(
-            contiguous_offset(&[4, 8, 3], &[2, 4, 0], &[1, 4, 3]),
-            Some(2 * 24 + 4 * 3)
-        );
-        // Two experts, half their rows each: not.
-        assert_eq!(contiguous_offset(&[4, 8, 3], &[0, 0, 0], &[2, 4, 3]), None);
-        // Columns of a matrix: not.
-        assert_eq!(contiguous_offset(&[8, 6], &[0, 3], &[8, 3]), None);
-        assert_eq!(contiguous_offset(&[8, 6], &[2, 0], &[3, 6]), Some(12));
-    }
 
     /// `_rebuild_tensor_v2(storage data/{key} of `numel` f32, offset, size, stride, ...)`.
     fn rebuild(p: &mut Pickler, key: &str, numel: i64, offset: i64, size: &[i64], stride: &[i64]) {

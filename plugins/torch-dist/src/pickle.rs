@@ -530,253 +530,300 @@ impl Unpickler<'_> {
                     self.u64()?;
                 }
                 b'.' => return self.pop(),
-                b'(' => self.marks.push(self.stack.len()),
-                b')' => self.stack.push(Value::Tuple(Rc::new(vec![]))),
-                b't' => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(Rc::new(items)));
-                }
-                0x85..=0x87 => {
-                    let n = (op - 0x84) as usize;
-                    if self.stack.len() < n {
-                        return Err("pickle stack underflow".into());
-                    }
-                    let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Value::Tuple(Rc::new(items)));
-                }
-                b']' => self.stack.push(Value::List(Rc::new(RefCell::new(vec![])))),
-                b'l' => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Value::List(Rc::new(RefCell::new(items))));
-                }
-                // Nothing popped is dropped here: a refused value goes to `dead`.
-                b'a' => {
-                    let v = self.pop()?;
-                    match self.stack.last() {
-                        Some(Value::List(l)) => l.borrow_mut().push(v),
-                        _ => {
-                            self.dead.push(v);
-                            return Err("APPEND to a value that is not a list".into());
-                        }
-                    }
-                }
-                b'e' => {
-                    let items = self.pop_mark()?;
-                    match self.stack.last() {
-                        Some(Value::List(l)) => l.borrow_mut().extend(items),
-                        _ => {
-                            self.dead.extend(items);
-                            return Err("APPENDS to a value that is not a list".into());
-                        }
-                    }
-                }
-                b'}' => self.stack.push(Value::Dict(Rc::new(RefCell::new(vec![])))),
-                b'd' => {
-                    let items = self.pop_mark()?;
-                    let d = Value::Dict(Rc::new(RefCell::new(vec![])));
-                    self.set_items(&d, items)?;
-                    self.stack.push(d);
-                }
-                b's' => {
-                    if self.stack.len() < 3 {
-                        return Err("pickle stack underflow".into());
-                    }
-                    let items = self.stack.split_off(self.stack.len() - 2);
-                    let target = self.top()?.clone();
-                    self.set_items(&target, items)?;
-                }
-                b'u' => {
-                    let items = self.pop_mark()?;
-                    let Some(target) = self.stack.last().cloned() else {
-                        self.dead.extend(items);
-                        return Err("pickle stack underflow".into());
-                    };
-                    self.set_items(&target, items)?;
-                }
-                b'N' => self.stack.push(Value::None),
-                0x88 => self.stack.push(Value::Bool(true)),
-                0x89 => self.stack.push(Value::Bool(false)),
-                b'J' => {
-                    let v = self.u32()? as i32 as i64;
-                    self.stack.push(Value::Int(v));
-                }
-                b'K' => {
-                    let v = self.u8()? as i64;
-                    self.stack.push(Value::Int(v));
-                }
-                b'M' => {
-                    let v = self.u16()? as i64;
-                    self.stack.push(Value::Int(v));
-                }
-                0x8a | 0x8b => {
-                    let n = if op == 0x8a {
-                        self.u8()? as usize
-                    } else {
-                        self.u32()? as usize
-                    };
-                    if n > 8 {
-                        return Err(format!("integer of {n} bytes is too large"));
-                    }
-                    let b = self.take(n)?;
-                    let mut v: i64 = 0;
-                    for (i, &x) in b.iter().enumerate() {
-                        v |= (x as i64) << (8 * i);
-                    }
-                    if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 {
-                        v -= 1i64 << (8 * n);
-                    }
-                    self.stack.push(Value::Int(v));
-                }
-                b'G' => {
-                    let v = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
-                    self.stack.push(Value::Float(v));
-                }
-                0x8c => {
-                    let n = self.u8()? as usize;
-                    let s = self.string(n)?;
-                    self.stack.push(s);
-                }
-                b'X' => {
-                    let n = self.u32()? as usize;
-                    let s = self.string(n)?;
-                    self.stack.push(s);
-                }
-                0x8d => {
-                    let n = self.u64()? as usize;
-                    let s = self.string(n)?;
-                    self.stack.push(s);
-                }
-                b'C' => {
-                    let n = self.u8()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b));
-                }
-                b'B' => {
-                    let n = self.u32()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b));
-                }
-                0x8e => {
-                    let n = self.u64()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b));
-                }
-                b'U' => {
-                    let n = self.u8()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.stack
-                        .push(Value::Str(String::from_utf8_lossy(&b).into_owned()));
-                }
-                b'T' => {
-                    let n = self.u32()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.stack
-                        .push(Value::Str(String::from_utf8_lossy(&b).into_owned()));
-                }
-                0x94 => {
-                    let idx = self.memo.len();
-                    self.memo_put(idx)?;
-                }
-                b'q' => {
-                    let i = self.u8()? as usize;
-                    self.memo_put(i)?;
-                }
-                b'r' => {
-                    let i = self.u32()? as usize;
-                    self.memo_put(i)?;
-                }
-                b'h' => {
-                    let i = self.u8()? as usize;
-                    self.memo_get(i)?;
-                }
-                b'j' => {
-                    let i = self.u32()? as usize;
-                    self.memo_get(i)?;
-                }
-                b'c' => {
-                    let rest = &self.data[self.pos..];
-                    let nl1 = rest
-                        .iter()
-                        .position(|&b| b == b'\n')
-                        .ok_or("GLOBAL without a newline")?;
-                    let module = String::from_utf8_lossy(&rest[..nl1]).into_owned();
-                    let rest2 = &rest[nl1 + 1..];
-                    let nl2 = rest2
-                        .iter()
-                        .position(|&b| b == b'\n')
-                        .ok_or("GLOBAL without a newline")?;
-                    let name = String::from_utf8_lossy(&rest2[..nl2]).into_owned();
-                    self.pos += nl1 + nl2 + 2;
-                    self.global(module, name)?;
-                }
-                0x93 => {
-                    if self.stack.len() < 2 {
-                        return Err("pickle stack underflow".into());
-                    }
-                    let name = self.pop()?;
-                    let module = self.pop()?;
-                    match (module, name) {
-                        (Value::Str(m), Value::Str(n)) => self.global(m, n)?,
-                        (m, n) => {
-                            self.dead.extend([m, n]);
-                            return Err("STACK_GLOBAL without two strings".into());
-                        }
-                    }
-                }
-                b'R' | 0x81 => {
-                    if self.stack.len() < 2 {
-                        return Err("pickle stack underflow".into());
-                    }
-                    let what = if op == b'R' { "REDUCE" } else { "NEWOBJ" };
-                    let args = self.pop()?;
-                    let callable = self.pop()?;
-                    let items = args.items();
-                    self.dead.extend([args]);
-                    let Some(items) = items else {
-                        self.dead.push(callable);
-                        return Err(format!("{what} arguments are not a tuple"));
-                    };
-                    self.copied = self.copied.saturating_add(items.len());
-                    if self.copied > self.data.len() {
-                        self.dead.push(callable);
-                        self.dead.extend(items);
-                        return Err(format!(
-                            "{what} arguments copied more often than the pickle is long: refusing a pickle that expands itself"
-                        ));
-                    }
-                    self.instantiate(callable, items)?;
-                }
-                b'b' => {
-                    let state = self.pop()?;
-                    match self.stack.last() {
-                        Some(Value::Object(o)) => {
-                            let old = o.borrow_mut().state.replace(state);
-                            self.dead.extend(old);
-                        }
-                        _ => {
-                            self.dead.push(state);
-                            return Err("BUILD on a value that is not an object".into());
-                        }
-                    }
-                }
-                b'Q' => {
-                    // torch's persistent ids are tuples (`('storage', cls, key, location, n)`);
-                    // anything else (a persistent id of a persistent id ...) is refused.
-                    let pid = self.pop()?;
-                    if !matches!(pid, Value::Tuple(_)) {
-                        self.dead.push(pid);
-                        return Err("a persistent id that is not a tuple".into());
-                    }
-                    self.stack.push(Value::Persistent(Box::new(pid)));
-                }
-                other => {
-                    return Err(format!(
-                        "unsupported pickle opcode 0x{other:02x} at offset {}",
-                        self.pos - 1
-                    ))
-                }
+                b'(' | b')' | b't' | 0x85..=0x87 | b']' | b'l' | b'a' | b'e' | b'}' | b'd' | b's' | b'u' => self.container_op(op)?,
+                b'N' | 0x88 | 0x89 | b'J' | b'K' | b'M' | 0x8a | 0x8b | b'G' => self.number_op(op)?,
+                0x8c | b'X' | 0x8d | b'C' | b'B' | 0x8e | b'U' | b'T' => self.text_op(op)?,
+                0x94 | b'q' | b'r' | b'h' | b'j' => self.memo_op(op)?,
+                b'c' | 0x93 | b'R' | 0x81 | b'b' | b'Q' => self.object_op(op)?,
+                other => return Err(self.unsupported(other)),
             }
         }
+    }
+
+    fn unsupported(&self, op: u8) -> String {
+        format!(
+            "unsupported pickle opcode 0x{op:02x} at offset {}",
+            self.pos - 1
+        )
+    }
+
+    /// Tuples, lists and dicts: MARK, the tuple, list and dict opcodes, APPEND(S), SETITEM(S).
+    fn container_op(&mut self, op: u8) -> Result<(), String> {
+        match op {
+            b'(' => self.marks.push(self.stack.len()),
+            b')' => self.stack.push(Value::Tuple(Rc::new(vec![]))),
+            b't' => {
+                let items = self.pop_mark()?;
+                self.stack.push(Value::Tuple(Rc::new(items)));
+            }
+            0x85..=0x87 => {
+                let n = (op - 0x84) as usize;
+                if self.stack.len() < n {
+                    return Err("pickle stack underflow".into());
+                }
+                let items = self.stack.split_off(self.stack.len() - n);
+                self.stack.push(Value::Tuple(Rc::new(items)));
+            }
+            b']' => self.stack.push(Value::List(Rc::new(RefCell::new(vec![])))),
+            b'l' => {
+                let items = self.pop_mark()?;
+                self.stack.push(Value::List(Rc::new(RefCell::new(items))));
+            }
+            // Nothing popped is dropped here: a refused value goes to `dead`.
+            b'a' => {
+                let v = self.pop()?;
+                match self.stack.last() {
+                    Some(Value::List(l)) => l.borrow_mut().push(v),
+                    _ => {
+                        self.dead.push(v);
+                        return Err("APPEND to a value that is not a list".into());
+                    }
+                }
+            }
+            b'e' => {
+                let items = self.pop_mark()?;
+                match self.stack.last() {
+                    Some(Value::List(l)) => l.borrow_mut().extend(items),
+                    _ => {
+                        self.dead.extend(items);
+                        return Err("APPENDS to a value that is not a list".into());
+                    }
+                }
+            }
+            b'}' => self.stack.push(Value::Dict(Rc::new(RefCell::new(vec![])))),
+            b'd' => {
+                let items = self.pop_mark()?;
+                let d = Value::Dict(Rc::new(RefCell::new(vec![])));
+                self.set_items(&d, items)?;
+                self.stack.push(d);
+            }
+            b's' => {
+                if self.stack.len() < 3 {
+                    return Err("pickle stack underflow".into());
+                }
+                let items = self.stack.split_off(self.stack.len() - 2);
+                let target = self.top()?.clone();
+                self.set_items(&target, items)?;
+            }
+            b'u' => {
+                let items = self.pop_mark()?;
+                let Some(target) = self.stack.last().cloned() else {
+                    self.dead.extend(items);
+                    return Err("pickle stack underflow".into());
+                };
+                self.set_items(&target, items)?;
+            }
+            _ => return Err(self.unsupported(op)),
+        }
+        Ok(())
+    }
+
+    /// None, booleans, integers and floats.
+    fn number_op(&mut self, op: u8) -> Result<(), String> {
+        match op {
+            b'N' => self.stack.push(Value::None),
+            0x88 => self.stack.push(Value::Bool(true)),
+            0x89 => self.stack.push(Value::Bool(false)),
+            b'J' => {
+                let v = self.u32()? as i32 as i64;
+                self.stack.push(Value::Int(v));
+            }
+            b'K' => {
+                let v = self.u8()? as i64;
+                self.stack.push(Value::Int(v));
+            }
+            b'M' => {
+                let v = self.u16()? as i64;
+                self.stack.push(Value::Int(v));
+            }
+            0x8a | 0x8b => {
+                let n = if op == 0x8a {
+                    self.u8()? as usize
+                } else {
+                    self.u32()? as usize
+                };
+                if n > 8 {
+                    return Err(format!("integer of {n} bytes is too large"));
+                }
+                let b = self.take(n)?;
+                let mut v: i64 = 0;
+                for (i, &x) in b.iter().enumerate() {
+                    v |= (x as i64) << (8 * i);
+                }
+                if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 {
+                    v -= 1i64 << (8 * n);
+                }
+                self.stack.push(Value::Int(v));
+            }
+            b'G' => {
+                let v = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
+                self.stack.push(Value::Float(v));
+            }
+            _ => return Err(self.unsupported(op)),
+        }
+        Ok(())
+    }
+
+    /// Strings and bytes.
+    fn text_op(&mut self, op: u8) -> Result<(), String> {
+        match op {
+            0x8c => {
+                let n = self.u8()? as usize;
+                let s = self.string(n)?;
+                self.stack.push(s);
+            }
+            b'X' => {
+                let n = self.u32()? as usize;
+                let s = self.string(n)?;
+                self.stack.push(s);
+            }
+            0x8d => {
+                let n = self.u64()? as usize;
+                let s = self.string(n)?;
+                self.stack.push(s);
+            }
+            b'C' => {
+                let n = self.u8()? as usize;
+                let b = self.take(n)?.to_vec();
+                self.stack.push(Value::Bytes(b));
+            }
+            b'B' => {
+                let n = self.u32()? as usize;
+                let b = self.take(n)?.to_vec();
+                self.stack.push(Value::Bytes(b));
+            }
+            0x8e => {
+                let n = self.u64()? as usize;
+                let b = self.take(n)?.to_vec();
+                self.stack.push(Value::Bytes(b));
+            }
+            b'U' => {
+                let n = self.u8()? as usize;
+                let b = self.take(n)?.to_vec();
+                self.stack
+                    .push(Value::Str(String::from_utf8_lossy(&b).into_owned()));
+            }
+            b'T' => {
+                let n = self.u32()? as usize;
+                let b = self.take(n)?.to_vec();
+                self.stack
+                    .push(Value::Str(String::from_utf8_lossy(&b).into_owned()));
+            }
+            _ => return Err(self.unsupported(op)),
+        }
+        Ok(())
+    }
+
+    /// The memo: MEMOIZE, (BIN|LONG_BIN)PUT, (BIN|LONG_BIN)GET.
+    fn memo_op(&mut self, op: u8) -> Result<(), String> {
+        match op {
+            0x94 => {
+                let idx = self.memo.len();
+                self.memo_put(idx)?;
+            }
+            b'q' => {
+                let i = self.u8()? as usize;
+                self.memo_put(i)?;
+            }
+            b'r' => {
+                let i = self.u32()? as usize;
+                self.memo_put(i)?;
+            }
+            b'h' => {
+                let i = self.u8()? as usize;
+                self.memo_get(i)?;
+            }
+            b'j' => {
+                let i = self.u32()? as usize;
+                self.memo_get(i)?;
+            }
+            _ => return Err(self.unsupported(op)),
+        }
+        Ok(())
+    }
+
+    /// Classes and objects: GLOBAL, STACK_GLOBAL, REDUCE, NEWOBJ, BUILD, BINPERSID.
+    fn object_op(&mut self, op: u8) -> Result<(), String> {
+        match op {
+            b'c' => {
+                let rest = &self.data[self.pos..];
+                let nl1 = rest
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .ok_or("GLOBAL without a newline")?;
+                let module = String::from_utf8_lossy(&rest[..nl1]).into_owned();
+                let rest2 = &rest[nl1 + 1..];
+                let nl2 = rest2
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .ok_or("GLOBAL without a newline")?;
+                let name = String::from_utf8_lossy(&rest2[..nl2]).into_owned();
+                self.pos += nl1 + nl2 + 2;
+                self.global(module, name)?;
+            }
+            0x93 => {
+                if self.stack.len() < 2 {
+                    return Err("pickle stack underflow".into());
+                }
+                let name = self.pop()?;
+                let module = self.pop()?;
+                match (module, name) {
+                    (Value::Str(m), Value::Str(n)) => self.global(m, n)?,
+                    (m, n) => {
+                        self.dead.extend([m, n]);
+                        return Err("STACK_GLOBAL without two strings".into());
+                    }
+                }
+            }
+            b'R' | 0x81 => {
+                if self.stack.len() < 2 {
+                    return Err("pickle stack underflow".into());
+                }
+                let what = if op == b'R' { "REDUCE" } else { "NEWOBJ" };
+                let args = self.pop()?;
+                let callable = self.pop()?;
+                let items = args.items();
+                self.dead.extend([args]);
+                let Some(items) = items else {
+                    self.dead.push(callable);
+                    return Err(format!("{what} arguments are not a tuple"));
+                };
+                self.copied = self.copied.saturating_add(items.len());
+                if self.copied > self.data.len() {
+                    self.dead.push(callable);
+                    self.dead.extend(items);
+                    return Err(format!(
+                        "{what} arguments copied more often than the pickle is long: refusing a pickle that expands itself"
+                    ));
+                }
+                self.instantiate(callable, items)?;
+            }
+            b'b' => {
+                let state = self.pop()?;
+                match self.stack.last() {
+                    Some(Value::Object(o)) => {
+                        let old = o.borrow_mut().state.replace(state);
+                        self.dead.extend(old);
+                    }
+                    _ => {
+                        self.dead.push(state);
+                        return Err("BUILD on a value that is not an object".into());
+                    }
+                }
+            }
+            b'Q' => {
+                // torch's persistent ids are tuples (`('storage', cls, key, location, n)`);
+                // anything else (a persistent id of a persistent id ...) is refused.
+                let pid = self.pop()?;
+                if !matches!(pid, Value::Tuple(_)) {
+                    self.dead.push(pid);
+                    return Err("a persistent id that is not a tuple".into());
+                }
+                self.stack.push(Value::Persistent(Box::new(pid)));
+            }
+            _ => return Err(self.unsupported(op)),
+        }
+        Ok(())
     }
 }
 

@@ -6,6 +6,7 @@
 use crate::checkpoint::{
     read_metadata, resolve_dir, tensor_item, CheckpointMeta, Chunk, TensorMeta,
 };
+use bridgeflow_megatron::names;
 use bridgeflow_sdk::{
     schemars, serde, Buffer, BufferPool, Emitter, InputMap, MapView, PluginError, Result, Source,
     StreamPlan, Tensor, TensorInfo,
@@ -60,10 +61,7 @@ pub struct TorchDistReader {
 const LARGE_ITEM: usize = 32 << 20;
 
 fn is_stacked(key: &str, t: &TensorMeta) -> bool {
-    crate::decoder_layers(key)
-        .and_then(|(_, rest)| rest.split('.').next())
-        .is_some_and(|first| first.parse::<u64>().is_err())
-        && !t.size.is_empty()
+    names::is_stacked(key) && !t.size.is_empty()
 }
 
 /// Copies the part of `chunk` (row-major over its sizes) inside the region into `out`
@@ -263,6 +261,16 @@ impl Source for TorchDistReader {
     type Config = ReaderConfig;
     const DESCRIPTION: &'static str =
         "Reads Megatron-Core torch_dist checkpoints: global tensors from any chunking, zero-copy where stored whole";
+    // Layers one at a time, stored blocks as views: nothing assembled that need not be.
+    const ENDPOINTS: &'static [bridgeflow_sdk::Endpoint] = &[bridgeflow_sdk::Endpoint {
+        aliases: &["mcore"],
+        config: r#"{"split_layers": true, "row_pieces": true}"#,
+        ..bridgeflow_sdk::Endpoint::new(
+            "megatron",
+            "megatron",
+            "a Megatron-Core torch_dist checkpoint",
+        )
+    }];
 
     fn new(cfg: ReaderConfig) -> Result<Self> {
         Ok(TorchDistReader {
@@ -289,9 +297,9 @@ impl Source for TorchDistReader {
         self.planned.clear();
         for (key, t) in &meta.tensors {
             if self.cfg.split_layers && is_stacked(key, t) {
-                let (stack, rest) = crate::decoder_layers(key).expect("stacked");
+                let (stack, rest) = names::decoder_layers(key).expect("stacked");
                 for l in 0..t.size[0] {
-                    let name = format!("{stack}{l}.{rest}");
+                    let name = names::unstacked_key(stack, l, rest);
                     let mut sizes = t.size.clone();
                     sizes[0] = 1;
                     let mut offsets = vec![0; t.size.len()];
@@ -305,14 +313,11 @@ impl Source for TorchDistReader {
         }
         self.meta = meta;
         let mut plan = StreamPlan::new(infos);
-        plan.set_attr("format", "torch_dist".into());
-        plan.set_attr(
-            "checkpoint_dir",
-            self.dir.to_string_lossy().into_owned().into(),
-        );
-        plan.set_attr(
-            "byte_objects",
-            serde_json::json!(self.meta.bytes.keys().collect::<Vec<_>>()),
+        plan.set(bridgeflow_sdk::attrs::FORMAT, "torch_dist");
+        plan.set(bridgeflow_sdk::attrs::CHECKPOINT_DIR, self.dir.clone());
+        plan.set(
+            bridgeflow_sdk::attrs::BYTE_OBJECTS,
+            self.meta.bytes.keys().cloned().collect::<Vec<_>>(),
         );
         // How each tensor is stored: its chunks and the data file of each (for `inspect`, and
         // for checking a layout against megatron-core's).
@@ -329,10 +334,10 @@ impl Source for TorchDistReader {
                 (k.clone(), serde_json::Value::Array(list))
             })
             .collect();
-        plan.set_attr("chunks", serde_json::Value::Object(chunks));
+        plan.set(bridgeflow_sdk::attrs::CHUNKS, chunks);
         let tok = self.dir.join("tokenizer");
         if tok.is_dir() {
-            plan.set_attr("source_dir", tok.to_string_lossy().into_owned().into());
+            plan.set(bridgeflow_sdk::attrs::SOURCE_DIR, tok);
         }
         Ok(plan)
     }

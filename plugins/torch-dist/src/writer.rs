@@ -12,7 +12,12 @@
 
 use crate::emit::{either::Arg, none_list_pickle, tensor_pickle, Archive, Pickler};
 use bridgeflow_sdk::manifest::{Hasher, Manifest, MANIFEST_FILE};
-use bridgeflow_sdk::parallel::{box_intersection, box_runs, tp_boxes, tp_split};
+use bridgeflow_megatron::degree::{check_degree, check_product};
+use bridgeflow_megatron::names;
+use bridgeflow_megatron::placement::{
+    dist_chunks, dist_file, dist_place, dist_rank, pipeline_stage, pp_layers, DistPlace,
+};
+use bridgeflow_megatron::tp::{check_tp, tp_split, TpSplit};
 use bridgeflow_sdk::TensorInfo;
 use bridgeflow_sdk::{
     schemars, serde, Buffer, DType, Item, PluginError, Result, Sink, StreamPlan, Tensor,
@@ -80,24 +85,6 @@ pub struct WriterConfig {
     pub num_layers_in_last_pipeline_stage: Option<u64>,
 }
 
-/// The pipeline stage that holds a (per-layer) tensor: its layer's stage, else the first stage
-/// for the embedding (and a VLM's vision tower), the last for the rest.
-fn pipeline_stage(name: &str, stages: &[(u64, u64)]) -> u64 {
-    let last = stages.len().saturating_sub(1) as u64;
-    if let Some((_, l, _)) = layer_split(name) {
-        return stages
-            .iter()
-            .position(|&(first, n)| l >= first && l < first + n)
-            .map_or(last, |s| s as u64);
-    }
-    let module = name.strip_prefix("language_model.").unwrap_or(name);
-    if module.starts_with("embedding.") || name.starts_with("visual.") {
-        0
-    } else {
-        last
-    }
-}
-
 fn one() -> u64 {
     1
 }
@@ -113,7 +100,7 @@ const MAX_RUN_CONFIG_BYTES: u64 = 16 << 20;
 /// Megatron-Bridge without being told its config.
 fn carried_run_config(plan: &StreamPlan) -> Result<Option<String>> {
     use std::io::Read;
-    let Some(dir) = plan.attr_str("checkpoint_dir") else {
+    let Some(dir) = plan.get(bridgeflow_sdk::attrs::CHECKPOINT_DIR) else {
         return Ok(None);
     };
     let p = Path::new(&dir).join("run_config.yaml");
@@ -181,9 +168,6 @@ struct Piece {
     /// Until the tensor arrives: its archive, to be completed by the file's thread.
     archive: Option<Archive>,
 }
-
-/// A rank's chunk of an input while laying out: rank, offsets, shape, byte runs of the input.
-type RankChunk = (u64, Vec<u64>, Vec<u64>, Vec<(u64, u64)>);
 
 /// A chunk an input becomes: the piece's index and the byte runs of the input that make it.
 type ChunkOf = (usize, Vec<(u64, u64)>);
@@ -279,60 +263,105 @@ fn data_file_name(rank: usize, i: usize) -> String {
     format!("__{rank}_{i}.distcp")
 }
 
-/// The `_extra_state` byte objects megatron-core's Transformer Engine modules write for a key
-/// (it refuses to load without them): one per layer — and per expert — of every `linear_*`
-/// module's weight in the decoder, named by the shard's place among the stacked layers
-/// (`shard_{l}_{L}`, `shard_{l}.{e}_{L}.{E}`) or, for a per-layer key, among the experts
-/// (`shard_{e}_{E}`, else `shard_0_1`).
-/// A hybrid model (megatron-core's HybridModel) also has them for its Mamba mixers' `in_proj` /
-/// `out_proj` and for the output layer; multi-token-prediction layers (`mtp.layers.{m}.…`,
-/// never stacked) for their linears and `eh_proj`.
-fn te_extra_state<'a>(key: &'a str, global: &[u64], stacked: bool, hybrid: bool) -> Vec<String> {
-    if hybrid && key == "output_layer.weight" {
-        return vec!["output_layer._extra_state/shard_0_1".into()];
-    }
-    // A weight stored as named row blocks (`in_proj.weight.z`, ...) is still one module's.
-    let weight = |k: &'a str| k.strip_suffix(".weight");
-    // Decoder layers, and multi-token-prediction layers (their projection `eh_proj` too).
-    let mtp = key.starts_with("mtp.layers.");
-    let Some(module) = (crate::decoder_layers(key).is_some() || mtp)
-        .then(|| weight(key).or_else(|| key.rsplit_once('.').and_then(|(w, _)| weight(w))))
-        .flatten()
-    else {
-        return Vec::new();
-    };
-    if !module.rsplit('.').next().is_some_and(|m| {
-        m.starts_with("linear_")
-            || (mtp && m == "eh_proj")
-            || (hybrid && module.ends_with(&format!("mixer.{m}")) && m.ends_with("_proj"))
-    }) {
-        return Vec::new();
-    }
-    let experts = module.contains(".experts.experts.");
-    let name = |shard: String| format!("{module}._extra_state/shard_{shard}");
-    let stacked = stacked && !mtp && layer_split(key).is_none();
-    match (stacked, experts) {
-        (true, true) => {
-            let (l, e) = (global[0], global[1]);
-            (0..l)
-                .flat_map(|i| (0..e).map(move |j| name(format!("{i}.{j}_{l}.{e}"))))
-                .collect()
+/// The decoder's layer count (the per-layer indices named), and whether it is homogeneous —
+/// its layers numbered from 0 and each with the same parameters, dtypes and shapes — so that
+/// per-layer tensors (and pieces of them) stack.
+fn layer_count(tensors: &[TensorInfo]) -> (u64, bool) {
+    let mut layers: BTreeMap<u64, BTreeSet<(String, DType, Vec<u64>)>> = BTreeMap::new();
+    for t in tensors {
+        if let Some((stack, l, param)) = names::layer_split(t.base_name()) {
+            let shape = t
+                .shard()
+                .map_or(t.shape.to_vec(), |s| s.global_shape.to_vec());
+            layers
+                .entry(l)
+                .or_default()
+                .insert((names::stacked_key(stack, param), t.dtype, shape));
         }
-        (true, false) => (0..global[0])
-            .map(|i| name(format!("{i}_{}", global[0])))
-            .collect(),
-        (false, true) => (0..global[0])
-            .map(|j| name(format!("{j}_{}", global[0])))
-            .collect(),
-        (false, false) => vec![name("0_1".into())],
     }
+    let n = layers.len() as u64;
+    let uniform = n > 0
+        && layers.keys().copied().eq(0..n)
+        && layers
+            .values()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .all(|w| w[0] == w[1]);
+    (n, uniform)
 }
 
-/// `(stack, layer, param)` of a per-layer name `<stack><layer>.<param>`.
-fn layer_split(name: &str) -> Option<(&str, u64, &str)> {
-    let (stack, rest) = crate::decoder_layers(name)?;
-    let (l, param) = rest.split_once('.')?;
-    Some((stack, l.parse().ok()?, param))
+/// DCP's `TensorStorageMetadata` of one key: its properties (dtype, strided), global size and
+/// the chunks its `pieces` are.
+fn tensor_storage_metadata(p: &mut Pickler, pieces: &[&Piece]) {
+    const M: &str = "torch.distributed.checkpoint.metadata";
+    let first = pieces[0];
+    p.newobj(M, "TensorStorageMetadata");
+    p.dict_begin();
+    p.str("properties");
+    p.newobj(M, "TensorProperties");
+    p.mark();
+    p.global("torch", first.dtype.torch_name());
+    p.reduce1(
+        "torch.serialization",
+        "_get_layout",
+        Arg::Str("torch.strided"),
+    );
+    p.bool(false);
+    p.reduce1(M, "_MEM_FORMAT_ENCODING", Arg::Int(0));
+    p.bool(false);
+    p.tuple(5);
+    p.build();
+    p.str("size");
+    p.torch_size(&first.global);
+    p.str("chunks");
+    p.empty_list();
+    p.mark();
+    for c in pieces {
+        p.newobj(M, "ChunkStorageMetadata");
+        p.dict_begin();
+        p.str("offsets");
+        p.torch_size(&c.offsets);
+        p.str("sizes");
+        p.torch_size(&c.local);
+        p.dict_end();
+        p.build();
+    }
+    p.op(b'e');
+    p.dict_end();
+    p.build();
+}
+
+/// One `storage_data` pair: the item's `MetadataIndex` (fqn, chunk offsets or None for a byte
+/// object) and its `_StorageInfo` (data file, offset, length).
+fn storage_info(
+    p: &mut Pickler,
+    (fqn, offsets): (&str, Option<&[u64]>),
+    file: &str,
+    (off, len): (u64, u64),
+) {
+    p.newobj("torch.distributed.checkpoint.metadata", "MetadataIndex");
+    p.dict_begin();
+    p.str("fqn");
+    p.str(fqn);
+    p.str("offset");
+    match offsets {
+        Some(o) => p.torch_size(o),
+        None => p.none(),
+    }
+    p.str("index");
+    p.none();
+    p.dict_end();
+    p.build();
+    p.newobj("torch.distributed.checkpoint.filesystem", "_StorageInfo");
+    p.dict_begin();
+    p.str("relative_path");
+    p.str(file);
+    p.str("offset");
+    p.int(off as i64);
+    p.str("length");
+    p.int(len as i64);
+    p.dict_end();
+    p.build();
 }
 
 impl TorchDistWriter {
@@ -380,42 +409,8 @@ impl TorchDistWriter {
             by_key.entry(&piece.key).or_default().push(piece);
         }
         for (key, pieces) in &by_key {
-            let first = pieces[0];
             p.str(key);
-            p.newobj(M, "TensorStorageMetadata");
-            p.dict_begin();
-            p.str("properties");
-            p.newobj(M, "TensorProperties");
-            p.mark();
-            p.global("torch", first.dtype.torch_name());
-            p.reduce1(
-                "torch.serialization",
-                "_get_layout",
-                Arg::Str("torch.strided"),
-            );
-            p.bool(false);
-            p.reduce1(M, "_MEM_FORMAT_ENCODING", Arg::Int(0));
-            p.bool(false);
-            p.tuple(5);
-            p.build();
-            p.str("size");
-            p.torch_size(&first.global);
-            p.str("chunks");
-            p.empty_list();
-            p.mark();
-            for c in pieces {
-                p.newobj(M, "ChunkStorageMetadata");
-                p.dict_begin();
-                p.str("offsets");
-                p.torch_size(&c.offsets);
-                p.str("sizes");
-                p.torch_size(&c.local);
-                p.dict_end();
-                p.build();
-            }
-            p.op(b'e');
-            p.dict_end();
-            p.build();
+            tensor_storage_metadata(&mut p, pieces);
         }
         for (key, _, _) in &self.bytes_items {
             p.str(key);
@@ -432,29 +427,7 @@ impl TorchDistWriter {
                        file: usize,
                        off: u64,
                        len: u64| {
-            p.newobj(M, "MetadataIndex");
-            p.dict_begin();
-            p.str("fqn");
-            p.str(fqn);
-            p.str("offset");
-            match offsets {
-                Some(o) => p.torch_size(o),
-                None => p.none(),
-            }
-            p.str("index");
-            p.none();
-            p.dict_end();
-            p.build();
-            p.newobj("torch.distributed.checkpoint.filesystem", "_StorageInfo");
-            p.dict_begin();
-            p.str("relative_path");
-            p.str(&self.files[file].name);
-            p.str("offset");
-            p.int(off as i64);
-            p.str("length");
-            p.int(len as i64);
-            p.dict_end();
-            p.build();
+            storage_info(p, (fqn, offsets), &self.files[file].name, (off, len));
         };
         for (key, off, len) in &self.bytes_items {
             storage(&mut p, key, None, 0, *off, *len);
@@ -497,176 +470,82 @@ impl TorchDistWriter {
         }
     }
 
-    fn lay_out(&mut self, plan: &StreamPlan) -> Result<()> {
-        let tensors: Vec<_> = plan.tensors.iter().cloned().collect();
-        // Stack per-layer tensors (and pieces of them) when the decoder is homogeneous: every
-        // layer has the same parameters, dtypes and shapes.
-        let mut layers: BTreeMap<u64, BTreeSet<(String, DType, Vec<u64>)>> = BTreeMap::new();
-        for t in &tensors {
-            if let Some((stack, l, param)) = layer_split(t.base_name()) {
-                let shape = t
-                    .shard()
-                    .map_or(t.shape.to_vec(), |s| s.global_shape.to_vec());
-                layers
-                    .entry(l)
-                    .or_default()
-                    .insert((format!("{stack}{param}"), t.dtype, shape));
-            }
-        }
-        let n_layers = layers.len() as u64;
-        let homogeneous = self.cfg.stack_layers == "auto"
-            && n_layers > 0
-            && layers.keys().copied().eq(0..n_layers)
-            && layers
-                .values()
-                .collect::<Vec<_>>()
-                .windows(2)
-                .all(|w| w[0] == w[1]);
-        // Each input's key and place: (key, global, offsets, local, stacked).
-        let mut places = Vec::new();
-        for t in &tensors {
-            let shape = t.shape.to_vec();
-            let (global, offsets) = match t.shard() {
-                Some(s) => (s.global_shape.to_vec(), s.offsets.to_vec()),
-                None => (shape.clone(), vec![0; shape.len()]),
-            };
-            places.push(match layer_split(t.base_name()) {
-                Some((stack, l, param)) if homogeneous => {
-                    let prepend = |first: u64, v: &[u64]| {
-                        std::iter::once(first)
-                            .chain(v.iter().copied())
-                            .collect::<Vec<_>>()
-                    };
-                    (
-                        format!("{stack}{param}"),
-                        prepend(n_layers, &global),
-                        prepend(l, &offsets),
-                        prepend(1, &shape),
-                        true,
-                    )
-                }
-                _ => (t.base_name().to_string(), global, offsets, shape, false),
-            });
-        }
-        // Bytes laid out so far in each data file: rank r's files are r·files .. (r+1)·files.
-        let n_files = self.cfg.files.max(1);
-        let tp = self.cfg.tp.max(1);
-        bridgeflow_sdk::parallel::check_tp(plan.attrs().get("megatron_model"), tp)?;
-        let pp = self.cfg.pp.max(1);
-        let stages = bridgeflow_sdk::parallel::pp_layers(
-            n_layers,
-            pp,
-            self.cfg.num_layers_in_first_pipeline_stage,
-            self.cfg.num_layers_in_last_pipeline_stage,
-        )?;
-        let mut cursor = vec![0u64; n_files * (tp * pp) as usize];
-        let model_flag = |k: &str| {
-            plan.attrs()
-                .get("megatron_model")
-                .and_then(|m| m.get(k))
-                .and_then(|v| v.as_bool())
-        };
-        let gated = model_flag("gated_linear_unit").unwrap_or(true);
-        let hybrid = model_flag("is_hybrid_model").unwrap_or(false);
-        // Byte objects first (in file 0), as megatron-core orders them: given, passed on by
-        // the input (a checkpoint read back), or those of the keys' Transformer Engine modules.
-        let given = plan
-            .attrs()
-            .get("byte_objects")
-            .and_then(|v| serde_json::from_value::<Vec<String>>(v.clone()).ok());
-        let keys: Vec<String> = match (&self.cfg.extra_state, given) {
+    /// The byte objects to write, in file 0 first as megatron-core orders them: given, passed
+    /// on by the input (a checkpoint read back), or those of the keys' Transformer Engine
+    /// modules.
+    fn byte_object_keys(
+        &self,
+        plan: &StreamPlan,
+        places: &[DistPlace],
+        stacked: bool,
+        hybrid: bool,
+    ) -> Vec<String> {
+        let given = plan.get(bridgeflow_sdk::attrs::BYTE_OBJECTS);
+        match (&self.cfg.extra_state, given) {
             (Some(k), _) => k.clone(),
             (None, Some(k)) => k
                 .into_iter()
                 .filter(|k| !k.starts_with("common_state"))
                 .collect(),
             (None, None) => {
-                let globals: BTreeMap<&str, &Vec<u64>> = places
-                    .iter()
-                    .map(|(k, g, _, _, _)| (k.as_str(), g))
-                    .collect();
+                let globals: BTreeMap<&str, &Vec<u64>> =
+                    places.iter().map(|p| (p.key.as_str(), &p.global)).collect();
                 let mut seen = std::collections::HashSet::new();
                 globals
                     .into_iter()
-                    .flat_map(|(k, g)| te_extra_state(k, g, homogeneous, hybrid))
+                    .flat_map(|(k, g)| names::te_extra_state(k, g, stacked, hybrid))
                     .filter(|k| seen.insert(k.clone()))
                     .collect()
             }
-        };
-        let mut byte_archives = Vec::new();
-        for k in keys {
-            let a = Archive::new("archive", none_list_pickle(), None, &k).bytes();
-            self.bytes_items.push((k, cursor[0], a.len() as u64));
-            cursor[0] += a.len() as u64;
-            byte_archives.push(a);
         }
-        for (t, (key, global, offsets, local, stacked)) in tensors.iter().zip(places) {
-            t.nbytes().ok_or_else(|| {
-                PluginError::shape(format!("tensor '{}': size overflows", t.name()))
-            })?;
-            // The input's chunks: (rank, offsets, shape, byte runs of the input).
-            let es = t.dtype.size() as u64;
-            let chunks: Vec<RankChunk> = if tp == 1 {
-                let n = local.iter().product::<u64>() * es;
-                vec![(0, offsets.clone(), local.clone(), vec![(0, n)])]
-            } else {
-                // In per-layer coordinates (without the stacked layer axis); experts split
-                // inside each expert (expert-TP = TP).
-                let lead = stacked as usize;
-                let (g, o, l) = (&global[lead..], &offsets[lead..], &local[lead..]);
-                let expert = t.base_name().contains(".experts.experts.") as usize;
-                let split = tp_split(t.base_name(), gated);
-                let mut out = Vec::new();
-                for r in 0..tp {
-                    for (bo, bs) in tp_boxes(&g[expert..], split, tp, r) {
-                        let bo: Vec<u64> = o[..expert].iter().map(|_| 0).chain(bo).collect();
-                        let bs: Vec<u64> = g[..expert].iter().copied().chain(bs).collect();
-                        let Some((io, is)) = box_intersection((o, l), (&bo, &bs)) else {
-                            continue;
-                        };
-                        let rel: Vec<u64> = io.iter().zip(o).map(|(a, b)| a - b).collect();
-                        let runs = box_runs(l, es, &rel, &is);
-                        let co: Vec<u64> = offsets[..lead].iter().copied().chain(io).collect();
-                        let cs: Vec<u64> = local[..lead].iter().copied().chain(is).collect();
-                        out.push((r, co, cs, runs));
-                    }
-                }
-                out
-            };
-            let stage = pipeline_stage(t.base_name(), &stages);
-            let mut mine = Vec::new();
-            for (rank, offsets, shape, runs) in chunks {
-                let rank = rank + tp * stage;
-                let nbytes = shape.iter().product::<u64>() * es;
-                let archive = Archive::new(
-                    "archive",
-                    tensor_pickle(t.dtype, &shape),
-                    Some(nbytes),
-                    &format!("{key}{offsets:?}"),
-                );
-                let total = archive.total;
-                // The emptiest of the rank's files takes the item: they fill evenly.
-                let base = rank as usize * n_files;
-                let file = (base..base + n_files)
-                    .min_by_key(|&i| cursor[i])
-                    .unwrap_or(base);
-                mine.push((self.pieces.len(), runs));
-                self.pieces.push(Piece {
-                    key: key.clone(),
-                    dtype: t.dtype,
-                    global: global.clone(),
-                    offsets,
-                    local: shape,
-                    file,
-                    item_offset: cursor[file],
-                    item_len: total,
-                    archive: Some(archive),
-                });
-                cursor[file] += total;
-            }
-            self.by_name.insert(t.name().to_string(), mine);
+    }
+
+    /// An input's pieces, one per chunk it is cut into, each given its data file (the
+    /// emptiest of its rank's) and place there (`cursor`: the bytes laid out so far in each).
+    fn lay_out_tensor(
+        &mut self,
+        t: &TensorInfo,
+        place: DistPlace,
+        (split, stage): (TpSplit, u64),
+        cursor: &mut [u64],
+    ) -> Result<()> {
+        t.nbytes()
+            .ok_or_else(|| PluginError::shape(format!("tensor '{}': size overflows", t.name())))?;
+        let es = t.dtype.size() as u64;
+        let tp = self.cfg.tp.max(1);
+        let experts = names::has_stacked_experts(t.base_name());
+        let mut mine = Vec::new();
+        for c in dist_chunks(&place, es, experts, split, tp) {
+            let rank = dist_rank(c.tp_rank, stage, tp);
+            let nbytes = c.shape.iter().product::<u64>() * es;
+            let archive = Archive::new(
+                "archive",
+                tensor_pickle(t.dtype, &c.shape),
+                Some(nbytes),
+                &format!("{}{:?}", place.key, c.offsets),
+            );
+            let total = archive.total;
+            let file = dist_file(cursor, rank, self.cfg.files.max(1));
+            mine.push((self.pieces.len(), c.runs));
+            self.pieces.push(Piece {
+                key: place.key.clone(),
+                dtype: t.dtype,
+                global: place.global.clone(),
+                offsets: c.offsets,
+                local: c.shape,
+                file,
+                item_offset: cursor[file],
+                item_len: total,
+                archive: Some(archive),
+            });
+            cursor[file] += total;
         }
-        // Each key's pieces must tile its global tensor, in one dtype.
+        self.by_name.insert(t.name().to_string(), mine);
+        Ok(())
+    }
+
+    /// Each key's pieces must tile its global tensor, in one dtype.
+    fn check_pieces(&self) -> Result<()> {
         let mut per_key: BTreeMap<&str, (DType, &Vec<u64>, u64)> = BTreeMap::new();
         for p in &self.pieces {
             let e = per_key.entry(&p.key).or_insert((p.dtype, &p.global, 0));
@@ -686,12 +565,19 @@ impl TorchDistWriter {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// Creates the data files of `sizes` bytes each (blocks reserved), the byte objects'
+    /// archives at the start of file 0, and a thread for each to fill it.
+    fn open_files(&mut self, sizes: &[u64], byte_archives: &[Vec<u8>]) -> Result<()> {
         let staging = self.staging_root();
         self.iter_dir = staging.join(format!("iter_{:07}", self.cfg.iteration));
         std::fs::create_dir_all(&self.iter_dir)
             .map_err(|e| PluginError::io(&self.iter_dir, "cannot create", e))?;
         self.staging = Some(staging);
-        for (i, &size) in cursor.iter().enumerate() {
+        let n_files = self.cfg.files.max(1);
+        for (i, &size) in sizes.iter().enumerate() {
             let name = data_file_name(i / n_files, i % n_files);
             let path = self.iter_dir.join(&name);
             let f = File::create(&path).map_err(|e| PluginError::io(&path, "cannot create", e))?;
@@ -699,7 +585,7 @@ impl TorchDistWriter {
             bridgeflow_sdk::fsutil::reserve(&f, &path, size)?;
             if i == 0 {
                 let mut off = 0;
-                for a in &byte_archives {
+                for a in byte_archives {
                     f.write_all_at(a, off)
                         .map_err(|e| PluginError::io(&path, "cannot write", e))?;
                     off += a.len() as u64;
@@ -720,12 +606,70 @@ impl TorchDistWriter {
         }
         Ok(())
     }
-}
 
+    fn lay_out(&mut self, plan: &StreamPlan) -> Result<()> {
+        let tensors: Vec<_> = plan.tensors.iter().cloned().collect();
+        let (n_layers, uniform) = layer_count(&tensors);
+        let homogeneous = self.cfg.stack_layers == "auto" && uniform;
+        let places: Vec<DistPlace> = tensors
+            .iter()
+            .map(|t| {
+                let shape = t.shape.to_vec();
+                let (global, offsets) = match t.shard() {
+                    Some(s) => (s.global_shape.to_vec(), s.offsets.to_vec()),
+                    None => (shape.clone(), vec![0; shape.len()]),
+                };
+                let stack = homogeneous.then_some(n_layers);
+                dist_place(t.base_name(), global, offsets, shape, stack)
+            })
+            .collect();
+        // Bytes laid out so far in each data file: rank r's files are r·files .. (r+1)·files.
+        let n_files = self.cfg.files.max(1);
+        let tp = self.cfg.tp.max(1);
+        let megatron_model = plan
+            .get(bridgeflow_sdk::attrs::MEGATRON_MODEL)
+            .map(serde_json::Value::Object);
+        check_tp(megatron_model.as_ref(), tp)?;
+        let pp = self.cfg.pp.max(1);
+        let stages = pp_layers(
+            n_layers,
+            pp,
+            self.cfg.num_layers_in_first_pipeline_stage,
+            self.cfg.num_layers_in_last_pipeline_stage,
+        )?;
+        let mut cursor = vec![0u64; n_files * (tp * pp) as usize];
+        let model_flag = |k: &str| megatron_model.as_ref()?.get(k)?.as_bool();
+        let gated = model_flag("gated_linear_unit").unwrap_or(true);
+        let hybrid = model_flag("is_hybrid_model").unwrap_or(false);
+        let mut byte_archives = Vec::new();
+        for k in self.byte_object_keys(plan, &places, homogeneous, hybrid) {
+            let a = Archive::new("archive", none_list_pickle(), None, &k).bytes();
+            self.bytes_items.push((k, cursor[0], a.len() as u64));
+            cursor[0] += a.len() as u64;
+            byte_archives.push(a);
+        }
+        for (t, place) in tensors.iter().zip(places) {
+            let split = tp_split(t.base_name(), gated);
+            let stage = pipeline_stage(t.base_name(), &stages);
+            self.lay_out_tensor(t, place, (split, stage), &mut cursor)?;
+        }
+        self.check_pieces()?;
+        self.open_files(&cursor, &byte_archives)
+    }
+}
 impl Sink for TorchDistWriter {
     type Config = WriterConfig;
     const DESCRIPTION: &'static str =
         "Writes Megatron-Core torch_dist checkpoints (loads in megatron-core 0.16 and 0.19), atomically";
+    const ENDPOINTS: &'static [bridgeflow_sdk::Endpoint] = &[bridgeflow_sdk::Endpoint {
+        aliases: &["mcore"],
+        options: &["tp", "pp", "overwrite"],
+        ..bridgeflow_sdk::Endpoint::new(
+            "megatron",
+            "megatron",
+            "a Megatron-Core torch_dist checkpoint",
+        )
+    }];
 
     fn new(cfg: WriterConfig) -> Result<Self> {
         if cfg.stack_layers != "auto" && cfg.stack_layers != "never" {
@@ -736,7 +680,6 @@ impl Sink for TorchDistWriter {
         }
         // Each degree in range, and the data files (a thread each) bounded, before anything
         // is sized from them.
-        use bridgeflow_sdk::parallel::{check_degree, check_product};
         check_degree("tp", cfg.tp)?;
         check_degree("pp", cfg.pp)?;
         check_product("tp × pp", &[cfg.tp, cfg.pp])?;
@@ -771,10 +714,10 @@ impl Sink for TorchDistWriter {
         self.claim = Some(bridgeflow_sdk::fsutil::OutputClaim::claim(&self.cfg.path)?);
         bridgeflow_sdk::fsutil::refuse_existing(&self.cfg.path, self.cfg.overwrite)?;
         let plan = inputs.first().cloned().unwrap_or_default();
-        self.source_dir = plan.attr_str("source_dir").map(PathBuf::from);
+        self.source_dir = plan.get(bridgeflow_sdk::attrs::SOURCE_DIR);
         // The run config: the import's (from the mapper), else the input checkpoint's own
         // (re-sharding torch_dist), with the parallel sizes of this layout.
-        self.run_config = match plan.attr_str("run_config_yaml") {
+        self.run_config = match plan.get(bridgeflow_sdk::attrs::RUN_CONFIG_YAML) {
             Some(rc) => Some(rc),
             None => carried_run_config(&plan)?,
         }

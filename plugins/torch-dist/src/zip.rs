@@ -36,6 +36,31 @@ pub fn entries(b: &[u8]) -> Result<Vec<Entry>, String> {
 }
 
 fn parse(b: &[u8]) -> Option<Result<Vec<Entry>, String>> {
+    let (count, cd_off) = directory(b)?;
+    // Each record takes at least 46 bytes of the directory: a count beyond that is corrupt
+    // (and is not trusted to size anything).
+    if count > (b.len() / 46) as u64 {
+        return Some(Err(format!(
+            "the central directory claims {count} records, more than a {}-byte file holds",
+            b.len()
+        )));
+    }
+    let mut out = Vec::new();
+    let mut p = usize::try_from(cd_off).ok()?;
+    for _ in 0..count {
+        match record(b, p)? {
+            Ok((entry, next)) => {
+                out.push(entry);
+                p = next;
+            }
+            Err(e) => return Some(Err(e)),
+        }
+    }
+    Some(Ok(out))
+}
+
+/// The end of central directory (ZIP64 aware): the record count and the directory's offset.
+fn directory(b: &[u8]) -> Option<(u64, u64)> {
     // End of central directory: the last "PK\5\6" within the final 64 KiB + 22 bytes.
     let start = b.len().saturating_sub(22 + 65535);
     let eocd = (start..=b.len().checked_sub(22)?)
@@ -51,93 +76,97 @@ fn parse(b: &[u8]) -> Option<Result<Vec<Entry>, String>> {
             cd_off = u64_at(b, add(z64, 48)?)?;
         }
     }
-    // Each record takes at least 46 bytes of the directory: a count beyond that is corrupt
-    // (and is not trusted to size anything).
-    if count > (b.len() / 46) as u64 {
+    Some((count, cd_off))
+}
+
+/// The central directory record at `p`, its data located through its local header, and where
+/// the next record starts.
+fn record(b: &[u8], p: usize) -> Option<Result<(Entry, usize), String>> {
+    if at(b, p, 4)? != b"PK\x01\x02" {
+        return Some(Err(format!("bad central directory record at byte {p}")));
+    }
+    let method = u16_at(b, add(p, 10)?)?;
+    let crc = u32_at(b, add(p, 16)?)?;
+    let mut csize = u32_at(b, add(p, 20)?)? as u64;
+    let mut usize_ = u32_at(b, add(p, 24)?)? as u64;
+    let name_len = u16_at(b, add(p, 28)?)? as usize;
+    let extra_len = u16_at(b, add(p, 30)?)? as usize;
+    let comment_len = u16_at(b, add(p, 32)?)? as usize;
+    let mut local = u32_at(b, add(p, 42)?)? as u64;
+    let name = String::from_utf8_lossy(at(b, add(p, 46)?, name_len)?).into_owned();
+    let extra = add(add(p, 46)?, name_len)?;
+    let end = zip64_extra(b, extra, extra_len, (&mut usize_, &mut csize, &mut local))?;
+    if method != 0 {
         return Some(Err(format!(
-            "the central directory claims {count} records, more than a {}-byte file holds",
-            b.len()
+            "record '{name}' is compressed (method {method}); torch_dist writes STORED records"
         )));
     }
-    let mut out = Vec::new();
-    let mut p = usize::try_from(cd_off).ok()?;
-    for _ in 0..count {
-        if at(b, p, 4)? != b"PK\x01\x02" {
-            return Some(Err(format!("bad central directory record at byte {p}")));
-        }
-        let method = u16_at(b, add(p, 10)?)?;
-        let crc = u32_at(b, add(p, 16)?)?;
-        let mut csize = u32_at(b, add(p, 20)?)? as u64;
-        let mut usize_ = u32_at(b, add(p, 24)?)? as u64;
-        let name_len = u16_at(b, add(p, 28)?)? as usize;
-        let extra_len = u16_at(b, add(p, 30)?)? as usize;
-        let comment_len = u16_at(b, add(p, 32)?)? as usize;
-        let mut local = u32_at(b, add(p, 42)?)? as u64;
-        let name = String::from_utf8_lossy(at(b, add(p, 46)?, name_len)?).into_owned();
-        // ZIP64 extra: the 0xFFFFFFFF fields, in order usize, csize, offset, each read only
-        // within its field.
-        let mut e = add(add(p, 46)?, name_len)?;
-        let end = add(e, extra_len)?;
-        while add(e, 4)? <= end {
-            let id = u16_at(b, e)?;
-            let len = u16_at(b, e + 2)? as usize;
-            let field_end = add(add(e, 4)?, len)?.min(end);
-            if id == 1 {
-                let mut q = e + 4;
-                let next = |q: &mut usize| -> Option<u64> {
-                    if add(*q, 8)? > field_end {
-                        return None;
-                    }
-                    let v = u64_at(b, *q)?;
-                    *q += 8;
-                    Some(v)
-                };
-                if usize_ == 0xFFFF_FFFF {
-                    usize_ = next(&mut q)?;
-                }
-                if csize == 0xFFFF_FFFF {
-                    csize = next(&mut q)?;
-                }
-                if local == 0xFFFF_FFFF {
-                    local = next(&mut q)?;
-                }
-            }
-            e = add(add(e, 4)?, len)?;
-        }
-        if method != 0 {
-            return Some(Err(format!(
-                "record '{name}' is compressed (method {method}); torch_dist writes STORED records"
-            )));
-        }
-        if csize != usize_ {
-            return Some(Err(format!("record '{name}': stored sizes disagree")));
-        }
-        let l = usize::try_from(local).ok()?;
-        if at(b, l, 4)? != b"PK\x03\x04" {
-            return Some(Err(format!("record '{name}': bad local header")));
-        }
-        let data_start = add(
-            add(add(l, 30)?, u16_at(b, add(l, 26)?)? as usize)?,
-            u16_at(b, add(l, 28)?)? as usize,
-        )?;
-        let data_end = usize::try_from(csize)
-            .ok()
-            .and_then(|n| add(data_start, n))
-            .filter(|&e| e <= b.len());
-        let Some(data_end) = data_end else {
-            return Some(Err(format!(
-                "record '{name}' of {csize} bytes runs past the end of the item ({} bytes)",
-                b.len()
-            )));
-        };
-        out.push(Entry {
-            name,
-            data: data_start..data_end,
-            crc,
-        });
-        p = add(end, comment_len)?;
+    if csize != usize_ {
+        return Some(Err(format!("record '{name}': stored sizes disagree")));
     }
-    Some(Ok(out))
+    let l = usize::try_from(local).ok()?;
+    if at(b, l, 4)? != b"PK\x03\x04" {
+        return Some(Err(format!("record '{name}': bad local header")));
+    }
+    let data_start = add(
+        add(add(l, 30)?, u16_at(b, add(l, 26)?)? as usize)?,
+        u16_at(b, add(l, 28)?)? as usize,
+    )?;
+    let data_end = usize::try_from(csize)
+        .ok()
+        .and_then(|n| add(data_start, n))
+        .filter(|&e| e <= b.len());
+    let Some(data_end) = data_end else {
+        return Some(Err(format!(
+            "record '{name}' of {csize} bytes runs past the end of the item ({} bytes)",
+            b.len()
+        )));
+    };
+    let entry = Entry {
+        name,
+        data: data_start..data_end,
+        crc,
+    };
+    Some(Ok((entry, add(end, comment_len)?)))
+}
+
+/// The ZIP64 extra field among a record's extra fields (`len` bytes from `e`): the
+/// 0xFFFFFFFF fields, in order usize, csize, offset, each read only within its field. Returns
+/// where the extra fields end.
+fn zip64_extra(
+    b: &[u8],
+    mut e: usize,
+    len: usize,
+    (usize_, csize, local): (&mut u64, &mut u64, &mut u64),
+) -> Option<usize> {
+    let end = add(e, len)?;
+    while add(e, 4)? <= end {
+        let id = u16_at(b, e)?;
+        let len = u16_at(b, e + 2)? as usize;
+        let field_end = add(add(e, 4)?, len)?.min(end);
+        if id == 1 {
+            let mut q = e + 4;
+            let next = |q: &mut usize| -> Option<u64> {
+                if add(*q, 8)? > field_end {
+                    return None;
+                }
+                let v = u64_at(b, *q)?;
+                *q += 8;
+                Some(v)
+            };
+            if *usize_ == 0xFFFF_FFFF {
+                *usize_ = next(&mut q)?;
+            }
+            if *csize == 0xFFFF_FFFF {
+                *csize = next(&mut q)?;
+            }
+            if *local == 0xFFFF_FFFF {
+                *local = next(&mut q)?;
+            }
+        }
+        e = add(add(e, 4)?, len)?;
+    }
+    Some(end)
 }
 
 /// The record whose name ends with `suffix` (archives prefix names with `archive/` or the file

@@ -123,7 +123,7 @@ impl Transform for Cast {
                 t.dtype = self.to;
             }
         }
-        plan.set_attr("dtype", self.to.torch_name().into());
+        plan.set(bridgeflow_sdk::attrs::DTYPE, self.to.torch_name());
         Ok(plan)
     }
 

@@ -61,9 +61,9 @@ pub struct Fp8Dequant {
 
 /// The weights are no longer quantized: the HF config written beside them must not say so.
 pub(crate) fn no_longer_quantized(plan: &mut StreamPlan) {
-    plan.set_attr(
-        "drop_config_keys",
-        serde_json::json!(["quantization_config"]),
+    plan.set(
+        bridgeflow_sdk::attrs::DROP_CONFIG_KEYS,
+        vec!["quantization_config".to_string()],
     );
 }
 
@@ -219,6 +219,7 @@ impl Transform for Fp8Dequant {
     type Config = Fp8Config;
     const DESCRIPTION: &'static str =
         "Dequantizes block-scaled FP8 weights (X.weight + X.weight_scale_inv) to bf16, as Megatron-Bridge does";
+    const QUANT_METHODS: &'static [&'static str] = &["fp8"];
 
     fn new(cfg: Fp8Config) -> Result<Self> {
         let to = float_target(&cfg.to)?;
@@ -265,7 +266,7 @@ impl Transform for Fp8Dequant {
             kept.push(t);
         }
         plan.tensors = kept.into();
-        plan.set_attr("dtype", self.to.torch_name().into());
+        plan.set(bridgeflow_sdk::attrs::DTYPE, self.to.torch_name());
         no_longer_quantized(&mut plan);
         Ok(plan)
     }
@@ -406,11 +407,14 @@ impl Transform for Fp8Quant {
             ));
         }
         plan.tensors = out.into();
-        plan.set_attr(
-            "config_updates",
-            serde_json::json!({"quantization_config": {
-                "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                "weight_block_size": [self.block, self.block]}}),
+        plan.set(
+            bridgeflow_sdk::attrs::CONFIG_UPDATES,
+            serde_json::Map::from_iter([(
+                "quantization_config".to_string(),
+                serde_json::json!({
+                    "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                    "weight_block_size": [self.block, self.block]}),
+            )]),
         );
         Ok(plan)
     }

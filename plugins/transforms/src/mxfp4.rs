@@ -217,6 +217,7 @@ impl Transform for Mxfp4Dequant {
     type Config = Mxfp4Config;
     const DESCRIPTION: &'static str =
         "Dequantizes MXFP4 expert weights (X_blocks + X_scales, GPT-OSS) to bf16 as transformers does";
+    const QUANT_METHODS: &'static [&'static str] = &["mxfp4"];
 
     fn new(cfg: Mxfp4Config) -> Result<Self> {
         Ok(Mxfp4Dequant {

@@ -8,26 +8,27 @@
 use super::llama::{dense_mlp, embeddings, gpt_fields};
 use super::qwen3_moe::{moe_fields_named, routed_moe};
 use super::{fields, megatron, Family};
-use bridgeflow_sdk::mapping::{Entry, Layers};
+use bridgeflow_megatron::mapping::{Entry, Layers};
+use bridgeflow_megatron::names::{layer_pattern, mtp_pattern};
 use serde_json::json;
 
 pub fn family() -> Family {
     let a = |m: &str, h: &str| {
         Entry::direct(
-            &format!("decoder.layers.{{l}}.self_attention.{m}"),
+            &layer_pattern(&format!("self_attention.{m}")),
             &format!("model.layers.{{l}}.self_attn.{h}"),
         )
     };
     let mlp = |m: &str, h: &str| {
         Entry::direct(
-            &format!("decoder.layers.{{l}}.mlp.{m}"),
+            &layer_pattern(&format!("mlp.{m}")),
             &format!("model.layers.{{l}}.mlp.{h}"),
         )
     };
     let mut tensors = embeddings();
     tensors.extend([
         Entry::direct(
-            "decoder.layers.{l}.input_layernorm.weight",
+            &layer_pattern("input_layernorm.weight"),
             "model.layers.{l}.input_layernorm.weight",
         ),
         // V2-Lite: no q compression (q_proj); the others: q_a_proj, its norm, q_b_proj.
@@ -47,7 +48,7 @@ pub fn family() -> Family {
             .only(Layers::Moe)
             .optional(),
         Entry::gated(
-            "decoder.layers.{l}.mlp.shared_experts.linear_fc1.weight",
+            &layer_pattern("mlp.shared_experts.linear_fc1.weight"),
             "model.layers.{l}.mlp.shared_experts.gate_proj.weight",
             "model.layers.{l}.mlp.shared_experts.up_proj.weight",
         )
@@ -70,7 +71,7 @@ pub fn family() -> Family {
         ("final_layernorm", "shared_head.norm"),
     ] {
         tensors.push(Entry::direct(
-            &format!("mtp.layers.{{l}}.{m}.weight"),
+            &mtp_pattern(&format!("{m}.weight")),
             &format!("model.layers.{{l}}.{h}.weight"),
         ));
     }

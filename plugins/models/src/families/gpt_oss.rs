@@ -9,11 +9,13 @@
 use super::llama::{attention_and_norms, gpt_fields};
 use super::qwen3_moe::moe_fields_named;
 use super::{megatron, Family};
-use bridgeflow_sdk::mapping::{Entry, Kind, Layers};
+use bridgeflow_megatron::mapping::{Entry, Kind, Layers};
+use bridgeflow_megatron::names::{experts_param, layer_pattern};
 use serde_json::json;
 
 pub fn family() -> Family {
-    let l = |s: &str| format!("decoder.layers.{{l}}.{s}");
+    let l = layer_pattern;
+    let experts = |s: &str| l(&experts_param(s));
     let h = |s: &str| format!("model.layers.{{l}}.{s}");
     let mut tensors = attention_and_norms();
     tensors.extend([
@@ -34,21 +36,21 @@ pub fn family() -> Family {
         Entry::direct(&l("mlp.router.bias"), &h("mlp.router.bias")),
         Entry::new(
             Kind::ExpertsGateUpInterleavedT,
-            &l("mlp.experts.experts.linear_fc1.weight"),
+            &experts("linear_fc1.weight"),
             &[&h("mlp.experts.gate_up_proj")],
         ),
         Entry::new(
             Kind::ExpertsGateUpInterleaved,
-            &l("mlp.experts.experts.linear_fc1.bias"),
+            &experts("linear_fc1.bias"),
             &[&h("mlp.experts.gate_up_proj_bias")],
         ),
         Entry::new(
             Kind::ExpertsTransposed,
-            &l("mlp.experts.experts.linear_fc2.weight"),
+            &experts("linear_fc2.weight"),
             &[&h("mlp.experts.down_proj")],
         ),
         Entry::direct(
-            &l("mlp.experts.experts.linear_fc2.bias"),
+            &experts("linear_fc2.bias"),
             &h("mlp.experts.down_proj_bias"),
         ),
     ]);

@@ -3,19 +3,17 @@
 //! tensors a model lacks are simply absent.
 
 use super::{fields, megatron, Family};
-use bridgeflow_sdk::mapping::Entry;
+use bridgeflow_megatron::mapping::Entry;
+use bridgeflow_megatron::names::{self, layer_pattern};
 use serde_json::json;
 
 /// Embedding, output layer and final norm, as every HF decoder here names them.
 pub fn embeddings() -> Vec<Entry> {
     vec![
-        Entry::vocab(
-            "embedding.word_embeddings.weight",
-            "model.embed_tokens.weight",
-        )
-        .dims(&[&["vocab", "hidden"]]),
-        Entry::vocab("output_layer.weight", "lm_head.weight").dims(&[&["vocab", "hidden"]]),
-        Entry::direct("decoder.final_layernorm.weight", "model.norm.weight").dims(&[&["hidden"]]),
+        Entry::vocab(names::WORD_EMBEDDINGS, "model.embed_tokens.weight")
+            .dims(&[&["vocab", "hidden"]]),
+        Entry::vocab(names::OUTPUT_LAYER, "lm_head.weight").dims(&[&["vocab", "hidden"]]),
+        Entry::direct(names::FINAL_LAYERNORM, "model.norm.weight").dims(&[&["hidden"]]),
     ]
 }
 
@@ -24,19 +22,19 @@ pub fn attention_and_norms() -> Vec<Entry> {
     let mut rows = embeddings();
     rows.extend([
         Entry::direct(
-            "decoder.layers.{l}.self_attention.linear_qkv.layer_norm_weight",
+            &layer_pattern("self_attention.linear_qkv.layer_norm_weight"),
             "model.layers.{l}.input_layernorm.weight",
         )
         .dims(&[&["hidden"]]),
         Entry::qkv(
-            "decoder.layers.{l}.self_attention.linear_qkv.weight",
+            &layer_pattern("self_attention.linear_qkv.weight"),
             "model.layers.{l}.self_attn.q_proj.weight",
             "model.layers.{l}.self_attn.k_proj.weight",
             "model.layers.{l}.self_attn.v_proj.weight",
         )
         .dims(&[&["q", "hidden"], &["kv", "hidden"], &["kv", "hidden"]]),
         Entry::qkv(
-            "decoder.layers.{l}.self_attention.linear_qkv.bias",
+            &layer_pattern("self_attention.linear_qkv.bias"),
             "model.layers.{l}.self_attn.q_proj.bias",
             "model.layers.{l}.self_attn.k_proj.bias",
             "model.layers.{l}.self_attn.v_proj.bias",
@@ -44,19 +42,19 @@ pub fn attention_and_norms() -> Vec<Entry> {
         .optional()
         .dims(&[&["q"], &["kv"], &["kv"]]),
         Entry::direct(
-            "decoder.layers.{l}.self_attention.q_layernorm.weight",
+            &layer_pattern("self_attention.q_layernorm.weight"),
             "model.layers.{l}.self_attn.q_norm.weight",
         )
         .optional()
         .dims(&[&["head_dim"]]),
         Entry::direct(
-            "decoder.layers.{l}.self_attention.k_layernorm.weight",
+            &layer_pattern("self_attention.k_layernorm.weight"),
             "model.layers.{l}.self_attn.k_norm.weight",
         )
         .optional()
         .dims(&[&["head_dim"]]),
         Entry::direct(
-            "decoder.layers.{l}.self_attention.linear_proj.weight",
+            &layer_pattern("self_attention.linear_proj.weight"),
             "model.layers.{l}.self_attn.o_proj.weight",
         )
         .dims(&[&["hidden", "q"]]),
@@ -68,18 +66,18 @@ pub fn attention_and_norms() -> Vec<Entry> {
 pub fn dense_mlp() -> Vec<Entry> {
     vec![
         Entry::direct(
-            "decoder.layers.{l}.mlp.linear_fc1.layer_norm_weight",
+            &layer_pattern("mlp.linear_fc1.layer_norm_weight"),
             "model.layers.{l}.post_attention_layernorm.weight",
         )
         .dims(&[&["hidden"]]),
         Entry::gated(
-            "decoder.layers.{l}.mlp.linear_fc1.weight",
+            &layer_pattern("mlp.linear_fc1.weight"),
             "model.layers.{l}.mlp.gate_proj.weight",
             "model.layers.{l}.mlp.up_proj.weight",
         )
         .dims(&[&["ffn", "hidden"], &["ffn", "hidden"]]),
         Entry::direct(
-            "decoder.layers.{l}.mlp.linear_fc2.weight",
+            &layer_pattern("mlp.linear_fc2.weight"),
             "model.layers.{l}.mlp.down_proj.weight",
         )
         .dims(&[&["hidden", "ffn"]]),

@@ -3,7 +3,7 @@
 //! TOML file read at run time (the same [`Family`] structure; the Gemma tables are), so a new
 //! architecture may need no compilation.
 
-use bridgeflow_sdk::mapping::Entry;
+use bridgeflow_megatron::mapping::Entry;
 use bridgeflow_sdk::{PluginError, Result};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -151,8 +151,8 @@ mod tests {
         for f in builtin() {
             for e in &f.tensors {
                 let want = match e.kind {
-                    bridgeflow_sdk::mapping::Kind::Qkv => 3,
-                    bridgeflow_sdk::mapping::Kind::GatedMlp => 2,
+                    bridgeflow_megatron::mapping::Kind::Qkv => 3,
+                    bridgeflow_megatron::mapping::Kind::GatedMlp => 2,
                     _ => 1,
                 };
                 assert_eq!(e.hf.len(), want, "{}: {}", f.name, e.megatron);

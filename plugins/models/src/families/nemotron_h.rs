@@ -7,25 +7,20 @@
 //! an expert axis, a shared expert, a sigmoid router with expert bias.
 
 use super::{fields, megatron, Family};
-use bridgeflow_sdk::mapping::{Entry, Kind, Layers};
+use bridgeflow_megatron::mapping::{Entry, Kind, Layers};
+use bridgeflow_megatron::names::{self, experts_param, layer_pattern};
 use serde_json::json;
 
 pub fn family() -> Family {
-    let l = |s: &str| format!("decoder.layers.{{l}}.{s}");
+    let l = layer_pattern;
     let h = |s: &str| format!("backbone.layers.{{l}}.{s}");
     let norm = |megatron: &str, kind| Entry::direct(&l(megatron), &h("norm.weight")).only(kind);
     let mut tensors = vec![
         // NVIDIA's releases (and export) say `embeddings`; transformers 5 saves `embedding`.
-        Entry::vocab(
-            "embedding.word_embeddings.weight",
-            "backbone.embeddings.weight",
-        ),
-        Entry::vocab(
-            "embedding.word_embeddings.weight",
-            "backbone.embedding.weight",
-        ),
-        Entry::vocab("output_layer.weight", "lm_head.weight"),
-        Entry::direct("decoder.final_norm.weight", "backbone.norm_f.weight"),
+        Entry::vocab(names::WORD_EMBEDDINGS, "backbone.embeddings.weight"),
+        Entry::vocab(names::WORD_EMBEDDINGS, "backbone.embedding.weight"),
+        Entry::vocab(names::OUTPUT_LAYER, "lm_head.weight"),
+        Entry::direct(names::FINAL_NORM, "backbone.norm_f.weight"),
         // Mamba-2 mixer.
         norm("mixer.in_proj.layer_norm_weight", Layers::Mamba),
         Entry::new(
@@ -77,11 +72,11 @@ pub fn family() -> Family {
         )
         .optional(),
         Entry::direct(
-            &l("mlp.experts.experts.linear_fc1.weight"),
+            &l(&experts_param("linear_fc1.weight")),
             &h("mixer.experts.{e}.up_proj.weight"),
         ),
         Entry::direct(
-            &l("mlp.experts.experts.linear_fc2.weight"),
+            &l(&experts_param("linear_fc2.weight")),
             &h("mixer.experts.{e}.down_proj.weight"),
         ),
         Entry::direct(

@@ -6,14 +6,15 @@
 
 use super::llama::{attention_and_norms, dense_mlp, gpt_fields};
 use super::{fields, megatron, Family};
-use bridgeflow_sdk::mapping::Entry;
+use bridgeflow_megatron::mapping::Entry;
+use bridgeflow_megatron::names;
 use serde_json::json;
 
 /// The GPT rows with the language model's Megatron prefix.
 fn language_model(rows: Vec<Entry>) -> Vec<Entry> {
     rows.into_iter()
         .map(|mut e| {
-            e.megatron = format!("language_model.{}", e.megatron);
+            e.megatron = names::in_language_model(&e.megatron);
             e
         })
         .collect()
@@ -42,7 +43,7 @@ pub fn family() -> Family {
         ]),
         megatron: m,
         ignore: vec!["rotary_emb.inv_freq".into()],
-        verbatim: vec!["visual.".into()],
+        verbatim: vec![names::VISION.into()],
         objects: vec![(
             "vision_config".into(),
             "transformers.models.qwen2_5_vl.configuration_qwen2_5_vl.Qwen2_5_VLVisionConfig".into(),

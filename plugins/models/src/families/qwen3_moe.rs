@@ -4,32 +4,30 @@
 
 use super::llama::{attention_and_norms, gpt_fields};
 use super::{fields, megatron, Family};
-use bridgeflow_sdk::mapping::{Entry, Layers};
+use bridgeflow_megatron::mapping::{Entry, Layers};
+use bridgeflow_megatron::names::{experts_param, layer_pattern};
 
 /// A routed-expert MoE block (router, per-expert SwiGLU) with its pre-norm, given the HF names
 /// of the router and of expert `{e}`'s three projections.
 pub fn routed_moe(router: &str, gate: &str, up: &str, down: &str) -> Vec<Entry> {
     vec![
         Entry::direct(
-            "decoder.layers.{l}.pre_mlp_layernorm.weight",
+            &layer_pattern("pre_mlp_layernorm.weight"),
             "model.layers.{l}.post_attention_layernorm.weight",
         )
         .only(Layers::Moe)
         .dims(&[&["hidden"]]),
-        Entry::direct("decoder.layers.{l}.mlp.router.weight", router)
+        Entry::direct(&layer_pattern("mlp.router.weight"), router)
             .only(Layers::Moe)
             .dims(&[&["experts", "hidden"]]),
         Entry::gated(
-            "decoder.layers.{l}.mlp.experts.experts.linear_fc1.weight",
+            &layer_pattern(&experts_param("linear_fc1.weight")),
             gate,
             up,
         )
         .only(Layers::Moe)
         .dims(&[&["moe_ffn", "hidden"], &["moe_ffn", "hidden"]]),
-        Entry::direct(
-            "decoder.layers.{l}.mlp.experts.experts.linear_fc2.weight",
-            down,
-        )
+        Entry::direct(&layer_pattern(&experts_param("linear_fc2.weight")), down)
         .only(Layers::Moe)
         .dims(&[&["hidden", "moe_ffn"]]),
     ]

@@ -210,6 +210,150 @@ pub mod records {
     }
 }
 
+/// A stateful stage with two output ports, and a writer serving a command-line scheme of its
+/// own: what a trainer and an exporter need from the runtime, without touching it.
+pub mod stateful {
+    use super::*;
+    use bridgeflow_sdk::arrow_array::{ArrayRef, Int64Array, RecordBatch};
+    use bridgeflow_sdk::{Endpoint, Port, PortType};
+    use std::io::Write;
+    use std::sync::Arc;
+
+    #[derive(serde::Deserialize, schemars::JsonSchema)]
+    #[serde(crate = "bridgeflow_sdk::serde", deny_unknown_fields)]
+    pub struct KeepConfig {}
+
+    /// Keeps every tensor until its inputs end (as a trainer keeps weights), then emits them on
+    /// `weights` and one row per tensor on `metrics`. `DECLARED`: whether it says so in its
+    /// descriptor (the undeclared one shows what the declaration prevents).
+    pub struct KeepAs<const DECLARED: bool> {
+        kept: Vec<Tensor>,
+        plan: StreamPlan,
+    }
+
+    pub type Keep = KeepAs<true>;
+    pub type KeepUndeclared = KeepAs<false>;
+
+    impl<const DECLARED: bool> Transform for KeepAs<DECLARED> {
+        type Config = KeepConfig;
+        const DESCRIPTION: &'static str =
+            "Holds every tensor it receives, then emits them (weights) and per-tensor rows (metrics)";
+        const OUTPUTS: &'static [Port] = &[Port::tensors("weights"), Port::records("metrics")];
+        const RETAINS_INPUTS: bool = DECLARED;
+        fn new(_: KeepConfig) -> Result<Self> {
+            Ok(KeepAs {
+                kept: Vec::new(),
+                plan: StreamPlan::default(),
+            })
+        }
+        fn plan_outputs(&mut self, inputs: &[StreamPlan]) -> Result<Vec<StreamPlan>> {
+            self.plan = inputs[0].clone();
+            Ok(vec![inputs[0].clone(), StreamPlan::default()])
+        }
+        fn process(&mut self, _port: usize, item: Item, _out: &mut Emitter) -> Result<()> {
+            self.kept.push(item.into_tensor()?);
+            Ok(())
+        }
+        fn finish(&mut self, out: &mut Emitter) -> Result<()> {
+            let steps: Vec<i64> = (0..self.kept.len() as i64).collect();
+            let bytes: Vec<i64> = self.kept.iter().map(|t| t.data.len() as i64).collect();
+            for t in self.kept.drain(..) {
+                out.tensor_to(0, t)?;
+            }
+            let batch = RecordBatch::try_from_iter(vec![
+                ("id", Arc::new(Int64Array::from(steps)) as ArrayRef),
+                ("bytes", Arc::new(Int64Array::from(bytes)) as ArrayRef),
+            ])
+            .map_err(|e| PluginError::internal(e.to_string()))?;
+            out.records_to(1, &batch)
+        }
+        fn summary(&mut self) -> String {
+            format!("kept {} tensors", self.plan.tensors.len())
+        }
+        fn metrics(&mut self) -> bridgeflow_sdk::serde_json::Value {
+            bridgeflow_sdk::serde_json::json!({
+                "kept_tensors": self.plan.tensors.len(),
+                "kept_bytes": self.plan.total_bytes(),
+            })
+        }
+    }
+
+    #[derive(serde::Deserialize, schemars::JsonSchema)]
+    #[serde(crate = "bridgeflow_sdk::serde", deny_unknown_fields)]
+    pub struct FakeConfig {
+        pub path: std::path::PathBuf,
+        #[serde(default)]
+        pub overwrite: bool,
+    }
+
+    /// Writes one line per whole tensor (`name dtype shape bytes`, the bytes received for it,
+    /// pieces summed) to `path`: the `fake:` endpoint.
+    pub struct FakeWriter {
+        cfg: FakeConfig,
+        tensors: Vec<TensorInfo>,
+        received: std::collections::HashMap<String, u64>,
+    }
+
+    impl Sink for FakeWriter {
+        type Config = FakeConfig;
+        const DESCRIPTION: &'static str = "Lists the tensors it receives in a text file";
+        const INPUTS: &'static [PortType] = &[PortType::Tensors];
+        const ENDPOINTS: &'static [Endpoint] = &[Endpoint {
+            options: &["overwrite"],
+            ..Endpoint::new("fake", "hf", "a text file listing HF tensors (tests only)")
+        }];
+        fn new(cfg: FakeConfig) -> Result<Self> {
+            Ok(FakeWriter {
+                cfg,
+                tensors: Vec::new(),
+                received: Default::default(),
+            })
+        }
+        fn open(&mut self, inputs: &[StreamPlan]) -> Result<()> {
+            self.tensors = inputs[0].whole_tensors();
+            if self.cfg.path.exists() && !self.cfg.overwrite {
+                return Err(PluginError::config(format!(
+                    "{} exists (overwrite = true replaces it)",
+                    self.cfg.path.display()
+                )));
+            }
+            Ok(())
+        }
+        fn consume(&mut self, _port: usize, item: Item) -> Result<()> {
+            let t = item.into_tensor()?;
+            *self
+                .received
+                .entry(t.info.base_name().to_string())
+                .or_default() += t.data.len() as u64;
+            Ok(())
+        }
+        fn commit(&mut self) -> Result<String> {
+            let mut lines: Vec<String> = self
+                .tensors
+                .iter()
+                .map(|t| {
+                    let got = self.received.get(t.name()).copied().unwrap_or(0);
+                    format!("{} {} {} {got}", t.name(), t.dtype.name(), t.shape_string())
+                })
+                .collect();
+            lines.sort();
+            let io = |e| PluginError::io(&self.cfg.path, "write", e);
+            let tmp = self.cfg.path.with_extension("partial");
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            for l in &lines {
+                writeln!(f, "{l}").map_err(io)?;
+            }
+            drop(f);
+            bridgeflow_sdk::fsutil::enter_commit_point(&self.cfg.path)?;
+            std::fs::rename(&tmp, &self.cfg.path).map_err(io)?;
+            Ok(format!("listed {} tensors", lines.len()))
+        }
+        fn metrics(&mut self) -> bridgeflow_sdk::serde_json::Value {
+            bridgeflow_sdk::serde_json::json!({ "tensors": self.tensors.len() })
+        }
+    }
+}
+
 bridgeflow_sdk::export_plugins! {
     "testkit" {
         version: env!("CARGO_PKG_VERSION"),
@@ -217,6 +361,13 @@ bridgeflow_sdk::export_plugins! {
         reader: Source(Gen),
         transform: Transform(Fail),
         writer: Sink(Slow),
+    }
+    "testkit-state" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "Test-only stateful stage with two output ports, and the fake: endpoint",
+        trainer: Transform(stateful::Keep),
+        transform: Transform(stateful::KeepUndeclared),
+        writer: Sink(stateful::FakeWriter),
     }
     "testkit-records" {
         version: env!("CARGO_PKG_VERSION"),
