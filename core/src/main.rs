@@ -105,56 +105,11 @@ enum Command {
     /// [--ep N]` from hf: or megatron:, and `--from megatron-lm:DIR` to hf: (with --hf-config) or
     /// megatron:. A conversion a pipeline file declares ([convert] in pipelines/*.toml) runs
     /// that pipeline; others are composed from the plugins' declarations.
-    Convert {
-        #[arg(long, value_parser = Location::parse)]
-        from: Location,
-        #[arg(long, value_parser = Location::parse)]
-        to: Location,
-        /// The HF config.json to export with (default: rebuilt from the checkpoint's run_config.yaml;
-        /// required from a Megatron-LM checkpoint).
-        #[arg(long)]
-        hf_config: Option<PathBuf>,
-        /// Tensor-parallel ranks of the output (Megatron-LM: its rank files; torch_dist: written
-        /// as that many ranks would, each rank's chunks in its own files).
-        #[arg(long, default_value_t = 1, value_parser = degree())]
-        tp: u64,
-        /// Pipeline stages of the output.
-        #[arg(long, default_value_t = 1, value_parser = degree())]
-        pp: u64,
-        /// Megatron-LM output: virtual pipeline chunks per stage.
-        #[arg(long, default_value_t = 1, value_parser = degree())]
-        vpp: u64,
-        /// Megatron-LM output: expert-parallel ranks.
-        #[arg(long, default_value_t = 1, value_parser = degree())]
-        ep: u64,
-        #[arg(long)]
-        overwrite: bool,
-        /// Override a stage's config (`write.max_shard_size=2GB`) or a pipeline variable.
-        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = Override::parse)]
-        set: Vec<Override>,
-        #[arg(long, default_value = "2GiB", value_parser = parse_size)]
-        memory_budget: u64,
-        #[arg(long)]
-        no_progress: bool,
-    },
+    Convert(ConvertArgs),
     /// Verify a conversion: two checkpoints tensor by tensor (`--a DIR --b DIR`), a checkpoint
     /// against its blake3 manifest (`--manifest DIR`), or a Megatron checkpoint's logits against an
     /// HF model's reference logits (`--logits CKPT --hf HF_DIR`).
-    Verify {
-        #[arg(long, requires = "b")]
-        a: Option<PathBuf>,
-        #[arg(long, requires = "a")]
-        b: Option<PathBuf>,
-        #[arg(long, conflicts_with_all = ["a", "b", "logits"])]
-        manifest: Option<PathBuf>,
-        #[arg(long, requires = "hf", conflicts_with_all = ["a", "b"])]
-        logits: Option<PathBuf>,
-        #[arg(long)]
-        hf: Option<PathBuf>,
-        /// Largest accepted |difference| (default: exact for --a/--b, 1e-4 for --logits).
-        #[arg(long)]
-        tolerance: Option<f64>,
-    },
+    Verify(VerifyArgs),
     /// Merge Megatron indexed datasets in the order given, as tools/merge_datasets.py.
     Merge {
         /// Dataset prefixes (path/name_text_document, or their .bin/.idx paths).
@@ -182,6 +137,57 @@ enum Command {
         #[arg(long, value_name = "PLUGIN")]
         reader: Option<String>,
     },
+}
+
+#[derive(clap::Args)]
+struct ConvertArgs {
+    #[arg(long, value_parser = Location::parse)]
+    from: Location,
+    #[arg(long, value_parser = Location::parse)]
+    to: Location,
+    /// The HF config.json to export with (default: rebuilt from the checkpoint's run_config.yaml;
+    /// required from a Megatron-LM checkpoint).
+    #[arg(long)]
+    hf_config: Option<PathBuf>,
+    /// Tensor-parallel ranks of the output (Megatron-LM: its rank files; torch_dist: written
+    /// as that many ranks would, each rank's chunks in its own files).
+    #[arg(long, default_value_t = 1, value_parser = degree())]
+    tp: u64,
+    /// Pipeline stages of the output.
+    #[arg(long, default_value_t = 1, value_parser = degree())]
+    pp: u64,
+    /// Megatron-LM output: virtual pipeline chunks per stage.
+    #[arg(long, default_value_t = 1, value_parser = degree())]
+    vpp: u64,
+    /// Megatron-LM output: expert-parallel ranks.
+    #[arg(long, default_value_t = 1, value_parser = degree())]
+    ep: u64,
+    #[arg(long)]
+    overwrite: bool,
+    /// Override a stage's config (`write.max_shard_size=2GB`) or a pipeline variable.
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = Override::parse)]
+    set: Vec<Override>,
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    memory_budget: u64,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(clap::Args)]
+struct VerifyArgs {
+    #[arg(long, requires = "b")]
+    a: Option<PathBuf>,
+    #[arg(long, requires = "a")]
+    b: Option<PathBuf>,
+    #[arg(long, conflicts_with_all = ["a", "b", "logits"])]
+    manifest: Option<PathBuf>,
+    #[arg(long, requires = "hf", conflicts_with_all = ["a", "b"])]
+    logits: Option<PathBuf>,
+    #[arg(long)]
+    hf: Option<PathBuf>,
+    /// Largest accepted |difference| (default: exact for --a/--b, 1e-4 for --logits).
+    #[arg(long)]
+    tolerance: Option<f64>,
 }
 
 /// The largest parallel degree the command line takes (writers check their own limits too).
@@ -255,88 +261,8 @@ fn main() -> ExitCode {
                 ..Default::default()
             },
         ),
-        Command::Convert {
-            from,
-            to,
-            hf_config,
-            tp,
-            pp,
-            vpp,
-            ep,
-            overwrite,
-            set,
-            memory_budget,
-            no_progress,
-        } => {
-            // Only what differs from the defaults is passed on (see convert's module docs).
-            let mut options: Vec<(String, toml::Value)> =
-                [("tp", tp), ("pp", pp), ("vpp", vpp), ("ep", ep)]
-                    .into_iter()
-                    .filter(|&(_, v)| v != 1)
-                    .map(|(k, v)| (k.to_string(), toml::Value::Integer(v as i64)))
-                    .collect();
-            if let Some(c) = hf_config {
-                options.push((
-                    "hf_config".into(),
-                    toml::Value::String(c.to_string_lossy().into()),
-                ));
-            }
-            if overwrite {
-                options.push(("overwrite".into(), toml::Value::Boolean(true)));
-            }
-            let req = Convert {
-                from: Some(from),
-                to: Some(to),
-                options,
-                overrides: set,
-            };
-            let opts = RunOptions {
-                memory_budget,
-                progress: !no_progress,
-                ..Default::default()
-            };
-            match convert(&req, &host, &opts) {
-                Ok(r) => {
-                    print_report(&r);
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => job_failed(e),
-            }
-        }
-        Command::Verify {
-            a,
-            b,
-            manifest,
-            logits,
-            hf,
-            tolerance,
-        } => {
-            let target = match (a, b, manifest, logits, hf) {
-                (Some(a), Some(b), None, None, _) => VerifyTarget::Compare {
-                    a,
-                    b,
-                    tolerance: tolerance.unwrap_or(0.0),
-                },
-                (None, None, Some(path), None, _) => VerifyTarget::Manifest { path },
-                (None, None, None, Some(megatron), Some(hf)) => VerifyTarget::Logits {
-                    megatron,
-                    hf,
-                    tolerance: tolerance.unwrap_or(1e-4),
-                },
-                _ => {
-                    eprintln!("error: give --a and --b, or --manifest, or --logits with --hf");
-                    return ExitCode::from(2);
-                }
-            };
-            match verify(&target, &host, &RunOptions::default()) {
-                Ok(r) => {
-                    print_report(&r);
-                    println!("verified: OK");
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => job_failed(e),
-            }
-        }
+        Command::Convert(args) => cmd_convert(&host, args),
+        Command::Verify(args) => cmd_verify(&host, args),
         Command::Merge {
             inputs,
             output,
@@ -437,6 +363,72 @@ fn cmd_run(
     }
 }
 
+/// `bridgeflow convert`: only options that differ from their defaults are passed on (see
+/// `bridgeflow_core::convert`).
+fn cmd_convert(host: &PluginHost, a: ConvertArgs) -> anyhow::Result<ExitCode> {
+    let mut options: Vec<(String, toml::Value)> =
+        [("tp", a.tp), ("pp", a.pp), ("vpp", a.vpp), ("ep", a.ep)]
+            .into_iter()
+            .filter(|&(_, v)| v != 1)
+            .map(|(k, v)| (k.to_string(), toml::Value::Integer(v as i64)))
+            .collect();
+    if let Some(c) = a.hf_config {
+        options.push((
+            "hf_config".into(),
+            toml::Value::String(c.to_string_lossy().into()),
+        ));
+    }
+    if a.overwrite {
+        options.push(("overwrite".into(), toml::Value::Boolean(true)));
+    }
+    let req = Convert {
+        from: Some(a.from),
+        to: Some(a.to),
+        options,
+        overrides: a.set,
+    };
+    let opts = RunOptions {
+        memory_budget: a.memory_budget,
+        progress: !a.no_progress,
+        ..Default::default()
+    };
+    match convert(&req, host, &opts) {
+        Ok(r) => {
+            print_report(&r);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => job_failed(e),
+    }
+}
+
+fn cmd_verify(host: &PluginHost, a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let target = match (a.a, a.b, a.manifest, a.logits, a.hf) {
+        (Some(x), Some(y), None, None, _) => VerifyTarget::Compare {
+            a: x,
+            b: y,
+            tolerance: a.tolerance.unwrap_or(0.0),
+        },
+        (None, None, Some(path), None, _) => VerifyTarget::Manifest { path },
+        (None, None, None, Some(megatron), Some(hf)) => VerifyTarget::Logits {
+            megatron,
+            hf,
+            tolerance: a.tolerance.unwrap_or(1e-4),
+        },
+        _ => {
+            eprintln!("error: give --a and --b, or --manifest, or --logits with --hf");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    match verify(&target, host, &RunOptions::default()) {
+        Ok(r) => {
+            print_report(&r);
+            println!("verified: OK");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => job_failed(e),
+    }
+}
+
 fn job_failed(e: JobError) -> anyhow::Result<ExitCode> {
     eprintln!("error: {e}");
     Ok(ExitCode::from(match e {
@@ -459,14 +451,25 @@ fn cmd_preprocess(host: &PluginHost, p: Preprocess, opts: RunOptions) -> anyhow:
             }
         }
     }
-    // Documents from the first key's index header; bytes from the input files.
-    let idx = format!("{}_{}_document.idx", p.output_prefix, p.json_keys[0]);
-    let docs = std::fs::read(&idx)
-        .ok()
-        .filter(|b| b.len() >= 34)
-        .map(|b| u64::from_le_bytes(b[26..34].try_into().unwrap()) - 1)
+    // What the stages reported: documents of the first key's output, bytes the reader read.
+    let first = format!("{}_{}_document", p.output_prefix, p.json_keys[0]);
+    let metrics = || {
+        reports
+            .iter()
+            .flat_map(|r| r.stages.iter())
+            .map(|s| &s.metrics)
+    };
+    let docs = metrics()
+        .filter_map(|m| m["outputs"].as_array())
+        .flatten()
+        .filter(|o| o["prefix"].as_str() == Some(first.as_str()))
+        .filter_map(|o| o["documents"].as_u64())
+        .last()
         .unwrap_or(0);
-    let input_bytes = input_size(&p.input);
+    let input_bytes = metrics()
+        .filter_map(|m| m["input_bytes"].as_u64())
+        .max()
+        .unwrap_or(0);
     println!(
         "preprocessed {docs} documents ({}) in {secs:.2} s: {:.0} docs/s, {:.1} MB/s",
         human(input_bytes),
@@ -474,33 +477,6 @@ fn cmd_preprocess(host: &PluginHost, p: Preprocess, opts: RunOptions) -> anyhow:
         input_bytes as f64 / 1e6 / secs
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// Bytes of the input files (a file, a folder, or a glob), for the closing summary.
-fn input_size(input: &str) -> u64 {
-    let p = std::path::Path::new(input);
-    if p.is_file() {
-        return p.metadata().map(|m| m.len()).unwrap_or(0);
-    }
-    if p.is_dir() {
-        return std::fs::read_dir(p)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .filter_map(|e| e.metadata().ok())
-                    .filter(|m| m.is_file())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0);
-    }
-    glob::glob(input)
-        .map(|g| {
-            g.filter_map(|e| e.ok())
-                .filter_map(|f| f.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 fn print_report(r: &RunReport) {

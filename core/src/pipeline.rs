@@ -197,52 +197,31 @@ pub fn parse(
         .unwrap_or_default();
     vars.entry("pipeline_dir".into())
         .or_insert(Value::String(if dir.is_empty() { ".".into() } else { dir }));
-
     // Variable overrides first, so stage configs see them.
-    let mut config_overrides = Vec::new();
-    for o in overrides {
-        match o.key.split_once('.') {
-            None => {
-                vars.insert(o.key.clone(), o.value.clone());
-            }
-            Some((stage, key)) => config_overrides.push((stage.to_string(), key.to_string(), o)),
-        }
-    }
+    let config_overrides = split_overrides(overrides, &mut vars);
 
     let mut stages = Vec::new();
     // Substitution may repeat a variable many times: the file's expansion is bounded.
     let mut expansion_left = MAX_EXPANSION;
     for (name, value) in raw.stages {
         let line = stage_line(text, &name);
-        let stage_raw: StageRaw = match value.try_into() {
-            Ok(s) => s,
-            Err(e) => {
-                let e: toml::de::Error = e;
-                errors.push(fail(
-                    line,
-                    Some(&name),
-                    format!("invalid stage: {}", e.message()),
-                ));
-                continue;
-            }
-        };
-        let mut config = stage_raw.config;
-        for (stage, key, o) in &config_overrides {
-            if stage == &name {
-                set_path(&mut config, key, o.value.clone());
-            }
-        }
-        if let Err(msg) = substitute_table(&mut config, &vars, &mut expansion_left) {
-            errors.push(fail(line, Some(&name), msg));
-        }
-        stages.push(StageSpec {
-            name,
-            plugin: stage_raw.plugin,
-            kind: stage_raw.kind,
-            inputs: stage_raw.inputs,
-            config,
+        let built = stage_spec(
+            name.clone(),
+            value,
             line,
-        });
+            &config_overrides,
+            &vars,
+            &mut expansion_left,
+        );
+        match built {
+            Ok((spec, problem)) => {
+                stages.push(spec);
+                if let Some(msg) = problem {
+                    errors.push(fail(line, Some(&name), msg));
+                }
+            }
+            Err(msg) => errors.push(fail(line, Some(&name), msg)),
+        }
     }
     // File order makes listings and reports read like the file.
     stages.sort_by_key(|s| s.line.unwrap_or(usize::MAX));
@@ -275,6 +254,55 @@ pub fn parse(
         stages,
         convert: raw.convert,
     })
+}
+
+/// `name=v` overrides go into `vars`; the `stage.key=v` ones are returned as (stage, key, v).
+fn split_overrides<'a>(
+    overrides: &'a [Override],
+    vars: &mut BTreeMap<String, Value>,
+) -> Vec<(String, String, &'a Override)> {
+    let mut config_overrides = Vec::new();
+    for o in overrides {
+        match o.key.split_once('.') {
+            None => {
+                vars.insert(o.key.clone(), o.value.clone());
+            }
+            Some((stage, key)) => config_overrides.push((stage.to_string(), key.to_string(), o)),
+        }
+    }
+    config_overrides
+}
+
+/// One `[stages.NAME]` table, its overrides applied and variables substituted (with the
+/// substitution's problem, if any).
+fn stage_spec(
+    name: String,
+    value: Value,
+    line: Option<usize>,
+    config_overrides: &[(String, String, &Override)],
+    vars: &BTreeMap<String, Value>,
+    expansion_left: &mut usize,
+) -> Result<(StageSpec, Option<String>), String> {
+    let stage_raw: StageRaw = value
+        .try_into()
+        .map_err(|e: toml::de::Error| format!("invalid stage: {}", e.message()))?;
+    let mut config = stage_raw.config;
+    for (stage, key, o) in config_overrides {
+        if stage == &name {
+            set_path(&mut config, key, o.value.clone());
+        }
+    }
+    // A stage whose substitution fails is still listed (its other problems are found too).
+    let substituted = substitute_table(&mut config, vars, expansion_left).err();
+    let spec = StageSpec {
+        name,
+        plugin: stage_raw.plugin,
+        kind: stage_raw.kind,
+        inputs: stage_raw.inputs,
+        config,
+        line,
+    };
+    Ok((spec, substituted))
 }
 
 fn set_path(table: &mut Table, dotted: &str, value: Value) {

@@ -53,6 +53,8 @@ pub struct JsonlConfig {
 pub struct JsonlReader {
     cfg: JsonlConfig,
     files: Vec<PathBuf>,
+    /// Bytes of the input files, as planned.
+    input_bytes: u64,
     docs: u64,
     skipped: u64,
     first_skips: Vec<String>,
@@ -201,6 +203,7 @@ impl Source for JsonlReader {
         Ok(JsonlReader {
             cfg,
             files: Vec::new(),
+            input_bytes: 0,
             docs: 0,
             skipped: 0,
             first_skips: Vec::new(),
@@ -218,6 +221,7 @@ impl Source for JsonlReader {
         plan.set(bridgeflow_sdk::attrs::JSON_KEYS, self.cfg.json_keys.clone());
         plan.set(bridgeflow_sdk::attrs::INPUT_FILES, self.files.clone());
         plan.set(bridgeflow_sdk::attrs::INPUT_BYTES, bytes);
+        self.input_bytes = bytes;
         Ok(plan)
     }
 
@@ -318,6 +322,15 @@ impl Source for JsonlReader {
             ));
         }
         s
+    }
+
+    fn metrics(&mut self) -> serde_json::Value {
+        serde_json::json!({
+            "documents": self.docs,
+            "files": self.files.len(),
+            "input_bytes": self.input_bytes,
+            "skipped_lines": self.skipped,
+        })
     }
 
     fn probe(path: &Path) -> u32 {

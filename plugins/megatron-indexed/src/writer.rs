@@ -348,6 +348,22 @@ impl Sink for IndexedWriter {
         Ok(parts.join("; "))
     }
 
+    fn metrics(&mut self) -> serde_json::Value {
+        let outputs: Vec<serde_json::Value> = self
+            .keys
+            .iter()
+            .map(|k| {
+                serde_json::json!({
+                    "prefix": k.idx.with_extension("").to_string_lossy(),
+                    "documents": k.doc_entries.saturating_sub(1),
+                    "sequences": k.sequences,
+                    "tokens": k.tokens,
+                })
+            })
+            .collect();
+        serde_json::json!({ "dtype": self.dtype.name(), "outputs": outputs })
+    }
+
     fn abort(&mut self) {
         if !self.committed {
             self.remove_temps();

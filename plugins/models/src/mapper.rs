@@ -11,8 +11,8 @@
 use crate::expect;
 use crate::families::{self, Family};
 use bridgeflow_megatron::mapping::{
-    expert_block, expert_block_dims, fill, fused_rows, match_name, row_segments,
-    split_qkv, Entry, Heads, Index, Kind, Layers, MambaDims, RowSegment,
+    expert_block, expert_block_dims, fill, fused_rows, match_name, row_segments, split_qkv, Entry,
+    Heads, Index, Kind, Layers, MambaDims, RowSegment,
 };
 use bridgeflow_sdk::{
     schemars, serde, Buffer, Emitter, Item, PluginError, Result, StreamPlan, Tensor, TensorInfo,

@@ -21,7 +21,9 @@ use bridgeflow_megatron::placement::{
     chunk_index, chunk_layers, expert_runs, global_expert, legacy_expert_name, legacy_global_name,
     misplaced, pp_layers, GlobalTensor, LegacyLayout, LocalTensor,
 };
-use bridgeflow_megatron::tp::{check_tp, global_shape_of, tp_runs, tp_split, TpSplit, Unsplittable};
+use bridgeflow_megatron::tp::{
+    check_tp, global_shape_of, tp_runs, tp_split, TpSplit, Unsplittable,
+};
 use bridgeflow_sdk::{
     schemars, serde, Buffer, BufferPool, DType, Emitter, Item, MapView, PluginError, Result, Sink,
     Source, StreamPlan, Tensor, TensorInfo,
@@ -1529,11 +1531,14 @@ impl LegacyReader {
     /// altered, or files of another layout mixed in).
     fn check_folders(dir: &Path, first_shown: &str, st: &Stated) -> Result<()> {
         let (tp, pp, ep) = (st.tp, st.pp, st.ep);
-        let grid = tp.checked_mul(pp).and_then(|n| n.checked_mul(ep)).ok_or_else(|| {
-            PluginError::format(format!(
-                "{first_shown}: args.tensor_model_parallel_size x PP x EP overflows"
-            ))
-        })?;
+        let grid = tp
+            .checked_mul(pp)
+            .and_then(|n| n.checked_mul(ep))
+            .ok_or_else(|| {
+                PluginError::format(format!(
+                    "{first_shown}: args.tensor_model_parallel_size x PP x EP overflows"
+                ))
+            })?;
         let present = std::fs::read_dir(dir)
             .map_err(|e| PluginError::io(dir, "cannot list", e))?
             .filter_map(|e| e.ok())
@@ -1651,7 +1656,7 @@ impl LegacyReader {
         split: TpSplit,
         degree: u64,
     ) -> Result<Vec<u64>> {
-        let t = &self.ranks[ctx.i].tensors[&(v, key.to_string())];
+        let t = self.local(ctx, v, key);
         global_shape_of(&t.size, split, degree).map_err(|e| match e {
             Unsplittable::NoAxis(a) => {
                 ctx.bad(format!("'{key}' is {:?}: no axis {a} to split", t.size))
@@ -1699,7 +1704,7 @@ impl LegacyReader {
             g.split_shard(ctx.place, (v, key.to_string()));
         }
         let one = self.global_shape(ctx, (v, key), split, etp)?;
-        let es = self.ranks[ctx.i].tensors[&(v, key.to_string())].dtype.size() as u64;
+        let es = self.local(ctx, v, key).dtype.size() as u64;
         let global = global_expert(k, local, per);
         let etp_rank = if etp == 1 { 0 } else { r };
         let runs =
@@ -1732,14 +1737,19 @@ impl LegacyReader {
             g.split_shard(ctx.place, (v, key.to_string()));
         }
         let shape = self.global_shape(ctx, (v, key), split, st.tp)?;
-        let es = self.ranks[ctx.i].tensors[&(v, key.to_string())].dtype.size() as u64;
+        let es = self.local(ctx, v, key).dtype.size() as u64;
         let runs = tp_runs(&shape, es, split, st.tp, r)?;
         Ok(Some((name, shape, runs)))
     }
 
+    /// Local tensor `key` of model chunk `v` of rank file `ctx`.
+    fn local(&self, ctx: &RankCtx, v: usize, key: &str) -> &crate::checkpoint::ItemTensor {
+        &self.ranks[ctx.i].tensors[&(v, key.to_string())]
+    }
+
     /// A tensor of a TP rank > 0 that every rank holds whole: as TP rank 0 holds it.
     fn same_as_rank0(&self, ctx: &RankCtx, v: usize, key: &str) -> Result<()> {
-        let t = &self.ranks[ctx.i].tensors[&(v, key.to_string())];
+        let t = self.local(ctx, v, key);
         let rank0 = &self.ranks[ctx.i0];
         match rank0.tensors.get(&(v, key.to_string())) {
             Some(t0) if t0.dtype == t.dtype && t0.size == t.size => Ok(()),

@@ -530,8 +530,21 @@ impl Unpickler<'_> {
                     self.u64()?;
                 }
                 b'.' => return self.pop(),
-                b'(' | b')' | b't' | 0x85..=0x87 | b']' | b'l' | b'a' | b'e' | b'}' | b'd' | b's' | b'u' => self.container_op(op)?,
-                b'N' | 0x88 | 0x89 | b'J' | b'K' | b'M' | 0x8a | 0x8b | b'G' => self.number_op(op)?,
+                b'('
+                | b')'
+                | b't'
+                | 0x85..=0x87
+                | b']'
+                | b'l'
+                | b'a'
+                | b'e'
+                | b'}'
+                | b'd'
+                | b's'
+                | b'u' => self.container_op(op)?,
+                b'N' | 0x88 | 0x89 | b'J' | b'K' | b'M' | 0x8a | 0x8b | b'G' => {
+                    self.number_op(op)?
+                }
                 0x8c | b'X' | 0x8d | b'C' | b'B' | 0x8e | b'U' | b'T' => self.text_op(op)?,
                 0x94 | b'q' | b'r' | b'h' | b'j' => self.memo_op(op)?,
                 b'c' | 0x93 | b'R' | 0x81 | b'b' | b'Q' => self.object_op(op)?,

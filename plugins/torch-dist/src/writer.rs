@@ -11,13 +11,13 @@
 //! and 0.19 load (the common state in `common.pt`, the four-key `metadata.json`).
 
 use crate::emit::{either::Arg, none_list_pickle, tensor_pickle, Archive, Pickler};
-use bridgeflow_sdk::manifest::{Hasher, Manifest, MANIFEST_FILE};
 use bridgeflow_megatron::degree::{check_degree, check_product};
 use bridgeflow_megatron::names;
 use bridgeflow_megatron::placement::{
     dist_chunks, dist_file, dist_place, dist_rank, pipeline_stage, pp_layers, DistPlace,
 };
 use bridgeflow_megatron::tp::{check_tp, tp_split, TpSplit};
+use bridgeflow_sdk::manifest::{Hasher, Manifest, MANIFEST_FILE};
 use bridgeflow_sdk::TensorInfo;
 use bridgeflow_sdk::{
     schemars, serde, Buffer, DType, Item, PluginError, Result, Sink, StreamPlan, Tensor,

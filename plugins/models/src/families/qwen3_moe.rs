@@ -28,8 +28,8 @@ pub fn routed_moe(router: &str, gate: &str, up: &str, down: &str) -> Vec<Entry> 
         .only(Layers::Moe)
         .dims(&[&["moe_ffn", "hidden"], &["moe_ffn", "hidden"]]),
         Entry::direct(&layer_pattern(&experts_param("linear_fc2.weight")), down)
-        .only(Layers::Moe)
-        .dims(&[&["hidden", "moe_ffn"]]),
+            .only(Layers::Moe)
+            .dims(&[&["hidden", "moe_ffn"]]),
     ]
 }
 
