@@ -141,9 +141,12 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ConvertArgs {
-    #[arg(long, value_parser = Location::parse)]
+    /// What to read, as SCHEME:PATH (hf:, megatron: (torch_dist), megatron-lm:, or any scheme a
+    /// reader plugin declares).
+    #[arg(long, value_parser = Location::parse, value_name = "SCHEME:PATH")]
     from: Location,
-    #[arg(long, value_parser = Location::parse)]
+    /// What to write, as SCHEME:PATH (any scheme a writer plugin declares).
+    #[arg(long, value_parser = Location::parse, value_name = "SCHEME:PATH")]
     to: Location,
     /// The HF config.json to export with (default: rebuilt from the checkpoint's run_config.yaml;
     /// required from a Megatron-LM checkpoint).
@@ -162,13 +165,16 @@ struct ConvertArgs {
     /// Megatron-LM output: expert-parallel ranks.
     #[arg(long, default_value_t = 1, value_parser = degree())]
     ep: u64,
+    /// Replace an existing output (atomically, once the new one is complete).
     #[arg(long)]
     overwrite: bool,
     /// Override a stage's config (`write.max_shard_size=2GB`) or a pipeline variable.
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = Override::parse)]
     set: Vec<Override>,
+    /// Bytes of tensor data in flight between stages.
     #[arg(long, default_value = "2GiB", value_parser = parse_size)]
     memory_budget: u64,
+    /// No progress bars (they are drawn only on a terminal anyway).
     #[arg(long)]
     no_progress: bool,
 }

@@ -24,10 +24,10 @@ impl Weights {
     /// Keeps a decoder tensor (a VLM's language model without its `language_model.` prefix;
     /// its vision tower is not needed for text).
     pub fn add(&mut self, t: &Tensor) {
-        if t.name().starts_with("visual.") {
+        if t.name().starts_with(names::VISION) {
             return;
         }
-        let name = t.name().strip_prefix("language_model.").unwrap_or(t.name());
+        let name = names::without_language_model(t.name());
         let mut v = Vec::new();
         decode_f64(t.info.dtype, t.bytes(), &mut v);
         self.tensors.insert(

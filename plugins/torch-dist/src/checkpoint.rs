@@ -4,6 +4,7 @@
 use crate::dtypes;
 use crate::pickle::{self, Value};
 use crate::zip;
+use bridgeflow_megatron::names;
 use bridgeflow_sdk::{DType, PluginError, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,15 +42,15 @@ pub struct CheckpointMeta {
 /// (`iter_XXXXXXX` or `release`), with the tracker's text; None without a tracker. Megatron-Core
 /// and Megatron-LM roots share it.
 pub fn latest_iteration(path: &Path) -> Result<Option<(PathBuf, String)>> {
-    let latest = path.join("latest_checkpointed_iteration.txt");
+    let latest = path.join(names::LATEST_ITERATION);
     if !latest.is_file() {
         return Ok(None);
     }
     let text =
         std::fs::read_to_string(&latest).map_err(|e| PluginError::io(&latest, "cannot read", e))?;
     let t = text.trim().to_string();
-    let dir = if t == "release" {
-        path.join("release")
+    let dir = if t == names::RELEASE {
+        path.join(names::RELEASE)
     } else {
         let n: u64 = t.parse().map_err(|_| {
             PluginError::format(format!(
@@ -57,7 +58,7 @@ pub fn latest_iteration(path: &Path) -> Result<Option<(PathBuf, String)>> {
                 latest.display()
             ))
         })?;
-        path.join(format!("iter_{n:07}"))
+        path.join(names::iteration_dir(n))
     };
     Ok(Some((dir, t)))
 }
@@ -66,7 +67,7 @@ pub fn resolve_dir(path: &Path) -> Result<PathBuf> {
     if path.join(".metadata").is_file() {
         return Ok(path.to_path_buf());
     }
-    let latest = path.join("latest_checkpointed_iteration.txt");
+    let latest = path.join(names::LATEST_ITERATION);
     if let Some((dir, t)) = latest_iteration(path)? {
         if dir.join(".metadata").is_file() {
             return Ok(dir);

@@ -346,7 +346,7 @@ impl LegacyWriter {
             Some(c) => c.staging("partial"),
             None => bridgeflow_sdk::fsutil::hidden_sibling(&self.cfg.path, "partial"),
         };
-        let iter_dir = staging.join(format!("iter_{:07}", self.cfg.iteration));
+        let iter_dir = staging.join(names::iteration_dir(self.cfg.iteration));
         self.staging = Some(staging.clone());
         let globals: Vec<GlobalTensor> = tensors
             .iter()
@@ -664,7 +664,7 @@ impl Sink for LegacyWriter {
             }
         }
         let staging = self.staging.clone().expect("opened");
-        let latest = staging.join("latest_checkpointed_iteration.txt");
+        let latest = staging.join(names::LATEST_ITERATION);
         std::fs::write(&latest, self.cfg.iteration.to_string())
             .map_err(|e| PluginError::io(&latest, "cannot write", e))?;
         let n = self.ranks.len();

@@ -403,8 +403,7 @@ impl Source for TorchDistReader {
     }
 
     fn probe(path: &Path) -> u32 {
-        (path.join(".metadata").is_file()
-            || path.join("latest_checkpointed_iteration.txt").is_file()) as u32
+        (path.join(".metadata").is_file() || path.join(names::LATEST_ITERATION).is_file()) as u32
             * 100
     }
 }

@@ -572,7 +572,7 @@ impl TorchDistWriter {
     /// archives at the start of file 0, and a thread for each to fill it.
     fn open_files(&mut self, sizes: &[u64], byte_archives: &[Vec<u8>]) -> Result<()> {
         let staging = self.staging_root();
-        self.iter_dir = staging.join(format!("iter_{:07}", self.cfg.iteration));
+        self.iter_dir = staging.join(names::iteration_dir(self.cfg.iteration));
         std::fs::create_dir_all(&self.iter_dir)
             .map_err(|e| PluginError::io(&self.iter_dir, "cannot create", e))?;
         self.staging = Some(staging);
@@ -844,7 +844,7 @@ impl Sink for TorchDistWriter {
         write(self.iter_dir.join(".metadata"), &self.metadata_pickle())?;
         let staging = self.staging.clone().expect("opened");
         write(
-            staging.join("latest_checkpointed_iteration.txt"),
+            staging.join(names::LATEST_ITERATION),
             self.cfg.iteration.to_string().as_bytes(),
         )?;
         self.files.clear();

@@ -358,6 +358,18 @@ pub fn mtp_to_table(name: &str, decoder_layers: u64) -> String {
     }
 }
 
+// ------------------------------------------------------------------------ checkpoint folders
+
+/// The file in a checkpoint root naming its latest iteration (a number, or `release`).
+pub const LATEST_ITERATION: &str = "latest_checkpointed_iteration.txt";
+/// The folder of a checkpoint released without an iteration.
+pub const RELEASE: &str = "release";
+
+/// The folder of iteration `n`: `iter_{n:07}`.
+pub fn iteration_dir(n: u64) -> String {
+    format!("iter_{n:07}")
+}
+
 // ------------------------------------------------------------------ Megatron-LM rank files
 
 /// A Megatron-LM rank file's name in its rank folder.
@@ -585,6 +597,7 @@ mod tests {
 
     #[test]
     fn rank_folders() {
+        assert_eq!(iteration_dir(42), "iter_0000042");
         assert_eq!(legacy_rank_dir(1, 0, 1, 0, 1), "mp_rank_01");
         assert_eq!(legacy_rank_dir(1, 2, 4, 0, 1), "mp_rank_01_002");
         assert_eq!(legacy_rank_dir(0, 2, 4, 1, 2), "mp_rank_00_002_001");
