@@ -424,7 +424,7 @@ mod tests {
                     for k in keys {
                         let stage = k.split_once('.').map(|(s, _)| s);
                         assert!(
-                            stage.map_or(true, |s| spec.stages.iter().any(|x| x.name == s)),
+                            stage.is_none_or(|s| spec.stages.iter().any(|x| x.name == s)),
                             "{}: option key {k} names no stage",
                             file.display()
                         );

@@ -470,7 +470,7 @@ fn cmd_preprocess(host: &PluginHost, p: Preprocess, opts: RunOptions) -> anyhow:
         .flatten()
         .filter(|o| o["prefix"].as_str() == Some(first.as_str()))
         .filter_map(|o| o["documents"].as_u64())
-        .last()
+        .next_back()
         .unwrap_or(0);
     let input_bytes = metrics()
         .filter_map(|m| m["input_bytes"].as_u64())

@@ -1,0 +1,132 @@
+//! The trainer stage's config: Megatron-Core's names for the same knobs, so a recipe reads like
+//! a Megatron-Bridge one.
+
+use bridgeflow_sdk::{schemars, serde, PluginError, Result};
+
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(crate = "bridgeflow_sdk::serde", deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Tokens per sample fed to the model; each sample carries `seq_length + 1` tokens.
+    pub seq_length: usize,
+    /// Samples per iteration (optimizer step).
+    pub global_batch_size: usize,
+    /// Samples per forward/backward pass; `global_batch_size / micro_batch_size` micro-batches
+    /// accumulate into one step.
+    pub micro_batch_size: usize,
+    /// Iterations to run.
+    pub train_iters: u64,
+    /// Peak learning rate.
+    pub lr: f64,
+    #[serde(default)]
+    pub min_lr: f64,
+    /// The learning rate warmup starts from (megatron-core's `lr_warmup_init`).
+    #[serde(default)]
+    pub lr_warmup_init: f64,
+    #[serde(default)]
+    pub lr_warmup_iters: u64,
+    /// Iterations the decay spans (default: `train_iters`).
+    #[serde(default)]
+    pub lr_decay_iters: Option<u64>,
+    /// cosine, linear, constant, inverse-square-root or WSD.
+    #[serde(default = "cosine")]
+    pub lr_decay_style: String,
+    /// WSD: iterations of the final decay.
+    #[serde(default)]
+    pub lr_wsd_decay_iters: Option<u64>,
+    /// WSD: shape of the final decay (linear, cosine, exponential, minus_sqrt).
+    #[serde(default = "linear")]
+    pub lr_wsd_decay_style: String,
+    /// The weight decay applied (megatron's scheduler sets `start_weight_decay =
+    /// end_weight_decay`; Bridge's recipes use 0.033). Never on 1-D parameters or biases.
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "beta1")]
+    pub adam_beta1: f64,
+    #[serde(default = "beta2")]
+    pub adam_beta2: f64,
+    #[serde(default = "eps")]
+    pub adam_eps: f64,
+    /// Global gradient-norm clipping threshold (0: off).
+    #[serde(default = "one")]
+    pub clip_grad: f64,
+    /// Loss averaged over all tokens of the step instead of per micro-batch, then over
+    /// micro-batches (megatron-core's `calculate_per_token_loss`).
+    #[serde(default)]
+    pub calculate_per_token_loss: bool,
+    /// Log every N iterations (tracing, info).
+    #[serde(default = "one_u64")]
+    pub log_interval: u64,
+}
+
+fn cosine() -> String {
+    "cosine".into()
+}
+fn linear() -> String {
+    "linear".into()
+}
+fn beta1() -> f64 {
+    0.9
+}
+fn beta2() -> f64 {
+    0.999
+}
+fn eps() -> f64 {
+    1e-8
+}
+fn one() -> f64 {
+    1.0
+}
+fn one_u64() -> u64 {
+    1
+}
+
+impl TrainConfig {
+    /// Micro-batches per step.
+    pub fn num_microbatches(&self) -> usize {
+        self.global_batch_size / self.micro_batch_size
+    }
+
+    /// Each rule against the config alone, before any data flows.
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(PluginError::config(m));
+        if self.seq_length == 0 || self.seq_length > 1 << 20 {
+            return bad(format!(
+                "seq_length is {}; allowed: 1 to 1048576",
+                self.seq_length
+            ));
+        }
+        if self.micro_batch_size == 0 || self.global_batch_size == 0 {
+            return bad("global_batch_size and micro_batch_size must be at least 1".into());
+        }
+        if !self.global_batch_size.is_multiple_of(self.micro_batch_size) {
+            return bad(format!(
+                "global_batch_size {} is not a multiple of micro_batch_size {}",
+                self.global_batch_size, self.micro_batch_size
+            ));
+        }
+        if self.train_iters == 0 {
+            return bad("train_iters must be at least 1".into());
+        }
+        for (name, v) in [
+            ("lr", self.lr),
+            ("min_lr", self.min_lr),
+            ("lr_warmup_init", self.lr_warmup_init),
+            ("weight_decay", self.weight_decay),
+            ("adam_eps", self.adam_eps),
+            ("clip_grad", self.clip_grad),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return bad(format!("{name} is {v}; it must be a finite number ≥ 0"));
+            }
+        }
+        for (name, v) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(format!("{name} is {v}; allowed: 0 ≤ β < 1"));
+            }
+        }
+        crate::schedule::Schedule::from_config(self).map(|_| ())
+    }
+}

@@ -1,0 +1,25 @@
+//! # bridgeflow-plugin-train
+//!
+//! The `trainer` stage: Megatron-Core's training loop on candle (CPU; CUDA behind the `cuda`
+//! feature), over Megatron-layout weights. Pieces, in the order a step uses them:
+//! [`data`] (samples from records) → [`model`] (the differentiable decoder) → [`trainer`]
+//! (micro-batches, loss averaging, clipping) → [`optim`] (AdamW) at the [`schedule`]'s rate;
+//! [`assemble`] and [`params`] hold the weights; [`stage`] wires them to the pipeline.
+
+pub mod assemble;
+pub mod config;
+pub mod data;
+pub mod model;
+pub mod optim;
+pub mod params;
+pub mod schedule;
+pub mod stage;
+pub mod trainer;
+
+bridgeflow_sdk::export_plugins! {
+    "trainer" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "Training as megatron-core's loop does it (Llama family, fp32), on candle",
+        trainer: Transform(stage::TrainStage),
+    }
+}

@@ -1,0 +1,352 @@
+//! The Llama-family decoder (Llama, Mistral, Qwen2 with q/k/v biases, Qwen3 with q/k norms,
+//! tied or untied) on Megatron-Core's fused layout, differentiable on candle.
+//!
+//! Megatron's layout: `linear_qkv` holds, per query group, that group's query heads, then its
+//! key head, then its value head; `linear_fc1` is `[gate; up]`; the pre-norms are the fused
+//! `layer_norm_weight`s. Norm, RoPE and softmax are composed from candle's differentiable ops
+//! (candle-nn's fused ones have no backward).
+
+use crate::params::Params;
+use bridgeflow_megatron::names;
+use bridgeflow_sdk::serde_json::{Map, Value};
+use bridgeflow_sdk::{PluginError, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+/// What the forward pass needs from the model's Megatron config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GptConfig {
+    pub num_layers: usize,
+    pub hidden_size: usize,
+    pub ffn_hidden_size: usize,
+    pub num_attention_heads: usize,
+    pub num_query_groups: usize,
+    pub kv_channels: usize,
+    pub layernorm_epsilon: f64,
+    pub rotary_base: f64,
+    pub vocab_size: usize,
+    pub tied: bool,
+    pub qkv_bias: bool,
+    pub qk_layernorm: bool,
+}
+
+fn field<'a>(m: &'a Map<String, Value>, key: &str) -> Result<&'a Value> {
+    m.get(key).ok_or_else(|| {
+        PluginError::config(format!(
+            "the model config (megatron_model) has no '{key}', which the trainer needs"
+        ))
+    })
+}
+
+fn count(m: &Map<String, Value>, key: &str) -> Result<usize> {
+    let v = field(m, key)?;
+    v.as_u64()
+        .filter(|&n| n > 0 && n <= 1 << 24)
+        .map(|n| n as usize)
+        .ok_or_else(|| {
+            PluginError::config(format!("megatron_model.{key} is {v}; expected 1 to 2^24"))
+        })
+}
+
+fn flag(m: &Map<String, Value>, key: &str) -> bool {
+    m.get(key).and_then(Value::as_bool).unwrap_or(false)
+}
+
+impl GptConfig {
+    /// From the mapper's `megatron_model` attribute (TransformerConfig names).
+    pub fn from_megatron(m: &Map<String, Value>) -> Result<GptConfig> {
+        let heads = count(m, "num_attention_heads")?;
+        let hidden = count(m, "hidden_size")?;
+        let groups = match m.get("num_query_groups") {
+            Some(Value::Null) | None => heads,
+            Some(_) => count(m, "num_query_groups")?,
+        };
+        let kv_channels = match m.get("kv_channels") {
+            Some(Value::Null) | None => hidden / heads,
+            Some(_) => count(m, "kv_channels")?,
+        };
+        if heads % groups != 0 {
+            return Err(PluginError::config(format!(
+                "{heads} attention heads do not divide into {groups} query groups"
+            )));
+        }
+        let positions = m.get("position_embedding_type").and_then(Value::as_str);
+        if positions.is_some_and(|p| p != "rope") {
+            return Err(PluginError::unsupported(format!(
+                "position_embedding_type {positions:?}: the trainer's models use RoPE"
+            )));
+        }
+        Ok(GptConfig {
+            num_layers: count(m, "num_layers")?,
+            hidden_size: hidden,
+            ffn_hidden_size: count(m, "ffn_hidden_size")?,
+            num_attention_heads: heads,
+            num_query_groups: groups,
+            kv_channels,
+            layernorm_epsilon: field(m, "layernorm_epsilon")?.as_f64().unwrap_or(1e-5),
+            rotary_base: m
+                .get("rotary_base")
+                .and_then(Value::as_f64)
+                .unwrap_or(10000.0),
+            vocab_size: count(m, "vocab_size")?,
+            tied: flag(m, "share_embeddings_and_output_weights"),
+            qkv_bias: flag(m, "add_qkv_bias"),
+            qk_layernorm: flag(m, "qk_layernorm"),
+        })
+    }
+
+    fn heads_per_group(&self) -> usize {
+        self.num_attention_heads / self.num_query_groups
+    }
+
+    /// Every parameter's Megatron name and shape, in a stable order.
+    pub fn parameters(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, f, d) = (self.hidden_size, self.ffn_hidden_size, self.kv_channels);
+        let qkv_rows = (self.heads_per_group() + 2) * self.num_query_groups * d;
+        let mut all = vec![(names::WORD_EMBEDDINGS.to_string(), vec![self.vocab_size, h])];
+        for l in 0..self.num_layers {
+            let key = |rest: &str| names::layer_key(l as u64, rest);
+            all.push((key("self_attention.linear_qkv.layer_norm_weight"), vec![h]));
+            all.push((key("self_attention.linear_qkv.weight"), vec![qkv_rows, h]));
+            if self.qkv_bias {
+                all.push((key("self_attention.linear_qkv.bias"), vec![qkv_rows]));
+            }
+            if self.qk_layernorm {
+                all.push((key("self_attention.q_layernorm.weight"), vec![d]));
+                all.push((key("self_attention.k_layernorm.weight"), vec![d]));
+            }
+            all.push((
+                key("self_attention.linear_proj.weight"),
+                vec![h, self.num_attention_heads * d],
+            ));
+            all.push((key("mlp.linear_fc1.layer_norm_weight"), vec![h]));
+            all.push((key("mlp.linear_fc1.weight"), vec![2 * f, h]));
+            all.push((key("mlp.linear_fc2.weight"), vec![h, f]));
+        }
+        all.push((names::FINAL_LAYERNORM.to_string(), vec![h]));
+        if !self.tied {
+            all.push((names::OUTPUT_LAYER.to_string(), vec![self.vocab_size, h]));
+        }
+        all
+    }
+}
+
+/// A micro-batch as the model sees it.
+pub struct Batch {
+    /// `[b, s]` u32 token ids.
+    pub tokens: Tensor,
+    /// `[b, s]` u32 target ids (the tokens shifted by one).
+    pub labels: Tensor,
+    /// `[b, s]` f32 loss mask aligned with the labels.
+    pub loss_mask: Tensor,
+}
+
+/// Precomputed per sequence length: RoPE's cos/sin and the causal mask.
+pub struct Positions {
+    cos: Tensor,
+    sin: Tensor,
+    /// `[s, s]`: 0 where attention is allowed, -inf elsewhere.
+    mask: Tensor,
+}
+
+impl Positions {
+    pub fn new(cfg: &GptConfig, seq: usize, dev: &Device) -> Result<Positions> {
+        let d = cfg.kv_channels;
+        let inv: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / cfg.rotary_base.powf(2.0 * i as f64 / d as f64) as f32)
+            .collect();
+        // As HF and megatron-core: angles in fp32, emb = cat(freqs, freqs).
+        let mut cos = Vec::with_capacity(seq * d);
+        let mut sin = Vec::with_capacity(seq * d);
+        for p in 0..seq {
+            for half in 0..2 {
+                let _ = half;
+                for &f in &inv {
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let mask: Vec<f32> = (0..seq * seq)
+            .map(|i| {
+                if i % seq <= i / seq {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        Ok(Positions {
+            cos: Tensor::from_vec(cos, (seq, d), dev).map_err(ce)?,
+            sin: Tensor::from_vec(sin, (seq, d), dev).map_err(ce)?,
+            mask: Tensor::from_vec(mask, (seq, seq), dev).map_err(ce)?,
+        })
+    }
+}
+
+/// candle's errors as the plugin's.
+pub fn ce(e: candle_core::Error) -> PluginError {
+    PluginError::internal(format!("candle: {e}"))
+}
+
+type T = candle_core::Result<Tensor>;
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> T {
+    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (var + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv)?.broadcast_mul(w)
+}
+
+/// `x · wᵀ` over the last dimension.
+fn linear(x: &Tensor, w: &Tensor) -> T {
+    x.broadcast_matmul(&w.t()?)
+}
+
+fn rotate_half(x: &Tensor) -> T {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// `x`: `[b, heads, s, d]`.
+fn rope(x: &Tensor, p: &Positions) -> T {
+    x.broadcast_mul(&p.cos)? + rotate_half(x)?.broadcast_mul(&p.sin)?
+}
+
+fn softmax_last(x: &Tensor) -> T {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+pub struct Gpt<'p> {
+    pub cfg: &'p GptConfig,
+    pub params: &'p Params,
+}
+
+impl Gpt<'_> {
+    fn p(&self, name: &str) -> candle_core::Result<&Tensor> {
+        self.params
+            .tensor(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no parameter '{name}'")))
+    }
+
+    fn layer_p(&self, l: usize, rest: &str) -> candle_core::Result<&Tensor> {
+        self.p(&names::layer_key(l as u64, rest))
+    }
+
+    /// Logits `[b, s, vocab]` in fp32.
+    pub fn logits(&self, tokens: &Tensor, pos: &Positions) -> T {
+        let (b, s) = tokens.dims2()?;
+        let emb = self.p(names::WORD_EMBEDDINGS)?;
+        let mut x =
+            emb.index_select(&tokens.flatten_all()?, 0)?
+                .reshape((b, s, self.cfg.hidden_size))?;
+        for l in 0..self.cfg.num_layers {
+            x = (&x + self.attention(l, &x, pos)?)?;
+            x = (&x + self.mlp(l, &x)?)?;
+        }
+        let x = rms_norm(
+            &x,
+            self.p(names::FINAL_LAYERNORM)?,
+            self.cfg.layernorm_epsilon,
+        )?;
+        let out = if self.cfg.tied {
+            emb
+        } else {
+            self.p(names::OUTPUT_LAYER)?
+        };
+        linear(&x, out)
+    }
+
+    fn attention(&self, l: usize, x: &Tensor, pos: &Positions) -> T {
+        let c = self.cfg;
+        let (b, s, _) = x.dims3()?;
+        let (g, hpg, d) = (c.num_query_groups, c.heads_per_group(), c.kv_channels);
+        let xn = rms_norm(
+            x,
+            self.layer_p(l, "self_attention.linear_qkv.layer_norm_weight")?,
+            c.layernorm_epsilon,
+        )?;
+        let mut qkv = linear(&xn, self.layer_p(l, "self_attention.linear_qkv.weight")?)?;
+        if c.qkv_bias {
+            qkv = qkv.broadcast_add(self.layer_p(l, "self_attention.linear_qkv.bias")?)?;
+        }
+        let qkv = qkv.reshape((b, s, g, hpg + 2, d))?;
+        // [b, s, g, hpg, d] → [b, heads, s, d]; k, v: [b, g, s, d].
+        let q = qkv
+            .narrow(3, 0, hpg)?
+            .reshape((b, s, g * hpg, d))?
+            .transpose(1, 2)?;
+        let k = qkv.narrow(3, hpg, 1)?.squeeze(3)?.transpose(1, 2)?;
+        let v = qkv.narrow(3, hpg + 1, 1)?.squeeze(3)?.transpose(1, 2)?;
+        let (q, k) = if c.qk_layernorm {
+            (
+                rms_norm(
+                    &q,
+                    self.layer_p(l, "self_attention.q_layernorm.weight")?,
+                    c.layernorm_epsilon,
+                )?,
+                rms_norm(
+                    &k,
+                    self.layer_p(l, "self_attention.k_layernorm.weight")?,
+                    c.layernorm_epsilon,
+                )?,
+            )
+        } else {
+            (q, k)
+        };
+        let q = rope(&q.contiguous()?, pos)?;
+        let k = rope(&k.contiguous()?, pos)?;
+        // Each key/value head serves its group's query heads.
+        let expand = |t: Tensor| -> T {
+            t.unsqueeze(2)?
+                .broadcast_as((b, g, hpg, s, d))?
+                .reshape((b, g * hpg, s, d))
+        };
+        let (k, v) = (expand(k)?, expand(v.contiguous()?)?);
+        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&pos.mask)?;
+        let ctx = softmax_last(&scores)?.matmul(&v)?;
+        let ctx = ctx.transpose(1, 2)?.reshape((b, s, g * hpg * d))?;
+        linear(&ctx, self.layer_p(l, "self_attention.linear_proj.weight")?)
+    }
+
+    fn mlp(&self, l: usize, x: &Tensor) -> T {
+        let c = self.cfg;
+        let xn = rms_norm(
+            x,
+            self.layer_p(l, "mlp.linear_fc1.layer_norm_weight")?,
+            c.layernorm_epsilon,
+        )?;
+        let h = linear(&xn, self.layer_p(l, "mlp.linear_fc1.weight")?)?;
+        let f = c.ffn_hidden_size;
+        let gate = h.narrow(D::Minus1, 0, f)?;
+        let up = h.narrow(D::Minus1, f, f)?;
+        linear(
+            &(gate.silu()? * up)?,
+            self.layer_p(l, "mlp.linear_fc2.weight")?,
+        )
+    }
+
+    /// The masked cross-entropy sum over the batch and the number of tokens in the loss, as
+    /// megatron-bridge's `masked_next_token_loss` (logits in fp32).
+    pub fn loss_sum(&self, batch: &Batch, pos: &Positions) -> candle_core::Result<(Tensor, f64)> {
+        let logits = self.logits(&batch.tokens, pos)?;
+        let v = logits.dim(D::Minus1)?;
+        let logits = logits.reshape(((), v))?;
+        let max = logits.max_keepdim(D::Minus1)?.detach();
+        let lse = logits
+            .broadcast_sub(&max)?
+            .exp()?
+            .sum_keepdim(D::Minus1)?
+            .log()?
+            .broadcast_add(&max)?;
+        let labels = batch.labels.flatten_all()?.unsqueeze(1)?;
+        let picked = logits.gather(&labels, 1)?;
+        let per_token = (lse - picked)?.squeeze(1)?;
+        let mask = batch.loss_mask.flatten_all()?;
+        let tokens = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        Ok(((per_token * mask)?.sum_all()?, tokens))
+    }
+}

@@ -1,0 +1,104 @@
+//! The trained parameters: fp32 master values (what the optimizer updates) and the candle
+//! variables the forward pass reads, by Megatron name.
+
+use crate::model::ce;
+use bridgeflow_sdk::{
+    Buffer, DType as SdkDType, PluginError, Result, Tensor as SdkTensor, TensorInfo,
+};
+use candle_core::{Device, Tensor, Var};
+use std::collections::BTreeMap;
+
+pub struct Param {
+    pub shape: Vec<usize>,
+    /// The dtype the weights came in, and go out, as.
+    pub dtype: SdkDType,
+    pub master: Vec<f32>,
+    pub var: Var,
+    /// megatron-core's `wd_mult`: 0 for 1-D parameters (norms) and biases.
+    pub decay: bool,
+}
+
+#[derive(Default)]
+pub struct Params {
+    pub by_name: BTreeMap<String, Param>,
+}
+
+/// Weight decay applies to matrices, never to norms or biases (megatron-core's default
+/// no-weight-decay condition).
+pub fn decays(name: &str, shape: &[usize]) -> bool {
+    shape.len() > 1 && !name.ends_with(".bias")
+}
+
+impl Params {
+    pub fn tensor(&self, name: &str) -> Option<&Tensor> {
+        self.by_name.get(name).map(|p| p.var.as_tensor())
+    }
+
+    /// Adds a parameter from its fp32 values (`dtype`: what it came in as, and goes out as).
+    pub fn insert(
+        &mut self,
+        name: &str,
+        shape: Vec<usize>,
+        dtype: SdkDType,
+        master: Vec<f32>,
+        dev: &Device,
+    ) -> Result<()> {
+        let t = Tensor::from_vec(master.clone(), shape.as_slice(), dev).map_err(ce)?;
+        let var = Var::from_tensor(&t).map_err(ce)?;
+        self.by_name.insert(
+            name.to_string(),
+            Param {
+                decay: decays(name, &shape),
+                shape,
+                dtype,
+                master,
+                var,
+            },
+        );
+        Ok(())
+    }
+
+    /// Copies the master values into the variables the forward pass reads.
+    pub fn publish(&self) -> Result<()> {
+        for p in self.by_name.values() {
+            let t =
+                Tensor::from_slice(&p.master, p.shape.as_slice(), p.var.device()).map_err(ce)?;
+            p.var.set(&t).map_err(ce)?;
+        }
+        Ok(())
+    }
+
+    /// A parameter as an output tensor, in the dtype it came in as.
+    pub fn export(&self, name: &str) -> Result<SdkTensor> {
+        let p = &self.by_name[name];
+        let bytes = encode(p.dtype, &p.master)?;
+        let shape: Vec<u64> = p.shape.iter().map(|&d| d as u64).collect();
+        SdkTensor::new(
+            TensorInfo::new(name, p.dtype, &shape),
+            Buffer::from_vec(bytes),
+        )
+    }
+}
+
+/// fp32 values as `dtype` bytes (round to nearest even).
+pub fn encode(dtype: SdkDType, v: &[f32]) -> Result<Vec<u8>> {
+    use bridgeflow_sdk::half::{bf16, f16};
+    Ok(match dtype {
+        SdkDType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        SdkDType::F64 => v.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect(),
+        SdkDType::BF16 => v
+            .iter()
+            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+            .collect(),
+        SdkDType::F16 => v
+            .iter()
+            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+            .collect(),
+        other => {
+            return Err(PluginError::unsupported(format!(
+                "cannot write trained weights as {}",
+                other.name()
+            )))
+        }
+    })
+}

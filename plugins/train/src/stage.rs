@@ -1,0 +1,276 @@
+//! The `trainer` stage: initial weights on input 0 (Megatron names, from the models mapper or a
+//! torch_dist reader), samples on input 1 (records); trained weights out on `weights` (same
+//! names, shapes and dtypes, the input plan's attributes passed on so the writers and the
+//! mapper see the same model), one row per iteration on `metrics`.
+//!
+//! Training starts as soon as every weight has arrived; samples that come earlier wait. Each
+//! full global batch is one iteration, until `train_iters`.
+
+use crate::assemble::Assembler;
+use crate::config::TrainConfig;
+use crate::data::{samples, Sample};
+use crate::model::GptConfig;
+use crate::params::Params;
+use crate::trainer::{Step, Trainer};
+use bridgeflow_sdk::arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch};
+use bridgeflow_sdk::{
+    attrs, Emitter, Item, PluginError, Port, PortType, Result, StreamPlan, TensorInfo, Transform,
+};
+use candle_core::Device;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct TrainStage {
+    cfg: TrainConfig,
+    model: Option<GptConfig>,
+    weights: Option<Assembler>,
+    trainer: Option<Trainer>,
+    queue: VecDeque<Sample>,
+    rows_seen: u64,
+    history: Vec<Step>,
+    started: Option<Instant>,
+    out_plan: StreamPlan,
+}
+
+impl Transform for TrainStage {
+    type Config = TrainConfig;
+    const DESCRIPTION: &'static str =
+        "Trains a Llama-family model on Megatron-layout weights as megatron-core's loop does (AdamW, warmup + cosine in samples, global-norm clip, micro-batches)";
+    const INPUTS: &'static [PortType] = &[PortType::Tensors, PortType::Records];
+    const OUTPUTS: &'static [Port] = &[Port::tensors("weights"), Port::records("metrics")];
+    const RETAINS_INPUTS: bool = true;
+
+    fn new(cfg: TrainConfig) -> Result<Self> {
+        cfg.check()?;
+        Ok(TrainStage {
+            cfg,
+            model: None,
+            weights: None,
+            trainer: None,
+            queue: VecDeque::new(),
+            rows_seen: 0,
+            history: Vec::new(),
+            started: None,
+            out_plan: StreamPlan::default(),
+        })
+    }
+
+    fn plan_outputs(&mut self, inputs: &[StreamPlan]) -> Result<Vec<StreamPlan>> {
+        let plan = &inputs[0];
+        let megatron = plan.try_get(attrs::MEGATRON_MODEL)?.ok_or_else(|| {
+            PluginError::config(
+                "the weights carry no model config (megatron_model): feed the trainer from the models mapper or a torch_dist reader",
+            )
+        })?;
+        let model = GptConfig::from_megatron(&megatron)?;
+        let expected = model.parameters();
+        check_names(&plan.whole_tensors(), &expected)?;
+        let whole = plan.whole_tensors();
+        let mut out = StreamPlan::new(
+            expected
+                .iter()
+                .map(|(n, _)| {
+                    whole
+                        .iter()
+                        .find(|t| t.name() == n)
+                        .cloned()
+                        .expect("checked")
+                })
+                .collect(),
+        );
+        out.attrs = plan.attrs.clone();
+        self.weights = Some(Assembler::new(&expected));
+        self.model = Some(model);
+        self.out_plan = out.clone();
+        Ok(vec![out, StreamPlan::default()])
+    }
+
+    fn process(&mut self, port: usize, item: Item, out: &mut Emitter) -> Result<()> {
+        match port {
+            0 => self.weight(item),
+            _ => {
+                let batch = item.into_records()?;
+                let vocab = self.model.as_ref().map_or(0, |m| m.vocab_size);
+                let rows = samples(&batch, self.cfg.seq_length, vocab, self.rows_seen)?;
+                self.rows_seen += batch.num_rows() as u64;
+                self.queue.extend(rows);
+                self.train_ready(out)
+            }
+        }?;
+        self.train_ready(out)
+    }
+
+    fn finish(&mut self, out: &mut Emitter) -> Result<()> {
+        if let Some(w) = &self.weights {
+            if !w.is_complete() {
+                return Err(PluginError::shape(format!(
+                    "the weights stream ended without {}",
+                    w.missing().join(", ")
+                )));
+            }
+        }
+        self.train_ready(out)?;
+        let done = self.trainer.as_ref().map_or(0, |t| t.iteration);
+        if done < self.cfg.train_iters {
+            return Err(PluginError::shape(format!(
+                "the data ran out after {done} of {} iterations ({} samples for {} per iteration)",
+                self.cfg.train_iters, self.rows_seen, self.cfg.global_batch_size
+            )));
+        }
+        let trainer = self.trainer.as_ref().expect("trained");
+        for t in self.out_plan.tensors.iter() {
+            out.tensor_to(0, trainer.params.export(t.name())?)?;
+        }
+        Ok(())
+    }
+
+    fn summary(&mut self) -> String {
+        let (Some(first), Some(last)) = (self.history.first(), self.history.last()) else {
+            return String::new();
+        };
+        let tokens = self.tokens_trained();
+        format!(
+            "trained {} iterations ({} tokens, {:.0} tokens/s): loss {:.4} -> {:.4}",
+            last.iteration,
+            tokens,
+            self.tokens_per_second(),
+            first.loss,
+            last.loss
+        )
+    }
+
+    fn metrics(&mut self) -> bridgeflow_sdk::serde_json::Value {
+        let col = |f: fn(&Step) -> f64| self.history.iter().map(f).collect::<Vec<f64>>();
+        bridgeflow_sdk::serde_json::json!({
+            "iterations": self.history.len(),
+            "consumed_samples": self.trainer.as_ref().map_or(0, |t| t.consumed_samples),
+            "tokens": self.tokens_trained(),
+            "tokens_per_s": self.tokens_per_second(),
+            "loss": col(|s| s.loss),
+            "lr": col(|s| s.lr),
+            "grad_norm": col(|s| s.grad_norm),
+            "num_tokens": col(|s| s.num_tokens),
+        })
+    }
+}
+
+/// Exactly the model's parameters: none missing, none extra.
+fn check_names(got: &[TensorInfo], expected: &[(String, Vec<usize>)]) -> Result<()> {
+    let missing: Vec<&str> = expected
+        .iter()
+        .filter(|(n, _)| !got.iter().any(|t| t.name() == n))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return Err(PluginError::shape(format!(
+            "the weights lack {} the model config needs: {}",
+            missing.len(),
+            missing.join(", ")
+        )));
+    }
+    let extra: Vec<&str> = got
+        .iter()
+        .filter(|t| !expected.iter().any(|(n, _)| n == t.name()))
+        .map(|t| t.name())
+        .collect();
+    if !extra.is_empty() {
+        return Err(PluginError::shape(format!(
+            "the weights hold tensors this trainer's model does not use: {}",
+            extra.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+impl TrainStage {
+    fn weight(&mut self, item: Item) -> Result<()> {
+        let t = item.into_tensor()?;
+        let w = self
+            .weights
+            .as_mut()
+            .ok_or_else(|| PluginError::internal("weights before the plan"))?;
+        w.add(&t)?;
+        if w.is_complete() && self.trainer.is_none() {
+            self.start()?;
+        }
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let dev = Device::Cpu;
+        let w = self.weights.take().expect("complete");
+        let mut params = Params::default();
+        for (name, p) in w.pending {
+            params.insert(&name, p.shape, p.dtype, p.values, &dev)?;
+        }
+        let model = self.model.clone().expect("planned");
+        self.trainer = Some(Trainer::new(self.cfg.clone(), model, params, dev)?);
+        self.weights = Some(Assembler::default());
+        self.started = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Runs every iteration the queued samples allow.
+    fn train_ready(&mut self, out: &mut Emitter) -> Result<()> {
+        let gbs = self.cfg.global_batch_size;
+        while let Some(trainer) = self.trainer.as_mut() {
+            if trainer.iteration >= self.cfg.train_iters || self.queue.len() < gbs {
+                return Ok(());
+            }
+            if out.is_cancelled() {
+                return Err(PluginError::cancelled());
+            }
+            let batch: Vec<Sample> = self.queue.drain(..gbs).collect();
+            let step = trainer.step(&batch)?;
+            if step.iteration % self.cfg.log_interval.max(1) == 0 {
+                tracing::info!(
+                    iteration = step.iteration,
+                    loss = step.loss,
+                    lr = step.lr,
+                    grad_norm = step.grad_norm,
+                    "step"
+                );
+            }
+            out.records_to(1, &metrics_row(&step)?)?;
+            self.history.push(step);
+        }
+        Ok(())
+    }
+
+    fn tokens_trained(&self) -> u64 {
+        self.history.len() as u64 * (self.cfg.global_batch_size * self.cfg.seq_length) as u64
+    }
+
+    fn tokens_per_second(&self) -> f64 {
+        let secs = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        if secs > 0.0 {
+            self.tokens_trained() as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+fn metrics_row(s: &Step) -> Result<RecordBatch> {
+    RecordBatch::try_from_iter(vec![
+        (
+            "iteration",
+            Arc::new(Int64Array::from(vec![s.iteration as i64])) as ArrayRef,
+        ),
+        (
+            "loss",
+            Arc::new(Float64Array::from(vec![s.loss])) as ArrayRef,
+        ),
+        ("lr", Arc::new(Float64Array::from(vec![s.lr])) as ArrayRef),
+        (
+            "grad_norm",
+            Arc::new(Float64Array::from(vec![s.grad_norm])) as ArrayRef,
+        ),
+        (
+            "num_tokens",
+            Arc::new(Float64Array::from(vec![s.num_tokens])) as ArrayRef,
+        ),
+    ])
+    .map_err(|e| PluginError::internal(e.to_string()))
+}

@@ -1,0 +1,170 @@
+//! One iteration as megatron-core runs it: the global batch split into micro-batches whose
+//! gradients accumulate, the loss averaged per micro-batch (or over all tokens with
+//! `calculate_per_token_loss`), the global-norm clip, then AdamW at the schedule's learning
+//! rate for the samples consumed so far.
+
+use crate::config::TrainConfig;
+use crate::data::Sample;
+use crate::model::{ce, Batch, Gpt, GptConfig, Positions};
+use crate::optim::{clip_grad_norm, AdamW};
+use crate::params::Params;
+use crate::schedule::Schedule;
+use bridgeflow_sdk::{PluginError, Result};
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+
+/// What one iteration reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub iteration: u64,
+    pub loss: f64,
+    pub lr: f64,
+    /// Before clipping.
+    pub grad_norm: f64,
+    /// Tokens in the loss.
+    pub num_tokens: f64,
+}
+
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub model: GptConfig,
+    pub params: Params,
+    pub adam: AdamW,
+    pub schedule: Schedule,
+    pub positions: Positions,
+    pub device: Device,
+    pub iteration: u64,
+    pub consumed_samples: u64,
+}
+
+impl Trainer {
+    pub fn new(
+        cfg: TrainConfig,
+        model: GptConfig,
+        params: Params,
+        device: Device,
+    ) -> Result<Trainer> {
+        let schedule = Schedule::from_config(&cfg)?;
+        let positions = Positions::new(&model, cfg.seq_length, &device)?;
+        let adam = AdamW::new(cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps);
+        Ok(Trainer {
+            cfg,
+            model,
+            params,
+            adam,
+            schedule,
+            positions,
+            device,
+            iteration: 0,
+            consumed_samples: 0,
+        })
+    }
+
+    fn batch(&self, samples: &[Sample]) -> Result<Batch> {
+        let seq = self.cfg.seq_length;
+        let b = samples.len();
+        let tokens: Vec<u32> = samples
+            .iter()
+            .flat_map(|s| s.tokens[..seq].iter().copied())
+            .collect();
+        let labels: Vec<u32> = samples
+            .iter()
+            .flat_map(|s| s.tokens[1..].iter().copied())
+            .collect();
+        let mask: Vec<f32> = samples
+            .iter()
+            .flat_map(|s| s.loss_mask.iter().copied())
+            .collect();
+        let dev = &self.device;
+        Ok(Batch {
+            tokens: Tensor::from_vec(tokens, (b, seq), dev).map_err(ce)?,
+            labels: Tensor::from_vec(labels, (b, seq), dev).map_err(ce)?,
+            loss_mask: Tensor::from_vec(mask, (b, seq), dev).map_err(ce)?,
+        })
+    }
+
+    /// Adds the gradients of `loss` (a scalar) into `acc`.
+    fn backward_into(&self, loss: &Tensor, acc: &mut BTreeMap<String, Vec<f32>>) -> Result<()> {
+        let grads = loss.backward().map_err(ce)?;
+        for (name, p) in &self.params.by_name {
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
+            let g: Vec<f32> = g.flatten_all().and_then(|t| t.to_vec1()).map_err(ce)?;
+            match acc.get_mut(name) {
+                Some(a) => a.iter_mut().zip(&g).for_each(|(a, g)| *a += g),
+                None => {
+                    acc.insert(name.clone(), g);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forward and backward over the global batch; the gradients accumulated as megatron-core
+    /// averages them, and the loss Megatron-Bridge logs (masked CE over every token in the loss
+    /// of the global batch, whichever way the gradients are averaged), with that token count.
+    pub fn gradients(&self, samples: &[Sample]) -> Result<(BTreeMap<String, Vec<f32>>, f64, f64)> {
+        let gpt = Gpt {
+            cfg: &self.model,
+            params: &self.params,
+        };
+        let micro = self.cfg.num_microbatches();
+        let mut acc = BTreeMap::new();
+        let (mut loss_sum, mut tokens) = (0.0, 0.0);
+        for mb in samples.chunks(self.cfg.micro_batch_size) {
+            let batch = self.batch(mb)?;
+            let (sum, n) = gpt.loss_sum(&batch, &self.positions).map_err(ce)?;
+            let value: f64 = sum
+                .to_dtype(candle_core::DType::F64)
+                .and_then(|t| t.to_scalar())
+                .map_err(ce)?;
+            loss_sum += value;
+            tokens += n;
+            let scaled = if self.cfg.calculate_per_token_loss {
+                sum
+            } else {
+                ((sum / n.max(1.0)).and_then(|t| t / micro as f64)).map_err(ce)?
+            };
+            self.backward_into(&scaled, &mut acc)?;
+        }
+        if self.cfg.calculate_per_token_loss {
+            let inv = (1.0 / tokens.max(1.0)) as f32;
+            acc.values_mut().flatten().for_each(|g| *g *= inv);
+        }
+        Ok((acc, loss_sum / tokens.max(1.0), tokens))
+    }
+
+    /// One iteration on `samples` (exactly one global batch).
+    pub fn step(&mut self, samples: &[Sample]) -> Result<Step> {
+        if samples.len() != self.cfg.global_batch_size {
+            return Err(PluginError::internal(format!(
+                "a step takes {} samples, got {}",
+                self.cfg.global_batch_size,
+                samples.len()
+            )));
+        }
+        let lr = self.schedule.lr(self.consumed_samples);
+        let (mut grads, loss, num_tokens) = self.gradients(samples)?;
+        if !loss.is_finite() {
+            return Err(PluginError::mismatch(format!(
+                "iteration {}: the loss is {loss}; stopping (the weights are those of iteration {})",
+                self.iteration + 1,
+                self.iteration
+            )));
+        }
+        let grad_norm = clip_grad_norm(&mut grads, self.cfg.clip_grad);
+        self.adam
+            .update(&mut self.params, &grads, lr, self.cfg.weight_decay);
+        self.params.publish()?;
+        self.iteration += 1;
+        self.consumed_samples += samples.len() as u64;
+        Ok(Step {
+            iteration: self.iteration,
+            loss,
+            lr,
+            grad_norm,
+            num_tokens,
+        })
+    }
+}

@@ -1,0 +1,441 @@
+"""Replay megatron-core's training loop in plain torch on an HF LlamaForCausalLM, as the judge
+for the trainer's numerical tests (goldens in tests/fixtures/train/).
+
+    python scripts/train_replay.py                       # one run, default (per-micro-batch) loss
+    python scripts/train_replay.py --per-token-loss      # one run, calculate_per_token_loss=True
+    python scripts/train_replay.py --write-fixtures tests/fixtures/train   # both runs + goldens
+
+Loop per iteration k (1-based), all fp32, data parallel 1:
+  zero_grad
+  for each micro-batch j (samples [j*MBS, (j+1)*MBS) of the global batch):
+      ce = cross_entropy(logits.float().view(-1, V), labels.view(-1), reduction='none')
+      s, n = sum(ce * mask), sum(mask)
+      default:   backward(s / max(n, 1) / num_microbatches)
+      per-token: backward(s)                           (then grads *= 1/max(sum n, 1))
+  grad_norm = global L2 norm (pre-clip); grads *= 1/(norm + 1e-6) if that is < 1
+  lr = OptimizerParamScheduler.get_lr(n_samples = (k-1)*GBS), written into every group
+  AdamW step (decoupled wd on the >=2-D non-bias params only)
+
+Needs torch, transformers, safetensors (the oracle venv). Not used by the build or CI.
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "tests" / "fixtures" / "shared" / "hf" / "llama"
+
+
+# ----------------------------------------------------------------------------- settings
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF LlamaForCausalLM directory")
+    p.add_argument("--attn", default="eager", choices=["eager", "sdpa"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seq-length", type=int, default=32)
+    p.add_argument("--gbs", type=int, default=4, help="global batch size (samples per iteration)")
+    p.add_argument("--mbs", type=int, default=2, help="micro batch size")
+    p.add_argument("--train-iters", type=int, default=20)
+    p.add_argument("--per-token-iters", type=int, default=5,
+                   help="iterations of the per-token golden run (--write-fixtures only)")
+    p.add_argument("--seed", type=int, default=1234, help="data seed")
+    p.add_argument("--mask-prob", type=float, default=0.8, help="P(loss_mask = 1) before the edits")
+    p.add_argument("--batches", default=None,
+                   help="read tokens/loss_mask from this safetensors file instead of generating")
+    p.add_argument("--lr-warmup-init", type=float, default=0.0)
+    p.add_argument("--max-lr", type=float, default=1e-3)
+    p.add_argument("--min-lr", type=float, default=1e-4)
+    p.add_argument("--lr-warmup-iters", type=int, default=2)
+    p.add_argument("--lr-decay-iters", type=int, default=20)
+    p.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "linear", "constant"])
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float, default=0.95)
+    p.add_argument("--eps", type=float, default=1e-8)
+    p.add_argument("--weight-decay", type=float, default=0.033,
+                   help="effective wd (the scheduler's constant start/end wd) on >=2-D non-bias params")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="max global L2 norm; 0 disables")
+    p.add_argument("--per-token-loss", action="store_true",
+                   help="calculate_per_token_loss=True (single-run mode)")
+    p.add_argument("--json", default=None, help="single-run mode: write the run's record here")
+    p.add_argument("--write-fixtures", default=None, metavar="DIR",
+                   help="run both loss modes and the self-checks, write the golden files into DIR")
+    return p.parse_args(argv)
+
+
+def settings_dict(a, loss_mode, train_iters):
+    return {
+        "model": "tests/fixtures/shared/hf/llama" if Path(a.model).resolve() == DEFAULT_MODEL.resolve() else a.model,
+        "attn_implementation": a.attn,
+        "dtype": "float32",
+        "seq_length": a.seq_length,
+        "global_batch_size": a.gbs,
+        "micro_batch_size": a.mbs,
+        "num_microbatches": a.gbs // a.mbs,
+        "data_parallel_size": 1,
+        "train_iters": train_iters,
+        "seed": a.seed,
+        "mask_prob": a.mask_prob,
+        "loss_mode": loss_mode,
+        "calculate_per_token_loss": loss_mode == "per_token",
+        "lr_schedule": {
+            "style": a.lr_decay_style,
+            "lr_warmup_init": a.lr_warmup_init,
+            "max_lr": a.max_lr,
+            "min_lr": a.min_lr,
+            "lr_warmup_iters": a.lr_warmup_iters,
+            "lr_decay_iters": a.lr_decay_iters,
+            "lr_warmup_steps_samples": a.lr_warmup_iters * a.gbs,
+            "lr_decay_steps_samples": a.lr_decay_iters * a.gbs,
+            "num_steps_at_iteration_k": "(k-1)*global_batch_size",
+        },
+        "optimizer": {
+            "type": "torch.optim.AdamW",
+            "foreach": False,
+            "betas": [a.beta1, a.beta2],
+            "eps": a.eps,
+            "weight_decay": a.weight_decay,
+            "weight_decay_applies_to": "params with ndim >= 2 not named *.bias; 0 for the rest",
+        },
+        "clip_grad": a.clip_grad,
+        "clip_eps": 1e-6,
+    }
+
+
+# ----------------------------------------------------------------------------- data
+def make_batches(a, vocab, iters):
+    """tokens int64 [iters, GBS, seq+1] uniform in [0, vocab); loss_mask f32 [iters, GBS, seq]
+    (aligned with labels = tokens[..., 1:]), Bernoulli(mask_prob), then two edits in
+    iteration 0 so that the per-micro-batch average differs from the token average:
+      * sample 0: mask all zero in its second half;
+      * samples 2 and 3 (micro-batch 1 at MBS 2): only 6 masked tokens in all
+        (the first 4 positions of sample 2, the last 2 of sample 3)."""
+    g = torch.Generator().manual_seed(a.seed)
+    tokens, mask = [], []
+    for _ in range(iters):  # per iteration, so that fewer iterations give a prefix
+        tokens.append(torch.randint(0, vocab, (a.gbs, a.seq_length + 1), generator=g, dtype=torch.int64))
+        mask.append((torch.rand((a.gbs, a.seq_length), generator=g) < a.mask_prob).to(torch.float32))
+    tokens, mask = torch.stack(tokens), torch.stack(mask)
+    mask[0, 0, a.seq_length // 2:] = 0.0
+    if a.gbs >= 4:
+        mask[0, 2, :] = 0.0
+        mask[0, 2, :4] = 1.0
+        mask[0, 3, :] = 0.0
+        mask[0, 3, -2:] = 1.0
+    return tokens, mask
+
+
+# ----------------------------------------------------------------------------- model / optim
+def load_model(path, attn):
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    model = LlamaForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32)
+    model.train()  # dropout is 0 in the fixture; train() only mirrors a training run
+    # megatron-core's VocabParallelEmbedding has no padding index: the pad token's row gets its
+    # gradient like any other (HF's nn.Embedding(padding_idx=pad_token_id) would zero it).
+    model.model.embed_tokens.padding_idx = None
+    return model
+
+
+def param_groups(model, wd):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if (p.ndim < 2 or name.endswith(".bias")) else decay).append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def get_lr(a, num_steps):
+    """megatron-core OptimizerParamScheduler.get_lr, num_steps counted in samples."""
+    warmup = a.lr_warmup_iters * a.gbs
+    decay = a.lr_decay_iters * a.gbs
+    if warmup > 0 and num_steps <= warmup:
+        return a.lr_warmup_init + (a.max_lr - a.lr_warmup_init) * float(num_steps) / float(warmup)
+    if a.lr_decay_style == "constant":
+        return a.max_lr
+    if num_steps > decay:
+        return a.min_lr
+    ratio = float(num_steps - warmup) / float(decay - warmup)
+    if a.lr_decay_style == "linear":
+        coeff = 1.0 - ratio
+    else:
+        coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0)
+    return a.min_lr + coeff * (a.max_lr - a.min_lr)
+
+
+def microbatch_loss(model, tokens, mask):
+    """tokens [b, seq+1], mask [b, seq] -> (masked CE sum, num_tokens, logits)"""
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    logits = model(input_ids=inputs).logits.float()
+    v = logits.shape[-1]
+    ce = F.cross_entropy(logits.reshape(-1, v), labels.reshape(-1), reduction="none")
+    m = mask.reshape(-1)
+    return torch.sum(ce * m), torch.sum(m), logits
+
+
+def forward_backward(model, tokens, mask, mbs, per_token):
+    """One iteration's micro-batches (tokens [GBS, seq+1]). Grads are accumulated into .grad
+    (zero them first) and, in per-token mode, scaled by 1/total_tokens as finalize_model_grads
+    does. Returns the record of the iteration's losses."""
+    gbs = tokens.shape[0]
+    assert gbs % mbs == 0, "GBS must be a multiple of MBS"
+    nmb = gbs // mbs
+    sums, counts = [], []
+    for j in range(nmb):
+        s, n, _ = microbatch_loss(model, tokens[j * mbs:(j + 1) * mbs], mask[j * mbs:(j + 1) * mbs])
+        if per_token:
+            s.backward()
+        else:
+            (s / torch.clamp(n, min=1) / nmb).backward()
+        sums.append(s.detach())
+        counts.append(n.detach())
+    sums, counts = torch.stack(sums), torch.stack(counts)
+    total_tokens = counts.sum()
+    if per_token:
+        scale = 1.0 / torch.clamp(total_tokens.to(torch.int64), min=1)  # f32 scalar, as mcore
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    loss_mb = sums / torch.clamp(counts, min=1)
+    token_mean = (sums.sum() / torch.clamp(total_tokens, min=1)).item()
+    return {
+        # the iteration loss: default mode = mean over micro-batches of the per-micro-batch
+        # token mean; per-token mode = total masked CE / total tokens
+        "loss": token_mean if per_token else loss_mb.mean().item(),
+        # what Megatron-Bridge's train_step logs in either mode ([sum, n] summed over mbs)
+        "loss_token_mean": token_mean,
+        "loss_mb": [x.item() for x in loss_mb],
+        "loss_sum_mb": [x.item() for x in sums],
+        "num_tokens_mb": [int(x.item()) for x in counts],
+        "num_tokens": int(total_tokens.item()),
+    }
+
+
+def grad_norm_and_clip(model, clip):
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip > 0:
+        # total = ||(||g_i||)_i||_2, coeff = clip/(total + 1e-6) applied only if < 1
+        norm = torch.nn.utils.clip_grad_norm_(params, clip, norm_type=2.0, foreach=False)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    norm = norm.item()
+    return norm, bool(clip > 0 and clip / (norm + 1e-6) < 1.0)
+
+
+def setup_torch(threads):
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(0)
+
+
+def train(a, tokens, mask, per_token, iters, attn=None, grads_at_iter1=None, log=True):
+    """Runs `iters` iterations from the fixture's weights. Returns (records, model)."""
+    model = load_model(a.model, attn or a.attn)
+    opt = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=0.0, betas=(a.beta1, a.beta2),
+                            eps=a.eps, foreach=False)
+    records = []
+    for k in range(1, iters + 1):
+        opt.zero_grad(set_to_none=True)
+        rec = forward_backward(model, tokens[k - 1], mask[k - 1], a.mbs, per_token)
+        if k == 1 and grads_at_iter1 is not None:
+            for name, p in model.named_parameters():
+                grads_at_iter1[name] = p.grad.detach().clone().contiguous()
+        rec["grad_norm"], rec["clipped"] = grad_norm_and_clip(model, a.clip_grad)
+        lr = get_lr(a, (k - 1) * a.gbs)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        with torch.no_grad():
+            rec["param_norm"] = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p) for p in model.parameters()])).item()
+        rec = {"iteration": k, "lr": lr, **rec}
+        records.append(rec)
+        if log:
+            print(f"  iter {k:3d}  lr {lr:.6e}  loss {rec['loss']:.9f}  tokens {rec['num_tokens']:3d} "
+                  f"{rec['num_tokens_mb']}  grad_norm {rec['grad_norm']:.6e}"
+                  f"{'  (clipped)' if rec['clipped'] else ''}")
+    return records, model
+
+
+# ----------------------------------------------------------------------------- self-checks
+def check_lr_against_mcore(a, iters):
+    """The test vector of the spec (GBS 4, warmup 2, decay 6, 1e-4 -> 1e-5) and, when
+    megatron-core is importable, its OptimizerParamScheduler on our settings."""
+    from types import SimpleNamespace
+
+    spec = SimpleNamespace(lr_warmup_iters=2, lr_decay_iters=6, gbs=4, lr_warmup_init=0.0,
+                           max_lr=1e-4, min_lr=1e-5, lr_decay_style="cosine")
+    got = [get_lr(spec, (k - 1) * 4) for k in range(1, 9)]
+    want = [0, 5e-5, 1e-4, 8.682e-5, 5.5e-5, 2.318e-5, 1e-5, 1e-5]
+    assert all(abs(x - y) < 1e-9 for x, y in zip(got, want)), got
+    out = {"spec_test_vector": "ok"}
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+    warnings.filterwarnings("ignore", message=".*Could not determine rank.*")
+    try:
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    except Exception as e:  # noqa: BLE001
+        out["megatron_core"] = f"not importable ({type(e).__name__})"
+        return out
+    dummy = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.0, weight_decay=0.1)
+    sch = OptimizerParamScheduler(
+        dummy, init_lr=a.lr_warmup_init, max_lr=a.max_lr, min_lr=a.min_lr,
+        lr_warmup_steps=a.lr_warmup_iters * a.gbs, lr_decay_steps=a.lr_decay_iters * a.gbs,
+        lr_decay_style=a.lr_decay_style, start_wd=a.weight_decay, end_wd=a.weight_decay,
+        wd_incr_steps=iters * a.gbs, wd_incr_style="constant")
+    worst = 0.0
+    for k in range(1, iters + 1):
+        g = dummy.param_groups[0]
+        worst = max(worst, abs(g["lr"] - get_lr(a, (k - 1) * a.gbs)))
+        assert abs(g["weight_decay"] - a.weight_decay) < 1e-15
+        sch.step(increment=a.gbs)
+    out["megatron_core_max_abs_lr_diff"] = worst
+    assert worst < 1e-15, worst
+    return out
+
+
+def self_checks(a, tokens, mask):
+    results = {}
+    # (a) per-token mode: one micro-batch of GBS == MBS-sized accumulation
+    model = load_model(a.model, a.attn)
+    recs, grads = {}, {}
+    for mbs in (a.gbs, a.mbs):
+        model.zero_grad(set_to_none=True)
+        recs[mbs] = forward_backward(model, tokens[0], mask[0], mbs, per_token=True)
+        grads[mbs] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    gdiff = max((grads[a.gbs][n] - grads[a.mbs][n]).abs().max().item() for n in grads[a.gbs])
+    ldiff = abs(recs[a.gbs]["loss"] - recs[a.mbs]["loss"])
+    results["a_per_token_1x%d_vs_%dx%d" % (a.gbs, a.gbs // a.mbs, a.mbs)] = {
+        "loss_abs_diff": ldiff, "grad_max_abs_diff": gdiff,
+        "pass": bool(ldiff <= 1e-6 and gdiff <= 1e-6)}
+    # the default mode is *not* invariant to the micro-batch split on this data (by design)
+    dm = {}
+    for mbs in (a.gbs, a.mbs):
+        model.zero_grad(set_to_none=True)
+        dm[mbs] = forward_backward(model, tokens[0], mask[0], mbs, per_token=False)["loss"]
+    results["default_mode_iter1_loss_1x%d_vs_%dx%d" % (a.gbs, a.gbs // a.mbs, a.mbs)] = [dm[a.gbs], dm[a.mbs]]
+    # (b) sdpa vs eager: initial logits/loss, and the whole default run
+    other = "sdpa" if a.attn == "eager" else "eager"
+    m2 = load_model(a.model, other)
+    with torch.no_grad():
+        s1, n1, l1 = microbatch_loss(model, tokens[0, :a.mbs], mask[0, :a.mbs])
+        s2, n2, l2 = microbatch_loss(m2, tokens[0, :a.mbs], mask[0, :a.mbs])
+    results[f"b_{a.attn}_vs_{other}_initial"] = {
+        "logits_max_abs_diff": (l1 - l2).abs().max().item(),
+        "loss_abs_diff": abs((s1 / n1).item() - (s2 / n2).item()),
+        "pass": bool(abs((s1 / n1).item() - (s2 / n2).item()) <= 1e-6 and (l1 - l2).abs().max().item() <= 1e-5)}
+    return results, other
+
+
+# ----------------------------------------------------------------------------- main
+def versions():
+    import safetensors
+    import transformers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "safetensors": safetensors.__version__}
+
+
+def get_batches(a, vocab, iters):
+    if a.batches:
+        from safetensors.torch import load_file
+
+        b = load_file(a.batches)
+        return b["tokens"], b["loss_mask"]
+    return make_batches(a, vocab, iters)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    setup_torch(a.threads)
+    cfg = json.loads((Path(a.model) / "config.json").read_text())
+    vocab = cfg["vocab_size"]
+
+    if not a.write_fixtures:
+        tokens, mask = get_batches(a, vocab, a.train_iters)
+        mode = "per_token" if a.per_token_loss else "default"
+        print(f"{mode} run, {a.train_iters} iterations")
+        recs, _ = train(a, tokens, mask, a.per_token_loss, a.train_iters)
+        if a.json:
+            Path(a.json).write_text(json.dumps({"settings": settings_dict(a, mode, a.train_iters),
+                                                "iterations": recs}, indent=1) + "\n")
+        return 0
+
+    from safetensors.torch import save_file
+
+    out = Path(a.write_fixtures)
+    out.mkdir(parents=True, exist_ok=True)
+    n_iters = max(a.train_iters, a.per_token_iters)
+    tokens, mask = get_batches(a, vocab, n_iters)
+    save_file({"tokens": tokens.contiguous(), "loss_mask": mask.contiguous()}, str(out / "batches.safetensors"),
+              # one key only: safetensors writes its metadata map in no fixed order
+              metadata={"layout": f"seed {a.seed}; tokens [iters, GBS, seq+1]; loss_mask [iters, GBS, seq] "
+                        "aligned with labels = tokens[..., 1:]"})
+
+    # initial logits on iteration 0's first micro-batch
+    m0 = load_model(a.model, a.attn)
+    with torch.no_grad():
+        _, _, logits = microbatch_loss(m0, tokens[0, :a.mbs], mask[0, :a.mbs])
+    save_file({"input_ids": tokens[0, :a.mbs, :-1].contiguous(), "logits": logits.contiguous()},
+              str(out / "initial_logits.safetensors"))
+    del m0
+
+    print(f"default run, {a.train_iters} iterations")
+    grads = {}
+    recs_d, model_d = train(a, tokens, mask, False, a.train_iters, grads_at_iter1=grads)
+    save_file(grads, str(out / "grads_iter1.safetensors"))
+    save_file({n: p.detach().clone().contiguous() for n, p in model_d.named_parameters()},
+              str(out / "final.safetensors"))
+
+    print(f"per-token run, {a.per_token_iters} iterations")
+    recs_t, model_t = train(a, tokens, mask, True, a.per_token_iters)
+    save_file({n: p.detach().clone().contiguous() for n, p in model_t.named_parameters()},
+              str(out / "final_per_token.safetensors"))
+
+    print("self-checks")
+    checks, other = self_checks(a, tokens, mask)
+    recs_o, model_o = train(a, tokens, mask, False, a.train_iters, attn=other, log=False)
+    checks[f"b_{a.attn}_vs_{other}_default_run"] = {
+        "loss_max_abs_diff": max(abs(x["loss"] - y["loss"]) for x, y in zip(recs_d, recs_o)),
+        "grad_norm_max_rel_diff": max(abs(x["grad_norm"] - y["grad_norm"]) / y["grad_norm"]
+                                      for x, y in zip(recs_d, recs_o)),
+        "final_param_max_abs_diff": max((p - q).abs().max().item() for p, q in
+                                        zip(model_d.parameters(), model_o.parameters()))}
+    checks["lr_schedule"] = check_lr_against_mcore(a, a.train_iters)
+    for k, v in checks.items():
+        print(f"  {k}: {v}")
+
+    argv_used = sys.argv[1:] if argv is None else argv
+    expected = {
+        "generated_by": "scripts/train_replay.py " + " ".join(argv_used),
+        "versions": versions(),
+        "micro_batch_layout": "micro-batch j of an iteration = samples [j*MBS, (j+1)*MBS) of its global batch",
+        "loss_definitions": {
+            "loss": "default: mean over micro-batches of sum(ce*mask)/max(sum(mask),1); "
+                    "per_token: sum over micro-batches of sum(ce*mask) / max(total tokens,1)",
+            "loss_token_mean": "sum(ce*mask)/sum(mask) over the whole global batch (what Megatron-Bridge logs)",
+            "grad_norm": "global L2 norm of the gradients before clipping (per-token mode: after the 1/num_tokens scaling)",
+            "param_norm": "global L2 norm of the parameters after the optimizer step",
+            "lr": "the lr the step of this iteration used",
+        },
+        "default": {"settings": settings_dict(a, "default", a.train_iters), "iterations": recs_d},
+        "per_token": {"settings": settings_dict(a, "per_token", a.per_token_iters), "iterations": recs_t},
+        "self_checks": checks,
+    }
+    (out / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
+    ok = all(v.get("pass", True) for v in checks.values() if isinstance(v, dict))
+    print("self-checks", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+//! The trainer against a PyTorch replay of megatron-core's loop (`scripts/train_replay.py`,
+//! goldens in `tests/fixtures/train`): the HF Llama fixture mapped to Megatron's layout,
+//! trained on the same batches, mapped back to HF names. Loss, learning rate and gradient norm
+//! at every iteration and the final weights must match torch's.
+
+use bridgeflow_sdk::arrow_array::builder::{Float32Builder, Int64Builder, ListBuilder};
+use bridgeflow_sdk::arrow_array::{ArrayRef, RecordBatch};
+use bridgeflow_tests::{fixtures, load_tensors, run_text, tempdir, workspace_root};
+use safetensors::SafeTensors;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn train_fixtures() -> PathBuf {
+    workspace_root().join("tests/fixtures/train")
+}
+
+fn expected() -> serde_json::Value {
+    let text = std::fs::read_to_string(train_fixtures().join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// The golden batches as a Parquet file of samples (`tokens`: seq + 1 ids, `loss_mask`),
+/// iteration by iteration: the first `iters` global batches.
+fn write_samples(out: &Path, iters: usize) {
+    let bytes = std::fs::read(train_fixtures().join("batches.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let tokens = st.tensor("tokens").unwrap();
+    let mask = st.tensor("loss_mask").unwrap();
+    let (gbs, n_tok) = (tokens.shape()[1], tokens.shape()[2]);
+    let ids: Vec<i64> = tokens
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let m = f32s(mask.data());
+    let mut tb = ListBuilder::new(Int64Builder::new());
+    let mut mb = ListBuilder::new(Float32Builder::new());
+    for s in 0..iters * gbs {
+        tb.values().append_slice(&ids[s * n_tok..(s + 1) * n_tok]);
+        tb.append(true);
+        mb.values()
+            .append_slice(&m[s * (n_tok - 1)..(s + 1) * (n_tok - 1)]);
+        mb.append(true);
+    }
+    let batch = RecordBatch::try_from_iter(vec![
+        ("tokens", Arc::new(tb.finish()) as ArrayRef),
+        ("loss_mask", Arc::new(mb.finish()) as ArrayRef),
+    ])
+    .unwrap();
+    let f = std::fs::File::create(out).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+/// HF → Megatron → train → HF, with the replay's settings.
+fn pipeline(data: &Path, out: &Path, iters: usize, per_token: bool) -> String {
+    let hf = fixtures().join("hf/llama");
+    format!(
+        r#"
+[stages.read]
+plugin = "safetensors"
+kind = "reader"
+config = {{ path = "{hf}" }}
+
+[stages.map]
+plugin = "models"
+kind = "mapper"
+inputs = ["read"]
+config = {{ direction = "to-megatron" }}
+
+[stages.data]
+plugin = "parquet"
+kind = "reader"
+config = {{ path = "{data}", columns = ["tokens", "loss_mask"] }}
+
+[stages.train]
+plugin = "trainer"
+kind = "trainer"
+inputs = ["map", "data"]
+config = {{ seq_length = 32, global_batch_size = 4, micro_batch_size = 2, train_iters = {iters}, lr = 1e-3, min_lr = 1e-4, lr_warmup_iters = 2, lr_decay_iters = 20, lr_decay_style = "cosine", weight_decay = 0.033, adam_beta1 = 0.9, adam_beta2 = 0.95, adam_eps = 1e-8, clip_grad = 1.0, calculate_per_token_loss = {per_token} }}
+
+[stages.to_hf]
+plugin = "models"
+kind = "mapper"
+inputs = ["train.weights"]
+config = {{ direction = "to-hf", hf_config = "{hf}/config.json" }}
+
+[stages.write]
+plugin = "safetensors"
+kind = "writer"
+inputs = ["to_hf"]
+config = {{ path = "{out}" }}
+"#,
+        hf = hf.display(),
+        data = data.display(),
+        out = out.display(),
+    )
+}
+
+fn close(a: f64, b: f64, rel: f64) -> bool {
+    (a - b).abs() <= rel * b.abs().max(1e-12)
+}
+
+fn check_run(mode: &str, per_token: bool, finals: &str) {
+    let dir = tempdir();
+    let want = &expected()[mode];
+    let iters = want["iterations"].as_array().unwrap();
+    let data = dir.path().join("samples.parquet");
+    write_samples(&data, iters.len());
+    let out = dir.path().join("hf");
+    let r = run_text(
+        dir.path(),
+        &pipeline(&data, &out, iters.len(), per_token),
+        &[],
+        1 << 30,
+    )
+    .unwrap();
+    let train = r.stages.iter().find(|s| s.name == "train").unwrap();
+    let m = &train.metrics;
+    for (k, it) in iters.iter().enumerate() {
+        let step = k + 1;
+        let got = |key: &str| m[key][k].as_f64().unwrap();
+        let lr = it["lr"].as_f64().unwrap();
+        assert!(
+            close(got("lr"), lr, 1e-12) || (lr == 0.0 && got("lr") == 0.0),
+            "iteration {step} lr"
+        );
+        let loss = it["loss_token_mean"].as_f64().unwrap();
+        assert!(
+            close(got("loss"), loss, 1e-5),
+            "{mode} iteration {step}: loss {} vs torch {loss}",
+            got("loss")
+        );
+        let norm = it["grad_norm"].as_f64().unwrap();
+        assert!(
+            close(got("grad_norm"), norm, 1e-5),
+            "{mode} iteration {step}: grad norm {} vs torch {norm}",
+            got("grad_norm")
+        );
+        assert_eq!(
+            got("num_tokens"),
+            it["num_tokens"].as_f64().unwrap(),
+            "iteration {step}"
+        );
+    }
+    let ours = load_tensors(&out);
+    let theirs = load_tensors(&train_fixtures().join(finals));
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+    let mut worst = (0.0f32, String::new());
+    for (name, t) in &theirs {
+        for (a, b) in f32s(&ours[name].bytes).iter().zip(f32s(&t.bytes)) {
+            let d = (a - b).abs();
+            if d > worst.0 {
+                worst = (d, name.clone());
+            }
+        }
+    }
+    assert!(
+        worst.0 <= 1e-5,
+        "{mode}: final weights differ by {} in {}",
+        worst.0,
+        worst.1
+    );
+}
+
+/// 20 iterations, loss averaged per micro-batch (megatron-core's default), two micro-batches
+/// of very different token counts in the first iteration.
+#[test]
+fn twenty_iterations_equal_torch() {
+    check_run("default", false, "final.safetensors");
+}
+
+/// `calculate_per_token_loss`: one token mean over the whole global batch.
+#[test]
+fn per_token_loss_equals_torch() {
+    check_run("per_token", true, "final_per_token.safetensors");
+}
+
+/// Named errors, before or instead of a wrong run: a token outside the vocabulary, too few
+/// samples for the iterations asked.
+#[test]
+fn bad_data_is_named() {
+    let dir = tempdir();
+    let data = dir.path().join("samples.parquet");
+    write_samples(&data, 2);
+    let out = dir.path().join("hf");
+    let e = run_text(dir.path(), &pipeline(&data, &out, 3, false), &[], 1 << 30).unwrap_err();
+    assert!(
+        e.contains("the data ran out after 2 of 3 iterations"),
+        "{e}"
+    );
+    assert!(!out.exists());
+    let text = pipeline(&data, &out, 2, false).replace("seq_length = 32", "seq_length = 31");
+    let e = run_text(dir.path(), &text, &[], 1 << 30).unwrap_err();
+    assert!(
+        e.contains("sample 0: 33 tokens; seq_length 31 needs 32"),
+        "{e}"
+    );
+}
+
+/// The Llama fixture's HF weights in Megatron's fused layout (q/k/v per query group,
+/// `[gate; up]`), and back: what the mapper does, restated for the gradient check.
+mod layout {
+    pub const HEADS: usize = 4;
+    pub const GROUPS: usize = 2;
+    pub const D: usize = 16;
+
+    pub fn rows(v: &[f32], cols: usize, from: usize, n: usize) -> Vec<f32> {
+        v[from * cols..(from + n) * cols].to_vec()
+    }
+
+    /// `linear_qkv` rows from q, k, v (each `[rows, cols]`).
+    pub fn fuse_qkv(q: &[f32], k: &[f32], v: &[f32], cols: usize) -> Vec<f32> {
+        let hpg = HEADS / GROUPS;
+        let mut out = Vec::new();
+        for g in 0..GROUPS {
+            out.extend(rows(q, cols, g * hpg * D, hpg * D));
+            out.extend(rows(k, cols, g * D, D));
+            out.extend(rows(v, cols, g * D, D));
+        }
+        out
+    }
+
+    /// The inverse of [`fuse_qkv`].
+    pub fn split_qkv(qkv: &[f32], cols: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let hpg = HEADS / GROUPS;
+        let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+        for g in 0..GROUPS {
+            let base = g * (hpg + 2) * D;
+            q.extend(rows(qkv, cols, base, hpg * D));
+            k.extend(rows(qkv, cols, base + hpg * D, D));
+            v.extend(rows(qkv, cols, base + (hpg + 1) * D, D));
+        }
+        (q, k, v)
+    }
+}
+
+/// Every parameter's gradient after the first iteration's backward (two micro-batches,
+/// accumulated, before clipping) within 1e-5 relative of torch autograd's.
+#[test]
+fn first_gradients_equal_torch_autograd() {
+    use bridgeflow_plugin_train::config::TrainConfig;
+    use bridgeflow_plugin_train::data::Sample;
+    use bridgeflow_plugin_train::model::GptConfig;
+    use bridgeflow_plugin_train::params::Params;
+    use bridgeflow_plugin_train::trainer::Trainer;
+    use layout::*;
+
+    let hf = load_tensors(&fixtures().join("hf/llama/model.safetensors"));
+    let w = |n: &str| f32s(&hf[n].bytes);
+    let h = 64;
+    let model = GptConfig {
+        num_layers: 2,
+        hidden_size: h,
+        ffn_hidden_size: 128,
+        num_attention_heads: HEADS,
+        num_query_groups: GROUPS,
+        kv_channels: D,
+        layernorm_epsilon: 1e-6,
+        rotary_base: 10000.0,
+        vocab_size: 256,
+        tied: false,
+        qkv_bias: false,
+        qk_layernorm: false,
+    };
+    // Megatron name → (HF values in Megatron layout).
+    let mut megatron: Vec<(String, Vec<f32>)> = vec![
+        (
+            "embedding.word_embeddings.weight".into(),
+            w("model.embed_tokens.weight"),
+        ),
+        (
+            "decoder.final_layernorm.weight".into(),
+            w("model.norm.weight"),
+        ),
+        ("output_layer.weight".into(), w("lm_head.weight")),
+    ];
+    for l in 0..2 {
+        let p = |s: &str| format!("model.layers.{l}.{s}");
+        let m = |s: &str| format!("decoder.layers.{l}.{s}");
+        megatron.push((
+            m("self_attention.linear_qkv.layer_norm_weight"),
+            w(&p("input_layernorm.weight")),
+        ));
+        megatron.push((
+            m("self_attention.linear_qkv.weight"),
+            fuse_qkv(
+                &w(&p("self_attn.q_proj.weight")),
+                &w(&p("self_attn.k_proj.weight")),
+                &w(&p("self_attn.v_proj.weight")),
+                h,
+            ),
+        ));
+        megatron.push((
+            m("self_attention.linear_proj.weight"),
+            w(&p("self_attn.o_proj.weight")),
+        ));
+        megatron.push((
+            m("mlp.linear_fc1.layer_norm_weight"),
+            w(&p("post_attention_layernorm.weight")),
+        ));
+        let mut fc1 = w(&p("mlp.gate_proj.weight"));
+        fc1.extend(w(&p("mlp.up_proj.weight")));
+        megatron.push((m("mlp.linear_fc1.weight"), fc1));
+        megatron.push((m("mlp.linear_fc2.weight"), w(&p("mlp.down_proj.weight"))));
+    }
+    let dev = candle_core::Device::Cpu;
+    let mut params = Params::default();
+    for (name, shape) in model.parameters() {
+        let values = megatron.iter().find(|(n, _)| *n == name).unwrap().1.clone();
+        params
+            .insert(&name, shape, bridgeflow_sdk::DType::F32, values, &dev)
+            .unwrap();
+    }
+    let cfg: TrainConfig = serde_json::from_value(serde_json::json!({
+        "seq_length": 32, "global_batch_size": 4, "micro_batch_size": 2, "train_iters": 1,
+        "lr": 1e-3, "min_lr": 1e-4, "lr_warmup_iters": 2, "lr_decay_iters": 20,
+    }))
+    .unwrap();
+    let trainer = Trainer::new(cfg, model, params, dev).unwrap();
+    // Iteration 1's four samples.
+    let bytes = std::fs::read(train_fixtures().join("batches.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let ids: Vec<u32> = st
+        .tensor("tokens")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    let mask = f32s(st.tensor("loss_mask").unwrap().data());
+    let samples: Vec<Sample> = (0..4)
+        .map(|s| Sample {
+            tokens: ids[s * 33..(s + 1) * 33].to_vec(),
+            loss_mask: mask[s * 32..(s + 1) * 32].to_vec(),
+        })
+        .collect();
+    let (grads, _, _) = trainer.gradients(&samples).unwrap();
+    // Back to HF names and layouts.
+    let mut ours: Vec<(String, Vec<f32>)> = vec![
+        (
+            "model.embed_tokens.weight".into(),
+            grads["embedding.word_embeddings.weight"].clone(),
+        ),
+        (
+            "model.norm.weight".into(),
+            grads["decoder.final_layernorm.weight"].clone(),
+        ),
+        (
+            "lm_head.weight".into(),
+            grads["output_layer.weight"].clone(),
+        ),
+    ];
+    for l in 0..2 {
+        let p = |s: &str| format!("model.layers.{l}.{s}");
+        let g = |s: &str| grads[&format!("decoder.layers.{l}.{s}")].clone();
+        let (q, k, v) = split_qkv(&g("self_attention.linear_qkv.weight"), h);
+        ours.push((p("self_attn.q_proj.weight"), q));
+        ours.push((p("self_attn.k_proj.weight"), k));
+        ours.push((p("self_attn.v_proj.weight"), v));
+        ours.push((
+            p("self_attn.o_proj.weight"),
+            g("self_attention.linear_proj.weight"),
+        ));
+        ours.push((
+            p("input_layernorm.weight"),
+            g("self_attention.linear_qkv.layer_norm_weight"),
+        ));
+        ours.push((
+            p("post_attention_layernorm.weight"),
+            g("mlp.linear_fc1.layer_norm_weight"),
+        ));
+        let fc1 = g("mlp.linear_fc1.weight");
+        ours.push((p("mlp.gate_proj.weight"), fc1[..128 * h].to_vec()));
+        ours.push((p("mlp.up_proj.weight"), fc1[128 * h..].to_vec()));
+        ours.push((p("mlp.down_proj.weight"), g("mlp.linear_fc2.weight")));
+    }
+    let torch = load_tensors(&train_fixtures().join("grads_iter1.safetensors"));
+    let mut report = Vec::new();
+    for (name, g) in &ours {
+        let t = f32s(&torch[name].bytes);
+        let diff: f64 = g
+            .iter()
+            .zip(&t)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let norm: f64 = t.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt();
+        report.push((diff / norm.max(1e-30), name.clone()));
+    }
+    report.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
+    assert!(
+        report[0].0 <= 1e-5,
+        "relative gradient error per tensor, worst first: {report:?}"
+    );
+}
