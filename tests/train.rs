@@ -251,77 +251,12 @@ mod layout {
 fn first_gradients_equal_torch_autograd() {
     use bridgeflow_plugin_train::config::TrainConfig;
     use bridgeflow_plugin_train::data::Sample;
-    use bridgeflow_plugin_train::model::GptConfig;
-    use bridgeflow_plugin_train::params::Params;
     use bridgeflow_plugin_train::trainer::Trainer;
     use layout::*;
 
-    let hf = load_tensors(&fixtures().join("hf/llama/model.safetensors"));
-    let w = |n: &str| f32s(&hf[n].bytes);
-    let h = 64;
-    let model = GptConfig {
-        num_layers: 2,
-        hidden_size: h,
-        ffn_hidden_size: 128,
-        num_attention_heads: HEADS,
-        num_query_groups: GROUPS,
-        kv_channels: D,
-        layernorm_epsilon: 1e-6,
-        rotary_base: 10000.0,
-        vocab_size: 256,
-        tied: false,
-        qkv_bias: false,
-        qk_layernorm: false,
-    };
-    // Megatron name → (HF values in Megatron layout).
-    let mut megatron: Vec<(String, Vec<f32>)> = vec![
-        (
-            "embedding.word_embeddings.weight".into(),
-            w("model.embed_tokens.weight"),
-        ),
-        (
-            "decoder.final_layernorm.weight".into(),
-            w("model.norm.weight"),
-        ),
-        ("output_layer.weight".into(), w("lm_head.weight")),
-    ];
-    for l in 0..2 {
-        let p = |s: &str| format!("model.layers.{l}.{s}");
-        let m = |s: &str| format!("decoder.layers.{l}.{s}");
-        megatron.push((
-            m("self_attention.linear_qkv.layer_norm_weight"),
-            w(&p("input_layernorm.weight")),
-        ));
-        megatron.push((
-            m("self_attention.linear_qkv.weight"),
-            fuse_qkv(
-                &w(&p("self_attn.q_proj.weight")),
-                &w(&p("self_attn.k_proj.weight")),
-                &w(&p("self_attn.v_proj.weight")),
-                h,
-            ),
-        ));
-        megatron.push((
-            m("self_attention.linear_proj.weight"),
-            w(&p("self_attn.o_proj.weight")),
-        ));
-        megatron.push((
-            m("mlp.linear_fc1.layer_norm_weight"),
-            w(&p("post_attention_layernorm.weight")),
-        ));
-        let mut fc1 = w(&p("mlp.gate_proj.weight"));
-        fc1.extend(w(&p("mlp.up_proj.weight")));
-        megatron.push((m("mlp.linear_fc1.weight"), fc1));
-        megatron.push((m("mlp.linear_fc2.weight"), w(&p("mlp.down_proj.weight"))));
-    }
+    let (model, params) = tiny_model();
     let dev = candle_core::Device::Cpu;
-    let mut params = Params::default();
-    for (name, shape) in model.parameters() {
-        let values = megatron.iter().find(|(n, _)| *n == name).unwrap().1.clone();
-        params
-            .insert(&name, shape, bridgeflow_sdk::DType::F32, values, &dev)
-            .unwrap();
-    }
+    let h = 64;
     let cfg: TrainConfig = serde_json::from_value(serde_json::json!({
         "seq_length": 32, "global_batch_size": 4, "micro_batch_size": 2, "train_iters": 1,
         "lr": 1e-3, "min_lr": 1e-4, "lr_warmup_iters": 2, "lr_decay_iters": 20,
@@ -329,20 +264,13 @@ fn first_gradients_equal_torch_autograd() {
     .unwrap();
     let trainer = Trainer::new(cfg, model, params, dev).unwrap();
     // Iteration 1's four samples.
-    let bytes = std::fs::read(train_fixtures().join("batches.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let ids: Vec<u32> = st
-        .tensor("tokens")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect();
-    let mask = f32s(st.tensor("loss_mask").unwrap().data());
+    let (ids, mask) = golden_batches();
     let samples: Vec<Sample> = (0..4)
-        .map(|s| Sample {
-            tokens: ids[s * 33..(s + 1) * 33].to_vec(),
-            loss_mask: mask[s * 32..(s + 1) * 32].to_vec(),
+        .map(|s| {
+            Sample::gpt(
+                &ids[s * 33..(s + 1) * 33],
+                mask[s * 32..(s + 1) * 32].to_vec(),
+            )
         })
         .collect();
     let (grads, _, _) = trainer.gradients(&samples).unwrap();
@@ -403,4 +331,180 @@ fn first_gradients_equal_torch_autograd() {
         report[0].0 <= 1e-5,
         "relative gradient error per tensor, worst first: {report:?}"
     );
+}
+
+/// The HF Llama fixture as the trainer's model: its config and its weights in Megatron's
+/// layout.
+fn tiny_model() -> (
+    bridgeflow_plugin_train::model::GptConfig,
+    bridgeflow_plugin_train::params::Params,
+) {
+    use bridgeflow_plugin_train::model::GptConfig;
+    use bridgeflow_plugin_train::params::Params;
+    use layout::*;
+    let dev = candle_core::Device::Cpu;
+    let hf = load_tensors(&fixtures().join("hf/llama/model.safetensors"));
+    let w = |n: &str| f32s(&hf[n].bytes);
+    let h = 64;
+    let model = GptConfig {
+        num_layers: 2,
+        hidden_size: h,
+        ffn_hidden_size: 128,
+        num_attention_heads: HEADS,
+        num_query_groups: GROUPS,
+        kv_channels: D,
+        layernorm_epsilon: 1e-6,
+        rotary_base: 10000.0,
+        vocab_size: 256,
+        tied: false,
+        qkv_bias: false,
+        qk_layernorm: false,
+    };
+    // Megatron name → (HF values in Megatron layout).
+    let mut megatron: Vec<(String, Vec<f32>)> = vec![
+        (
+            "embedding.word_embeddings.weight".into(),
+            w("model.embed_tokens.weight"),
+        ),
+        (
+            "decoder.final_layernorm.weight".into(),
+            w("model.norm.weight"),
+        ),
+        ("output_layer.weight".into(), w("lm_head.weight")),
+    ];
+    for l in 0..2 {
+        let p = |s: &str| format!("model.layers.{l}.{s}");
+        let m = |s: &str| format!("decoder.layers.{l}.{s}");
+        megatron.push((
+            m("self_attention.linear_qkv.layer_norm_weight"),
+            w(&p("input_layernorm.weight")),
+        ));
+        megatron.push((
+            m("self_attention.linear_qkv.weight"),
+            fuse_qkv(
+                &w(&p("self_attn.q_proj.weight")),
+                &w(&p("self_attn.k_proj.weight")),
+                &w(&p("self_attn.v_proj.weight")),
+                h,
+            ),
+        ));
+        megatron.push((
+            m("self_attention.linear_proj.weight"),
+            w(&p("self_attn.o_proj.weight")),
+        ));
+        megatron.push((
+            m("mlp.linear_fc1.layer_norm_weight"),
+            w(&p("post_attention_layernorm.weight")),
+        ));
+        let mut fc1 = w(&p("mlp.gate_proj.weight"));
+        fc1.extend(w(&p("mlp.up_proj.weight")));
+        megatron.push((m("mlp.linear_fc1.weight"), fc1));
+        megatron.push((m("mlp.linear_fc2.weight"), w(&p("mlp.down_proj.weight"))));
+    }
+    let mut params = Params::default();
+    for (name, shape) in model.parameters() {
+        let values = megatron.iter().find(|(n, _)| *n == name).unwrap().1.clone();
+        params
+            .insert(&name, shape, bridgeflow_sdk::DType::F32, values, &dev)
+            .unwrap();
+    }
+    (model, params)
+}
+
+/// The golden batches: every sample's 33 ids, and 32 loss-mask values.
+fn golden_batches() -> (Vec<u32>, Vec<f32>) {
+    let bytes = std::fs::read(train_fixtures().join("batches.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let ids: Vec<u32> = st
+        .tensor("tokens")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    (ids, f32s(st.tensor("loss_mask").unwrap().data()))
+}
+
+/// A packed row of three sequences equals the three run one by one: the same loss sum and
+/// token count, and every parameter's gradient within 1e-5 relative — attention never crosses
+/// a sub-sequence and positions restart in each.
+#[test]
+fn a_packed_row_equals_its_sequences_run_one_by_one() {
+    use bridgeflow_plugin_train::data::{unpack, Sample};
+    use bridgeflow_plugin_train::model::{Gpt, Positions};
+    use bridgeflow_plugin_train::trainer::batch;
+    let (model, params) = tiny_model();
+    let dev = candle_core::Device::Cpu;
+    let gpt = Gpt {
+        cfg: &model,
+        params: &params,
+    };
+    let (ids, mask) = golden_batches();
+    // Token 2 is the EOS here; keep it out of the sequences so every token counts.
+    let ids: Vec<u32> = ids[..30]
+        .iter()
+        .map(|&t| if t == 2 { 3 } else { t })
+        .collect();
+    let mask: Vec<f32> = mask[..30].to_vec();
+    let starts = [0usize, 10, 22];
+    let packed = unpack(&ids, &mask, &starts, 32, 2, true, 0).unwrap();
+    let pos = Positions::new(&model, 32, &dev).unwrap();
+    let (sum, n) = gpt
+        .loss_sum(&batch(&[packed], 32, &pos, &dev).unwrap())
+        .unwrap();
+    let packed_grads = sum.backward().unwrap();
+    let packed_sum: f32 = sum.to_scalar().unwrap();
+
+    let bounds = [0usize, 10, 22, 30];
+    let mut total: Option<candle_core::Tensor> = None;
+    let mut tokens = 0.0;
+    for w in bounds.windows(2) {
+        let (b, e) = (w[0], w[1]);
+        let seq = e - b - 1;
+        let one = Sample::gpt(&ids[b..e], mask[b..e - 1].to_vec());
+        let pos = Positions::new(&model, seq, &dev).unwrap();
+        let (s, k) = gpt
+            .loss_sum(&batch(&[one], seq, &pos, &dev).unwrap())
+            .unwrap();
+        tokens += k;
+        total = Some(match total {
+            None => s,
+            Some(t) => (t + s).unwrap(),
+        });
+    }
+    let total = total.unwrap();
+    let separate_grads = total.backward().unwrap();
+    let separate_sum: f32 = total.to_scalar().unwrap();
+    assert_eq!(n, tokens);
+    assert!(
+        (packed_sum - separate_sum).abs() <= 1e-5 * separate_sum.abs(),
+        "{packed_sum} vs {separate_sum}"
+    );
+    for (name, p) in &params.by_name {
+        let a: Vec<f32> = packed_grads
+            .get(p.var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = separate_grads
+            .get(p.var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let diff: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| ((x - y) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(
+            diff <= 1e-5 * norm.max(1e-30),
+            "{name}: {diff} vs norm {norm}"
+        );
+    }
 }

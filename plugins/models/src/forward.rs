@@ -101,6 +101,126 @@ fn rope(x: &mut [f32], seq: usize, heads: usize, hd: usize, theta: f32) {
     }
 }
 
+/// Layer `l`'s self-attention on its normed input `h` [seq, hidden]: q, k, v (biases, q/k
+/// norms, RoPE), causal softmax attention, the output projection.
+fn attention(
+    w: &Weights,
+    c: &ModelConfig,
+    l: u64,
+    h: &[f32],
+    (seq, hidden): (usize, usize),
+    (eps, theta): (f32, f32),
+) -> Result<Vec<f32>> {
+    let p = |n: &str| names::layer_key(l, n);
+    let (nh, ng, hd) = (
+        c.heads.heads as usize,
+        c.heads.groups as usize,
+        c.heads.head_dim as usize,
+    );
+    let (_, qkv) = w.get(&p("self_attention.linear_qkv.weight"))?;
+    let bytes: Vec<u8> = qkv.iter().flat_map(|f| f.to_le_bytes()).collect();
+    let (qw, kw, vw) = split_qkv(&bytes, c.heads, hidden * 4)?;
+    let f = |b: Vec<u8>| -> Vec<f32> {
+        b.chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let (qw, kw, vw) = (f(qw), f(kw), f(vw));
+    let mut q = linear(h, seq, &qw, nh * hd);
+    let mut k = linear(h, seq, &kw, ng * hd);
+    let mut v = linear(h, seq, &vw, ng * hd);
+    if let Ok((_, qb)) = w.get(&p("self_attention.linear_qkv.bias")) {
+        let bb: Vec<u8> = qb.iter().flat_map(|f| f.to_le_bytes()).collect();
+        let (bq, bk, bv) = split_qkv(&bb, c.heads, 4)?;
+        let add = |x: &mut [f32], b: &[f32]| {
+            for row in x.chunks_mut(b.len()) {
+                row.iter_mut().zip(b).for_each(|(a, c)| *a += c);
+            }
+        };
+        add(&mut q, &f(bq));
+        add(&mut k, &f(bk));
+        add(&mut v, &f(bv));
+    }
+    if let Ok((_, qn)) = w.get(&p("self_attention.q_layernorm.weight")) {
+        // Per-head norms (Qwen3): over each head's head_dim values.
+        q = rms_norm(&q, qn, eps);
+        k = rms_norm(&k, &w.get(&p("self_attention.k_layernorm.weight"))?.1, eps);
+    }
+    rope(&mut q, seq, nh, hd, theta);
+    rope(&mut k, seq, ng, hd, theta);
+    let att = causal_attention(&q, &k, &v, seq, (nh, ng, hd));
+    Ok(linear(
+        &att,
+        seq,
+        &w.get(&p("self_attention.linear_proj.weight"))?.1,
+        hidden,
+    ))
+}
+
+/// Softmax attention of each position over those up to it, head by head, each head over its
+/// query group's k and v ([seq, heads · head_dim] out).
+fn causal_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    seq: usize,
+    (nh, ng, hd): (usize, usize, usize),
+) -> Vec<f32> {
+    let per = nh / ng;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut att = vec![0f32; seq * nh * hd];
+    for head in 0..nh {
+        let g = head / per;
+        for i in 0..seq {
+            let qi = &q[(i * nh + head) * hd..(i * nh + head + 1) * hd];
+            let mut scores: Vec<f32> = (0..=i)
+                .map(|j| {
+                    let kj = &k[(j * ng + g) * hd..(j * ng + g + 1) * hd];
+                    qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale
+                })
+                .collect();
+            let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = scores
+                .iter_mut()
+                .map(|s| {
+                    *s = (*s - m).exp();
+                    *s
+                })
+                .sum();
+            let out = &mut att[(i * nh + head) * hd..(i * nh + head + 1) * hd];
+            for (j, s) in scores.iter().enumerate() {
+                let vj = &v[(j * ng + g) * hd..(j * ng + g + 1) * hd];
+                for (o, val) in out.iter_mut().zip(vj) {
+                    *o += s / z * val;
+                }
+            }
+        }
+    }
+    att
+}
+
+/// Layer `l`'s SwiGLU MLP on its normed input `h` [seq, hidden].
+fn swiglu(w: &Weights, l: u64, h: &[f32], seq: usize, hidden: usize) -> Result<Vec<f32>> {
+    let p = |n: &str| names::layer_key(l, n);
+    let (fc1_shape, fc1) = w.get(&p("mlp.linear_fc1.weight"))?;
+    let ffn = fc1_shape[0] as usize / 2;
+    let gu = linear(h, seq, fc1, 2 * ffn);
+    let mut act = vec![0f32; seq * ffn];
+    for s in 0..seq {
+        for i in 0..ffn {
+            let g = gu[s * 2 * ffn + i];
+            let u = gu[s * 2 * ffn + ffn + i];
+            act[s * ffn + i] = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+    Ok(linear(
+        &act,
+        seq,
+        &w.get(&p("mlp.linear_fc2.weight"))?.1,
+        hidden,
+    ))
+}
+
 /// Logits [seq, vocab] for `ids`.
 pub fn logits(w: &Weights, c: &ModelConfig, ids: &[u64], eps: f32, theta: f32) -> Result<Vec<f32>> {
     let (emb_shape, emb) = w.get(names::WORD_EMBEDDINGS)?;
@@ -111,11 +231,6 @@ pub fn logits(w: &Weights, c: &ModelConfig, ids: &[u64], eps: f32, theta: f32) -
         let r = id as usize;
         x.extend_from_slice(&emb[r * hidden..(r + 1) * hidden]);
     }
-    let (nh, ng, hd) = (
-        c.heads.heads as usize,
-        c.heads.groups as usize,
-        c.heads.head_dim as usize,
-    );
     for l in 0..c.layers {
         let p = |n: &str| names::layer_key(l, n);
         let h = rms_norm(
@@ -123,87 +238,10 @@ pub fn logits(w: &Weights, c: &ModelConfig, ids: &[u64], eps: f32, theta: f32) -
             &w.get(&p("self_attention.linear_qkv.layer_norm_weight"))?.1,
             eps,
         );
-        let (_, qkv) = w.get(&p("self_attention.linear_qkv.weight"))?;
-        let bytes: Vec<u8> = qkv.iter().flat_map(|f| f.to_le_bytes()).collect();
-        let (qw, kw, vw) = split_qkv(&bytes, c.heads, hidden * 4)?;
-        let f = |b: Vec<u8>| -> Vec<f32> {
-            b.chunks(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect()
-        };
-        let (qw, kw, vw) = (f(qw), f(kw), f(vw));
-        let mut q = linear(&h, seq, &qw, nh * hd);
-        let mut k = linear(&h, seq, &kw, ng * hd);
-        let mut v = linear(&h, seq, &vw, ng * hd);
-        if let Ok((_, qb)) = w.get(&p("self_attention.linear_qkv.bias")) {
-            let bb: Vec<u8> = qb.iter().flat_map(|f| f.to_le_bytes()).collect();
-            let (bq, bk, bv) = split_qkv(&bb, c.heads, 4)?;
-            let add = |x: &mut [f32], b: &[f32]| {
-                for row in x.chunks_mut(b.len()) {
-                    row.iter_mut().zip(b).for_each(|(a, c)| *a += c);
-                }
-            };
-            add(&mut q, &f(bq));
-            add(&mut k, &f(bk));
-            add(&mut v, &f(bv));
-        }
-        if let Ok((_, qn)) = w.get(&p("self_attention.q_layernorm.weight")) {
-            // Per-head norms (Qwen3): over each head's head_dim values.
-            q = rms_norm(&q, qn, eps);
-            k = rms_norm(&k, &w.get(&p("self_attention.k_layernorm.weight"))?.1, eps);
-        }
-        rope(&mut q, seq, nh, hd, theta);
-        rope(&mut k, seq, ng, hd, theta);
-        let per = nh / ng;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let mut att = vec![0f32; seq * nh * hd];
-        for head in 0..nh {
-            let g = head / per;
-            for i in 0..seq {
-                let qi = &q[(i * nh + head) * hd..(i * nh + head + 1) * hd];
-                let mut scores: Vec<f32> = (0..=i)
-                    .map(|j| {
-                        let kj = &k[(j * ng + g) * hd..(j * ng + g + 1) * hd];
-                        qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale
-                    })
-                    .collect();
-                let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let z: f32 = scores
-                    .iter_mut()
-                    .map(|s| {
-                        *s = (*s - m).exp();
-                        *s
-                    })
-                    .sum();
-                let out = &mut att[(i * nh + head) * hd..(i * nh + head + 1) * hd];
-                for (j, s) in scores.iter().enumerate() {
-                    let vj = &v[(j * ng + g) * hd..(j * ng + g + 1) * hd];
-                    for (o, val) in out.iter_mut().zip(vj) {
-                        *o += s / z * val;
-                    }
-                }
-            }
-        }
-        let o = linear(
-            &att,
-            seq,
-            &w.get(&p("self_attention.linear_proj.weight"))?.1,
-            hidden,
-        );
+        let o = attention(w, c, l, &h, (seq, hidden), (eps, theta))?;
         x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         let h = rms_norm(&x, &w.get(&p("mlp.linear_fc1.layer_norm_weight"))?.1, eps);
-        let (fc1_shape, fc1) = w.get(&p("mlp.linear_fc1.weight"))?;
-        let ffn = fc1_shape[0] as usize / 2;
-        let gu = linear(&h, seq, fc1, 2 * ffn);
-        let mut act = vec![0f32; seq * ffn];
-        for s in 0..seq {
-            for i in 0..ffn {
-                let g = gu[s * 2 * ffn + i];
-                let u = gu[s * 2 * ffn + ffn + i];
-                act[s * ffn + i] = g / (1.0 + (-g).exp()) * u;
-            }
-        }
-        let d = linear(&act, seq, &w.get(&p("mlp.linear_fc2.weight"))?.1, hidden);
+        let d = swiglu(w, l, &h, seq, hidden)?;
         x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
     }
     let x = rms_norm(&x, &w.get(names::FINAL_LAYERNORM)?.1, eps);

@@ -6,8 +6,10 @@ pub mod check;
 pub mod expect;
 pub mod families;
 pub mod forward;
+pub mod layout;
 pub mod mapper;
 pub mod megatron_config;
+pub mod quirks;
 
 bridgeflow_sdk::export_plugins! {
     "models" {

@@ -1,19 +1,18 @@
 //! A table-driven mapper: any family's table of [`Entry`] rows converts in both directions.
 //!
-//! Every fused kind is described by [`row_segments`] — which rows of the Megatron tensor come
-//! from which rows of which HF part — so both directions move blocks of rows as views of their
-//! input: HF → Megatron emits each HF tensor's runs of rows as pieces of the per-layer Megatron
-//! tensor (the torch_dist writer stacks layers and places pieces as chunks); Megatron → HF
-//! emits each run of a Megatron tensor, or of a stored block of it, as rows of an HF tensor
-//! (the safetensors writer places them). With `zero_copy = false` whole tensors are assembled
-//! instead, for consumers that need them (verify, the logits check).
+//! The mapper finds each tensor's row (and layer, expert) in the family's table and hands the
+//! work to the row's mapping layout ([`crate::layout`]: one type per kind, both directions).
+//! The row layouts move blocks of rows as views of their input: HF → Megatron emits each HF
+//! tensor's runs of rows as pieces of the per-layer Megatron tensor (the torch_dist writer
+//! stacks layers and places pieces as chunks); Megatron → HF emits each run of a Megatron
+//! tensor, or of a stored block of it, as rows of an HF tensor (the safetensors writer places
+//! them). With `zero_copy = false` whole tensors are assembled instead, for consumers that need
+//! them (verify, the logits check).
 
 use crate::expect;
 use crate::families::{self, Family};
-use bridgeflow_megatron::mapping::{
-    expert_block, expert_block_dims, fill, fused_rows, match_name, row_segments, split_qkv, Entry,
-    Heads, Index, Kind, Layers, MambaDims, RowSegment,
-};
+use crate::layout::{self, row_bytes, Geometry, Group, Layout, Parts, Routes};
+use bridgeflow_megatron::mapping::{fill, match_name, Entry, Heads, Index, Layers, MambaDims};
 use bridgeflow_sdk::{
     schemars, serde, Buffer, Emitter, Item, PluginError, Result, StreamPlan, Tensor, TensorInfo,
     Transform,
@@ -148,67 +147,129 @@ pub fn model_config(path: &Path) -> Result<ModelConfig> {
     model_config_from(&crate::megatron_config::text_view(&read_json(path)?), path)
 }
 
-/// The geometry of an HF config (`path` only names it in messages).
-pub fn model_config_from(c: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
-    let arch = c["architectures"][0].as_str().unwrap_or("").to_string();
-    // Every number is checked against its range before anything is sized by it.
-    let get = |k: &str| c[k].as_u64();
-    let need = |k: &str| {
-        get(k).ok_or_else(|| PluginError::format(format!("{}: no '{k}'", path.display())))
-    };
-    let within = |k: &str, v: u64, lo: u64, hi: u64| {
+/// Numbers of an HF config, each checked against its range before anything is sized by it.
+struct Numbers<'a> {
+    c: &'a serde_json::Value,
+    path: &'a Path,
+}
+
+impl Numbers<'_> {
+    fn get(&self, k: &str) -> Option<u64> {
+        self.c[k].as_u64()
+    }
+    fn within(&self, k: &str, v: u64, lo: u64, hi: u64) -> Result<u64> {
         if (lo..=hi).contains(&v) {
             Ok(v)
         } else {
             Err(PluginError::config(format!(
                 "{}: '{k}' is {v}; expected {lo} to {hi}",
-                path.display()
+                self.path.display()
             )))
         }
-    };
-    let bounded = |k: &str, lo: u64, hi: u64| need(k).and_then(|v| within(k, v, lo, hi));
-    let maybe = |k: &str, lo: u64, hi: u64| get(k).map(|v| within(k, v, lo, hi)).transpose();
-    let hidden = bounded("hidden_size", 1, MAX_WIDTH)?;
-    let heads = bounded("num_attention_heads", 1, MAX_HEADS)?;
-    let layers = bounded("num_hidden_layers", 1, MAX_LAYERS)?;
-    let experts = match get("num_local_experts")
-        .map(|v| ("num_local_experts", v))
-        .or_else(|| get("num_experts").map(|v| ("num_experts", v)))
-        .or_else(|| get("n_routed_experts").map(|v| ("n_routed_experts", v)))
-    {
-        Some((k, v)) => Some(within(k, v, 0, MAX_EXPERTS)?).filter(|&e| e > 0),
-        None => None,
-    };
-    let groups = maybe("num_key_value_heads", 1, heads)?.unwrap_or(heads);
-    if heads % groups != 0 {
-        return Err(PluginError::config(format!(
-            "{}: {heads} attention heads do not divide into {groups} key/value heads",
-            path.display()
-        )));
     }
-    let head_dim = match maybe("head_dim", 1, MAX_WIDTH)? {
-        Some(d) => d,
-        None => within(
-            "hidden_size / num_attention_heads",
-            hidden / heads,
-            1,
-            MAX_WIDTH,
-        )?,
-    };
-    // MoE layers: all but the first `first_k_dense_replace`, every `decoder_sparse_step`-th,
-    // none of `mlp_only_layers`.
-    let dense_first = get("first_k_dense_replace").unwrap_or(0);
-    let step = get("decoder_sparse_step").unwrap_or(1).max(1);
-    let mlp_only: Vec<u64> = c["mlp_only_layers"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
-        .unwrap_or_default();
-    let mtp = maybe("num_nextn_predict_layers", 0, MAX_LAYERS)?.unwrap_or(0);
-    let moe = (0..layers + mtp)
-        .map(|l| {
-            experts.is_some() && l >= dense_first && (l + 1) % step == 0 && !mlp_only.contains(&l)
+    /// A key the config must have.
+    fn bounded(&self, k: &str, lo: u64, hi: u64) -> Result<u64> {
+        let v = self
+            .get(k)
+            .ok_or_else(|| PluginError::format(format!("{}: no '{k}'", self.path.display())))?;
+        self.within(k, v, lo, hi)
+    }
+    fn maybe(&self, k: &str, lo: u64, hi: u64) -> Result<Option<u64>> {
+        self.get(k).map(|v| self.within(k, v, lo, hi)).transpose()
+    }
+
+    /// Routed experts per MoE layer, under any of the families' keys (none for 0).
+    fn experts(&self) -> Result<Option<u64>> {
+        let key = ["num_local_experts", "num_experts", "n_routed_experts"]
+            .into_iter()
+            .find_map(|k| self.get(k).map(|v| (k, v)));
+        match key {
+            Some((k, v)) => Ok(Some(self.within(k, v, 0, MAX_EXPERTS)?).filter(|&e| e > 0)),
+            None => Ok(None),
+        }
+    }
+
+    /// The attention geometry of `heads` attention heads: query groups and head size.
+    fn heads(&self, hidden: u64, heads: u64) -> Result<Heads> {
+        let groups = self
+            .maybe("num_key_value_heads", 1, heads)?
+            .unwrap_or(heads);
+        if !heads.is_multiple_of(groups) {
+            return Err(PluginError::config(format!(
+                "{}: {heads} attention heads do not divide into {groups} key/value heads",
+                self.path.display()
+            )));
+        }
+        let head_dim = match self.maybe("head_dim", 1, MAX_WIDTH)? {
+            Some(d) => d,
+            None => self.within(
+                "hidden_size / num_attention_heads",
+                hidden / heads,
+                1,
+                MAX_WIDTH,
+            )?,
+        };
+        Ok(Heads {
+            heads,
+            groups,
+            head_dim,
         })
-        .collect();
+    }
+
+    /// Which of the layers (and MTP layers) are MoE: all but the first
+    /// `first_k_dense_replace`, every `decoder_sparse_step`-th, none of `mlp_only_layers`.
+    fn moe_layers(&self, layers: u64, experts: Option<u64>) -> Vec<bool> {
+        let dense_first = self.get("first_k_dense_replace").unwrap_or(0);
+        let step = self.get("decoder_sparse_step").unwrap_or(1).max(1);
+        let mlp_only: Vec<u64> = self.c["mlp_only_layers"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+            .unwrap_or_default();
+        (0..layers)
+            .map(|l| {
+                experts.is_some()
+                    && l >= dense_first
+                    && (l + 1) % step == 0
+                    && !mlp_only.contains(&l)
+            })
+            .collect()
+    }
+
+    /// A Mamba-2 mixer's widths, when the config has Mamba heads.
+    fn mamba(&self) -> Result<Option<MambaDims>> {
+        let (Some(h), Some(d)) = (
+            self.maybe("mamba_num_heads", 1, MAX_HEADS)?,
+            self.maybe("mamba_head_dim", 1, MAX_WIDTH)?,
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(MambaDims {
+            inner: self.within("mamba_num_heads * mamba_head_dim", h * d, 1, MAX_WIDTH)?,
+            bc: self.within(
+                "n_groups * ssm_state_size",
+                self.maybe("n_groups", 1, MAX_HEADS)?.unwrap_or(1)
+                    * self.bounded("ssm_state_size", 1, MAX_WIDTH)?,
+                1,
+                MAX_WIDTH,
+            )?,
+            heads: h,
+        }))
+    }
+}
+
+/// The geometry of an HF config (`path` only names it in messages).
+pub fn model_config_from(c: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
+    let arch = c["architectures"][0].as_str().unwrap_or("").to_string();
+    let n = Numbers { c, path };
+    let hidden = n.bounded("hidden_size", 1, MAX_WIDTH)?;
+    let heads = n.bounded("num_attention_heads", 1, MAX_HEADS)?;
+    let layers = n.bounded("num_hidden_layers", 1, MAX_LAYERS)?;
+    let experts = n.experts()?;
+    let heads = n.heads(hidden, heads)?;
+    let mtp = n
+        .maybe("num_nextn_predict_layers", 0, MAX_LAYERS)?
+        .unwrap_or(0);
+    let moe = n.moe_layers(layers + mtp, experts);
     let hybrid = hybrid_layers(c, path)?;
     if let Some(h) = hybrid.as_ref().filter(|h| h.len() as u64 != layers) {
         return Err(PluginError::format(format!(
@@ -221,50 +282,41 @@ pub fn model_config_from(c: &serde_json::Value, path: &Path) -> Result<ModelConf
         Some(h) => h.iter().map(|k| *k == Layers::Moe).collect(),
         None => moe,
     };
-    let mamba = match (
-        maybe("mamba_num_heads", 1, MAX_HEADS)?,
-        maybe("mamba_head_dim", 1, MAX_WIDTH)?,
-    ) {
-        (Some(h), Some(d)) => Some(MambaDims {
-            inner: within("mamba_num_heads * mamba_head_dim", h * d, 1, MAX_WIDTH)?,
-            bc: within(
-                "n_groups * ssm_state_size",
-                maybe("n_groups", 1, MAX_HEADS)?.unwrap_or(1)
-                    * bounded("ssm_state_size", 1, MAX_WIDTH)?,
-                1,
-                MAX_WIDTH,
-            )?,
-            heads: h,
-        }),
-        _ => None,
-    };
+    let mamba = n.mamba()?;
     Ok(ModelConfig {
         architecture: arch,
         hidden,
-        ffn: maybe("intermediate_size", 1, MAX_WIDTH)?,
-        moe_ffn: maybe("moe_intermediate_size", 1, MAX_WIDTH)?,
+        ffn: n.maybe("intermediate_size", 1, MAX_WIDTH)?,
+        moe_ffn: n.maybe("moe_intermediate_size", 1, MAX_WIDTH)?,
         layers,
         hybrid,
         mamba,
         mtp,
-        heads: Heads {
-            heads,
-            groups,
-            head_dim,
-        },
-        vocab: bounded("vocab_size", 1, MAX_VOCAB)?,
+        heads,
+        vocab: n.bounded("vocab_size", 1, MAX_VOCAB)?,
         tied: c["tie_word_embeddings"].as_bool().unwrap_or(false),
         experts,
         moe,
     })
 }
 
-/// Where one run of an input tensor's rows goes.
-#[derive(Debug, Clone)]
-struct Piece {
-    info: TensorInfo,
-    /// Rows of the input it takes, or None for rows of zeros (vocabulary padding).
-    rows: Option<std::ops::Range<u64>>,
+/// On import, the config kept with the checkpoint describes the weights as they arrive here
+/// (after a cast or a dequantization upstream): their dtype, without the keys a stage dropped.
+fn as_arriving(input: &StreamPlan, hf: &mut serde_json::Value) {
+    if let Some(d) = input.get(bridgeflow_sdk::attrs::DTYPE) {
+        hf["dtype"] = d.trim_start_matches("torch.").into();
+        if let Some(o) = hf.as_object_mut() {
+            o.remove("torch_dtype");
+        }
+    }
+    if let (Some(keys), Some(o)) = (
+        input.get(bridgeflow_sdk::attrs::DROP_CONFIG_KEYS),
+        hf.as_object_mut(),
+    ) {
+        for k in &keys {
+            o.remove(k);
+        }
+    }
 }
 
 pub struct Mapper {
@@ -272,28 +324,18 @@ pub struct Mapper {
     to_megatron: bool,
     family: Option<Family>,
     model: Option<ModelConfig>,
-    /// zero_copy import: the pieces each HF tensor becomes.
-    pieces: HashMap<String, Vec<Piece>>,
-    /// Whole-tensor import: each Megatron tensor's info and its parts so far.
-    outputs: HashMap<(usize, Option<u64>), TensorInfo>,
+    /// Import: how each HF tensor becomes Megatron tensors as it arrives (the layouts' plan).
+    routes: Routes,
+    /// Whole-tensor import: each Megatron tensor's parts so far.
     pending: BTreeMap<(usize, Option<u64>), Parts>,
-    /// HF tensors (or blocks of whole experts of one) whose experts are reshuffled (GPT-OSS):
-    /// kind, Megatron name, global shape.
-    reshuffle: HashMap<String, (Kind, String, Vec<u64>)>,
     /// HF tensors `allow_unexpected` drops.
     dropped: HashSet<String>,
 }
 
-/// The HF parts of one Megatron tensor received so far, by (expert, part).
-type Parts = HashMap<(u64, usize), Tensor>;
-
-fn row_bytes(shape: &[u64], dtype: bridgeflow_sdk::DType) -> u64 {
-    shape.iter().skip(1).product::<u64>() * dtype.size() as u64
-}
-
-fn with_first(first: u64, rest: &[u64]) -> Vec<u64> {
-    std::iter::once(first).chain(rest.iter().copied()).collect()
-}
+/// How each HF tensor arrives: the name and rows of each of its blocks, by tensor.
+type Blocks = HashMap<String, Vec<(String, std::ops::Range<u64>)>>;
+/// The HF tensors of each Megatron tensor to plan, by (table row, layer): (expert, part) → info.
+type Groups = BTreeMap<(usize, Option<u64>), BTreeMap<(u64, usize), TensorInfo>>;
 
 impl Mapper {
     fn family(&self) -> &Family {
@@ -304,6 +346,21 @@ impl Mapper {
     }
     fn entry(&self, i: usize) -> &Entry {
         &self.family().tensors[i]
+    }
+    /// The mapping layout of table row `i`.
+    fn layout(&self, i: usize) -> &'static dyn Layout {
+        layout::of(self.entry(i).kind)
+    }
+    /// What the layouts need of the model and the run.
+    fn geometry(&self) -> Geometry {
+        let m = self.model();
+        Geometry {
+            heads: m.heads,
+            vocab: m.vocab,
+            padded_vocab: self.padded_vocab(),
+            mamba: m.mamba,
+            zero_copy: self.cfg.zero_copy,
+        }
     }
     fn padded_vocab(&self) -> u64 {
         bridgeflow_megatron::vocab::padded(
@@ -367,34 +424,19 @@ impl Mapper {
             .collect()
     }
 
-    /// Rows of each HF part and where they lie in a fused tensor of `fused` rows.
-    fn segments(&self, kind: Kind, fused: u64, name: &str) -> Result<(Vec<u64>, Vec<RowSegment>)> {
-        let m = self.model();
-        row_segments(kind, fused, m.heads, m.vocab).map_err(|e| e.context(name))
-    }
-
-    /// The named row blocks a split kind stores as separate keys (Mamba's in_proj, conv1d).
-    fn split_rows(&self, kind: Kind, name: &str) -> Result<Option<Vec<(&'static str, u64)>>> {
-        if !kind.is_split() {
-            return Ok(None);
-        }
-        let m = self.model().mamba.ok_or_else(|| {
-            PluginError::format(format!(
-                "'{name}' is a Mamba mixer's, but the config gives no mamba_num_heads / mamba_head_dim"
-            ))
-        })?;
-        Ok(kind.split_rows(m))
-    }
-
-    /// A split kind's Megatron key `<name>.<part>`: the table row, its index, and the part's
-    /// first row and the fused row count.
-    fn find_split_part(&self, key: &str) -> Option<(usize, Index, u64, u64)> {
+    /// A Megatron key `<name>.<block>` of a layout that stores its rows as one key per named
+    /// block (a Mamba mixer's in_proj, conv1d): the table row and its index.
+    fn find_split_part(&self, key: &str) -> Option<(usize, Index)> {
         let (base, part) = key.rsplit_once('.')?;
         let (i, idx) = self.find_megatron(base)?;
-        let rows = self.split_rows(self.entry(i).kind, base).ok()??;
-        let at = rows.iter().position(|(p, _)| *p == part)?;
-        let first = rows[..at].iter().map(|(_, r)| r).sum();
-        Some((i, idx, first, rows.iter().map(|(_, r)| r).sum()))
+        let rows = self.layout(i).split_blocks(&self.geometry(), base).ok()??;
+        rows.iter().any(|(p, _)| *p == part).then_some((i, idx))
+    }
+
+    /// A Megatron tensor's table row and index: a key of a split layout's block, or a name.
+    fn find_megatron_key(&self, name: &str) -> Option<(usize, Index)> {
+        self.find_split_part(name)
+            .or_else(|| self.find_megatron(name))
     }
 
     /// Why an HF tensor has no row: a layer the config does not have, or a name the table
@@ -432,14 +474,12 @@ impl Mapper {
         Ok(())
     }
 
-    fn plan_to_megatron(&mut self, input: &StreamPlan, what: String) -> Result<StreamPlan> {
-        self.check_complete(&input.whole_tensors(), true, what)?;
-        // Each Megatron tensor (row, layer) and its parts: (expert, part) -> info.
-        type Parts = BTreeMap<(u64, usize), TensorInfo>;
-        let mut groups: BTreeMap<(usize, Option<u64>), Parts> = BTreeMap::new();
+    /// The HF input by Megatron tensor: each one's parts, and how each HF tensor arrives.
+    fn import_groups(&self, input: &StreamPlan) -> Result<(Groups, Blocks)> {
+        let mut groups = Groups::new();
         // An HF tensor may arrive as blocks of rows (a dequantizing stage's pieces): each
         // block's name and rows, by tensor; a whole tensor is its own single block.
-        let mut blocks: HashMap<String, Vec<(String, std::ops::Range<u64>)>> = HashMap::new();
+        let mut blocks = Blocks::new();
         for t in input.tensors.iter() {
             let base = t.base_name().to_string();
             let whole = match t.shard() {
@@ -473,188 +513,68 @@ impl Mapper {
                 .or_default()
                 .insert((idx.expert.unwrap_or(0), p), t.clone());
         }
+        Ok((groups, blocks))
+    }
+
+    /// One Megatron tensor's import plan, by its row's layout, once its parts are all there.
+    fn plan_group(
+        &mut self,
+        (i, layer): (usize, Option<u64>),
+        parts: &BTreeMap<(u64, usize), TensorInfo>,
+        blocks: &Blocks,
+    ) -> Result<Vec<TensorInfo>> {
+        let e = self.entry(i).clone();
+        let name = self.to_mtp(fill(
+            &e.megatron,
+            Index {
+                layer,
+                expert: None,
+            },
+        ));
+        let experts = if e.per_expert() {
+            Some(self.model().experts.ok_or_else(|| {
+                PluginError::format(format!(
+                    "'{name}' has experts but the config gives no expert count"
+                ))
+            })?)
+        } else {
+            None
+        };
+        for x in 0..experts.unwrap_or(1) {
+            for (p, pat) in e.hf.iter().enumerate() {
+                if !parts.contains_key(&(x, p)) {
+                    return Err(PluginError::shape(format!(
+                        "'{name}' needs '{}', which the input lacks",
+                        fill(
+                            pat,
+                            Index {
+                                layer,
+                                expert: experts.map(|_| x)
+                            }
+                        )
+                    )));
+                }
+            }
+        }
+        let g = Group {
+            row: i,
+            layer,
+            entry: &e,
+            name,
+            experts,
+            parts,
+            blocks,
+        };
+        let cx = self.geometry();
+        layout::of(e.kind).plan_to_megatron(&g, &cx, &mut self.routes)
+    }
+
+    fn plan_to_megatron(&mut self, input: &StreamPlan, what: String) -> Result<StreamPlan> {
+        self.check_complete(&input.whole_tensors(), true, what)?;
+        let (groups, blocks) = self.import_groups(input)?;
         let mut out = Vec::new();
-        for ((i, layer), parts) in &groups {
-            let e = self.entry(*i).clone();
-            let name = self.to_mtp(fill(
-                &e.megatron,
-                Index {
-                    layer: *layer,
-                    expert: None,
-                },
-            ));
-            let experts = if e.per_expert() {
-                Some(self.model().experts.ok_or_else(|| {
-                    PluginError::format(format!(
-                        "'{name}' has experts but the config gives no expert count"
-                    ))
-                })?)
-            } else {
-                None
-            };
-            for x in 0..experts.unwrap_or(1) {
-                for (p, pat) in e.hf.iter().enumerate() {
-                    if !parts.contains_key(&(x, p)) {
-                        return Err(PluginError::shape(format!(
-                            "'{name}' needs '{}', which the input lacks",
-                            fill(
-                                pat,
-                                Index {
-                                    layer: *layer,
-                                    expert: experts.map(|_| x)
-                                }
-                            )
-                        )));
-                    }
-                }
-            }
-            let first = &parts[&(0, 0)];
-            if let Some(rows) = self.split_rows(e.kind, &name)? {
-                // Stored as one key per row block: each a view of the HF tensor's rows.
-                let total: u64 = rows.iter().map(|(_, r)| r).sum();
-                if first.shape.first() != Some(&total) || blocks[first.name()].len() > 1 {
-                    return Err(PluginError::shape(format!(
-                        "'{}' {}: expected one whole tensor of {total} rows ({})",
-                        first.name(),
-                        first.shape_string(),
-                        rows.iter()
-                            .map(|(p, r)| format!("{p} {r}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )));
-                }
-                let mut at = 0;
-                for (part, n) in rows {
-                    let info = TensorInfo::new(
-                        format!("{name}.{part}"),
-                        first.dtype,
-                        &with_first(n, &first.shape[1..]),
-                    );
-                    out.push(info.clone());
-                    self.pieces
-                        .entry(first.name().to_string())
-                        .or_default()
-                        .push(Piece {
-                            info,
-                            rows: Some(at..at + n),
-                        });
-                    at += n;
-                }
-                continue;
-            }
-            if !e.kind.by_rows() {
-                // All experts in one tensor, reshuffled expert by expert: one piece each (a
-                // copy the size of one expert), or the whole tensor without zero_copy. The
-                // tensor may arrive in blocks of whole experts (a dequantizing stage's pieces).
-                if first.shape.len() < 2 {
-                    return Err(PluginError::shape(format!(
-                        "'{}': expected a tensor with a leading expert axis",
-                        first.name()
-                    )));
-                }
-                if blocks[first.name()].len() > 1 && !self.cfg.zero_copy {
-                    return Err(PluginError::config(format!(
-                        "'{name}' is made of HF tensors that arrive in pieces; whole tensors need them whole (zero_copy = true takes pieces)"
-                    )));
-                }
-                let n = first.shape[0];
-                let global: Vec<u64> = std::iter::once(n)
-                    .chain(expert_block_dims(e.kind, &first.shape[1..]))
-                    .collect();
-                if self.cfg.zero_copy {
-                    for x in 0..n {
-                        let mut at = vec![0; global.len()];
-                        at[0] = x;
-                        let mut shape = global.clone();
-                        shape[0] = 1;
-                        out.push(
-                            TensorInfo::new(format!("{name}#{x}"), first.dtype, &shape)
-                                .with_shard(&global, &at),
-                        );
-                    }
-                } else {
-                    out.push(TensorInfo::new(name.clone(), first.dtype, &global));
-                }
-                for (block, _) in &blocks[first.name()] {
-                    self.reshuffle
-                        .insert(block.clone(), (e.kind, name.clone(), global.clone()));
-                }
-                continue;
-            }
-            let part_rows: Vec<u64> = (0..e.hf.len())
-                .map(|p| parts[&(0, p)].shape.first().copied().unwrap_or(1))
-                .collect();
-            let inner: Vec<u64> = first.shape.iter().skip(1).copied().collect();
-            let fused = fused_rows(e.kind, &part_rows, self.padded_vocab());
-            let lead: Vec<u64> = experts.into_iter().collect();
-            let mut global = lead.clone();
-            if !first.shape.is_empty() {
-                global.push(fused);
-            }
-            global.extend(&inner);
-            let (_, segs) = self.segments(e.kind, fused, &name)?;
-            let whole = experts.is_none()
-                && segs.len() == 1
-                && segs[0].rows == fused
-                && e.kind != Kind::Qkv;
-            let in_pieces = parts.values().any(|t| blocks[t.name()].len() > 1);
-            if in_pieces && !self.cfg.zero_copy {
-                return Err(PluginError::config(format!(
-                    "'{name}' is made of HF tensors that arrive in pieces; whole tensors need them whole (zero_copy = true takes pieces)"
-                )));
-            }
-            if !in_pieces && (!self.cfg.zero_copy || whole || first.shape.is_empty()) {
-                let info = TensorInfo::new(name, first.dtype, &global);
-                self.outputs.insert((*i, *layer), info.clone());
-                out.push(info);
-                continue;
-            }
-            // Pieces: every run of every part's rows (cut again where the part itself arrives
-            // in blocks), and the padding rows as zeros.
-            for ((x, p), t) in parts {
-                for seg in segs.iter().filter(|s| s.part == *p) {
-                    for (block, rows) in &blocks[t.name()] {
-                        let lo = seg.at.max(rows.start);
-                        let hi = (seg.at + seg.rows).min(rows.end);
-                        if lo >= hi {
-                            continue;
-                        }
-                        let fused_at = seg.fused + (lo - seg.at);
-                        let mut offsets: Vec<u64> = experts.map(|_| *x).into_iter().collect();
-                        offsets.push(fused_at);
-                        offsets.extend(std::iter::repeat_n(0, inner.len()));
-                        let mut shape: Vec<u64> = experts.map(|_| 1).into_iter().collect();
-                        shape.push(hi - lo);
-                        shape.extend(&inner);
-                        let id =
-                            experts.map_or(format!("{fused_at}"), |_| format!("{x}.{fused_at}"));
-                        let info = TensorInfo::new(format!("{name}#{id}"), t.dtype, &shape)
-                            .with_shard(&global, &offsets);
-                        out.push(info.clone());
-                        self.pieces.entry(block.clone()).or_default().push(Piece {
-                            info,
-                            rows: Some(lo - rows.start..hi - rows.start),
-                        });
-                    }
-                }
-            }
-            let covered: u64 = segs.iter().map(|s| s.rows).sum();
-            if e.kind == Kind::Vocab && covered < fused {
-                let mut offsets = vec![covered];
-                offsets.extend(std::iter::repeat_n(0, inner.len()));
-                let info = TensorInfo::new(
-                    format!("{name}#pad"),
-                    first.dtype,
-                    &with_first(fused - covered, &inner),
-                )
-                .with_shard(&global, &offsets);
-                out.push(info.clone());
-                let block = blocks[first.name()][0].0.clone();
-                self.pieces
-                    .entry(block)
-                    .or_default()
-                    .push(Piece { info, rows: None });
-            }
+        for (key, parts) in &groups {
+            out.extend(self.plan_group(*key, parts, &blocks)?);
         }
         let mut plan = StreamPlan::new(out);
         plan.attrs = input.attrs.clone();
@@ -667,74 +587,24 @@ impl Mapper {
 
     fn plan_to_hf(&mut self, input: &StreamPlan, what: String) -> Result<StreamPlan> {
         let mut out = Vec::new();
-        let mut seen = HashSet::new();
+        let (mut seen, mut named) = (HashSet::new(), HashSet::new());
+        let cx = self.geometry();
         for t in input.tensors.iter() {
             // A piece (a stored block of rows) stands for its whole tensor, announced once.
             if !seen.insert(t.base_name().to_string()) {
                 continue;
             }
-            if let Some((i, idx, _, total)) = self.find_split_part(t.base_name()) {
-                // One of the row blocks a split kind stores apart: the fused HF tensor, once.
-                let name = fill(&self.entry(i).hf[0], idx);
-                if seen.insert(name.clone()) {
-                    let global = t.shard().map_or(&t.shape, |s| &s.global_shape);
-                    out.push(TensorInfo::new(
-                        name,
-                        t.dtype,
-                        &with_first(total, &global[1..]),
-                    ));
-                }
-                continue;
-            }
-            let (i, idx) = self.find_megatron(t.base_name()).ok_or_else(|| {
+            let (i, idx) = self.find_megatron_key(t.base_name()).ok_or_else(|| {
                 PluginError::unsupported(format!(
                     "Megatron tensor '{}' has no mapping in the {} table",
                     t.base_name(),
                     self.family().name
                 ))
             })?;
-            let e = self.entry(i).clone();
-            let global = t
-                .shard()
-                .map_or(t.shape.to_vec(), |s| s.global_shape.to_vec());
-            let (experts, shape) = if e.per_expert() {
-                (Some(global[0]), global[1..].to_vec())
-            } else {
-                (None, global)
-            };
-            if !e.kind.by_rows() {
-                let hf: Vec<u64> = std::iter::once(shape[0])
-                    .chain(expert_block_dims(e.kind, &shape[1..]))
-                    .collect();
-                let name = fill(
-                    &e.hf[0],
-                    Index {
-                        layer: idx.layer,
-                        expert: None,
-                    },
-                );
-                out.push(TensorInfo::new(name, t.dtype, &hf));
-                continue;
-            }
-            let part_rows = match shape.first() {
-                Some(&r) => self.segments(e.kind, r, t.base_name())?.0,
-                None => vec![0],
-            };
-            for x in 0..experts.unwrap_or(1) {
-                for (pat, &rows) in e.hf.iter().zip(&part_rows) {
-                    let name = fill(
-                        pat,
-                        Index {
-                            layer: idx.layer,
-                            expert: experts.map(|_| x),
-                        },
-                    );
-                    let s = if shape.is_empty() {
-                        shape.clone()
-                    } else {
-                        with_first(rows, &shape[1..])
-                    };
-                    out.push(TensorInfo::new(name, t.dtype, &s));
+            // Each HF tensor once (a split layout's row blocks are of one fused HF tensor).
+            for info in self.layout(i).plan_to_hf(self.entry(i), idx, t, &cx)? {
+                if named.insert(info.name().to_string()) {
+                    out.push(info);
                 }
             }
         }
@@ -759,69 +629,26 @@ impl Mapper {
 
     /// Import without zero_copy: the whole Megatron tensor once all its parts are in.
     fn assemble(&mut self, key: (usize, Option<u64>), out: &mut Emitter) -> Result<()> {
-        let e = self.entry(key.0).clone();
-        let info = self.outputs[&key].clone();
+        let info = self.routes.whole[&key].clone();
         let parts = self.pending.remove(&key).unwrap_or_default();
-        let experts = if e.per_expert() { info.shape[0] } else { 1 };
-        let shape = &info.shape[e.per_expert() as usize..];
-        // One part that is the whole tensor (a direct row, an unpadded vocabulary): as it is.
-        if experts == 1 && parts.len() == 1 {
-            let t = parts.values().next().expect("one part");
-            if Some(t.bytes().len() as u64) == info.nbytes() {
-                let t = parts.into_values().next().expect("one part");
-                return out.tensor(Tensor::new(info, t.data)?);
-            }
-        }
-        let row = row_bytes(shape, info.dtype);
-        let per_expert = shape[0] * row;
-        let mut data = vec![0u8; (experts * per_expert) as usize];
-        let (_, segs) = self.segments(e.kind, shape[0], info.name())?;
-        for ((x, p), t) in &parts {
-            for s in segs.iter().filter(|s| s.part == *p) {
-                let to = (x * per_expert + s.fused * row) as usize;
-                let from = (s.at * row) as usize;
-                let n = (s.rows * row) as usize;
-                data[to..to + n].copy_from_slice(&t.bytes()[from..from + n]);
-            }
-        }
-        out.tensor(Tensor::new(info, Buffer::from_vec(data))?)
+        let cx = self.geometry();
+        self.layout(key.0)
+            .to_megatron(self.entry(key.0), &cx, &info, parts, out)
     }
 
     fn process_to_megatron(&mut self, t: Tensor, out: &mut Emitter) -> Result<()> {
         if self.skip_hf(t.info.base_name()) {
             return Ok(());
         }
-        if let Some((kind, name, global)) = self.reshuffle.get(t.name()).cloned() {
-            let es = t.info.dtype.size();
-            let n = t.info.shape[0] as usize;
-            let first = t.info.shard().map_or(0, |s| s.offsets[0]);
-            let per = t.bytes().len() / n.max(1);
-            let src_dims = &t.info.shape[1..];
-            let mut whole = Vec::new();
-            for x in 0..n {
-                let block = &t.bytes()[x * per..(x + 1) * per];
-                let b = expert_block(kind, block, src_dims, es, true);
-                t.data.discard(x * per..(x + 1) * per);
-                if !self.cfg.zero_copy {
-                    whole.extend_from_slice(&b);
-                    continue;
-                }
-                let x = first + x as u64;
-                let mut at = vec![0; global.len()];
-                at[0] = x;
-                let mut shape = global.clone();
-                shape[0] = 1;
-                let info = TensorInfo::new(format!("{name}#{x}"), t.info.dtype, &shape)
-                    .with_shard(&global, &at);
-                out.tensor(Tensor::new(info, Buffer::from_vec(b))?)?;
-            }
-            if !self.cfg.zero_copy {
-                let info = TensorInfo::new(name, t.info.dtype, &global);
-                out.tensor(Tensor::new(info, Buffer::from_vec(whole))?)?;
-            }
-            return Ok(());
+        if let Some((i, target)) = self.routes.own.get(t.name()).cloned() {
+            // A tensor its layout turns into its Megatron tensor by itself (reshuffled experts).
+            let cx = self.geometry();
+            let parts = Parts::from([((0, 0), t)]);
+            return self
+                .layout(i)
+                .to_megatron(self.entry(i), &cx, &target, parts, out);
         }
-        if let Some(pieces) = self.pieces.get(t.name()) {
+        if let Some(pieces) = self.routes.pieces.get(t.name()) {
             let row = row_bytes(&t.info.shape, t.info.dtype);
             for pc in pieces {
                 let data = match &pc.rows {
@@ -854,138 +681,96 @@ impl Mapper {
     }
 
     fn process_to_hf(&mut self, t: Tensor, out: &mut Emitter) -> Result<()> {
-        if let Some((i, idx, first, total)) = self.find_split_part(t.info.base_name()) {
-            // A row block stored apart (or a piece of one): its rows of the fused HF tensor.
-            let name = fill(&self.entry(i).hf[0], idx);
-            let row = first + t.info.shard().map_or(0, |s| s.offsets[0]);
-            let global = with_first(total, &t.info.shape[1..]);
-            let mut at = vec![0; global.len()];
-            at[0] = row;
-            let info = t
-                .info
-                .clone()
-                .with_name(format!("{name}#{row}"))
-                .with_shard(&global, &at);
-            return out.tensor(Tensor::new(info, t.data)?);
-        }
-        let (i, idx) = self.find_megatron(t.info.base_name()).ok_or_else(|| {
+        let (i, idx) = self.find_megatron_key(t.info.base_name()).ok_or_else(|| {
             PluginError::unsupported(format!("Megatron tensor '{}' has no mapping", t.name()))
         })?;
-        let e = self.entry(i).clone();
-        let name = |p: usize, x: Option<u64>| {
-            fill(
-                &e.hf[p],
-                Index {
-                    layer: idx.layer,
-                    expert: x,
-                },
-            )
+        let cx = self.geometry();
+        self.layout(i).to_hf(self.entry(i), idx, t, &cx, out)
+    }
+
+    /// The model tables given (`model_tables`), read.
+    fn load_tables(&self) -> Result<Vec<Family>> {
+        self.cfg
+            .model_tables
+            .iter()
+            .map(|p| {
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| PluginError::io(p, "cannot read", e))?;
+                Family::from_toml(&text, p)
+            })
+            .collect()
+    }
+
+    /// The HF config — given, beside the input, or (export) rebuilt from the checkpoint's
+    /// run_config.yaml, as Megatron-Bridge or bridgeflow wrote it, by the family tables — the
+    /// file it comes from, whether it was rebuilt, and the model tables given.
+    fn hf_config(
+        &self,
+        input: &StreamPlan,
+    ) -> Result<(serde_json::Value, PathBuf, bool, Vec<Family>)> {
+        let given = match &self.cfg.hf_config {
+            Some(p) => Some(p.clone()),
+            None => input
+                .get(bridgeflow_sdk::attrs::SOURCE_DIR)
+                .map(|d| d.join("config.json"))
+                .filter(|p| p.is_file()),
         };
-        if !e.kind.by_rows() {
-            // Expert by expert back to the HF layout: a whole tensor, or (from stored blocks)
-            // the experts this block holds, each a piece of the HF tensor.
-            let global = t
-                .info
-                .shard()
-                .map_or(t.info.shape.to_vec(), |s| s.global_shape.to_vec());
-            if t.info.shape[1..] != global[1..] {
-                return Err(PluginError::shape(format!(
-                    "'{}' holds part of an expert; its experts are reshuffled whole",
-                    t.name()
-                )));
-            }
-            let first = t.info.shard().map_or(0, |s| s.offsets[0]);
-            let n = t.info.shape[0] as usize;
-            let es = t.info.dtype.size();
-            let per = t.bytes().len() / n.max(1);
-            let dims = &global[1..];
-            let hf: Vec<u64> = std::iter::once(global[0])
-                .chain(expert_block_dims(e.kind, dims))
-                .collect();
-            let hf_name = name(0, None);
-            let blocks: Vec<Vec<u8>> = (0..n)
-                .map(|x| expert_block(e.kind, &t.bytes()[x * per..(x + 1) * per], dims, es, false))
-                .collect();
-            if t.info.shard().is_none() {
-                let info = TensorInfo::new(hf_name, t.info.dtype, &hf);
-                return out.tensor(Tensor::new(info, Buffer::from_vec(blocks.concat()))?);
-            }
-            for (x, b) in blocks.into_iter().enumerate() {
-                let mut at = vec![0; hf.len()];
-                at[0] = first + x as u64;
-                let mut shape = hf.clone();
-                shape[0] = 1;
-                let info = TensorInfo::new(format!("{hf_name}#{}", at[0]), t.info.dtype, &shape)
-                    .with_shard(&hf, &at);
-                out.tensor(Tensor::new(info, Buffer::from_vec(b))?)?;
-            }
-            return Ok(());
+        if let Some(p) = given {
+            let hf = read_json(&p)?;
+            return Ok((hf, p, false, self.load_tables()?));
         }
-        if e.kind == Kind::Direct && !e.per_expert() {
-            // Renamed; a piece stays a piece of the renamed tensor.
-            let n = match t.name().split_once('#') {
-                Some((_, id)) => format!("{}#{id}", name(0, None)),
-                None => name(0, None),
-            };
-            return out.tensor(Tensor::new(t.info.clone().with_name(n), t.data)?);
-        }
-        if e.kind == Kind::Qkv && !self.cfg.zero_copy {
-            if t.info.shard().is_some() {
-                return Err(PluginError::config(format!(
-                    "'{}' arrives in pieces; whole q/k/v tensors need zero_copy = true or a reader without row_pieces",
-                    t.name()
-                )));
-            }
-            let row = row_bytes(&t.info.shape, t.info.dtype) as usize;
-            let (q, k, v) = split_qkv(t.bytes(), self.model().heads, row)
-                .map_err(|err| err.context(t.name()))?;
-            for (p, data) in [q, k, v].into_iter().enumerate() {
-                let shape = with_first((data.len() / row) as u64, &t.info.shape[1..]);
-                let info = TensorInfo::new(name(p, None), t.info.dtype, &shape);
-                out.tensor(Tensor::new(info, Buffer::from_vec(data))?)?;
-            }
-            return Ok(());
-        }
-        // The block this tensor is of its (per-layer) Megatron tensor: experts and rows.
-        let lead = e.per_expert() as usize;
-        let (global, offsets) = match t.info.shard() {
-            Some(s) => (s.global_shape.to_vec(), s.offsets.to_vec()),
-            None => (t.info.shape.to_vec(), vec![0; t.info.shape.len()]),
-        };
-        let inner = &t.info.shape[lead + 1..];
-        let (part_rows, segments) = self.segments(e.kind, global[lead], t.name())?;
-        let row = row_bytes(&t.info.shape[lead..], t.info.dtype);
-        let (first, n) = (offsets[lead], t.info.shape[lead]);
-        let experts = if lead == 1 {
-            offsets[0]..offsets[0] + t.info.shape[0]
-        } else {
-            0..1
-        };
-        for x in experts.clone() {
-            let base = (x - experts.start) * n * row;
-            let xi = (lead == 1).then_some(x);
-            // Every run of rows goes to its place as a view of the input: a whole HF tensor
-            // when the run covers one, else a row piece the writer places.
-            for s in segments.iter().filter_map(|s| s.clip(first..first + n)) {
-                let shape = with_first(s.rows, inner);
-                let from = base + (s.fused - first) * row;
-                let data = t.data.slice(from as usize..(from + s.rows * row) as usize);
-                let info = if s.at == 0 && s.rows == part_rows[s.part] {
-                    TensorInfo::new(name(s.part, xi), t.info.dtype, &shape)
-                } else {
-                    let mut at = vec![s.at];
-                    at.extend(std::iter::repeat_n(0, inner.len()));
-                    TensorInfo::new(
-                        format!("{}#{}", name(s.part, xi), s.fused),
-                        t.info.dtype,
-                        &shape,
-                    )
-                    .with_shard(&with_first(part_rows[s.part], inner), &at)
-                };
-                out.tensor(Tensor::new(info, data)?)?;
-            }
-        }
-        Ok(())
+        let run_config = input
+            .get(bridgeflow_sdk::attrs::CHECKPOINT_DIR)
+            .map(|d| d.join("run_config.yaml"))
+            .filter(|p| p.is_file())
+            .ok_or_else(|| {
+                PluginError::config(
+                    "no HF config: set hf_config (the input has no config.json beside it and no run_config.yaml)",
+                )
+            })?;
+        let tables = self.load_tables()?;
+        let hf = crate::megatron_config::hf_config_from_run_config_with(&run_config, &tables)?;
+        Ok((hf, run_config, true, tables))
+    }
+
+    /// The import plan, with the model section and the run_config.yaml it writes (`hf` the
+    /// config as it is kept, `text` its language-model view, from `path`).
+    fn plan_import(
+        &mut self,
+        input: &StreamPlan,
+        hf: &serde_json::Value,
+        text: &serde_json::Value,
+        path: &Path,
+    ) -> Result<StreamPlan> {
+        use crate::megatron_config::{model_section, run_config, to_yaml};
+        let what = format!(
+            "HF model {} does not fit {}",
+            input
+                .get(bridgeflow_sdk::attrs::SOURCE_DIR)
+                .map_or_else(|| "(input)".into(), |d| d.display().to_string()),
+            path.display()
+        );
+        let mut p = self.plan_to_megatron(input, what)?;
+        // Bridge's hf_model_id and tokenizer_model: the HF folder we read.
+        let source = input
+            .get(bridgeflow_sdk::attrs::SOURCE_DIR)
+            .map(|d| std::fs::canonicalize(&d).unwrap_or(d).display().to_string());
+        let model = model_section(
+            self.family(),
+            text,
+            source.as_deref(),
+            self.cfg.make_vocab_size_divisible_by,
+            self.cfg.tensor_parallel.max(1),
+        )?;
+        // The model fields also travel as they are, for writers of other formats (the
+        // Megatron-LM writer's args).
+        p.set(bridgeflow_sdk::attrs::MEGATRON_MODEL, model.clone());
+        let yaml = to_yaml(
+            &run_config(hf, model, source.as_deref()),
+            "# Written by bridgeflow as Megatron-Bridge writes it: `model` instantiates the\n# family's Megatron-Bridge provider (load_megatron_model, export_ckpt); `bridgeflow.hf_config`\n# is the original config.json, from which export rebuilds it exactly.\n",
+        );
+        p.set(bridgeflow_sdk::attrs::RUN_CONFIG_YAML, yaml);
+        Ok(p)
     }
 }
 
@@ -1026,69 +811,17 @@ impl Transform for Mapper {
             to_megatron,
             family: None,
             model: None,
-            pieces: HashMap::new(),
-            outputs: HashMap::new(),
+            routes: Routes::default(),
             pending: BTreeMap::new(),
-            reshuffle: HashMap::new(),
             dropped: HashSet::new(),
         })
     }
 
     fn plan(&mut self, inputs: &[StreamPlan]) -> Result<StreamPlan> {
         let input = &inputs[0];
-        // The HF config: given, beside the input, or (export) rebuilt from the checkpoint's
-        // run_config.yaml, as Megatron-Bridge or bridgeflow wrote it.
-        let given = match &self.cfg.hf_config {
-            Some(p) => Some(p.clone()),
-            None => input
-                .get(bridgeflow_sdk::attrs::SOURCE_DIR)
-                .map(|d| d.join("config.json"))
-                .filter(|p| p.is_file()),
-        };
-        let (hf, path, derived) = match given {
-            Some(p) => (read_json(&p)?, p, false),
-            None => {
-                let run_config = input
-                    .get(bridgeflow_sdk::attrs::CHECKPOINT_DIR)
-                    .map(|d| d.join("run_config.yaml"))
-                    .filter(|p| p.is_file())
-                    .ok_or_else(|| {
-                        PluginError::config(
-                            "no HF config: set hf_config (the input has no config.json beside it and no run_config.yaml)",
-                        )
-                    })?;
-                let hf = crate::megatron_config::hf_config_from_run_config(&run_config)?;
-                (hf, run_config, true)
-            }
-        };
-        let tables = self
-            .cfg
-            .model_tables
-            .iter()
-            .map(|p| {
-                let text =
-                    std::fs::read_to_string(p).map_err(|e| PluginError::io(p, "cannot read", e))?;
-                Family::from_toml(&text, p)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut hf = hf;
+        let (mut hf, path, derived, tables) = self.hf_config(input)?;
         if self.to_megatron {
-            // The config kept with the checkpoint describes the weights as they arrive here
-            // (after a cast or a dequantization upstream).
-            if let Some(d) = input.get(bridgeflow_sdk::attrs::DTYPE) {
-                hf["dtype"] = d.trim_start_matches("torch.").into();
-                if let Some(o) = hf.as_object_mut() {
-                    o.remove("torch_dtype");
-                }
-            }
-            if let (Some(keys), Some(o)) = (
-                input.get(bridgeflow_sdk::attrs::DROP_CONFIG_KEYS),
-                hf.as_object_mut(),
-            ) {
-                for k in &keys {
-                    o.remove(k);
-                }
-            }
+            as_arriving(input, &mut hf);
         }
         let text = crate::megatron_config::text_view(&hf);
         let model = model_config_from(&text, &path)?;
@@ -1097,47 +830,18 @@ impl Transform for Mapper {
         family.add_verbatim(input.tensors.iter().map(|t| t.base_name()));
         self.model = Some(model);
         self.family = Some(family);
-        let mut plan = if self.to_megatron {
-            use crate::megatron_config::{model_section, run_config, to_yaml};
-            let what = format!(
-                "HF model {} does not fit {}",
-                input
-                    .get(bridgeflow_sdk::attrs::SOURCE_DIR)
-                    .map_or_else(|| "(input)".into(), |d| d.display().to_string()),
-                path.display()
-            );
-            let mut p = self.plan_to_megatron(input, what)?;
-            // Bridge's hf_model_id and tokenizer_model: the HF folder we read.
-            let source = input
-                .get(bridgeflow_sdk::attrs::SOURCE_DIR)
-                .map(|d| std::fs::canonicalize(&d).unwrap_or(d).display().to_string());
-            let model = model_section(
-                self.family(),
-                &text,
-                source.as_deref(),
-                self.cfg.make_vocab_size_divisible_by,
-                self.cfg.tensor_parallel.max(1),
-            )?;
-            // The model fields also travel as they are, for writers of other formats (the
-            // Megatron-LM writer's args).
-            p.set(bridgeflow_sdk::attrs::MEGATRON_MODEL, model.clone());
-            let yaml = to_yaml(
-                &run_config(&hf, model, source.as_deref()),
-                "# Written by bridgeflow as Megatron-Bridge writes it: `model` instantiates the\n# family's Megatron-Bridge provider (load_megatron_model, export_ckpt); `bridgeflow.hf_config`\n# is the original config.json, from which export rebuilds it exactly.\n",
-            );
-            p.set(bridgeflow_sdk::attrs::RUN_CONFIG_YAML, yaml);
-            p
-        } else {
-            let what = format!(
-                "Megatron checkpoint {} does not fit {}",
-                input
-                    .get(bridgeflow_sdk::attrs::CHECKPOINT_DIR)
-                    .map_or_else(|| "(input)".into(), |d| d.display().to_string()),
-                path.display()
-            );
-            self.plan_to_hf(input, what)?
-        };
-        if !self.to_megatron && derived {
+        if self.to_megatron {
+            return self.plan_import(input, &hf, &text, &path);
+        }
+        let what = format!(
+            "Megatron checkpoint {} does not fit {}",
+            input
+                .get(bridgeflow_sdk::attrs::CHECKPOINT_DIR)
+                .map_or_else(|| "(input)".into(), |d| d.display().to_string()),
+            path.display()
+        );
+        let mut plan = self.plan_to_hf(input, what)?;
+        if derived {
             // Rebuilt from a run config: always an object.
             if let serde_json::Value::Object(hf) = hf {
                 plan.set(bridgeflow_sdk::attrs::HF_CONFIG, hf);

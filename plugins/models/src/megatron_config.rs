@@ -162,10 +162,30 @@ pub fn model_section(
     let arch = hf["architectures"][0]
         .as_str()
         .unwrap_or("LlamaForCausalLM");
-    let heads = hf["num_attention_heads"].as_u64().unwrap_or(1);
-    let hidden = hf["hidden_size"].as_u64().unwrap_or(0);
     let mut m = Map::new();
     m.insert("_target_".into(), family.provider.clone().into());
+    mapped_fields(family, hf, &mut m);
+    attention_fields(family, hf, &mut m);
+    let mla = family.megatron.get("multi_latent_attention") == Some(&Value::Bool(true));
+    let rope = rope_fields(hf, mla)?;
+    // Off unless the family (or its architecture: Qwen3) normalises q and k.
+    m.insert("qk_layernorm".into(), false.into());
+    for q in &family.quirks {
+        q.to_megatron(hf, family, &mut m);
+    }
+    for (k, v) in family.megatron_for(arch).into_iter().chain(&rope) {
+        m.insert(k.clone(), v.clone());
+    }
+    if let Some(p) = hybrid_pattern(hf) {
+        m.insert("hybrid_layer_pattern".into(), p.into());
+    }
+    run_fields(hf, source, vocab_divisible_by, tp, &mut m);
+    Ok(m)
+}
+
+/// The HF keys the family maps (the common pairs and its own), and the HF config objects the
+/// provider takes as objects.
+fn mapped_fields(family: &Family, hf: &Value, m: &mut Map<String, Value>) {
     for (h, meg) in field_pairs(family) {
         if let Some(v) = lookup(hf, &h).filter(|v| !v.is_null()) {
             m.insert(meg, v.clone());
@@ -178,6 +198,12 @@ pub fn model_section(
             m.insert(h.clone(), Value::Object(o));
         }
     }
+}
+
+/// Biases, the sliding window, query groups, kv channels and the rotary base.
+fn attention_fields(family: &Family, hf: &Value, m: &mut Map<String, Value>) {
+    let heads = hf["num_attention_heads"].as_u64().unwrap_or(1);
+    let hidden = hf["hidden_size"].as_u64().unwrap_or(0);
     // GPTModelProvider defaults to biased linears; this family has none unless it says so.
     m.entry("add_bias_linear").or_insert(false.into());
     m.entry("add_qkv_bias").or_insert(false.into());
@@ -192,26 +218,10 @@ pub fn model_section(
     m.entry("num_query_groups").or_insert(heads.into());
     m.entry("kv_channels").or_insert((hidden / heads).into());
     m.insert("rotary_base".into(), rotary_base(hf));
-    // Gemma 3's attention scale, as Bridge keeps it (Gemma 2 keeps query_pre_attn_scalar itself).
-    let mapped = |k: &str| family.config.iter().any(|(h, _)| h == k);
-    if let Some(q) = hf["query_pre_attn_scalar"]
-        .as_f64()
-        .filter(|_| !mapped("query_pre_attn_scalar"))
-    {
-        m.insert("softmax_scale".into(), (1.0 / q.sqrt()).into());
-    }
-    let mla = family.megatron.get("multi_latent_attention") == Some(&Value::Bool(true));
-    let rope = rope_fields(hf, mla)?;
-    // Qwen2 always has q/k/v biases (no attention_bias key); Qwen3 normalises q and k.
-    if arch == "Qwen2ForCausalLM" {
-        m.insert("add_qkv_bias".into(), true.into());
-    }
-    let qk_norm = matches!(arch, "Qwen3ForCausalLM" | "Qwen3MoeForCausalLM");
-    m.insert("qk_layernorm".into(), qk_norm.into());
-    for (k, v) in family.megatron.iter().chain(&rope) {
-        m.insert(k.clone(), v.clone());
-    }
-    // A hybrid model's layer pattern (M Mamba, * attention, - MLP, E MoE).
+}
+
+/// A hybrid model's layer pattern (M Mamba, * attention, - MLP, E MoE).
+fn hybrid_pattern(hf: &Value) -> Option<String> {
     if let Some(kinds) = hf["layers_block_type"].as_array() {
         let pattern: String = kinds
             .iter()
@@ -223,28 +233,19 @@ pub fn model_section(
                 _ => '?',
             })
             .collect();
-        m.insert("hybrid_layer_pattern".into(), pattern.into());
-    } else if let Some(p) = hf["hybrid_override_pattern"].as_str() {
-        m.insert("hybrid_layer_pattern".into(), p.into());
+        return Some(pattern);
     }
-    if let Some(n) = hf["first_k_dense_replace"].as_u64() {
-        // Megatron's moe_layer_freq: 0 for a dense layer, 1 for an MoE one.
-        let layers = hf["num_hidden_layers"].as_u64().unwrap_or(0);
-        let freq: Vec<u64> = (0..layers).map(|l| (l >= n) as u64).collect();
-        m.insert("moe_layer_freq".into(), json!(freq));
-    }
-    // DeepSeek gives its shared experts' width as a count of routed widths (Nemotron-H maps
-    // the width itself, through its table).
-    if let Some(n) = hf["n_shared_experts"]
-        .as_u64()
-        .filter(|_| !mapped("moe_shared_expert_intermediate_size"))
-    {
-        let ffn = hf["moe_intermediate_size"].as_u64().unwrap_or(0);
-        m.insert(
-            "moe_shared_expert_intermediate_size".into(),
-            (n * ffn).into(),
-        );
-    }
+    hf["hybrid_override_pattern"].as_str().map(String::from)
+}
+
+/// Precision, vocabulary padding, parallel sizes and the HF source.
+fn run_fields(
+    hf: &Value,
+    source: Option<&str>,
+    vocab_divisible_by: u64,
+    tp: u64,
+    m: &mut Map<String, Value>,
+) {
     // Always explicit: some providers (Gemma's) default to bf16.
     let dtype = hf.get("dtype").or_else(|| hf.get("torch_dtype"));
     let d = dtype
@@ -265,7 +266,6 @@ pub fn model_section(
     if let Some(s) = source {
         m.insert("hf_model_id".into(), s.into());
     }
-    Ok(m)
 }
 
 /// The whole `run_config.yaml` for an import.
@@ -541,6 +541,12 @@ pub fn read_yaml(path: &Path) -> Result<Value> {
 /// An HF config from a checkpoint's `run_config.yaml`: the original one bridgeflow kept, else
 /// rebuilt from the model section (Megatron-Bridge's, or an older bridgeflow's flat one).
 pub fn hf_config_from_run_config(path: &Path) -> Result<Value> {
+    hf_config_from_run_config_with(path, &[])
+}
+
+/// [`hf_config_from_run_config`] with model tables besides the built-in families (the
+/// mapper's `model_tables`, consulted first).
+pub fn hf_config_from_run_config_with(path: &Path, tables: &[Family]) -> Result<Value> {
     let rc = read_yaml(path)?;
     if rc["bridgeflow"]["hf_config"].is_object() {
         return Ok(rc["bridgeflow"]["hf_config"].clone());
@@ -549,6 +555,13 @@ pub fn hf_config_from_run_config(path: &Path) -> Result<Value> {
         .get("model")
         .filter(|m| m.is_object())
         .ok_or_else(|| PluginError::format(format!("{}: no model section", path.display())))?;
+    hf_config_from_model(model, path, tables)
+}
+
+/// The HF config a Megatron model section describes: its architecture (named, or as its
+/// family's table tells it: [`crate::families::architecture_of`]) and `model_type`, the
+/// family's fields back under their HF keys, RoPE, the window, the family's quirks.
+fn hf_config_from_model(model: &Value, path: &Path, tables: &[Family]) -> Result<Value> {
     let need = |k: &str| {
         model
             .get(k)
@@ -556,51 +569,24 @@ pub fn hf_config_from_run_config(path: &Path) -> Result<Value> {
             .cloned()
             .ok_or_else(|| PluginError::format(format!("{}: model.{k} is missing", path.display())))
     };
-    let flag = |k: &str| model[k].as_bool().unwrap_or(false);
-    // The architecture, from what the provider and its fields say.
-    let target = model["_target_"].as_str().unwrap_or("");
-    let moe = model["num_moe_experts"].as_u64().is_some();
-    // A provider class of one family only (Gemma's, MLA's) names it.
-    let by_provider = crate::families::builtin()
-        .into_iter()
-        .filter(|f| f.provider == target)
-        .collect::<Vec<_>>();
     let arch = match model["hf_architecture"].as_str() {
         Some(a) => a.to_string(),
-        None if by_provider.len() == 1 => by_provider[0].architectures[0].clone(),
-        None if flag("multi_latent_attention") => "DeepseekV3ForCausalLM".into(),
-        None if moe && flag("qk_layernorm") => "Qwen3MoeForCausalLM".into(),
-        None if moe => "MixtralForCausalLM".into(),
-        None if flag("qk_layernorm") => "Qwen3ForCausalLM".into(),
-        None if flag("add_qkv_bias") => "Qwen2ForCausalLM".into(),
-        None => "LlamaForCausalLM".into(),
+        None => crate::families::architecture_of(model, tables).ok_or_else(|| {
+            PluginError::format(format!(
+                "{}: the model section names no hf_architecture and no model table recognises it",
+                path.display()
+            ))
+        })?,
     };
-    let model_type = match arch.as_str() {
-        "Qwen3ForCausalLM" => "qwen3",
-        "Qwen2ForCausalLM" => "qwen2",
-        "MistralForCausalLM" => "mistral",
-        "Qwen3MoeForCausalLM" => "qwen3_moe",
-        "MixtralForCausalLM" => "mixtral",
-        "DeepseekV3ForCausalLM" => "deepseek_v3",
-        "Gemma2ForCausalLM" => "gemma2",
-        "GemmaForCausalLM" => "gemma",
-        "Gemma3ForCausalLM" => "gemma3_text",
-        _ => "llama",
-    };
-    let family = crate::families::find(&arch, &[])?;
-    let dtype = match model["hf_dtype"].as_str() {
-        Some(d) => d.to_string(),
-        None => {
-            let params = model["params_dtype"]["_target_"].as_str().unwrap_or("");
-            if flag("bf16") || params == "torch.bfloat16" {
-                "bfloat16".into()
-            } else if flag("fp16") || params == "torch.float16" {
-                "float16".into()
-            } else {
-                "float32".into()
-            }
-        }
-    };
+    let family = crate::families::find(&arch, tables)?;
+    // A TOML table must say it: no family's model_type is another's.
+    let model_type = family.model_type(&arch).ok_or_else(|| {
+        PluginError::config(format!(
+            "{}: the {} model table gives no model_type for {arch}, which config.json needs (add model_type = \"...\" to the table)",
+            path.display(),
+            family.name
+        ))
+    })?;
     let mut hf = Map::new();
     hf.insert("architectures".into(), json!([arch]));
     hf.insert("model_type".into(), model_type.into());
@@ -625,68 +611,12 @@ pub fn hf_config_from_run_config(path: &Path) -> Result<Value> {
         need(k)?;
     }
     let theta = need("rotary_base")?;
-    let mut rope = json!({"rope_theta": theta, "rope_type": "default"});
-    if flag("rope_scaling") {
-        // Megatron-Core's fixed llama3 parameters, as Bridge exports them.
-        rope = json!({
-            "rope_theta": theta, "rope_type": "llama3",
-            "factor": model["rope_scaling_factor"].as_f64().unwrap_or(8.0),
-            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        });
-    } else if let Some(f) = model["seq_len_interpolation_factor"].as_f64() {
-        rope = json!({"rope_theta": theta, "rope_type": "linear", "factor": f});
-    } else {
-        // YaRN: GPT providers prefix the fields; MLA ones scale only when the factor is not 1.
-        let yarn = model["position_embedding_type"] == "yarn";
-        let mla = flag("multi_latent_attention")
-            && model["rotary_scaling_factor"]
-                .as_f64()
-                .is_some_and(|f| f != 1.0);
-        if yarn || mla {
-            rope = json!({"rope_theta": theta, "rope_type": "yarn"});
-            for (h, meg) in YARN {
-                let field = if yarn {
-                    format!("yarn_{meg}")
-                } else {
-                    meg.to_string()
-                };
-                if let Some(v) = model.get(&field).filter(|v| !v.is_null()) {
-                    rope[*h] = v.clone();
-                }
-            }
-        }
+    let mut rope = rope_from_model(model, &theta);
+    if let Some(w) = window_from_model(model) {
+        hf.insert("sliding_window".into(), w);
     }
-    match &model["window_size"] {
-        Value::Array(a) => {
-            if let Some(w) = a.first().and_then(Value::as_u64) {
-                hf.insert("sliding_window".into(), (w + 1).into());
-            }
-        }
-        Value::Number(w) => {
-            hf.insert("sliding_window".into(), w.clone().into());
-        }
-        _ => {}
-    }
-    // DeepSeek's dense prefix and shared experts, from Megatron's per-layer MoE pattern.
-    if let Some(freq) = model["moe_layer_freq"].as_array() {
-        let dense = freq.iter().take_while(|v| v.as_u64() == Some(0)).count();
-        hf.insert("first_k_dense_replace".into(), dense.into());
-    }
-    if let (Some(s), Some(f)) = (
-        model["moe_shared_expert_intermediate_size"].as_u64(),
-        model["moe_ffn_hidden_size"].as_u64().filter(|&f| f > 0),
-    ) {
-        hf.insert("n_shared_experts".into(), (s / f).into());
-    }
-    if let Some(scale) = model["softmax_scale"].as_f64().filter(|&x| x > 0.0) {
-        let q = 1.0 / (scale * scale);
-        let q = if (q - q.round()).abs() < 1e-9 {
-            json!(q.round() as u64)
-        } else {
-            json!(q)
-        };
-        hf.entry("query_pre_attn_scalar").or_insert(q);
+    for q in &family.quirks {
+        q.to_hf(model, &mut hf);
     }
     if let Some([local, full]) = theta.as_array().map(Vec::as_slice) {
         // (local, global) bases: per layer type, as transformers 5 writes them.
@@ -703,10 +633,74 @@ pub fn hf_config_from_run_config(path: &Path) -> Result<Value> {
         "silu"
     };
     hf.insert("hidden_act".into(), act.into());
-    hf.insert("dtype".into(), dtype.into());
+    hf.insert("dtype".into(), dtype_from_model(model).into());
     hf.entry("tie_word_embeddings").or_insert(false.into());
     hf.entry("attention_bias").or_insert(false.into());
     Ok(Value::Object(hf))
+}
+
+/// The HF dtype of a model section: `hf_dtype`, else from its precision flags.
+fn dtype_from_model(model: &Value) -> String {
+    if let Some(d) = model["hf_dtype"].as_str() {
+        return d.to_string();
+    }
+    let flag = |k: &str| model[k].as_bool().unwrap_or(false);
+    let params = model["params_dtype"]["_target_"].as_str().unwrap_or("");
+    if flag("bf16") || params == "torch.bfloat16" {
+        "bfloat16".into()
+    } else if flag("fp16") || params == "torch.float16" {
+        "float16".into()
+    } else {
+        "float32".into()
+    }
+}
+
+/// HF `rope_parameters` for a model section's RoPE fields (the base `theta`; Megatron-Core's
+/// fixed llama3 parameters, linear interpolation, YaRN).
+fn rope_from_model(model: &Value, theta: &Value) -> Value {
+    let flag = |k: &str| model[k].as_bool().unwrap_or(false);
+    if flag("rope_scaling") {
+        // Megatron-Core's fixed llama3 parameters, as Bridge exports them.
+        return json!({
+            "rope_theta": theta, "rope_type": "llama3",
+            "factor": model["rope_scaling_factor"].as_f64().unwrap_or(8.0),
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        });
+    }
+    if let Some(f) = model["seq_len_interpolation_factor"].as_f64() {
+        return json!({"rope_theta": theta, "rope_type": "linear", "factor": f});
+    }
+    // YaRN: GPT providers prefix the fields; MLA ones scale only when the factor is not 1.
+    let yarn = model["position_embedding_type"] == "yarn";
+    let mla = flag("multi_latent_attention")
+        && model["rotary_scaling_factor"]
+            .as_f64()
+            .is_some_and(|f| f != 1.0);
+    let mut rope = json!({"rope_theta": theta, "rope_type": "default"});
+    if yarn || mla {
+        rope = json!({"rope_theta": theta, "rope_type": "yarn"});
+        for (h, meg) in YARN {
+            let field = if yarn {
+                format!("yarn_{meg}")
+            } else {
+                meg.to_string()
+            };
+            if let Some(v) = model.get(&field).filter(|v| !v.is_null()) {
+                rope[*h] = v.clone();
+            }
+        }
+    }
+    rope
+}
+
+/// HF `sliding_window` for a model section's `window_size`: [W-1, 0], or W itself.
+fn window_from_model(model: &Value) -> Option<Value> {
+    match &model["window_size"] {
+        Value::Array(a) => a.first().and_then(Value::as_u64).map(|w| (w + 1).into()),
+        Value::Number(w) => Some(w.clone().into()),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -833,6 +827,41 @@ mod tests {
             }
             assert_eq!(back["rope_parameters"], hf["rope_parameters"], "{name}");
         }
+    }
+
+    #[test]
+    fn a_toml_tables_model_type_is_written_on_export_or_its_lack_named() {
+        // Gemma 2's table as a user's, under its own architecture and provider.
+        let text = include_str!("families/gemma2.toml")
+            .replace(r#"["Gemma2ForCausalLM"]"#, r#"["MyGemmaForCausalLM"]"#)
+            .replace("gemma2_provider.Gemma2ModelProvider", "my.MyGemmaProvider")
+            .replace(r#"model_type = "gemma2""#, r#"model_type = "my_gemma""#);
+        let table = Family::from_toml(&text, Path::new("my.toml")).unwrap();
+        let mut hf = fixture_config("gemma2");
+        hf["architectures"] = json!(["MyGemmaForCausalLM"]);
+        let model = model_section(&table, &hf, None, 128, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run_config.yaml");
+        std::fs::write(&p, to_yaml(&json!({ "model": model }), "")).unwrap();
+        let back = hf_config_from_run_config_with(&p, std::slice::from_ref(&table)).unwrap();
+        assert_eq!(back["architectures"], json!(["MyGemmaForCausalLM"]));
+        assert_eq!(back["model_type"], "my_gemma");
+        assert_eq!(back["query_pre_attn_scalar"], hf["query_pre_attn_scalar"]);
+        // Without the table its provider is none of the built-in ones': the guesses take it
+        // for Llama. A table without model_type is named.
+        let guessed = hf_config_from_run_config(&p).unwrap();
+        assert_eq!(guessed["model_type"], "llama");
+        let bare = Family {
+            model_type: None,
+            ..table
+        };
+        let e = hf_config_from_run_config_with(&p, &[bare]).unwrap_err();
+        assert!(
+            e.message
+                .contains("gemma2 model table gives no model_type for MyGemmaForCausalLM"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -53,6 +53,13 @@ pub struct TrainConfig {
     /// micro-batches (megatron-core's `calculate_per_token_loss`).
     #[serde(default)]
     pub calculate_per_token_loss: bool,
+    /// The tokenizer's EOS id: packed rows are padded with it and it never counts in the loss.
+    #[serde(default)]
+    pub eos_id: Option<u32>,
+    /// Packed rows: the loss mask stored with them (answer tokens only, Bridge's default);
+    /// false: every token but EOS.
+    #[serde(default = "yes")]
+    pub answer_only_loss: bool,
     /// Log every N iterations (tracing, info).
     #[serde(default = "one_u64")]
     pub log_interval: u64,
@@ -78,6 +85,9 @@ fn one() -> f64 {
 }
 fn one_u64() -> u64 {
     1
+}
+fn yes() -> bool {
+    true
 }
 
 impl TrainConfig {

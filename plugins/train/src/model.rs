@@ -138,14 +138,25 @@ pub struct Batch {
     pub labels: Tensor,
     /// `[b, s]` f32 loss mask aligned with the labels.
     pub loss_mask: Tensor,
+    /// Where each token attends and what position it has.
+    pub attn: Attn,
 }
 
-/// Precomputed per sequence length: RoPE's cos/sin and the causal mask.
+/// RoPE's cos/sin (`[s, d]`, or `[b, 1, s, d]` for packed rows) and the additive attention
+/// mask (`[s, s]` causal, or `[b, 1, s, s]` causal within each packed sub-sequence).
+pub struct Attn {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub mask: Tensor,
+}
+
+/// Precomputed per sequence length: RoPE's cos/sin tables and the causal mask.
 pub struct Positions {
     cos: Tensor,
     sin: Tensor,
     /// `[s, s]`: 0 where attention is allowed, -inf elsewhere.
     mask: Tensor,
+    seq: usize,
 }
 
 impl Positions {
@@ -180,6 +191,46 @@ impl Positions {
             cos: Tensor::from_vec(cos, (seq, d), dev).map_err(ce)?,
             sin: Tensor::from_vec(sin, (seq, d), dev).map_err(ce)?,
             mask: Tensor::from_vec(mask, (seq, seq), dev).map_err(ce)?,
+            seq,
+        })
+    }
+
+    /// One causal sequence per sample: the shared tables.
+    pub fn causal(&self) -> Attn {
+        Attn {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            mask: self.mask.clone(),
+        }
+    }
+
+    /// Packed samples: per sample, its tokens' positions and its sub-sequences' boundaries.
+    pub fn packed(&self, rows: &[(&[u32], &[usize])]) -> Result<Attn> {
+        let s = self.seq;
+        let b = rows.len();
+        let dev = self.cos.device();
+        let pos: Vec<u32> = rows.iter().flat_map(|(p, _)| p.iter().copied()).collect();
+        let pos = Tensor::from_vec(pos, b * s, dev).map_err(ce)?;
+        let d = self.cos.dim(1).map_err(ce)?;
+        let gather = |t: &Tensor| -> Result<Tensor> {
+            t.index_select(&pos, 0)
+                .and_then(|x| x.reshape((b, 1, s, d)))
+                .map_err(ce)
+        };
+        let mut mask = vec![f32::NEG_INFINITY; b * s * s];
+        for (r, (_, cu)) in rows.iter().enumerate() {
+            for w in cu.windows(2) {
+                for i in w[0]..w[1] {
+                    for j in w[0]..=i {
+                        mask[(r * s + i) * s + j] = 0.0;
+                    }
+                }
+            }
+        }
+        Ok(Attn {
+            cos: gather(&self.cos)?,
+            sin: gather(&self.sin)?,
+            mask: Tensor::from_vec(mask, (b, 1, s, s), dev).map_err(ce)?,
         })
     }
 }
@@ -210,8 +261,8 @@ fn rotate_half(x: &Tensor) -> T {
 }
 
 /// `x`: `[b, heads, s, d]`.
-fn rope(x: &Tensor, p: &Positions) -> T {
-    x.broadcast_mul(&p.cos)? + rotate_half(x)?.broadcast_mul(&p.sin)?
+fn rope(x: &Tensor, a: &Attn) -> T {
+    x.broadcast_mul(&a.cos)? + rotate_half(x)?.broadcast_mul(&a.sin)?
 }
 
 fn softmax_last(x: &Tensor) -> T {
@@ -237,7 +288,7 @@ impl Gpt<'_> {
     }
 
     /// Logits `[b, s, vocab]` in fp32.
-    pub fn logits(&self, tokens: &Tensor, pos: &Positions) -> T {
+    pub fn logits(&self, tokens: &Tensor, pos: &Attn) -> T {
         let (b, s) = tokens.dims2()?;
         let emb = self.p(names::WORD_EMBEDDINGS)?;
         let mut x =
@@ -260,7 +311,7 @@ impl Gpt<'_> {
         linear(&x, out)
     }
 
-    fn attention(&self, l: usize, x: &Tensor, pos: &Positions) -> T {
+    fn attention(&self, l: usize, x: &Tensor, pos: &Attn) -> T {
         let c = self.cfg;
         let (b, s, _) = x.dims3()?;
         let (g, hpg, d) = (c.num_query_groups, c.heads_per_group(), c.kv_channels);
@@ -331,8 +382,8 @@ impl Gpt<'_> {
 
     /// The masked cross-entropy sum over the batch and the number of tokens in the loss, as
     /// megatron-bridge's `masked_next_token_loss` (logits in fp32).
-    pub fn loss_sum(&self, batch: &Batch, pos: &Positions) -> candle_core::Result<(Tensor, f64)> {
-        let logits = self.logits(&batch.tokens, pos)?;
+    pub fn loss_sum(&self, batch: &Batch) -> candle_core::Result<(Tensor, f64)> {
+        let logits = self.logits(&batch.tokens, &batch.attn)?;
         let v = logits.dim(D::Minus1)?;
         let logits = logits.reshape(((), v))?;
         let max = logits.max_keepdim(D::Minus1)?.detach();

@@ -8,7 +8,7 @@
 
 use crate::assemble::Assembler;
 use crate::config::TrainConfig;
-use crate::data::{samples, Sample};
+use crate::data::{samples, Packing, Sample};
 use crate::model::GptConfig;
 use crate::params::Params;
 use crate::trainer::{Step, Trainer};
@@ -92,7 +92,11 @@ impl Transform for TrainStage {
             _ => {
                 let batch = item.into_records()?;
                 let vocab = self.model.as_ref().map_or(0, |m| m.vocab_size);
-                let rows = samples(&batch, self.cfg.seq_length, vocab, self.rows_seen)?;
+                let packing = Packing {
+                    eos: self.cfg.eos_id,
+                    answer_only_loss: self.cfg.answer_only_loss,
+                };
+                let rows = samples(&batch, self.cfg.seq_length, vocab, self.rows_seen, packing)?;
                 self.rows_seen += batch.num_rows() as u64;
                 self.queue.extend(rows);
                 self.train_ready(out)

@@ -13,6 +13,37 @@ use bridgeflow_sdk::{PluginError, Result};
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 
+/// Samples of `seq` tokens as one batch; packed samples attend within their sub-sequences.
+pub fn batch(samples: &[Sample], seq: usize, positions: &Positions, dev: &Device) -> Result<Batch> {
+    let b = samples.len();
+    let cat = |f: fn(&Sample) -> &[u32]| -> Vec<u32> {
+        samples.iter().flat_map(|s| f(s).iter().copied()).collect()
+    };
+    let mask: Vec<f32> = samples
+        .iter()
+        .flat_map(|s| s.loss_mask.iter().copied())
+        .collect();
+    let attn = if samples.iter().all(|s| s.packed.is_none()) {
+        positions.causal()
+    } else {
+        let causal: (Vec<u32>, Vec<usize>) = ((0..seq as u32).collect(), vec![0, seq]);
+        let rows: Vec<(&[u32], &[usize])> = samples
+            .iter()
+            .map(|s| {
+                let (p, cu) = s.packed.as_ref().unwrap_or(&causal);
+                (p.as_slice(), cu.as_slice())
+            })
+            .collect();
+        positions.packed(&rows)?
+    };
+    Ok(Batch {
+        tokens: Tensor::from_vec(cat(|s| &s.tokens), (b, seq), dev).map_err(ce)?,
+        labels: Tensor::from_vec(cat(|s| &s.labels), (b, seq), dev).map_err(ce)?,
+        loss_mask: Tensor::from_vec(mask, (b, seq), dev).map_err(ce)?,
+        attn,
+    })
+}
+
 /// What one iteration reports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
@@ -61,26 +92,7 @@ impl Trainer {
     }
 
     fn batch(&self, samples: &[Sample]) -> Result<Batch> {
-        let seq = self.cfg.seq_length;
-        let b = samples.len();
-        let tokens: Vec<u32> = samples
-            .iter()
-            .flat_map(|s| s.tokens[..seq].iter().copied())
-            .collect();
-        let labels: Vec<u32> = samples
-            .iter()
-            .flat_map(|s| s.tokens[1..].iter().copied())
-            .collect();
-        let mask: Vec<f32> = samples
-            .iter()
-            .flat_map(|s| s.loss_mask.iter().copied())
-            .collect();
-        let dev = &self.device;
-        Ok(Batch {
-            tokens: Tensor::from_vec(tokens, (b, seq), dev).map_err(ce)?,
-            labels: Tensor::from_vec(labels, (b, seq), dev).map_err(ce)?,
-            loss_mask: Tensor::from_vec(mask, (b, seq), dev).map_err(ce)?,
-        })
+        batch(samples, self.cfg.seq_length, &self.positions, &self.device)
     }
 
     /// Adds the gradients of `loss` (a scalar) into `acc`.
@@ -114,7 +126,7 @@ impl Trainer {
         let (mut loss_sum, mut tokens) = (0.0, 0.0);
         for mb in samples.chunks(self.cfg.micro_batch_size) {
             let batch = self.batch(mb)?;
-            let (sum, n) = gpt.loss_sum(&batch, &self.positions).map_err(ce)?;
+            let (sum, n) = gpt.loss_sum(&batch).map_err(ce)?;
             let value: f64 = sum
                 .to_dtype(candle_core::DType::F64)
                 .and_then(|t| t.to_scalar())

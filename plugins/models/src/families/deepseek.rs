@@ -7,12 +7,13 @@
 
 use super::llama::{dense_mlp, embeddings, gpt_fields};
 use super::qwen3_moe::{moe_fields_named, routed_moe};
-use super::{fields, megatron, Family};
+use super::{fields, megatron, Family, Quirk, Variant};
 use bridgeflow_megatron::mapping::{Entry, Layers};
 use bridgeflow_megatron::names::{layer_pattern, mtp_pattern};
-use serde_json::json;
+use serde_json::{json, Map, Value};
 
-pub fn family() -> Family {
+/// Multi-latent attention, the router's expert bias and the shared experts.
+fn attention_and_shared_experts() -> Vec<Entry> {
     let a = |m: &str, h: &str| {
         Entry::direct(
             &layer_pattern(&format!("self_attention.{m}")),
@@ -25,8 +26,7 @@ pub fn family() -> Family {
             &format!("model.layers.{{l}}.mlp.{h}"),
         )
     };
-    let mut tensors = embeddings();
-    tensors.extend([
+    vec![
         Entry::direct(
             &layer_pattern("input_layernorm.weight"),
             "model.layers.{l}.input_layernorm.weight",
@@ -60,7 +60,12 @@ pub fn family() -> Family {
         )
         .only(Layers::Moe)
         .optional(),
-    ]);
+    ]
+}
+
+/// Multi-token prediction's own rows.
+fn mtp_rows() -> Vec<Entry> {
+    let mut rows = Vec::new();
     // Multi-token prediction (HF layers from num_hidden_layers on): its own norms and
     // projection; its transformer layer is a decoder layer's rows (Megatron
     // `mtp.layers.{m}.transformer_layer.…`, renamed by the mapper).
@@ -70,18 +75,16 @@ pub fn family() -> Family {
         ("eh_proj", "eh_proj"),
         ("final_layernorm", "shared_head.norm"),
     ] {
-        tensors.push(Entry::direct(
+        rows.push(Entry::direct(
             &mtp_pattern(&format!("{m}.weight")),
             &format!("model.layers.{{l}}.{h}.weight"),
         ));
     }
-    tensors.extend(dense_mlp().into_iter().map(|e| e.only(Layers::Dense)));
-    tensors.extend(routed_moe(
-        "model.layers.{l}.mlp.gate.weight",
-        "model.layers.{l}.mlp.experts.{e}.gate_proj.weight",
-        "model.layers.{l}.mlp.experts.{e}.up_proj.weight",
-        "model.layers.{l}.mlp.experts.{e}.down_proj.weight",
-    ));
+    rows
+}
+
+/// The Megatron fields fixed for the family.
+fn megatron_fields() -> Map<String, Value> {
     // As Megatron-Bridge's DeepSeek-V3 bridge sets them; the layer spec is megatron-core's
     // per-layer decoder block (dense and MoE layers differ).
     let mut m = megatron(gpt_fields());
@@ -103,6 +106,11 @@ pub fn family() -> Family {
             "use_transformer_engine": true,
         },
     })));
+    m
+}
+
+/// HF config keys ⇄ Megatron fields besides the common ones.
+fn config_fields() -> Vec<(String, String)> {
     let mut config = moe_fields_named("n_routed_experts");
     config.extend(fields(&[
         ("q_lora_rank", "q_lora_rank"),
@@ -115,16 +123,39 @@ pub fn family() -> Family {
         ("routed_scaling_factor", "moe_router_topk_scaling_factor"),
         ("num_nextn_predict_layers", "mtp_num_layers"),
     ]));
+    config
+}
+
+pub fn family() -> Family {
+    let mut tensors = embeddings();
+    tensors.extend(attention_and_shared_experts());
+    tensors.extend(mtp_rows());
+    tensors.extend(dense_mlp().into_iter().map(|e| e.only(Layers::Dense)));
+    tensors.extend(routed_moe(
+        "model.layers.{l}.mlp.gate.weight",
+        "model.layers.{l}.mlp.experts.{e}.gate_proj.weight",
+        "model.layers.{l}.mlp.experts.{e}.up_proj.weight",
+        "model.layers.{l}.mlp.experts.{e}.down_proj.weight",
+    ));
     Family {
         name: "deepseek".into(),
         architectures: vec![
             "DeepseekV3ForCausalLM".into(),
             "DeepseekV2ForCausalLM".into(),
         ],
+        // Multi-latent attention under another provider class is taken for V3.
+        variants: vec![
+            Variant::new("DeepseekV3ForCausalLM", "deepseek_v3")
+                .guess(50, &["multi_latent_attention"]),
+            Variant::new("DeepseekV2ForCausalLM", "deepseek_v2"),
+        ],
+        // The dense first layers are Megatron's moe_layer_freq; the shared experts' width a
+        // count of routed widths.
+        quirks: vec![Quirk::DenseFirstLayers, Quirk::SharedExpertCount],
         provider: "megatron.bridge.models.mla_provider.MLAModelProvider".into(),
         tensors,
-        config,
-        megatron: m,
+        config: config_fields(),
+        megatron: megatron_fields(),
         ignore: vec!["rotary_emb.inv_freq".into()],
         mtp_shared: vec![
             (

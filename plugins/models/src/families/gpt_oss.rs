@@ -73,6 +73,7 @@ pub fn family() -> Family {
     Family {
         name: "gpt-oss".into(),
         architectures: vec!["GptOssForCausalLM".into()],
+        model_type: Some("gpt_oss".into()),
         provider: "megatron.bridge.models.gpt_provider.GPTModelProvider".into(),
         tensors,
         config,

@@ -2,7 +2,7 @@
 //! names (TE key names, as megatron-core writes them even for the local spec). Rows whose HF
 //! tensors a model lacks are simply absent.
 
-use super::{fields, megatron, Family};
+use super::{fields, megatron, Family, Variant};
 use bridgeflow_megatron::mapping::Entry;
 use bridgeflow_megatron::names::{self, layer_pattern};
 use serde_json::json;
@@ -107,6 +107,19 @@ pub fn family() -> Family {
         ]
         .map(String::from)
         .to_vec(),
+        // A model section without hf_architecture (Bridge's) is Qwen3 with q/k norms, Qwen2
+        // with q/k/v biases (which it always has: its config has no attention_bias key), else
+        // Llama.
+        variants: vec![
+            Variant::new("LlamaForCausalLM", "llama").guess(0, &[]),
+            Variant::new("MistralForCausalLM", "mistral"),
+            Variant::new("Qwen2ForCausalLM", "qwen2")
+                .megatron(json!({"add_qkv_bias": true}))
+                .guess(10, &["add_qkv_bias"]),
+            Variant::new("Qwen3ForCausalLM", "qwen3")
+                .megatron(json!({"qk_layernorm": true}))
+                .guess(20, &["qk_layernorm"]),
+        ],
         provider: "megatron.bridge.models.gpt_provider.GPTModelProvider".into(),
         tensors: [attention_and_norms(), dense_mlp()].concat(),
         config: fields(&[]),

@@ -9,13 +9,26 @@
 use super::{fields, megatron, Family};
 use bridgeflow_megatron::mapping::{Entry, Kind, Layers};
 use bridgeflow_megatron::names::{self, experts_param, layer_pattern};
-use serde_json::json;
+use serde_json::{json, Map, Value};
 
-pub fn family() -> Family {
-    let l = layer_pattern;
-    let h = |s: &str| format!("backbone.layers.{{l}}.{s}");
-    let norm = |megatron: &str, kind| Entry::direct(&l(megatron), &h("norm.weight")).only(kind);
-    let mut tensors = vec![
+/// The Megatron name of a layer's `s`.
+fn l(s: &str) -> String {
+    layer_pattern(s)
+}
+
+/// The HF name of a layer's `s`.
+fn h(s: &str) -> String {
+    format!("backbone.layers.{{l}}.{s}")
+}
+
+/// The one HF `norm` of a layer, as the fused norm of its block.
+fn norm(megatron: &str, kind: Layers) -> Entry {
+    Entry::direct(&l(megatron), &h("norm.weight")).only(kind)
+}
+
+/// Embeddings and the Mamba-2, attention and MLP blocks.
+fn block_rows() -> Vec<Entry> {
+    vec![
         // NVIDIA's releases (and export) say `embeddings`; transformers 5 saves `embedding`.
         Entry::vocab(names::WORD_EMBEDDINGS, "backbone.embeddings.weight"),
         Entry::vocab(names::WORD_EMBEDDINGS, "backbone.embedding.weight"),
@@ -63,7 +76,12 @@ pub fn family() -> Family {
         norm("mlp.linear_fc1.layer_norm_weight", Layers::Mlp),
         Entry::direct(&l("mlp.linear_fc1.weight"), &h("mixer.up_proj.weight")).only(Layers::Mlp),
         Entry::direct(&l("mlp.linear_fc2.weight"), &h("mixer.down_proj.weight")).only(Layers::Mlp),
-        // MoE.
+    ]
+}
+
+/// The MoE block (Nemotron-3): its rows exist only in MoE layers.
+fn moe_rows() -> Vec<Entry> {
+    let mut rows = vec![
         norm("pre_mlp_layernorm.weight", Layers::Moe),
         Entry::direct(&l("mlp.router.weight"), &h("mixer.gate.weight")),
         Entry::direct(
@@ -90,11 +108,53 @@ pub fn family() -> Family {
         )
         .optional(),
     ];
-    // The MoE rows above exist only in MoE layers.
-    let moe_rows = tensors.len() - 6..tensors.len();
-    for e in &mut tensors[moe_rows] {
+    for e in &mut rows {
         e.layers = Layers::Moe;
     }
+    rows
+}
+
+/// As Megatron-Bridge's Nemotron-H bridge maps them.
+fn config_fields() -> Vec<(String, String)> {
+    fields(&[
+        ("layer_norm_epsilon", "layernorm_epsilon"),
+        ("mamba_num_heads", "mamba_num_heads"),
+        ("mamba_head_dim", "mamba_head_dim"),
+        ("n_groups", "mamba_num_groups"),
+        ("ssm_state_size", "mamba_state_dim"),
+        ("chunk_size", "mamba_chunk_size"),
+        ("use_bias", "add_bias_linear"),
+        ("n_routed_experts", "num_moe_experts"),
+        ("num_experts_per_tok", "moe_router_topk"),
+        ("moe_intermediate_size", "moe_ffn_hidden_size"),
+        (
+            "moe_shared_expert_intermediate_size",
+            "moe_shared_expert_intermediate_size",
+        ),
+        ("routed_scaling_factor", "moe_router_topk_scaling_factor"),
+    ])
+}
+
+fn megatron_fields() -> Map<String, Value> {
+    megatron(json!({
+        "normalization": "RMSNorm",
+        "gated_linear_unit": false,
+        "position_embedding_type": "none",
+        "activation_func": {"_call_": false, "_target_": "megatron.core.activations.squared_relu"},
+        "is_hybrid_model": true,
+        "first_last_layers_bf16": true,
+        "hidden_dropout": 0.0,
+        "moe_router_score_function": "sigmoid",
+        "moe_router_enable_expert_bias": true,
+        "moe_router_dtype": "fp32",
+        "moe_grouped_gemm": true,
+        "moe_token_dispatcher_type": "alltoall",
+    }))
+}
+
+pub fn family() -> Family {
+    let mut tensors = block_rows();
+    tensors.extend(moe_rows());
     for p in ["A_log", "D", "dt_bias", "norm.weight", "out_proj.weight"] {
         tensors.push(
             Entry::direct(&l(&format!("mixer.{p}")), &h(&format!("mixer.{p}"))).only(Layers::Mamba),
@@ -103,40 +163,11 @@ pub fn family() -> Family {
     Family {
         name: "nemotron-h".into(),
         architectures: vec!["NemotronHForCausalLM".into()],
+        model_type: Some("nemotron_h".into()),
         provider: "megatron.bridge.models.hybrid.hybrid_provider.HybridModelProvider".into(),
         tensors,
-        // As Megatron-Bridge's Nemotron-H bridge maps them.
-        config: fields(&[
-            ("layer_norm_epsilon", "layernorm_epsilon"),
-            ("mamba_num_heads", "mamba_num_heads"),
-            ("mamba_head_dim", "mamba_head_dim"),
-            ("n_groups", "mamba_num_groups"),
-            ("ssm_state_size", "mamba_state_dim"),
-            ("chunk_size", "mamba_chunk_size"),
-            ("use_bias", "add_bias_linear"),
-            ("n_routed_experts", "num_moe_experts"),
-            ("num_experts_per_tok", "moe_router_topk"),
-            ("moe_intermediate_size", "moe_ffn_hidden_size"),
-            (
-                "moe_shared_expert_intermediate_size",
-                "moe_shared_expert_intermediate_size",
-            ),
-            ("routed_scaling_factor", "moe_router_topk_scaling_factor"),
-        ]),
-        megatron: megatron(json!({
-            "normalization": "RMSNorm",
-            "gated_linear_unit": false,
-            "position_embedding_type": "none",
-            "activation_func": {"_call_": false, "_target_": "megatron.core.activations.squared_relu"},
-            "is_hybrid_model": true,
-            "first_last_layers_bf16": true,
-            "hidden_dropout": 0.0,
-            "moe_router_score_function": "sigmoid",
-            "moe_router_enable_expert_bias": true,
-            "moe_router_dtype": "fp32",
-            "moe_grouped_gemm": true,
-            "moe_token_dispatcher_type": "alltoall",
-        })),
+        config: config_fields(),
+        megatron: megatron_fields(),
         ..Default::default()
     }
 }

@@ -29,6 +29,7 @@ pub fn family() -> Family {
     Family {
         name: "qwen2.5-vl".into(),
         architectures: vec!["Qwen2_5_VLForConditionalGeneration".into()],
+        model_type: Some("qwen2_5_vl".into()),
         provider: "megatron.bridge.models.qwen_vl.qwen25_vl_provider.Qwen25VLModelProvider".into(),
         tensors: language_model([attention_and_norms(), dense_mlp()].concat()),
         // As Bridge's Qwen2.5-VL bridge sets them.

@@ -3,9 +3,10 @@
 //! `decoder.layers.mlp.experts.experts.linear_fc1.weight` [layers, experts, 2·ffn, hidden].
 
 use super::llama::{attention_and_norms, gpt_fields};
-use super::{fields, megatron, Family};
+use super::{fields, megatron, Family, Variant};
 use bridgeflow_megatron::mapping::{Entry, Layers};
 use bridgeflow_megatron::names::{experts_param, layer_pattern};
+use serde_json::json;
 
 /// A routed-expert MoE block (router, per-expert SwiGLU) with its pre-norm, given the HF names
 /// of the router and of expert `{e}`'s three projections.
@@ -56,6 +57,10 @@ pub fn family() -> Family {
     Family {
         name: "qwen3-moe".into(),
         architectures: vec!["Qwen3MoeForCausalLM".into()],
+        // A model section without hf_architecture: MoE with q/k norms.
+        variants: vec![Variant::new("Qwen3MoeForCausalLM", "qwen3_moe")
+            .megatron(json!({"qk_layernorm": true}))
+            .guess(40, &["num_moe_experts", "qk_layernorm"])],
         provider: "megatron.bridge.models.gpt_provider.GPTModelProvider".into(),
         tensors: [
             attention_and_norms(),
@@ -79,6 +84,10 @@ pub fn mixtral() -> Family {
     Family {
         name: "mixtral".into(),
         architectures: vec!["MixtralForCausalLM".into()],
+        // A model section without hf_architecture: MoE (without q/k norms: Qwen3-MoE ranks higher).
+        variants: vec![
+            Variant::new("MixtralForCausalLM", "mixtral").guess(30, &["num_moe_experts"])
+        ],
         tensors: [
             attention_and_norms(),
             routed_moe(
