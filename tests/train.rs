@@ -508,3 +508,78 @@ fn a_packed_row_equals_its_sequences_run_one_by_one() {
         );
     }
 }
+
+/// `bridgeflow train` runs the bundled recipe end to end: HF fixture → trainer (samples from
+/// the bundled indexed dataset in GPTDataset's order) → torch_dist, which exports back to HF;
+/// one line per iteration, the metrics file and the report's loss curve agree.
+#[test]
+fn the_bundled_pretrain_recipe_trains_and_exports() {
+    use bridgeflow_tests::{bridgeflow, text};
+    let dir = tempdir();
+    let ckpt = dir.path().join("ckpt");
+    let metrics = dir.path().join("metrics.jsonl");
+    let report = dir.path().join("report.json");
+    let o = bridgeflow()
+        .args(["train", "--no-progress", "--report"])
+        .arg(&report)
+        .arg(workspace_root().join("pipelines/pretrain.toml"))
+        .arg("--set")
+        .arg(format!("output={}", ckpt.display()))
+        .arg("--set")
+        .arg(format!("train.metrics_file={}", metrics.display()))
+        .arg("--set")
+        .arg(format!("model={}", fixtures().join("hf/llama").display()))
+        .arg("--set")
+        .arg(format!(
+            "data={}",
+            train_fixtures()
+                .join("corpus_llama_text_document")
+                .display()
+        ))
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("iteration     10/10 | loss"), "{t}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let train = r["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "train")
+        .unwrap();
+    let losses: Vec<f64> = train["metrics"]["loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 10);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 10);
+    assert_eq!(lines[9]["loss"].as_f64().unwrap(), losses[9]);
+    assert!(losses[9] < losses[0], "{losses:?}");
+    let hf = dir.path().join("hf");
+    let o = bridgeflow()
+        .args(["convert", "--no-progress", "--from"])
+        .arg(format!("megatron:{}", ckpt.display()))
+        .arg("--to")
+        .arg(format!("hf:{}", hf.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(load_tensors(&hf).len(), 21);
+    // A recipe without a trainer is refused by `train`.
+    let o = bridgeflow()
+        .arg("train")
+        .arg(workspace_root().join("pipelines/reshard.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("has no trainer stage"), "{}", text(&o));
+}

@@ -34,21 +34,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Validate and run a pipeline file.
-    Run {
-        pipeline: PathBuf,
-        /// Set a variable (`name=value`) or a stage config key (`stage.key=value`).
-        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = Override::parse)]
-        set: Vec<Override>,
-        /// Bytes of tensor data allowed in flight (e.g. 512MiB, 2GiB).
-        #[arg(long, default_value = "2GiB", value_parser = parse_size)]
-        memory_budget: u64,
-        /// Never draw progress bars (they are drawn only on a terminal anyway).
-        #[arg(long)]
-        no_progress: bool,
-        /// Write the run report (per-stage counts, timings, peak bytes in flight) as JSON.
-        #[arg(long, value_name = "FILE")]
-        report: Option<PathBuf>,
-    },
+    Run(RunArgs),
+    /// Run a training recipe (a pipeline file with a trainer stage, e.g. pipelines/pretrain.toml):
+    /// one line per logged iteration (loss, lr, grad norm, tokens/s, ETA), the loss curve in
+    /// the report (--report) and in the trainer's `metrics_file`.
+    Train(RunArgs),
     /// Check a pipeline file without running it: plugins, kinds, inputs, cycles, port types, configs.
     Validate {
         pipeline: PathBuf,
@@ -140,6 +130,24 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+struct RunArgs {
+    /// The pipeline file (for `train`: the recipe).
+    pipeline: PathBuf,
+    /// Set a variable (`name=value`) or a stage config key (`stage.key=value`).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = Override::parse)]
+    set: Vec<Override>,
+    /// Bytes of tensor data allowed in flight (e.g. 512MiB, 2GiB).
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    memory_budget: u64,
+    /// Never draw progress bars (they are drawn only on a terminal anyway).
+    #[arg(long)]
+    no_progress: bool,
+    /// Write the run report (per-stage counts, timings, peak bytes in flight, metrics) as JSON.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
 struct ConvertArgs {
     /// What to read, as SCHEME:PATH (hf:, megatron: (torch_dist), megatron-lm:, or any scheme a
     /// reader plugin declares).
@@ -225,13 +233,8 @@ fn main() -> ExitCode {
     }
     let host = PluginHost::discover(default_search_path(&cli.plugin_path));
     let result = match cli.command {
-        Command::Run {
-            pipeline,
-            set,
-            memory_budget,
-            no_progress,
-            report,
-        } => cmd_run(&host, pipeline, &set, memory_budget, !no_progress, report),
+        Command::Run(args) => cmd_run(&host, args, false),
+        Command::Train(args) => cmd_run(&host, args, true),
         Command::Validate { pipeline, set } => cmd_validate(&host, pipeline, &set),
         Command::Plugins { json, schema } => cmd_plugins(&host, json, schema),
         Command::Clean { .. } => unreachable!("handled before plugin discovery"),
@@ -333,24 +336,26 @@ fn init_tracing() {
         .init();
 }
 
-fn cmd_run(
-    host: &PluginHost,
-    pipeline: PathBuf,
-    set: &[Override],
-    memory_budget: u64,
-    progress: bool,
-    report_path: Option<PathBuf>,
-) -> anyhow::Result<ExitCode> {
-    let graph = match bridgeflow_core::load_pipeline(&pipeline, set, host) {
+/// `bridgeflow run` (any pipeline) and `bridgeflow train` (one with a trainer stage).
+fn cmd_run(host: &PluginHost, a: RunArgs, training: bool) -> anyhow::Result<ExitCode> {
+    let graph = match bridgeflow_core::load_pipeline(&a.pipeline, &a.set, host) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("error: {e}");
             return Ok(ExitCode::from(2));
         }
     };
+    if training && !graph.nodes.iter().any(|n| n.kind == StageKind::Trainer) {
+        eprintln!(
+            "error: {} has no trainer stage (kind = \"trainer\"); `bridgeflow run` runs any pipeline",
+            a.pipeline.display()
+        );
+        return Ok(ExitCode::from(2));
+    }
+    let report_path = a.report;
     let opts = RunOptions {
-        memory_budget,
-        progress,
+        memory_budget: a.memory_budget,
+        progress: !a.no_progress,
         ..Default::default()
     };
     match run_blocking(graph, opts) {
@@ -535,12 +540,11 @@ fn metrics_line(m: &serde_json::Value) -> Option<String> {
     let parts: Vec<String> = obj
         .iter()
         .filter_map(|(k, v)| match v {
-            serde_json::Value::Array(a) => Some(match a.last() {
-                Some(last) if !last.is_object() && !last.is_array() => {
-                    format!("{k}=[{} values, last {last}]", a.len())
-                }
-                _ => format!("{k}=[{} values]", a.len()),
-            }),
+            serde_json::Value::Array(a) => match a.last() {
+                Some(last) if last.is_object() || last.is_array() => None,
+                Some(last) => Some(format!("{k}=[{} values, last {last}]", a.len())),
+                None => None,
+            },
             serde_json::Value::Object(_) | serde_json::Value::Null => None,
             serde_json::Value::String(t) => Some(format!("{k}={t}")),
             other => Some(format!("{k}={other}")),

@@ -8,6 +8,7 @@
 //! count after it). `.bin`: the tokens, back to back, little-endian.
 
 pub mod format;
+pub mod gpt_dataset;
 pub mod reader;
 pub mod writer;
 
@@ -17,5 +18,10 @@ bridgeflow_sdk::export_plugins! {
         description: "Megatron indexed datasets (.bin/.idx): byte-identical writer, reader, merge",
         reader: Source(reader::IndexedReader),
         writer: Sink(writer::IndexedWriter),
+    }
+    "gpt-dataset" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "Training samples in megatron-core GPTDataset's order from an indexed dataset",
+        reader: Source(gpt_dataset::GptDatasetReader),
     }
 }

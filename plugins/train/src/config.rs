@@ -60,7 +60,11 @@ pub struct TrainConfig {
     /// false: every token but EOS.
     #[serde(default = "yes")]
     pub answer_only_loss: bool,
-    /// Log every N iterations (tracing, info).
+    /// One JSON line per iteration (step, loss, lr, grad_norm, num_tokens, tokens,
+    /// tokens_per_s, skipped) appended to this file.
+    #[serde(default)]
+    pub metrics_file: Option<std::path::PathBuf>,
+    /// Print (stderr) and log every N iterations.
     #[serde(default = "one_u64")]
     pub log_interval: u64,
 }

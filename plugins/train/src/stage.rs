@@ -212,6 +212,9 @@ impl TrainStage {
         self.trainer = Some(Trainer::new(self.cfg.clone(), model, params, dev)?);
         self.weights = Some(Assembler::default());
         self.started = Some(Instant::now());
+        if let Some(path) = &self.cfg.metrics_file {
+            std::fs::File::create(path).map_err(|e| PluginError::io(path, "cannot create", e))?;
+        }
         Ok(())
     }
 
@@ -227,17 +230,58 @@ impl TrainStage {
             }
             let batch: Vec<Sample> = self.queue.drain(..gbs).collect();
             let step = trainer.step(&batch)?;
-            if step.iteration % self.cfg.log_interval.max(1) == 0 {
-                tracing::info!(
-                    iteration = step.iteration,
-                    loss = step.loss,
-                    lr = step.lr,
-                    grad_norm = step.grad_norm,
-                    "step"
-                );
-            }
+            self.history.push(step.clone());
+            self.log(&step)?;
             out.records_to(1, &metrics_row(&step)?)?;
-            self.history.push(step);
+        }
+        Ok(())
+    }
+
+    /// One line per `log_interval` iterations on stderr (iteration, loss, lr, grad norm,
+    /// tokens/s, ETA) and in the tracing log, and one JSON line per iteration in
+    /// `metrics_file` when set.
+    fn log(&mut self, step: &Step) -> Result<()> {
+        let tps = self.tokens_per_second();
+        let left = self.cfg.train_iters.saturating_sub(step.iteration);
+        let per_iter = (self.cfg.global_batch_size * self.cfg.seq_length) as f64;
+        let eta = if tps > 0.0 {
+            left as f64 * per_iter / tps
+        } else {
+            0.0
+        };
+        if step.iteration % self.cfg.log_interval.max(1) == 0 || left == 0 {
+            tracing::info!(
+                iteration = step.iteration,
+                loss = step.loss,
+                lr = step.lr,
+                grad_norm = step.grad_norm,
+                tokens_per_s = tps,
+                "step"
+            );
+            eprintln!(
+                "iteration {:>6}/{} | loss {:.6} | lr {:.3e} | grad norm {:.4} | {:.0} tokens/s | ETA {}",
+                step.iteration, self.cfg.train_iters, step.loss, step.lr, step.grad_norm, tps, eta_text(eta)
+            );
+        }
+        if let Some(path) = &self.cfg.metrics_file {
+            let line = bridgeflow_sdk::serde_json::json!({
+                "step": step.iteration,
+                "loss": step.loss,
+                "lr": step.lr,
+                "grad_norm": step.grad_norm,
+                "num_tokens": step.num_tokens,
+                "tokens": self.tokens_trained(),
+                "tokens_per_s": tps,
+                "skipped": false,
+            });
+            let io = |e| PluginError::io(path, "cannot write metrics to", e);
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(io)?;
+            use std::io::Write;
+            writeln!(f, "{line}").map_err(io)?;
         }
         Ok(())
     }
@@ -253,6 +297,15 @@ impl TrainStage {
         } else {
             0.0
         }
+    }
+}
+
+fn eta_text(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match s {
+        0..=59 => format!("{s} s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
     }
 }
 
