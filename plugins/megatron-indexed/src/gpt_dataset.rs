@@ -266,6 +266,37 @@ fn batch_rows() -> usize {
     1024
 }
 
+/// Sample `i`'s `seq + 1` tokens (megatron-core's `_query_document_sample_shuffle_indices`).
+pub fn sample_tokens(
+    ind: &Indices,
+    idx: &Index<'_>,
+    bin: &[u8],
+    i: usize,
+    out: &mut Vec<i64>,
+) -> Result<()> {
+    let s = ind.shuffle_index[i] as usize;
+    let (d0, o0) = ind.sample_index[s];
+    let (d1, o1) = ind.sample_index[s + 1];
+    let size = idx.dtype.size();
+    for d in d0..=d1 {
+        let doc = ind.document_index[d as usize] as usize;
+        let start = if d == d0 { o0 } else { 0 } as usize;
+        let end = if d == d1 {
+            o1 as usize + 1
+        } else {
+            idx.length(doc) as usize
+        };
+        let base = idx.pointer(doc) as usize;
+        let bytes = bin
+            .get(base + start * size..base + end * size)
+            .ok_or_else(|| {
+                PluginError::format(format!("sample {i}: document {doc} lies outside the .bin"))
+            })?;
+        out.extend(bytes.chunks_exact(size).map(|b| idx.dtype.get(b) as i64));
+    }
+    Ok(())
+}
+
 /// The `gpt-dataset` reader: samples as records, a `tokens` list of `seq_length + 1` ids each.
 pub struct GptDatasetReader {
     cfg: GptDatasetConfig,
@@ -284,32 +315,6 @@ impl GptDatasetReader {
                 "split_name '{other}': expected train, valid or test"
             ))),
         }
-    }
-
-    /// Sample `i`'s `seq + 1` tokens.
-    fn sample(&self, idx: &Index<'_>, bin: &[u8], i: usize, out: &mut Vec<i64>) -> Result<()> {
-        let ind = self.indices.as_ref().expect("planned");
-        let s = ind.shuffle_index[i] as usize;
-        let (d0, o0) = ind.sample_index[s];
-        let (d1, o1) = ind.sample_index[s + 1];
-        let size = idx.dtype.size();
-        for d in d0..=d1 {
-            let doc = ind.document_index[d as usize] as usize;
-            let start = if d == d0 { o0 } else { 0 } as usize;
-            let end = if d == d1 {
-                o1 as usize + 1
-            } else {
-                idx.length(doc) as usize
-            };
-            let base = idx.pointer(doc) as usize;
-            let bytes = bin
-                .get(base + start * size..base + end * size)
-                .ok_or_else(|| {
-                    PluginError::format(format!("sample {i}: document {doc} lies outside the .bin"))
-                })?;
-            out.extend(bytes.chunks_exact(size).map(|b| idx.dtype.get(b) as i64));
-        }
-        Ok(())
     }
 }
 
@@ -389,7 +394,13 @@ impl Source for GptDatasetReader {
             let mut list = ListBuilder::new(Int64Builder::new());
             for i in start..(start + per).min(n) {
                 tokens.clear();
-                self.sample(&idx, bin_map, i, &mut tokens)?;
+                sample_tokens(
+                    self.indices.as_ref().expect("planned"),
+                    &idx,
+                    bin_map,
+                    i,
+                    &mut tokens,
+                )?;
                 list.values().append_slice(&tokens);
                 list.append(true);
             }
@@ -436,8 +447,9 @@ mod tests {
 
     #[test]
     fn split_bookends_round_half_to_even() {
-        let r = split_ranges("969,30,1", 3061).unwrap();
-        assert_eq!(r, [Some((0, 2966)), Some((2966, 3058)), Some((3058, 3061))]);
+        // The bpe8k corpus fixture's 3,059 sequences, as megatron-core splits them.
+        let r = split_ranges("969,30,1", 3059).unwrap();
+        assert_eq!(r, [Some((0, 2964)), Some((2964, 3056)), Some((3056, 3059))]);
         assert_eq!(
             split_ranges("1,0,0", 10).unwrap(),
             [Some((0, 10)), None, None]
