@@ -84,7 +84,9 @@ pub fn split_ranges(split: &str, documents: usize) -> Result<[Option<(usize, usi
     }
     w.resize(3, 0.0);
     let total: f64 = w.iter().sum();
-    if !(total > 0.0) || w.iter().any(|x| !x.is_finite()) {
+    if total.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+        || w.iter().any(|x| !x.is_finite())
+    {
         return Err(PluginError::config(format!(
             "split '{split}': the weights must be finite and not all 0"
         )));
@@ -377,7 +379,7 @@ impl Source for GptDatasetReader {
                 self.cfg.num_samples
             )));
         }
-        drop(idx);
+
         self.indices = Some(ind);
         self.maps = Some((idx_map, bin_map));
         Ok(StreamPlan::default())

@@ -60,6 +60,17 @@ pub struct TrainConfig {
     /// false: every token but EOS.
     #[serde(default = "yes")]
     pub answer_only_loss: bool,
+    /// Resume checkpoints go here (`iter_{N:07}/` and `latest_checkpointed_iteration.txt`):
+    /// weights, optimizer state and data position, every `save_interval` iterations, at the
+    /// end, and when the run is interrupted (SIGTERM, SIGINT).
+    #[serde(default)]
+    pub save: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub save_interval: u64,
+    /// Resume from the latest checkpoint here, if there is one (the samples it consumed are
+    /// skipped; the result is bit-identical to an uninterrupted run).
+    #[serde(default)]
+    pub load: Option<std::path::PathBuf>,
     /// One JSON line per iteration (step, loss, lr, grad_norm, num_tokens, tokens,
     /// tokens_per_s, skipped) appended to this file.
     #[serde(default)]

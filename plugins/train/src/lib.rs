@@ -7,6 +7,7 @@
 //! [`assemble`] and [`params`] hold the weights; [`stage`] wires them to the pipeline.
 
 pub mod assemble;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod model;

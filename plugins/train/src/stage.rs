@@ -7,6 +7,7 @@
 //! full global batch is one iteration, until `train_iters`.
 
 use crate::assemble::Assembler;
+use crate::checkpoint;
 use crate::config::TrainConfig;
 use crate::data::{samples, Packing, Sample};
 use crate::model::GptConfig;
@@ -31,6 +32,9 @@ pub struct TrainStage {
     history: Vec<Step>,
     started: Option<Instant>,
     out_plan: StreamPlan,
+    /// Samples still to drop after a resume (those the checkpoint consumed).
+    skip: u64,
+    saved_at: u64,
 }
 
 impl Transform for TrainStage {
@@ -53,6 +57,8 @@ impl Transform for TrainStage {
             history: Vec::new(),
             started: None,
             out_plan: StreamPlan::default(),
+            skip: 0,
+            saved_at: 0,
         })
     }
 
@@ -209,7 +215,24 @@ impl TrainStage {
             params.insert(&name, p.shape, p.dtype, p.values, &dev)?;
         }
         let model = self.model.clone().expect("planned");
-        self.trainer = Some(Trainer::new(self.cfg.clone(), model, params, dev)?);
+        let mut trainer = Trainer::new(self.cfg.clone(), model, params, dev)?;
+        if let Some(root) = &self.cfg.load {
+            if let Some(iteration) = checkpoint::latest(root)? {
+                let pos =
+                    checkpoint::load(root, iteration, &mut trainer.params, &mut trainer.adam)?;
+                trainer.iteration = pos.iteration;
+                trainer.consumed_samples = pos.consumed_samples;
+                self.skip = pos.consumed_samples;
+                self.saved_at = pos.iteration;
+                eprintln!(
+                    "resuming from {} at iteration {} ({} samples consumed)",
+                    root.display(),
+                    pos.iteration,
+                    pos.consumed_samples
+                );
+            }
+        }
+        self.trainer = Some(trainer);
         self.weights = Some(Assembler::default());
         self.started = Some(Instant::now());
         if let Some(path) = &self.cfg.metrics_file {
@@ -221,11 +244,17 @@ impl TrainStage {
     /// Runs every iteration the queued samples allow.
     fn train_ready(&mut self, out: &mut Emitter) -> Result<()> {
         let gbs = self.cfg.global_batch_size;
-        while let Some(trainer) = self.trainer.as_mut() {
+        while self.trainer.is_some() {
+            let dropped = (self.skip as usize).min(self.queue.len());
+            self.queue.drain(..dropped);
+            self.skip -= dropped as u64;
+            let trainer = self.trainer.as_mut().expect("checked");
             if trainer.iteration >= self.cfg.train_iters || self.queue.len() < gbs {
                 return Ok(());
             }
             if out.is_cancelled() {
+                // Preemption: keep what was trained before stopping.
+                self.save()?;
                 return Err(PluginError::cancelled());
             }
             let batch: Vec<Sample> = self.queue.drain(..gbs).collect();
@@ -233,7 +262,31 @@ impl TrainStage {
             self.history.push(step.clone());
             self.log(&step)?;
             out.records_to(1, &metrics_row(&step)?)?;
+            let interval = self.cfg.save_interval;
+            if (interval > 0 && step.iteration % interval == 0)
+                || step.iteration == self.cfg.train_iters
+            {
+                self.save()?;
+            }
         }
+        Ok(())
+    }
+
+    /// A resume checkpoint of the current state, when `save` is set and it is new.
+    fn save(&mut self) -> Result<()> {
+        let (Some(root), Some(t)) = (&self.cfg.save, &self.trainer) else {
+            return Ok(());
+        };
+        if t.iteration == self.saved_at {
+            return Ok(());
+        }
+        let pos = checkpoint::Position {
+            iteration: t.iteration,
+            consumed_samples: t.consumed_samples,
+        };
+        let dir = checkpoint::save(root, &t.params, &t.adam, &pos)?;
+        tracing::info!(iteration = t.iteration, path = %dir.display(), "checkpoint saved");
+        self.saved_at = t.iteration;
         Ok(())
     }
 
@@ -249,7 +302,7 @@ impl TrainStage {
         } else {
             0.0
         };
-        if step.iteration % self.cfg.log_interval.max(1) == 0 || left == 0 {
+        if step.iteration.is_multiple_of(self.cfg.log_interval.max(1)) || left == 0 {
             tracing::info!(
                 iteration = step.iteration,
                 loss = step.loss,
