@@ -62,9 +62,17 @@ fn indices_and_samples_equal_megatron_core() {
             let bytes = std::fs::read(&file).unwrap();
             let st = SafeTensors::deserialize(&bytes).unwrap();
             let doc_index: Vec<i64> = ind.document_index.iter().map(|&d| d as i64).collect();
-            assert_eq!(doc_index, ints(st.tensor("document_index").unwrap().data(), 4), "{at}");
+            assert_eq!(
+                doc_index,
+                ints(st.tensor("document_index").unwrap().data(), 4),
+                "{at}"
+            );
             let samples: Vec<i64> = ind.sample_index.iter().flat_map(|&(d, o)| [d, o]).collect();
-            assert_eq!(samples, ints(st.tensor("sample_index").unwrap().data(), 4), "{at}");
+            assert_eq!(
+                samples,
+                ints(st.tensor("sample_index").unwrap().data(), 4),
+                "{at}"
+            );
             let shuffle: Vec<i64> = ind.shuffle_index.iter().map(|&s| s as i64).collect();
             let golden: Vec<i64> = st
                 .tensor("shuffle_index")
@@ -79,7 +87,11 @@ fn indices_and_samples_equal_megatron_core() {
             for i in 0..first.shape()[0] {
                 sample_tokens(&ind, &idx, &bin, i, &mut ours).unwrap();
             }
-            assert_eq!(ours, ints(first.data(), 8), "{at}: the first samples' tokens");
+            assert_eq!(
+                ours,
+                ints(first.data(), 8),
+                "{at}: the first samples' tokens"
+            );
             checked += 1;
         }
     }
