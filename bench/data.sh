@@ -11,7 +11,8 @@ work=${1:-/tmp/bridgeflow-bench-data}
 F=tests/fixtures/shared/data
 mkdir -p "$work"
 cargo build --release --quiet --workspace
-export BRIDGEFLOW_PLUGIN_PATH=$PWD/target/release
+rel=$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/release
+export BRIDGEFLOW_PLUGIN_PATH=$rel
 big=$work/corpus_x15.jsonl
 [ -f "$big" ] || for i in $(seq 15); do cat "$F/corpus/corpus.jsonl"; done > "$big"
 cat "$big" > /dev/null
@@ -19,7 +20,7 @@ printf '%-8s %9s %10s %9s %12s %s\n' workers seconds docs/s MB/s "peak RSS MB" "
 for w in 1 2; do
   rm -f "$work"/x15_w${w}_*
   log=$(mktemp)
-  /usr/bin/time -v target/release/bridgeflow preprocess --input "$big" --tokenizer "$F/tokenizer/bpe8k" \
+  /usr/bin/time -v "$rel/bridgeflow" preprocess --input "$big" --tokenizer "$F/tokenizer/bpe8k" \
     --output-prefix "$work/x15_w$w" --append-eod --workers "$w" --no-progress > /dev/null 2> "$log"
   secs=$(grep "Elapsed (wall clock)" "$log" | awk '{print $NF}' | awk -F: '{print $(NF-1)*60+$NF}')
   rss=$(grep "Maximum resident set size" "$log" | awk '{print $6}')

@@ -19,7 +19,7 @@ header
 for e in "${counts[@]}"; do
   for q in bf16 fp8; do
     in="$work/deepseek-$e-$q"
-    [ -f "$in/model.safetensors" ] || target/release/make-checkpoint "$in" deepseek 2 "$e" \
+    [ -f "$in/model.safetensors" ] || "$mk" "$in" deepseek 2 "$e" \
       $([ $q = fp8 ] && echo fp8) > /dev/null
     bytes=$(stat -c %s "$in/model.safetensors")
     out="$work/deepseek-out"

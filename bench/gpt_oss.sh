@@ -19,7 +19,7 @@ REPS=${REPS:-1}
 header
 for e in "${counts[@]}"; do
   in="$work/gpt-oss-$e"
-  [ -f "$in/model.safetensors" ] || target/release/make-checkpoint "$in" gpt-oss "$layers" "$e" > /dev/null
+  [ -f "$in/model.safetensors" ] || "$mk" "$in" gpt-oss "$layers" "$e" > /dev/null
   bytes=$(stat -c %s "$in/model.safetensors")
   out="$work/gpt-oss-out"
   bench_row "$e experts MXFP4: cp -r" "$bytes" "$out" cp -r "$in" "$out"

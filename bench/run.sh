@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 source bench/lib.sh
 setup "$@"
 
-[ -f "$work/llama-1g/model.safetensors" ] || target/release/make-checkpoint "$work/llama-1g" 2048 8 5632 32000
-[ -f "$work/llama-4g/model.safetensors" ] || target/release/make-checkpoint "$work/llama-4g" 4096 8 11008 32000
+[ -f "$work/llama-1g/model.safetensors" ] || "$mk" "$work/llama-1g" 2048 8 5632 32000
+[ -f "$work/llama-4g/model.safetensors" ] || "$mk" "$work/llama-4g" 4096 8 11008 32000
 
 header
 for size in 1g 4g; do

@@ -1058,3 +1058,152 @@ fn deepseek_exports_to_fp8_and_imports_again() {
     )
     .unwrap();
 }
+
+/// Runs a bundled pipeline with `sets`; the writer's `(bytes_copied_in_kernel, bytes_written)`.
+fn writer_bytes(dir: &Path, pipeline: &str, sets: &[String]) -> (u64, u64) {
+    let text = std::fs::read_to_string(workspace_root().join("pipelines").join(pipeline)).unwrap();
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let report = run_text(dir, &text, &sets, 1 << 30).unwrap();
+    let w = report.stages.iter().find(|s| s.name == "write").unwrap();
+    let n = |k: &str| {
+        w.metrics[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k}: {}", w.metrics))
+    };
+    (n("bytes_copied_in_kernel"), n("bytes_written"))
+}
+
+/// Tensor bytes that are a view of an input file are copied by the kernel from that file
+/// (`copy_file_range`), the rest written from memory; with `kernel_copy = false` every byte is
+/// written. Either way the same checkpoints, byte for byte, both ways, with fsync (write-back
+/// behind the writes, a durable commit) and without.
+#[test]
+fn kernel_copies_give_the_same_checkpoints_as_writes() {
+    let dir = tempdir();
+    // The input beside the outputs: one filesystem, where the kernel can copy.
+    let hf = dir.path().join("hf");
+    copy_tree(&fixtures().join("hf/llama_bf16"), &hf);
+    let sets = |input: &Path, out: &Path, copy: bool, fsync: bool| {
+        vec![
+            format!("input={}", input.display()),
+            format!("output={}", out.display()),
+            format!("write.kernel_copy={copy}"),
+            format!("write.fsync={fsync}"),
+        ]
+    };
+    for fsync in [true, false] {
+        let copied = dir.path().join(format!("mg-copied-{fsync}"));
+        let written = dir.path().join(format!("mg-written-{fsync}"));
+        let (k, w) = writer_bytes(
+            dir.path(),
+            "hf-to-megatron.toml",
+            &sets(&hf, &copied, true, fsync),
+        );
+        assert!(
+            k > 0 && w > 0,
+            "HF -> Megatron: {k} bytes copied in the kernel, {w} written"
+        );
+        let (k0, w0) = writer_bytes(
+            dir.path(),
+            "hf-to-megatron.toml",
+            &sets(&hf, &written, false, fsync),
+        );
+        assert_eq!(
+            (k0, w0),
+            (0, k + w),
+            "kernel_copy = false writes every byte"
+        );
+        assert!(
+            tree_bytes(&copied) == tree_bytes(&written),
+            "HF -> Megatron: same files"
+        );
+
+        let back = dir.path().join(format!("hf-copied-{fsync}"));
+        let back_written = dir.path().join(format!("hf-written-{fsync}"));
+        let (k, _) = writer_bytes(
+            dir.path(),
+            "megatron-to-hf.toml",
+            &sets(&copied, &back, true, fsync),
+        );
+        assert!(k > 0, "Megatron -> HF: nothing copied in the kernel");
+        let (k0, _) = writer_bytes(
+            dir.path(),
+            "megatron-to-hf.toml",
+            &sets(&copied, &back_written, false, fsync),
+        );
+        assert_eq!(k0, 0);
+        assert!(
+            tree_bytes(&back) == tree_bytes(&back_written),
+            "Megatron -> HF: same files"
+        );
+        assert_eq!(
+            load_tensors(&back),
+            load_tensors(&hf.join("model.safetensors"))
+        );
+    }
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:?}",
+        leftovers(dir.path())
+    );
+}
+
+/// A tmpfs of `bytes` mounted at `at` while it lives (None where this process may not mount).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &Path, bytes: u64) -> Option<SmallDisk> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallDisk(at.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A disk too small for the output fails before any data is written: each writer reserves its
+/// files' blocks first, and the error says the disk is full; nothing is left behind.
+#[test]
+fn a_full_disk_fails_before_data_is_written() {
+    let dir = tempdir();
+    let hf = fixtures().join("hf/llama_bf16");
+    let mg = dir.path().join("mg");
+    import_hf(dir.path(), &hf, &mg).unwrap();
+    let small = dir.path().join("small");
+    let Some(_disk) = SmallDisk::mount(&small, 64 << 10) else {
+        eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
+        return;
+    };
+    let cases = [
+        ("hf-to-megatron.toml", &hf, "mg"),
+        ("megatron-to-hf.toml", &mg, "hf"),
+        ("hf-to-megatron-lm.toml", &hf, "mlm"),
+    ];
+    for (pipeline, input, tag) in cases {
+        let out = small.join(tag);
+        let e = convert(
+            dir.path(),
+            pipeline,
+            &[
+                format!("input={}", input.display()),
+                format!("output={}", out.display()),
+            ],
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("cannot reserve space for") && e.contains("(disk full)"),
+            "{pipeline}: {e}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&small).unwrap().collect();
+        assert!(left.is_empty(), "{pipeline}: left {left:?}");
+    }
+}

@@ -475,6 +475,8 @@ pub struct OutputClaim {
     lock: Option<std::fs::File>,
     staging: Vec<PathBuf>,
     cleared: Cleaned,
+    /// Commit durably ([`Self::durable`]).
+    durable: bool,
 }
 
 impl std::fmt::Debug for OutputClaim {
@@ -514,6 +516,7 @@ impl OutputClaim {
             lock: Some(lock),
             staging: Vec::new(),
             cleared,
+            durable: false,
         })
     }
 
@@ -537,6 +540,15 @@ impl OutputClaim {
         p
     }
 
+    /// Commits durably (a writer told to `fsync`): everything in the staging (the small files
+    /// a writer adds at the end, the folders) is `fsync`ed before the rename, and the folder
+    /// holding the target after it, so that once the commit returns the output survives a
+    /// crash whole, names included, as after `sync`. The data files are the writer's to sync
+    /// (it overlaps that with writing them); here they cost next to nothing.
+    pub fn durable(&mut self, yes: bool) {
+        self.durable = yes;
+    }
+
     /// Makes `staging` visible as the target ([`commit`], which passes the commit point),
     /// refusing, unless `overwrite`, if something that is not an empty folder appeared at the
     /// target while this run was writing (the existence check at start is not enough).
@@ -549,8 +561,15 @@ impl OutputClaim {
                 t.display()
             )));
         }
+        if self.durable {
+            sync_tree(staging)?;
+        }
         commit(staging, t)?;
         self.staging.retain(|p| p != staging);
+        if self.durable {
+            let parent = t.parent().filter(|p| !p.as_os_str().is_empty());
+            sync_path(parent.unwrap_or(Path::new(".")))?;
+        }
         Ok(())
     }
 
@@ -569,6 +588,28 @@ impl Drop for OutputClaim {
             unlock_output(&self.target, f);
         }
     }
+}
+
+/// `fsync` of a file or folder (opened read-only).
+fn sync_path(p: &Path) -> Result<()> {
+    std::fs::File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| PluginError::io(p, "cannot sync", e))
+}
+
+/// `fsync` of every file and folder under `p` (a file: just it), folders after what they hold.
+pub fn sync_tree(p: &Path) -> Result<()> {
+    let meta = std::fs::symlink_metadata(p).map_err(|e| PluginError::io(p, "cannot sync", e))?;
+    if meta.is_dir() {
+        let rd = std::fs::read_dir(p).map_err(|e| PluginError::io(p, "cannot list", e))?;
+        for e in rd {
+            let e = e.map_err(|e| PluginError::io(p, "cannot list", e))?;
+            sync_tree(&e.path())?;
+        }
+    } else if !meta.is_file() {
+        return Ok(());
+    }
+    sync_path(p)
 }
 
 fn is_empty_dir(p: &Path) -> bool {
@@ -760,6 +801,32 @@ mod tests {
         .unwrap();
         assert!(target.is_dir());
         assert_eq!(gate2.interrupt(), Interrupt::AfterCommitPoint);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_durable_commit_syncs_the_staging_and_renames_it() {
+        let d = tmp("durable");
+        let target = d.join("out");
+        let mut claim = OutputClaim::claim(&target).unwrap();
+        claim.durable(true);
+        let staging = claim.staging("partial");
+        std::fs::create_dir_all(staging.join("iter")).unwrap();
+        std::fs::write(staging.join("iter/a"), "x").unwrap();
+        std::fs::write(staging.join("b"), "y").unwrap();
+        sync_tree(&staging).unwrap();
+        claim.commit(&staging, false).unwrap();
+        assert_eq!(std::fs::read_to_string(target.join("iter/a")).unwrap(), "x");
+        assert!(!staging.exists());
+        // A single-file output syncs as well.
+        let file = d.join("one.bin");
+        let mut claim = OutputClaim::claim(&file).unwrap();
+        claim.durable(true);
+        let staging = claim.staging("partial");
+        std::fs::write(&staging, "z").unwrap();
+        claim.commit(&staging, false).unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "z");
+        drop(claim);
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -92,6 +92,8 @@ struct Live {
     fd: std::os::fd::RawFd,
     path: PathBuf,
     opened: Stamp,
+    /// The map's address (its first byte is the file's first byte) and length.
+    base: usize,
     mapped: u64,
     slot: Option<&'static guard::Slot>,
 }
@@ -165,6 +167,7 @@ impl InputMap {
             fd: std::os::fd::AsRawFd::as_raw_fd(&m.file),
             path: m.path.clone(),
             opened,
+            base: m.map.as_ptr() as usize,
             mapped: m.map.len() as u64,
             slot,
         });
@@ -334,6 +337,107 @@ pub extern "C" fn bridgeflow_sdk_inputs_forget_v1() {
     lock(&FAULTS).clear();
 }
 
+// ------------------------------------------------------------------- where bytes come from
+
+/// The input file that a run of bytes is a view of ([`Origins::find`]): the file's descriptor
+/// and the offset of the run's first byte in it, so that a writer can have the kernel copy the
+/// run from the file (`copy_file_range(2)`) instead of writing it out of the map.
+#[cfg(unix)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileOrigin {
+    /// The input map's own read-only descriptor: valid while the bytes asked about are held
+    /// (a map outlives every view of it, and leaves the registry before its file closes).
+    /// Read it with positioned calls only.
+    pub fd: std::os::fd::RawFd,
+    pub offset: u64,
+}
+
+/// This copy's live map holding `ptr..ptr+len` whole, unless it is poisoned (then the bytes
+/// are zeros where the file has none: only the map has them, and the run fails anyway).
+#[cfg(unix)]
+fn local_origin(ptr: usize, len: usize) -> Option<FileOrigin> {
+    let end = ptr.checked_add(len)?;
+    let live = lock(&LIVE);
+    let l = live
+        .iter()
+        .find(|l| l.base <= ptr && end <= l.base + l.mapped as usize)?;
+    if len == 0 || l.slot.is_some_and(|s| s.is_poisoned()) {
+        return None;
+    }
+    Some(FileOrigin {
+        fd: l.fd,
+        offset: (ptr - l.base) as u64,
+    })
+}
+
+/// The C face of this copy's [`local_origin`], for the other copies' [`Origins`]: 1 and the
+/// file's descriptor and offset when `ptr..ptr+len` lies whole in one of this copy's live
+/// input maps, else 0.
+///
+/// # Safety
+/// `fd` and `offset` must be valid for writing.
+#[cfg(unix)]
+#[no_mangle]
+pub unsafe extern "C" fn bridgeflow_sdk_inputs_origin_v1(
+    ptr: *const u8,
+    len: usize,
+    fd: *mut std::ffi::c_int,
+    offset: *mut u64,
+) -> std::ffi::c_int {
+    match std::panic::catch_unwind(|| local_origin(ptr as usize, len)) {
+        Ok(Some(o)) => {
+            *fd = o.fd;
+            *offset = o.offset;
+            1
+        }
+        _ => 0,
+    }
+}
+
+/// Finds the input file behind bytes of any plugin's input maps: this copy of the SDK's, and
+/// those of the copies loaded when it was made (each plugin library links its own copy, and
+/// the bytes a writer gets were mostly mapped by a reader in another library). It keeps those
+/// libraries loaded while it lives, so make one per output, once the plugins are loaded; a
+/// lookup is a lock and a scan of each copy's live maps.
+#[cfg(unix)]
+pub struct Origins {
+    #[cfg(target_os = "linux")]
+    others: Vec<other_copies::Held>,
+}
+
+#[cfg(unix)]
+impl Origins {
+    pub fn new() -> Origins {
+        Origins {
+            #[cfg(target_os = "linux")]
+            others: other_copies::origin_fns(),
+        }
+    }
+
+    /// The input file `bytes` are a view of, whole, if any. The answer holds while `bytes`
+    /// are held (a buffer viewing the map keeps the map, and so its file, open).
+    pub fn find(&self, bytes: &[u8]) -> Option<FileOrigin> {
+        let (ptr, len) = (bytes.as_ptr() as usize, bytes.len());
+        if let Some(o) = local_origin(ptr, len) {
+            return Some(o);
+        }
+        #[cfg(target_os = "linux")]
+        for h in &self.others {
+            if let Some(o) = h.origin(ptr, len) {
+                return Some(o);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(unix)]
+impl Default for Origins {
+    fn default() -> Self {
+        Origins::new()
+    }
+}
+
 #[cfg(target_os = "linux")]
 mod other_copies {
     use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -400,6 +504,66 @@ mod other_copies {
             let f: ForgetFn = unsafe { std::mem::transmute(sym) };
             f();
         });
+    }
+
+    type OriginFn = unsafe extern "C" fn(*const u8, usize, *mut c_int, *mut u64) -> c_int;
+
+    /// Another copy's `bridgeflow_sdk_inputs_origin_v1`, its library held loaded (the handle
+    /// is closed on drop).
+    pub struct Held {
+        handle: *mut c_void,
+        origin: OriginFn,
+    }
+
+    // SAFETY: a dlopen handle and a thread-safe C function (its copy's registry is locked).
+    unsafe impl Send for Held {}
+    unsafe impl Sync for Held {}
+
+    impl Held {
+        pub fn origin(&self, ptr: usize, len: usize) -> Option<super::FileOrigin> {
+            let (mut fd, mut offset) = (-1, 0u64);
+            // SAFETY: the library is held loaded; the out-pointers are ours.
+            let found = unsafe { (self.origin)(ptr as *const u8, len, &mut fd, &mut offset) };
+            (found == 1 && fd >= 0).then_some(super::FileOrigin { fd, offset })
+        }
+    }
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            // SAFETY: the handle came from dlopen and is closed once.
+            unsafe { libc::dlclose(self.handle) };
+        }
+    }
+
+    /// Every other loaded copy's origin lookup, each library held (each copy once).
+    pub fn origin_fns() -> Vec<Held> {
+        let mut names: Vec<CString> = Vec::new();
+        // SAFETY: as in `each`.
+        unsafe { libc::dl_iterate_phdr(Some(collect), &mut names as *mut _ as *mut c_void) };
+        let own = super::bridgeflow_sdk_inputs_origin_v1 as OriginFn as usize;
+        let mut seen = vec![own];
+        let mut out = Vec::new();
+        for name in names {
+            // SAFETY: RTLD_NOLOAD only returns a handle to an object already loaded; the
+            // symbol has this signature in every SDK that exports it (`_v1`).
+            unsafe {
+                let h = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD);
+                if h.is_null() {
+                    continue;
+                }
+                let sym = libc::dlsym(h, c"bridgeflow_sdk_inputs_origin_v1".as_ptr());
+                if sym.is_null() || seen.contains(&(sym as usize)) {
+                    libc::dlclose(h);
+                    continue;
+                }
+                seen.push(sym as usize);
+                out.push(Held {
+                    handle: h,
+                    origin: std::mem::transmute::<*mut c_void, OriginFn>(sym),
+                });
+            }
+        }
+        out
     }
 }
 

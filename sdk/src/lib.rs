@@ -23,6 +23,7 @@ pub mod fsutil;
 pub mod inputs;
 pub mod manifest;
 pub mod numeric;
+pub mod outfile;
 pub mod plugin;
 pub mod records;
 pub mod stage;

@@ -49,6 +49,11 @@ impl Hasher {
             self.0.update(bytes);
         }
     }
+    /// [`Self::update`] on this thread only (for writers that already keep every core busy,
+    /// one thread per file).
+    pub fn update_serial(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
     pub fn finish(&self) -> String {
         self.0.finalize().to_hex().to_string()
     }

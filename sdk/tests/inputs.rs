@@ -160,3 +160,31 @@ unsafe fn memmap2_map(f: &std::fs::File, len: usize) -> *const u8 {
     assert!(!p.is_null() && p as isize != -1);
     p
 }
+
+#[test]
+fn a_kernel_copy_from_a_truncated_input_names_the_input() {
+    use bridgeflow_sdk::inputs::Origins;
+    use bridgeflow_sdk::outfile::OutputFile;
+    let p = temp_file("copied.bin", 256 << 10);
+    let out = temp_file("copy-out.bin", 0);
+    let map = Arc::new(InputMap::open(&p).unwrap());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    // The kernel copies what the file still has, then the input ends: the rest is written
+    // from the map, which faults (EFAULT), and the error is about the input.
+    let f = std::fs::OpenOptions::new().write(true).open(&out).unwrap();
+    let mut o = OutputFile::new(f, &out).kernel_copy(Some(Arc::new(Origins::new())));
+    let e = o.write_at(&map[..], 0).unwrap_err();
+    assert!(
+        e.message.contains(&format!(
+            "input {} was truncated while being read",
+            p.display()
+        )),
+        "{e}"
+    );
+    assert_eq!(o.stats().copied, 4096);
+}

@@ -8,7 +8,9 @@
 
 use crate::dtype::to_st;
 use crate::files::{INDEX_NAME, SIDE_FILES, SINGLE_NAME};
+use bridgeflow_sdk::inputs::Origins;
 use bridgeflow_sdk::manifest::{Hasher, Manifest, MANIFEST_FILE};
+use bridgeflow_sdk::outfile::{OutputFile, WriteStats, BESIDE};
 use bridgeflow_sdk::units::{human, ByteSize};
 use bridgeflow_sdk::{
     schemars, serde, DType, Item, PluginError, Result, Sink, StreamPlan, TensorInfo,
@@ -18,6 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Bytes per write call; also the granularity of residency release on the input.
 const WRITE_CHUNK: usize = 8 << 20;
@@ -48,19 +51,26 @@ pub struct WriterConfig {
     /// Replace an existing, non-empty output (default false: refuse).
     #[serde(default)]
     pub overwrite: bool,
-    /// fsync files before the commit rename (default true).
+    /// Make the output durable before it is visible (default true): the shards written back
+    /// as they are written and fsynced, the small files and folders too, then the commit
+    /// rename.
     #[serde(default = "yes")]
     pub fsync: bool,
     /// Write `bridgeflow-manifest.json` (name, dtype, shape, blake3 of every tensor) inside the
     /// output folder (default true; folder outputs only).
     #[serde(default = "yes")]
     pub manifest: bool,
+    /// Copy tensor bytes that are a view of an input file in the kernel, from that file
+    /// (`copy_file_range`, as `cp` does), instead of writing them out of its memory map
+    /// (default true; the same bytes either way).
+    #[serde(default = "yes")]
+    pub kernel_copy: bool,
 }
 
 struct Shard {
     name: String,
     path: PathBuf,
-    file: File,
+    out: OutputFile,
     size: u64,
 }
 
@@ -207,6 +217,8 @@ impl SafetensorsWriter {
         };
         let groups = split_shards(&tensors, max);
         let n = groups.len();
+        // The input files' maps, of whichever plugin made them (one lookup per tensor).
+        let origins = self.cfg.kernel_copy.then(|| Arc::new(Origins::new()));
         for (k, group) in groups.iter().enumerate() {
             let name = if n == 1 {
                 SINGLE_NAME.to_string()
@@ -261,8 +273,10 @@ impl SafetensorsWriter {
             }
             self.shards.push(Shard {
                 name,
+                out: OutputFile::new(file, &path)
+                    .kernel_copy(origins.clone())
+                    .durable(self.cfg.fsync),
                 path,
-                file,
                 size: data_start + data_len,
             });
         }
@@ -495,30 +509,36 @@ impl Sink for SafetensorsWriter {
         if slot.filled == 0 && self.cfg.manifest && !self.single_file {
             slot.hasher = Some(Hasher::new());
         }
-        let shard = &self.shards[slot.shard];
-        // In pieces, telling the buffer's owner after each that we are done with it: a tensor
-        // larger than the memory budget then never becomes resident as a whole.
+        let shard = &mut self.shards[slot.shard];
+        // In windows (copied in the kernel from the input file when they are a view of one, by
+        // another thread while this one hashes them), telling the buffer's owner after each that
+        // we are done with it: a tensor larger than the memory budget then never becomes
+        // resident as a whole.
         let bytes = t.bytes();
         let in_order = slot.next == within;
         if !in_order {
             // Out-of-order pieces: the manifest hash is computed from the file at commit.
             slot.hasher = None;
         }
-        let mut done = 0;
-        while done < bytes.len() {
-            let end = (done + WRITE_CHUNK).min(bytes.len());
-            shard
-                .file
-                .write_all_at(&bytes[done..end], slot.offset + within + done as u64)
-                .map_err(|e| {
-                    PluginError::io(&shard.path, &format!("writing tensor '{name}' to"), e)
-                })?;
-            if let Some(h) = slot.hasher.as_mut() {
-                h.update(&bytes[done..end]);
-            }
-            t.data.discard(done..end);
-            done = end;
-        }
+        let hasher = &mut slot.hasher;
+        // A tensor copied beside this thread: hashed on this thread alone (the copy takes the
+        // other core); a small one on all.
+        let serial = bytes.len() >= BESIDE;
+        shard.out.write_windows(
+            bytes,
+            slot.offset + within,
+            &format!("writing tensor '{name}' to"),
+            |range, window| {
+                if let Some(h) = hasher.as_mut() {
+                    if serial {
+                        h.update_serial(window);
+                    } else {
+                        h.update(window);
+                    }
+                }
+                t.data.discard(range);
+            },
+        )?;
         slot.filled += bytes.len() as u64;
         slot.next = within + bytes.len() as u64;
         if slot.filled > nbytes {
@@ -540,7 +560,8 @@ impl Sink for SafetensorsWriter {
                         while off < nbytes {
                             let n = (nbytes - off).min(buf.len() as u64) as usize;
                             shard
-                                .file
+                                .out
+                                .file()
                                 .read_exact_at(&mut buf[..n], slot.offset + off)
                                 .map_err(|e| PluginError::io(&shard.path, "cannot read back", e))?;
                             h.update(&buf[..n]);
@@ -563,10 +584,8 @@ impl Sink for SafetensorsWriter {
             )));
         }
         if self.cfg.fsync {
-            for s in &self.shards {
-                s.file
-                    .sync_all()
-                    .map_err(|e| PluginError::io(&s.path, "cannot sync", e))?;
+            for s in &mut self.shards {
+                s.out.sync()?;
             }
         }
         let staging = self.staging.clone().expect("opened");
@@ -585,6 +604,8 @@ impl Sink for SafetensorsWriter {
         }
         // Make the output visible in one rename where possible.
         let claim = self.claim.as_mut().expect("claimed in open");
+        // With fsync, the small files and folders too, and the rename.
+        claim.durable(self.cfg.fsync);
         claim.commit(&staging, self.cfg.overwrite)?;
         self.staging = None;
         self.committed = true;
@@ -603,6 +624,18 @@ impl Sink for SafetensorsWriter {
             },
             target.display()
         ))
+    }
+
+    fn metrics(&mut self) -> serde_json::Value {
+        let mut all = WriteStats::default();
+        for s in &self.shards {
+            all.copied += s.out.stats().copied;
+            all.written += s.out.stats().written;
+        }
+        serde_json::json!({
+            "bytes_copied_in_kernel": all.copied,
+            "bytes_written": all.written,
+        })
     }
 
     fn abort(&mut self) {

@@ -24,6 +24,8 @@ use bridgeflow_megatron::placement::{
 use bridgeflow_megatron::tp::{
     check_tp, global_shape_of, tp_runs, tp_split, TpSplit, Unsplittable,
 };
+use bridgeflow_sdk::inputs::Origins;
+use bridgeflow_sdk::outfile::{OutputFile, WriteStats};
 use bridgeflow_sdk::{
     schemars, serde, Buffer, BufferPool, DType, Emitter, Item, MapView, PluginError, Result, Sink,
     Source, StreamPlan, Tensor, TensorInfo,
@@ -86,6 +88,11 @@ pub struct LegacyWriterConfig {
     pub overwrite: bool,
     #[serde(default = "yes")]
     pub fsync: bool,
+    /// Copy tensor bytes that are a view of an input file in the kernel, from that file
+    /// (`copy_file_range`, as `cp` does), instead of writing them out of its memory map
+    /// (default true; the same bytes either way).
+    #[serde(default = "yes")]
+    pub kernel_copy: bool,
 }
 
 /// One local tensor of a rank: its key, where its bytes come from and go.
@@ -100,7 +107,7 @@ struct Local {
 
 struct RankFile {
     path: PathBuf,
-    file: File,
+    out: OutputFile,
     archive: Archive,
     locals: Vec<Local>,
 }
@@ -116,6 +123,10 @@ pub struct LegacyWriter {
     /// Bytes of each global tensor not arrived yet.
     remaining: HashMap<String, u64>,
     committed: bool,
+    /// The input files' maps, of whichever plugin made them (with `kernel_copy`).
+    origins: Option<Arc<Origins>>,
+    /// How the rank files' bytes were written (at commit).
+    stats: WriteStats,
 }
 
 /// Megatron-LM argument names for the model fields the mapper hands over (`megatron_model`).
@@ -337,6 +348,7 @@ impl LegacyWriter {
             self.remaining.insert(t.name().to_string(), bytes);
         }
         Self::check_tensors(&tensors)?;
+        self.origins = self.cfg.kernel_copy.then(|| Arc::new(Origins::new()));
         let (layout, layers) = self.layout(plan, &tensors)?;
         let vocab = tensors
             .iter()
@@ -461,9 +473,12 @@ impl LegacyWriter {
                 crc: None,
             });
         }
+        let out = OutputFile::new(f, &path)
+            .kernel_copy(self.origins.clone())
+            .durable(self.cfg.fsync);
         self.ranks.push(RankFile {
             path,
-            file: f,
+            out,
             archive,
             locals: ls,
         });
@@ -514,6 +529,8 @@ impl Sink for LegacyWriter {
             uses: HashMap::new(),
             remaining: HashMap::new(),
             committed: false,
+            origins: None,
+            stats: WriteStats::default(),
         })
     }
 
@@ -559,14 +576,24 @@ impl Sink for LegacyWriter {
             .ok_or_else(|| PluginError::shape(format!("'{base}' got more bytes than it has")))?;
         let whole = t.info.shard().is_none();
         for (rank, i) in uses {
-            let RankFile {
-                file, path, locals, ..
-            } = &mut self.ranks[rank];
+            let RankFile { out, locals, .. } = &mut self.ranks[rank];
             let local = &mut locals[i];
-            let write = |b: &[u8], at: u64| {
-                file.write_all_at(b, at)
-                    .map_err(|e| PluginError::io(&*path, &format!("writing '{}' to", local.key), e))
-            };
+            let what = format!("writing '{}' to", local.key);
+            // The whole tensor as one run (most): the rank's share in windows, its CRC as it
+            // goes, each window's pages let go once written (a 2 GB embedding is never
+            // resident whole).
+            if let (true, [(off, len)]) = (whole, &local.runs[..]) {
+                let (a, b) = (*off as usize, (*off + *len) as usize);
+                let mut crc = crc32fast::Hasher::new();
+                out.write_windows(&bytes[a..b], local.at, &what, |r, w| {
+                    crc.update(w);
+                    t.data.discard(a + r.start..a + r.end);
+                })?;
+                local.crc = Some(crc.finalize());
+                continue;
+            }
+            // Copied in the kernel from the input file when the bytes are a view of one.
+            let mut write = |b: &[u8], at: u64| out.write_windows(b, at, &what, |_, _| {});
             if !whole {
                 // Each of the rank's runs that this block overlaps, to its place; the CRC is
                 // taken from the file at commit.
@@ -583,9 +610,8 @@ impl Sink for LegacyWriter {
                 }
                 continue;
             }
-            // The whole tensor: the rank's share in order, CRC as it goes, in windows whose
-            // pages are let go once written (a 2 GB embedding is never resident whole); a
-            // row-parallel weight's columns are a run per row, gathered before writing.
+            // A row-parallel weight's columns: a run per row, gathered before writing, the CRC
+            // as it goes, pages let go window by window.
             const WINDOW: u64 = 8 << 20;
             let mut crc = crc32fast::Hasher::new();
             let mut at = local.at;
@@ -597,18 +623,13 @@ impl Sink for LegacyWriter {
                     let a = (off + done) as usize;
                     let run = &bytes[a..a + n as usize];
                     crc.update(run);
-                    if local.runs.len() == 1 {
-                        write(run, at)?;
-                        at += n;
-                    } else {
-                        buf.extend_from_slice(run);
-                        if buf.len() as u64 >= WINDOW {
-                            write(&buf, at)?;
-                            at += buf.len() as u64;
-                            buf.clear();
-                        }
+                    buf.extend_from_slice(run);
+                    if buf.len() as u64 >= WINDOW {
+                        write(&buf, at)?;
+                        at += buf.len() as u64;
+                        buf.clear();
                     }
-                    if n == WINDOW || local.runs.len() == 1 {
+                    if n == WINDOW {
                         t.data.discard(a..a + n as usize);
                     }
                     done += n;
@@ -643,7 +664,8 @@ impl Sink for LegacyWriter {
                 let mut done = 0;
                 while done < l.len {
                     let n = (l.len - done).min(buf.len() as u64) as usize;
-                    rf.file
+                    rf.out
+                        .file()
                         .read_exact_at(&mut buf[..n], l.at + done)
                         .map_err(|e| PluginError::io(&rf.path, "cannot read back", e))?;
                     crc.update(&buf[..n]);
@@ -653,15 +675,13 @@ impl Sink for LegacyWriter {
             }
             let crcs: Vec<u32> = rf.locals.iter().map(|l| l.crc.unwrap_or(0)).collect();
             for (off, b) in rf.archive.frame_all(&crcs) {
-                rf.file
-                    .write_all_at(&b, off)
-                    .map_err(|e| PluginError::io(&rf.path, "cannot write", e))?;
+                rf.out.write_at(&b, off)?;
             }
             if self.cfg.fsync {
-                rf.file
-                    .sync_all()
-                    .map_err(|e| PluginError::io(&rf.path, "cannot sync", e))?;
+                rf.out.sync()?;
             }
+            self.stats.copied += rf.out.stats().copied;
+            self.stats.written += rf.out.stats().written;
         }
         let staging = self.staging.clone().expect("opened");
         let latest = staging.join(names::LATEST_ITERATION);
@@ -671,6 +691,8 @@ impl Sink for LegacyWriter {
         let tensors: usize = self.ranks.iter().map(|r| r.locals.len()).sum();
         self.ranks.clear();
         let claim = self.claim.as_mut().expect("claimed in open");
+        // With fsync, the small files and folders too, and the rename.
+        claim.durable(self.cfg.fsync);
         claim.commit(&staging, self.cfg.overwrite)?;
         self.staging = None;
         self.committed = true;
@@ -681,6 +703,13 @@ impl Sink for LegacyWriter {
             self.cfg.pp,
             self.cfg.path.display()
         ))
+    }
+
+    fn metrics(&mut self) -> serde_json::Value {
+        serde_json::json!({
+            "bytes_copied_in_kernel": self.stats.copied,
+            "bytes_written": self.stats.written,
+        })
     }
 
     fn abort(&mut self) {

@@ -110,9 +110,26 @@ fn copy_block(src: &[u8], chunk: &Chunk, r_off: &[u64], r_size: &[u64], es: usiz
     }
 }
 
+/// Where the region's rows along axis `axis` (from `start`, `len` of them) are cut by the blocks:
+/// 0, every block edge inside, `len`; sorted, each once.
+fn slab_bounds(blocks: &[&Chunk], axis: usize, start: u64, len: u64) -> Vec<u64> {
+    let mut cuts = vec![0, len];
+    for c in blocks {
+        for edge in [c.offsets[axis], c.offsets[axis] + c.sizes[axis]] {
+            if edge > start && edge < start + len {
+                cuts.push(edge - start);
+            }
+        }
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    cuts
+}
+
 impl TorchDistReader {
     /// Plans one region (a whole tensor, or one layer of a stacked one): as itself, or with
-    /// `row_pieces` as the stored blocks of whole rows it is made of.
+    /// `row_pieces` as the stored blocks of whole rows it is made of (or, when a large region's
+    /// blocks are cut along other axes too, as slabs of whole rows between the blocks' edges).
     #[allow(clippy::too_many_arguments)]
     fn plan_region(
         &mut self,
@@ -143,6 +160,36 @@ impl TorchDistReader {
                     .filter(|&d| d != skip)
                     .all(|d| c.offsets[d] == offsets[d] && c.sizes[d] == sizes[d])
             });
+        if self.cfg.row_pieces && !rows_only && !shape.is_empty() {
+            // Blocks split along other axes too (an expert's gate and up halves): a large
+            // region goes as slabs of whole rows, each assembled from the blocks it cuts, so
+            // that no more of it than a slab is ever resident (1.75 GiB of DeepSeek-V3 experts
+            // would be otherwise).
+            let slabs = slab_bounds(&blocks, skip, offsets[skip], sizes[skip]);
+            let bytes = sizes.iter().product::<u64>() * t.dtype.size() as u64;
+            if slabs.len() > 2 && bytes > LARGE_ITEM as u64 {
+                for w in slabs.windows(2) {
+                    let (row, n) = (w[0], w[1] - w[0]);
+                    let mut at = vec![row];
+                    at.extend(std::iter::repeat_n(0, shape.len() - 1));
+                    let mut local = shape.to_vec();
+                    local[0] = n;
+                    let info = TensorInfo::new(format!("{name}#{row}"), t.dtype, &local)
+                        .with_shard(shape, &at);
+                    let (mut o, mut z) = (offsets.clone(), sizes.clone());
+                    o[skip] += row;
+                    z[skip] = n;
+                    infos.push(info.clone());
+                    self.planned.push(Planned {
+                        info,
+                        key: key.to_string(),
+                        offsets: o,
+                        sizes: z,
+                    });
+                }
+                return;
+            }
+        }
         if !(self.cfg.row_pieces && rows_only) {
             let info = TensorInfo::new(name, t.dtype, shape);
             infos.push(info.clone());
@@ -405,5 +452,89 @@ impl Source for TorchDistReader {
     fn probe(path: &Path) -> u32 {
         (path.join(".metadata").is_file() || path.join(names::LATEST_ITERATION).is_file()) as u32
             * 100
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::Storage;
+    use bridgeflow_sdk::DType;
+
+    fn reader() -> TorchDistReader {
+        TorchDistReader::new(ReaderConfig {
+            path: PathBuf::new(),
+            split_layers: false,
+            verify: false,
+            row_pieces: true,
+        })
+        .unwrap()
+    }
+
+    fn chunk(offsets: [u64; 3], sizes: [u64; 3]) -> Chunk {
+        Chunk {
+            offsets: offsets.to_vec(),
+            sizes: sizes.to_vec(),
+            storage: Storage {
+                file: "__0_0.distcp".into(),
+                offset: 0,
+                length: 0,
+            },
+        }
+    }
+
+    /// Experts stored as each expert's gate and up halves (blocks cut along the second axis):
+    /// a large tensor goes as one slab of whole rows per expert, a small one whole.
+    #[test]
+    fn blocks_cut_along_other_axes_go_as_slabs_of_rows() {
+        let key = "decoder.layers.1.mlp.experts.experts.linear_fc1.weight";
+        let meta = |e: u64, f: u64, h: u64| TensorMeta {
+            dtype: DType::BF16,
+            size: vec![e, 2 * f, h],
+            chunks: (0..e)
+                .flat_map(|i| [chunk([i, 0, 0], [1, f, h]), chunk([i, f, 0], [1, f, h])])
+                .collect(),
+        };
+        // 4 experts of 2 x [2048, 2048] bf16: 64 MiB.
+        let t = meta(4, 2048, 2048);
+        let mut r = reader();
+        let mut infos = Vec::new();
+        r.plan_region(
+            &mut infos,
+            key,
+            &t,
+            key.into(),
+            vec![0; 3],
+            t.size.clone(),
+            false,
+        );
+        assert_eq!(infos.len(), 4);
+        for (e, (info, p)) in infos.iter().zip(&r.planned).enumerate() {
+            let e = e as u64;
+            assert_eq!(info.name(), format!("{key}#{e}"));
+            assert_eq!(info.shape.as_slice(), &[1, 4096, 2048]);
+            let s = info.shard().unwrap();
+            assert_eq!(s.global_shape.as_slice(), &[4, 4096, 2048]);
+            assert_eq!(s.offsets.as_slice(), &[e, 0, 0]);
+            assert_eq!(
+                (p.offsets.as_slice(), p.sizes.as_slice()),
+                (&[e, 0, 0][..], &[1, 4096, 2048][..])
+            );
+        }
+        // Small: whole, as before.
+        let t = meta(4, 16, 8);
+        let mut r = reader();
+        let mut infos = Vec::new();
+        r.plan_region(
+            &mut infos,
+            key,
+            &t,
+            key.into(),
+            vec![0; 3],
+            t.size.clone(),
+            false,
+        );
+        assert_eq!(infos.len(), 1);
+        assert!(infos[0].shard().is_none());
     }
 }

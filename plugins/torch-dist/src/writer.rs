@@ -17,7 +17,9 @@ use bridgeflow_megatron::placement::{
     dist_chunks, dist_file, dist_place, dist_rank, pipeline_stage, pp_layers, DistPlace,
 };
 use bridgeflow_megatron::tp::{check_tp, tp_split, TpSplit};
+use bridgeflow_sdk::inputs::Origins;
 use bridgeflow_sdk::manifest::{Hasher, Manifest, MANIFEST_FILE};
+use bridgeflow_sdk::outfile::{OutputFile, WriteStats};
 use bridgeflow_sdk::TensorInfo;
 use bridgeflow_sdk::{
     schemars, serde, Buffer, DType, Item, PluginError, Result, Sink, StreamPlan, Tensor,
@@ -27,6 +29,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 fn auto() -> String {
@@ -64,6 +67,11 @@ pub struct WriterConfig {
     /// true); the reader checks it with `verify = true`.
     #[serde(default = "yes")]
     pub manifest: bool,
+    /// Copy tensor bytes that are a view of an input file (a safetensors file's, a data
+    /// file's) in the kernel, from that file (`copy_file_range`, as `cp` does), instead of
+    /// writing them out of its memory map (default true; the same bytes either way).
+    #[serde(default = "yes")]
+    pub kernel_copy: bool,
     /// Data files per rank, `__{rank}_{i}.distcp`, each written by its own thread (default 2, as
     /// megatron-core writes); items are spread over them by size.
     #[serde(default = "two")]
@@ -185,54 +193,54 @@ struct Job {
 /// What a data file's thread reports for each item: the piece and its payload's blake3.
 type Written = (usize, Option<String>);
 
+/// What a data file's thread reports at the end: its items, and how their bytes were written.
+type Filled = (Vec<Written>, WriteStats);
+
 /// A data file and the thread that fills it.
 struct DataFile {
     name: String,
     jobs: Option<SyncSender<Job>>,
-    thread: Option<JoinHandle<Result<Vec<Written>>>>,
+    thread: Option<JoinHandle<Result<Filled>>>,
 }
 
-/// The body of a data file's thread: writes each item as it comes, payload in windows (telling
-/// the buffer's owner after each, so a large tensor never becomes resident whole), then its frame
-/// with the CRC-32; fsyncs at the end when asked.
+/// The body of a data file's thread: writes each item as it comes, payload in windows (copied
+/// in the kernel from its input file when it is a view of one; each window's CRC-32 and blake3
+/// taken while it is in cache, and the buffer's owner told after each, so a large tensor never
+/// becomes resident whole), then its frame with the CRC-32; with `fsync`, write-back runs
+/// behind the writes and the file is synced at the end.
+/// `serial`: blake3 on this thread only (when the other files' threads keep the cores busy).
 fn fill_data_file(
-    file: File,
-    path: PathBuf,
+    mut out: OutputFile,
     jobs: Receiver<Job>,
-    hash: bool,
+    (hash, serial): (bool, bool),
     fsync: bool,
-) -> Result<Vec<Written>> {
-    let write = |off: u64, b: &[u8]| {
-        file.write_all_at(b, off)
-            .map_err(|e| PluginError::io(&path, "cannot write", e))
-    };
+) -> Result<Filled> {
     let mut written = Vec::new();
-    for mut job in jobs {
+    for job in jobs {
         let bytes = job.tensor.bytes();
         let mut crc = crc32fast::Hasher::new();
         let mut hasher = hash.then(Hasher::new);
-        const WINDOW: usize = 8 << 20;
-        let mut done = 0;
-        while done < bytes.len() {
-            let end = (done + WINDOW).min(bytes.len());
-            write(job.payload_at + done as u64, &bytes[done..end])?;
-            crc.update(&bytes[done..end]);
+        out.write_windows(bytes, job.payload_at, "cannot write", |range, window| {
+            crc.update(window);
             if let Some(h) = hasher.as_mut() {
-                h.update(&bytes[done..end]);
+                if serial {
+                    h.update_serial(window);
+                } else {
+                    h.update(window);
+                }
             }
-            job.tensor.data.discard(done..end);
-            done = end;
-        }
-        for (off, b) in job.archive.frame(crc.finalize()) {
-            write(job.item_offset + off, &b)?;
+            job.tensor.data.discard(range);
+        })?;
+        let mut archive = job.archive;
+        for (off, b) in archive.frame(crc.finalize()) {
+            out.write_at(&b, job.item_offset + off)?;
         }
         written.push((job.piece, hasher.map(|h| h.finish())));
     }
     if fsync {
-        file.sync_all()
-            .map_err(|e| PluginError::io(&path, "cannot sync", e))?;
+        out.sync()?;
     }
-    Ok(written)
+    Ok((written, out.stats()))
 }
 
 pub struct TorchDistWriter {
@@ -251,6 +259,8 @@ pub struct TorchDistWriter {
     run_config: Option<String>,
     committed: bool,
     manifest: Manifest,
+    /// How the data files' bytes were written (at commit).
+    stats: WriteStats,
 }
 
 /// The manifest entry name of a chunk: its key and offsets.
@@ -381,7 +391,11 @@ impl TorchDistWriter {
             f.jobs = None;
             if let Some(t) = f.thread.take() {
                 match t.join() {
-                    Ok(Ok(w)) => all.extend(w),
+                    Ok(Ok((w, stats))) => {
+                        all.extend(w);
+                        self.stats.copied += stats.copied;
+                        self.stats.written += stats.written;
+                    }
                     Ok(Err(e)) => {
                         first_err.get_or_insert(e);
                     }
@@ -577,6 +591,9 @@ impl TorchDistWriter {
             .map_err(|e| PluginError::io(&self.iter_dir, "cannot create", e))?;
         self.staging = Some(staging);
         let n_files = self.cfg.files.max(1);
+        // The input files' maps, of whichever plugin made them (one lookup per item).
+        let origins = self.cfg.kernel_copy.then(|| Arc::new(Origins::new()));
+        let serial = sizes.len() > 1;
         for (i, &size) in sizes.iter().enumerate() {
             let name = data_file_name(i / n_files, i % n_files);
             let path = self.iter_dir.join(&name);
@@ -594,9 +611,12 @@ impl TorchDistWriter {
             // A short queue: the budget counts what waits in it.
             let (tx, rx) = sync_channel(2);
             let (hash, fsync) = (self.cfg.manifest, self.cfg.fsync);
+            let out = OutputFile::new(f, path)
+                .kernel_copy(origins.clone())
+                .durable(fsync);
             let thread = std::thread::Builder::new()
                 .name(format!("torch-dist {name}"))
-                .spawn(move || fill_data_file(f, path, rx, hash, fsync))
+                .spawn(move || fill_data_file(out, rx, (hash, serial), fsync))
                 .map_err(|e| PluginError::internal(format!("cannot start a writer thread: {e}")))?;
             self.files.push(DataFile {
                 name,
@@ -706,6 +726,7 @@ impl Sink for TorchDistWriter {
             run_config: None,
             committed: false,
             manifest: Manifest::new(),
+            stats: WriteStats::default(),
         })
     }
 
@@ -850,6 +871,8 @@ impl Sink for TorchDistWriter {
         self.files.clear();
         let target = self.cfg.path.clone();
         let claim = self.claim.as_mut().expect("claimed in open");
+        // With fsync, the small files and folders too, and the rename.
+        claim.durable(self.cfg.fsync);
         claim.commit(&staging, self.cfg.overwrite)?;
         self.staging = None;
         self.committed = true;
@@ -864,6 +887,13 @@ impl Sink for TorchDistWriter {
             self.cfg.files.max(1) * (self.cfg.tp.max(1) * self.cfg.pp.max(1)) as usize,
             Path::new(&target).display()
         ))
+    }
+
+    fn metrics(&mut self) -> serde_json::Value {
+        serde_json::json!({
+            "bytes_copied_in_kernel": self.stats.copied,
+            "bytes_written": self.stats.written,
+        })
     }
 
     fn abort(&mut self) {

@@ -1,0 +1,501 @@
+//! Output files written at the disk's speed, the way `cp` writes them.
+//!
+//! - **In the kernel where the bytes are unchanged.** A run of bytes that is a view of an input
+//!   file's memory map (an [`crate::InputMap`], made by any plugin: [`Origins`]) is copied from
+//!   that file by the kernel (`copy_file_range(2)`), page cache to page cache, as `cp` copies;
+//!   any other bytes are written with `pwrite`. Both give the same bytes. A filesystem (or a
+//!   pair of them) that cannot copy in the kernel (`EXDEV`, `EINVAL`, `EOPNOTSUPP`, `ENOSYS`)
+//!   gets `pwrite`s from then on; an input that ends early (truncated while being read) has the
+//!   rest written from its map, where the input guard ([`crate::inputs`]) takes over.
+//! - **Write-back behind the writes.** A durable file ([`OutputFile::durable`]) hands each
+//!   write's pages to write-back at once (`sync_file_range(SYNC_FILE_RANGE_WRITE)`) and waits
+//!   for those more than [`WRITEBACK_LAG`] behind, so the disk writes while the conversion
+//!   reads, hashes and maps, dirty pages stay bounded, and the closing `fsync`
+//!   ([`OutputFile::sync`]) has next to nothing left to write.
+
+use crate::inputs::{FileOrigin, Origins};
+use crate::{PluginError, Result};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Bytes per write call or kernel copy: syscalls cost nothing at this size, and a consumer can
+/// let each window's pages go right after it is written.
+pub const WINDOW: usize = 8 << 20;
+
+/// Runs copied in the kernel at least this long are copied by a thread of their own while the
+/// writer's thread checksums them (a large tensor then takes two cores, not one; a thread costs
+/// tens of microseconds, a window's copy milliseconds).
+pub const BESIDE: usize = WINDOW;
+
+/// How far write-back of a durable file may fall behind its writes before the writer waits
+/// (the dirty pages a file may hold). Waiting stalls the thread's other work, so it waits only
+/// when the disk is that far behind (measured: 64 MiB waited often enough to cost 10-15 % on a
+/// disk that writes 2 GB/s; 256 MiB as fast as never waiting).
+pub const WRITEBACK_LAG: u64 = 256 << 20;
+
+/// How the bytes of an [`OutputFile`] got there, for tests and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Copied in the kernel from an input file.
+    pub copied: u64,
+    /// Written from memory.
+    pub written: u64,
+}
+
+/// An output file being written at fixed offsets (see the module docs).
+pub struct OutputFile {
+    file: File,
+    path: PathBuf,
+    origins: Option<Arc<Origins>>,
+    writeback: Option<WriteBack>,
+    stats: WriteStats,
+}
+
+/// Ranges handed to write-back and not yet waited for, oldest first.
+struct WriteBack {
+    /// Spans handed to write-back (start, length, bytes written in them), oldest first.
+    started: VecDeque<(u64, u64, u64)>,
+    /// Bytes in `started`.
+    behind: u64,
+    /// Writes not yet handed over: the span they cover and their bytes (small writes, such as
+    /// an archive's frame, go in batches).
+    pending: Option<(u64, u64)>,
+    pending_bytes: u64,
+}
+
+impl OutputFile {
+    /// `file` (open for writing, not `O_APPEND`), written with `pwrite` only; `path` names it in
+    /// errors.
+    pub fn new(file: File, path: impl Into<PathBuf>) -> OutputFile {
+        OutputFile {
+            file,
+            path: path.into(),
+            origins: None,
+            writeback: None,
+            stats: WriteStats::default(),
+        }
+    }
+
+    /// Copies runs that view an input file in the kernel, from that file (`None`: never).
+    pub fn kernel_copy(mut self, origins: Option<Arc<Origins>>) -> OutputFile {
+        self.origins = origins;
+        self
+    }
+
+    /// Starts write-back behind the writes (for a file that will be [`Self::sync`]ed).
+    pub fn durable(mut self, yes: bool) -> OutputFile {
+        self.writeback = yes.then(|| WriteBack {
+            started: VecDeque::new(),
+            behind: 0,
+            pending: None,
+            pending_bytes: 0,
+        });
+        self
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn stats(&self) -> WriteStats {
+        self.stats
+    }
+
+    /// Writes `bytes` at `at`.
+    pub fn write_at(&mut self, bytes: &[u8], at: u64) -> Result<()> {
+        self.write_windows(bytes, at, "cannot write", |_, _| {})
+    }
+
+    /// Writes `bytes` at `at` in windows of [`WINDOW`] bytes, calling `each(range, window)` for
+    /// each window (to checksum it while it is in cache, and let its pages go). Bytes that are
+    /// copied in the kernel are copied by another thread meanwhile when there are at least
+    /// [`BESIDE`] of them (the copy reads the input file, `each` its map: the two do not wait
+    /// for each other); otherwise each window is written before `each` sees it. An error says
+    /// `{what} {path}: {error}`.
+    pub fn write_windows(
+        &mut self,
+        bytes: &[u8],
+        at: u64,
+        what: &str,
+        mut each: impl FnMut(Range<usize>, &[u8]),
+    ) -> Result<()> {
+        let mut origin = self.origins.as_ref().and_then(|o| o.find(bytes));
+        if origin.is_some() && bytes.len() >= BESIDE {
+            let copied = std::thread::scope(|s| {
+                let copier = std::thread::Builder::new()
+                    .name("bridgeflow copy".into())
+                    .spawn_scoped(s, || {
+                        let mut done = 0;
+                        while done < bytes.len() {
+                            let end = (done + WINDOW).min(bytes.len());
+                            self.write_window(bytes, done..end, at, what, &mut origin)?;
+                            done = end;
+                        }
+                        Ok(())
+                    });
+                let Ok(copier) = copier else {
+                    return None;
+                };
+                for (i, window) in bytes.chunks(WINDOW).enumerate() {
+                    each(i * WINDOW..i * WINDOW + window.len(), window);
+                }
+                Some(copier.join())
+            });
+            match copied {
+                Some(Ok(r)) => return r,
+                Some(Err(panic)) => std::panic::resume_unwind(panic),
+                // No thread to be had: window by window on this one.
+                None => {}
+            }
+        }
+        let mut done = 0;
+        while done < bytes.len() {
+            let end = (done + WINDOW).min(bytes.len());
+            self.write_window(bytes, done..end, at, what, &mut origin)?;
+            each(done..end, &bytes[done..end]);
+            done = end;
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes[range]` at `at + range.start`: copied in the kernel from `origin` (the
+    /// file `bytes` view) while it can, the rest from memory (and `origin` forgotten then).
+    fn write_window(
+        &mut self,
+        bytes: &[u8],
+        range: Range<usize>,
+        at: u64,
+        what: &str,
+        origin: &mut Option<FileOrigin>,
+    ) -> Result<()> {
+        let window = &bytes[range.clone()];
+        let off = at + range.start as u64;
+        let mut copied = 0;
+        if let Some(o) = *origin {
+            copied = self.copy_in_kernel(o, range.start as u64, window.len(), off, what)?;
+            self.stats.copied += copied as u64;
+            if copied < window.len() {
+                *origin = None;
+            }
+        }
+        if copied < window.len() {
+            self.file
+                .write_all_at(&window[copied..], off + copied as u64)
+                .map_err(|e| PluginError::io(&self.path, what, e))?;
+            self.stats.written += (window.len() - copied) as u64;
+        }
+        self.started(off, window.len() as u64)
+    }
+
+    /// Copies `len` bytes from `from` (advanced by `skip`) to `at`: how many were copied; fewer
+    /// when the kernel cannot copy (never again for this file then) or the input ended early.
+    #[cfg(target_os = "linux")]
+    fn copy_in_kernel(
+        &mut self,
+        from: FileOrigin,
+        skip: u64,
+        len: usize,
+        at: u64,
+        what: &str,
+    ) -> Result<usize> {
+        use std::os::fd::AsRawFd;
+        let mut done = 0;
+        while done < len {
+            let mut off_in = (from.offset + skip + done as u64) as libc::loff_t;
+            let mut off_out = (at + done as u64) as libc::loff_t;
+            // SAFETY: positioned copy between two open descriptors: `from.fd` is held open by the
+            // map the caller's bytes view (see `Origins::find`).
+            let n = unsafe {
+                libc::copy_file_range(
+                    from.fd,
+                    &mut off_in,
+                    self.file.as_raw_fd(),
+                    &mut off_out,
+                    len - done,
+                    0,
+                )
+            };
+            if n > 0 {
+                done += n as usize;
+                continue;
+            }
+            if n == 0 {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(
+                    libc::EXDEV
+                    | libc::EINVAL
+                    | libc::EOPNOTSUPP
+                    | libc::ENOSYS
+                    | libc::EBADF
+                    | libc::EPERM
+                    | libc::ETXTBSY,
+                ) => {
+                    self.origins = None;
+                    break;
+                }
+                _ => return Err(PluginError::io(&self.path, what, e)),
+            }
+        }
+        Ok(done)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn copy_in_kernel(
+        &mut self,
+        _: FileOrigin,
+        _: u64,
+        _: usize,
+        _: u64,
+        _: &str,
+    ) -> Result<usize> {
+        self.origins = None;
+        Ok(0)
+    }
+
+    /// Hands `at..at+len` to write-back, and waits for what is more than [`WRITEBACK_LAG`]
+    /// behind.
+    fn started(&mut self, at: u64, len: u64) -> Result<()> {
+        let Some(wb) = self.writeback.as_mut() else {
+            return Ok(());
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        let (lo, hi) = match wb.pending {
+            Some((lo, hi)) => (lo.min(at), hi.max(at + len)),
+            None => (at, at + len),
+        };
+        wb.pending = Some((lo, hi));
+        wb.pending_bytes += len;
+        // Handed over in batches of at least half a window, or when the writes spread wide.
+        if wb.pending_bytes < WINDOW as u64 / 2 && hi - lo < WRITEBACK_LAG {
+            return Ok(());
+        }
+        let bytes = std::mem::take(&mut wb.pending_bytes);
+        wb.pending = None;
+        sync_range(&self.file, &self.path, lo, hi - lo, false)?;
+        wb.started.push_back((lo, hi - lo, bytes));
+        wb.behind += bytes;
+        while wb.behind > WRITEBACK_LAG {
+            let (a, n, bytes) = wb.started.pop_front().expect("behind > 0");
+            wb.behind -= bytes;
+            sync_range(&self.file, &self.path, a, n, true)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the file durable: what write-back has not yet written, then `fsync`.
+    pub fn sync(&mut self) -> Result<()> {
+        self.wait_writeback()?;
+        self.file
+            .sync_all()
+            .map_err(|e| PluginError::io(&self.path, "cannot sync", e))
+    }
+
+    /// A durable file: writes what write-back has not yet written and waits for it (another
+    /// handle of the same file then `fsync`s it cheaply). Nothing otherwise.
+    pub fn wait_writeback(&mut self) -> Result<()> {
+        if let Some(wb) = self.writeback.as_mut() {
+            wb.started.clear();
+            wb.behind = 0;
+            wb.pending = None;
+            wb.pending_bytes = 0;
+            // 0 bytes: to the end of the file.
+            sync_range(&self.file, &self.path, 0, 0, true)?;
+        }
+        Ok(())
+    }
+
+    pub fn into_file(self) -> File {
+        self.file
+    }
+}
+
+/// `sync_file_range`: start write-back of `at..at+len`, or (`wait`) write it and wait for it.
+#[cfg(target_os = "linux")]
+fn sync_range(file: &File, path: &Path, at: u64, len: u64, wait: bool) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let flags = if wait {
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER
+    } else {
+        libc::SYNC_FILE_RANGE_WRITE
+    };
+    loop {
+        // SAFETY: a plain syscall on an open descriptor.
+        let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), at as i64, len as i64, flags) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            // Not supported here: the closing fsync does all the work.
+            Some(libc::ENOSYS | libc::EINVAL | libc::ESPIPE | libc::EOPNOTSUPP) => return Ok(()),
+            _ => return Err(PluginError::io(path, "cannot write", e)),
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn sync_range(_: &File, _: &Path, _: u64, _: u64, _: bool) -> Result<()> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::InputMap;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("bf-outfile-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Bytes that differ from window to window and page to page.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 4099) as u8).collect()
+    }
+
+    fn create(p: &Path) -> File {
+        File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(p)
+            .unwrap()
+    }
+
+    /// An input of a bit more than two windows, written at an odd offset after a few heap
+    /// bytes: `(origins, durable)` say how.
+    fn write_one(
+        d: &Path,
+        name: &str,
+        origins: Option<Arc<Origins>>,
+        durable: bool,
+    ) -> (PathBuf, WriteStats, Vec<Range<usize>>) {
+        let input = d.join("input.bin");
+        if !input.exists() {
+            std::fs::write(&input, pattern(2 * WINDOW + 12_345)).unwrap();
+        }
+        let map = InputMap::open(&input).unwrap();
+        let p = d.join(name);
+        let mut out = OutputFile::new(create(&p), &p)
+            .kernel_copy(origins)
+            .durable(durable);
+        out.write_at(b"head:", 0).unwrap();
+        let mut seen = Vec::new();
+        out.write_windows(&map[3..], 5, "writing 'x' to", |r, w| {
+            assert_eq!(w, &map[3 + r.start..3 + r.end]);
+            seen.push(r);
+        })
+        .unwrap();
+        out.sync().unwrap();
+        (p, out.stats(), seen)
+    }
+
+    #[test]
+    fn kernel_copies_and_writes_give_the_same_bytes() {
+        let d = dir("same");
+        let n = 2 * WINDOW + 12_345 - 3;
+        let mut want = b"head:".to_vec();
+        want.extend_from_slice(&pattern(2 * WINDOW + 12_345)[3..]);
+        let origins = Some(Arc::new(Origins::new()));
+        for durable in [false, true] {
+            let (copied, stats, seen) =
+                write_one(&d, &format!("copied-{durable}"), origins.clone(), durable);
+            assert_eq!(
+                stats,
+                WriteStats {
+                    copied: n as u64,
+                    written: 5
+                },
+                "in the kernel"
+            );
+            assert_eq!(seen, vec![0..WINDOW, WINDOW..2 * WINDOW, 2 * WINDOW..n]);
+            let (written, stats, _) = write_one(&d, &format!("written-{durable}"), None, durable);
+            assert_eq!(
+                stats,
+                WriteStats {
+                    copied: 0,
+                    written: n as u64 + 5
+                },
+                "from memory"
+            );
+            assert!(std::fs::read(&copied).unwrap() == want);
+            assert!(std::fs::read(&written).unwrap() == want);
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn only_views_of_input_maps_have_an_origin() {
+        let d = dir("origin");
+        let p = d.join("in.bin");
+        std::fs::write(&p, pattern(10_000)).unwrap();
+        let map = InputMap::open(&p).unwrap();
+        let o = Origins::new();
+        let at = o.find(&map[1000..2000]).unwrap();
+        assert_eq!(at.offset, 1000);
+        assert_eq!(o.find(&map[..]).unwrap().offset, 0);
+        assert_eq!(o.find(&map[5..5]), None, "nothing to copy");
+        assert_eq!(o.find(&pattern(100)), None, "heap bytes");
+        drop(map);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_source_the_kernel_cannot_copy_from_is_written_instead() {
+        // A pipe is no file to copy from (EINVAL): the bytes are written from memory, and the
+        // file never asks the kernel again.
+        let d = dir("fallback");
+        let p = d.join("out.bin");
+        let mut out = OutputFile::new(create(&p), &p).kernel_copy(Some(Arc::new(Origins::new())));
+        let mut fds = [0; 2];
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let from = FileOrigin {
+            fd: fds[0],
+            offset: 0,
+        };
+        assert_eq!(out.copy_in_kernel(from, 0, 4096, 0, "w").unwrap(), 0);
+        assert!(out.origins.is_none());
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        // Another filesystem (tmpfs, when there is one): the same bytes, however they got there.
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            let (p, _, _) = write_one(&d, "local", Some(Arc::new(Origins::new())), false);
+            let q = shm.join(format!("bf-outfile-{}", std::process::id()));
+            let _ = std::fs::remove_file(&q);
+            let input = InputMap::open(d.join("input.bin")).unwrap();
+            let mut out =
+                OutputFile::new(create(&q), &q).kernel_copy(Some(Arc::new(Origins::new())));
+            out.write_at(b"head:", 0).unwrap();
+            out.write_at(&input[3..], 5).unwrap();
+            assert_eq!(
+                out.stats().copied + out.stats().written,
+                input.len() as u64 + 2
+            );
+            assert!(std::fs::read(&q).unwrap() == std::fs::read(&p).unwrap());
+            std::fs::remove_file(&q).unwrap();
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
