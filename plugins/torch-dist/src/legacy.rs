@@ -486,6 +486,22 @@ impl LegacyWriter {
     }
 }
 
+/// Where a tensor's bytes lie in the tensor it is part of, in bytes: 0 for a whole tensor, the
+/// offset of a piece that is a contiguous block of it.
+fn block_start(t: &Tensor, base: &str) -> Result<u64> {
+    let Some(s) = t.info.shard() else {
+        return Ok(0);
+    };
+    let elements =
+        contiguous_offset(&s.global_shape, &s.offsets, &t.info.shape).ok_or_else(|| {
+            PluginError::shape(format!(
+                "piece '{}' is not a contiguous block of '{base}'",
+                t.name()
+            ))
+        })?;
+    Ok(elements * t.info.dtype.size() as u64)
+}
+
 impl Sink for LegacyWriter {
     type Config = LegacyWriterConfig;
     const DESCRIPTION: &'static str =
@@ -558,18 +574,7 @@ impl Sink for LegacyWriter {
             )));
         };
         let bytes = t.bytes();
-        // Where this block lies in its tensor: the whole, or a contiguous block of it.
-        let start = match t.info.shard() {
-            None => 0,
-            Some(s) => {
-                contiguous_offset(&s.global_shape, &s.offsets, &t.info.shape).ok_or_else(|| {
-                    PluginError::shape(format!(
-                        "piece '{}' is not a contiguous block of '{base}'",
-                        t.name()
-                    ))
-                })? * t.info.dtype.size() as u64
-            }
-        };
+        let start = block_start(&t, &base)?;
         let end = start + bytes.len() as u64;
         *left = left
             .checked_sub(bytes.len() as u64)
