@@ -107,6 +107,7 @@ ml="$work/llama-1g-megatron-lm"
 [ -f "$ml/latest_checkpointed_iteration.txt" ] ||
   "$bin" convert --from "hf:$hf" --to "megatron-lm:$ml" --tp 2 --pp 2 --no-progress > /dev/null
 cat "$ml"/iter_*/mp_rank_*/model_optim_rng.pt > /dev/null
+ref=""
 bench_row "1 GB: cp -r Megatron-LM TP2xPP2 folder" "$bytes" "$out" cp -r "$ml" "$out"
 ref=$median
 bench_row "1 GB: Megatron-LM TP2xPP2 -> HF, no fsync" "$bytes" "$out" "$bin" run \

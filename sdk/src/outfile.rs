@@ -26,9 +26,9 @@ use std::sync::Arc;
 /// let each window's pages go right after it is written.
 pub const WINDOW: usize = 8 << 20;
 
-/// Runs copied in the kernel at least this long are copied by a thread of their own while the
-/// writer's thread checksums them (a large tensor then takes two cores, not one; a thread costs
-/// tens of microseconds, a window's copy milliseconds).
+/// Runs at least this long are copied (or written) by a thread of their own while the writer's
+/// thread checksums them (a large tensor then takes two cores, not one; a thread costs tens of
+/// microseconds, a window's copy milliseconds).
 pub const BESIDE: usize = WINDOW;
 
 /// How far write-back of a durable file may fall behind its writes before the writer waits
@@ -115,10 +115,10 @@ impl OutputFile {
     }
 
     /// Writes `bytes` at `at` in windows of [`WINDOW`] bytes, calling `each(range, window)` for
-    /// each window (to checksum it while it is in cache, and let its pages go). Bytes that are
-    /// copied in the kernel are copied by another thread meanwhile when there are at least
-    /// [`BESIDE`] of them (the copy reads the input file, `each` its map: the two do not wait
-    /// for each other); otherwise each window is written before `each` sees it. An error says
+    /// each window (to checksum it while it is in cache, and let its pages go). At least
+    /// [`BESIDE`] bytes are written by another thread meanwhile (a kernel copy reads the input
+    /// file, `each` its map; a write reads the bytes as `each` does: neither waits for the
+    /// other); fewer, each window is written before `each` sees it. An error says
     /// `{what} {path}: {error}`.
     pub fn write_windows(
         &mut self,
@@ -128,7 +128,7 @@ impl OutputFile {
         mut each: impl FnMut(Range<usize>, &[u8]),
     ) -> Result<()> {
         let mut origin = self.origins.as_ref().and_then(|o| o.find(bytes));
-        if origin.is_some() && bytes.len() >= BESIDE {
+        if bytes.len() >= BESIDE {
             let copied = std::thread::scope(|s| {
                 let copier = std::thread::Builder::new()
                     .name("bridgeflow copy".into())

@@ -103,6 +103,64 @@ struct Local {
     at: u64,
     len: u64,
     crc: Option<u32>,
+    /// Written from blocks: each stretch's place in the local and its CRC-32, combined in
+    /// order at commit (None: too many stretches; the CRC is read back from the file then).
+    parts: Option<Vec<(u64, crc32fast::Hasher)>>,
+}
+
+/// The most stretches a local's CRC-32 is combined from (beyond, it is read back).
+const MAX_PARTS: usize = 4096;
+
+impl Local {
+    /// The CRC-32 of a local written from blocks, from its stretches when they tile it.
+    fn combined_crc(&mut self) -> Option<u32> {
+        let mut parts = self.parts.take()?;
+        parts.sort_by_key(|p| p.0);
+        let mut crc = crc32fast::Hasher::new();
+        let mut next = 0;
+        for (at, h) in &parts {
+            if *at != next {
+                return None;
+            }
+            next += h.total_len();
+            crc.combine(h);
+        }
+        (next == self.len).then(|| crc.finalize())
+    }
+}
+
+/// A block of a tensor (bytes `start..` of it) to each of the local's runs it overlaps, at its
+/// place (copied in the kernel from the input file when the bytes are a view of one), each
+/// stretch's CRC-32 taken as it is written, to be combined with the others' at commit.
+fn write_block(
+    out: &mut OutputFile,
+    local: &mut Local,
+    bytes: &[u8],
+    start: u64,
+    what: &str,
+) -> Result<()> {
+    let end = start + bytes.len() as u64;
+    let mut pos = 0;
+    for &(off, len) in &local.runs {
+        let (lo, hi) = (off.max(start), (off + len).min(end));
+        if lo < hi {
+            let mut crc = crc32fast::Hasher::new();
+            out.write_windows(
+                &bytes[(lo - start) as usize..(hi - start) as usize],
+                local.at + pos + lo - off,
+                what,
+                |_, w| crc.update(w),
+            )?;
+            if let Some(parts) = local.parts.as_mut() {
+                parts.push((pos + lo - off, crc));
+                if parts.len() > MAX_PARTS {
+                    local.parts = None;
+                }
+            }
+        }
+        pos += len;
+    }
+    Ok(())
 }
 
 struct RankFile {
@@ -127,6 +185,8 @@ pub struct LegacyWriter {
     origins: Option<Arc<Origins>>,
     /// How the rank files' bytes were written (at commit).
     stats: WriteStats,
+    /// Reused to gather row-parallel columns.
+    gather: Vec<u8>,
 }
 
 /// Megatron-LM argument names for the model fields the mapper hands over (`megatron_model`).
@@ -471,6 +531,7 @@ impl LegacyWriter {
                 at,
                 len,
                 crc: None,
+                parts: Some(Vec::new()),
             });
         }
         let out = OutputFile::new(f, &path)
@@ -547,6 +608,7 @@ impl Sink for LegacyWriter {
             committed: false,
             origins: None,
             stats: WriteStats::default(),
+            gather: Vec::new(),
         })
     }
 
@@ -575,11 +637,12 @@ impl Sink for LegacyWriter {
         };
         let bytes = t.bytes();
         let start = block_start(&t, &base)?;
-        let end = start + bytes.len() as u64;
         *left = left
             .checked_sub(bytes.len() as u64)
             .ok_or_else(|| PluginError::shape(format!("'{base}' got more bytes than it has")))?;
         let whole = t.info.shard().is_none();
+        // The gathering buffer, kept from call to call (fresh pages cost a fault each).
+        let mut buf = std::mem::take(&mut self.gather);
         for (rank, i) in uses {
             let RankFile { out, locals, .. } = &mut self.ranks[rank];
             let local = &mut locals[i];
@@ -597,30 +660,17 @@ impl Sink for LegacyWriter {
                 local.crc = Some(crc.finalize());
                 continue;
             }
-            // Copied in the kernel from the input file when the bytes are a view of one.
-            let mut write = |b: &[u8], at: u64| out.write_windows(b, at, &what, |_, _| {});
             if !whole {
-                // Each of the rank's runs that this block overlaps, to its place; the CRC is
-                // taken from the file at commit.
-                let mut pos = local.at;
-                for &(off, len) in &local.runs {
-                    let (lo, hi) = (off.max(start), (off + len).min(end));
-                    if lo < hi {
-                        write(
-                            &bytes[(lo - start) as usize..(hi - start) as usize],
-                            pos + lo - off,
-                        )?;
-                    }
-                    pos += len;
-                }
+                write_block(out, local, bytes, start, &what)?;
                 continue;
             }
+            let mut write = |b: &[u8], at: u64| out.write_windows(b, at, &what, |_, _| {});
             // A row-parallel weight's columns: a run per row, gathered before writing, the CRC
             // as it goes, pages let go window by window.
             const WINDOW: u64 = 8 << 20;
             let mut crc = crc32fast::Hasher::new();
             let mut at = local.at;
-            let mut buf = Vec::new();
+            buf.clear();
             for &(off, len) in &local.runs {
                 let mut done = 0;
                 while done < len {
@@ -647,6 +697,7 @@ impl Sink for LegacyWriter {
             debug_assert_eq!(at - local.at, local.len);
             local.crc = Some(crc.finalize());
         }
+        self.gather = buf;
         t.data.discard(0..bytes.len());
         if self.remaining[&base] == 0 {
             self.uses.remove(&base);
@@ -662,8 +713,13 @@ impl Sink for LegacyWriter {
             )));
         }
         for rf in &mut self.ranks {
-            // Tensors that came in blocks: their CRC from what is on disk.
+            // Tensors that came in blocks: their CRC combined from their stretches', else from
+            // what is on disk.
             for l in rf.locals.iter_mut().filter(|l| l.crc.is_none()) {
+                if let Some(crc) = l.combined_crc() {
+                    l.crc = Some(crc);
+                    continue;
+                }
                 let mut crc = crc32fast::Hasher::new();
                 let mut buf = vec![0u8; (8 << 20).min(l.len as usize)];
                 let mut done = 0;
@@ -2068,6 +2124,37 @@ mod tests {
             .data;
         assert!(rec.start <= t.data.start && t.data.end <= rec.end);
         Ok(t)
+    }
+
+    #[test]
+    fn a_local_written_in_stretches_gets_the_crc_of_its_bytes() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let local = |cuts: &[(u64, u64)]| {
+            let parts = cuts
+                .iter()
+                .map(|&(a, b)| {
+                    let mut h = crc32fast::Hasher::new();
+                    h.update(&data[a as usize..b as usize]);
+                    (a, h)
+                })
+                .collect();
+            Local {
+                key: "w".into(),
+                runs: vec![(0, data.len() as u64)],
+                at: 0,
+                len: data.len() as u64,
+                crc: None,
+                parts: Some(parts),
+            }
+        };
+        // In any order, as blocks come.
+        let mut l = local(&[(7000, 10_000), (0, 3), (3, 7000)]);
+        assert_eq!(l.combined_crc(), Some(crc32fast::hash(&data)));
+        // A gap, or too many stretches: read back from the file instead.
+        assert_eq!(local(&[(0, 3), (4, 10_000)]).combined_crc(), None);
+        let mut l2 = local(&[(0, 10_000)]);
+        l2.parts = None;
+        assert_eq!(l2.combined_crc(), None);
     }
 
     /// Every number of a tensor view is checked against its storage record: a view outside
