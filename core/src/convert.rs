@@ -6,7 +6,9 @@
 //!   convert runs it: the bundled `pipelines/*.toml` are the one definition of each conversion
 //!   they name, and directories on `BRIDGEFLOW_PIPELINE_PATH` add more.
 //! - Otherwise the chain is composed from the declarations: the reader, a stage translating
-//!   between the two sides' namings when they differ (the model mapper), and the writer.
+//!   between the two sides' namings when they differ (the model mapper), and the writer. A
+//!   `--to` scheme an exporter declares (`trtllm`) puts the exporter before the writer its
+//!   declaration names (`through = "hf"`: the safetensors writer).
 //! - Either way, a quantized input (the reader says its `quant_method`) gets the transform that
 //!   declares that method right after the reader.
 //!
@@ -65,8 +67,43 @@ pub struct Convert {
 
 /// The two ends, resolved to the stages that declare them.
 struct Ends<'h> {
-    reader: (&'h Plugin, &'h EndpointDecl),
-    writer: (&'h Plugin, &'h EndpointDecl),
+    reader: End<'h>,
+    writer: End<'h>,
+    /// The exporter declaring the `--to` scheme, when a writer does not.
+    exporter: Option<End<'h>>,
+}
+
+/// A resolved endpoint: the plugin and its declaration.
+type End<'h> = (&'h Plugin, &'h EndpointDecl);
+
+/// The `--to` side: the writer declaring the scheme, else the exporter declaring it and the
+/// writer it goes through: (writer, exporter).
+fn output_end<'h>(
+    host: &'h PluginHost,
+    scheme: &str,
+) -> Result<(End<'h>, Option<End<'h>>), JobError> {
+    if host.endpoint(StageKind::Writer, scheme).is_some() {
+        return Ok((endpoint(host, StageKind::Writer, scheme)?, None));
+    }
+    let Some((p, e)) = host.endpoint(StageKind::Exporter, scheme) else {
+        let mut all = host.schemes(StageKind::Writer);
+        all.extend(host.schemes(StageKind::Exporter));
+        all.sort();
+        return Err(invalid(format!(
+            "--to {scheme}: no writer or exporter plugin serves '{scheme}:' (schemes: {})",
+            all.join(", ")
+        )));
+    };
+    let writer = host
+        .endpoint(StageKind::Writer, &e.through)
+        .ok_or_else(|| {
+            invalid(format!(
+                "--to {scheme}: exporter '{}' writes through '{}:', which no writer plugin serves",
+                p.name(),
+                e.through
+            ))
+        })?;
+    Ok((writer, Some((p, e))))
 }
 
 pub fn convert(req: &Convert, host: &PluginHost, opts: &RunOptions) -> Result<RunReport, JobError> {
@@ -78,11 +115,14 @@ pub fn convert(req: &Convert, host: &PluginHost, opts: &RunOptions) -> Result<Ru
             ))
         }
     };
+    let (writer, exporter) = output_end(host, &to.scheme)?;
     let ends = Ends {
         reader: endpoint(host, StageKind::Reader, &from.scheme)?,
-        writer: endpoint(host, StageKind::Writer, &to.scheme)?,
+        writer,
+        exporter,
     };
-    let (rs, ws) = (ends.reader.1.scheme.as_str(), ends.writer.1.scheme.as_str());
+    let rs = ends.reader.1.scheme.as_str();
+    let ws = ends.exporter.unwrap_or(ends.writer).1.scheme.as_str();
     let mut spec = match find_pipeline(rs, ws)? {
         Some((file, text)) => from_pipeline(&file, &text, from, to, req)?,
         None => composed(host, &ends, from, to, req)?,
@@ -244,9 +284,15 @@ fn composed(
     read.insert("path".into(), path_value(&from.path));
     let mut write = stage_config(&wd.config, "write", writer)?;
     write.insert("path".into(), path_value(&to.path));
-    let translator = match rd.naming == wd.naming {
+    // The naming the stream must reach: the exporter's when there is one.
+    let target = ends.exporter.map_or(wd, |(_, ed)| ed);
+    let mut export = match ends.exporter {
+        Some((plugin, ed)) => Some(stage_config(&ed.config, "export", plugin)?),
+        None => None,
+    };
+    let translator = match rd.naming == target.naming {
         true => None,
-        false => Some(translator(host, rd, wd)?),
+        false => Some(translator(host, rd, target)?),
     };
     let mut map = match &translator {
         Some((plugin, _, t)) => Some(stage_config(&t.config, "map", plugin)?),
@@ -262,6 +308,9 @@ fn composed(
         };
         give(&rd.options, &mut read);
         give(&wd.options, &mut write);
+        if let (Some((_, ed)), Some(cfg)) = (ends.exporter, export.as_mut()) {
+            give(&ed.options, cfg);
+        }
         if let (Some((_, _, t)), Some(cfg)) = (&translator, map.as_mut()) {
             give(&t.options, cfg);
         }
@@ -269,7 +318,7 @@ fn composed(
             return Err(not_taken(
                 flag,
                 &rd.scheme,
-                &wd.scheme,
+                &target.scheme,
                 "no stage of it takes it",
             ));
         }
@@ -280,10 +329,15 @@ fn composed(
         stages.push(stage("map", plugin.name(), kind.name(), &["read"], cfg));
         last = "map";
     }
+    if let (Some((plugin, _)), Some(cfg)) = (ends.exporter, export) {
+        let kind = StageKind::Exporter.name();
+        stages.push(stage("export", plugin.name(), kind, &[last], cfg));
+        last = "export";
+    }
     stages.push(stage("write", writer.name(), "writer", &[last], write));
     let spec = PipelineSpec {
         file: PathBuf::from("<convert>"),
-        name: format!("convert {} → {}", rd.scheme, wd.scheme),
+        name: format!("convert {} → {}", rd.scheme, target.scheme),
         description: String::new(),
         vars: Default::default(),
         stages,
@@ -300,7 +354,7 @@ fn apply_overrides(
     for o in overrides {
         let Some((name, key)) = o.key.split_once('.') else {
             return Err(invalid(format!(
-                "--set {}: this conversion has no variables; use stage.key=value (stages: read, map, write)",
+                "--set {}: this conversion has no variables; use stage.key=value (stages: read, map, export, write)",
                 o.key
             )));
         };

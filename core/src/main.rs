@@ -176,6 +176,13 @@ struct ConvertArgs {
     /// Replace an existing output (atomically, once the new one is complete).
     #[arg(long)]
     overwrite: bool,
+    /// Exporters: the weights' dtype in the output (auto, fp32, bf16, fp16).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// TensorRT-LLM output: split the embedding over the TP ranks too, by rows (0) or columns
+    /// (1) (TensorRT-LLM's `--use_parallel_embedding --embedding_sharding_dim`).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1))]
+    parallel_embedding: Option<u64>,
     /// Override a stage's config (`write.max_shard_size=2GB`) or a pipeline variable.
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = Override::parse)]
     set: Vec<Override>,
@@ -391,6 +398,12 @@ fn cmd_convert(host: &PluginHost, a: ConvertArgs) -> anyhow::Result<ExitCode> {
     }
     if a.overwrite {
         options.push(("overwrite".into(), toml::Value::Boolean(true)));
+    }
+    if let Some(d) = a.dtype {
+        options.push(("dtype".into(), toml::Value::String(d)));
+    }
+    if let Some(d) = a.parallel_embedding {
+        options.push(("parallel_embedding".into(), toml::Value::Integer(d as i64)));
     }
     let req = Convert {
         from: Some(a.from),

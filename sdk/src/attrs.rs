@@ -38,7 +38,8 @@
 //! | [`MEGATRON_ARGS`] `megatron_args` | `BTreeMap<String, Value>` | Megatron-LM reader | `inspect` |
 //! | [`MEGATRON_MODEL`] `megatron_model` | JSON object | models mapper (to Megatron) | torch_dist writer, Megatron-LM writer |
 //! | [`RUN_CONFIG_YAML`] `run_config_yaml` | `String` | models mapper (to Megatron) | torch_dist writer |
-//! | [`HF_CONFIG`] `hf_config` | JSON object | models mapper (to HF, config rebuilt) | safetensors writer |
+//! | [`HF_CONFIG`] `hf_config` | JSON object | models mapper (to HF, config rebuilt), serving exporters | safetensors writer |
+//! | [`FILES_BY_PREFIX`] `files_by_prefix` | `bool` | serving exporters (TensorRT-LLM, vLLM sharded) | safetensors writer |
 //! | [`ARCHITECTURE`] `architecture` | `String` | models mapper (to Megatron) | `inspect` |
 //! | [`DTYPE`] `dtype` | `String` | cast, fp8 dequantize | models mapper (to Megatron) |
 //! | [`DROP_CONFIG_KEYS`] `drop_config_keys` | `Vec<String>` | fp8 / mxfp4 dequantize | safetensors writer, models mapper |
@@ -338,8 +339,14 @@ pub const RUN_CONFIG_YAML: Attr<String> = Attr::new("run_config_yaml");
 
 /// The HF `config.json` to write beside the weights, when it was rebuilt from a checkpoint's
 /// `run_config.yaml` rather than read from a file. Set by the models mapper (to HF); read by
-/// the safetensors writer, for which it wins over a `config.json` in [`SOURCE_DIR`].
+/// the safetensors writer, for which it wins over a `config.json` in [`SOURCE_DIR`]. Exporters
+/// set it to their engine's config (TensorRT-LLM's `config.json`).
 pub const HF_CONFIG: Attr<Map<String, Value>> = Attr::new("hf_config");
+
+/// Tensor names are `FILE/NAME`: the safetensors writer puts tensor `NAME` into file `FILE`
+/// (`rank1.safetensors`), one file per prefix, instead of sharding by size. Set by the serving
+/// exporters, whose engines want one file set per rank.
+pub const FILES_BY_PREFIX: Attr<bool> = Attr::new("files_by_prefix");
 
 /// The HF architecture of the model (`"LlamaForCausalLM"`). Set by the models mapper (to
 /// Megatron); shown by `inspect`.
@@ -418,6 +425,7 @@ pub const KEYS: &[&str] = &[
     MEGATRON_MODEL.key,
     RUN_CONFIG_YAML.key,
     HF_CONFIG.key,
+    FILES_BY_PREFIX.key,
     ARCHITECTURE.key,
     DTYPE.key,
     DROP_CONFIG_KEYS.key,

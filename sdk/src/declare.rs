@@ -81,6 +81,9 @@ pub struct Endpoint {
     /// `flag=key`: `tp`, `pp`, `vpp`, `ep`, `hf_config`, `overwrite`.
     pub options: &'static [&'static str],
     pub description: &'static str,
+    /// An exporter's endpoint (declared by a transform, not a writer): the scheme of the writer
+    /// that stores what the exporter emits (`hf`: the safetensors writer); empty otherwise.
+    pub through: &'static str,
 }
 
 impl Endpoint {
@@ -97,6 +100,7 @@ impl Endpoint {
             config: "{}",
             options: &[],
             description,
+            through: "",
         }
     }
 }
@@ -110,6 +114,8 @@ pub struct EndpointDecl {
     pub config: RString,
     pub options: RVec<RString>,
     pub description: RString,
+    /// See [`Endpoint::through`].
+    pub through: RString,
 }
 
 impl EndpointDecl {
@@ -128,6 +134,7 @@ impl From<&Endpoint> for EndpointDecl {
             config: e.config.into(),
             options: e.options.iter().map(|&o| RString::from(o)).collect(),
             description: e.description.into(),
+            through: e.through.into(),
         }
     }
 }

@@ -100,6 +100,54 @@ pub fn max_abs_diff(da: DType, a: &[u8], db: DType, b: &[u8]) -> f64 {
     worst
 }
 
+/// Converts `src` (elements of `from`) into `dst` (elements of `to`), both float dtypes among
+/// f32, f16, bf16 and f64, rounding to nearest even; f16/bf16/f32 widen to f32 exactly and f64
+/// is narrowed in one rounding step. Equal dtypes copy. Panics on other dtypes or on lengths
+/// that disagree (callers check both).
+pub fn cast(from: DType, src: &[u8], to: DType, dst: &mut [u8]) {
+    assert_eq!(
+        src.len() / from.size(),
+        dst.len() / to.size(),
+        "cast: lengths"
+    );
+    if from == to {
+        dst.copy_from_slice(src);
+        return;
+    }
+    if from == DType::F64 {
+        let vals = src
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()));
+        match to {
+            DType::F32 => write(dst, vals.map(|v| (v as f32).to_le_bytes())),
+            DType::F16 => write(dst, vals.map(|v| f16::from_f64(v).to_le_bytes())),
+            DType::BF16 => write(dst, vals.map(|v| bf16::from_f64(v).to_le_bytes())),
+            _ => unreachable!("cast from {from}"),
+        }
+        return;
+    }
+    let widen: fn(&[u8]) -> f32 = match from {
+        DType::F32 => |c| f32::from_le_bytes(c.try_into().unwrap()),
+        DType::F16 => |c| f16::from_le_bytes(c.try_into().unwrap()).to_f32(),
+        DType::BF16 => |c| bf16::from_le_bytes(c.try_into().unwrap()).to_f32(),
+        _ => unreachable!("cast from {from}"),
+    };
+    let vals = src.chunks_exact(from.size()).map(widen);
+    match to {
+        DType::F32 => write(dst, vals.map(f32::to_le_bytes)),
+        DType::F16 => write(dst, vals.map(|v| f16::from_f32(v).to_le_bytes())),
+        DType::BF16 => write(dst, vals.map(|v| bf16::from_f32(v).to_le_bytes())),
+        DType::F64 => write(dst, vals.map(|v| (v as f64).to_le_bytes())),
+        _ => unreachable!("cast to {to}"),
+    }
+}
+
+fn write<const N: usize>(dst: &mut [u8], vals: impl Iterator<Item = [u8; N]>) {
+    for (d, v) in dst.chunks_exact_mut(N).zip(vals) {
+        d.copy_from_slice(&v);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

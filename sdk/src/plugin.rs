@@ -18,7 +18,7 @@ use abi_stable::{
 
 /// Bumped on any change to the types that cross the boundary. The host refuses plugins built
 /// against another value before touching anything else in them.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 /// The version of this SDK crate, recorded in every plugin built against it.
 pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -189,6 +189,7 @@ impl StageEntry {
                 inputs: T::INPUTS.to_vec().into(),
                 outputs: output_ports(T::OUTPUTS, T::OUTPUT),
                 retains_inputs: T::RETAINS_INPUTS,
+                endpoints: T::ENDPOINTS.iter().map(EndpointDecl::from).collect(),
                 translations: T::TRANSLATES.iter().map(TranslationDecl::from).collect(),
                 quant_methods: T::QUANT_METHODS.iter().map(|&m| RString::from(m)).collect(),
                 ..plain(kind, T::DESCRIPTION, schema_of::<T::Config>())

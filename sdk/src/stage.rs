@@ -379,6 +379,9 @@ pub trait Transform: Send + Sized + 'static {
     const TRANSLATES: &'static [Translation] = &[];
     /// The `quant_method`s it dequantizes (see [`Source::quant_method`]).
     const QUANT_METHODS: &'static [&'static str] = &[];
+    /// An exporter's command-line schemes (`bridgeflow convert --to trtllm:DIR`): each names,
+    /// in [`Endpoint::through`], the writer that stores what the stage emits.
+    const ENDPOINTS: &'static [Endpoint] = &[];
     fn new(config: Self::Config) -> Result<Self>;
     /// Receives the plans of the inputs, returns the plan of the output.
     fn plan(&mut self, _inputs: &[StreamPlan]) -> Result<StreamPlan> {

@@ -64,6 +64,21 @@ impl TensorInfo {
         self
     }
 
+    /// The element offset of this piece in its whole tensor when its elements are contiguous
+    /// there (0 for a whole tensor); None for a piece that is not one run of elements.
+    pub fn piece_offset(&self) -> Option<u64> {
+        match self.shard() {
+            None => Some(0),
+            Some(s)
+                if s.global_shape.len() == self.shape.len()
+                    && s.offsets.len() == self.shape.len() =>
+            {
+                contiguous_offset(&s.global_shape, &s.offsets, &self.shape)
+            }
+            Some(_) => None,
+        }
+    }
+
     /// The shard descriptor, if this is a piece of a larger tensor.
     pub fn shard(&self) -> Option<&ShardInfo> {
         self.shard.as_ref().into_option()
@@ -115,6 +130,23 @@ impl Tensor {
     pub fn bytes(&self) -> &[u8] {
         self.data.as_slice()
     }
+}
+
+/// The element offset of a block (`offsets`, `shape`) in a row-major tensor of `global` shape,
+/// if the block's elements are contiguous there: size 1 on the axes before its first longer
+/// one, whole on every axis after it.
+pub fn contiguous_offset(global: &[u64], offsets: &[u64], shape: &[u64]) -> Option<u64> {
+    let n = global.len();
+    let k = (0..n).find(|&d| shape[d] != 1).unwrap_or(n);
+    if !(k + 1..n).all(|d| shape[d] == global[d] && offsets[d] == 0) {
+        return None;
+    }
+    let (mut off, mut stride) = (0u64, 1u64);
+    for d in (0..n).rev() {
+        off += offsets[d] * stride;
+        stride *= global[d];
+    }
+    Some(off)
 }
 
 #[cfg(test)]

@@ -28,6 +28,27 @@ pub struct SafetensorsReader {
     maps: Vec<Arc<InputMap>>,
     /// (file index, entry) in emission order: file by file, by offset, so reads are sequential.
     entries: Vec<(usize, Entry)>,
+    /// Per-rank files: names carry their file ([`bridgeflow_sdk::attrs::FILES_BY_PREFIX`]).
+    by_prefix: bool,
+}
+
+/// `rank3.safetensors` (TensorRT-LLM) or `model-rank-1-part-0.safetensors` /
+/// `model-pp-0-tp-1-part-0.safetensors` (vLLM sharded_state).
+fn is_rank_file(p: &Path) -> bool {
+    let name = p.file_name().unwrap_or_default().to_string_lossy();
+    let Some(stem) = name.strip_suffix(".safetensors") else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if let Some(r) = stem.strip_prefix("rank") {
+        return digits(r);
+    }
+    let parts: Vec<&str> = stem.split('-').collect();
+    match parts.as_slice() {
+        ["model", "rank", r, "part", p] => digits(r) && digits(p),
+        ["model", "pp", a, "tp", b, "part", p] => digits(a) && digits(b) && digits(p),
+        _ => false,
+    }
 }
 
 impl SafetensorsReader {
@@ -62,6 +83,23 @@ impl SafetensorsReader {
             }
             self.maps.push(Arc::new(map));
         }
+        self.by_prefix = layout.index.is_none()
+            && layout.files.len() > 1
+            && layout.files.iter().all(|f| is_rank_file(f));
+        if self.by_prefix {
+            // An engine's per-rank files (TensorRT-LLM, vLLM sharded_state) hold the same names:
+            // each tensor goes by `FILE/NAME`, as the writer lays such a stream out again.
+            for (i, e) in &mut self.entries {
+                let file = layout.files[*i]
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy();
+                e.info = e
+                    .info
+                    .clone()
+                    .with_name(format!("{file}/{}", e.info.name()));
+            }
+        }
         let mut seen = BTreeSet::new();
         for (i, e) in &self.entries {
             if !seen.insert(e.info.name().to_string()) {
@@ -93,6 +131,7 @@ impl Source for SafetensorsReader {
             manifest: None,
             maps: Vec::new(),
             entries: Vec::new(),
+            by_prefix: false,
         })
     }
 
@@ -105,6 +144,9 @@ impl Source for SafetensorsReader {
         let mut plan = StreamPlan::new(self.entries.iter().map(|(_, e)| e.info.clone()).collect());
         plan.set(bridgeflow_sdk::attrs::FORMAT, "safetensors");
         plan.set(bridgeflow_sdk::attrs::SOURCE_DIR, layout.dir.clone());
+        if self.by_prefix {
+            plan.set(bridgeflow_sdk::attrs::FILES_BY_PREFIX, true);
+        }
         Ok(plan)
     }
 
@@ -165,6 +207,11 @@ impl Source for SafetensorsReader {
             };
         }
         if path.join(files::INDEX_NAME).is_file() || path.join(files::SINGLE_NAME).is_file() {
+            return 100;
+        }
+        if path.join("rank0.safetensors").is_file()
+            || path.join("model-rank-0-part-0.safetensors").is_file()
+        {
             return 100;
         }
         match std::fs::read_dir(path) {

@@ -98,6 +98,8 @@ pub struct SafetensorsWriter {
     manifest: Manifest,
     /// The output's lock, from `open` until the commit is done.
     claim: Option<OutputClaim>,
+    /// One file per name prefix ([`bridgeflow_sdk::attrs::FILES_BY_PREFIX`]).
+    by_prefix: bool,
 }
 
 /// Assigns tensors to shards in stream order, as huggingface_hub's
@@ -127,6 +129,45 @@ fn split_shards(tensors: &[TensorInfo], max: u64) -> Vec<Vec<usize>> {
         shards.push(Vec::new());
     }
     shards
+}
+
+/// One file per name prefix (`rank0.safetensors/transformer.ln_f.weight`), in order of first
+/// appearance: what [`bridgeflow_sdk::attrs::FILES_BY_PREFIX`] asks for.
+fn files_by_prefix(tensors: &[TensorInfo]) -> Result<Vec<(String, Vec<usize>)>> {
+    let mut files: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut at: HashMap<&str, usize> = HashMap::new();
+    for (i, t) in tensors.iter().enumerate() {
+        let Some((file, rest)) = t.name().split_once('/') else {
+            return Err(PluginError::shape(format!(
+                "tensor '{}' names no file (expected FILE/NAME)",
+                t.name()
+            )));
+        };
+        let sane = file.ends_with(".safetensors")
+            && !rest.is_empty()
+            && !file.starts_with('.')
+            && !file.contains(['\\', '\0']);
+        if !sane {
+            return Err(PluginError::shape(format!(
+                "tensor '{}': '{file}' is not a safetensors file name",
+                t.name()
+            )));
+        }
+        let k = *at.entry(file).or_insert_with(|| {
+            files.push((file.to_string(), Vec::new()));
+            files.len() - 1
+        });
+        files[k].1.push(i);
+    }
+    Ok(files)
+}
+
+/// A stream name as the file stores it: without its file prefix in a by-prefix stream.
+fn stored_name(name: &str, by_prefix: bool) -> &str {
+    match by_prefix {
+        true => name.split_once('/').map_or(name, |(_, rest)| rest),
+        false => name,
+    }
 }
 
 /// The header exactly as `safetensors.serialize` writes it: tensors sorted by dtype (widest
@@ -210,28 +251,52 @@ impl SafetensorsWriter {
 
         // A planned piece (`name#id` with a shard descriptor) stands for its whole tensor.
         let tensors = self.plan.whole_tensors();
-        let max = if self.single_file {
-            u64::MAX
+        let by_prefix = self.plan.get(bridgeflow_sdk::attrs::FILES_BY_PREFIX) == Some(true);
+        let files = if by_prefix {
+            if self.single_file {
+                return Err(PluginError::config(format!(
+                    "{}: this stream is laid out in several files (one per rank); give a folder",
+                    target.display()
+                )));
+            }
+            files_by_prefix(&tensors)?
         } else {
-            self.cfg.max_shard_size.0.max(1)
+            let max = if self.single_file {
+                u64::MAX
+            } else {
+                self.cfg.max_shard_size.0.max(1)
+            };
+            let groups = split_shards(&tensors, max);
+            let n = groups.len();
+            groups
+                .into_iter()
+                .enumerate()
+                .map(|(k, g)| {
+                    let name = if n == 1 {
+                        SINGLE_NAME.to_string()
+                    } else {
+                        format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
+                    };
+                    (name, g)
+                })
+                .collect()
         };
-        let groups = split_shards(&tensors, max);
-        let n = groups.len();
+        self.by_prefix = by_prefix;
         // The input files' maps, of whichever plugin made them (one lookup per tensor).
         let origins = self.cfg.kernel_copy.then(|| Arc::new(Origins::new()));
-        for (k, group) in groups.iter().enumerate() {
-            let name = if n == 1 {
-                SINGLE_NAME.to_string()
-            } else {
-                format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
-            };
+        for (k, (name, group)) in files.into_iter().enumerate() {
             let path = if self.single_file {
                 staging.clone()
             } else {
                 staging.join(&name)
             };
             let infos: Vec<&TensorInfo> = group.iter().map(|&i| &tensors[i]).collect();
-            let (header, offsets) = shard_header(&infos)?;
+            // In the file, a tensor goes by its name without the file prefix.
+            let stored: Vec<TensorInfo> = infos
+                .iter()
+                .map(|t| (*t).clone().with_name(stored_name(t.name(), by_prefix)))
+                .collect();
+            let (header, offsets) = shard_header(&stored.iter().collect::<Vec<_>>())?;
             let data_start = 8 + header.len() as u64;
             let data_len: u64 = infos.iter().map(|t| t.nbytes().unwrap_or(0)).sum();
             let file = File::options()
@@ -246,10 +311,13 @@ impl SafetensorsWriter {
             file.write_all_at(&head, 0)
                 .map_err(|e| PluginError::io(&path, "cannot write", e))?;
             // By name: a shard may hold hundreds of thousands of tensors.
-            let by_name: HashMap<&str, &TensorInfo> =
-                infos.iter().map(|t| (t.name(), *t)).collect();
-            for (tname, off) in offsets {
-                let info = (*by_name.get(tname.as_str()).expect("from this group")).clone();
+            let by_name: HashMap<&str, &TensorInfo> = infos
+                .iter()
+                .map(|t| (stored_name(t.name(), by_prefix), *t))
+                .collect();
+            for (stored, off) in offsets {
+                let info = (*by_name.get(stored.as_str()).expect("from this group")).clone();
+                let tname = info.name().to_string();
                 if self
                     .slots
                     .insert(
@@ -436,6 +504,7 @@ impl Sink for SafetensorsWriter {
             committed: false,
             manifest: Manifest::new(),
             claim: None,
+            by_prefix: false,
         })
     }
 
@@ -485,25 +554,26 @@ impl Sink for SafetensorsWriter {
                 0
             }
             Some(s) => {
-                // Only whole-row blocks: every axis but the first spans the tensor.
-                let rowwise = s.global_shape == slot.info.shape
-                    && s.offsets.iter().skip(1).all(|&o| o == 0)
-                    && t.info
-                        .shape
-                        .iter()
-                        .skip(1)
-                        .eq(slot.info.shape.iter().skip(1))
-                    && t.info.dtype == slot.info.dtype;
-                let row: u64 =
-                    slot.info.shape.iter().skip(1).product::<u64>() * t.info.dtype.size() as u64;
-                let at = s.offsets.first().copied().unwrap_or(0) * row;
-                if !rowwise || at + t.bytes().len() as u64 > nbytes {
-                    return Err(PluginError::shape(format!(
-                        "piece '{}' does not fit tensor '{name}' as a block of rows",
-                        t.name()
-                    )));
+                // Any block whose elements are one run of the tensor's.
+                let at = t
+                    .info
+                    .piece_offset()
+                    .map(|e| e * t.info.dtype.size() as u64);
+                match at {
+                    Some(at)
+                        if s.global_shape == slot.info.shape
+                            && t.info.dtype == slot.info.dtype
+                            && at + t.bytes().len() as u64 <= nbytes =>
+                    {
+                        at
+                    }
+                    _ => {
+                        return Err(PluginError::shape(format!(
+                            "piece '{}' does not fit tensor '{name}' as one run of its elements",
+                            t.name()
+                        )))
+                    }
                 }
-                at
             }
         };
         if slot.filled == 0 && self.cfg.manifest && !self.single_file {
@@ -592,7 +662,7 @@ impl Sink for SafetensorsWriter {
         let target = self.cfg.path.clone();
         let mut side = 0;
         if !self.single_file {
-            if self.shards.len() > 1 {
+            if self.shards.len() > 1 && !self.by_prefix {
                 self.write_index(&staging)?;
             }
             if self.cfg.copy_side_files {
@@ -632,9 +702,15 @@ impl Sink for SafetensorsWriter {
             all.copied += s.out.stats().copied;
             all.written += s.out.stats().written;
         }
+        let files: serde_json::Map<String, serde_json::Value> = self
+            .shards
+            .iter()
+            .map(|s| (s.name.clone(), s.size.into()))
+            .collect();
         serde_json::json!({
             "bytes_copied_in_kernel": all.copied,
             "bytes_written": all.written,
+            "file_bytes": files,
         })
     }
 

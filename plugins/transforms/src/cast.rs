@@ -6,7 +6,6 @@ use bridgeflow_sdk::{
     schemars, serde, BufferPool, DType, Emitter, Item, PluginError, Result, StreamPlan, Tensor,
     TensorInfo, Transform,
 };
-use half::{bf16, f16};
 use rayon::prelude::*;
 
 #[derive(serde::Deserialize, schemars::JsonSchema)]
@@ -55,43 +54,7 @@ pub fn convert(from: DType, src: &[u8], to: DType, dst: &mut [u8]) {
     let (si, so) = (from.size(), to.size());
     dst.par_chunks_mut(CHUNK * so)
         .zip(src.par_chunks(CHUNK * si))
-        .for_each(|(d, s)| convert_chunk(from, s, to, d));
-}
-
-fn convert_chunk(from: DType, src: &[u8], to: DType, dst: &mut [u8]) {
-    // f16/bf16/f32 widen to f32 exactly; f64 is narrowed in one rounding step.
-    if from == DType::F64 {
-        let vals = src
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()));
-        match to {
-            DType::F32 => write(dst, vals.map(|v| (v as f32).to_le_bytes())),
-            DType::F16 => write(dst, vals.map(|v| f16::from_f64(v).to_le_bytes())),
-            DType::BF16 => write(dst, vals.map(|v| bf16::from_f64(v).to_le_bytes())),
-            _ => unreachable!("checked by applies"),
-        }
-        return;
-    }
-    let widen: fn(&[u8]) -> f32 = match from {
-        DType::F32 => |c| f32::from_le_bytes(c.try_into().unwrap()),
-        DType::F16 => |c| f16::from_le_bytes(c.try_into().unwrap()).to_f32(),
-        DType::BF16 => |c| bf16::from_le_bytes(c.try_into().unwrap()).to_f32(),
-        _ => unreachable!("checked by applies"),
-    };
-    let vals = src.chunks_exact(from.size()).map(widen);
-    match to {
-        DType::F32 => write(dst, vals.map(f32::to_le_bytes)),
-        DType::F16 => write(dst, vals.map(|v| f16::from_f32(v).to_le_bytes())),
-        DType::BF16 => write(dst, vals.map(|v| bf16::from_f32(v).to_le_bytes())),
-        DType::F64 => write(dst, vals.map(|v| (v as f64).to_le_bytes())),
-        _ => unreachable!("checked by new"),
-    }
-}
-
-fn write<const N: usize>(dst: &mut [u8], vals: impl Iterator<Item = [u8; N]>) {
-    for (d, v) in dst.chunks_exact_mut(N).zip(vals) {
-        d.copy_from_slice(&v);
-    }
+        .for_each(|(d, s)| bridgeflow_sdk::numeric::cast(from, s, to, d));
 }
 
 impl Transform for Cast {

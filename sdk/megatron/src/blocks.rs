@@ -51,22 +51,7 @@ pub fn box_runs(outer: &[u64], es: u64, offsets: &[u64], shape: &[u64]) -> Vec<(
     }
 }
 
-/// The element offset of a block (`offsets`, `shape`) in a row-major tensor of `global` shape,
-/// if the block's elements are contiguous there: size 1 on the axes before its first longer
-/// one, whole on every axis after it.
-pub fn contiguous_offset(global: &[u64], offsets: &[u64], shape: &[u64]) -> Option<u64> {
-    let n = global.len();
-    let k = (0..n).find(|&d| shape[d] != 1).unwrap_or(n);
-    if !(k + 1..n).all(|d| shape[d] == global[d] && offsets[d] == 0) {
-        return None;
-    }
-    let (mut off, mut stride) = (0u64, 1u64);
-    for d in (0..n).rev() {
-        off += offsets[d] * stride;
-        stride *= global[d];
-    }
-    Some(off)
-}
+pub use bridgeflow_sdk::tensor::contiguous_offset;
 
 /// The block (offsets, shape) of a row-major tensor of `shape` that elements
 /// [`start`, `start` + `len`) are, if they form one: whole trailing axes, a run on one axis,

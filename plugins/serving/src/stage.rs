@@ -1,0 +1,253 @@
+//! The two exporter stages: config, plan (the table's placement, checked against the input
+//! before anything is written) and the stream of pieces.
+
+use crate::export::Pieces;
+use crate::model::{degree, load_config, HfModel};
+use crate::place::{Out, Placement};
+use crate::{trtllm, vllm};
+use bridgeflow_sdk::units::{human, ByteSize};
+use bridgeflow_sdk::{
+    attrs, schemars, serde, DType, Emitter, Endpoint, Item, PluginError, Result, StreamPlan,
+    TensorInfo, Transform,
+};
+use std::path::PathBuf;
+
+fn one() -> u64 {
+    1
+}
+
+/// The output dtype: `auto` (or none) = the config's, else the weights' own.
+fn out_dtype(given: Option<&str>, m: &HfModel, inputs: &[TensorInfo]) -> Result<DType> {
+    let d = match given {
+        None | Some("auto") => m
+            .dtype
+            .or_else(|| inputs.iter().map(|t| t.dtype).find(|d| d.is_float())),
+        Some(s) => DType::parse(s),
+    };
+    match d {
+        Some(d @ (DType::F32 | DType::BF16 | DType::F16)) => Ok(d),
+        _ => Err(PluginError::config(format!(
+            "dtype = {:?}: expected auto, fp32, bf16 or fp16",
+            given.unwrap_or("auto")
+        ))),
+    }
+}
+
+/// The plan of what the exporter emits: every output tensor, one file per prefix.
+fn out_plan(outs: &[Out], mut plan: StreamPlan) -> StreamPlan {
+    plan.tensors = outs
+        .iter()
+        .map(|o| TensorInfo::new(o.name.clone(), o.dtype, &o.shape))
+        .collect::<Vec<_>>()
+        .into();
+    plan.set(attrs::FILES_BY_PREFIX, true);
+    plan
+}
+
+fn summary(p: &Option<Pieces>, what: &str) -> String {
+    let Some(p) = p else { return String::new() };
+    let files = p.placement().file_bytes();
+    let bytes: u64 = files.values().sum();
+    format!(
+        "{what}: {} tensors in {} files ({}), {} pieces",
+        p.placement().outs.len(),
+        files.len(),
+        human(bytes),
+        p.pieces
+    )
+}
+
+fn metrics(p: &Option<Pieces>) -> serde_json::Value {
+    match p {
+        None => serde_json::Value::Null,
+        Some(p) => serde_json::json!({
+            "tensors": p.placement().outs.len(),
+            "pieces": p.pieces,
+            "file_bytes": p.placement().file_bytes(),
+        }),
+    }
+}
+
+fn take(p: &mut Option<Pieces>, item: Item, out: &mut Emitter) -> Result<()> {
+    let p = p
+        .as_mut()
+        .ok_or_else(|| PluginError::internal("process before plan"))?;
+    p.take(item.into_tensor()?, out)
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(crate = "bridgeflow_sdk::serde", deny_unknown_fields)]
+pub struct TrtllmConfig {
+    /// Tensor-parallel ranks (`--tp_size`).
+    #[serde(default = "one")]
+    pub tp: u64,
+    /// Pipeline stages (`--pp_size`; the layers must divide).
+    #[serde(default = "one")]
+    pub pp: u64,
+    /// Expert-parallel ranks among the tp ranks (`--moe_ep_size`; MoE-TP is tp / ep).
+    #[serde(default = "one")]
+    pub ep: u64,
+    /// Weights' dtype: auto (the config's), fp32, bf16 or fp16 (`--dtype`).
+    #[serde(default)]
+    pub dtype: Option<String>,
+    /// Split the embedding too (`--use_parallel_embedding`), by rows (0) or columns (1)
+    /// (`--embedding_sharding_dim`).
+    #[serde(default)]
+    pub parallel_embedding: Option<u64>,
+    /// The HF config.json (default: the input's).
+    #[serde(default)]
+    pub hf_config: Option<PathBuf>,
+}
+
+pub struct TrtllmExport {
+    cfg: TrtllmConfig,
+    pieces: Option<Pieces>,
+}
+
+impl Transform for TrtllmExport {
+    type Config = TrtllmConfig;
+    const DESCRIPTION: &'static str =
+        "HF-named weights to TensorRT-LLM's per-rank tensors and config.json (for the safetensors writer)";
+    const ENDPOINTS: &'static [Endpoint] = &[Endpoint {
+        options: &["tp", "pp", "ep", "dtype", "parallel_embedding", "hf_config"],
+        through: "hf",
+        ..Endpoint::new(
+            "trtllm",
+            "hf",
+            "a TensorRT-LLM unified checkpoint (config.json + rank{N}.safetensors, for trtllm-build)",
+        )
+    }];
+
+    fn new(cfg: TrtllmConfig) -> Result<Self> {
+        degree(cfg.tp, "tp")?;
+        degree(cfg.pp, "pp")?;
+        degree(cfg.ep, "ep")?;
+        if cfg.parallel_embedding.is_some_and(|d| d > 1) {
+            return Err(PluginError::config(
+                "parallel_embedding: expected 0 (rows) or 1 (columns)",
+            ));
+        }
+        Ok(TrtllmExport { cfg, pieces: None })
+    }
+
+    fn plan(&mut self, inputs: &[StreamPlan]) -> Result<StreamPlan> {
+        let input = &inputs[0];
+        let tensors = input.whole_tensors();
+        let (raw, _) = load_config(input, self.cfg.hf_config.as_deref())?;
+        let m = HfModel::from_config(raw)?;
+        let lay = trtllm::Layout {
+            tp: self.cfg.tp,
+            pp: self.cfg.pp,
+            ep: self.cfg.ep,
+            dtype: out_dtype(self.cfg.dtype.as_deref(), &m, &tensors)?,
+            parallel_embedding: self.cfg.parallel_embedding,
+        };
+        let outs = trtllm::place(&m, &lay, &tensors)?;
+        let mut plan = out_plan(&outs, StreamPlan::default());
+        plan.set(attrs::HF_CONFIG, trtllm::config(&m, &lay)?);
+        self.pieces = Some(Pieces::new(Placement::new(outs, &tensors, &[])?, &tensors)?);
+        Ok(plan)
+    }
+
+    fn process(&mut self, _port: usize, item: Item, out: &mut Emitter) -> Result<()> {
+        take(&mut self.pieces, item, out)
+    }
+
+    fn finish(&mut self, out: &mut Emitter) -> Result<()> {
+        self.pieces.as_mut().map_or(Ok(()), |p| p.finish(out))
+    }
+
+    fn summary(&mut self) -> String {
+        summary(&self.pieces, "TensorRT-LLM checkpoint")
+    }
+
+    fn metrics(&mut self) -> serde_json::Value {
+        metrics(&self.pieces)
+    }
+}
+
+fn five_gib() -> ByteSize {
+    ByteSize(5 << 30)
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(crate = "bridgeflow_sdk::serde", deny_unknown_fields)]
+pub struct VllmConfig {
+    /// Tensor-parallel ranks vLLM will load the files with (`tensor_parallel_size`).
+    #[serde(default = "one")]
+    pub tp: u64,
+    /// Weights' dtype: auto (the config's), fp32, bf16 or fp16.
+    #[serde(default)]
+    pub dtype: Option<String>,
+    /// Largest part file (default 5 GiB, as vLLM's own writer); a larger tensor gets its own.
+    #[serde(default = "five_gib")]
+    pub max_part_size: ByteSize,
+    /// The HF config.json (default: the input's).
+    #[serde(default)]
+    pub hf_config: Option<PathBuf>,
+}
+
+pub struct VllmExport {
+    cfg: VllmConfig,
+    pieces: Option<Pieces>,
+}
+
+impl Transform for VllmExport {
+    type Config = VllmConfig;
+    const DESCRIPTION: &'static str =
+        "HF-named weights to vLLM 0.32's sharded_state tensors per TP rank (for the safetensors writer)";
+    const ENDPOINTS: &'static [Endpoint] = &[Endpoint {
+        options: &["tp", "dtype", "hf_config"],
+        through: "hf",
+        ..Endpoint::new(
+            "vllm",
+            "hf",
+            "vLLM sharded_state files (model-rank-{r}-part-{p}.safetensors + config and tokenizer; load_format=\"sharded_state\")",
+        )
+    }];
+
+    fn new(cfg: VllmConfig) -> Result<Self> {
+        degree(cfg.tp, "tp")?;
+        Ok(VllmExport { cfg, pieces: None })
+    }
+
+    fn plan(&mut self, inputs: &[StreamPlan]) -> Result<StreamPlan> {
+        let input = &inputs[0];
+        let tensors = input.whole_tensors();
+        let (raw, path) = load_config(input, self.cfg.hf_config.as_deref())?;
+        let m = HfModel::from_config(raw.clone())?;
+        let lay = vllm::Layout {
+            tp: self.cfg.tp,
+            dtype: out_dtype(self.cfg.dtype.as_deref(), &m, &tensors)?,
+            max_part: self.cfg.max_part_size.0.max(1),
+        };
+        let (outs, unused) = vllm::place(&m, &lay, &tensors)?;
+        // Config and tokenizer files go along (the writer copies them from the input's
+        // folder); a config given or rebuilt is written as it is.
+        let mut plan = out_plan(&outs, input.clone());
+        if path.is_none() || self.cfg.hf_config.is_some() {
+            plan.set(attrs::HF_CONFIG, raw);
+        }
+        self.pieces = Some(Pieces::new(
+            Placement::new(outs, &tensors, &unused)?,
+            &tensors,
+        )?);
+        Ok(plan)
+    }
+
+    fn process(&mut self, _port: usize, item: Item, out: &mut Emitter) -> Result<()> {
+        take(&mut self.pieces, item, out)
+    }
+
+    fn finish(&mut self, out: &mut Emitter) -> Result<()> {
+        self.pieces.as_mut().map_or(Ok(()), |p| p.finish(out))
+    }
+
+    fn summary(&mut self) -> String {
+        summary(&self.pieces, "vLLM sharded_state")
+    }
+
+    fn metrics(&mut self) -> serde_json::Value {
+        metrics(&self.pieces)
+    }
+}

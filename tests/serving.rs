@@ -1,0 +1,289 @@
+//! The serving exporters against what the engines' own tools wrote:
+//!
+//! - `convert --to trtllm:` against TensorRT-LLM 0.17's `convert_checkpoint.py` (17 cases: TP
+//!   1/2/4, PP 2, MoE-TP × EP, fp32/bf16/fp16, tied and padded vocabularies, parallel
+//!   embedding, qkv biases, a shared expert): every tensor of every rank file by sha256, and
+//!   `config.json` key by key. The converter's three RoPE tables are the only tensors we leave
+//!   out (the loader recomputes them).
+//! - `convert --to vllm:` against vLLM 0.32's own `sharded_state` files (Llama fp32/bf16,
+//!   Qwen3, Qwen3-MoE, Gemma 2 at TP 1 and 2): every tensor byte for byte, and no tensor more or
+//!   less.
+//! - From a Megatron checkpoint (through the models mapper) the same files as from HF.
+
+use bridgeflow_tests::{bridgeflow, fixtures, load_tensors, tempdir, text};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The tensors TensorRT-LLM's converter writes that we do not (the RoPE tables).
+const ROPE_TABLES: [&str; 3] = [
+    "embed_positions",
+    "embed_positions_for_gpt_attention",
+    "rotary_inv_freq",
+];
+
+fn convert(from: &str, to: &str, args: &[&str]) -> String {
+    let o = bridgeflow()
+        .args(["convert", "--from", from, "--to", to, "--no-progress"])
+        .args(args)
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "convert {from} -> {to} {args:?}: {t}");
+    t
+}
+
+fn hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn dtype_name(d: safetensors::Dtype) -> &'static str {
+    match d {
+        safetensors::Dtype::F32 => "float32",
+        safetensors::Dtype::BF16 => "bfloat16",
+        safetensors::Dtype::F16 => "float16",
+        _ => "other",
+    }
+}
+
+/// Our TensorRT-LLM checkpoint in `out` against golden `case`: same rank files, same tensors
+/// (but the RoPE tables), same dtype, shape and sha256 each, same config.json.
+fn same_as_trtllm(out: &Path, case: &str) {
+    let golden = fixtures().join("trtllm").join(case);
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(golden.join("manifest.json")).unwrap()).unwrap();
+    let files = manifest["files"].as_object().unwrap();
+    for (file, entry) in files {
+        let ours = load_tensors(&out.join(file));
+        let want = entry["tensors"].as_object().unwrap();
+        let mut expected = Vec::new();
+        for (name, t) in want
+            .iter()
+            .filter(|(n, _)| !ROPE_TABLES.contains(&n.as_str()))
+        {
+            let got = ours
+                .get(name)
+                .unwrap_or_else(|| panic!("{case} {file}: no {name}"));
+            let shape: Vec<usize> = t["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            assert_eq!(got.shape, shape, "{case} {file} {name}: shape");
+            assert_eq!(
+                dtype_name(got.dtype),
+                t["dtype"].as_str().unwrap(),
+                "{case} {file} {name}: dtype"
+            );
+            assert_eq!(
+                hex(&got.bytes),
+                t["sha256"].as_str().unwrap(),
+                "{case} {file} {name}: bytes"
+            );
+            expected.push(name.clone());
+        }
+        let extra: Vec<_> = ours.keys().filter(|k| !expected.contains(k)).collect();
+        assert!(
+            extra.is_empty(),
+            "{case} {file}: tensors TensorRT-LLM does not write: {extra:?}"
+        );
+    }
+    let mut rank_files: Vec<String> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    rank_files.sort();
+    let mut want_files: Vec<String> = files.keys().cloned().collect();
+    want_files.sort();
+    assert_eq!(rank_files, want_files, "{case}: rank files");
+    let cfg = |p: &Path| -> Value {
+        serde_json::from_slice(&std::fs::read(p.join("config.json")).unwrap()).unwrap()
+    };
+    assert_eq!(cfg(out), cfg(&golden), "{case}: config.json");
+}
+
+/// (golden case, HF input under fixtures, extra convert arguments).
+const TRTLLM_CASES: &[(&str, &str, &[&str])] = &[
+    ("llama-tp1", "hf/llama", &["--dtype", "fp32"]),
+    ("llama-tp2", "hf/llama", &["--dtype", "fp32", "--tp", "2"]),
+    ("llama-tp4", "hf/llama", &["--dtype", "fp32", "--tp", "4"]),
+    (
+        "llama-tp1-pp2",
+        "hf/llama",
+        &["--dtype", "fp32", "--pp", "2"],
+    ),
+    ("llama-tp1-bf16", "hf/llama", &["--dtype", "bf16"]),
+    (
+        "llama-tp2-bf16",
+        "hf/llama",
+        &["--dtype", "bf16", "--tp", "2"],
+    ),
+    (
+        "llama-tp2-fp16",
+        "hf/llama",
+        &["--dtype", "fp16", "--tp", "2"],
+    ),
+    ("llama_bf16-tp2", "hf/llama_bf16", &["--tp", "2"]),
+    (
+        "llama_tied_v250-tp4",
+        "trtllm/_hf/llama_tied_v250",
+        &["--tp", "4"],
+    ),
+    (
+        "llama_tied_v250-tp2-pe1",
+        "trtllm/_hf/llama_tied_v250",
+        &["--tp", "2", "--parallel-embedding", "1"],
+    ),
+    ("qwen2-tp1", "trtllm/_hf/qwen2", &[]),
+    ("qwen2-tp2", "trtllm/_hf/qwen2", &["--tp", "2"]),
+    ("mixtral-tp1", "trtllm/_hf/mixtral", &[]),
+    ("mixtral-tp2", "trtllm/_hf/mixtral", &["--tp", "2"]),
+    (
+        "mixtral-tp2-ep2",
+        "trtllm/_hf/mixtral",
+        &["--tp", "2", "--ep", "2"],
+    ),
+    (
+        "mixtral-tp2-bf16",
+        "trtllm/_hf/mixtral",
+        &["--tp", "2", "--dtype", "bf16"],
+    ),
+    ("qwen2_moe-tp1", "trtllm/_hf/qwen2_moe", &[]),
+];
+
+#[test]
+fn trtllm_checkpoints_equal_tensorrt_llms_own() {
+    for (case, input, args) in TRTLLM_CASES {
+        let tmp = tempdir();
+        let out = tmp.path().join("ckpt");
+        let from = format!("hf:{}", fixtures().join(input).display());
+        convert(&from, &format!("trtllm:{}", out.display()), args);
+        same_as_trtllm(&out, case);
+    }
+}
+
+/// Our sharded_state folder against vLLM's own: every rank file's tensors byte for byte.
+fn same_as_vllm(out: &Path, case: &str) {
+    let golden = fixtures().join("vllm").join(case);
+    let ranks: Vec<_> = std::fs::read_dir(&golden)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    assert!(!ranks.is_empty());
+    for f in &ranks {
+        let want = load_tensors(&golden.join(f));
+        let got = load_tensors(&out.join(f));
+        let names =
+            |m: &BTreeMap<String, bridgeflow_tests::Loaded>| m.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(names(&got), names(&want), "{case} {f}: tensor names");
+        for (name, w) in &want {
+            let g = &got[name];
+            assert_eq!(
+                (g.dtype, &g.shape),
+                (w.dtype, &w.shape),
+                "{case} {f} {name}"
+            );
+            assert!(g.bytes == w.bytes, "{case} {f} {name}: bytes differ");
+        }
+    }
+    for side in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(
+            out.join(side).is_file(),
+            "{case}: no {side} (vLLM needs it)"
+        );
+    }
+}
+
+const VLLM_CASES: &[(&str, &str, &str)] = &[
+    ("llama-tp1", "llama", "1"),
+    ("llama-tp2", "llama", "2"),
+    ("llama_bf16-tp1", "llama_bf16", "1"),
+    ("qwen3-tp2", "qwen3", "2"),
+    ("qwen3_moe-tp1", "qwen3_moe", "1"),
+    ("qwen3_moe-tp2", "qwen3_moe", "2"),
+    ("gemma2-tp2", "gemma2", "2"),
+];
+
+#[test]
+fn vllm_sharded_state_equals_vllms_own() {
+    for (case, model, tp) in VLLM_CASES {
+        let tmp = tempdir();
+        let out = tmp.path().join("sharded");
+        let from = format!("hf:{}", fixtures().join("vllm/_hf").join(model).display());
+        convert(&from, &format!("vllm:{}", out.display()), &["--tp", tp]);
+        same_as_vllm(&out, case);
+    }
+}
+
+/// Megatron-Bridge's torch_dist checkpoint of the Llama fixture, through the models mapper:
+/// the TensorRT-LLM files equal those made from HF.
+#[test]
+fn from_megatron_the_same_files() {
+    let tmp = tempdir();
+    let out = tmp.path().join("ckpt");
+    let bridge = fixtures().join("bridge/llama");
+    let from = format!("megatron:{}", bridge.display());
+    let hf_config = fixtures().join("hf/llama/config.json");
+    let hf_config = hf_config.to_str().unwrap();
+    convert(
+        &from,
+        &format!("trtllm:{}", out.display()),
+        &["--tp", "2", "--dtype", "fp32", "--hf-config", hf_config],
+    );
+    same_as_trtllm(&out, "llama-tp2");
+}
+
+/// Refused by name, nothing left behind: a model the table does not describe, an input
+/// tensor missing, a layout that does not divide.
+#[test]
+fn bad_inputs_are_named_and_leave_nothing() {
+    let tmp = tempdir();
+    let run = |from: &str, to: &str, args: &[&str]| {
+        let o = bridgeflow()
+            .args(["convert", "--from", from, "--to", to, "--no-progress"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{from} -> {to} {args:?} succeeded");
+        text(&o)
+    };
+    let out = tmp.path().join("o");
+    let to = format!("trtllm:{}", out.display());
+    // GPT-OSS is not a TensorRT-LLM 0.17 family here.
+    let gemma = format!("hf:{}", fixtures().join("hf/gemma2").display());
+    let t = run(&gemma, &to, &[]);
+    assert!(t.contains("Gemma2ForCausalLM is not supported"), "{t}");
+    // KV heads that cannot be repeated over 3 ranks.
+    let llama = format!("hf:{}", fixtures().join("hf/llama").display());
+    let t = run(&llama, &to, &["--tp", "3"]);
+    assert!(
+        t.contains("does not split into 3") || t.contains("cannot be repeated"),
+        "{t}"
+    );
+    // A copy of the model without one tensor.
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    let src = fixtures().join("hf/llama");
+    std::fs::copy(src.join("config.json"), broken.join("config.json")).unwrap();
+    let tensors = load_tensors(&src.join("model.safetensors"));
+    let kept: Vec<_> = tensors
+        .iter()
+        .filter(|(n, _)| n.as_str() != "model.layers.1.self_attn.v_proj.weight")
+        .map(|(n, t)| (n.as_str(), t.dtype, t.shape.clone(), t.bytes.clone()))
+        .collect();
+    bridgeflow_tests::save_tensors(&broken.join("model.safetensors"), &kept);
+    let t = run(&format!("hf:{}", broken.display()), &to, &[]);
+    assert!(t.contains("model.layers.1.self_attn.v_proj.weight"), "{t}");
+    // An option the exporter does not take.
+    let t = run(&llama, &format!("vllm:{}", out.display()), &["--pp", "2"]);
+    assert!(t.contains("--pp does not apply"), "{t}");
+    assert!(!out.exists(), "an output was left behind");
+    assert!(bridgeflow_tests::leftovers(tmp.path()).is_empty());
+}
