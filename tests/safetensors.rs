@@ -522,3 +522,69 @@ fn fp8_quantization_equals_torch() {
         assert!(got[k] == *w, "'{k}' differs from torch's quantization");
     }
 }
+
+/// compressed-tensors FP8_DYNAMIC (`scheme = "channel"`): one f32 `weight_scale` per output row,
+/// amax / 448, and every element the E4M3 value nearest x / scale, so that scale · e4m3
+/// reconstructs each weight within E4M3's half step; the rest passes through and config.json
+/// gets vLLM's `compressed-tensors` quantization_config.
+#[test]
+fn fp8_channel_scales_for_vllm() {
+    let dir = tempdir();
+    let src = fixtures().join("vllm/_hf/llama");
+    let out = dir.path().join("q");
+    let p = chain(&[
+        ("read", "safetensors", "reader", &path_cfg(&src)),
+        (
+            "quant",
+            "fp8-quant",
+            "transform",
+            r#"scheme = "channel", include = '(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$'"#,
+        ),
+        ("write", "safetensors", "writer", &path_cfg(&out)),
+    ]);
+    run_text(dir.path(), &p, &[], 1 << 30).unwrap();
+    let got = load_tensors(&out);
+    let want = load_tensors(&src.join("model.safetensors"));
+    let f32s = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let mut quantized = 0;
+    for (k, w) in &want {
+        let Some(scale) = got.get(&format!("{k}_scale")) else {
+            assert!(got[k] == *w, "'{k}' should pass through");
+            continue;
+        };
+        quantized += 1;
+        let (rows, cols) = (w.shape[0], w.shape[1]);
+        assert_eq!(scale.shape, [rows, 1]);
+        let (x, s, q) = (f32s(&w.bytes), f32s(&scale.bytes), &got[k].bytes);
+        for r in 0..rows {
+            let row = &x[r * cols..(r + 1) * cols];
+            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(s[r], amax / 448.0, "{k} row {r}");
+            for (c, &v) in row.iter().enumerate() {
+                let back = bridgeflow_sdk::numeric::f8_e4m3_to_f64(q[r * cols + c]) as f32 * s[r];
+                // E4M3 has 3 mantissa bits: a relative half step of 1/16 (coarser below 2^-6).
+                assert!(
+                    (back - v).abs() <= v.abs() / 16.0 + s[r] / 512.0 * 1.01,
+                    "{k}[{r},{c}]: {v} -> {back}"
+                );
+            }
+        }
+    }
+    assert_eq!(quantized, 14, "7 projections in each of 2 layers");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    let q = &cfg["quantization_config"];
+    assert_eq!(q["quant_method"], "compressed-tensors");
+    assert_eq!(
+        q["config_groups"]["group_0"]["weights"]["strategy"],
+        "channel"
+    );
+    assert_eq!(
+        q["config_groups"]["group_0"]["input_activations"]["dynamic"],
+        true
+    );
+}

@@ -209,6 +209,8 @@ const VLLM_CASES: &[(&str, &str, &str)] = &[
     ("qwen3_moe-tp1", "qwen3_moe", "1"),
     ("qwen3_moe-tp2", "qwen3_moe", "2"),
     ("gemma2-tp2", "gemma2", "2"),
+    ("deepseek_v3-tp1", "deepseek_v3", "1"),
+    ("deepseek_v3-tp2", "deepseek_v3", "2"),
 ];
 
 #[test]

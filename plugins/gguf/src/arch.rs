@@ -76,6 +76,37 @@ pub fn tensor_name(hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{ours}.{kind}"))
 }
 
+/// Where a GGUF tensor goes in the file: the embedding, then layer by layer, then the output
+/// norm and head, so the same model gives the same file whatever order its source streams in.
+pub fn file_order(gguf: &str) -> (u8, u64, usize, String) {
+    const KINDS: [&str; 11] = [
+        "attn_norm",
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_q_norm",
+        "attn_k_norm",
+        "attn_output",
+        "ffn_norm",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
+    if let Some(rest) = gguf.strip_prefix("blk.") {
+        let mut it = rest.splitn(3, '.');
+        let layer = it.next().and_then(|l| l.parse().ok()).unwrap_or(u64::MAX);
+        let kind = it.next().unwrap_or("");
+        let k = KINDS.iter().position(|&x| x == kind).unwrap_or(KINDS.len());
+        return (1, layer, k, gguf.to_string());
+    }
+    let group = match gguf {
+        "token_embd.weight" => 0,
+        "output_norm.weight" => 2,
+        _ => 3,
+    };
+    (group, 0, 0, gguf.to_string())
+}
+
 /// The hyperparameters: (heads, kv heads, head_dim) and the `{arch}.*` keys.
 pub struct Hparams {
     pub heads: u64,

@@ -4,6 +4,7 @@
 pub mod arch;
 pub mod format;
 pub mod quant;
+pub mod reader;
 pub mod vocab;
 pub mod writer;
 
@@ -12,5 +13,6 @@ bridgeflow_sdk::export_plugins! {
         version: env!("CARGO_PKG_VERSION"),
         description: "GGUF files for llama.cpp and ollama (Llama, Mistral, Qwen2, Qwen3; F32, F16, BF16, Q8_0)",
         writer: Sink(writer::GgufWriter),
+        reader: Source(reader::GgufReader),
     }
 }

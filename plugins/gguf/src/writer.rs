@@ -214,6 +214,7 @@ impl GgufWriter {
         let hp = arch::hparams(&arch, &cfg)?;
         let matrices = matrix_type(&self.cfg.dtype, plan)?;
         let mut descs = self.slots(plan, &arch, &hp, matrices)?;
+        descs.sort_by_cached_key(|d| arch::file_order(&d.name));
         let data = format::lay_out(&mut descs);
         for s in self.slots.values_mut() {
             s.desc.offset = descs

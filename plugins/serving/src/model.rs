@@ -108,6 +108,7 @@ impl HfModel {
         }
         let experts = count(&raw, "num_local_experts")?
             .or(count(&raw, "num_experts")?)
+            .or(count(&raw, "n_routed_experts")?)
             .unwrap_or(0);
         let dtype = ["torch_dtype", "dtype"]
             .iter()

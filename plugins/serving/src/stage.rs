@@ -225,8 +225,11 @@ impl Transform for VllmExport {
         // Config and tokenizer files go along (the writer copies them from the input's
         // folder); a config given or rebuilt is written as it is.
         let mut plan = out_plan(&outs, input.clone());
-        if path.is_none() || self.cfg.hf_config.is_some() {
-            plan.set(attrs::HF_CONFIG, raw);
+        let additions = vllm::config_additions(&m);
+        if path.is_none() || self.cfg.hf_config.is_some() || !additions.is_empty() {
+            let mut cfg = raw;
+            cfg.extend(additions.into_iter().map(|(k, v)| (k.to_string(), v)));
+            plan.set(attrs::HF_CONFIG, cfg);
         }
         self.pieces = Some(Pieces::new(
             Placement::new(outs, &tensors, &unused)?,

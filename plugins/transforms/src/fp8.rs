@@ -315,9 +315,73 @@ pub struct Fp8QuantConfig {
     /// norms, embeddings and output layer stay as they are).
     #[serde(default = "projections")]
     pub include: String,
-    /// Rows and columns covered by one scale.
+    /// Rows and columns covered by one scale (scheme "block").
     #[serde(default = "d128")]
     pub block_size: u64,
+    /// "block": DeepSeek-V3's block-scaled FP8 (`weight_scale_inv` per block, `quant_method:
+    /// fp8`); "channel": compressed-tensors FP8_DYNAMIC as llm-compressor writes it and vLLM
+    /// runs it, also on CPU (`weight_scale` per output row, activations quantized per token at
+    /// run time, `quant_method: compressed-tensors`).
+    #[serde(default = "block")]
+    pub scheme: String,
+}
+
+fn block() -> String {
+    "block".into()
+}
+
+/// How one scale's weights are grouped.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Scheme {
+    /// Square blocks of this size; the scale's reciprocal is stored.
+    Block(usize),
+    /// One scale per output row.
+    Channel,
+}
+
+impl Scheme {
+    /// (rows, columns) one scale covers in a `[rows, cols]` weight.
+    fn group(self, cols: usize) -> (usize, usize) {
+        match self {
+            Scheme::Block(b) => (b, b),
+            Scheme::Channel => (1, cols.max(1)),
+        }
+    }
+    fn scale_name(self, weight: &str) -> String {
+        match self {
+            Scheme::Block(_) => format!("{weight}_scale_inv"),
+            Scheme::Channel => format!("{weight}_scale"),
+        }
+    }
+    fn quantization_config(self) -> serde_json::Value {
+        match self {
+            Scheme::Block(b) => serde_json::json!({
+                "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                "weight_block_size": [b, b]}),
+            Scheme::Channel => {
+                let args = |strategy: &str, dynamic: bool, observer: serde_json::Value| {
+                    serde_json::json!({
+                    "actorder": null, "block_structure": null, "dynamic": dynamic, "group_size": null,
+                    "num_bits": 8, "observer": observer, "observer_kwargs": {}, "strategy": strategy,
+                    "symmetric": true, "type": "float"})
+                };
+                serde_json::json!({
+                    "config_groups": {"group_0": {
+                        "input_activations": args("token", true, serde_json::Value::Null),
+                        "output_activations": null,
+                        "targets": ["Linear"],
+                        "weights": args("channel", false, "minmax".into()),
+                    }},
+                    "format": "float-quantized",
+                    "global_compression_ratio": null,
+                    "ignore": ["lm_head"],
+                    "kv_cache_scheme": null,
+                    "quant_method": "compressed-tensors",
+                    "quantization_status": "compressed",
+                })
+            }
+        }
+    }
 }
 
 /// `fp8-quant`: float weights to block-scaled F8_E4M3 as DeepSeek-V3 stores them — per
@@ -327,7 +391,7 @@ pub struct Fp8QuantConfig {
 /// `quantization_config` back.
 pub struct Fp8Quant {
     include: regex::Regex,
-    block: usize,
+    scheme: Scheme,
     /// The 127 finite positive E4M3 values, by code.
     table: Vec<f32>,
 }
@@ -374,9 +438,18 @@ impl Transform for Fp8Quant {
         if cfg.block_size == 0 {
             return Err(PluginError::config("block_size must be positive"));
         }
+        let scheme = match cfg.scheme.as_str() {
+            "block" => Scheme::Block(cfg.block_size as usize),
+            "channel" => Scheme::Channel,
+            other => {
+                return Err(PluginError::config(format!(
+                    "scheme = {other:?}: expected \"block\" or \"channel\""
+                )))
+            }
+        };
         Ok(Fp8Quant {
             include,
-            block: cfg.block_size as usize,
+            scheme,
             table: (0u8..0x7f).map(|c| f8_e4m3_to_f64(c) as f32).collect(),
         })
     }
@@ -395,13 +468,16 @@ impl Transform for Fp8Quant {
                 out.push(t.clone());
                 continue;
             }
-            let b = self.block as u64;
+            let (br, bc) = self.scheme.group(t.shape[1] as usize);
             let mut q = t.clone();
             q.dtype = DType::F8_E4M3;
             out.push(q);
-            let scales = [t.shape[0].div_ceil(b), t.shape[1].div_ceil(b)];
+            let scales = [
+                t.shape[0].div_ceil(br as u64),
+                t.shape[1].div_ceil(bc as u64),
+            ];
             out.push(TensorInfo::new(
-                format!("{}_scale_inv", t.name()),
+                self.scheme.scale_name(t.name()),
                 DType::F32,
                 &scales,
             ));
@@ -411,9 +487,7 @@ impl Transform for Fp8Quant {
             bridgeflow_sdk::attrs::CONFIG_UPDATES,
             serde_json::Map::from_iter([(
                 "quantization_config".to_string(),
-                serde_json::json!({
-                    "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                    "weight_block_size": [self.block, self.block]}),
+                self.scheme.quantization_config(),
             )]),
         );
         Ok(plan)
@@ -428,17 +502,17 @@ impl Transform for Fp8Quant {
         let mut values = Vec::new();
         bridgeflow_sdk::numeric::decode_f64(t.info.dtype, t.bytes(), &mut values);
         let x: Vec<f32> = values.into_iter().map(|v| v as f32).collect();
-        let b = self.block;
-        let (sr, sc) = (rows.div_ceil(b), cols.div_ceil(b));
+        let (br, bc) = self.scheme.group(cols);
+        let (sr, sc) = (rows.div_ceil(br), cols.div_ceil(bc));
         let mut scales = vec![0f32; sr * sc];
         let mut q = vec![0u8; rows * cols];
         for bi in 0..sr {
             for bj in 0..sc {
                 let (r0, r1, c0, c1) = (
-                    bi * b,
-                    ((bi + 1) * b).min(rows),
-                    bj * b,
-                    ((bj + 1) * b).min(cols),
+                    bi * br,
+                    ((bi + 1) * br).min(rows),
+                    bj * bc,
+                    ((bj + 1) * bc).min(cols),
                 );
                 let amax = (r0..r1)
                     .flat_map(|r| x[r * cols + c0..r * cols + c1].iter())
@@ -455,7 +529,7 @@ impl Transform for Fp8Quant {
         let mut info = t.info.clone();
         info.dtype = DType::F8_E4M3;
         let scale_info = TensorInfo::new(
-            format!("{}_scale_inv", t.name()),
+            self.scheme.scale_name(t.name()),
             DType::F32,
             &[sr as u64, sc as u64],
         );
