@@ -211,3 +211,36 @@ fn bad_inputs_and_files_are_named() {
         assert!(!t.contains("panicked"), "{t}");
     }
 }
+
+/// Byte for byte what llama.cpp's own `convert_hf_to_gguf.py` writes for the same model:
+/// metadata (keys, order, values), tokenizer, tensor order, q/k permutation, F16/BF16 rounding,
+/// Q8_0 blocks (`tests/fixtures/shared/gguf/README.md` says how the goldens were made).
+#[test]
+fn files_equal_llama_cpps_converter() {
+    let cases = [
+        ("llama-f32.gguf", "hf/llama", "f32"),
+        ("llama-f16.gguf", "hf/llama", "f16"),
+        ("llama-bf16.gguf", "hf/llama", "bf16"),
+        ("llama-q8_0.gguf", "hf/llama", "q8_0"),
+        ("qwen3-f32.gguf", "vllm/_hf/qwen3", "f32"),
+        ("qwen3-q8_0.gguf", "vllm/_hf/qwen3", "q8_0"),
+    ];
+    let tmp = tempdir();
+    for (golden, input, dtype) in cases {
+        let out = tmp.path().join(golden);
+        to_gguf(
+            &format!("hf:{}", fixtures().join(input).display()),
+            &out,
+            dtype,
+        );
+        let want = std::fs::read(fixtures().join("gguf").join(golden)).unwrap();
+        let got = std::fs::read(&out).unwrap();
+        let first = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert!(
+            got == want,
+            "{golden}: {} vs {} bytes, first difference at {first:?}",
+            got.len(),
+            want.len()
+        );
+    }
+}

@@ -23,19 +23,22 @@ pub struct Arch {
     pub permute_qk: bool,
     /// `{arch}.attention.key_length` / `value_length` are written.
     pub head_lengths: bool,
+    /// `{arch}.vocab_size` and `{arch}.rope.dimension_count` are written (LlamaModel's own).
+    pub vocab_and_rope_keys: bool,
 }
 
 /// The architecture of an HF `architectures[0]`.
 pub fn of(hf_architecture: &str) -> Result<Arch> {
-    let a = |name, permute_qk, head_lengths| Arch {
+    let a = |name, permute_qk, head_lengths, vocab_and_rope_keys| Arch {
         name,
         permute_qk,
         head_lengths,
+        vocab_and_rope_keys,
     };
     Ok(match hf_architecture {
-        "LlamaForCausalLM" | "MistralForCausalLM" => a("llama", true, false),
-        "Qwen2ForCausalLM" => a("qwen2", false, false),
-        "Qwen3ForCausalLM" => a("qwen3", false, true),
+        "LlamaForCausalLM" | "MistralForCausalLM" => a("llama", true, false, true),
+        "Qwen2ForCausalLM" => a("qwen2", false, false, false),
+        "Qwen3ForCausalLM" => a("qwen3", false, true, false),
         other => {
             return Err(PluginError::config(format!(
                 "GGUF: {other} is not supported (Llama, Mistral, Qwen2 and Qwen3 are)"
@@ -76,44 +79,15 @@ pub fn tensor_name(hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{ours}.{kind}"))
 }
 
-/// Where a GGUF tensor goes in the file: the embedding, then layer by layer, then the output
-/// norm and head, so the same model gives the same file whatever order its source streams in.
-pub fn file_order(gguf: &str) -> (u8, u64, usize, String) {
-    const KINDS: [&str; 11] = [
-        "attn_norm",
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_q_norm",
-        "attn_k_norm",
-        "attn_output",
-        "ffn_norm",
-        "ffn_gate",
-        "ffn_up",
-        "ffn_down",
-    ];
-    if let Some(rest) = gguf.strip_prefix("blk.") {
-        let mut it = rest.splitn(3, '.');
-        let layer = it.next().and_then(|l| l.parse().ok()).unwrap_or(u64::MAX);
-        let kind = it.next().unwrap_or("");
-        let k = KINDS.iter().position(|&x| x == kind).unwrap_or(KINDS.len());
-        return (1, layer, k, gguf.to_string());
-    }
-    let group = match gguf {
-        "token_embd.weight" => 0,
-        "output_norm.weight" => 2,
-        _ => 3,
-    };
-    (group, 0, 0, gguf.to_string())
-}
-
 /// The hyperparameters: (heads, kv heads, head_dim) and the `{arch}.*` keys.
 pub struct Hparams {
     pub heads: u64,
     pub kv_heads: u64,
     pub head_dim: u64,
     pub vocab: u64,
+    /// The `{arch}.*` keys written before `general.file_type`, and those after it.
     pub meta: Vec<(String, Value)>,
+    pub tail: Vec<(String, Value)>,
 }
 
 fn u(cfg: &Map<String, Json>, key: &str) -> Result<u64> {
@@ -153,16 +127,17 @@ pub fn hparams(arch: &Arch, cfg: &Map<String, Json>) -> Result<Hparams> {
     let vocab = u(cfg, "vocab_size")?;
     let n = arch.name;
     let k = |s: &str| format!("{n}.{s}");
+    // In the converter's order: these, then general.file_type, then `tail`.
     let mut meta = vec![
+        (
+            k("block_count"),
+            Value::U32(u(cfg, "num_hidden_layers")? as u32),
+        ),
         (
             k("context_length"),
             Value::U32(u(cfg, "max_position_embeddings")? as u32),
         ),
         (k("embedding_length"), Value::U32(hidden as u32)),
-        (
-            k("block_count"),
-            Value::U32(u(cfg, "num_hidden_layers")? as u32),
-        ),
         (
             k("feed_forward_length"),
             Value::U32(u(cfg, "intermediate_size")? as u32),
@@ -174,19 +149,26 @@ pub fn hparams(arch: &Arch, cfg: &Map<String, Json>) -> Result<Hparams> {
             k("attention.layer_norm_rms_epsilon"),
             Value::F32(eps as f32),
         ),
-        (k("vocab_size"), Value::U32(vocab as u32)),
-        (k("rope.dimension_count"), Value::U32(head_dim as u32)),
     ];
-    if arch.head_lengths || head_dim != hidden / heads {
+    // Written whenever the config names head_dim, as the converter does.
+    if arch.head_lengths || cfg.contains_key("head_dim") {
         meta.push((k("attention.key_length"), Value::U32(head_dim as u32)));
         meta.push((k("attention.value_length"), Value::U32(head_dim as u32)));
     }
+    let tail = match arch.vocab_and_rope_keys {
+        true => vec![
+            (k("vocab_size"), Value::U32(vocab as u32)),
+            (k("rope.dimension_count"), Value::U32(head_dim as u32)),
+        ],
+        false => vec![],
+    };
     Ok(Hparams {
         heads,
         kv_heads,
         head_dim,
         vocab,
         meta,
+        tail,
     })
 }
 
@@ -197,6 +179,51 @@ pub fn permuted_source(r: u64, head_dim: u64) -> u64 {
     let (head, i) = (r / head_dim, r % head_dim);
     let half = head_dim / 2;
     head * head_dim + (i % 2) * half + i / 2
+}
+
+/// `general.size_label` as gguf-py's `size_label` writes it for a dense model: the parameter
+/// count in K/M/B/T with at least two significant digits (`107K`, `8.0B`).
+pub fn size_label(params: u64) -> String {
+    let p = params as f64;
+    let (scaled, suffix) = match p {
+        _ if p > 1e12 => (p * 1e-12, "T"),
+        _ if p > 1e9 => (p * 1e-9, "B"),
+        _ if p > 1e6 => (p * 1e-6, "M"),
+        _ => (p * 1e-3, "K"),
+    };
+    let digits = format!("{}", scaled.round() as u64)
+        .trim_start_matches('0')
+        .len();
+    let fix = 2usize.saturating_sub(digits);
+    format!("{scaled:.fix$}{suffix}")
+}
+
+/// `general.name` as gguf-py derives it from the model folder's name (`Metadata.id_to_title`):
+/// words split at `-`, lower-case ones title-cased unless they are versions or start with a
+/// digit.
+pub fn title(folder: &str) -> String {
+    folder
+        .replace('-', " ")
+        .split_whitespace()
+        .map(|w| {
+            let versionish = w.starts_with(|c: char| c.is_ascii_digit())
+                || (w.starts_with('v')
+                    && w[1..].chars().all(|c| c.is_ascii_digit() || c == '.')
+                    && w.len() > 1);
+            if w.chars().any(|c| c.is_lowercase())
+                && !w.chars().any(|c| c.is_uppercase())
+                && !versionish
+            {
+                let mut c = w.chars();
+                c.next().map_or(String::new(), |f| {
+                    f.to_uppercase().collect::<String>() + &c.as_str().to_lowercase()
+                })
+            } else {
+                w.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -220,6 +247,15 @@ mod tests {
         assert_eq!(tensor_name("lm_head.weight").unwrap(), "output.weight");
         assert_eq!(tensor_name("model.layers.x.mlp.up_proj.weight"), None);
         assert_eq!(tensor_name("model.rotary_emb.inv_freq"), None);
+    }
+
+    #[test]
+    fn labels_as_gguf_py() {
+        assert_eq!(size_label(106_816), "107K");
+        assert_eq!(size_label(8_030_261_248), "8.0B");
+        assert_eq!(size_label(31_990_272), "32M");
+        assert_eq!(title("llama"), "Llama");
+        assert_eq!(title("qwen3-moe-v2"), "Qwen3 Moe v2");
     }
 
     #[test]

@@ -76,7 +76,7 @@ pub fn metadata(dir: &Path, vocab: u64, ids: [Option<u64>; 3]) -> Result<Vec<(St
         ),
         (
             "tokenizer.ggml.pre".to_string(),
-            Value::Str("default".into()),
+            Value::Str(pre_tokenizer(&tok).into()),
         ),
         ("tokenizer.ggml.tokens".to_string(), Value::Strs(tokens)),
         ("tokenizer.ggml.token_type".to_string(), Value::I32s(types)),
@@ -91,6 +91,17 @@ pub fn metadata(dir: &Path, vocab: u64, ids: [Option<u64>; 3]) -> Result<Vec<(St
         }
     }
     Ok(meta)
+}
+
+/// llama.cpp's name for the pre-tokenizer: GPT-2's byte-level split when that is all there is
+/// (what the converter recognizes such a tokenizer as), else its default.
+fn pre_tokenizer(tok: &Json) -> &'static str {
+    let p = &tok["pre_tokenizer"];
+    if p["type"] == "ByteLevel" && p["use_regex"] != false {
+        "gpt-2"
+    } else {
+        "default"
+    }
 }
 
 /// Merges as `"a b"` strings, from either form tokenizers writes (`"a b"` or `["a", "b"]`).

@@ -214,7 +214,16 @@ impl GgufWriter {
         let hp = arch::hparams(&arch, &cfg)?;
         let matrices = matrix_type(&self.cfg.dtype, plan)?;
         let mut descs = self.slots(plan, &arch, &hp, matrices)?;
-        descs.sort_by_cached_key(|d| arch::file_order(&d.name));
+        // In HF name order, as the converter meets them in a checkpoint's file: the same file
+        // whatever order the source streams in.
+        let mut order: Vec<(&String, &Slot)> = self.slots.iter().collect();
+        order.sort_by(|a, b| a.0.cmp(b.0));
+        let rank: HashMap<&str, usize> = order
+            .iter()
+            .enumerate()
+            .map(|(i, (_, s))| (s.desc.name.as_str(), i))
+            .collect();
+        descs.sort_by_key(|d| rank[d.name.as_str()]);
         let data = format::lay_out(&mut descs);
         for s in self.slots.values_mut() {
             s.desc.offset = descs
@@ -230,20 +239,27 @@ impl GgufWriter {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let params: u64 = descs.iter().map(|d| d.shape.iter().product::<u64>()).sum();
+        // The keys in the order llama.cpp's converter writes them.
         let mut meta = vec![
             (
                 "general.architecture".to_string(),
                 Value::Str(arch.name.into()),
             ),
             ("general.type".to_string(), Value::Str("model".into())),
-            ("general.name".to_string(), Value::Str(name)),
+            ("general.name".to_string(), Value::Str(arch::title(&name))),
             (
-                "general.file_type".to_string(),
-                Value::U32(file_type(matrices)),
+                "general.size_label".to_string(),
+                Value::Str(arch::size_label(params)),
             ),
-            ("general.quantization_version".to_string(), Value::U32(2)),
         ];
         meta.extend(hp.meta);
+        meta.push((
+            "general.file_type".to_string(),
+            Value::U32(file_type(matrices)),
+        ));
+        meta.extend(hp.tail);
+        meta.push(("general.quantization_version".to_string(), Value::U32(2)));
         meta.extend(vocab::metadata(
             &tok_dir,
             hp.vocab,

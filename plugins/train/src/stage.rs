@@ -325,6 +325,7 @@ impl TrainStage {
                 "num_tokens": step.num_tokens,
                 "tokens": self.tokens_trained(),
                 "tokens_per_s": tps,
+                "elapsed_s": self.started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
                 "skipped": false,
             });
             let io = |e| PluginError::io(path, "cannot write metrics to", e);

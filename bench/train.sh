@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Benchmark: bridgeflow's trainer beside PyTorch eager (torch 2.15 + transformers 5.12.1, 2
+# threads) on the same model, same machine, same run — the baseline's 32M-parameter Llama
+# (hidden 512, 8 layers, seq 512, batch 4, fp32, AdamW, clip 1.0) from the same initial weights
+# (scripts/train_bench_setup.py makes them as the baseline does), then the tiny fixture (seq
+# 128, batch 4). Prints steady tokens/s (after 3 warm-up iterations, as the baseline counts)
+# and peak RSS of both, and their ratios. The baseline's own protocol (shared/oracle/train/
+# torch_baseline.py: quiet-machine waits, least-contended repeats) runs unchanged.
+#
+#   bash bench/train.sh [WORKDIR]        (default /tmp/bridgeflow-bench)
+#   VENV=DIR  (python with torch + transformers; default /work/venv-oracle)
+#   BASELINE=PATH  (torch_baseline.py; default ../shared/oracle/train/torch_baseline.py)
+#   ITERS=13  CARGO_TARGET_DIR=DIR
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source bench/lib.sh
+setup "${1:-}"
+py=${VENV:-/work/venv-oracle}/bin/python
+baseline=${BASELINE:-../shared/oracle/train/torch_baseline.py}
+iters=${ITERS:-13}
+w="$work/train"
+[ -f "$w/llama25m/model.safetensors" ] || "$py" scripts/train_bench_setup.py "$w" > /dev/null
+
+# ours MODEL DATA SEQ: trains ITERS iterations of batch 4; sets ours_tps (iterations 4..ITERS) and
+# ours_rss (MB).
+ours() {
+  local model=$1 data=$2 seq=$3 m="$w/metrics.jsonl" log
+  rm -rf "$m" "$w/out"
+  log=$(mktemp)
+  /usr/bin/time -v "$bin" train pipelines/pretrain.toml --no-progress \
+    --set model="$model" --set data="$data" --set output="$w/out" \
+    --set seq_length="$seq" --set global_batch_size=4 --set micro_batch_size=4 \
+    --set iters="$iters" --set samples=$((iters * 4)) --set train.metrics_file="$m" \
+    --set train.lr=1e-4 --set train.min_lr=1e-4 --set train.lr_warmup_iters=0 \
+    --set train.weight_decay=0.1 > /dev/null 2> "$log" || { cat "$log" >&2; return 1; }
+  ours_rss=$(($(grep "Maximum resident set size" "$log" | awk '{print $6}') / 1024))
+  ours_tps=$(python3 -c "
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+a, b = rows[2], rows[-1]
+print(f'{(b[\"tokens\"] - a[\"tokens\"]) / (b[\"elapsed_s\"] - a[\"elapsed_s\"]):.1f}')" "$m")
+  rm -f "$log"
+}
+
+# theirs CASE: the baseline's median tokens/s and peak RSS for one case id.
+theirs() {
+  "$py" "$baseline" --only "$1" --out "$w/torch.json" --max-wait 120 > /dev/null
+  read -r torch_tps torch_rss < <(python3 -c "
+import json, sys
+r = json.load(open(sys.argv[1]))['results'][0]
+print(f\"{r['tokens_per_s_median']:.1f} {r['peak_rss_mib']:.0f}\")" "$w/torch.json")
+}
+
+printf '%-34s %12s %12s %8s %10s %10s %8s\n' case "ours tok/s" "torch tok/s" ratio "ours MB" "torch MB" "RSS x"
+report() {
+  printf '%-34s %12s %12s %8s %10s %10s %8s\n' "$1" "$ours_tps" "$torch_tps" \
+    "$(python3 -c "print(f'{$ours_tps/$torch_tps:.2f}')")" "$ours_rss" "$torch_rss" \
+    "$(python3 -c "print(f'{$ours_rss/$torch_rss:.2f}')")"
+}
+ours "$w/llama25m" "$w/tokens_text_document" 512
+theirs "llama25m/fp32/train/b4s512"
+report "llama 32M fp32 train b4 s512"
+ours tests/fixtures/shared/hf/llama "$w/tiny_text_document" 128
+theirs "tiny/fp32/train/b4s128"
+report "tiny fixture fp32 train b4 s128"
+echo "ours: iterations 4..$iters of one run (tokens / seconds between them); torch: median of 3 clean"
+echo "repeats of 10 steps after 3 warm-up steps (the baseline's protocol); peak RSS of each process."
