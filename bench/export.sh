@@ -16,12 +16,16 @@ REPS=${REPS:-3}
 out="$work/export-out"
 hf="$work/llama-1g"
 [ -f "$hf/model.safetensors" ] || "$mk" "$hf" 2048 8 5632 32000
-# make-checkpoint writes no tokenizer; the GGUF rows need one (any byte-level BPE vocabulary of
-# the model's size does: the bench measures the weights).
-[ -f "$hf/tokenizer.json" ] || python3 - "$hf/tokenizer.json" << 'PY'
+# make-checkpoint writes no tokenizer and no context length; the GGUF rows need both (any
+# byte-level BPE vocabulary of the model's size does: the bench measures the weights).
+[ -f "$hf/tokenizer.json" ] || python3 - "$hf" << 'PY'
 import json, sys
+d = sys.argv[1]
 vocab = {f"<t{i}>": i for i in range(32000)}
-json.dump({"model": {"type": "BPE", "vocab": vocab, "merges": []}, "added_tokens": []}, open(sys.argv[1], "w"))
+json.dump({"model": {"type": "BPE", "vocab": vocab, "merges": []}, "added_tokens": []}, open(f"{d}/tokenizer.json", "w"))
+cfg = json.load(open(f"{d}/config.json"))
+cfg.setdefault("max_position_embeddings", 4096)
+json.dump(cfg, open(f"{d}/config.json", "w"), indent=2)
 PY
 mg="$work/llama-1g-megatron"
 [ -f "$mg/latest_checkpointed_iteration.txt" ] ||
