@@ -36,7 +36,7 @@ limit=$(python3 -c "import re,sys; m=re.fullmatch(r'(\d+)\s*([KMG]?)(i?)B?',sys.
 worst=0
 row() {
   bench_row "$@"
-  [ "$peak_mb" -gt "$worst" ] && worst=$peak_mb
+  if [ "$peak_mb" -gt "$worst" ]; then worst=$peak_mb; fi
 }
 header
 cat "$hf/model.safetensors" > /dev/null

@@ -4,6 +4,7 @@ for the trainer's numerical tests (goldens in tests/fixtures/train/).
     python scripts/train_replay.py                       # one run, default (per-micro-batch) loss
     python scripts/train_replay.py --per-token-loss      # one run, calculate_per_token_loss=True
     python scripts/train_replay.py --write-fixtures tests/fixtures/train   # both runs + goldens
+    python scripts/train_replay.py --write-bf16 tests/fixtures/train --batches tests/fixtures/train/batches.safetensors
 
 Loop per iteration k (1-based), all fp32, data parallel 1:
   zero_grad
@@ -15,6 +16,11 @@ Loop per iteration k (1-based), all fp32, data parallel 1:
   grad_norm = global L2 norm (pre-clip); grads *= 1/(norm + 1e-6) if that is < 1
   lr = OptimizerParamScheduler.get_lr(n_samples = (k-1)*GBS), written into every group
   AdamW step (decoupled wd on the >=2-D non-bias params only)
+
+--bf16 replays megatron-core's mixed precision (`--bf16`): fp32 master weights rounded to a bf16
+copy of the model each iteration, forward and backward in bf16 (HF's eager Llama: RMSNorm and
+softmax computed in fp32, logits upcast for the loss), each micro-batch's bf16 gradients added
+into fp32 gradients (megatron-core's main_grad), clip and AdamW in fp32 on the master weights.
 
 Needs torch, transformers, safetensors (the oracle venv). Not used by the build or CI.
 """
@@ -62,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--per-token-loss", action="store_true",
                    help="calculate_per_token_loss=True (single-run mode)")
     p.add_argument("--json", default=None, help="single-run mode: write the run's record here")
+    p.add_argument("--write-bf16", default=None, metavar="DIR",
+                   help="the mixed-precision golden: final_bf16.safetensors + expected_bf16.json")
     p.add_argument("--write-fixtures", default=None, metavar="DIR",
                    help="run both loss modes and the self-checks, write the golden files into DIR")
     return p.parse_args(argv)
@@ -265,6 +273,49 @@ def train(a, tokens, mask, per_token, iters, attn=None, grads_at_iter1=None, log
     return records, model
 
 
+def train_bf16(a, tokens, mask, iters, log=True):
+    """`train` under mixed precision (see the module docstring). Returns (records, master)."""
+    import copy
+
+    master = load_model(a.model, a.attn)
+    compute = copy.deepcopy(master).to(torch.bfloat16)
+    pairs = list(zip(master.parameters(), compute.parameters()))
+    opt = torch.optim.AdamW(param_groups(master, a.weight_decay), lr=0.0, betas=(a.beta1, a.beta2),
+                            eps=a.eps, foreach=False)
+    records = []
+    nmb = a.gbs // a.mbs
+    for k in range(1, iters + 1):
+        with torch.no_grad():
+            for m, c in pairs:
+                c.copy_(m)  # round to nearest even
+        for m, _ in pairs:
+            m.grad = torch.zeros_like(m)
+        sums, counts = [], []
+        for j in range(nmb):
+            compute.zero_grad(set_to_none=True)
+            sl = slice(j * a.mbs, (j + 1) * a.mbs)
+            s_, n, _ = microbatch_loss(compute, tokens[k - 1][sl], mask[k - 1][sl])
+            (s_ / torch.clamp(n, min=1) / nmb).backward()
+            with torch.no_grad():
+                for m, c in pairs:
+                    if c.grad is not None:
+                        m.grad += c.grad.float()
+            sums.append(s_.detach())
+            counts.append(n.detach())
+        sums, counts = torch.stack(sums), torch.stack(counts)
+        rec = {"loss": (sums.sum() / torch.clamp(counts.sum(), min=1)).item(),
+               "num_tokens": int(counts.sum().item())}
+        rec["grad_norm"], rec["clipped"] = grad_norm_and_clip(master, a.clip_grad)
+        lr = get_lr(a, (k - 1) * a.gbs)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        records.append({"iteration": k, "lr": lr, **rec})
+        if log:
+            print(f"  bf16 iter {k:3d}  lr {lr:.6e}  loss {rec['loss']:.9f}  grad_norm {rec['grad_norm']:.6e}")
+    return records, master
+
+
 # ----------------------------------------------------------------------------- self-checks
 def check_lr_against_mcore(a, iters):
     """The test vector of the spec (GBS 4, warmup 2, decay 6, 1e-4 -> 1e-5) and, when
@@ -359,6 +410,23 @@ def main(argv=None):
     setup_torch(a.threads)
     cfg = json.loads((Path(a.model) / "config.json").read_text())
     vocab = cfg["vocab_size"]
+
+    if a.write_bf16:
+        from safetensors.torch import save_file
+
+        out = Path(a.write_bf16)
+        tokens, mask = get_batches(a, vocab, a.train_iters)
+        recs, master = train_bf16(a, tokens, mask, a.train_iters)
+        save_file({n: p.detach().clone().contiguous() for n, p in master.named_parameters()},
+                  str(out / "final_bf16.safetensors"))
+        argv_used = sys.argv[1:] if argv is None else argv
+        (out / "expected_bf16.json").write_text(json.dumps({
+            "generated_by": "scripts/train_replay.py " + " ".join(argv_used),
+            "versions": versions(),
+            "settings": settings_dict(a, "default", a.train_iters),
+            "loss": "sum(ce*mask)/sum(mask) over the global batch (what Megatron-Bridge logs)",
+            "iterations": recs}, indent=1) + "\n")
+        return 0
 
     if not a.write_fixtures:
         tokens, mask = get_batches(a, vocab, a.train_iters)

@@ -9,7 +9,7 @@ use crate::format::{self, GgmlType, TensorDesc, Value};
 use crate::quant::encode_row;
 use crate::vocab;
 use bridgeflow_sdk::fsutil::{reserve, OutputClaim};
-use bridgeflow_sdk::outfile::OutputFile;
+use bridgeflow_sdk::outfile::{OutputFile, WINDOW};
 use bridgeflow_sdk::units::human;
 use bridgeflow_sdk::{
     attrs, schemars, serde, DType, Endpoint, Item, PluginError, Result, Sink, StreamPlan,
@@ -96,6 +96,28 @@ fn file_type(t: GgmlType) -> u32 {
         GgmlType::Q8_0 => 7,
         GgmlType::Bf16 => 32,
     }
+}
+
+/// The input dtype whose bytes a GGUF type stores unchanged.
+fn stored_as(t: GgmlType) -> Option<DType> {
+    match t {
+        GgmlType::F32 => Some(DType::F32),
+        GgmlType::F16 => Some(DType::F16),
+        GgmlType::Bf16 => Some(DType::BF16),
+        GgmlType::Q8_0 => None,
+    }
+}
+
+/// Where input row `s` of a permuted q/k weight goes (heads of `d` rows): the inverse of
+/// [`arch::permuted_source`].
+fn permuted_row(s: u64, d: u64) -> u64 {
+    let (head, j) = (s / d, s % d);
+    head * d
+        + if j < d / 2 {
+            2 * j
+        } else {
+            2 * (j - d / 2) + 1
+        }
 }
 
 fn read_json(p: &Path) -> Result<Map<String, Json>> {
@@ -289,7 +311,11 @@ impl GgufWriter {
             .map_err(|e| PluginError::io(&path, "cannot create", e))?;
         self.staging = Some(path.clone());
         reserve(&file, &path, self.size)?;
-        let mut out = OutputFile::new(file, &path).durable(self.cfg.fsync);
+        // Unchanged tensors are copied in the kernel from the input file they are a view of.
+        let origins = std::sync::Arc::new(bridgeflow_sdk::inputs::Origins::new());
+        let mut out = OutputFile::new(file, &path)
+            .kernel_copy(Some(origins))
+            .durable(self.cfg.fsync);
         out.write_at(header, 0)?;
         self.out = Some(out);
         Ok(())
@@ -366,32 +392,41 @@ impl Sink for GgufWriter {
         })?;
         let at = self.data_start + slot.desc.offset;
         let what = format!("writing tensor '{base}' to");
-        let mut buf = Vec::new();
-        match slot.permute {
-            // Each row to its place within its head.
-            Some(d) => {
-                for (k, row) in t.bytes().chunks_exact(in_row as usize).enumerate() {
-                    let s = r0 + k as u64;
-                    let (head, j) = (s / d, s % d);
-                    let r = head * d
-                        + if j < d / 2 {
-                            2 * j
-                        } else {
-                            2 * (j - d / 2) + 1
-                        };
-                    buf.clear();
-                    encode_row(t.info.dtype, row, slot.desc.ty, &mut buf);
-                    out.write_windows(&buf, at + r * slot.row, &what, |_, _| {})?;
-                }
-            }
-            None => {
-                for row in t.bytes().chunks_exact(in_row as usize) {
-                    encode_row(t.info.dtype, row, slot.desc.ty, &mut buf);
-                }
-                out.write_windows(&buf, at + r0 * slot.row, &what, |_, _| {})?;
-            }
+        let same = slot.permute.is_none() && stored_as(slot.desc.ty) == Some(t.info.dtype);
+        if same {
+            // Unchanged bytes: written (or copied in the kernel from the input file) window by
+            // window, the input's pages let go after each.
+            out.write_windows(t.bytes(), at + r0 * slot.row, &what, |range, _| {
+                t.data.discard(range)
+            })?;
+            return Ok(());
         }
-        t.data.discard(0..t.bytes().len());
+        // Converted rows, a window of them at a time (memory: one window).
+        let rows_per = (WINDOW as u64 / slot.row.max(1)).max(1) as usize;
+        let mut buf = Vec::new();
+        for (w, block) in t.bytes().chunks(rows_per * in_row as usize).enumerate() {
+            let first_row = r0 + (w * rows_per) as u64;
+            match slot.permute {
+                // Each row to its place within its head.
+                Some(d) => {
+                    for (k, row) in block.chunks_exact(in_row as usize).enumerate() {
+                        buf.clear();
+                        encode_row(t.info.dtype, row, slot.desc.ty, &mut buf);
+                        let r = permuted_row(first_row + k as u64, d);
+                        out.write_windows(&buf, at + r * slot.row, &what, |_, _| {})?;
+                    }
+                }
+                None => {
+                    buf.clear();
+                    for row in block.chunks_exact(in_row as usize) {
+                        encode_row(t.info.dtype, row, slot.desc.ty, &mut buf);
+                    }
+                    out.write_windows(&buf, at + first_row * slot.row, &what, |_, _| {})?;
+                }
+            }
+            let done = w * rows_per * in_row as usize;
+            t.data.discard(done..done + block.len());
+        }
         Ok(())
     }
 
@@ -442,5 +477,23 @@ impl Sink for GgufWriter {
 impl Drop for GgufWriter {
     fn drop(&mut self) {
         self.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_go_where_the_permutation_takes_them_from() {
+        for d in [2, 4, 16] {
+            for s in 0..3 * d {
+                assert_eq!(
+                    arch::permuted_source(permuted_row(s, d), d),
+                    s,
+                    "d {d} row {s}"
+                );
+            }
+        }
     }
 }

@@ -49,6 +49,11 @@ pub struct TrainConfig {
     /// Global gradient-norm clipping threshold (0: off).
     #[serde(default = "one")]
     pub clip_grad: f64,
+    /// Mixed precision as megatron-core's `--bf16`: the forward and backward pass in bf16
+    /// (norms and softmax computed in fp32, logits upcast for the loss), fp32 master weights,
+    /// gradients accumulated and the optimizer run in fp32.
+    #[serde(default)]
+    pub bf16: bool,
     /// Loss averaged over all tokens of the step instead of per micro-batch, then over
     /// micro-batches (megatron-core's `calculate_per_token_loss`).
     #[serde(default)]

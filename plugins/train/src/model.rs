@@ -242,10 +242,23 @@ pub fn ce(e: candle_core::Error) -> PluginError {
 
 type T = candle_core::Result<Tensor>;
 
+/// RMSNorm as HF's LlamaRMSNorm: normalized in fp32, back in the input's dtype, then scaled by
+/// the weight (in fp32 throughout for fp32 inputs).
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> T {
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let dt = x.dtype();
+    let xf = in_dtype(x, DType::F32)?;
+    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
     let inv = (var + eps)?.sqrt()?.recip()?;
-    x.broadcast_mul(&inv)?.broadcast_mul(w)
+    in_dtype(&xf.broadcast_mul(&inv)?, dt)?.broadcast_mul(w)
+}
+
+/// `t` in `dt` (itself when it already is).
+fn in_dtype(t: &Tensor, dt: DType) -> T {
+    if t.dtype() == dt {
+        Ok(t.clone())
+    } else {
+        t.to_dtype(dt)
+    }
 }
 
 /// `x · wᵀ` over the last dimension.
@@ -260,15 +273,18 @@ fn rotate_half(x: &Tensor) -> T {
     Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
 }
 
-/// `x`: `[b, heads, s, d]`.
+/// `x`: `[b, heads, s, d]`; the tables in `x`'s dtype (as HF casts cos and sin).
 fn rope(x: &Tensor, a: &Attn) -> T {
-    x.broadcast_mul(&a.cos)? + rotate_half(x)?.broadcast_mul(&a.sin)?
+    let (cos, sin) = (in_dtype(&a.cos, x.dtype())?, in_dtype(&a.sin, x.dtype())?);
+    x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?
 }
 
+/// Softmax over the last axis, computed in fp32 and returned in the input's dtype.
 fn softmax_last(x: &Tensor) -> T {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    let xf = in_dtype(x, DType::F32)?;
+    let max = xf.max_keepdim(D::Minus1)?.detach();
+    let e = xf.broadcast_sub(&max)?.exp()?;
+    in_dtype(&e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?, x.dtype())
 }
 
 pub struct Gpt<'p> {
@@ -287,7 +303,7 @@ impl Gpt<'_> {
         self.p(&names::layer_key(l as u64, rest))
     }
 
-    /// Logits `[b, s, vocab]` in fp32.
+    /// Logits `[b, s, vocab]` in the compute dtype.
     pub fn logits(&self, tokens: &Tensor, pos: &Attn) -> T {
         let (b, s) = tokens.dims2()?;
         let emb = self.p(names::WORD_EMBEDDINGS)?;
@@ -357,7 +373,8 @@ impl Gpt<'_> {
                 .reshape((b, g * hpg, s, d))
         };
         let (k, v) = (expand(k)?, expand(v.contiguous()?)?);
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&pos.mask)?;
+        let mask = in_dtype(&pos.mask, q.dtype())?;
+        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&mask)?;
         let ctx = softmax_last(&scores)?.matmul(&v)?;
         let ctx = ctx.transpose(1, 2)?.reshape((b, s, g * hpg * d))?;
         linear(&ctx, self.layer_p(l, "self_attention.linear_proj.weight")?)
@@ -383,7 +400,7 @@ impl Gpt<'_> {
     /// The masked cross-entropy sum over the batch and the number of tokens in the loss, as
     /// megatron-bridge's `masked_next_token_loss` (logits in fp32).
     pub fn loss_sum(&self, batch: &Batch) -> candle_core::Result<(Tensor, f64)> {
-        let logits = self.logits(&batch.tokens, &batch.attn)?;
+        let logits = in_dtype(&self.logits(&batch.tokens, &batch.attn)?, DType::F32)?;
         let v = logits.dim(D::Minus1)?;
         let logits = logits.reshape(((), v))?;
         let max = logits.max_keepdim(D::Minus1)?.detach();

@@ -21,6 +21,8 @@ pub struct Param {
 #[derive(Default)]
 pub struct Params {
     pub by_name: BTreeMap<String, Param>,
+    /// The dtype the forward pass computes in (bf16 for mixed precision; fp32 by default).
+    pub compute: Option<candle_core::DType>,
 }
 
 /// Weight decay applies to matrices, never to norms or biases (megatron-core's default
@@ -44,7 +46,7 @@ impl Params {
         dev: &Device,
     ) -> Result<()> {
         let t = Tensor::from_vec(master.clone(), shape.as_slice(), dev).map_err(ce)?;
-        let var = Var::from_tensor(&t).map_err(ce)?;
+        let var = Var::from_tensor(&self.to_compute(t)?).map_err(ce)?;
         self.by_name.insert(
             name.to_string(),
             Param {
@@ -58,14 +60,22 @@ impl Params {
         Ok(())
     }
 
-    /// Copies the master values into the variables the forward pass reads.
+    /// Copies the master values into the variables the forward pass reads (rounded to the
+    /// compute dtype).
     pub fn publish(&self) -> Result<()> {
         for p in self.by_name.values() {
             let t =
                 Tensor::from_slice(&p.master, p.shape.as_slice(), p.var.device()).map_err(ce)?;
-            p.var.set(&t).map_err(ce)?;
+            p.var.set(&self.to_compute(t)?).map_err(ce)?;
         }
         Ok(())
+    }
+
+    fn to_compute(&self, t: Tensor) -> Result<Tensor> {
+        match self.compute {
+            Some(d) if d != t.dtype() => t.to_dtype(d).map_err(ce),
+            _ => Ok(t),
+        }
     }
 
     /// A parameter as an output tensor, in the dtype it came in as.

@@ -210,7 +210,10 @@ impl TrainStage {
     fn start(&mut self) -> Result<()> {
         let dev = Device::Cpu;
         let w = self.weights.take().expect("complete");
-        let mut params = Params::default();
+        let mut params = Params {
+            compute: self.cfg.bf16.then_some(candle_core::DType::BF16),
+            ..Params::default()
+        };
         for (name, p) in w.pending {
             params.insert(&name, p.shape, p.dtype, p.values, &dev)?;
         }

@@ -102,7 +102,12 @@ impl Trainer {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            let g: Vec<f32> = g.flatten_all().and_then(|t| t.to_vec1()).map_err(ce)?;
+            // Accumulated in fp32 whatever the compute dtype (megatron-core's main_grad).
+            let g: Vec<f32> = g
+                .to_dtype(candle_core::DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .map_err(ce)?;
             match acc.get_mut(name) {
                 Some(a) => a.iter_mut().zip(&g).for_each(|(a, g)| *a += g),
                 None => {
