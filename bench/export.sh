@@ -2,7 +2,7 @@
 # Benchmark: the serving exporters on the ~1 GB bf16 Llama from make-checkpoint (hidden 2048,
 # 8 layers, ffn 5632, vocab 32000), each beside `cp -r` of the input in the same run: HF ->
 # TensorRT-LLM at TP 2 (bf16), HF -> vLLM sharded_state at TP 2, HF -> GGUF in BF16 and Q8_0,
-# and Megatron -> TensorRT-LLM (through the models mapper). Prints wall time (best and median of
+# and Megatron -> each of the three (through the models mapper). Prints wall time (best and median of
 # REPS, default 3), GB/s of the input's bytes, peak RSS, and the median over cp's; every peak
 # RSS must stay within the memory budget + 64 MB (checked, the script fails otherwise).
 #
@@ -53,6 +53,10 @@ row "HF -> GGUF Q8_0" "$bytes" "$out.gguf" \
   "$bin" convert --from "hf:$hf" --to "gguf:$out.gguf" --dtype q8_0 "${opts[@]}"
 row "Megatron -> TensorRT-LLM TP2" "$bytes" "$out" \
   "$bin" convert --from "megatron:$mg" --to "trtllm:$out" --tp 2 --hf-config "$hf/config.json" "${opts[@]}"
+row "Megatron -> vLLM sharded_state TP2" "$bytes" "$out" \
+  "$bin" convert --from "megatron:$mg" --to "vllm:$out" --tp 2 --hf-config "$hf/config.json" "${opts[@]}"
+row "Megatron -> GGUF BF16" "$bytes" "$out.gguf" \
+  "$bin" convert --from "megatron:$mg" --to "gguf:$out.gguf" --dtype bf16 --hf-config "$hf/config.json" "${opts[@]}"
 rm -rf "$out" "$out.gguf"
 echo "median of $REPS runs; GB/s of the HF tensor bytes; x ref: the median over cp -r of the HF folder."
 echo "peak RSS: at most $worst MB (limit: budget $budget + 64 MB = $limit MB)"

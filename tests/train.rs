@@ -774,3 +774,121 @@ fn bf16_mixed_precision_follows_torch() {
     // 20 steps of at most lr_max = 1e-3 each.
     assert!(worst <= 0.02, "a weight ends {worst} from torch's");
 }
+
+/// Pretraining from scratch (`pipelines/pretrain-scratch.toml`): the `init` reader's weights —
+/// normal(0, 0.02), output projections at 0.02 / sqrt(2 · layers), norms 1 — train (the loss
+/// falls from ln(vocab)), the same seed gives the same checkpoint, and the TensorBoard events
+/// decode: TFRecord framing with valid masked CRC-32Cs, one event per iteration with the
+/// metrics' values.
+#[test]
+fn pretraining_from_scratch_with_tensorboard() {
+    use bridgeflow_tests::{bridgeflow, text};
+    let dir = tempdir();
+    let run = |name: &str| -> (std::path::PathBuf, std::path::PathBuf, String) {
+        let (ckpt, tb) = (dir.path().join(name), dir.path().join(format!("{name}-tb")));
+        let o = bridgeflow()
+            .args(["train", "--no-progress"])
+            .arg(workspace_root().join("pipelines/pretrain-scratch.toml"))
+            .args(["--set", &format!("output={}", ckpt.display())])
+            .args(["--set", &format!("tensorboard={}", tb.display())])
+            .output()
+            .unwrap();
+        let t = text(&o);
+        assert!(o.status.success(), "{t}");
+        (ckpt, tb, t)
+    };
+    let (a, tb, t) = run("a");
+    let losses: Vec<f64> = t
+        .lines()
+        .filter_map(|l| {
+            l.split("| loss ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(losses.len(), 10, "{t}");
+    // From scratch the first loss is about ln(256) = 5.55; training brings it down.
+    assert!((losses[0] - 256f64.ln()).abs() < 0.15, "{losses:?}");
+    assert!(losses[9] < losses[0] - 0.1, "{losses:?}");
+    let (b, _, _) = run("b");
+    let files = |root: &std::path::Path| bridgeflow_tests::tree_bytes(root);
+    let (fa, fb) = (files(&a), files(&b));
+    let data = |m: &std::collections::BTreeMap<std::path::PathBuf, Vec<u8>>| -> Vec<Vec<u8>> {
+        m.iter()
+            .filter(|(p, _)| p.extension().is_some_and(|x| x == "distcp"))
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    assert!(
+        !data(&fa).is_empty() && data(&fa) == data(&fb),
+        "same seed, different checkpoints"
+    );
+    // The event file.
+    let ev = std::fs::read_dir(&tb)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(ev
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("events.out.tfevents."));
+    let bytes = std::fs::read(&ev).unwrap();
+    let (mut at, mut events) = (0, Vec::new());
+    let masked = |b: &[u8]| crc32c_masked(b);
+    while at < bytes.len() {
+        let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+        assert_eq!(
+            u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()),
+            masked(&bytes[at..at + 8])
+        );
+        let rec = &bytes[at + 12..at + 12 + len];
+        let crc = u32::from_le_bytes(bytes[at + 12 + len..at + 16 + len].try_into().unwrap());
+        assert_eq!(crc, masked(rec), "record {}", events.len());
+        events.push(rec.to_vec());
+        at += 16 + len;
+    }
+    assert_eq!(events.len(), 11, "the version event and one per iteration");
+    assert!(events[0].windows(13).any(|w| w == b"brain.Event:2"));
+    for (k, e) in events[1..].iter().enumerate() {
+        // step (field 2, varint) right after wall_time (field 1, 9 bytes).
+        assert_eq!((e[9], e[10] as usize), (0x10, k + 1));
+        let tag = b"lm loss";
+        let i = e
+            .windows(tag.len())
+            .position(|w| w == tag)
+            .expect("lm loss")
+            + tag.len();
+        assert_eq!(e[i], 0x15);
+        let v = f32::from_le_bytes(e[i + 1..i + 5].try_into().unwrap());
+        // The printed loss has 6 decimals.
+        assert!(
+            (v as f64 - losses[k]).abs() < 1e-5,
+            "iteration {}: {v} vs {}",
+            k + 1,
+            losses[k]
+        );
+    }
+}
+
+/// TensorFlow's masked CRC-32C, restated from its definition (crc32c, then rotate right by 15
+/// and add 0xa282ead8), with a bitwise CRC-32C of its own.
+fn crc32c_masked(b: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in b {
+        crc ^= byte as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    (!crc).rotate_right(15).wrapping_add(0xa282_ead8)
+}

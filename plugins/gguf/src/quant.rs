@@ -7,6 +7,13 @@ use half::f16;
 
 /// Converts one row (`src` in `from`) into `ty`, appending to `out`.
 pub fn encode_row(from: DType, src: &[u8], ty: GgmlType, out: &mut Vec<u8>) {
+    let at = out.len();
+    out.resize(at + ty.bytes((src.len() / from.size()) as u64) as usize, 0);
+    encode_row_into(from, src, ty, &mut out[at..]);
+}
+
+/// Converts one row into `dst`, exactly `ty`'s bytes of it long.
+pub fn encode_row_into(from: DType, src: &[u8], ty: GgmlType, dst: &mut [u8]) {
     match ty {
         GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16 => {
             let to = match ty {
@@ -14,9 +21,7 @@ pub fn encode_row(from: DType, src: &[u8], ty: GgmlType, out: &mut Vec<u8>) {
                 GgmlType::F16 => DType::F16,
                 _ => DType::BF16,
             };
-            let at = out.len();
-            out.resize(at + src.len() / from.size() * to.size(), 0);
-            numeric::cast(from, src, to, &mut out[at..]);
+            numeric::cast(from, src, to, dst);
         }
         GgmlType::Q8_0 => {
             let mut x = vec![0u8; src.len() / from.size() * 4];
@@ -25,7 +30,7 @@ pub fn encode_row(from: DType, src: &[u8], ty: GgmlType, out: &mut Vec<u8>) {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
                 .collect();
-            for block in x.chunks_exact(32) {
+            for (block, out) in x.chunks_exact(32).zip(dst.chunks_exact_mut(34)) {
                 q8_0_block(block, out);
             }
         }
@@ -34,12 +39,14 @@ pub fn encode_row(from: DType, src: &[u8], ty: GgmlType, out: &mut Vec<u8>) {
 
 /// One block of 32: `d = max|x| / 127` (f32), each `x · (1/d)` rounded half away from zero to
 /// an i8, `d` stored as f16 before the 32 values (`Q8_0.quantize_blocks`).
-fn q8_0_block(x: &[f32], out: &mut Vec<u8>) {
+fn q8_0_block(x: &[f32], out: &mut [u8]) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let id = if d == 0.0 { 0.0 } else { 1.0 / d };
-    out.extend(f16::from_f32(d).to_le_bytes());
-    out.extend(x.iter().map(|v| round_half_away(v * id) as i8 as u8));
+    out[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    for (o, v) in out[2..].iter_mut().zip(x) {
+        *o = round_half_away(v * id) as i8 as u8;
+    }
 }
 
 /// numpy's `np_roundf` of gguf-py: halves away from zero.

@@ -6,7 +6,7 @@
 
 use crate::arch::{self, Arch, Hparams};
 use crate::format::{self, GgmlType, TensorDesc, Value};
-use crate::quant::encode_row;
+use crate::quant::{encode_row, encode_row_into};
 use crate::vocab;
 use bridgeflow_sdk::fsutil::{reserve, OutputClaim};
 use bridgeflow_sdk::outfile::{OutputFile, WINDOW};
@@ -417,10 +417,13 @@ impl Sink for GgufWriter {
                     }
                 }
                 None => {
-                    buf.clear();
-                    for row in block.chunks_exact(in_row as usize) {
-                        encode_row(t.info.dtype, row, slot.desc.ty, &mut buf);
-                    }
+                    // Rows converted on every core (Q8_0's blocks are the costly part).
+                    use rayon::prelude::*;
+                    let (from, ty) = (t.info.dtype, slot.desc.ty);
+                    buf.resize(block.len() / in_row as usize * slot.row as usize, 0);
+                    buf.par_chunks_mut(slot.row as usize)
+                        .zip(block.par_chunks(in_row as usize))
+                        .for_each(|(dst, src)| encode_row_into(from, src, ty, dst));
                     out.write_windows(&buf, at + first_row * slot.row, &what, |_, _| {})?;
                 }
             }

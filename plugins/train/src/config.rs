@@ -80,9 +80,51 @@ pub struct TrainConfig {
     /// tokens_per_s, skipped) appended to this file.
     #[serde(default)]
     pub metrics_file: Option<std::path::PathBuf>,
+    /// TensorBoard event files in this folder (Megatron's tags: `lm loss`, `learning-rate`,
+    /// `grad-norm`, `batch-size`, plus `tokens-per-second`), one event per iteration.
+    #[serde(default)]
+    pub tensorboard_dir: Option<std::path::PathBuf>,
     /// Print (stderr) and log every N iterations.
     #[serde(default = "one_u64")]
     pub log_interval: u64,
+    /// Where to compute: `cpu`, or `cuda` / `cuda:N` (a build with the `cuda` feature).
+    #[serde(default = "cpu")]
+    pub device: String,
+}
+
+fn cpu() -> String {
+    "cpu".into()
+}
+
+impl TrainConfig {
+    /// The compute device `device` names.
+    pub fn device(&self) -> Result<candle_core::Device> {
+        let d = self.device.trim();
+        if d == "cpu" {
+            return Ok(candle_core::Device::Cpu);
+        }
+        let ordinal = match d.strip_prefix("cuda") {
+            Some("") => 0,
+            Some(n) => n
+                .strip_prefix(':')
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| {
+                    PluginError::config(format!("device = {d:?}: expected cpu, cuda or cuda:N"))
+                })?,
+            None => {
+                return Err(PluginError::config(format!(
+                    "device = {d:?}: expected cpu, cuda or cuda:N"
+                )))
+            }
+        };
+        if !cfg!(feature = "cuda") {
+            return Err(PluginError::unsupported(format!(
+                "device = {d:?}: this trainer was built without CUDA (cargo build --release --features bridgeflow-plugin-train/cuda)"
+            )));
+        }
+        candle_core::Device::new_cuda(ordinal)
+            .map_err(|e| PluginError::config(format!("device = {d:?}: {e}")))
+    }
 }
 
 fn cosine() -> String {

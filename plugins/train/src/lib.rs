@@ -10,11 +10,13 @@ pub mod assemble;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod init;
 pub mod model;
 pub mod optim;
 pub mod params;
 pub mod schedule;
 pub mod stage;
+pub mod tensorboard;
 pub mod trainer;
 
 bridgeflow_sdk::export_plugins! {
@@ -22,5 +24,10 @@ bridgeflow_sdk::export_plugins! {
         version: env!("CARGO_PKG_VERSION"),
         description: "Training as megatron-core's loop does it (Llama family, fp32), on candle",
         trainer: Transform(stage::TrainStage),
+    }
+    "init" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "Weights for pretraining from scratch, initialized as megatron-core does (normal, scaled normal for output projections)",
+        reader: Source(init::InitReader),
     }
 }

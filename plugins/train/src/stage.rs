@@ -17,7 +17,6 @@ use bridgeflow_sdk::arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatc
 use bridgeflow_sdk::{
     attrs, Emitter, Item, PluginError, Port, PortType, Result, StreamPlan, TensorInfo, Transform,
 };
-use candle_core::Device;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,6 +34,7 @@ pub struct TrainStage {
     /// Samples still to drop after a resume (those the checkpoint consumed).
     skip: u64,
     saved_at: u64,
+    tensorboard: Option<crate::tensorboard::EventWriter>,
 }
 
 impl Transform for TrainStage {
@@ -59,6 +59,7 @@ impl Transform for TrainStage {
             out_plan: StreamPlan::default(),
             skip: 0,
             saved_at: 0,
+            tensorboard: None,
         })
     }
 
@@ -208,7 +209,7 @@ impl TrainStage {
     }
 
     fn start(&mut self) -> Result<()> {
-        let dev = Device::Cpu;
+        let dev = self.cfg.device()?;
         let w = self.weights.take().expect("complete");
         let mut params = Params {
             compute: self.cfg.bf16.then_some(candle_core::DType::BF16),
@@ -241,6 +242,9 @@ impl TrainStage {
         self.started = Some(Instant::now());
         if let Some(path) = &self.cfg.metrics_file {
             std::fs::File::create(path).map_err(|e| PluginError::io(path, "cannot create", e))?;
+        }
+        if let Some(dir) = &self.cfg.tensorboard_dir {
+            self.tensorboard = Some(crate::tensorboard::EventWriter::create(dir)?);
         }
         Ok(())
     }
@@ -319,6 +323,18 @@ impl TrainStage {
                 "iteration {:>6}/{} | loss {:.6} | lr {:.3e} | grad norm {:.4} | {:.0} tokens/s | ETA {}",
                 step.iteration, self.cfg.train_iters, step.loss, step.lr, step.grad_norm, tps, eta_text(eta)
             );
+        }
+        if let Some(tb) = self.tensorboard.as_mut() {
+            tb.scalars(
+                step.iteration,
+                &[
+                    ("lm loss", step.loss),
+                    ("learning-rate", step.lr),
+                    ("grad-norm", step.grad_norm),
+                    ("batch-size", self.cfg.global_batch_size as f64),
+                    ("tokens-per-second", tps),
+                ],
+            )?;
         }
         if let Some(path) = &self.cfg.metrics_file {
             let line = bridgeflow_sdk::serde_json::json!({
