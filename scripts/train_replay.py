@@ -70,6 +70,10 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="single-run mode: write the run's record here")
     p.add_argument("--write-bf16", default=None, metavar="DIR",
                    help="the mixed-precision golden: final_bf16.safetensors + expected_bf16.json")
+    p.add_argument("--write-fp16", default=None, metavar="DIR",
+                   help="the same in fp16 with dynamic loss scaling: final_fp16.safetensors + expected_fp16.json")
+    p.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
+    p.add_argument("--loss-scale-window", type=int, default=1000)
     p.add_argument("--write-fixtures", default=None, metavar="DIR",
                    help="run both loss modes and the self-checks, write the golden files into DIR")
     return p.parse_args(argv)
@@ -273,12 +277,35 @@ def train(a, tokens, mask, per_token, iters, attn=None, grads_at_iter1=None, log
     return records, model
 
 
-def train_bf16(a, tokens, mask, iters, log=True):
-    """`train` under mixed precision (see the module docstring). Returns (records, master)."""
+class DynamicScaler:
+    """megatron-core's DynamicGradScaler (backoff 0.5, growth 2)."""
+
+    def __init__(self, scale, min_scale, window, hysteresis):
+        self.scale, self.min_scale, self.window, self.hysteresis = scale, min_scale, window, hysteresis
+        self.growth, self.hyst = 0, hysteresis
+
+    def update(self, found_inf):
+        if found_inf:
+            self.growth = 0
+            self.hyst -= 1
+            if self.hyst <= 0:
+                self.scale = max(self.scale * 0.5, self.min_scale)
+        else:
+            self.growth += 1
+            if self.growth == self.window:
+                self.growth, self.hyst = 0, self.hysteresis
+                self.scale *= 2.0
+
+
+def train_bf16(a, tokens, mask, iters, log=True, dtype=torch.bfloat16):
+    """`train` under mixed precision (see the module docstring); fp16 with megatron-core's
+    dynamic loss scaling. Returns (records, master)."""
     import copy
 
     master = load_model(a.model, a.attn)
-    compute = copy.deepcopy(master).to(torch.bfloat16)
+    compute = copy.deepcopy(master).to(dtype)
+    scaler = DynamicScaler(a.initial_loss_scale, 1.0, a.loss_scale_window, 2) if dtype == torch.float16 else None
+    scheduled = 0
     pairs = list(zip(master.parameters(), compute.parameters()))
     opt = torch.optim.AdamW(param_groups(master, a.weight_decay), lr=0.0, betas=(a.beta1, a.beta2),
                             eps=a.eps, foreach=False)
@@ -295,7 +322,8 @@ def train_bf16(a, tokens, mask, iters, log=True):
             compute.zero_grad(set_to_none=True)
             sl = slice(j * a.mbs, (j + 1) * a.mbs)
             s_, n, _ = microbatch_loss(compute, tokens[k - 1][sl], mask[k - 1][sl])
-            (s_ / torch.clamp(n, min=1) / nmb).backward()
+            scaled = s_ / torch.clamp(n, min=1) / nmb
+            (scaled * scaler.scale if scaler else scaled).backward()
             with torch.no_grad():
                 for m, c in pairs:
                     if c.grad is not None:
@@ -305,14 +333,30 @@ def train_bf16(a, tokens, mask, iters, log=True):
         sums, counts = torch.stack(sums), torch.stack(counts)
         rec = {"loss": (sums.sum() / torch.clamp(counts.sum(), min=1)).item(),
                "num_tokens": int(counts.sum().item())}
+        lr = get_lr(a, scheduled)
+        if scaler:
+            inv = torch.tensor(1.0 / scaler.scale, dtype=torch.float32)
+            found_inf = False
+            with torch.no_grad():
+                for m, _ in pairs:
+                    m.grad.mul_(inv)
+                    found_inf |= not bool(torch.isfinite(m.grad).all())
+            rec["loss_scale"] = scaler.scale
+            scaler.update(found_inf)
+            rec["skipped"] = found_inf
+            if found_inf:
+                records.append({"iteration": k, "lr": lr, **rec})
+                if log:
+                    print(f"  fp16 iter {k:3d}  skipped at loss scale {rec['loss_scale']}")
+                continue
         rec["grad_norm"], rec["clipped"] = grad_norm_and_clip(master, a.clip_grad)
-        lr = get_lr(a, (k - 1) * a.gbs)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
+        scheduled += a.gbs
         records.append({"iteration": k, "lr": lr, **rec})
         if log:
-            print(f"  bf16 iter {k:3d}  lr {lr:.6e}  loss {rec['loss']:.9f}  grad_norm {rec['grad_norm']:.6e}")
+            print(f"  mixed iter {k:3d}  lr {lr:.6e}  loss {rec['loss']:.9f}  grad_norm {rec['grad_norm']:.6e}")
     return records, master
 
 
@@ -411,16 +455,18 @@ def main(argv=None):
     cfg = json.loads((Path(a.model) / "config.json").read_text())
     vocab = cfg["vocab_size"]
 
-    if a.write_bf16:
+    if a.write_bf16 or a.write_fp16:
         from safetensors.torch import save_file
 
-        out = Path(a.write_bf16)
+        fp16 = bool(a.write_fp16)
+        out = Path(a.write_fp16 or a.write_bf16)
+        tag = "fp16" if fp16 else "bf16"
         tokens, mask = get_batches(a, vocab, a.train_iters)
-        recs, master = train_bf16(a, tokens, mask, a.train_iters)
+        recs, master = train_bf16(a, tokens, mask, a.train_iters, dtype=torch.float16 if fp16 else torch.bfloat16)
         save_file({n: p.detach().clone().contiguous() for n, p in master.named_parameters()},
-                  str(out / "final_bf16.safetensors"))
+                  str(out / f"final_{tag}.safetensors"))
         argv_used = sys.argv[1:] if argv is None else argv
-        (out / "expected_bf16.json").write_text(json.dumps({
+        (out / f"expected_{tag}.json").write_text(json.dumps({
             "generated_by": "scripts/train_replay.py " + " ".join(argv_used),
             "versions": versions(),
             "settings": settings_dict(a, "default", a.train_iters),

@@ -892,3 +892,64 @@ fn crc32c_masked(b: &[u8]) -> u32 {
     }
     (!crc).rotate_right(15).wrapping_add(0xa282_ead8)
 }
+
+/// fp16 with megatron-core's dynamic loss scaling (`fp16 = true`, initial scale 2^18, window 4,
+/// hysteresis 2) against the torch replay of the same scheme: the same iterations overflow and
+/// are skipped (weights, moments and schedule untouched; the data moves on), the scale follows
+/// the same course, and the losses agree within fp16's precision.
+#[test]
+fn fp16_loss_scaling_skips_what_torch_skips() {
+    let dir = tempdir();
+    let want: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(train_fixtures().join("expected_fp16.json")).unwrap(),
+    )
+    .unwrap();
+    let iters = want["iterations"].as_array().unwrap();
+    let data = dir.path().join("samples.parquet");
+    write_samples(&data, iters.len());
+    let out = dir.path().join("hf");
+    let metrics = dir.path().join("m.jsonl");
+    let text = pipeline(&data, &out, iters.len(), false).replace(
+        "calculate_per_token_loss = false }",
+        &format!(
+            "calculate_per_token_loss = false, fp16 = true, initial_loss_scale = 262144.0, loss_scale_window = 4, metrics_file = {:?} }}",
+            metrics.display().to_string()
+        ),
+    );
+    run_text(dir.path(), &text, &[], 1 << 30).unwrap();
+    let ours: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(ours.len(), iters.len());
+    let mut skipped = 0;
+    for (k, (o, t)) in ours.iter().zip(iters).enumerate() {
+        let step = k + 1;
+        let t_skipped = t["skipped"].as_bool().unwrap();
+        assert_eq!(
+            o["skipped"].as_bool().unwrap(),
+            t_skipped,
+            "iteration {step}: skipped?"
+        );
+        assert_eq!(
+            o["loss_scale"].as_f64(),
+            t["loss_scale"].as_f64(),
+            "iteration {step}: loss scale"
+        );
+        skipped += t_skipped as u32;
+        let (lo, lt) = (o["loss"].as_f64().unwrap(), t["loss"].as_f64().unwrap());
+        assert!(
+            (lo - lt).abs() / lt < 2e-3,
+            "iteration {step}: loss {lo} vs torch {lt}"
+        );
+        assert!(
+            close(o["lr"].as_f64().unwrap(), t["lr"].as_f64().unwrap(), 1e-9) || t["lr"] == 0.0,
+            "iteration {step}: lr"
+        );
+    }
+    assert!(
+        skipped >= 3,
+        "the golden run must exercise skips ({skipped})"
+    );
+}

@@ -25,6 +25,10 @@ const STATE: &str = "train_state.json";
 pub struct Position {
     pub iteration: u64,
     pub consumed_samples: u64,
+    /// Samples of the iterations that updated the weights (the schedule's count; fp16 skips).
+    pub scheduled_samples: u64,
+    /// fp16's loss scaler: (scale, growth tracker, hysteresis tracker).
+    pub loss_scale: Option<(f64, u64, u64)>,
 }
 
 fn iter_dir(root: &Path, iteration: u64) -> PathBuf {
@@ -82,6 +86,8 @@ pub fn save(root: &Path, params: &Params, adam: &AdamW, pos: &Position) -> Resul
     let state = json!({
         "iteration": pos.iteration,
         "consumed_train_samples": pos.consumed_samples,
+        "scheduled_train_samples": pos.scheduled_samples,
+        "loss_scale": pos.loss_scale.map(|(s, g, h)| json!({"scale": s, "growth_tracker": g, "hysteresis_tracker": h})),
         "adam_step": adam.step,
         "adam_beta1": adam.beta1,
         "adam_beta2": adam.beta2,
@@ -139,9 +145,23 @@ pub fn load(
             PluginError::format(format!("{}: no integer '{k}'", state_path.display()))
         })
     };
+    let consumed = num("consumed_train_samples")?;
+    let scaler = &state["loss_scale"];
+    let loss_scale = match scaler.is_null() {
+        true => None,
+        false => Some((
+            scaler["scale"].as_f64().unwrap_or(1.0),
+            scaler["growth_tracker"].as_u64().unwrap_or(0),
+            scaler["hysteresis_tracker"].as_u64().unwrap_or(0),
+        )),
+    };
     let pos = Position {
         iteration: num("iteration")?,
-        consumed_samples: num("consumed_train_samples")?,
+        consumed_samples: consumed,
+        scheduled_samples: state["scheduled_train_samples"]
+            .as_u64()
+            .unwrap_or(consumed),
+        loss_scale,
     };
     let path = dir.join(TENSORS);
     let bytes = std::fs::read(&path).map_err(io(&path, "cannot read"))?;

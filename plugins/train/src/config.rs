@@ -54,6 +54,22 @@ pub struct TrainConfig {
     /// gradients accumulated and the optimizer run in fp32.
     #[serde(default)]
     pub bf16: bool,
+    /// Mixed precision as megatron-core's `--fp16`: as `bf16` in fp16, with dynamic loss
+    /// scaling (a step with inf/NaN gradients is skipped; see the loss-scale options).
+    #[serde(default)]
+    pub fp16: bool,
+    /// fp16: the starting loss scale (`--initial-loss-scale`, default 2^32).
+    #[serde(default = "initial_scale")]
+    pub initial_loss_scale: f64,
+    /// fp16: the smallest loss scale (`--min-loss-scale`).
+    #[serde(default = "one")]
+    pub min_loss_scale: f64,
+    /// fp16: good steps in a row before the scale doubles (`--loss-scale-window`).
+    #[serde(default = "thousand")]
+    pub loss_scale_window: u64,
+    /// fp16: skipped steps in a row before the scale halves (`--hysteresis`).
+    #[serde(default = "two")]
+    pub hysteresis: u64,
     /// Loss averaged over all tokens of the step instead of per micro-batch, then over
     /// micro-batches (megatron-core's `calculate_per_token_loss`).
     #[serde(default)]
@@ -90,6 +106,16 @@ pub struct TrainConfig {
     /// Where to compute: `cpu`, or `cuda` / `cuda:N` (a build with the `cuda` feature).
     #[serde(default = "cpu")]
     pub device: String,
+}
+
+fn initial_scale() -> f64 {
+    4294967296.0
+}
+fn thousand() -> u64 {
+    1000
+}
+fn two() -> u64 {
+    2
 }
 
 fn cpu() -> String {
@@ -161,6 +187,17 @@ impl TrainConfig {
     /// Each rule against the config alone, before any data flows.
     pub fn check(&self) -> Result<()> {
         let bad = |m: String| Err(PluginError::config(m));
+        if self.bf16 && self.fp16 {
+            return bad("bf16 and fp16 are exclusive".into());
+        }
+        if self.fp16
+            && !(self.initial_loss_scale >= self.min_loss_scale && self.min_loss_scale > 0.0)
+        {
+            return bad(
+                "fp16: initial_loss_scale must be at least min_loss_scale, which must be positive"
+                    .into(),
+            );
+        }
         if self.seq_length == 0 || self.seq_length > 1 << 20 {
             return bad(format!(
                 "seq_length is {}; allowed: 1 to 1048576",

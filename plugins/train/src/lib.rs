@@ -14,6 +14,7 @@ pub mod init;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod scaler;
 pub mod schedule;
 pub mod stage;
 pub mod tensorboard;

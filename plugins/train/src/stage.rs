@@ -212,7 +212,11 @@ impl TrainStage {
         let dev = self.cfg.device()?;
         let w = self.weights.take().expect("complete");
         let mut params = Params {
-            compute: self.cfg.bf16.then_some(candle_core::DType::BF16),
+            compute: match (self.cfg.bf16, self.cfg.fp16) {
+                (true, _) => Some(candle_core::DType::BF16),
+                (_, true) => Some(candle_core::DType::F16),
+                _ => None,
+            },
             ..Params::default()
         };
         for (name, p) in w.pending {
@@ -226,6 +230,12 @@ impl TrainStage {
                     checkpoint::load(root, iteration, &mut trainer.params, &mut trainer.adam)?;
                 trainer.iteration = pos.iteration;
                 trainer.consumed_samples = pos.consumed_samples;
+                trainer.scheduled_samples = pos.scheduled_samples;
+                if let (Some(s), Some((scale, growth, hysteresis))) =
+                    (trainer.scaler.as_mut(), pos.loss_scale)
+                {
+                    (s.scale, s.growth_tracker, s.hysteresis_tracker) = (scale, growth, hysteresis);
+                }
                 self.skip = pos.consumed_samples;
                 self.saved_at = pos.iteration;
                 eprintln!(
@@ -291,6 +301,11 @@ impl TrainStage {
         let pos = checkpoint::Position {
             iteration: t.iteration,
             consumed_samples: t.consumed_samples,
+            scheduled_samples: t.scheduled_samples,
+            loss_scale: t
+                .scaler
+                .as_ref()
+                .map(|s| (s.scale, s.growth_tracker, s.hysteresis_tracker)),
         };
         let dir = checkpoint::save(root, &t.params, &t.adam, &pos)?;
         tracing::info!(iteration = t.iteration, path = %dir.display(), "checkpoint saved");
@@ -319,9 +334,18 @@ impl TrainStage {
                 tokens_per_s = tps,
                 "step"
             );
+            let norm = match (step.skipped, step.loss_scale) {
+                (true, Some(s)) => format!("skipped: gradients overflowed at loss scale {s}"),
+                _ => format!("grad norm {:.4}", step.grad_norm),
+            };
             eprintln!(
-                "iteration {:>6}/{} | loss {:.6} | lr {:.3e} | grad norm {:.4} | {:.0} tokens/s | ETA {}",
-                step.iteration, self.cfg.train_iters, step.loss, step.lr, step.grad_norm, tps, eta_text(eta)
+                "iteration {:>6}/{} | loss {:.6} | lr {:.3e} | {norm} | {:.0} tokens/s | ETA {}",
+                step.iteration,
+                self.cfg.train_iters,
+                step.loss,
+                step.lr,
+                tps,
+                eta_text(eta)
             );
         }
         if let Some(tb) = self.tensorboard.as_mut() {
@@ -346,7 +370,8 @@ impl TrainStage {
                 "tokens": self.tokens_trained(),
                 "tokens_per_s": tps,
                 "elapsed_s": self.started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
-                "skipped": false,
+                "skipped": step.skipped,
+                "loss_scale": step.loss_scale,
             });
             let io = |e| PluginError::io(path, "cannot write metrics to", e);
             let mut f = std::fs::OpenOptions::new()

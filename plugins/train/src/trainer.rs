@@ -8,6 +8,7 @@ use crate::data::Sample;
 use crate::model::{ce, Batch, Gpt, GptConfig, Positions};
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::params::Params;
+use crate::scaler::LossScaler;
 use crate::schedule::Schedule;
 use bridgeflow_sdk::{PluginError, Result};
 use candle_core::{Device, Tensor};
@@ -54,6 +55,10 @@ pub struct Step {
     pub grad_norm: f64,
     /// Tokens in the loss.
     pub num_tokens: f64,
+    /// fp16: the gradients overflowed at this loss scale and the update was skipped.
+    pub skipped: bool,
+    /// fp16: the loss scale the step ran at.
+    pub loss_scale: Option<f64>,
 }
 
 pub struct Trainer {
@@ -66,6 +71,11 @@ pub struct Trainer {
     pub device: Device,
     pub iteration: u64,
     pub consumed_samples: u64,
+    /// Samples of the iterations that updated the weights: what the learning-rate schedule
+    /// counts (megatron-core steps its scheduler only after a successful update).
+    pub scheduled_samples: u64,
+    /// fp16's dynamic loss scaling.
+    pub scaler: Option<LossScaler>,
 }
 
 impl Trainer {
@@ -78,6 +88,14 @@ impl Trainer {
         let schedule = Schedule::from_config(&cfg)?;
         let positions = Positions::new(&model, cfg.seq_length, &device)?;
         let adam = AdamW::new(cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps);
+        let scaler = cfg.fp16.then(|| {
+            LossScaler::new(
+                cfg.initial_loss_scale,
+                cfg.min_loss_scale,
+                cfg.loss_scale_window,
+                cfg.hysteresis,
+            )
+        });
         Ok(Trainer {
             cfg,
             model,
@@ -88,6 +106,8 @@ impl Trainer {
             device,
             iteration: 0,
             consumed_samples: 0,
+            scheduled_samples: 0,
+            scaler,
         })
     }
 
@@ -143,7 +163,16 @@ impl Trainer {
             } else {
                 ((sum / n.max(1.0)).and_then(|t| t / micro as f64)).map_err(ce)?
             };
+            let scaled = match &self.scaler {
+                Some(s) => (scaled * s.scale).map_err(ce)?,
+                None => scaled,
+            };
             self.backward_into(&scaled, &mut acc)?;
+        }
+        if let Some(s) = &self.scaler {
+            // Unscaled by the reciprocal in fp32, as megatron-core's optimizer does.
+            let inv = (1.0 / s.scale) as f32;
+            acc.values_mut().flatten().for_each(|g| *g *= inv);
         }
         if self.cfg.calculate_per_token_loss {
             let inv = (1.0 / tokens.max(1.0)) as f32;
@@ -161,8 +190,27 @@ impl Trainer {
                 samples.len()
             )));
         }
-        let lr = self.schedule.lr(self.consumed_samples);
+        let lr = self.schedule.lr(self.scheduled_samples);
         let (mut grads, loss, num_tokens) = self.gradients(samples)?;
+        let loss_scale = self.scaler.as_ref().map(|s| s.scale);
+        if let Some(scaler) = self.scaler.as_mut() {
+            let found_inf = grads.values().flatten().any(|g| !g.is_finite());
+            scaler.update(found_inf);
+            if found_inf {
+                // Skipped: weights, moments and schedule stay; the data moves on.
+                self.iteration += 1;
+                self.consumed_samples += samples.len() as u64;
+                return Ok(Step {
+                    iteration: self.iteration,
+                    loss,
+                    lr,
+                    grad_norm: f64::NAN,
+                    num_tokens,
+                    skipped: true,
+                    loss_scale,
+                });
+            }
+        }
         if !loss.is_finite() {
             return Err(PluginError::mismatch(format!(
                 "iteration {}: the loss is {loss}; stopping (the weights are those of iteration {})",
@@ -176,12 +224,15 @@ impl Trainer {
         self.params.publish()?;
         self.iteration += 1;
         self.consumed_samples += samples.len() as u64;
+        self.scheduled_samples += samples.len() as u64;
         Ok(Step {
             iteration: self.iteration,
             loss,
             lr,
             grad_norm,
             num_tokens,
+            skipped: false,
+            loss_scale,
         })
     }
 }
