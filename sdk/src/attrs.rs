@@ -43,7 +43,8 @@
 //! | [`ARCHITECTURE`] `architecture` | `String` | models mapper (to Megatron) | `inspect` |
 //! | [`DTYPE`] `dtype` | `String` | cast, fp8 dequantize | models mapper (to Megatron) |
 //! | [`DROP_CONFIG_KEYS`] `drop_config_keys` | `Vec<String>` | fp8 / mxfp4 dequantize | safetensors writer, models mapper |
-//! | [`CONFIG_UPDATES`] `config_updates` | JSON object | fp8 quantize | safetensors writer |
+//! | [`CONFIG_UPDATES`] `config_updates` | JSON object | fp8 quantize, fp8-static | safetensors writer |
+//! | [`EXTRA_FILES`] `extra_files` | JSON object | fp8-static | safetensors writer |
 //! | [`JSON_KEYS`] `json_keys` | `Vec<String>` | jsonl, columnar and megatron-indexed readers, tokenize | megatron-indexed writer |
 //! | [`INPUT_FILES`] `input_files` | `Vec<PathBuf>` | jsonl and columnar readers | `inspect` |
 //! | [`INPUT_BYTES`] `input_bytes` | `u64` | jsonl reader | `inspect` |
@@ -343,6 +344,10 @@ pub const RUN_CONFIG_YAML: Attr<String> = Attr::new("run_config_yaml");
 /// set it to their engine's config (TensorRT-LLM's `config.json`).
 pub const HF_CONFIG: Attr<Map<String, Value>> = Attr::new("hf_config");
 
+/// JSON files to write beside the weights, by file name (`hf_quant_config.json` of a ModelOpt
+/// checkpoint). Set by `fp8-static`; written by the safetensors writer.
+pub const EXTRA_FILES: Attr<Map<String, Value>> = Attr::new("extra_files");
+
 /// Tensor names are `FILE/NAME`: the safetensors writer puts tensor `NAME` into file `FILE`
 /// (`rank1.safetensors`), one file per prefix, instead of sharding by size. Set by the serving
 /// exporters, whose engines want one file set per rank.
@@ -430,6 +435,7 @@ pub const KEYS: &[&str] = &[
     DTYPE.key,
     DROP_CONFIG_KEYS.key,
     CONFIG_UPDATES.key,
+    EXTRA_FILES.key,
     JSON_KEYS.key,
     INPUT_FILES.key,
     INPUT_BYTES.key,

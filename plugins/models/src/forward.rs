@@ -53,6 +53,22 @@ impl Default for Weights {
     }
 }
 
+/// Where a calibration observes activations: the inputs of each linear layer (`Qkv`: q, k and v
+/// share theirs; `Proj`: the attention output projection's; `Fc1`: gate and up's; `Fc2`: down's)
+/// and the keys and values attention reads (after RoPE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Site {
+    Qkv,
+    Proj,
+    Fc1,
+    Fc2,
+    K,
+    V,
+}
+
+/// Sees layer `l`'s activations at a site.
+pub type Observer<'a> = &'a mut dyn FnMut(Site, u64, &[f32]);
+
 /// y[s, o] = Σ_i x[s, i] · w[o, i]
 fn linear(x: &[f32], rows: usize, w: &[f32], out: usize) -> Vec<f32> {
     let inp = x.len() / rows;
@@ -110,6 +126,7 @@ fn attention(
     h: &[f32],
     (seq, hidden): (usize, usize),
     (eps, theta): (f32, f32),
+    obs: &mut dyn FnMut(Site, u64, &[f32]),
 ) -> Result<Vec<f32>> {
     let p = |n: &str| names::layer_key(l, n);
     let (nh, ng, hd) = (
@@ -148,7 +165,10 @@ fn attention(
     }
     rope(&mut q, seq, nh, hd, theta);
     rope(&mut k, seq, ng, hd, theta);
+    obs(Site::K, l, &k);
+    obs(Site::V, l, &v);
     let att = causal_attention(&q, &k, &v, seq, (nh, ng, hd));
+    obs(Site::Proj, l, &att);
     Ok(linear(
         &att,
         seq,
@@ -200,7 +220,13 @@ fn causal_attention(
 }
 
 /// Layer `l`'s SwiGLU MLP on its normed input `h` [seq, hidden].
-fn swiglu(w: &Weights, l: u64, h: &[f32], seq: usize, hidden: usize) -> Result<Vec<f32>> {
+fn swiglu(
+    w: &Weights,
+    l: u64,
+    h: &[f32],
+    (seq, hidden): (usize, usize),
+    obs: &mut dyn FnMut(Site, u64, &[f32]),
+) -> Result<Vec<f32>> {
     let p = |n: &str| names::layer_key(l, n);
     let (fc1_shape, fc1) = w.get(&p("mlp.linear_fc1.weight"))?;
     let ffn = fc1_shape[0] as usize / 2;
@@ -213,6 +239,7 @@ fn swiglu(w: &Weights, l: u64, h: &[f32], seq: usize, hidden: usize) -> Result<V
             act[s * ffn + i] = g / (1.0 + (-g).exp()) * u;
         }
     }
+    obs(Site::Fc2, l, &act);
     Ok(linear(
         &act,
         seq,
@@ -223,6 +250,17 @@ fn swiglu(w: &Weights, l: u64, h: &[f32], seq: usize, hidden: usize) -> Result<V
 
 /// Logits [seq, vocab] for `ids`.
 pub fn logits(w: &Weights, c: &ModelConfig, ids: &[u64], eps: f32, theta: f32) -> Result<Vec<f32>> {
+    logits_observed(w, c, ids, (eps, theta), &mut |_, _, _| {})
+}
+
+/// [`logits`], showing `obs` every layer's activations (a calibration pass).
+pub fn logits_observed(
+    w: &Weights,
+    c: &ModelConfig,
+    ids: &[u64],
+    (eps, theta): (f32, f32),
+    obs: Observer<'_>,
+) -> Result<Vec<f32>> {
     let (emb_shape, emb) = w.get(names::WORD_EMBEDDINGS)?;
     let hidden = emb_shape[1] as usize;
     let seq = ids.len();
@@ -238,10 +276,12 @@ pub fn logits(w: &Weights, c: &ModelConfig, ids: &[u64], eps: f32, theta: f32) -
             &w.get(&p("self_attention.linear_qkv.layer_norm_weight"))?.1,
             eps,
         );
-        let o = attention(w, c, l, &h, (seq, hidden), (eps, theta))?;
+        obs(Site::Qkv, l, &h);
+        let o = attention(w, c, l, &h, (seq, hidden), (eps, theta), obs)?;
         x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         let h = rms_norm(&x, &w.get(&p("mlp.linear_fc1.layer_norm_weight"))?.1, eps);
-        let d = swiglu(w, l, &h, seq, hidden)?;
+        obs(Site::Fc1, l, &h);
+        let d = swiglu(w, l, &h, (seq, hidden), obs)?;
         x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
     }
     let x = rms_norm(&x, &w.get(names::FINAL_LAYERNORM)?.1, eps);

@@ -2,6 +2,7 @@
 //! declarative table (`families/`, in Rust or TOML) driven by one generic mapper; and the Rust
 //! logits check of Llama-family weights in Megatron layout.
 
+pub mod calibrate;
 pub mod check;
 pub mod expect;
 pub mod families;
@@ -26,5 +27,10 @@ bridgeflow_sdk::export_plugins! {
         version: env!("CARGO_PKG_VERSION"),
         description: "fp32 forward pass of Megatron-layout Llama weights, compared with reference logits",
         transform: Transform(check::LogitsCheck),
+    }
+    "calibrate" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "FP8 activation and KV-cache scales from a calibration pass (ModelOpt's amax / 448), under HF names",
+        transform: Transform(calibrate::Calibrate),
     }
 }

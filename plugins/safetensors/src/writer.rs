@@ -423,6 +423,23 @@ impl SafetensorsWriter {
             std::fs::write(&dst, text).map_err(|e| PluginError::io(&dst, "cannot write", e))?;
             copied += 1;
         }
+        for (name, value) in self
+            .plan
+            .get(bridgeflow_sdk::attrs::EXTRA_FILES)
+            .into_iter()
+            .flatten()
+        {
+            let safe = !name.is_empty() && !name.contains(['/', '\\']) && !name.starts_with('.');
+            if !safe {
+                return Err(PluginError::config(format!(
+                    "extra file name '{name}' is not a plain file name"
+                )));
+            }
+            let dst = dir.join(&name);
+            let text = serde_json::to_string_pretty(&value).expect("json") + "\n";
+            std::fs::write(&dst, text).map_err(|e| PluginError::io(&dst, "cannot write", e))?;
+            copied += 1;
+        }
         let Some(from) = from else { return Ok(copied) };
         for name in SIDE_FILES {
             let src = from.join(name);

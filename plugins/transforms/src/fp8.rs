@@ -403,28 +403,38 @@ impl Fp8Quant {
             && self.include.is_match(t.name())
     }
 
-    /// torch's float → float8_e4m3fn: round to nearest, ties to even; NaN from 480 up.
     fn e4m3(&self, x: f32) -> u8 {
-        let sign = if x.is_sign_negative() { 0x80 } else { 0 };
-        let a = x.abs();
-        if a.is_nan() || a >= 480.0 {
-            return sign | 0x7f;
-        }
-        let i = self.table.partition_point(|&v| v < a);
-        let code = if i >= self.table.len() {
-            self.table.len() - 1
-        } else if i == 0 || self.table[i] == a {
-            i
-        } else {
-            let (lo, hi) = (a - self.table[i - 1], self.table[i] - a);
-            if lo < hi || (lo == hi && (i - 1) % 2 == 0) {
-                i - 1
-            } else {
-                i
-            }
-        };
-        sign | code as u8
+        e4m3(&self.table, x)
     }
+}
+
+/// The 127 finite positive E4M3 values, by code.
+pub(crate) fn e4m3_table() -> Vec<f32> {
+    (0u8..0x7f).map(|c| f8_e4m3_to_f64(c) as f32).collect()
+}
+
+/// torch's float → float8_e4m3fn: round to nearest, ties to even; NaN from 480 up (`table`:
+/// [`e4m3_table`]).
+pub(crate) fn e4m3(table: &[f32], x: f32) -> u8 {
+    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+    let a = x.abs();
+    if a.is_nan() || a >= 480.0 {
+        return sign | 0x7f;
+    }
+    let i = table.partition_point(|&v| v < a);
+    let code = if i >= table.len() {
+        table.len() - 1
+    } else if i == 0 || table[i] == a {
+        i
+    } else {
+        let (lo, hi) = (a - table[i - 1], table[i] - a);
+        if lo < hi || (lo == hi && (i - 1) % 2 == 0) {
+            i - 1
+        } else {
+            i
+        }
+    };
+    sign | code as u8
 }
 
 impl Transform for Fp8Quant {
@@ -450,7 +460,7 @@ impl Transform for Fp8Quant {
         Ok(Fp8Quant {
             include,
             scheme,
-            table: (0u8..0x7f).map(|c| f8_e4m3_to_f64(c) as f32).collect(),
+            table: e4m3_table(),
         })
     }
 

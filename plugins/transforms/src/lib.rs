@@ -1,9 +1,11 @@
 //! bridgeflow plugin library with the everyday tensor stages: `cast`, `rename`, `filter`,
-//! `checksum`, `verify`, `verify-manifest`, `fp8-dequant`, `fp8-quant` and `mxfp4-dequant`.
+//! `checksum`, `verify`, `verify-manifest`, `fp8-dequant`, `fp8-quant`, `fp8-static` and
+//! `mxfp4-dequant`.
 
 pub mod cast;
 pub mod checksum;
 pub mod fp8;
+pub mod fp8_static;
 pub mod mxfp4;
 mod pairs;
 pub mod select;
@@ -44,6 +46,11 @@ bridgeflow_sdk::export_plugins! {
         version: env!("CARGO_PKG_VERSION"),
         description: "Quantizes float weights to block-scaled FP8 as DeepSeek-V3 stores them (re-quantization on export)",
         transform: Transform(fp8::Fp8Quant),
+    }
+    "fp8-static" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "Quantizes to ModelOpt's unified HF FP8 checkpoint (per-projection e4m3 weights, weight/input/KV scales from a calibration)",
+        transform: Transform(fp8_static::Fp8Static),
     }
     "mxfp4-dequant" {
         version: env!("CARGO_PKG_VERSION"),
