@@ -176,7 +176,7 @@ struct ConvertArgs {
     /// Replace an existing output (atomically, once the new one is complete).
     #[arg(long)]
     overwrite: bool,
-    /// Exporters: the weights' dtype in the output (auto, fp32, bf16, fp16).
+    /// Exporters: the weights' dtype in the output (auto, fp32, bf16, fp16; GGUF also q8_0).
     #[arg(long)]
     dtype: Option<String>,
     /// TensorRT-LLM output: split the embedding over the TP ranks too, by rows (0) or columns
