@@ -201,7 +201,9 @@ fn put_u64(b: &mut [u8], at: usize, v: u64) {
 fn float_or_inconsistent_indexed_datasets_are_refused() {
     let none = |_: &mut Vec<u8>| {};
     type Edit = Box<dyn Fn(&mut Vec<u8>)>;
-    let cases: Vec<(&str, &str, Edit, Edit, &str, &[&str])> = vec![
+    /// (name, golden dataset, edit of its .idx, edit of its .bin, the file named, what the error says).
+    type Case<'a> = (&'a str, &'a str, Edit, Edit, &'a str, &'a [&'a str]);
+    let cases: Vec<Case> = vec![
         (
             "float32 tokens",
             "edge_syntax_bpe8k",

@@ -610,7 +610,7 @@ fn resume_from_a_checkpoint_is_bit_identical() {
     let (straight, m_straight) = run("straight", 10, &[]);
     let ckpt = dir.path().join("ckpt");
     let save = format!("train.save=\"{}\"", ckpt.display());
-    let (_, _) = run("first-half", 5, &[save.clone()]);
+    let (_, _) = run("first-half", 5, std::slice::from_ref(&save));
     assert!(ckpt
         .join("iter_0000005/trainer_state.safetensors")
         .is_file());
