@@ -16,11 +16,11 @@ bridgeflow_sdk::export_plugins! {
     "trtllm" {
         version: env!("CARGO_PKG_VERSION"),
         description: "TensorRT-LLM unified checkpoints (config.json + rank{N}.safetensors, TP x PP, MoE-TP x EP) as TensorRT-LLM's converter lays them out",
-        exporter: Transform(stage::TrtllmExport),
+        exporter: Transform(stage::Exporter<stage::Trtllm>),
     }
     "vllm-sharded" {
         version: env!("CARGO_PKG_VERSION"),
         description: "vLLM sharded_state checkpoints (model-rank-{r}-part-{p}.safetensors with vLLM 0.32's own parameter names)",
-        exporter: Transform(stage::VllmExport),
+        exporter: Transform(stage::Exporter<stage::Vllm>),
     }
 }

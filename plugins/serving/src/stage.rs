@@ -1,5 +1,5 @@
-//! The two exporter stages: config, plan (the table's placement, checked against the input
-//! before anything is written) and the stream of pieces.
+//! The exporter stage, generic over its engine ([`Target`]: TensorRT-LLM, vLLM): config, plan (the
+//! table's placement, checked against the input before anything is written) and the pieces.
 
 use crate::export::Pieces;
 use crate::model::{degree, load_config, HfModel};
@@ -44,35 +44,90 @@ fn out_plan(outs: &[Out], mut plan: StreamPlan) -> StreamPlan {
     plan
 }
 
-fn summary(p: &Option<Pieces>, what: &str) -> String {
-    let Some(p) = p else { return String::new() };
-    let files = p.placement().file_bytes();
-    let bytes: u64 = files.values().sum();
-    format!(
-        "{what}: {} tensors in {} files ({}), {} pieces",
-        p.placement().outs.len(),
-        files.len(),
-        human(bytes),
-        p.pieces
-    )
+/// What one engine's exporter decides: its config, and the outputs placed for an input.
+pub trait Target: Send + Sized + 'static {
+    type Config: serde::de::DeserializeOwned + schemars::JsonSchema;
+    const DESCRIPTION: &'static str;
+    const ENDPOINTS: &'static [Endpoint];
+    /// What the summary calls the output.
+    const WHAT: &'static str;
+    fn new(cfg: Self::Config) -> Result<Self>;
+    /// The outputs for the input (`tensors`: its whole tensors), the inputs the engine does not
+    /// keep, and the plan handed to the writer (its tensors are filled in from the outputs).
+    fn place(
+        &self,
+        input: &StreamPlan,
+        tensors: &[TensorInfo],
+    ) -> Result<(Vec<Out>, Vec<String>, StreamPlan)>;
 }
 
-fn metrics(p: &Option<Pieces>) -> serde_json::Value {
-    match p {
-        None => serde_json::Value::Null,
-        Some(p) => serde_json::json!({
-            "tensors": p.placement().outs.len(),
-            "pieces": p.pieces,
-            "file_bytes": p.placement().file_bytes(),
-        }),
+/// An exporter stage: a [`Target`]'s placement, streamed as pieces.
+pub struct Exporter<T> {
+    target: T,
+    pieces: Option<Pieces>,
+}
+
+impl<T: Target> Transform for Exporter<T> {
+    type Config = T::Config;
+    const DESCRIPTION: &'static str = T::DESCRIPTION;
+    const ENDPOINTS: &'static [Endpoint] = T::ENDPOINTS;
+
+    fn new(cfg: T::Config) -> Result<Self> {
+        Ok(Exporter {
+            target: T::new(cfg)?,
+            pieces: None,
+        })
     }
-}
 
-fn take(p: &mut Option<Pieces>, item: Item, out: &mut Emitter) -> Result<()> {
-    let p = p
-        .as_mut()
-        .ok_or_else(|| PluginError::internal("process before plan"))?;
-    p.take(item.into_tensor()?, out)
+    fn plan(&mut self, inputs: &[StreamPlan]) -> Result<StreamPlan> {
+        let tensors = inputs[0].whole_tensors();
+        let (outs, unused, plan) = self.target.place(&inputs[0], &tensors)?;
+        let plan = out_plan(&outs, plan);
+        self.pieces = Some(Pieces::new(
+            Placement::new(outs, &tensors, &unused)?,
+            &tensors,
+        )?);
+        Ok(plan)
+    }
+
+    fn process(&mut self, _port: usize, item: Item, out: &mut Emitter) -> Result<()> {
+        let p = self
+            .pieces
+            .as_mut()
+            .ok_or_else(|| PluginError::internal("process before plan"))?;
+        p.take(item.into_tensor()?, out)
+    }
+
+    fn finish(&mut self, out: &mut Emitter) -> Result<()> {
+        self.pieces.as_mut().map_or(Ok(()), |p| p.finish(out))
+    }
+
+    fn summary(&mut self) -> String {
+        let Some(p) = &self.pieces else {
+            return String::new();
+        };
+        let files = p.placement().file_bytes();
+        let bytes: u64 = files.values().sum();
+        format!(
+            "{}: {} tensors in {} files ({}), {} pieces",
+            T::WHAT,
+            p.placement().outs.len(),
+            files.len(),
+            human(bytes),
+            p.pieces
+        )
+    }
+
+    fn metrics(&mut self) -> serde_json::Value {
+        match &self.pieces {
+            None => serde_json::Value::Null,
+            Some(p) => serde_json::json!({
+                "tensors": p.placement().outs.len(),
+                "pieces": p.pieces,
+                "file_bytes": p.placement().file_bytes(),
+            }),
+        }
+    }
 }
 
 #[derive(serde::Deserialize, schemars::JsonSchema)]
@@ -99,12 +154,11 @@ pub struct TrtllmConfig {
     pub hf_config: Option<PathBuf>,
 }
 
-pub struct TrtllmExport {
+pub struct Trtllm {
     cfg: TrtllmConfig,
-    pieces: Option<Pieces>,
 }
 
-impl Transform for TrtllmExport {
+impl Target for Trtllm {
     type Config = TrtllmConfig;
     const DESCRIPTION: &'static str =
         "HF-named weights to TensorRT-LLM's per-rank tensors and config.json (for the safetensors writer)";
@@ -117,6 +171,7 @@ impl Transform for TrtllmExport {
             "a TensorRT-LLM unified checkpoint (config.json + rank{N}.safetensors, for trtllm-build)",
         )
     }];
+    const WHAT: &'static str = "TensorRT-LLM checkpoint";
 
     fn new(cfg: TrtllmConfig) -> Result<Self> {
         degree(cfg.tp, "tp")?;
@@ -127,42 +182,28 @@ impl Transform for TrtllmExport {
                 "parallel_embedding: expected 0 (rows) or 1 (columns)",
             ));
         }
-        Ok(TrtllmExport { cfg, pieces: None })
+        Ok(Trtllm { cfg })
     }
 
-    fn plan(&mut self, inputs: &[StreamPlan]) -> Result<StreamPlan> {
-        let input = &inputs[0];
-        let tensors = input.whole_tensors();
+    /// A fresh plan: the engine wants only its config.json beside the rank files.
+    fn place(
+        &self,
+        input: &StreamPlan,
+        tensors: &[TensorInfo],
+    ) -> Result<(Vec<Out>, Vec<String>, StreamPlan)> {
         let (raw, _) = load_config(input, self.cfg.hf_config.as_deref())?;
         let m = HfModel::from_config(raw)?;
         let lay = trtllm::Layout {
             tp: self.cfg.tp,
             pp: self.cfg.pp,
             ep: self.cfg.ep,
-            dtype: out_dtype(self.cfg.dtype.as_deref(), &m, &tensors)?,
+            dtype: out_dtype(self.cfg.dtype.as_deref(), &m, tensors)?,
             parallel_embedding: self.cfg.parallel_embedding,
         };
-        let outs = trtllm::place(&m, &lay, &tensors)?;
-        let mut plan = out_plan(&outs, StreamPlan::default());
+        let outs = trtllm::place(&m, &lay, tensors)?;
+        let mut plan = StreamPlan::default();
         plan.set(attrs::HF_CONFIG, trtllm::config(&m, &lay)?);
-        self.pieces = Some(Pieces::new(Placement::new(outs, &tensors, &[])?, &tensors)?);
-        Ok(plan)
-    }
-
-    fn process(&mut self, _port: usize, item: Item, out: &mut Emitter) -> Result<()> {
-        take(&mut self.pieces, item, out)
-    }
-
-    fn finish(&mut self, out: &mut Emitter) -> Result<()> {
-        self.pieces.as_mut().map_or(Ok(()), |p| p.finish(out))
-    }
-
-    fn summary(&mut self) -> String {
-        summary(&self.pieces, "TensorRT-LLM checkpoint")
-    }
-
-    fn metrics(&mut self) -> serde_json::Value {
-        metrics(&self.pieces)
+        Ok((outs, Vec::new(), plan))
     }
 }
 
@@ -187,12 +228,11 @@ pub struct VllmConfig {
     pub hf_config: Option<PathBuf>,
 }
 
-pub struct VllmExport {
+pub struct Vllm {
     cfg: VllmConfig,
-    pieces: Option<Pieces>,
 }
 
-impl Transform for VllmExport {
+impl Target for Vllm {
     type Config = VllmConfig;
     const DESCRIPTION: &'static str =
         "HF-named weights to vLLM 0.32's sharded_state tensors per TP rank (for the safetensors writer)";
@@ -205,52 +245,35 @@ impl Transform for VllmExport {
             "vLLM sharded_state files (model-rank-{r}-part-{p}.safetensors + config and tokenizer; load_format=\"sharded_state\")",
         )
     }];
+    const WHAT: &'static str = "vLLM sharded_state";
 
     fn new(cfg: VllmConfig) -> Result<Self> {
         degree(cfg.tp, "tp")?;
-        Ok(VllmExport { cfg, pieces: None })
+        Ok(Vllm { cfg })
     }
 
-    fn plan(&mut self, inputs: &[StreamPlan]) -> Result<StreamPlan> {
-        let input = &inputs[0];
-        let tensors = input.whole_tensors();
+    /// The input's attributes carried on: the writer copies the config and tokenizer files from
+    /// its folder; a config given, rebuilt or completed is written as it is.
+    fn place(
+        &self,
+        input: &StreamPlan,
+        tensors: &[TensorInfo],
+    ) -> Result<(Vec<Out>, Vec<String>, StreamPlan)> {
         let (raw, path) = load_config(input, self.cfg.hf_config.as_deref())?;
         let m = HfModel::from_config(raw.clone())?;
         let lay = vllm::Layout {
             tp: self.cfg.tp,
-            dtype: out_dtype(self.cfg.dtype.as_deref(), &m, &tensors)?,
+            dtype: out_dtype(self.cfg.dtype.as_deref(), &m, tensors)?,
             max_part: self.cfg.max_part_size.0.max(1),
         };
-        let (outs, unused) = vllm::place(&m, &lay, &tensors)?;
-        // Config and tokenizer files go along (the writer copies them from the input's
-        // folder); a config given or rebuilt is written as it is.
-        let mut plan = out_plan(&outs, input.clone());
+        let (outs, unused) = vllm::place(&m, &lay, tensors)?;
+        let mut plan = input.clone();
         let additions = vllm::config_additions(&m);
         if path.is_none() || self.cfg.hf_config.is_some() || !additions.is_empty() {
             let mut cfg = raw;
             cfg.extend(additions.into_iter().map(|(k, v)| (k.to_string(), v)));
             plan.set(attrs::HF_CONFIG, cfg);
         }
-        self.pieces = Some(Pieces::new(
-            Placement::new(outs, &tensors, &unused)?,
-            &tensors,
-        )?);
-        Ok(plan)
-    }
-
-    fn process(&mut self, _port: usize, item: Item, out: &mut Emitter) -> Result<()> {
-        take(&mut self.pieces, item, out)
-    }
-
-    fn finish(&mut self, out: &mut Emitter) -> Result<()> {
-        self.pieces.as_mut().map_or(Ok(()), |p| p.finish(out))
-    }
-
-    fn summary(&mut self) -> String {
-        summary(&self.pieces, "vLLM sharded_state")
-    }
-
-    fn metrics(&mut self) -> serde_json::Value {
-        metrics(&self.pieces)
+        Ok((outs, unused, plan))
     }
 }
