@@ -28,6 +28,11 @@ fn f32s(b: &[u8]) -> Vec<f32> {
 /// The golden batches as a Parquet file of samples (`tokens`: seq + 1 ids, `loss_mask`),
 /// iteration by iteration: the first `iters` global batches.
 fn write_samples(out: &Path, iters: usize) {
+    write_batches(out, 0..iters)
+}
+
+/// Those of the golden global batches `which` (0-based iterations), in that order.
+fn write_batches(out: &Path, which: impl IntoIterator<Item = usize>) {
     let bytes = std::fs::read(train_fixtures().join("batches.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let tokens = st.tensor("tokens").unwrap();
@@ -41,7 +46,7 @@ fn write_samples(out: &Path, iters: usize) {
     let m = f32s(mask.data());
     let mut tb = ListBuilder::new(Int64Builder::new());
     let mut mb = ListBuilder::new(Float32Builder::new());
-    for s in 0..iters * gbs {
+    for s in which.into_iter().flat_map(|k| k * gbs..(k + 1) * gbs) {
         tb.values().append_slice(&ids[s * n_tok..(s + 1) * n_tok]);
         tb.append(true);
         mb.values()
@@ -952,4 +957,60 @@ fn fp16_loss_scaling_skips_what_torch_skips() {
         skipped >= 3,
         "the golden run must exercise skips ({skipped})"
     );
+}
+
+/// `eval_interval`: every 5 iterations the loss on held-out samples (the trainer's third
+/// input). Fed the batches iterations 6, 11 and 16 train on, each evaluation must give exactly
+/// the loss that iteration then reports (the same weights, the same samples, no update in
+/// between) — and so torch's within 1e-5; held-out data that runs out is named.
+#[test]
+fn evaluation_on_held_out_samples() {
+    let dir = tempdir();
+    let (data, valid) = (
+        dir.path().join("train.parquet"),
+        dir.path().join("valid.parquet"),
+    );
+    write_samples(&data, 16);
+    write_batches(&valid, [5, 10, 15]);
+    let out = dir.path().join("hf");
+    let text = pipeline(&data, &out, 16, false)
+        .replace("inputs = [\"map\", \"data\"]", "inputs = [\"map\", \"data\", \"valid\"]")
+        .replace("calculate_per_token_loss = false }", "calculate_per_token_loss = false, eval_interval = 5, eval_iters = 1 }")
+        .replace(
+            "[stages.train]",
+            &format!(
+                "[stages.valid]\nplugin = \"parquet\"\nkind = \"reader\"\nconfig = {{ path = \"{}\", columns = [\"tokens\", \"loss_mask\"] }}\n\n[stages.train]",
+                valid.display()
+            ),
+        );
+    assert!(
+        text.contains("eval_interval = 5") && text.contains("\"valid\"]"),
+        "{text}"
+    );
+    let r = run_text(dir.path(), &text, &[], 1 << 30).unwrap();
+    let m = &r.stages.iter().find(|s| s.name == "train").unwrap().metrics;
+    let evals = m["validation_loss"].as_array().unwrap();
+    assert_eq!(evals.len(), 3, "{m}");
+    let torch = &expected()["default"]["iterations"];
+    for (k, e) in evals.iter().enumerate() {
+        let (at, loss) = (e[0].as_u64().unwrap() as usize, e[1].as_f64().unwrap());
+        assert_eq!(at, 5 * (k + 1));
+        assert_eq!(
+            loss,
+            m["loss"][at].as_f64().unwrap(),
+            "evaluation after iteration {at}"
+        );
+        let t = torch[at]["loss_token_mean"].as_f64().unwrap();
+        assert!(
+            close(loss, t, 1e-5),
+            "evaluation after {at}: {loss} vs torch {t}"
+        );
+    }
+    // Too few held-out samples for the third evaluation: named, nothing written.
+    write_batches(&valid, [5, 10]);
+    let out2 = dir.path().join("hf2");
+    let text2 = text.replace(&out.display().to_string(), &out2.display().to_string());
+    let e = run_text(dir.path(), &text2, &[], 1 << 30).unwrap_err();
+    assert!(e.contains("the held-out data ran out"), "{e}");
+    assert!(!out2.exists());
 }

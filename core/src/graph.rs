@@ -224,10 +224,11 @@ fn unknown_port(input: &str, port: &str, d: &StageDescriptor) -> String {
 fn check_input_count(s: &StageSpec, d: &StageDescriptor, p: &mut Problems<'_>) {
     let want = d.inputs.len();
     let given = s.inputs.len();
-    if given == want {
+    let least = want.saturating_sub(d.optional_inputs as usize);
+    if (least..=want).contains(&given) {
         return;
     }
-    let msg = if given < want {
+    let msg = if given < least {
         let types: Vec<&str> = d.inputs.iter().map(|t| t.name()).collect();
         format!(
             "missing input: {} {} takes {want} input{} ({}), {given} given",

@@ -31,6 +31,9 @@ pub struct StageDescriptor {
     /// JSON Schema of the stage's config table.
     pub config_schema: RString,
     pub inputs: RVec<PortType>,
+    /// How many of the last `inputs` a pipeline may leave unwired (see
+    /// `Transform::OPTIONAL_INPUTS`).
+    pub optional_inputs: u32,
     /// Named output ports, in order (one `out` for most stages; none for sinks).
     pub outputs: RVec<OutputPort>,
     /// The stage keeps its inputs alive (see `Transform::RETAINS_INPUTS`).
@@ -150,6 +153,7 @@ fn plain(kind: StageKind, description: &str, config_schema: RString) -> StageDes
         description: description.into(),
         config_schema,
         inputs: RVec::new(),
+        optional_inputs: 0,
         outputs: RVec::new(),
         retains_inputs: false,
         endpoints: RVec::new(),
@@ -187,6 +191,7 @@ impl StageEntry {
         StageEntry {
             descriptor: StageDescriptor {
                 inputs: T::INPUTS.to_vec().into(),
+                optional_inputs: T::OPTIONAL_INPUTS as u32,
                 outputs: output_ports(T::OUTPUTS, T::OUTPUT),
                 retains_inputs: T::RETAINS_INPUTS,
                 endpoints: T::ENDPOINTS.iter().map(EndpointDecl::from).collect(),

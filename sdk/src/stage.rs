@@ -366,6 +366,9 @@ pub trait Transform: Send + Sized + 'static {
     type Config: serde::de::DeserializeOwned + schemars::JsonSchema;
     const DESCRIPTION: &'static str;
     const INPUTS: &'static [PortType] = &[PortType::Tensors];
+    /// How many of the last `INPUTS` a pipeline may leave unwired (a trainer's held-out
+    /// samples): `plan` then gets only the wired inputs' plans, and ports count those.
+    const OPTIONAL_INPUTS: usize = 0;
     /// The type of the only output port (named [`crate::declare::DEFAULT_PORT`]).
     const OUTPUT: PortType = PortType::Tensors;
     /// Several named output ports instead (then implement [`Transform::plan_outputs`] and emit

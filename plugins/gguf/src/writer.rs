@@ -159,13 +159,9 @@ impl GgufWriter {
             })?;
             let ty = match t.shape.len() {
                 1 => GgmlType::F32,
-                2 if matrices == GgmlType::Q8_0 && t.shape[1] % 32 != 0 => {
-                    return Err(PluginError::shape(format!(
-                        "'{}' rows of {} do not split into Q8_0 blocks of 32",
-                        t.name(),
-                        t.shape[1]
-                    )))
-                }
+                // Rows that do not split into Q8_0's blocks of 32 stay F16, as the converter
+                // keeps them.
+                2 if matrices == GgmlType::Q8_0 && t.shape[1] % 32 != 0 => GgmlType::F16,
                 2 => matrices,
                 _ => {
                     return Err(PluginError::shape(format!(

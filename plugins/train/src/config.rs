@@ -103,6 +103,14 @@ pub struct TrainConfig {
     /// Print (stderr) and log every N iterations.
     #[serde(default = "one_u64")]
     pub log_interval: u64,
+    /// Evaluate on the held-out samples (the trainer's third input) every N iterations
+    /// (megatron-core's `--eval-interval`; 0: never).
+    #[serde(default)]
+    pub eval_interval: u64,
+    /// Global batches per evaluation (`--eval-iters`); the held-out stream is read on, as
+    /// megatron-core's validation iterator is.
+    #[serde(default = "one_u64")]
+    pub eval_iters: u64,
     /// Where to compute: `cpu`, or `cuda` / `cuda:N` (a build with the `cuda` feature).
     #[serde(default = "cpu")]
     pub device: String,

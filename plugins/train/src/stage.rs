@@ -35,13 +35,22 @@ pub struct TrainStage {
     skip: u64,
     saved_at: u64,
     tensorboard: Option<crate::tensorboard::EventWriter>,
+    /// Held-out samples not yet evaluated on, and rows of them seen.
+    valid_queue: VecDeque<Sample>,
+    valid_rows: u64,
+    /// An evaluation is due before the next iteration.
+    eval_due: bool,
+    /// (iteration, validation loss) of each evaluation.
+    validation: Vec<(u64, f64)>,
 }
 
 impl Transform for TrainStage {
     type Config = TrainConfig;
     const DESCRIPTION: &'static str =
         "Trains a Llama-family model on Megatron-layout weights as megatron-core's loop does (AdamW, warmup + cosine in samples, global-norm clip, micro-batches)";
-    const INPUTS: &'static [PortType] = &[PortType::Tensors, PortType::Records];
+    /// Weights, training samples, and (optional) held-out samples for `eval_interval`.
+    const INPUTS: &'static [PortType] = &[PortType::Tensors, PortType::Records, PortType::Records];
+    const OPTIONAL_INPUTS: usize = 1;
     const OUTPUTS: &'static [Port] = &[Port::tensors("weights"), Port::records("metrics")];
     const RETAINS_INPUTS: bool = true;
 
@@ -60,10 +69,19 @@ impl Transform for TrainStage {
             skip: 0,
             saved_at: 0,
             tensorboard: None,
+            valid_queue: VecDeque::new(),
+            valid_rows: 0,
+            eval_due: false,
+            validation: Vec::new(),
         })
     }
 
     fn plan_outputs(&mut self, inputs: &[StreamPlan]) -> Result<Vec<StreamPlan>> {
+        if self.cfg.eval_interval > 0 && inputs.len() < 3 {
+            return Err(PluginError::config(
+                "eval_interval needs held-out samples: wire a third input (inputs = [weights, train data, valid data])",
+            ));
+        }
         let plan = &inputs[0];
         let megatron = plan.try_get(attrs::MEGATRON_MODEL)?.ok_or_else(|| {
             PluginError::config(
@@ -95,20 +113,18 @@ impl Transform for TrainStage {
 
     fn process(&mut self, port: usize, item: Item, out: &mut Emitter) -> Result<()> {
         match port {
-            0 => self.weight(item),
-            _ => {
-                let batch = item.into_records()?;
-                let vocab = self.model.as_ref().map_or(0, |m| m.vocab_size);
-                let packing = Packing {
-                    eos: self.cfg.eos_id,
-                    answer_only_loss: self.cfg.answer_only_loss,
-                };
-                let rows = samples(&batch, self.cfg.seq_length, vocab, self.rows_seen, packing)?;
-                self.rows_seen += batch.num_rows() as u64;
+            0 => self.weight(item)?,
+            1 => {
+                let rows = self.samples_of(item, self.rows_seen)?;
+                self.rows_seen += rows.len() as u64;
                 self.queue.extend(rows);
-                self.train_ready(out)
             }
-        }?;
+            _ => {
+                let rows = self.samples_of(item, self.valid_rows)?;
+                self.valid_rows += rows.len() as u64;
+                self.valid_queue.extend(rows);
+            }
+        }
         self.train_ready(out)
     }
 
@@ -122,6 +138,14 @@ impl Transform for TrainStage {
             }
         }
         self.train_ready(out)?;
+        if self.eval_due {
+            return Err(PluginError::shape(format!(
+                "the held-out data ran out: evaluation {} needs {} samples, {} were left",
+                self.validation.len() + 1,
+                self.eval_samples(),
+                self.valid_queue.len()
+            )));
+        }
         let done = self.trainer.as_ref().map_or(0, |t| t.iteration);
         if done < self.cfg.train_iters {
             return Err(PluginError::shape(format!(
@@ -162,6 +186,7 @@ impl Transform for TrainStage {
             "lr": col(|s| s.lr),
             "grad_norm": col(|s| s.grad_norm),
             "num_tokens": col(|s| s.num_tokens),
+            "validation_loss": self.validation,
         })
     }
 }
@@ -259,10 +284,68 @@ impl TrainStage {
         Ok(())
     }
 
+    /// Records as samples (`first`: the number of rows of that stream seen before).
+    fn samples_of(&self, item: Item, first: u64) -> Result<Vec<Sample>> {
+        let batch = item.into_records()?;
+        let vocab = self.model.as_ref().map_or(0, |m| m.vocab_size);
+        let packing = Packing {
+            eos: self.cfg.eos_id,
+            answer_only_loss: self.cfg.answer_only_loss,
+        };
+        samples(&batch, self.cfg.seq_length, vocab, first, packing)
+    }
+
+    fn eval_samples(&self) -> usize {
+        self.cfg.eval_iters as usize * self.cfg.global_batch_size
+    }
+
+    /// The due evaluation, once its held-out samples are in (false: still waiting).
+    fn evaluate_if_ready(&mut self) -> Result<bool> {
+        let need = self.eval_samples();
+        if self.valid_queue.len() < need {
+            return Ok(false);
+        }
+        let trainer = self.trainer.as_ref().expect("training");
+        let batch: Vec<Sample> = self.valid_queue.drain(..need).collect();
+        let (loss, _) = trainer.evaluate(&batch)?;
+        let iteration = trainer.iteration;
+        self.eval_due = false;
+        self.validation.push((iteration, loss));
+        eprintln!(
+            "validation loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {:.6E}",
+            loss.exp()
+        );
+        if let Some(tb) = self.tensorboard.as_mut() {
+            tb.scalars(
+                iteration,
+                &[
+                    ("lm loss validation", loss),
+                    ("lm loss validation ppl", loss.exp()),
+                ],
+            )?;
+        }
+        if let Some(path) = &self.cfg.metrics_file {
+            let line = bridgeflow_sdk::serde_json::json!({
+                "step": iteration, "validation_loss": loss, "validation_ppl": loss.exp(),
+            });
+            let io = |e| PluginError::io(path, "cannot write metrics to", e);
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .map_err(io)?;
+            use std::io::Write;
+            writeln!(f, "{line}").map_err(io)?;
+        }
+        Ok(true)
+    }
+
     /// Runs every iteration the queued samples allow.
     fn train_ready(&mut self, out: &mut Emitter) -> Result<()> {
         let gbs = self.cfg.global_batch_size;
         while self.trainer.is_some() {
+            if self.eval_due && !self.evaluate_if_ready()? {
+                return Ok(());
+            }
             let dropped = (self.skip as usize).min(self.queue.len());
             self.queue.drain(..dropped);
             self.skip -= dropped as u64;
@@ -286,6 +369,8 @@ impl TrainStage {
             {
                 self.save()?;
             }
+            let every = self.cfg.eval_interval;
+            self.eval_due = every > 0 && step.iteration.is_multiple_of(every);
         }
         Ok(())
     }

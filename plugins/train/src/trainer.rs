@@ -181,6 +181,26 @@ impl Trainer {
         Ok((acc, loss_sum / tokens.max(1.0), tokens))
     }
 
+    /// The loss on held-out `samples` with the current weights, no gradients: the masked
+    /// cross-entropy summed over every micro-batch over the tokens in the loss (megatron-core's
+    /// evaluation), and that token count.
+    pub fn evaluate(&self, samples: &[Sample]) -> Result<(f64, f64)> {
+        let gpt = Gpt {
+            cfg: &self.model,
+            params: &self.params,
+        };
+        let (mut sum, mut tokens) = (0.0, 0.0);
+        for mb in samples.chunks(self.cfg.micro_batch_size) {
+            let (s, n) = gpt.loss_sum(&self.batch(mb)?).map_err(ce)?;
+            sum += s
+                .to_dtype(candle_core::DType::F64)
+                .and_then(|t| t.to_scalar::<f64>())
+                .map_err(ce)?;
+            tokens += n;
+        }
+        Ok((sum / tokens.max(1.0), tokens))
+    }
+
     /// One iteration on `samples` (exactly one global batch).
     pub fn step(&mut self, samples: &[Sample]) -> Result<Step> {
         if samples.len() != self.cfg.global_batch_size {
