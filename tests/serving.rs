@@ -346,3 +346,51 @@ fn modelopt_fp8_equals_modelopts_own() {
         json(golden.join("hf_quant_config.json"))
     );
 }
+
+/// TensorRT-LLM FP8 (`pipelines/hf-to-trtllm-fp8.toml`: calibrate, fp8-static in TensorRT-LLM's
+/// scale layout, the trtllm exporter) against the checkpoint ModelOpt 0.37's
+/// `export_tensorrt_llm_checkpoint` wrote: every e4m3 weight (one scale per fused qkv and
+/// gate/up), weight and KV-cache factor and bf16 tensor equal, the activation factors within 1 %
+/// (fp32 vs bf16 calibration), `config.json` (ModelOpt's own keys) equal; the RoPE tables left
+/// out as for every TensorRT-LLM checkpoint here.
+#[test]
+fn trtllm_fp8_equals_modelopts_own() {
+    let tmp = tempdir();
+    let out = tmp.path().join("fp8");
+    let o = bridgeflow()
+        .args(["run", "pipelines/hf-to-trtllm-fp8.toml", "--no-progress"])
+        .args([
+            "--set",
+            &format!("input={}", fixtures().join("hf/llama").display()),
+        ])
+        .args(["--set", &format!("output={}", out.display())])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let golden = fixtures().join("trtllm/llama-fp8-tp1-bf16");
+    let ours = load_tensors(&out.join("rank0.safetensors"));
+    let theirs = load_tensors(&golden.join("rank0.safetensors"));
+    let kept: Vec<&String> = theirs
+        .keys()
+        .filter(|n| !ROPE_TABLES.contains(&n.as_str()))
+        .collect();
+    assert_eq!(ours.keys().collect::<Vec<_>>(), kept);
+    let f32_of = |b: &[u8]| f32::from_le_bytes(b.try_into().unwrap());
+    for name in kept {
+        let (g, t) = (&ours[name], &theirs[name]);
+        assert_eq!((g.dtype, &g.shape), (t.dtype, &t.shape), "{name}");
+        if name.ends_with("activation_scaling_factor") {
+            let (a, b) = (f32_of(&g.bytes), f32_of(&t.bytes));
+            assert!((a - b).abs() <= 0.01 * b, "{name}: {a} vs ModelOpt's {b}");
+        } else {
+            assert!(g.bytes == t.bytes, "{name} differs from ModelOpt's");
+        }
+    }
+    let json = |p: std::path::PathBuf| -> Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    assert_eq!(
+        json(out.join("config.json")),
+        json(golden.join("config.json"))
+    );
+}

@@ -193,17 +193,37 @@ impl Target for Trtllm {
     ) -> Result<(Vec<Out>, Vec<String>, StreamPlan)> {
         let (raw, _) = load_config(input, self.cfg.hf_config.as_deref())?;
         let m = HfModel::from_config(raw)?;
+        // FP8 weights (from fp8-static's TensorRT-LLM layout): ModelOpt's export, which splits
+        // the embedding by rows unless told otherwise.
+        let fp8 = tensors.iter().any(|t| t.dtype == DType::F8_E4M3);
+        let dtype = match (fp8, self.cfg.dtype.as_deref()) {
+            // The dtype the quantizer left the other tensors in.
+            (true, None | Some("auto")) => tensors
+                .iter()
+                .map(|t| t.dtype)
+                .find(|d| matches!(d, DType::BF16 | DType::F16 | DType::F32))
+                .unwrap_or(DType::BF16),
+            (_, given) => out_dtype(given, &m, tensors)?,
+        };
         let lay = trtllm::Layout {
             tp: self.cfg.tp,
             pp: self.cfg.pp,
             ep: self.cfg.ep,
-            dtype: out_dtype(self.cfg.dtype.as_deref(), &m, tensors)?,
-            parallel_embedding: self.cfg.parallel_embedding,
+            dtype,
+            parallel_embedding: match fp8 {
+                true => self.cfg.parallel_embedding.or(Some(0)),
+                false => self.cfg.parallel_embedding,
+            },
+            fp8,
         };
         let outs = trtllm::place(&m, &lay, tensors)?;
         let mut plan = StreamPlan::default();
-        plan.set(attrs::HF_CONFIG, trtllm::config(&m, &lay)?);
-        Ok((outs, Vec::new(), plan))
+        let config = match fp8 {
+            true => trtllm::modelopt_config(&m, &lay)?,
+            false => trtllm::config(&m, &lay)?,
+        };
+        plan.set(attrs::HF_CONFIG, config);
+        Ok((outs, trtllm::unused(&m, &lay), plan))
     }
 }
 

@@ -34,6 +34,9 @@ pub struct Layout {
     pub dtype: DType,
     /// `--use_parallel_embedding --embedding_sharding_dim D`.
     pub parallel_embedding: Option<u64>,
+    /// The input is ModelOpt-style FP8 (`fp8-static layout = "trtllm"`): e4m3 projections with
+    /// their scaling factors, placed as ModelOpt's `export_tensorrt_llm_checkpoint` does.
+    pub fp8: bool,
 }
 
 /// The families TensorRT-LLM's converter takes, and the MoE naming of each.
@@ -67,6 +70,33 @@ impl<'a> Inputs<'a> {
     fn has(&self, name: &str) -> bool {
         self.0.contains_key(name)
     }
+    fn is_fp8(&self, name: &str) -> bool {
+        self.0.get(name).is_some_and(|t| t.dtype == DType::F8_E4M3)
+    }
+}
+
+/// The FP8 scaling factors (`[1]` f32) of a quantized linear layer, by TensorRT-LLM's name.
+const FACTORS: [&str; 2] = ["weights_scaling_factor", "activation_scaling_factor"];
+/// The KV-cache scaling factors of an attention layer.
+const KV_FACTORS: [&str; 3] = [
+    "kv_cache_scaling_factor",
+    "k_cache_scaling_factor",
+    "v_cache_scaling_factor",
+];
+
+/// The inputs an FP8 checkpoint carries that TensorRT-LLM does not keep: k's and v's factors
+/// (q's stand for the fused qkv, whose members share them).
+pub fn unused(m: &HfModel, lay: &Layout) -> Vec<String> {
+    if !lay.fp8 {
+        return Vec::new();
+    }
+    (0..m.layers)
+        .flat_map(|l| {
+            ["k_proj", "v_proj"]
+                .into_iter()
+                .flat_map(move |p| FACTORS.map(|f| format!("model.layers.{l}.self_attn.{p}.{f}")))
+        })
+        .collect()
 }
 
 /// Every output tensor of every rank, with its segments.
@@ -124,6 +154,11 @@ struct Rank<'a> {
 
 impl Rank<'_> {
     fn push(&mut self, name: &str, dtype: DType, shape: Vec<u64>, segs: Vec<Seg>) {
+        // e4m3 weights stay e4m3 (their scales say what they mean).
+        let fp8 = segs
+            .iter()
+            .all(|s| s.src.as_deref().is_some_and(|n| self.inp.is_fp8(n)));
+        let dtype = if fp8 { DType::F8_E4M3 } else { dtype };
         self.outs.push(Out {
             name: format!("{}/{name}", self.file),
             dtype,
@@ -256,6 +291,34 @@ impl Rank<'_> {
         let o = format!("{a}.o_proj.weight");
         let seg = col_chunk(&o, self.inp.shape(&o)?, tp, r)?;
         self.stacked(&format!("{trt}.attention.dense.weight"), dt, vec![seg]);
+        if self.lay.fp8 {
+            self.factors(
+                &format!("{trt}.attention"),
+                &a,
+                &[("qkv", "q_proj"), ("dense", "o_proj")],
+            )?;
+            for f in KV_FACTORS {
+                self.whole(
+                    &format!("{trt}.attention.{f}"),
+                    &format!("{a}.{f}"),
+                    DType::F32,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// FP8: each layer's scaling factors, from the HF projection standing for it.
+    fn factors(&mut self, trt: &str, hf: &str, pairs: &[(&str, &str)]) -> Result<()> {
+        for (ours, theirs) in pairs {
+            for f in FACTORS {
+                self.whole(
+                    &format!("{trt}.{ours}.{f}"),
+                    &format!("{hf}.{theirs}.{f}"),
+                    DType::F32,
+                )?;
+            }
+        }
         Ok(())
     }
 
@@ -275,6 +338,14 @@ impl Rank<'_> {
                 row_chunk(&src, shape, tp, r)?
             };
             self.stacked(&format!("{trt}.mlp.{ours}.weight"), dt, vec![seg]);
+        }
+        if self.lay.fp8 {
+            let pairs = [
+                ("fc", "gate_proj"),
+                ("gate", "up_proj"),
+                ("proj", "down_proj"),
+            ];
+            self.factors(&format!("{trt}.mlp"), &format!("{hf}.mlp"), &pairs)?;
         }
         Ok(())
     }
@@ -372,6 +443,48 @@ fn rope_scaling(m: &HfModel) -> Value {
         }
         _ => Value::Null,
     }
+}
+
+/// The `config.json` ModelOpt 0.37's `export_tensorrt_llm_checkpoint` writes for an FP8 Llama
+/// (its own key set, not the converter's; `rank` is the last rank it wrote, a quirk kept).
+pub fn modelopt_config(m: &HfModel, lay: &Layout) -> Result<Map<String, Value>> {
+    if family(m)? != Family::Llama || m.experts > 0 {
+        return Err(PluginError::unsupported(format!(
+            "TensorRT-LLM FP8 checkpoints: {} (dense Llama and Mistral are written)",
+            m.architecture
+        )));
+    }
+    let v = json!({
+        "producer": {"name": "modelopt", "version": "0.37.0"},
+        "architecture": m.architecture,
+        "dtype": lay.dtype.torch_name(),
+        "logits_dtype": "float16",
+        "num_hidden_layers": m.layers,
+        "num_attention_heads": m.heads,
+        "num_key_value_heads": m.kv_heads,
+        "hidden_size": m.hidden,
+        "norm_epsilon": m.f64("rms_norm_eps").unwrap_or(1e-6),
+        "vocab_size": m.vocab,
+        "max_position_embeddings": m.raw.get("max_position_embeddings").cloned().unwrap_or(Value::Null),
+        "hidden_act": "silu",
+        "use_parallel_embedding": lay.parallel_embedding.is_some(),
+        "embedding_sharding_dim": lay.parallel_embedding.unwrap_or(0),
+        "head_size": m.head_dim,
+        "intermediate_size": m.intermediate,
+        "position_embedding_type": "rope_gpt_neox",
+        "share_embedding_table": false,
+        "residual_mlp": false,
+        "bias": false,
+        "rotary_pct": 1.0,
+        "rank": lay.tp * lay.pp - 1,
+        "decoder": "llama",
+        "rmsnorm": true,
+        "lm_head_bias": false,
+        "rotary_base": rope_theta(m, 10000.0),
+        "mapping": {"world_size": lay.tp * lay.pp, "tp_size": lay.tp, "pp_size": lay.pp},
+        "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8", "exclude_modules": ["lm_head"]},
+    });
+    Ok(v.as_object().cloned().unwrap_or_default())
 }
 
 /// TensorRT-LLM's `config.json` for the model and layout, key for key as 0.17 writes it

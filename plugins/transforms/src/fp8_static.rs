@@ -38,11 +38,30 @@ pub struct Fp8StaticConfig {
     /// `dtype`): bf16, f16 or f32.
     #[serde(default = "bf16_name")]
     pub dtype: String,
+    /// "modelopt-hf": ModelOpt's unified HF checkpoint (per-projection scales, 0-dim);
+    /// "trtllm": the scales ModelOpt's TensorRT-LLM export uses, for the `trtllm` exporter —
+    /// one weight scale per fused group (q, k, v; gate, up: the largest amax), weights divided
+    /// in fp32 and clamped, `[1]` factors under TensorRT-LLM's names (`weights_scaling_factor`,
+    /// `activation_scaling_factor`, the KV-cache ones).
+    #[serde(default = "modelopt_hf")]
+    pub layout: String,
+}
+
+fn modelopt_hf() -> String {
+    "modelopt-hf".into()
+}
+
+/// Which checkpoint the scales are laid out for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Layout {
+    ModeloptHf,
+    Trtllm,
 }
 
 pub struct Fp8Static {
     include: regex::Regex,
     dtype: DType,
+    layout: Layout,
     table: Vec<f32>,
     weights: Vec<Tensor>,
     scales: HashMap<String, Tensor>,
@@ -83,21 +102,86 @@ impl Fp8Static {
         t.dtype.is_float() && t.shape.len() == 2 && self.include.is_match(t.name())
     }
 
-    /// The scale tensors a quantized weight carries: its own weight_scale, then the calibrated
-    /// ones of its projection.
-    fn scale_names(&self, weight: &str) -> Vec<String> {
+    /// The scale tensors a quantized weight carries, in order: (name, shape, where its value
+    /// comes from).
+    fn scale_names(&self, weight: &str) -> Vec<(String, Vec<u64>, Source)> {
         let stem = weight.strip_suffix(".weight").unwrap_or(weight);
-        let mut v = vec![
-            format!("{stem}.weight_scale"),
-            format!("{stem}.input_scale"),
-        ];
-        if stem.ends_with("k_proj") {
-            v.push(format!("{stem}.k_scale"));
+        let calibrated = |n: &str| Source::Calibrated(format!("{stem}.{n}"));
+        match self.layout {
+            Layout::ModeloptHf => {
+                let mut v = vec![
+                    (format!("{stem}.weight_scale"), vec![], Source::Weight),
+                    (
+                        format!("{stem}.input_scale"),
+                        vec![],
+                        calibrated("input_scale"),
+                    ),
+                ];
+                if stem.ends_with("k_proj") {
+                    v.push((format!("{stem}.k_scale"), vec![], calibrated("k_scale")));
+                }
+                if stem.ends_with("v_proj") {
+                    v.push((format!("{stem}.v_scale"), vec![], calibrated("v_scale")));
+                }
+                v
+            }
+            Layout::Trtllm => {
+                let mut v = vec![
+                    (
+                        format!("{stem}.weights_scaling_factor"),
+                        vec![1],
+                        Source::Weight,
+                    ),
+                    (
+                        format!("{stem}.activation_scaling_factor"),
+                        vec![1],
+                        calibrated("input_scale"),
+                    ),
+                ];
+                // The layer's KV-cache factors, once, beside v.
+                if let Some(attn) = stem.strip_suffix(".v_proj") {
+                    let (k, v_) = (
+                        format!("{attn}.k_proj.k_scale"),
+                        format!("{attn}.v_proj.v_scale"),
+                    );
+                    v.push((
+                        format!("{attn}.kv_cache_scaling_factor"),
+                        vec![1],
+                        Source::Max(k.clone(), v_.clone()),
+                    ));
+                    v.push((
+                        format!("{attn}.k_cache_scaling_factor"),
+                        vec![1],
+                        Source::Calibrated(k),
+                    ));
+                    v.push((
+                        format!("{attn}.v_cache_scaling_factor"),
+                        vec![1],
+                        Source::Calibrated(v_),
+                    ));
+                }
+                v
+            }
         }
-        if stem.ends_with("v_proj") {
-            v.push(format!("{stem}.v_scale"));
+    }
+
+    /// The weights that share one scale with `weight` in this layout (TensorRT-LLM fuses q,
+    /// k, v and gate, up): a key naming the group.
+    fn group(&self, weight: &str) -> String {
+        let stem = weight.strip_suffix(".weight").unwrap_or(weight);
+        if self.layout == Layout::Trtllm {
+            for (members, key) in [
+                (&["q_proj", "k_proj", "v_proj"][..], "qkv"),
+                (&["gate_proj", "up_proj"][..], "gate_up"),
+            ] {
+                for m in members {
+                    if let Some(prefix) = stem.strip_suffix(m) {
+                        return format!("{prefix}{key}");
+                    }
+                }
+            }
         }
-        v
+        stem.to_string()
     }
 
     /// `x` (f32) rounded to the model's dtype, as f32.
@@ -110,25 +194,31 @@ impl Fp8Static {
         }
     }
 
-    /// The F8 weight and its weight_scale.
-    fn quantize(&self, t: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// The weight's values in the model's dtype and their amax.
+    fn values(&self, t: &Tensor) -> (Vec<f32>, f32) {
         let mut v = Vec::new();
         bridgeflow_sdk::numeric::decode_f64(t.info.dtype, t.bytes(), &mut v);
         let w: Vec<f32> = v.iter().map(|&x| self.round(x as f32)).collect();
         let amax = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let s = amax / 448.0;
-        let q: Vec<u8> = w
-            .iter()
-            .map(|&x| e4m3(&self.table, self.round(x / s)))
-            .collect();
+        (w, amax)
+    }
+
+    /// The e4m3 weight for scale `s`: ModelOpt's HF export keeps the quotient in the model's
+    /// dtype (0-dim scales do not promote), its TensorRT-LLM export in fp32, clamped.
+    fn quantize(&self, t: &Tensor, w: &[f32], s: f32) -> Result<Tensor> {
+        let q: Vec<u8> = match self.layout {
+            Layout::ModeloptHf => w
+                .iter()
+                .map(|&x| e4m3(&self.table, self.round(x / s)))
+                .collect(),
+            Layout::Trtllm => w
+                .iter()
+                .map(|&x| e4m3(&self.table, (x / s).clamp(-448.0, 448.0)))
+                .collect(),
+        };
         let mut info = t.info.clone();
         info.dtype = DType::F8_E4M3;
-        let stem = t.name().strip_suffix(".weight").unwrap_or(t.name());
-        let scale = Tensor::new(
-            TensorInfo::new(format!("{stem}.weight_scale"), DType::F32, &[]),
-            Buffer::from_vec(s.to_le_bytes().to_vec()),
-        )?;
-        Ok((Tensor::new(info, Buffer::from_vec(q))?, scale))
+        Tensor::new(info, Buffer::from_vec(q))
     }
 
     fn in_dtype(&self, t: Tensor) -> Result<Tensor> {
@@ -161,9 +251,19 @@ impl Transform for Fp8Static {
                     cfg.dtype
                 ))
             })?;
+        let layout = match cfg.layout.as_str() {
+            "modelopt-hf" => Layout::ModeloptHf,
+            "trtllm" => Layout::Trtllm,
+            other => {
+                return Err(PluginError::config(format!(
+                    "layout = {other:?}: expected modelopt-hf or trtllm"
+                )))
+            }
+        };
         Ok(Fp8Static {
             include,
             dtype,
+            layout,
             table: e4m3_table(),
             weights: Vec::new(),
             scales: HashMap::new(),
@@ -186,14 +286,16 @@ impl Transform for Fp8Static {
                 continue;
             }
             out.push(TensorInfo::new(t.name(), DType::F8_E4M3, &t.shape));
-            for (i, s) in self.scale_names(t.name()).into_iter().enumerate() {
-                if i > 0 && !scales.contains(s.as_str()) {
-                    return Err(PluginError::shape(format!(
-                        "'{}' needs the calibrated '{s}', which the scales input lacks",
-                        t.name()
-                    )));
+            for (name, shape, source) in self.scale_names(t.name()) {
+                for needed in source.calibrated() {
+                    if !scales.contains(needed) {
+                        return Err(PluginError::shape(format!(
+                            "'{}' needs the calibrated '{needed}', which the scales input lacks",
+                            t.name()
+                        )));
+                    }
                 }
-                out.push(TensorInfo::new(s, DType::F32, &[]));
+                out.push(TensorInfo::new(name, DType::F32, &shape));
             }
         }
         self.plan = out.clone();
@@ -229,24 +331,67 @@ impl Transform for Fp8Static {
     }
 
     fn finish(&mut self, out: &mut Emitter) -> Result<()> {
+        // Each group's scale: the largest amax of its members (a group of one: its own).
+        let mut amax: HashMap<String, f32> = HashMap::new();
+        for t in self.weights.iter().filter(|t| self.quantized(&t.info)) {
+            let a = self.values(t).1;
+            let e = amax.entry(self.group(t.name())).or_insert(0.0);
+            *e = e.max(a);
+        }
         for t in std::mem::take(&mut self.weights) {
             if !self.quantized(&t.info) {
                 out.tensor(self.in_dtype(t)?)?;
                 continue;
             }
+            let s = amax[&self.group(t.name())] / 448.0;
             let names = self.scale_names(t.name());
-            let (q, weight_scale) = self.quantize(&t)?;
-            drop(t);
+            let (w, _) = self.values(&t);
+            let q = self.quantize(&t, &w, s)?;
+            drop((t, w));
             out.tensor(q)?;
-            out.tensor(weight_scale)?;
-            for name in &names[1..] {
-                let s = self.scales.remove(name).ok_or_else(|| {
-                    PluginError::shape(format!("the calibrated '{name}' never arrived"))
-                })?;
-                scalar_f32(&s)?;
-                out.tensor(s)?;
+            for (name, shape, source) in names {
+                let value = match &source {
+                    Source::Weight => s,
+                    Source::Calibrated(n) => self.calibrated(n)?,
+                    Source::Max(a, b) => self.calibrated(a)?.max(self.calibrated(b)?),
+                };
+                let info = TensorInfo::new(name, DType::F32, &shape);
+                out.tensor(Tensor::new(
+                    info,
+                    Buffer::from_vec(value.to_le_bytes().to_vec()),
+                )?)?;
             }
         }
         Ok(())
+    }
+}
+
+/// Where a scale's value comes from.
+enum Source {
+    /// The weight's own (its group's) scale.
+    Weight,
+    /// A calibrated scale, by name.
+    Calibrated(String),
+    /// The larger of two calibrated scales.
+    Max(String, String),
+}
+
+impl Source {
+    fn calibrated(&self) -> Vec<&str> {
+        match self {
+            Source::Weight => vec![],
+            Source::Calibrated(n) => vec![n],
+            Source::Max(a, b) => vec![a, b],
+        }
+    }
+}
+
+impl Fp8Static {
+    fn calibrated(&self, name: &str) -> Result<f32> {
+        let t = self
+            .scales
+            .get(name)
+            .ok_or_else(|| PluginError::shape(format!("the calibrated '{name}' never arrived")))?;
+        scalar_f32(t)
     }
 }
