@@ -290,18 +290,11 @@ fn bad_inputs_are_named_and_leave_nothing() {
     assert!(bridgeflow_tests::leftovers(tmp.path()).is_empty());
 }
 
-/// ModelOpt's unified HF FP8 checkpoint (`pipelines/hf-to-modelopt-fp8.toml`: calibrate, then
-/// fp8-static) against the one ModelOpt 0.37 wrote for the same model and calibration input (the
-/// reference sequence and its reverse): every e4m3 weight byte, weight scale, KV-cache scale and
-/// bf16 tensor equal; the activation scales within 1 % (our calibration pass runs in fp32,
-/// ModelOpt's in bf16: 0.5 % on this model); `quantization_config` and `hf_quant_config.json`
-/// equal.
-#[test]
-fn modelopt_fp8_equals_modelopts_own() {
-    let tmp = tempdir();
-    let out = tmp.path().join("fp8");
+/// Runs an FP8 pipeline on the Llama fixture into a fresh folder.
+fn fp8_export(pipeline: &str, tmp: &Path) -> std::path::PathBuf {
+    let out = tmp.join("fp8");
     let o = bridgeflow()
-        .args(["run", "pipelines/hf-to-modelopt-fp8.toml", "--no-progress"])
+        .args(["run", pipeline, "--no-progress"])
         .args([
             "--set",
             &format!("input={}", fixtures().join("hf/llama").display()),
@@ -310,32 +303,59 @@ fn modelopt_fp8_equals_modelopts_own() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
-    let golden = fixtures().join("trtllm/llama-fp8-hf-bf16");
-    let (ours, theirs) = (
-        load_tensors(&out),
-        load_tensors(&golden.join("model.safetensors")),
-    );
-    assert_eq!(
-        ours.keys().collect::<Vec<_>>(),
-        theirs.keys().collect::<Vec<_>>()
-    );
+    out
+}
+
+/// `ours` against ModelOpt's `theirs` (the RoPE tables aside): the same names, dtypes and
+/// shapes, every tensor byte for byte but the calibrated activation scales (names ending in
+/// `calibrated`), which must be within 1 % — our calibration pass runs in fp32, ModelOpt's in
+/// bf16 (0.5 % apart on this model). Returns how many were calibrated.
+fn same_as_modelopt(
+    ours: &BTreeMap<String, bridgeflow_tests::Loaded>,
+    theirs: &BTreeMap<String, bridgeflow_tests::Loaded>,
+    calibrated: &str,
+) -> usize {
+    let kept: Vec<&String> = theirs
+        .keys()
+        .filter(|n| !ROPE_TABLES.contains(&n.as_str()))
+        .collect();
+    assert_eq!(ours.keys().collect::<Vec<_>>(), kept);
     let f32_of = |b: &[u8]| f32::from_le_bytes(b.try_into().unwrap());
-    let mut calibrated = 0;
-    for (name, t) in &theirs {
-        let g = &ours[name];
+    let mut n = 0;
+    for name in kept {
+        let (g, t) = (&ours[name], &theirs[name]);
         assert_eq!((g.dtype, &g.shape), (t.dtype, &t.shape), "{name}");
-        if name.ends_with(".input_scale") {
+        if name.ends_with(calibrated) {
             let (a, b) = (f32_of(&g.bytes), f32_of(&t.bytes));
             assert!((a - b).abs() <= 0.01 * b, "{name}: {a} vs ModelOpt's {b}");
-            calibrated += 1;
+            n += 1;
         } else {
             assert!(g.bytes == t.bytes, "{name} differs from ModelOpt's");
         }
     }
-    assert_eq!(calibrated, 14);
-    let json = |p: std::path::PathBuf| -> Value {
-        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
-    };
+    n
+}
+
+fn json(p: std::path::PathBuf) -> Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+/// ModelOpt's unified HF FP8 checkpoint (`pipelines/hf-to-modelopt-fp8.toml`: calibrate, then
+/// fp8-static) against the one ModelOpt 0.37 wrote for the same model and calibration input (the
+/// reference sequence and its reverse): every e4m3 weight byte, weight scale, KV-cache scale and
+/// bf16 tensor equal, the activation scales within 1 %; `quantization_config` and
+/// `hf_quant_config.json` equal.
+#[test]
+fn modelopt_fp8_equals_modelopts_own() {
+    let tmp = tempdir();
+    let out = fp8_export("pipelines/hf-to-modelopt-fp8.toml", tmp.path());
+    let golden = fixtures().join("trtllm/llama-fp8-hf-bf16");
+    let n = same_as_modelopt(
+        &load_tensors(&out),
+        &load_tensors(&golden.join("model.safetensors")),
+        ".input_scale",
+    );
+    assert_eq!(n, 14);
     assert_eq!(
         json(out.join("config.json"))["quantization_config"],
         json(golden.join("config.json"))["quantization_config"]
@@ -350,45 +370,21 @@ fn modelopt_fp8_equals_modelopts_own() {
 /// TensorRT-LLM FP8 (`pipelines/hf-to-trtllm-fp8.toml`: calibrate, fp8-static in TensorRT-LLM's
 /// scale layout, the trtllm exporter) against the checkpoint ModelOpt 0.37's
 /// `export_tensorrt_llm_checkpoint` wrote: every e4m3 weight (one scale per fused qkv and
-/// gate/up), weight and KV-cache factor and bf16 tensor equal, the activation factors within 1 %
-/// (fp32 vs bf16 calibration), `config.json` (ModelOpt's own keys) equal; the RoPE tables left
-/// out as for every TensorRT-LLM checkpoint here.
+/// gate/up), weight and KV-cache factor and bf16 tensor equal, the activation factors within 1 %,
+/// `config.json` (ModelOpt's own keys) equal.
 #[test]
 fn trtllm_fp8_equals_modelopts_own() {
     let tmp = tempdir();
-    let out = tmp.path().join("fp8");
-    let o = bridgeflow()
-        .args(["run", "pipelines/hf-to-trtllm-fp8.toml", "--no-progress"])
-        .args([
-            "--set",
-            &format!("input={}", fixtures().join("hf/llama").display()),
-        ])
-        .args(["--set", &format!("output={}", out.display())])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    let out = fp8_export("pipelines/hf-to-trtllm-fp8.toml", tmp.path());
     let golden = fixtures().join("trtllm/llama-fp8-tp1-bf16");
-    let ours = load_tensors(&out.join("rank0.safetensors"));
-    let theirs = load_tensors(&golden.join("rank0.safetensors"));
-    let kept: Vec<&String> = theirs
-        .keys()
-        .filter(|n| !ROPE_TABLES.contains(&n.as_str()))
-        .collect();
-    assert_eq!(ours.keys().collect::<Vec<_>>(), kept);
-    let f32_of = |b: &[u8]| f32::from_le_bytes(b.try_into().unwrap());
-    for name in kept {
-        let (g, t) = (&ours[name], &theirs[name]);
-        assert_eq!((g.dtype, &g.shape), (t.dtype, &t.shape), "{name}");
-        if name.ends_with("activation_scaling_factor") {
-            let (a, b) = (f32_of(&g.bytes), f32_of(&t.bytes));
-            assert!((a - b).abs() <= 0.01 * b, "{name}: {a} vs ModelOpt's {b}");
-        } else {
-            assert!(g.bytes == t.bytes, "{name} differs from ModelOpt's");
-        }
-    }
-    let json = |p: std::path::PathBuf| -> Value {
-        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
-    };
+    let (ours, theirs) = (
+        load_tensors(&out.join("rank0.safetensors")),
+        load_tensors(&golden.join("rank0.safetensors")),
+    );
+    assert_eq!(
+        same_as_modelopt(&ours, &theirs, "activation_scaling_factor"),
+        10
+    );
     assert_eq!(
         json(out.join("config.json")),
         json(golden.join("config.json"))
