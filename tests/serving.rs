@@ -390,3 +390,37 @@ fn trtllm_fp8_equals_modelopts_own() {
         json(golden.join("config.json"))
     );
 }
+
+/// DeepSeek-V3 as transformers saves it — `num_nextn_predict_layers: 1` in the config, no MTP
+/// weights — goes to Megatron and back (the HF export vLLM serves) bit for bit, the missing MTP
+/// layers said, not silently assumed.
+#[test]
+fn deepseek_without_mtp_weights_round_trips() {
+    let tmp = tempdir();
+    let src = fixtures().join("vllm/_hf/deepseek_v3");
+    let (mcore, hf) = (tmp.path().join("mcore"), tmp.path().join("hf"));
+    let t = convert(
+        &format!("hf:{}", src.display()),
+        &format!("megatron:{}", mcore.display()),
+        &[],
+    );
+    assert!(
+        t.contains("multi-token-prediction layer(s) but the checkpoint has none"),
+        "{t}"
+    );
+    let config = src.join("config.json");
+    convert(
+        &format!("megatron:{}", mcore.display()),
+        &format!("hf:{}", hf.display()),
+        &["--hf-config", config.to_str().unwrap()],
+    );
+    let (a, b) = (
+        load_tensors(&src.join("model.safetensors")),
+        load_tensors(&hf),
+    );
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    assert!(
+        a.iter().all(|(n, t)| b[n] == *t),
+        "round trip changed a tensor"
+    );
+}

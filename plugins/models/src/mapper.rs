@@ -303,6 +303,7 @@ pub fn model_config_from(c: &serde_json::Value, path: &Path) -> Result<ModelConf
 /// On import, the config kept with the checkpoint describes the weights as they arrive here
 /// (after a cast or a dequantization upstream): their dtype, without the keys a stage dropped.
 fn as_arriving(input: &StreamPlan, hf: &mut serde_json::Value) {
+    without_absent_mtp(input, hf);
     if let Some(d) = input.get(bridgeflow_sdk::attrs::DTYPE) {
         hf["dtype"] = d.trim_start_matches("torch.").into();
         if let Some(o) = hf.as_object_mut() {
@@ -316,6 +317,36 @@ fn as_arriving(input: &StreamPlan, hf: &mut serde_json::Value) {
         for k in &keys {
             o.remove(k);
         }
+    }
+}
+
+/// A config that names multi-token-prediction layers whose weights the checkpoint does not have
+/// (transformers saves DeepSeek-V3 without them, and loads it so): imported as the model without
+/// them, said on stderr, so that the Megatron config and the weights agree.
+fn without_absent_mtp(input: &StreamPlan, hf: &mut serde_json::Value) {
+    let (Some(layers), Some(mtp)) = (
+        hf["num_hidden_layers"].as_u64(),
+        hf["num_nextn_predict_layers"].as_u64().filter(|&m| m > 0),
+    ) else {
+        return;
+    };
+    let layer = |name: &str| -> Option<u64> {
+        name.strip_prefix("model.layers.")?
+            .split('.')
+            .next()?
+            .parse()
+            .ok()
+    };
+    // HF names them as the layers after the last; Megatron as `mtp.layers.{m}`.
+    let present = input.tensors.iter().any(|t| {
+        let n = t.base_name();
+        n.starts_with("mtp.") || layer(n).is_some_and(|l| l >= layers)
+    });
+    if !present {
+        eprintln!(
+            "note: the config names {mtp} multi-token-prediction layer(s) but the checkpoint has none; converting the model without them"
+        );
+        hf["num_nextn_predict_layers"] = 0.into();
     }
 }
 
@@ -822,6 +853,8 @@ impl Transform for Mapper {
         let (mut hf, path, derived, tables) = self.hf_config(input)?;
         if self.to_megatron {
             as_arriving(input, &mut hf);
+        } else {
+            without_absent_mtp(input, &mut hf);
         }
         let text = crate::megatron_config::text_view(&hf);
         let model = model_config_from(&text, &path)?;
