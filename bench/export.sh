@@ -7,7 +7,7 @@
 # RSS must stay within the memory budget + 64 MB (checked, the script fails otherwise).
 #
 #   bash bench/export.sh [WORKDIR] [BUDGET]      (default: /tmp/bridgeflow-bench, 256MiB)
-#   CARGO_TARGET_DIR=DIR (build and run from there)
+#   CARGO_TARGET_DIR=DIR (build and run from there)   DEEPSEEK=1 [EXPERTS=8] [DEEPSEEK_BUDGET=512MiB]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -32,7 +32,11 @@ mg="$work/llama-1g-megatron"
   "$bin" convert --from "hf:$hf" --to "megatron:$mg" --no-progress > /dev/null
 bytes=$(stat -c %s "$hf/model.safetensors")
 opts=(--memory-budget "$budget" --no-progress)
-limit=$(python3 -c "import re,sys; m=re.fullmatch(r'(\d+)\s*([KMG]?)(i?)B?',sys.argv[1]); u={'':1,'K':1,'M':2,'G':3}[m[2]]; print(int(m[1])*(1024 if m[3] else 1000)**u//1000000 + 64)" "$budget")
+# A budget in MB, plus the 64 MB of slack allowed.
+limit_of() {
+  python3 -c "import re,sys; m=re.fullmatch(r'(\d+)\s*([KMG]?)(i?)B?',sys.argv[1]); u={'':1,'K':1,'M':2,'G':3}[m[2]]; print(int(m[1])*(1024 if m[3] else 1000)**u//1000000 + 64)" "$1"
+}
+limit=$(limit_of "$budget")
 worst=0
 row() {
   bench_row "$@"
@@ -58,6 +62,42 @@ row "Megatron -> vLLM sharded_state TP2" "$bytes" "$out" \
 row "Megatron -> GGUF BF16" "$bytes" "$out.gguf" \
   "$bin" convert --from "megatron:$mg" --to "gguf:$out.gguf" --dtype bf16 --hf-config "$hf/config.json" "${opts[@]}"
 rm -rf "$out" "$out.gguf"
+
+# DEEPSEEK=1: Megatron -> vLLM sharded_state (TP 2) on the DeepSeek-V3-shaped checkpoint of
+# bench/deepseek.sh (real widths, 2 layers, EXPERTS routed experts, default 8), beside cp -r of
+# the Megatron folder. The HF input is removed once converted, so that the Megatron copy and the
+# export fit on the disk together.
+if [ "${DEEPSEEK:-0}" = 1 ]; then
+  ds="$work/deepseek-export-hf"
+  dsm="$work/deepseek-export-megatron"
+  if [ ! -f "$dsm/latest_checkpointed_iteration.txt" ]; then
+    "$mk" "$ds" deepseek 2 "${EXPERTS:-8}" > /dev/null
+    python3 - "$ds" << 'PY'
+import json, sys
+d = sys.argv[1]
+cfg = json.load(open(f"{d}/config.json"))
+cfg.setdefault("max_position_embeddings", 4096)
+json.dump(cfg, open(f"{d}/config.json", "w"), indent=2)
+PY
+    cp "$ds/config.json" "$work/deepseek-export-config.json"
+    "$bin" convert --from "hf:$ds" --to "megatron:$dsm" --no-progress --memory-budget "${DEEPSEEK_BUDGET:-512MiB}" > /dev/null
+    rm -rf "$ds"
+  fi
+  dbytes=$(du -sb "$dsm" | cut -f1)
+  uncache "$hf" "$mg"
+  cat "$dsm"/iter_*/__*.distcp > /dev/null
+  ref=""
+  bench_row "DeepSeek: cp -r Megatron folder" "$dbytes" "$out" cp -r "$dsm" "$out"
+  ref=$median
+  bench_row "DeepSeek: Megatron -> vLLM sharded_state TP2" "$dbytes" "$out" \
+    "$bin" convert --from "megatron:$dsm" --to "vllm:$out" --tp 2 \
+    --hf-config "$work/deepseek-export-config.json" --memory-budget "${DEEPSEEK_BUDGET:-512MiB}" --no-progress
+  ds_limit=$(limit_of "${DEEPSEEK_BUDGET:-512MiB}")
+  echo "DeepSeek peak RSS: $peak_mb MB (limit $ds_limit MB)"
+  [ "$peak_mb" -le "$ds_limit" ] || { echo "FAIL: DeepSeek peak RSS over the limit"; exit 1; }
+  rm -rf "$out"
+  [ "${KEEP:-0}" = 1 ] || rm -rf "$dsm"
+fi
 echo "median of $REPS runs; GB/s of the HF tensor bytes; x ref: the median over cp -r of the HF folder."
 echo "peak RSS: at most $worst MB (limit: budget $budget + 64 MB = $limit MB)"
 [ "$worst" -le "$limit" ] || { echo "FAIL: peak RSS over the limit"; exit 1; }
