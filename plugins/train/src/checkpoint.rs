@@ -49,63 +49,88 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// Saves the state after `pos.iteration` iterations.
-pub fn save(root: &Path, params: &Params, adam: &AdamW, pos: &Position) -> Result<PathBuf> {
-    std::fs::create_dir_all(root).map_err(io(root, "cannot create"))?;
-    let target = iter_dir(root, pos.iteration);
-    let staging = root.join(format!(
-        ".iter_{:07}.partial-{}",
-        pos.iteration,
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).map_err(io(&staging, "cannot create"))?;
-    let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, p) in &params.by_name {
-        blobs.push((
-            format!("param.{name}"),
-            p.shape.clone(),
-            f32_bytes(&p.master),
-        ));
-        if let Some((m, v)) = adam.moments.get(name) {
-            blobs.push((format!("exp_avg.{name}"), p.shape.clone(), f32_bytes(m)));
-            blobs.push((format!("exp_avg_sq.{name}"), p.shape.clone(), f32_bytes(v)));
+/// What a checkpoint holds, copied out of the trainer (so that it can be written while
+/// training goes on): every tensor's name, shape and fp32 bytes, and the JSON state.
+pub struct Snapshot {
+    blobs: Vec<(String, Vec<usize>, Vec<u8>)>,
+    state: serde_json::Value,
+    iteration: u64,
+}
+
+impl Snapshot {
+    /// The state after `pos.iteration` iterations.
+    pub fn take(params: &Params, adam: &AdamW, pos: &Position) -> Snapshot {
+        let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (name, p) in &params.by_name {
+            blobs.push((
+                format!("param.{name}"),
+                p.shape.clone(),
+                f32_bytes(&p.master),
+            ));
+            if let Some((m, v)) = adam.moments.get(name) {
+                blobs.push((format!("exp_avg.{name}"), p.shape.clone(), f32_bytes(m)));
+                blobs.push((format!("exp_avg_sq.{name}"), p.shape.clone(), f32_bytes(v)));
+            }
+        }
+        let state = json!({
+            "iteration": pos.iteration,
+            "consumed_train_samples": pos.consumed_samples,
+            "scheduled_train_samples": pos.scheduled_samples,
+            "loss_scale": pos.loss_scale.map(|(s, g, h)| json!({"scale": s, "growth_tracker": g, "hysteresis_tracker": h})),
+            "adam_step": adam.step,
+            "adam_beta1": adam.beta1,
+            "adam_beta2": adam.beta2,
+            "adam_eps": adam.eps,
+        });
+        Snapshot {
+            blobs,
+            state,
+            iteration: pos.iteration,
         }
     }
-    let views: Vec<(String, TensorView<'_>)> = blobs
-        .iter()
-        .map(|(n, s, b)| {
-            Ok((
-                n.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).map_err(st)?,
-            ))
-        })
-        .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, None).map_err(st)?;
-    write_synced(&staging.join(TENSORS), &bytes)?;
-    let state = json!({
-        "iteration": pos.iteration,
-        "consumed_train_samples": pos.consumed_samples,
-        "scheduled_train_samples": pos.scheduled_samples,
-        "loss_scale": pos.loss_scale.map(|(s, g, h)| json!({"scale": s, "growth_tracker": g, "hysteresis_tracker": h})),
-        "adam_step": adam.step,
-        "adam_beta1": adam.beta1,
-        "adam_beta2": adam.beta2,
-        "adam_eps": adam.eps,
-    });
-    write_synced(&staging.join(STATE), state.to_string().as_bytes())?;
-    if target.exists() {
-        std::fs::remove_dir_all(&target).map_err(io(&target, "cannot replace"))?;
+
+    /// Writes it under `root` atomically, the tracker last.
+    pub fn write(&self, root: &Path) -> Result<PathBuf> {
+        std::fs::create_dir_all(root).map_err(io(root, "cannot create"))?;
+        let target = iter_dir(root, self.iteration);
+        let staging = root.join(format!(
+            ".iter_{:07}.partial-{}",
+            self.iteration,
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(&staging).map_err(io(&staging, "cannot create"))?;
+        let views: Vec<(String, TensorView<'_>)> = self
+            .blobs
+            .iter()
+            .map(|(n, s, b)| {
+                Ok((
+                    n.clone(),
+                    TensorView::new(Dtype::F32, s.clone(), b).map_err(st)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let bytes = safetensors::serialize(views, None).map_err(st)?;
+        write_synced(&staging.join(TENSORS), &bytes)?;
+        write_synced(&staging.join(STATE), self.state.to_string().as_bytes())?;
+        if target.exists() {
+            std::fs::remove_dir_all(&target).map_err(io(&target, "cannot replace"))?;
+        }
+        std::fs::rename(&staging, &target).map_err(io(&target, "cannot commit"))?;
+        let tracker_tmp = root.join(format!(".{TRACKER}.partial-{}", std::process::id()));
+        write_synced(&tracker_tmp, self.iteration.to_string().as_bytes())?;
+        std::fs::rename(&tracker_tmp, root.join(TRACKER))
+            .map_err(io(root, "cannot update the tracker in"))?;
+        if let Ok(d) = std::fs::File::open(root) {
+            let _ = d.sync_all();
+        }
+        Ok(target)
     }
-    std::fs::rename(&staging, &target).map_err(io(&target, "cannot commit"))?;
-    let tracker_tmp = root.join(format!(".{TRACKER}.partial-{}", std::process::id()));
-    write_synced(&tracker_tmp, pos.iteration.to_string().as_bytes())?;
-    std::fs::rename(&tracker_tmp, root.join(TRACKER))
-        .map_err(io(root, "cannot update the tracker in"))?;
-    if let Ok(d) = std::fs::File::open(root) {
-        let _ = d.sync_all();
-    }
-    Ok(target)
+}
+
+/// Saves the state after `pos.iteration` iterations.
+pub fn save(root: &Path, params: &Params, adam: &AdamW, pos: &Position) -> Result<PathBuf> {
+    Snapshot::take(params, adam, pos).write(root)
 }
 
 fn st(e: safetensors::SafeTensorError) -> PluginError {

@@ -103,6 +103,11 @@ pub struct TrainConfig {
     /// Print (stderr) and log every N iterations.
     #[serde(default = "one_u64")]
     pub log_interval: u64,
+    /// Write checkpoints in the background while training goes on (megatron-core's
+    /// `--async-save`): the state is copied at the iteration, written by a thread, and the next
+    /// save (or the end of the run) waits for it.
+    #[serde(default)]
+    pub async_save: bool,
     /// Evaluate on the held-out samples (the trainer's third input) every N iterations
     /// (megatron-core's `--eval-interval`; 0: never).
     #[serde(default)]

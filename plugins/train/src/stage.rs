@@ -42,6 +42,8 @@ pub struct TrainStage {
     eval_due: bool,
     /// (iteration, validation loss) of each evaluation.
     validation: Vec<(u64, f64)>,
+    /// The checkpoint being written in the background (`async_save`).
+    saving: Option<std::thread::JoinHandle<Result<std::path::PathBuf>>>,
 }
 
 impl Transform for TrainStage {
@@ -73,6 +75,7 @@ impl Transform for TrainStage {
             valid_rows: 0,
             eval_due: false,
             validation: Vec::new(),
+            saving: None,
         })
     }
 
@@ -129,35 +132,10 @@ impl Transform for TrainStage {
     }
 
     fn finish(&mut self, out: &mut Emitter) -> Result<()> {
-        if let Some(w) = &self.weights {
-            if !w.is_complete() {
-                return Err(PluginError::shape(format!(
-                    "the weights stream ended without {}",
-                    w.missing().join(", ")
-                )));
-            }
-        }
-        self.train_ready(out)?;
-        if self.eval_due {
-            return Err(PluginError::shape(format!(
-                "the held-out data ran out: evaluation {} needs {} samples, {} were left",
-                self.validation.len() + 1,
-                self.eval_samples(),
-                self.valid_queue.len()
-            )));
-        }
-        let done = self.trainer.as_ref().map_or(0, |t| t.iteration);
-        if done < self.cfg.train_iters {
-            return Err(PluginError::shape(format!(
-                "the data ran out after {done} of {} iterations ({} samples for {} per iteration)",
-                self.cfg.train_iters, self.rows_seen, self.cfg.global_batch_size
-            )));
-        }
-        let trainer = self.trainer.as_ref().expect("trained");
-        for t in self.out_plan.tensors.iter() {
-            out.tensor_to(0, trainer.params.export(t.name())?)?;
-        }
-        Ok(())
+        let trained = self.finish_training(out);
+        // Whatever happened, the checkpoint in flight lands (or its error is the run's).
+        self.saved()?;
+        trained
     }
 
     fn summary(&mut self) -> String {
@@ -284,6 +262,40 @@ impl TrainStage {
         Ok(())
     }
 
+    /// The end of the input: the weights complete, the last iterations and the due
+    /// evaluation run, the trained weights out.
+    fn finish_training(&mut self, out: &mut Emitter) -> Result<()> {
+        if let Some(w) = &self.weights {
+            if !w.is_complete() {
+                return Err(PluginError::shape(format!(
+                    "the weights stream ended without {}",
+                    w.missing().join(", ")
+                )));
+            }
+        }
+        self.train_ready(out)?;
+        if self.eval_due {
+            return Err(PluginError::shape(format!(
+                "the held-out data ran out: evaluation {} needs {} samples, {} were left",
+                self.validation.len() + 1,
+                self.eval_samples(),
+                self.valid_queue.len()
+            )));
+        }
+        let done = self.trainer.as_ref().map_or(0, |t| t.iteration);
+        if done < self.cfg.train_iters {
+            return Err(PluginError::shape(format!(
+                "the data ran out after {done} of {} iterations ({} samples for {} per iteration)",
+                self.cfg.train_iters, self.rows_seen, self.cfg.global_batch_size
+            )));
+        }
+        let trainer = self.trainer.as_ref().expect("trained");
+        for t in self.out_plan.tensors.iter() {
+            out.tensor_to(0, trainer.params.export(t.name())?)?;
+        }
+        Ok(())
+    }
+
     /// Records as samples (`first`: the number of rows of that stream seen before).
     fn samples_of(&self, item: Item, first: u64) -> Result<Vec<Sample>> {
         let batch = item.into_records()?;
@@ -354,8 +366,9 @@ impl TrainStage {
                 return Ok(());
             }
             if out.is_cancelled() {
-                // Preemption: keep what was trained before stopping.
+                // Preemption: keep what was trained before stopping, on disk before exiting.
                 self.save()?;
+                self.saved()?;
                 return Err(PluginError::cancelled());
             }
             let batch: Vec<Sample> = self.queue.drain(..gbs).collect();
@@ -392,9 +405,29 @@ impl TrainStage {
                 .as_ref()
                 .map(|s| (s.scale, s.growth_tracker, s.hysteresis_tracker)),
         };
-        let dir = checkpoint::save(root, &t.params, &t.adam, &pos)?;
-        tracing::info!(iteration = t.iteration, path = %dir.display(), "checkpoint saved");
-        self.saved_at = t.iteration;
+        let snapshot = checkpoint::Snapshot::take(&t.params, &t.adam, &pos);
+        let (root, iteration) = (root.clone(), t.iteration);
+        self.saved_at = iteration;
+        // One checkpoint in flight at a time: the previous one is on disk before this starts.
+        self.saved()?;
+        if self.cfg.async_save {
+            self.saving = Some(std::thread::spawn(move || snapshot.write(&root)));
+            return Ok(());
+        }
+        let dir = snapshot.write(&root)?;
+        tracing::info!(iteration, path = %dir.display(), "checkpoint saved");
+        Ok(())
+    }
+
+    /// Waits for the checkpoint written in the background, if any.
+    fn saved(&mut self) -> Result<()> {
+        let Some(h) = self.saving.take() else {
+            return Ok(());
+        };
+        let dir = h
+            .join()
+            .map_err(|_| PluginError::internal("the checkpoint writer panicked"))??;
+        tracing::info!(path = %dir.display(), "checkpoint saved");
         Ok(())
     }
 
