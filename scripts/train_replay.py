@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="single-run mode: write the run's record here")
     p.add_argument("--write-bf16", default=None, metavar="DIR",
                    help="the mixed-precision golden: final_bf16.safetensors + expected_bf16.json")
+    p.add_argument("--write-lora", default=None, metavar="DIR",
+                   help="the LoRA golden (r 8, alpha 16, Bridge's fused adapters): lora_init, lora_grads_iter1, final_lora_merged, expected_lora.json")
     p.add_argument("--write-fp16", default=None, metavar="DIR",
                    help="the same in fp16 with dynamic loss scaling: final_fp16.safetensors + expected_fp16.json")
     p.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
@@ -360,6 +362,107 @@ def train_bf16(a, tokens, mask, iters, log=True, dtype=torch.bfloat16):
     return records, master
 
 
+def train_lora(a, tokens, mask, iters, r=8, alpha=16.0, log=True):
+    """The same loop under Megatron-Bridge's LoRA on the fused layers, restated on HF's modules:
+    one A shared by q, k and v (B's rows in Megatron's per-group q/k/v order) and one by gate and
+    up (B = [gate; up]), one adapter each on o_proj and down_proj; the model frozen; A xavier-
+    normal, B N(0, 0.02) (not zero, so A has gradients from the first step); scale alpha/r.
+    Returns (records, adapters by Megatron name, initial adapters, merged HF state dict)."""
+    import torch.nn.functional as F
+
+    model = load_model(a.model, a.attn)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cfg = model.config
+    H, nq, nkv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or H // nq
+    hpg, ffn = nq // nkv, cfg.intermediate_size
+    # Megatron's fused qkv rows: per group g, its q heads, then k_g, then v_g.
+    q_idx, k_idx, v_idx, at = [], [], [], 0
+    for g in range(nkv):
+        q_idx += range(at, at + hpg * d); at += hpg * d
+        k_idx += range(at, at + d); at += d
+        v_idx += range(at, at + d); at += d
+    q_idx, k_idx, v_idx = (torch.tensor(x) for x in (q_idx, k_idx, v_idx))
+    torch.manual_seed(0)
+    scale = alpha / r
+    adapters = {}
+
+    def adapter(name, out_f, in_f):
+        A = torch.empty(r, in_f)
+        torch.nn.init.xavier_normal_(A)
+        B = torch.randn(out_f, r) * 0.02
+        A.requires_grad_(True); B.requires_grad_(True)
+        adapters[f"{name}.adapter.linear_in.weight"] = A
+        adapters[f"{name}.adapter.linear_out.weight"] = B
+        return A, B
+
+    def patch(mod, A, B, rows=None):
+        W = mod.weight
+        def fwd(x, W=W, A=A, B=B, rows=rows):
+            Bp = B if rows is None else B.index_select(0, rows)
+            return F.linear(x, W) + scale * F.linear(F.linear(x, A), Bp)
+        mod.forward = fwd
+
+    for l, layer in enumerate(model.model.layers):
+        at_, mlp = layer.self_attn, layer.mlp
+        A, B = adapter(f"decoder.layers.{l}.self_attention.linear_qkv", (nq + 2 * nkv) * d, H)
+        patch(at_.q_proj, A, B, q_idx); patch(at_.k_proj, A, B, k_idx); patch(at_.v_proj, A, B, v_idx)
+        A, B = adapter(f"decoder.layers.{l}.self_attention.linear_proj", H, nq * d)
+        patch(at_.o_proj, A, B)
+        A, B = adapter(f"decoder.layers.{l}.mlp.linear_fc1", 2 * ffn, H)
+        patch(mlp.gate_proj, A, B, torch.arange(0, ffn)); patch(mlp.up_proj, A, B, torch.arange(ffn, 2 * ffn))
+        A, B = adapter(f"decoder.layers.{l}.mlp.linear_fc2", H, ffn)
+        patch(mlp.down_proj, A, B)
+    initial = {n: t.detach().clone() for n, t in adapters.items()}
+    params = list(adapters.values())
+    opt = torch.optim.AdamW([{"params": params, "weight_decay": a.weight_decay}], lr=0.0,
+                            betas=(a.beta1, a.beta2), eps=a.eps, foreach=False)
+    records, grads1 = [], {}
+    nmb = a.gbs // a.mbs
+    for k in range(1, iters + 1):
+        opt.zero_grad(set_to_none=True)
+        sums, counts = [], []
+        for j in range(nmb):
+            sl = slice(j * a.mbs, (j + 1) * a.mbs)
+            s_, n, _ = microbatch_loss(model, tokens[k - 1][sl], mask[k - 1][sl])
+            (s_ / torch.clamp(n, min=1) / nmb).backward()
+            sums.append(s_.detach()); counts.append(n.detach())
+        if k == 1:
+            grads1 = {n: t.grad.detach().clone() for n, t in adapters.items()}
+        sums, counts = torch.stack(sums), torch.stack(counts)
+        rec = {"loss": (sums.sum() / torch.clamp(counts.sum(), min=1)).item(), "num_tokens": int(counts.sum().item())}
+        norm = torch.nn.utils.clip_grad_norm_(params, a.clip_grad, norm_type=2.0, foreach=False).item()
+        rec["grad_norm"] = norm
+        lr = get_lr(a, (k - 1) * a.gbs)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        records.append({"iteration": k, "lr": lr, **rec})
+        if log:
+            print(f"  lora iter {k:3d}  lr {lr:.6e}  loss {rec['loss']:.9f}  grad_norm {norm:.6e}")
+    # Merged HF weights: W0 + scale * B_part @ A.
+    merged = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for l in range(cfg.num_hidden_layers):
+            pre = f"decoder.layers.{l}."
+            A = adapters[pre + "self_attention.linear_qkv.adapter.linear_in.weight"]
+            B = adapters[pre + "self_attention.linear_qkv.adapter.linear_out.weight"]
+            for proj, rows in (("q_proj", q_idx), ("k_proj", k_idx), ("v_proj", v_idx)):
+                merged[f"model.layers.{l}.self_attn.{proj}.weight"] += scale * B.index_select(0, rows) @ A
+            A = adapters[pre + "self_attention.linear_proj.adapter.linear_in.weight"]
+            B = adapters[pre + "self_attention.linear_proj.adapter.linear_out.weight"]
+            merged[f"model.layers.{l}.self_attn.o_proj.weight"] += scale * B @ A
+            A = adapters[pre + "mlp.linear_fc1.adapter.linear_in.weight"]
+            B = adapters[pre + "mlp.linear_fc1.adapter.linear_out.weight"]
+            merged[f"model.layers.{l}.mlp.gate_proj.weight"] += scale * B[:ffn] @ A
+            merged[f"model.layers.{l}.mlp.up_proj.weight"] += scale * B[ffn:] @ A
+            A = adapters[pre + "mlp.linear_fc2.adapter.linear_in.weight"]
+            B = adapters[pre + "mlp.linear_fc2.adapter.linear_out.weight"]
+            merged[f"model.layers.{l}.mlp.down_proj.weight"] += scale * B @ A
+    return records, grads1, initial, merged
+
+
 # ----------------------------------------------------------------------------- self-checks
 def check_lr_against_mcore(a, iters):
     """The test vector of the spec (GBS 4, warmup 2, decay 6, 1e-4 -> 1e-5) and, when
@@ -454,6 +557,25 @@ def main(argv=None):
     setup_torch(a.threads)
     cfg = json.loads((Path(a.model) / "config.json").read_text())
     vocab = cfg["vocab_size"]
+
+    if a.write_lora:
+        from safetensors.torch import save_file
+
+        out = Path(a.write_lora)
+        tokens, mask = get_batches(a, vocab, a.train_iters)
+        recs, grads1, initial, merged = train_lora(a, tokens, mask, a.train_iters)
+        save_file({n: t.contiguous() for n, t in initial.items()}, str(out / "lora_init.safetensors"))
+        save_file({n: t.contiguous() for n, t in grads1.items()}, str(out / "lora_grads_iter1.safetensors"))
+        save_file({n: t.contiguous() for n, t in merged.items()}, str(out / "final_lora_merged.safetensors"))
+        argv_used = sys.argv[1:] if argv is None else argv
+        (out / "expected_lora.json").write_text(json.dumps({
+            "generated_by": "scripts/train_replay.py " + " ".join(argv_used),
+            "versions": versions(),
+            "settings": {**settings_dict(a, "default", a.train_iters), "lora": {"dim": 8, "alpha": 16.0,
+                         "targets": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]}},
+            "loss": "sum(ce*mask)/sum(mask) over the global batch (what Megatron-Bridge logs)",
+            "iterations": recs}, indent=1) + "\n")
+        return 0
 
     if a.write_bf16 or a.write_fp16:
         from safetensors.torch import save_file

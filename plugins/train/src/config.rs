@@ -116,9 +116,58 @@ pub struct TrainConfig {
     /// megatron-core's validation iterator is.
     #[serde(default = "one_u64")]
     pub eval_iters: u64,
+    /// Train LoRA adapters on the frozen model (Megatron-Bridge's `LoRA`); the weights port
+    /// then carries the merged weights, `W0 + (alpha/dim) · B · A`.
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
     /// Where to compute: `cpu`, or `cuda` / `cuda:N` (a build with the `cuda` feature).
     #[serde(default = "cpu")]
     pub device: String,
+}
+
+/// Megatron-Bridge's LoRA (`megatron/bridge/peft/lora.py`): one adapter per targeted linear
+/// layer, on the fused `linear_qkv` and `linear_fc1` too (B's rows in the layer's own order).
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(crate = "bridgeflow_sdk::serde", deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Module names (`linear_qkv`, `linear_proj`, `linear_fc1`, `linear_fc2`) or `*` patterns
+    /// over their full names (`*.layers.0.*.linear_qkv`).
+    #[serde(default = "lora_targets")]
+    pub target_modules: Vec<String>,
+    /// The rank r.
+    #[serde(default = "thirty_two")]
+    pub dim: usize,
+    /// The scale is alpha / dim.
+    #[serde(default = "thirty_two_f")]
+    pub alpha: f64,
+    /// A's initialization: xavier (normal, std sqrt(2 / (in + r))) or normal (std 0.2); B
+    /// starts at zero.
+    #[serde(default = "xavier")]
+    pub lora_a_init: String,
+    /// Start from these adapter weights instead (safetensors, Megatron names
+    /// `….adapter.linear_in.weight` / `linear_out.weight`).
+    #[serde(default)]
+    pub init_from: Option<std::path::PathBuf>,
+    #[serde(default = "lora_seed")]
+    pub seed: u32,
+}
+
+fn lora_targets() -> Vec<String> {
+    ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+        .map(String::from)
+        .to_vec()
+}
+fn thirty_two() -> usize {
+    32
+}
+fn thirty_two_f() -> f64 {
+    32.0
+}
+fn xavier() -> String {
+    "xavier".into()
+}
+fn lora_seed() -> u32 {
+    1234
 }
 
 fn initial_scale() -> f64 {

@@ -139,16 +139,23 @@ pub fn tensors(cfg: &Map<String, Value>, std: f64) -> Result<Vec<(String, Vec<u6
 }
 
 /// Normal draws from one MT19937 stream: uniforms of 24 bits, Box–Muller in pairs.
-struct Normals {
+pub(crate) struct Normals {
     mt: rand_mt::Mt,
     spare: Option<f64>,
 }
 
 impl Normals {
+    pub(crate) fn seeded(seed: u32) -> Normals {
+        Normals {
+            mt: rand_mt::Mt::new(seed),
+            spare: None,
+        }
+    }
+
     fn uniform(&mut self) -> f64 {
         (self.mt.next_u32() >> 8) as f64 / (1u32 << 24) as f64
     }
-    fn next(&mut self) -> f64 {
+    pub(crate) fn next(&mut self) -> f64 {
         if let Some(z) = self.spare.take() {
             return z;
         }

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod init;
+pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod params;

@@ -293,14 +293,38 @@ pub struct Gpt<'p> {
 }
 
 impl Gpt<'_> {
-    fn p(&self, name: &str) -> candle_core::Result<&Tensor> {
-        self.params
-            .tensor(name)
-            .ok_or_else(|| candle_core::Error::Msg(format!("no parameter '{name}'")))
+    /// A parameter as the forward pass reads it: frozen ones (the base under LoRA) detached, so
+    /// that no gradient is computed for them.
+    fn p(&self, name: &str) -> candle_core::Result<Tensor> {
+        let p = self
+            .params
+            .by_name
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no parameter '{name}'")))?;
+        Ok(match p.trainable {
+            true => p.var.as_tensor().clone(),
+            false => p.var.as_tensor().detach(),
+        })
     }
 
-    fn layer_p(&self, l: usize, rest: &str) -> candle_core::Result<&Tensor> {
+    fn layer_p(&self, l: usize, rest: &str) -> candle_core::Result<Tensor> {
         self.p(&names::layer_key(l as u64, rest))
+    }
+
+    /// `x · Wᵀ` of layer `l`'s linear `module`, plus its LoRA adapter's
+    /// `(alpha/dim) · (x · Aᵀ) · Bᵀ` when it has one (Megatron-Bridge's `LoRALinear`: A is
+    /// `adapter.linear_in`, B `adapter.linear_out`; the input is the layer's normed input).
+    fn proj(&self, l: usize, module: &str, x: &Tensor) -> T {
+        let y = linear(x, &self.layer_p(l, &format!("{module}.weight"))?)?;
+        let a = names::layer_key(l as u64, &format!("{module}.adapter.linear_in.weight"));
+        match (self.params.by_name.contains_key(&a), self.params.lora_scale) {
+            (true, Some(scale)) => {
+                let b = names::layer_key(l as u64, &format!("{module}.adapter.linear_out.weight"));
+                let low = linear(&linear(x, &self.p(&a)?)?, &self.p(&b)?)?;
+                y + (low * scale)?
+            }
+            _ => Ok(y),
+        }
     }
 
     /// Logits `[b, s, vocab]` in the compute dtype.
@@ -316,7 +340,7 @@ impl Gpt<'_> {
         }
         let x = rms_norm(
             &x,
-            self.p(names::FINAL_LAYERNORM)?,
+            &self.p(names::FINAL_LAYERNORM)?,
             self.cfg.layernorm_epsilon,
         )?;
         let out = if self.cfg.tied {
@@ -324,7 +348,7 @@ impl Gpt<'_> {
         } else {
             self.p(names::OUTPUT_LAYER)?
         };
-        linear(&x, out)
+        linear(&x, &out)
     }
 
     fn attention(&self, l: usize, x: &Tensor, pos: &Attn) -> T {
@@ -333,12 +357,12 @@ impl Gpt<'_> {
         let (g, hpg, d) = (c.num_query_groups, c.heads_per_group(), c.kv_channels);
         let xn = rms_norm(
             x,
-            self.layer_p(l, "self_attention.linear_qkv.layer_norm_weight")?,
+            &self.layer_p(l, "self_attention.linear_qkv.layer_norm_weight")?,
             c.layernorm_epsilon,
         )?;
-        let mut qkv = linear(&xn, self.layer_p(l, "self_attention.linear_qkv.weight")?)?;
+        let mut qkv = self.proj(l, "self_attention.linear_qkv", &xn)?;
         if c.qkv_bias {
-            qkv = qkv.broadcast_add(self.layer_p(l, "self_attention.linear_qkv.bias")?)?;
+            qkv = qkv.broadcast_add(&self.layer_p(l, "self_attention.linear_qkv.bias")?)?;
         }
         let qkv = qkv.reshape((b, s, g, hpg + 2, d))?;
         // [b, s, g, hpg, d] → [b, heads, s, d]; k, v: [b, g, s, d].
@@ -352,12 +376,12 @@ impl Gpt<'_> {
             (
                 rms_norm(
                     &q,
-                    self.layer_p(l, "self_attention.q_layernorm.weight")?,
+                    &self.layer_p(l, "self_attention.q_layernorm.weight")?,
                     c.layernorm_epsilon,
                 )?,
                 rms_norm(
                     &k,
-                    self.layer_p(l, "self_attention.k_layernorm.weight")?,
+                    &self.layer_p(l, "self_attention.k_layernorm.weight")?,
                     c.layernorm_epsilon,
                 )?,
             )
@@ -377,24 +401,21 @@ impl Gpt<'_> {
         let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&mask)?;
         let ctx = softmax_last(&scores)?.matmul(&v)?;
         let ctx = ctx.transpose(1, 2)?.reshape((b, s, g * hpg * d))?;
-        linear(&ctx, self.layer_p(l, "self_attention.linear_proj.weight")?)
+        self.proj(l, "self_attention.linear_proj", &ctx)
     }
 
     fn mlp(&self, l: usize, x: &Tensor) -> T {
         let c = self.cfg;
         let xn = rms_norm(
             x,
-            self.layer_p(l, "mlp.linear_fc1.layer_norm_weight")?,
+            &self.layer_p(l, "mlp.linear_fc1.layer_norm_weight")?,
             c.layernorm_epsilon,
         )?;
-        let h = linear(&xn, self.layer_p(l, "mlp.linear_fc1.weight")?)?;
+        let h = self.proj(l, "mlp.linear_fc1", &xn)?;
         let f = c.ffn_hidden_size;
         let gate = h.narrow(D::Minus1, 0, f)?;
         let up = h.narrow(D::Minus1, f, f)?;
-        linear(
-            &(gate.silu()? * up)?,
-            self.layer_p(l, "mlp.linear_fc2.weight")?,
-        )
+        self.proj(l, "mlp.linear_fc2", &(gate.silu()? * up)?)
     }
 
     /// The masked cross-entropy sum over the batch and the number of tokens in the loss, as

@@ -16,6 +16,8 @@ pub struct Param {
     pub var: Var,
     /// megatron-core's `wd_mult`: 0 for 1-D parameters (norms) and biases.
     pub decay: bool,
+    /// Updated by training (false: the frozen base of a LoRA run).
+    pub trainable: bool,
 }
 
 #[derive(Default)]
@@ -23,6 +25,9 @@ pub struct Params {
     pub by_name: BTreeMap<String, Param>,
     /// The dtype the forward pass computes in (bf16 for mixed precision; fp32 by default).
     pub compute: Option<candle_core::DType>,
+    /// LoRA's `alpha / dim` when adapters are trained (their parameters are the
+    /// `….adapter.linear_in/out.weight` ones).
+    pub lora_scale: Option<f64>,
 }
 
 /// Weight decay applies to matrices, never to norms or biases (megatron-core's default
@@ -55,6 +60,7 @@ impl Params {
                 dtype,
                 master,
                 var,
+                trainable: true,
             },
         );
         Ok(())
@@ -78,10 +84,15 @@ impl Params {
         }
     }
 
-    /// A parameter as an output tensor, in the dtype it came in as.
+    /// A parameter as an output tensor, in the dtype it came in as (merged with its LoRA
+    /// adapter when it has one).
     pub fn export(&self, name: &str) -> Result<SdkTensor> {
         let p = &self.by_name[name];
-        let bytes = encode(p.dtype, &p.master)?;
+        // A LoRA-trained layer goes out merged.
+        let bytes = match crate::lora::merged(self, name)? {
+            Some(merged) => encode(p.dtype, &merged)?,
+            None => encode(p.dtype, &p.master)?,
+        };
         let shape: Vec<u64> = p.shape.iter().map(|&d| d as u64).collect();
         SdkTensor::new(
             TensorInfo::new(name, p.dtype, &shape),

@@ -226,6 +226,15 @@ impl TrainStage {
             params.insert(&name, p.shape, p.dtype, p.values, &dev)?;
         }
         let model = self.model.clone().expect("planned");
+        if let Some(lora) = &self.cfg.lora {
+            let n = crate::lora::attach(lora, &model, &mut params, &dev)?;
+            tracing::info!(
+                adapters = n,
+                dim = lora.dim,
+                alpha = lora.alpha,
+                "LoRA: the model frozen"
+            );
+        }
         let mut trainer = Trainer::new(self.cfg.clone(), model, params, dev)?;
         if let Some(root) = &self.cfg.load {
             if let Some(iteration) = checkpoint::latest(root)? {
