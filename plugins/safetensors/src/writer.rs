@@ -60,6 +60,10 @@ pub struct WriterConfig {
     /// output folder (default true; folder outputs only).
     #[serde(default = "yes")]
     pub manifest: bool,
+    /// The file name when the output is one file in a folder (default `model.safetensors`;
+    /// a PEFT adapter is `adapter_model.safetensors`).
+    #[serde(default)]
+    pub file_name: Option<String>,
     /// Copy tensor bytes that are a view of an input file in the kernel, from that file
     /// (`copy_file_range`, as `cp` does), instead of writing them out of its memory map
     /// (default true; the same bytes either way).
@@ -273,7 +277,10 @@ impl SafetensorsWriter {
                 .enumerate()
                 .map(|(k, g)| {
                     let name = if n == 1 {
-                        SINGLE_NAME.to_string()
+                        self.cfg
+                            .file_name
+                            .clone()
+                            .unwrap_or_else(|| SINGLE_NAME.to_string())
                     } else {
                         format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
                     };
@@ -410,19 +417,10 @@ impl SafetensorsWriter {
         serde_json::to_string_pretty(&cfg).expect("json") + "\n"
     }
 
-    fn copy_side_files(&self, dir: &Path) -> Result<usize> {
-        let from = match &self.cfg.copy_from {
-            Some(p) => Some(p.clone()),
-            None => self.plan.get(bridgeflow_sdk::attrs::SOURCE_DIR),
-        };
+    /// The files stages asked for beside the weights ([`bridgeflow_sdk::attrs::EXTRA_FILES`]:
+    /// a PEFT `adapter_config.json`, ModelOpt's `hf_quant_config.json`), always written.
+    fn write_extra_files(&self, dir: &Path) -> Result<usize> {
         let mut copied = 0;
-        // A config handed over in the stream (rebuilt from a Megatron checkpoint) wins.
-        if let Some(cfg) = self.plan.get(bridgeflow_sdk::attrs::HF_CONFIG) {
-            let dst = dir.join("config.json");
-            let text = self.update_config(serde_json::to_string_pretty(&cfg).expect("json") + "\n");
-            std::fs::write(&dst, text).map_err(|e| PluginError::io(&dst, "cannot write", e))?;
-            copied += 1;
-        }
         for (name, value) in self
             .plan
             .get(bridgeflow_sdk::attrs::EXTRA_FILES)
@@ -437,6 +435,22 @@ impl SafetensorsWriter {
             }
             let dst = dir.join(&name);
             let text = serde_json::to_string_pretty(&value).expect("json") + "\n";
+            std::fs::write(&dst, text).map_err(|e| PluginError::io(&dst, "cannot write", e))?;
+            copied += 1;
+        }
+        Ok(copied)
+    }
+
+    fn copy_side_files(&self, dir: &Path) -> Result<usize> {
+        let from = match &self.cfg.copy_from {
+            Some(p) => Some(p.clone()),
+            None => self.plan.get(bridgeflow_sdk::attrs::SOURCE_DIR),
+        };
+        let mut copied = 0;
+        // A config handed over in the stream (rebuilt from a Megatron checkpoint) wins.
+        if let Some(cfg) = self.plan.get(bridgeflow_sdk::attrs::HF_CONFIG) {
+            let dst = dir.join("config.json");
+            let text = self.update_config(serde_json::to_string_pretty(&cfg).expect("json") + "\n");
             std::fs::write(&dst, text).map_err(|e| PluginError::io(&dst, "cannot write", e))?;
             copied += 1;
         }
@@ -510,6 +524,13 @@ impl Sink for SafetensorsWriter {
             return Err(PluginError::config("path is empty"));
         }
         let single_file = cfg.path.extension().is_some_and(|x| x == "safetensors");
+        if let Some(f) = &cfg.file_name {
+            if !f.ends_with(".safetensors") || f.contains(['/', '\\']) || f.starts_with('.') {
+                return Err(PluginError::config(format!(
+                    "file_name = {f:?}: expected a plain NAME.safetensors"
+                )));
+            }
+        }
         Ok(SafetensorsWriter {
             cfg,
             single_file,
@@ -682,8 +703,9 @@ impl Sink for SafetensorsWriter {
             if self.shards.len() > 1 && !self.by_prefix {
                 self.write_index(&staging)?;
             }
+            side = self.write_extra_files(&staging)?;
             if self.cfg.copy_side_files {
-                side = self.copy_side_files(&staging)?;
+                side += self.copy_side_files(&staging)?;
             }
             if self.cfg.manifest {
                 self.manifest.save(&staging.join(MANIFEST_FILE))?;

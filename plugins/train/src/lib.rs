@@ -15,6 +15,7 @@ pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod peft;
 pub mod scaler;
 pub mod schedule;
 pub mod stage;
@@ -26,6 +27,11 @@ bridgeflow_sdk::export_plugins! {
         version: env!("CARGO_PKG_VERSION"),
         description: "Training as megatron-core's loop does it (Llama family, fp32), on candle",
         trainer: Transform(stage::TrainStage),
+    }
+    "peft-export" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "LoRA adapters (Megatron-Bridge names) as a Hugging Face PEFT adapter",
+        transform: Transform(peft::PeftExport),
     }
     "init" {
         version: env!("CARGO_PKG_VERSION"),

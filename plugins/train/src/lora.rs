@@ -13,6 +13,16 @@ use bridgeflow_sdk::{DType, PluginError, Result};
 use candle_core::Device;
 use std::collections::HashMap;
 
+/// The adapters' hyperparameters on the `adapters` port's plan (`dim`, `alpha`,
+/// `target_modules`), for the PEFT export's `adapter_config.json`.
+pub const LORA: bridgeflow_sdk::Attr<serde_json::Map<String, serde_json::Value>> =
+    bridgeflow_sdk::Attr::new("trainer.lora");
+
+pub fn describe(cfg: &LoraConfig) -> serde_json::Map<String, serde_json::Value> {
+    let v = serde_json::json!({"dim": cfg.dim, "alpha": cfg.alpha, "target_modules": cfg.target_modules});
+    v.as_object().cloned().unwrap_or_default()
+}
+
 /// The linear layers LoRA can target, by Megatron-Bridge's names.
 const MODULES: [&str; 4] = [
     "self_attention.linear_qkv",
@@ -48,6 +58,33 @@ fn adapter_names(module: &str) -> (String, String) {
         format!("{module}.adapter.linear_in.weight"),
         format!("{module}.adapter.linear_out.weight"),
     )
+}
+
+/// The adapter tensors `cfg` puts on `model` (name, shape), in order — what the trainer's
+/// `adapters` port carries.
+pub fn planned(cfg: &LoraConfig, model: &GptConfig) -> Vec<(String, Vec<u64>)> {
+    let (h, f, d) = (
+        model.hidden_size as u64,
+        model.ffn_hidden_size as u64,
+        model.kv_channels as u64,
+    );
+    let qkv = (model.num_attention_heads + 2 * model.num_query_groups) as u64 * d;
+    let heads = model.num_attention_heads as u64 * d;
+    let mut out = Vec::new();
+    for l in 0..model.num_layers {
+        for (m, (rows, cols)) in MODULES
+            .into_iter()
+            .zip([(qkv, h), (h, heads), (2 * f, h), (h, f)])
+        {
+            let module = names::layer_key(l as u64, m);
+            if targeted(cfg, &module) {
+                let (a, b) = adapter_names(&module);
+                out.push((a, vec![cfg.dim as u64, cols]));
+                out.push((b, vec![rows, cfg.dim as u64]));
+            }
+        }
+    }
+    out
 }
 
 /// Freezes every parameter and adds the adapters (from `init_from`, or A drawn as `lora_a_init`

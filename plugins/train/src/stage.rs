@@ -53,7 +53,13 @@ impl Transform for TrainStage {
     /// Weights, training samples, and (optional) held-out samples for `eval_interval`.
     const INPUTS: &'static [PortType] = &[PortType::Tensors, PortType::Records, PortType::Records];
     const OPTIONAL_INPUTS: usize = 1;
-    const OUTPUTS: &'static [Port] = &[Port::tensors("weights"), Port::records("metrics")];
+    /// The trained weights (merged under LoRA), one row per iteration, and the LoRA adapters
+    /// (Megatron-Bridge's names; none without LoRA).
+    const OUTPUTS: &'static [Port] = &[
+        Port::tensors("weights"),
+        Port::records("metrics"),
+        Port::tensors("adapters"),
+    ];
     const RETAINS_INPUTS: bool = true;
 
     fn new(cfg: TrainConfig) -> Result<Self> {
@@ -111,7 +117,21 @@ impl Transform for TrainStage {
         self.weights = Some(Assembler::new(&expected));
         self.model = Some(model);
         self.out_plan = out.clone();
-        Ok(vec![out, StreamPlan::default()])
+        let mut adapters = StreamPlan::new(
+            self.cfg
+                .lora
+                .as_ref()
+                .map(|l| crate::lora::planned(l, self.model.as_ref().expect("set above")))
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(n, shape)| TensorInfo::new(n, bridgeflow_sdk::DType::F32, &shape))
+                .collect(),
+        );
+        adapters.attrs = out.attrs.clone();
+        if let Some(l) = &self.cfg.lora {
+            adapters.set(crate::lora::LORA, crate::lora::describe(l));
+        }
+        Ok(vec![out, StreamPlan::default(), adapters])
     }
 
     fn process(&mut self, port: usize, item: Item, out: &mut Emitter) -> Result<()> {
@@ -301,6 +321,19 @@ impl TrainStage {
         let trainer = self.trainer.as_ref().expect("trained");
         for t in self.out_plan.tensors.iter() {
             out.tensor_to(0, trainer.params.export(t.name())?)?;
+        }
+        if let Some(l) = &self.cfg.lora {
+            let model = self.model.as_ref().expect("planned");
+            for (name, _) in crate::lora::planned(l, model) {
+                let p = &trainer.params.by_name[&name];
+                let bytes: Vec<u8> = p.master.iter().flat_map(|x| x.to_le_bytes()).collect();
+                let shape: Vec<u64> = p.shape.iter().map(|&d| d as u64).collect();
+                let info = TensorInfo::new(name, bridgeflow_sdk::DType::F32, &shape);
+                out.tensor_to(
+                    2,
+                    bridgeflow_sdk::Tensor::new(info, bridgeflow_sdk::Buffer::from_vec(bytes))?,
+                )?;
+            }
         }
         Ok(())
     }
