@@ -72,6 +72,7 @@ def parse_args(argv=None):
                    help="the mixed-precision golden: final_bf16.safetensors + expected_bf16.json")
     p.add_argument("--write-lora", default=None, metavar="DIR",
                    help="the LoRA golden (r 8, alpha 16, Bridge's fused adapters): lora_init, lora_grads_iter1, final_lora_merged, expected_lora.json")
+    p.add_argument("--dora", action="store_true", help="with --write-lora: Bridge's DoRA (dora_* goldens)")
     p.add_argument("--write-fp16", default=None, metavar="DIR",
                    help="the same in fp16 with dynamic loss scaling: final_fp16.safetensors + expected_fp16.json")
     p.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
@@ -362,11 +363,13 @@ def train_bf16(a, tokens, mask, iters, log=True, dtype=torch.bfloat16):
     return records, master
 
 
-def train_lora(a, tokens, mask, iters, r=8, alpha=16.0, log=True):
+def train_lora(a, tokens, mask, iters, r=8, alpha=16.0, log=True, dora=False):
     """The same loop under Megatron-Bridge's LoRA on the fused layers, restated on HF's modules:
     one A shared by q, k and v (B's rows in Megatron's per-group q/k/v order) and one by gate and
     up (B = [gate; up]), one adapter each on o_proj and down_proj; the model frozen; A xavier-
     normal, B N(0, 0.02) (not zero, so A has gradients from the first step); scale alpha/r.
+    With `dora`, Bridge's DoRA on top: a magnitude m per fused row (‖W0 + s·B0·A0‖_row at
+    the start, trainable), each projection's output scaled by m / ‖W + s·B·A‖_row (detached).
     Returns (records, adapters by Megatron name, initial adapters, merged HF state dict)."""
     import torch.nn.functional as F
 
@@ -397,26 +400,56 @@ def train_lora(a, tokens, mask, iters, r=8, alpha=16.0, log=True):
         adapters[f"{name}.adapter.linear_out.weight"] = B
         return A, B
 
-    def patch(mod, A, B, rows=None):
+    def patch(mod, A, B, rows=None, m=None):
         W = mod.weight
-        def fwd(x, W=W, A=A, B=B, rows=rows):
+        def fwd(x, W=W, A=A, B=B, rows=rows, m=m):
             Bp = B if rows is None else B.index_select(0, rows)
-            return F.linear(x, W) + scale * F.linear(F.linear(x, A), Bp)
+            y = F.linear(x, W) + scale * F.linear(F.linear(x, A), Bp)
+            if m is None:
+                return y
+            mp = m if rows is None else m.index_select(0, rows)
+            n = torch.linalg.norm(W + scale * (Bp.detach() @ A.detach()), dim=1).detach()
+            return y * (mp / n)
         mod.forward = fwd
 
+    def add_m(name, pieces, A, B):
+        """DoRA's m for a fused module: pieces = [(W_part, rows of B)]."""
+        out_f = B.shape[0]
+        m = torch.empty(out_f)
+        with torch.no_grad():
+            for W, rows in pieces:
+                Bp = B if rows is None else B.index_select(0, rows)
+                nrm = torch.linalg.norm(W + scale * Bp @ A, dim=1)
+                if rows is None:
+                    m[:] = nrm
+                else:
+                    m[rows] = nrm
+        m.requires_grad_(True)
+        adapters[f"{name}.adapter.weight_magnitude"] = m
+        return m
+
+    gate_rows, up_rows = torch.arange(0, ffn), torch.arange(ffn, 2 * ffn)
     for l, layer in enumerate(model.model.layers):
         at_, mlp = layer.self_attn, layer.mlp
-        A, B = adapter(f"decoder.layers.{l}.self_attention.linear_qkv", (nq + 2 * nkv) * d, H)
-        patch(at_.q_proj, A, B, q_idx); patch(at_.k_proj, A, B, k_idx); patch(at_.v_proj, A, B, v_idx)
-        A, B = adapter(f"decoder.layers.{l}.self_attention.linear_proj", H, nq * d)
-        patch(at_.o_proj, A, B)
-        A, B = adapter(f"decoder.layers.{l}.mlp.linear_fc1", 2 * ffn, H)
-        patch(mlp.gate_proj, A, B, torch.arange(0, ffn)); patch(mlp.up_proj, A, B, torch.arange(ffn, 2 * ffn))
-        A, B = adapter(f"decoder.layers.{l}.mlp.linear_fc2", H, ffn)
-        patch(mlp.down_proj, A, B)
+        pre = f"decoder.layers.{l}."
+        groups = [
+            ("self_attention.linear_qkv", (nq + 2 * nkv) * d, H,
+             [(at_.q_proj, q_idx), (at_.k_proj, k_idx), (at_.v_proj, v_idx)]),
+            ("self_attention.linear_proj", H, nq * d, [(at_.o_proj, None)]),
+            ("mlp.linear_fc1", 2 * ffn, H, [(mlp.gate_proj, gate_rows), (mlp.up_proj, up_rows)]),
+            ("mlp.linear_fc2", H, ffn, [(mlp.down_proj, None)]),
+        ]
+        for module, out_f, in_f, parts in groups:
+            A, B = adapter(pre + module, out_f, in_f)
+            m = add_m(pre + module, [(p.weight, rows) for p, rows in parts], A, B) if dora else None
+            for p, rows in parts:
+                patch(p, A, B, rows, m)
     initial = {n: t.detach().clone() for n, t in adapters.items()}
     params = list(adapters.values())
-    opt = torch.optim.AdamW([{"params": params, "weight_decay": a.weight_decay}], lr=0.0,
+    # Megatron's rule on adapters too: no decay on 1-D parameters (DoRA's magnitude).
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": a.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0,
                             betas=(a.beta1, a.beta2), eps=a.eps, foreach=False)
     records, grads1 = [], {}
     nmb = a.gbs // a.mbs
@@ -441,9 +474,29 @@ def train_lora(a, tokens, mask, iters, r=8, alpha=16.0, log=True):
         records.append({"iteration": k, "lr": lr, **rec})
         if log:
             print(f"  lora iter {k:3d}  lr {lr:.6e}  loss {rec['loss']:.9f}  grad_norm {norm:.6e}")
-    # Merged HF weights: W0 + scale * B_part @ A.
+    # Merged HF weights: W0 + scale * B_part @ A (DoRA: rows rescaled to m / their norm).
     merged = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
+        if dora:
+            for l, layer in enumerate(model.model.layers):
+                pre = f"decoder.layers.{l}."
+                at_, mlp = layer.self_attn, layer.mlp
+                for module, parts in (
+                    ("self_attention.linear_qkv", [("self_attn.q_proj", q_idx), ("self_attn.k_proj", k_idx), ("self_attn.v_proj", v_idx)]),
+                    ("self_attention.linear_proj", [("self_attn.o_proj", None)]),
+                    ("mlp.linear_fc1", [("mlp.gate_proj", gate_rows), ("mlp.up_proj", up_rows)]),
+                    ("mlp.linear_fc2", [("mlp.down_proj", None)]),
+                ):
+                    A = adapters[pre + module + ".adapter.linear_in.weight"]
+                    B = adapters[pre + module + ".adapter.linear_out.weight"]
+                    m = adapters[pre + module + ".adapter.weight_magnitude"]
+                    for hf, rows in parts:
+                        key = f"model.layers.{l}.{hf}.weight"
+                        Bp = B if rows is None else B.index_select(0, rows)
+                        mp = m if rows is None else m.index_select(0, rows)
+                        Wn = merged[key] + scale * Bp @ A
+                        merged[key] = (mp / torch.linalg.norm(Wn, dim=1))[:, None] * Wn
+            return records, grads1, initial, merged
         for l in range(cfg.num_hidden_layers):
             pre = f"decoder.layers.{l}."
             A = adapters[pre + "self_attention.linear_qkv.adapter.linear_in.weight"]
@@ -562,16 +615,17 @@ def main(argv=None):
         from safetensors.torch import save_file
 
         out = Path(a.write_lora)
+        tag = "dora" if a.dora else "lora"
         tokens, mask = get_batches(a, vocab, a.train_iters)
-        recs, grads1, initial, merged = train_lora(a, tokens, mask, a.train_iters)
-        save_file({n: t.contiguous() for n, t in initial.items()}, str(out / "lora_init.safetensors"))
-        save_file({n: t.contiguous() for n, t in grads1.items()}, str(out / "lora_grads_iter1.safetensors"))
-        save_file({n: t.contiguous() for n, t in merged.items()}, str(out / "final_lora_merged.safetensors"))
+        recs, grads1, initial, merged = train_lora(a, tokens, mask, a.train_iters, dora=a.dora)
+        save_file({n: t.contiguous() for n, t in initial.items()}, str(out / f"{tag}_init.safetensors"))
+        save_file({n: t.contiguous() for n, t in grads1.items()}, str(out / f"{tag}_grads_iter1.safetensors"))
+        save_file({n: t.contiguous() for n, t in merged.items()}, str(out / f"final_{tag}_merged.safetensors"))
         argv_used = sys.argv[1:] if argv is None else argv
-        (out / "expected_lora.json").write_text(json.dumps({
+        (out / f"expected_{tag}.json").write_text(json.dumps({
             "generated_by": "scripts/train_replay.py " + " ".join(argv_used),
             "versions": versions(),
-            "settings": {**settings_dict(a, "default", a.train_iters), "lora": {"dim": 8, "alpha": 16.0,
+            "settings": {**settings_dict(a, "default", a.train_iters), "lora": {"dim": 8, "alpha": 16.0, "dora": a.dora,
                          "targets": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]}},
             "loss": "sum(ce*mask)/sum(mask) over the global batch (what Megatron-Bridge logs)",
             "iterations": recs}, indent=1) + "\n")

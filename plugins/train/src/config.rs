@@ -150,6 +150,11 @@ pub struct LoraConfig {
     pub init_from: Option<std::path::PathBuf>,
     #[serde(default = "lora_seed")]
     pub seed: u32,
+    /// DoRA (Megatron-Bridge's `DoRA`, PEFT's `use_dora`): a trainable magnitude per output
+    /// row, `m = ‖W0 + s·B0·A0‖_row` at the start, the output scaled by `m / ‖W0 + s·B·A‖_row`
+    /// (that norm detached). Bridge's DoRA default alpha is 64.
+    #[serde(default)]
+    pub dora: bool,
 }
 
 fn lora_targets() -> Vec<String> {

@@ -19,7 +19,7 @@ pub const LORA: bridgeflow_sdk::Attr<serde_json::Map<String, serde_json::Value>>
     bridgeflow_sdk::Attr::new("trainer.lora");
 
 pub fn describe(cfg: &LoraConfig) -> serde_json::Map<String, serde_json::Value> {
-    let v = serde_json::json!({"dim": cfg.dim, "alpha": cfg.alpha, "target_modules": cfg.target_modules});
+    let v = serde_json::json!({"dim": cfg.dim, "alpha": cfg.alpha, "target_modules": cfg.target_modules, "dora": cfg.dora});
     v.as_object().cloned().unwrap_or_default()
 }
 
@@ -60,6 +60,11 @@ fn adapter_names(module: &str) -> (String, String) {
     )
 }
 
+/// DoRA's magnitude of a module (`[out]`).
+pub fn magnitude_name(module: &str) -> String {
+    format!("{module}.adapter.weight_magnitude")
+}
+
 /// The adapter tensors `cfg` puts on `model` (name, shape), in order — what the trainer's
 /// `adapters` port carries.
 pub fn planned(cfg: &LoraConfig, model: &GptConfig) -> Vec<(String, Vec<u64>)> {
@@ -81,6 +86,9 @@ pub fn planned(cfg: &LoraConfig, model: &GptConfig) -> Vec<(String, Vec<u64>)> {
                 let (a, b) = adapter_names(&module);
                 out.push((a, vec![cfg.dim as u64, cols]));
                 out.push((b, vec![rows, cfg.dim as u64]));
+                if cfg.dora {
+                    out.push((magnitude_name(&module), vec![rows]));
+                }
             }
         }
     }
@@ -131,6 +139,22 @@ pub fn attach(
                 Some((shape, v)) => check(&b_name, shape, &b_shape, v)?,
                 None => vec![0.0; out * cfg.dim],
             };
+            if cfg.dora {
+                let m_name = magnitude_name(&module);
+                let m = match given.get(&m_name) {
+                    Some((shape, v)) => check(&m_name, shape, &[out], v)?,
+                    None => row_norms(
+                        &w.master,
+                        &a,
+                        &b,
+                        out,
+                        inp,
+                        cfg.dim,
+                        cfg.alpha / cfg.dim as f64,
+                    ),
+                };
+                params.insert(&m_name, vec![out], DType::F32, m, dev)?;
+            }
             params.insert(&a_name, a_shape, DType::F32, a, dev)?;
             params.insert(&b_name, b_shape, DType::F32, b, dev)?;
             added += 1;
@@ -144,6 +168,32 @@ pub fn attach(
     }
     params.lora_scale = Some(cfg.alpha / cfg.dim as f64);
     Ok(added)
+}
+
+/// `‖W0 + s·B·A‖` of each row (DoRA's starting magnitude), in f64 then f32.
+fn row_norms(
+    w: &[f32],
+    a: &[f32],
+    b: &[f32],
+    out: usize,
+    inp: usize,
+    r: usize,
+    s: f64,
+) -> Vec<f32> {
+    (0..out)
+        .map(|i| {
+            (0..inp)
+                .map(|j| {
+                    let ba: f64 = (0..r)
+                        .map(|k| b[i * r + k] as f64 * a[k * inp + j] as f64)
+                        .sum();
+                    let v = w[i * inp + j] as f64 + s * ba;
+                    v * v
+                })
+                .sum::<f64>()
+                .sqrt() as f32
+        })
+        .collect()
 }
 
 fn init_a(cfg: &LoraConfig, inp: usize, normals: &mut Normals) -> Result<Vec<f32>> {
@@ -216,9 +266,21 @@ pub fn merged(params: &Params, weight: &str) -> Result<Option<Vec<f32>>> {
     };
     let ba = t(b).and_then(|b| b.matmul(&t(a)?)).map_err(ce)?;
     let sum = (t(w).map_err(ce)? + (ba * scale).map_err(ce)?).map_err(ce)?;
-    Ok(Some(
-        sum.flatten_all().and_then(|x| x.to_vec1()).map_err(ce)?,
-    ))
+    let mut merged: Vec<f32> = sum.flatten_all().and_then(|x| x.to_vec1()).map_err(ce)?;
+    if let Some(m) = params.by_name.get(&magnitude_name(module)) {
+        rescale_rows(&mut merged, &m.master);
+    }
+    Ok(Some(merged))
+}
+
+/// DoRA's merge: each row of `W0 + s·B·A` rescaled to its magnitude, `(m / ‖row‖)·row`.
+fn rescale_rows(w: &mut [f32], m: &[f32]) {
+    let cols = w.len() / m.len().max(1);
+    for (row, &m) in w.chunks_mut(cols).zip(m) {
+        let norm = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+        let k = (m as f64 / norm) as f32;
+        row.iter_mut().for_each(|v| *v *= k);
+    }
 }
 
 #[cfg(test)]
@@ -234,6 +296,7 @@ mod tests {
             lora_a_init: "xavier".into(),
             init_from: None,
             seed: 1,
+            dora: false,
         };
         assert!(targeted(&cfg, "decoder.layers.0.self_attention.linear_qkv"));
         assert!(targeted(&cfg, "decoder.layers.1.mlp.linear_fc2"));

@@ -320,8 +320,17 @@ impl Gpt<'_> {
         match (self.params.by_name.contains_key(&a), self.params.lora_scale) {
             (true, Some(scale)) => {
                 let b = names::layer_key(l as u64, &format!("{module}.adapter.linear_out.weight"));
-                let low = linear(&linear(x, &self.p(&a)?)?, &self.p(&b)?)?;
-                y + (low * scale)?
+                let (a, b) = (self.p(&a)?, self.p(&b)?);
+                let y = (y + (linear(&linear(x, &a)?, &b)? * scale)?)?;
+                let m = names::layer_key(l as u64, &format!("{module}.adapter.weight_magnitude"));
+                if !self.params.by_name.contains_key(&m) {
+                    return Ok(y);
+                }
+                // DoRA: rows rescaled by m / ‖W0 + s·B·A‖_row, the norm detached.
+                let w = self.layer_p(l, &format!("{module}.weight"))?;
+                let merged = (w + (b.detach().matmul(&a.detach())? * scale)?)?;
+                let n = merged.sqr()?.sum_keepdim(1)?.sqrt()?.squeeze(1)?.detach();
+                y.broadcast_mul(&(self.p(&m)? / n)?)
             }
             _ => Ok(y),
         }

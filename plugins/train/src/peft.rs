@@ -4,7 +4,9 @@
 //! `linear_out` → `lora_B`, under `base_model.model.`; a fused layer's A copied to each of its
 //! projections (q, k, v; gate, up) and its B split like the base weight (per query group q/k/v
 //! rows; `[gate; up]`). PEFT then computes `W_q x + (alpha/r) · B_q · A · x`, the fused
-//! adapter's output exactly.
+//! adapter's output exactly. DoRA's magnitude goes out as `lora_magnitude_vector`, split like
+//! B's rows (its norm is per row, so the split is exact) — the tensor Bridge 0.6.2 leaves out,
+//! which makes PEFT re-initialise it.
 
 use crate::lora::LORA;
 use crate::model::GptConfig;
@@ -27,10 +29,13 @@ pub struct PeftExport {
     model: Option<GptConfig>,
 }
 
-/// A Megatron adapter's layer, module and matrix (`in` = A, `out` = B).
+/// A Megatron adapter's layer, module and part (`in` = A, `out` = B, `magnitude` = DoRA's m).
 fn parse(name: &str) -> Option<(u64, &str, &str)> {
     let rest = name.strip_prefix("decoder.layers.")?;
     let (l, rest) = rest.split_once('.')?;
+    if let Some(module) = rest.strip_suffix(".adapter.weight_magnitude") {
+        return Some((l.parse().ok()?, module, "magnitude"));
+    }
     let (module, ab) = rest.split_once(".adapter.linear_")?;
     let ab = ab.strip_suffix(".weight")?;
     Some((l.parse().ok()?, module, ab))
@@ -50,8 +55,11 @@ fn projections(module: &str) -> Option<&'static [&'static str]> {
 }
 
 fn peft_name(l: u64, proj: &str, ab: &str) -> String {
-    let m = if ab == "in" { "lora_A" } else { "lora_B" };
-    format!("base_model.model.model.layers.{l}.{proj}.{m}.weight")
+    match ab {
+        "in" => format!("base_model.model.model.layers.{l}.{proj}.lora_A.weight"),
+        "out" => format!("base_model.model.model.layers.{l}.{proj}.lora_B.weight"),
+        _ => format!("base_model.model.model.layers.{l}.{proj}.lora_magnitude_vector"),
+    }
 }
 
 impl PeftExport {
@@ -59,6 +67,27 @@ impl PeftExport {
         self.model
             .as_ref()
             .ok_or_else(|| PluginError::internal("process before plan"))
+    }
+
+    /// Each projection's rows of an adapter tensor: A (`in`) whole to every projection; B
+    /// (`out`) and DoRA's magnitude (one per B row) split like the base weight's rows.
+    fn parts(
+        &self,
+        module: &str,
+        ab: &str,
+        shape: &[u64],
+    ) -> Result<Vec<Vec<std::ops::Range<u64>>>> {
+        let projs = projections(module).map_or(1, |p| p.len());
+        let want = if ab == "magnitude" { 1 } else { 2 };
+        if shape.len() != want {
+            return Err(PluginError::shape(format!(
+                "{module} adapter part '{ab}' has shape {shape:?}; {want} dimensions expected"
+            )));
+        }
+        Ok(match ab {
+            "in" => vec![vec![0..shape[0]]; projs],
+            _ => self.b_rows(module, shape[0])?,
+        })
     }
 
     /// Each projection's B rows of a fused B `[rows, r]`: q/k/v per query group, or
@@ -119,15 +148,12 @@ impl Transform for PeftExport {
             };
             let (l, module, ab) = parse(t.name()).ok_or_else(bad)?;
             let projs = projections(module).ok_or_else(bad)?;
-            let (rows, r) = (t.shape[0], t.shape[1]);
-            let parts = if ab == "out" {
-                self.b_rows(module, rows)?
-            } else {
-                vec![vec![0..rows]; projs.len()]
-            };
-            for (proj, part) in projs.iter().zip(parts) {
+            for (proj, part) in projs.iter().zip(self.parts(module, ab, &t.shape)?) {
                 let n: u64 = part.iter().map(|p| p.end - p.start).sum();
-                out.push(TensorInfo::new(peft_name(l, proj, ab), t.dtype, &[n, r]));
+                let shape: Vec<u64> = std::iter::once(n)
+                    .chain(t.shape[1..].iter().copied())
+                    .collect();
+                out.push(TensorInfo::new(peft_name(l, proj, ab), t.dtype, &shape));
                 targets.insert(proj.rsplit('.').next().unwrap_or(proj).to_string());
             }
         }
@@ -141,7 +167,8 @@ impl Transform for PeftExport {
             "bias": "none", "fan_in_fan_out": false, "inference_mode": true,
             "init_lora_weights": true, "lora_alpha": lora.get("alpha"), "lora_dropout": 0.0,
             "modules_to_save": null, "r": lora.get("dim"), "rank_pattern": {}, "alpha_pattern": {},
-            "target_modules": targets, "task_type": "CAUSAL_LM", "use_dora": false, "use_rslora": false,
+            "target_modules": targets, "task_type": "CAUSAL_LM",
+            "use_dora": lora.get("dora").and_then(Value::as_bool).unwrap_or(false), "use_rslora": false,
         });
         let mut plan = StreamPlan::new(out);
         plan.set(
@@ -157,20 +184,16 @@ impl Transform for PeftExport {
             .ok_or_else(|| PluginError::shape(format!("'{}': not an adapter", t.name())))?;
         let projs = projections(module)
             .ok_or_else(|| PluginError::shape(format!("'{}': not an adapter", t.name())))?;
-        let (rows, r) = (t.info.shape[0], t.info.shape[1]);
-        let row = (r * t.info.dtype.size() as u64) as usize;
-        let parts = if ab == "out" {
-            self.b_rows(module, rows)?
-        } else {
-            vec![vec![0..rows]; projs.len()]
-        };
-        for (proj, part) in projs.iter().zip(parts) {
+        let inner = &t.info.shape[1..];
+        let row = (inner.iter().product::<u64>() * t.info.dtype.size() as u64) as usize;
+        for (proj, part) in projs.iter().zip(self.parts(module, ab, &t.info.shape)?) {
             let mut bytes = Vec::new();
             for p in &part {
                 bytes.extend_from_slice(&t.bytes()[p.start as usize * row..p.end as usize * row]);
             }
             let n = (bytes.len() / row) as u64;
-            let info = TensorInfo::new(peft_name(l, proj, ab), t.info.dtype, &[n, r]);
+            let shape: Vec<u64> = std::iter::once(n).chain(inner.iter().copied()).collect();
+            let info = TensorInfo::new(peft_name(l, proj, ab), t.info.dtype, &shape);
             out.tensor(Tensor::new(info, Buffer::from_vec(bytes))?)?;
         }
         Ok(())
