@@ -120,6 +120,10 @@ pub struct TrainConfig {
     /// then carries the merged weights, `W0 + (alpha/dim) · B · A`.
     #[serde(default)]
     pub lora: Option<LoraConfig>,
+    /// Knowledge distillation from the teacher on the trainer's fourth input (Megatron-Bridge
+    /// with ModelOpt's `DistillationConfig`); the loss trained on is then the balanced KD loss.
+    #[serde(default)]
+    pub distill: Option<crate::distill::DistillConfig>,
     /// Where to compute: `cpu`, or `cuda` / `cuda:N` (a build with the `cuda` feature).
     #[serde(default = "cpu")]
     pub device: String,
@@ -302,6 +306,9 @@ impl TrainConfig {
             if !(0.0..1.0).contains(&v) {
                 return bad(format!("{name} is {v}; allowed: 0 ≤ β < 1"));
             }
+        }
+        if let Some(d) = &self.distill {
+            d.check()?;
         }
         crate::schedule::Schedule::from_config(self).map(|_| ())
     }

@@ -5,11 +5,14 @@
 //! [`data`] (samples from records) → [`model`] (the differentiable decoder) → [`trainer`]
 //! (micro-batches, loss averaging, clipping) → [`optim`] (AdamW) at the [`schedule`]'s rate;
 //! [`assemble`] and [`params`] hold the weights; [`stage`] wires them to the pipeline.
+//! [`lora`] (LoRA/DoRA adapters) and [`distill`] (a frozen teacher's KD loss) change what is
+//! trained and on what; [`peft`] exports adapters for Hugging Face PEFT.
 
 pub mod assemble;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod distill;
 pub mod init;
 pub mod lora;
 pub mod model;

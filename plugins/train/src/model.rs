@@ -338,26 +338,56 @@ impl Gpt<'_> {
 
     /// Logits `[b, s, vocab]` in the compute dtype.
     pub fn logits(&self, tokens: &Tensor, pos: &Attn) -> T {
+        Ok(self.forward(tokens, pos, &[])?.0)
+    }
+
+    /// Logits and, for each of `taps`, the hidden state there (`[b, s, hidden]`).
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        pos: &Attn,
+        taps: &[Tap],
+    ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
         let (b, s) = tokens.dims2()?;
         let emb = self.p(names::WORD_EMBEDDINGS)?;
         let mut x =
             emb.index_select(&tokens.flatten_all()?, 0)?
                 .reshape((b, s, self.cfg.hidden_size))?;
+        let mut tapped: Vec<Option<Tensor>> = vec![None; taps.len()];
+        let mut keep = |at: Tap, x: &Tensor| {
+            for (slot, _) in tapped.iter_mut().zip(taps).filter(|(_, t)| **t == at) {
+                *slot = Some(x.clone());
+            }
+        };
         for l in 0..self.cfg.num_layers {
             x = (&x + self.attention(l, &x, pos)?)?;
             x = (&x + self.mlp(l, &x)?)?;
+            keep(Tap::Layer(l), &x);
         }
         let x = rms_norm(
             &x,
             &self.p(names::FINAL_LAYERNORM)?,
             self.cfg.layernorm_epsilon,
         )?;
+        keep(Tap::FinalNorm, &x);
         let out = if self.cfg.tied {
             emb
         } else {
             self.p(names::OUTPUT_LAYER)?
         };
-        linear(&x, &out)
+        let tapped = tapped
+            .into_iter()
+            .zip(taps)
+            .map(|(t, at)| {
+                t.ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "{at:?} is not in this {}-layer model",
+                        self.cfg.num_layers
+                    ))
+                })
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok((linear(&x, &out)?, tapped))
     }
 
     fn attention(&self, l: usize, x: &Tensor, pos: &Attn) -> T {
@@ -430,21 +460,51 @@ impl Gpt<'_> {
     /// The masked cross-entropy sum over the batch and the number of tokens in the loss, as
     /// megatron-bridge's `masked_next_token_loss` (logits in fp32).
     pub fn loss_sum(&self, batch: &Batch) -> candle_core::Result<(Tensor, f64)> {
-        let logits = in_dtype(&self.logits(&batch.tokens, &batch.attn)?, DType::F32)?;
-        let v = logits.dim(D::Minus1)?;
-        let logits = logits.reshape(((), v))?;
-        let max = logits.max_keepdim(D::Minus1)?.detach();
-        let lse = logits
-            .broadcast_sub(&max)?
-            .exp()?
-            .sum_keepdim(D::Minus1)?
-            .log()?
-            .broadcast_add(&max)?;
-        let labels = batch.labels.flatten_all()?.unsqueeze(1)?;
-        let picked = logits.gather(&labels, 1)?;
-        let per_token = (lse - picked)?.squeeze(1)?;
-        let mask = batch.loss_mask.flatten_all()?;
-        let tokens = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        Ok(((per_token * mask)?.sum_all()?, tokens))
+        masked_ce_sum(&self.logits(&batch.tokens, &batch.attn)?, batch)
     }
+}
+
+/// Where a hidden state is taken (ModelOpt's intermediate layer names): the output of
+/// `decoder.layers.N`, or of `decoder.final_layernorm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tap {
+    Layer(usize),
+    FinalNorm,
+}
+
+impl Tap {
+    pub fn parse(name: &str) -> Option<Tap> {
+        if name == "decoder.final_layernorm" {
+            return Some(Tap::FinalNorm);
+        }
+        name.strip_prefix("decoder.layers.")?
+            .parse()
+            .ok()
+            .map(Tap::Layer)
+    }
+}
+
+/// The masked cross-entropy sum of `logits` (`[b, s, v]`, taken in fp32) against the batch's
+/// labels, and the number of tokens in the loss.
+pub fn masked_ce_sum(logits: &Tensor, batch: &Batch) -> candle_core::Result<(Tensor, f64)> {
+    let logits = in_dtype(logits, DType::F32)?;
+    let v = logits.dim(D::Minus1)?;
+    let logits = logits.reshape(((), v))?;
+    let lse = log_sum_exp(&logits)?;
+    let labels = batch.labels.flatten_all()?.unsqueeze(1)?;
+    let picked = logits.gather(&labels, 1)?;
+    let per_token = (lse - picked)?.squeeze(1)?;
+    let mask = batch.loss_mask.flatten_all()?;
+    let tokens = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    Ok(((per_token * mask)?.sum_all()?, tokens))
+}
+
+/// `log Σ exp(x)` over the last axis of `[n, v]`, kept as `[n, 1]` (the max subtracted first).
+pub fn log_sum_exp(x: &Tensor) -> T {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    x.broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        .broadcast_add(&max)
 }

@@ -1,9 +1,11 @@
 //! The `trainer` stage: initial weights on input 0 (Megatron names, from the models mapper or a
-//! torch_dist reader), samples on input 1 (records); trained weights out on `weights` (same
-//! names, shapes and dtypes, the input plan's attributes passed on so the writers and the
-//! mapper see the same model), one row per iteration on `metrics`.
+//! torch_dist reader), samples on input 1 (records), held-out samples on input 2 and a
+//! distillation teacher's weights on input 3 (both optional); trained weights out on `weights`
+//! (same names, shapes and dtypes, the input plan's attributes passed on so the writers and the
+//! mapper see the same model), one row per iteration on `metrics`, LoRA adapters on `adapters`.
 //!
-//! Training starts as soon as every weight has arrived; samples that come earlier wait. Each
+//! Training starts as soon as every weight (the teacher's too) has arrived; samples that come
+//! earlier wait. Each
 //! full global batch is one iteration, until `train_iters`.
 
 use crate::assemble::Assembler;
@@ -44,15 +46,24 @@ pub struct TrainStage {
     validation: Vec<(u64, f64)>,
     /// The checkpoint being written in the background (`async_save`).
     saving: Option<std::thread::JoinHandle<Result<std::path::PathBuf>>>,
+    /// Distillation: the teacher's config and its weights as they arrive (input 3).
+    teacher_model: Option<GptConfig>,
+    teacher_weights: Option<Assembler>,
 }
 
 impl Transform for TrainStage {
     type Config = TrainConfig;
     const DESCRIPTION: &'static str =
         "Trains a Llama-family model on Megatron-layout weights as megatron-core's loop does (AdamW, warmup + cosine in samples, global-norm clip, micro-batches)";
-    /// Weights, training samples, and (optional) held-out samples for `eval_interval`.
-    const INPUTS: &'static [PortType] = &[PortType::Tensors, PortType::Records, PortType::Records];
-    const OPTIONAL_INPUTS: usize = 1;
+    /// Weights, training samples, and (optional) held-out samples for `eval_interval` and the
+    /// teacher's weights for `distill` (Megatron names, like the student's).
+    const INPUTS: &'static [PortType] = &[
+        PortType::Tensors,
+        PortType::Records,
+        PortType::Records,
+        PortType::Tensors,
+    ];
+    const OPTIONAL_INPUTS: usize = 2;
     /// The trained weights (merged under LoRA), one row per iteration, and the LoRA adapters
     /// (Megatron-Bridge's names; none without LoRA).
     const OUTPUTS: &'static [Port] = &[
@@ -82,6 +93,8 @@ impl Transform for TrainStage {
             eval_due: false,
             validation: Vec::new(),
             saving: None,
+            teacher_model: None,
+            teacher_weights: None,
         })
     }
 
@@ -100,6 +113,7 @@ impl Transform for TrainStage {
         let model = GptConfig::from_megatron(&megatron)?;
         let expected = model.parameters();
         check_names(&plan.whole_tensors(), &expected)?;
+        self.plan_teacher(inputs.get(3), &model)?;
         let whole = plan.whole_tensors();
         let mut out = StreamPlan::new(
             expected
@@ -137,6 +151,7 @@ impl Transform for TrainStage {
     fn process(&mut self, port: usize, item: Item, out: &mut Emitter) -> Result<()> {
         match port {
             0 => self.weight(item)?,
+            3 => self.teacher_weight(item)?,
             1 => {
                 let rows = self.samples_of(item, self.rows_seen)?;
                 self.rows_seen += rows.len() as u64;
@@ -185,8 +200,19 @@ impl Transform for TrainStage {
             "grad_norm": col(|s| s.grad_norm),
             "num_tokens": col(|s| s.num_tokens),
             "validation_loss": self.validation,
+            "kd_loss": kd_col(&self.history, |k| k.kd_loss),
+            "logits_loss": kd_col(&self.history, |k| k.logits_loss),
+            "intermediate_loss": kd_col(&self.history, |k| k.intermediate_loss),
         })
     }
+}
+
+/// A distillation column of the history (empty without a teacher).
+fn kd_col(history: &[Step], f: fn(&crate::trainer::KdValues) -> f64) -> Vec<f64> {
+    history
+        .iter()
+        .filter_map(|s| s.kd.as_ref().map(f))
+        .collect()
 }
 
 /// Exactly the model's parameters: none missing, none extra.
@@ -225,10 +251,91 @@ impl TrainStage {
             .as_mut()
             .ok_or_else(|| PluginError::internal("weights before the plan"))?;
         w.add(&t)?;
-        if w.is_complete() && self.trainer.is_none() {
+        self.start_when_ready()
+    }
+
+    /// Distillation's teacher: from input 3's plan, which `distill` needs and nothing else
+    /// takes.
+    fn plan_teacher(&mut self, plan: Option<&StreamPlan>, student: &GptConfig) -> Result<()> {
+        let Some(plan) = plan else {
+            return match self.cfg.distill {
+                Some(_) => Err(PluginError::config(
+                    "distill needs the teacher's weights: wire a fourth input (inputs = [weights, train data, valid data, teacher])",
+                )),
+                None => Ok(()),
+            };
+        };
+        let Some(distill) = &self.cfg.distill else {
+            return Err(PluginError::config(
+                "a teacher is wired (input 4) but the trainer has no distill settings",
+            ));
+        };
+        let megatron = plan.try_get(attrs::MEGATRON_MODEL)?.ok_or_else(|| {
+            PluginError::config(
+                "the teacher's weights carry no model config (megatron_model): feed them from the models mapper or a torch_dist reader",
+            )
+        })?;
+        let teacher = GptConfig::from_megatron(&megatron)?;
+        let expected = teacher.parameters();
+        check_names(&plan.whole_tensors(), &expected)
+            .map_err(|e| PluginError::shape(format!("teacher: {e}")))?;
+        distill.check_models(student, &teacher)?;
+        self.teacher_weights = Some(Assembler::new(&expected));
+        self.teacher_model = Some(teacher);
+        Ok(())
+    }
+
+    fn teacher_weight(&mut self, item: Item) -> Result<()> {
+        let t = item.into_tensor()?;
+        self.teacher_weights
+            .as_mut()
+            .ok_or_else(|| PluginError::internal("teacher weights before the plan"))?
+            .add(&t)?;
+        self.start_when_ready()
+    }
+
+    /// Training starts once the student's weights (and the teacher's) are all in.
+    fn start_when_ready(&mut self) -> Result<()> {
+        let complete = |w: &Option<Assembler>| w.as_ref().is_none_or(Assembler::is_complete);
+        if self.trainer.is_none()
+            && self.weights.is_some()
+            && complete(&self.weights)
+            && complete(&self.teacher_weights)
+        {
             self.start()?;
         }
         Ok(())
+    }
+
+    /// The teacher's parameters, frozen (no gradient, no optimizer state), in the student's
+    /// compute dtype.
+    fn build_teacher(
+        &mut self,
+        dev: &candle_core::Device,
+        compute: Option<candle_core::DType>,
+    ) -> Result<Option<crate::distill::Teacher>> {
+        let (Some(w), Some(cfg)) = (self.teacher_weights.take(), self.teacher_model.clone()) else {
+            return Ok(None);
+        };
+        let mut params = Params {
+            compute,
+            ..Params::default()
+        };
+        for (name, p) in w.pending {
+            params.insert(&name, p.shape, p.dtype, p.values, dev)?;
+            params.by_name.get_mut(&name).expect("inserted").trainable = false;
+        }
+        let positions = crate::model::Positions::new(&cfg, self.cfg.seq_length, dev)?;
+        tracing::info!(
+            layers = cfg.num_layers,
+            hidden = cfg.hidden_size,
+            "distillation: the teacher is loaded, frozen"
+        );
+        Ok(Some(crate::distill::Teacher {
+            cfg,
+            params,
+            positions,
+        }))
     }
 
     fn start(&mut self) -> Result<()> {
@@ -255,7 +362,9 @@ impl TrainStage {
                 "LoRA: the model frozen"
             );
         }
+        let teacher = self.build_teacher(&dev, params.compute)?;
         let mut trainer = Trainer::new(self.cfg.clone(), model, params, dev)?;
+        trainer.teacher = teacher;
         if let Some(root) = &self.cfg.load {
             if let Some(iteration) = checkpoint::latest(root)? {
                 let pos =
@@ -298,6 +407,14 @@ impl TrainStage {
             if !w.is_complete() {
                 return Err(PluginError::shape(format!(
                     "the weights stream ended without {}",
+                    w.missing().join(", ")
+                )));
+            }
+        }
+        if let Some(w) = &self.teacher_weights {
+            if !w.is_complete() {
+                return Err(PluginError::shape(format!(
+                    "the teacher's weights stream ended without {}",
                     w.missing().join(", ")
                 )));
             }
@@ -494,12 +611,15 @@ impl TrainStage {
                 tokens_per_s = tps,
                 "step"
             );
+            let kd = step.kd.map_or(String::new(), |k| {
+                format!(" | kd loss {:.6} (logits {:.6})", k.kd_loss, k.logits_loss)
+            });
             let norm = match (step.skipped, step.loss_scale) {
                 (true, Some(s)) => format!("skipped: gradients overflowed at loss scale {s}"),
                 _ => format!("grad norm {:.4}", step.grad_norm),
             };
             eprintln!(
-                "iteration {:>6}/{} | loss {:.6} | lr {:.3e} | {norm} | {:.0} tokens/s | ETA {}",
+                "iteration {:>6}/{} | loss {:.6}{kd} | lr {:.3e} | {norm} | {:.0} tokens/s | ETA {}",
                 step.iteration,
                 self.cfg.train_iters,
                 step.loss,
@@ -507,6 +627,16 @@ impl TrainStage {
                 tps,
                 eta_text(eta)
             );
+        }
+        if let (Some(tb), Some(k)) = (self.tensorboard.as_mut(), step.kd) {
+            tb.scalars(
+                step.iteration,
+                &[
+                    ("total loss", k.kd_loss),
+                    ("logits distillation loss", k.logits_loss),
+                    ("intermediate distillation loss", k.intermediate_loss),
+                ],
+            )?;
         }
         if let Some(tb) = self.tensorboard.as_mut() {
             tb.scalars(
@@ -532,6 +662,9 @@ impl TrainStage {
                 "elapsed_s": self.started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
                 "skipped": step.skipped,
                 "loss_scale": step.loss_scale,
+                "kd_loss": step.kd.map(|k| k.kd_loss),
+                "logits_loss": step.kd.map(|k| k.logits_loss),
+                "intermediate_loss": step.kd.map(|k| k.intermediate_loss),
             });
             let io = |e| PluginError::io(path, "cannot write metrics to", e);
             let mut f = std::fs::OpenOptions::new()
@@ -569,25 +702,37 @@ fn eta_text(secs: f64) -> String {
 }
 
 fn metrics_row(s: &Step) -> Result<RecordBatch> {
-    RecordBatch::try_from_iter(vec![
-        (
-            "iteration",
-            Arc::new(Int64Array::from(vec![s.iteration as i64])) as ArrayRef,
-        ),
-        (
-            "loss",
-            Arc::new(Float64Array::from(vec![s.loss])) as ArrayRef,
-        ),
-        ("lr", Arc::new(Float64Array::from(vec![s.lr])) as ArrayRef),
-        (
-            "grad_norm",
-            Arc::new(Float64Array::from(vec![s.grad_norm])) as ArrayRef,
-        ),
-        (
-            "num_tokens",
-            Arc::new(Float64Array::from(vec![s.num_tokens])) as ArrayRef,
-        ),
-    ])
+    let f64s = |v: f64| Arc::new(Float64Array::from(vec![v])) as ArrayRef;
+    let kd = s.kd.map_or(vec![], |k| {
+        vec![
+            ("kd_loss", f64s(k.kd_loss)),
+            ("logits_loss", f64s(k.logits_loss)),
+            ("intermediate_loss", f64s(k.intermediate_loss)),
+        ]
+    });
+    RecordBatch::try_from_iter(
+        vec![
+            (
+                "iteration",
+                Arc::new(Int64Array::from(vec![s.iteration as i64])) as ArrayRef,
+            ),
+            (
+                "loss",
+                Arc::new(Float64Array::from(vec![s.loss])) as ArrayRef,
+            ),
+            ("lr", Arc::new(Float64Array::from(vec![s.lr])) as ArrayRef),
+            (
+                "grad_norm",
+                Arc::new(Float64Array::from(vec![s.grad_norm])) as ArrayRef,
+            ),
+            (
+                "num_tokens",
+                Arc::new(Float64Array::from(vec![s.num_tokens])) as ArrayRef,
+            ),
+        ]
+        .into_iter()
+        .chain(kd),
+    )
     .map_err(|e| PluginError::internal(e.to_string()))
 }
 

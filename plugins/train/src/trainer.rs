@@ -5,7 +5,8 @@
 
 use crate::config::TrainConfig;
 use crate::data::Sample;
-use crate::model::{ce, Batch, Gpt, GptConfig, Positions};
+use crate::distill::Teacher;
+use crate::model::{ce, masked_ce_sum, Batch, Gpt, GptConfig, Positions, Tap};
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::params::Params;
 use crate::scaler::LossScaler;
@@ -59,6 +60,27 @@ pub struct Step {
     pub skipped: bool,
     /// fp16: the loss scale the step ran at.
     pub loss_scale: Option<f64>,
+    /// Distillation's losses, when a teacher trains the student.
+    pub kd: Option<KdValues>,
+}
+
+/// What distillation reports per iteration (Megatron-Bridge's "total loss", "logits
+/// distillation loss", "intermediate distillation loss"): each micro-batch's masked sum, summed
+/// over the global batch and divided by its tokens, as the LM loss.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct KdValues {
+    pub kd_loss: f64,
+    pub logits_loss: f64,
+    pub intermediate_loss: f64,
+}
+
+/// One global batch's forward and backward.
+pub struct Gradients {
+    pub grads: BTreeMap<String, Vec<f32>>,
+    /// The LM loss Megatron-Bridge logs (masked CE over the global batch's tokens).
+    pub loss: f64,
+    pub tokens: f64,
+    pub kd: Option<KdValues>,
 }
 
 pub struct Trainer {
@@ -76,6 +98,8 @@ pub struct Trainer {
     pub scheduled_samples: u64,
     /// fp16's dynamic loss scaling.
     pub scaler: Option<LossScaler>,
+    /// Distillation's frozen teacher.
+    pub teacher: Option<Teacher>,
 }
 
 impl Trainer {
@@ -108,6 +132,7 @@ impl Trainer {
             consumed_samples: 0,
             scheduled_samples: 0,
             scaler,
+            teacher: None,
         })
     }
 
@@ -141,27 +166,65 @@ impl Trainer {
     /// Forward and backward over the global batch; the gradients accumulated as megatron-core
     /// averages them, and the loss Megatron-Bridge logs (masked CE over every token in the loss
     /// of the global batch, whichever way the gradients are averaged), with that token count.
-    pub fn gradients(&self, samples: &[Sample]) -> Result<(BTreeMap<String, Vec<f32>>, f64, f64)> {
+    /// With a teacher, each micro-batch's objective is distillation's balanced loss.
+    pub fn gradients(&self, samples: &[Sample]) -> Result<Gradients> {
         let gpt = Gpt {
             cfg: &self.model,
             params: &self.params,
         };
+        let distill = match (&self.teacher, &self.cfg.distill) {
+            (Some(t), Some(d)) => Some((t, d, d.pairs()?)),
+            _ => None,
+        };
+        let student_taps: Vec<Tap> = distill
+            .iter()
+            .flat_map(|(_, _, pairs)| pairs.iter().map(|p| p.student))
+            .collect();
         let micro = self.cfg.num_microbatches();
         let mut acc = BTreeMap::new();
         let (mut loss_sum, mut tokens) = (0.0, 0.0);
+        let mut kd = KdValues::default();
         for mb in samples.chunks(self.cfg.micro_batch_size) {
             let batch = self.batch(mb)?;
-            let (sum, n) = gpt.loss_sum(&batch).map_err(ce)?;
+            let (logits, hidden) = gpt
+                .forward(&batch.tokens, &batch.attn, &student_taps)
+                .map_err(ce)?;
+            let (sum, n) = masked_ce_sum(&logits, &batch).map_err(ce)?;
             let value: f64 = sum
                 .to_dtype(candle_core::DType::F64)
                 .and_then(|t| t.to_scalar())
                 .map_err(ce)?;
             loss_sum += value;
             tokens += n;
+            let objective = match &distill {
+                Some((teacher, d, pairs)) => {
+                    let taps: Vec<Tap> = pairs.iter().map(|p| p.teacher).collect();
+                    let tb =
+                        self::batch(mb, self.cfg.seq_length, &teacher.positions, &self.device)?;
+                    let (t_logits, t_hidden) =
+                        teacher.forward(&tb.tokens, &tb.attn, &taps).map_err(ce)?;
+                    let o = d
+                        .objective(
+                            pairs,
+                            &sum,
+                            &logits,
+                            &t_logits,
+                            &hidden,
+                            &t_hidden,
+                            &batch.loss_mask,
+                        )
+                        .map_err(ce)?;
+                    kd.kd_loss += o.total_value;
+                    kd.logits_loss += o.logits_value;
+                    kd.intermediate_loss += o.intermediate_value;
+                    o.total
+                }
+                None => sum,
+            };
             let scaled = if self.cfg.calculate_per_token_loss {
-                sum
+                objective
             } else {
-                ((sum / n.max(1.0)).and_then(|t| t / micro as f64)).map_err(ce)?
+                ((objective / n.max(1.0)).and_then(|t| t / micro as f64)).map_err(ce)?
             };
             let scaled = match &self.scaler {
                 Some(s) => (scaled * s.scale).map_err(ce)?,
@@ -178,7 +241,17 @@ impl Trainer {
             let inv = (1.0 / tokens.max(1.0)) as f32;
             acc.values_mut().flatten().for_each(|g| *g *= inv);
         }
-        Ok((acc, loss_sum / tokens.max(1.0), tokens))
+        let per_token = |v: f64| v / tokens.max(1.0);
+        Ok(Gradients {
+            grads: acc,
+            loss: per_token(loss_sum),
+            tokens,
+            kd: distill.map(|_| KdValues {
+                kd_loss: per_token(kd.kd_loss),
+                logits_loss: per_token(kd.logits_loss),
+                intermediate_loss: per_token(kd.intermediate_loss),
+            }),
+        })
     }
 
     /// The loss on held-out `samples` with the current weights, no gradients: the masked
@@ -211,7 +284,12 @@ impl Trainer {
             )));
         }
         let lr = self.schedule.lr(self.scheduled_samples);
-        let (mut grads, loss, num_tokens) = self.gradients(samples)?;
+        let Gradients {
+            mut grads,
+            loss,
+            tokens: num_tokens,
+            kd,
+        } = self.gradients(samples)?;
         let loss_scale = self.scaler.as_ref().map(|s| s.scale);
         if let Some(scaler) = self.scaler.as_mut() {
             let found_inf = grads.values().flatten().any(|g| !g.is_finite());
@@ -228,6 +306,7 @@ impl Trainer {
                     num_tokens,
                     skipped: true,
                     loss_scale,
+                    kd,
                 });
             }
         }
@@ -253,6 +332,7 @@ impl Trainer {
             num_tokens,
             skipped: false,
             loss_scale,
+            kd,
         })
     }
 }
