@@ -73,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--write-lora", default=None, metavar="DIR",
                    help="the LoRA golden (r 8, alpha 16, Bridge's fused adapters): lora_init, lora_grads_iter1, final_lora_merged, expected_lora.json")
     p.add_argument("--dora", action="store_true", help="with --write-lora: Bridge's DoRA (dora_* goldens)")
+    p.add_argument("--canonical", action="store_true",
+                   help="with --write-lora: canonical LoRA trained by peft itself (canonical_* goldens)")
     p.add_argument("--write-fp16", default=None, metavar="DIR",
                    help="the same in fp16 with dynamic loss scaling: final_fp16.safetensors + expected_fp16.json")
     p.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
@@ -587,6 +589,68 @@ def self_checks(a, tokens, mask):
     return results, other
 
 
+def train_canonical_peft(a, tokens, mask, iters, r=8, alpha=16.0, log=True):
+    """The same loop under canonical LoRA, run by peft itself: `get_peft_model` with separate
+    adapters on q, k, v, o, gate, up and down (Bridge's CanonicalLoRA is this layout), A
+    xavier-normal and B N(0, 0.02) written into peft's modules, scale alpha/r; only the adapters
+    trained. Returns (records, first gradients and initial adapters by Megatron name, peft's
+    merge_and_unload state dict)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(a.model, a.attn)
+    projections = {  # HF projection -> Megatron adapter prefix (after decoder.layers.L.)
+        "self_attn.q_proj": "self_attention.linear_qkv.adapter.adapter_q",
+        "self_attn.k_proj": "self_attention.linear_qkv.adapter.adapter_k",
+        "self_attn.v_proj": "self_attention.linear_qkv.adapter.adapter_v",
+        "self_attn.o_proj": "self_attention.linear_proj.adapter",
+        "mlp.gate_proj": "mlp.linear_fc1.adapter.adapter_gate",
+        "mlp.up_proj": "mlp.linear_fc1.adapter.adapter_up",
+        "mlp.down_proj": "mlp.linear_fc2.adapter",
+    }
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none",
+                     target_modules=[p.split(".")[1] for p in projections])
+    pm = get_peft_model(model, cfg)
+    torch.manual_seed(0)
+    megatron = {}  # Megatron name -> peft's parameter
+    for l, layer in enumerate(pm.base_model.model.model.layers):
+        for hf, prefix in projections.items():
+            mod = layer.get_submodule(hf)
+            A, B = mod.lora_A["default"].weight, mod.lora_B["default"].weight
+            with torch.no_grad():
+                torch.nn.init.xavier_normal_(A)
+                B.copy_(torch.randn(B.shape) * 0.02)
+            megatron[f"decoder.layers.{l}.{prefix}.linear_in.weight"] = A
+            megatron[f"decoder.layers.{l}.{prefix}.linear_out.weight"] = B
+    initial = {n: p.detach().clone() for n, p in megatron.items()}
+    params = [p for p in pm.parameters() if p.requires_grad]
+    assert len(params) == len(megatron)
+    opt = torch.optim.AdamW([{"params": params, "weight_decay": a.weight_decay}], lr=0.0,
+                            betas=(a.beta1, a.beta2), eps=a.eps, foreach=False)
+    records, grads1, nmb = [], {}, a.gbs // a.mbs
+    for k in range(1, iters + 1):
+        opt.zero_grad(set_to_none=True)
+        sums, counts = [], []
+        for j in range(nmb):
+            sl = slice(j * a.mbs, (j + 1) * a.mbs)
+            s_, n, _ = microbatch_loss(pm, tokens[k - 1][sl], mask[k - 1][sl])
+            (s_ / torch.clamp(n, min=1) / nmb).backward()
+            sums.append(s_.detach()); counts.append(n.detach())
+        if k == 1:
+            grads1 = {n: p.grad.detach().clone() for n, p in megatron.items()}
+        sums, counts = torch.stack(sums), torch.stack(counts)
+        rec = {"loss": (sums.sum() / torch.clamp(counts.sum(), min=1)).item(), "num_tokens": int(counts.sum().item())}
+        rec["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, a.clip_grad, norm_type=2.0, foreach=False).item()
+        lr = get_lr(a, (k - 1) * a.gbs)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        records.append({"iteration": k, "lr": lr, **rec})
+        if log:
+            print(f"  canonical iter {k:3d}  lr {lr:.6e}  loss {rec['loss']:.9f}  grad_norm {rec['grad_norm']:.6e}")
+    merged = {n: p.detach().clone() for n, p in pm.merge_and_unload().state_dict().items()}
+    return records, grads1, initial, merged
+
+
 # ----------------------------------------------------------------------------- main
 def versions():
     import safetensors
@@ -615,9 +679,12 @@ def main(argv=None):
         from safetensors.torch import save_file
 
         out = Path(a.write_lora)
-        tag = "dora" if a.dora else "lora"
+        tag = "canonical" if a.canonical else "dora" if a.dora else "lora"
         tokens, mask = get_batches(a, vocab, a.train_iters)
-        recs, grads1, initial, merged = train_lora(a, tokens, mask, a.train_iters, dora=a.dora)
+        if a.canonical:
+            recs, grads1, initial, merged = train_canonical_peft(a, tokens, mask, a.train_iters)
+        else:
+            recs, grads1, initial, merged = train_lora(a, tokens, mask, a.train_iters, dora=a.dora)
         save_file({n: t.contiguous() for n, t in initial.items()}, str(out / f"{tag}_init.safetensors"))
         save_file({n: t.contiguous() for n, t in grads1.items()}, str(out / f"{tag}_grads_iter1.safetensors"))
         save_file({n: t.contiguous() for n, t in merged.items()}, str(out / f"final_{tag}_merged.safetensors"))
@@ -626,7 +693,10 @@ def main(argv=None):
             "generated_by": "scripts/train_replay.py " + " ".join(argv_used),
             "versions": versions(),
             "settings": {**settings_dict(a, "default", a.train_iters), "lora": {"dim": 8, "alpha": 16.0, "dora": a.dora,
-                         "targets": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]}},
+                         **({"canonical": True, "trained_by": "peft " + __import__("peft").__version__,
+                             "targets": ["linear_q", "linear_k", "linear_v", "linear_proj", "linear_fc1_gate",
+                                         "linear_fc1_up", "linear_fc2"]} if a.canonical else
+                            {"targets": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]})}},
             "loss": "sum(ce*mask)/sum(mask) over the global batch (what Megatron-Bridge logs)",
             "iterations": recs}, indent=1) + "\n")
         return 0

@@ -1085,7 +1085,7 @@ fn async_checkpoints_resume_bit_identically() {
 /// within 1e-5, the merged weights `W0 + (alpha/r)·B·A` that come out within 1e-5; the base is
 /// frozen (no gradient for it).
 /// `tol`: relative on the per-iteration loss and grad norm, absolute on the merged weights.
-fn lora_against_torch(tag: &str, dora: bool, tol: f64) {
+fn lora_against_torch(tag: &str, dora: bool, canonical: bool, tol: f64) {
     use bridgeflow_plugin_train::config::{LoraConfig, TrainConfig};
     use bridgeflow_plugin_train::data::Sample;
     use bridgeflow_plugin_train::trainer::Trainer;
@@ -1094,19 +1094,18 @@ fn lora_against_torch(tag: &str, dora: bool, tol: f64) {
     let (model, mut params) = tiny_model();
     let dev = candle_core::Device::Cpu;
     let lora = LoraConfig {
-        target_modules: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
-            .map(String::from)
-            .to_vec(),
+        target_modules: None,
         dim: 8,
         alpha: 16.0,
         lora_a_init: "xavier".into(),
         init_from: Some(init.clone()),
         seed: 1,
         dora,
+        canonical,
     };
     assert_eq!(
         bridgeflow_plugin_train::lora::attach(&lora, &model, &mut params, &dev).unwrap(),
-        8
+        if canonical { 14 } else { 8 }
     );
     let cfg: TrainConfig = serde_json::from_value(serde_json::json!({
         "seq_length": 32, "global_batch_size": 4, "micro_batch_size": 2, "train_iters": 1,
@@ -1159,7 +1158,7 @@ fn lora_against_torch(tag: &str, dora: bool, tol: f64) {
     let text = pipeline(&data, &out, iters.len(), false).replace(
         "calculate_per_token_loss = false }",
         &format!(
-            "calculate_per_token_loss = false, lora = {{ dim = 8, alpha = 16.0, dora = {dora}, init_from = {:?} }} }}",
+            "calculate_per_token_loss = false, lora = {{ dim = 8, alpha = 16.0, dora = {dora}, canonical = {canonical}, init_from = {:?} }} }}",
             init.display().to_string()
         ),
     );
@@ -1213,7 +1212,7 @@ fn lora_against_torch(tag: &str, dora: bool, tol: f64) {
 
 #[test]
 fn lora_follows_torch() {
-    lora_against_torch("lora", false, 1e-5);
+    lora_against_torch("lora", false, false, 1e-5);
 }
 
 /// DoRA (Megatron-Bridge's and PEFT's: a trainable magnitude per row, the output scaled by
@@ -1224,7 +1223,7 @@ fn lora_follows_torch() {
 /// 1e-6 each (1.6e-5 at iteration 3).
 #[test]
 fn dora_follows_torch() {
-    lora_against_torch("dora", true, 1e-5);
+    lora_against_torch("dora", true, false, 1e-5);
 }
 
 /// The LoRA recipe's outputs (`pipelines/lora.toml`): a PEFT adapter — per projection
@@ -1234,7 +1233,15 @@ fn dora_follows_torch() {
 /// weights bit for bit; checked with the oracle venv), and an `adapter_config.json` PEFT reads.
 #[test]
 fn lora_recipe_writes_a_peft_adapter_and_the_merged_model() {
-    recipe_writes_peft("lora", 32.0, false);
+    recipe_writes_peft("lora", 32.0, false, &[]);
+}
+
+/// The same recipe under canonical LoRA: one adapter per projection, exported as is (PEFT's own
+/// layout; peft 0.21.2 loads it, logits 6.2e-6 from the merged model's, `merge_and_unload`
+/// bit-identical — `scripts/check_peft.py`).
+#[test]
+fn canonical_lora_recipe_writes_a_peft_adapter() {
+    recipe_writes_peft("lora", 32.0, false, &["train.lora.canonical=true"]);
 }
 
 /// The DoRA recipe's (`pipelines/dora.toml`): the same plus `use_dora` and each projection's
@@ -1242,10 +1249,10 @@ fn lora_recipe_writes_a_peft_adapter_and_the_merged_model() {
 /// DoRA merge of this adapter.
 #[test]
 fn dora_recipe_writes_a_peft_adapter_with_its_magnitudes() {
-    recipe_writes_peft("dora", 64.0, true);
+    recipe_writes_peft("dora", 64.0, true, &[]);
 }
 
-fn recipe_writes_peft(recipe: &str, alpha: f64, dora: bool) {
+fn recipe_writes_peft(recipe: &str, alpha: f64, dora: bool, set: &[&str]) {
     use bridgeflow_tests::{bridgeflow, text};
     let dir = tempdir();
     let (adapter, merged) = (dir.path().join("adapter"), dir.path().join("merged"));
@@ -1255,6 +1262,7 @@ fn recipe_writes_peft(recipe: &str, alpha: f64, dora: bool) {
         .args(["--set", &format!("adapter={}", adapter.display())])
         .args(["--set", &format!("merged={}", merged.display())])
         .args(["--set", "train.lr=1e-2"])
+        .args(set.iter().flat_map(|s| ["--set", s]))
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
@@ -1598,4 +1606,12 @@ fn the_bundled_distill_recipe_trains_the_student() {
         "the student moved toward the teacher: {rows:?}"
     );
     assert_eq!(load_tensors(&out).len(), 12);
+}
+
+/// Canonical LoRA (separate q, k, v, gate, up adapters — Bridge's `CanonicalLoRA`) against peft
+/// itself training the same adapters on the HF model (`train_replay.py --write-lora
+/// --canonical`): first gradients, 20 iterations and `merge_and_unload`'s weights within 1e-5.
+#[test]
+fn canonical_lora_follows_peft() {
+    lora_against_torch("canonical", false, true, 1e-5);
 }

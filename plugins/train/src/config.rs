@@ -136,8 +136,10 @@ pub struct TrainConfig {
 pub struct LoraConfig {
     /// Module names (`linear_qkv`, `linear_proj`, `linear_fc1`, `linear_fc2`) or `*` patterns
     /// over their full names (`*.layers.0.*.linear_qkv`).
-    #[serde(default = "lora_targets")]
-    pub target_modules: Vec<String>,
+    /// (Default: linear_qkv, linear_proj, linear_fc1, linear_fc2; canonical LoRA's:
+    /// linear_q, linear_k, linear_v, linear_proj, linear_fc1_gate, linear_fc1_up, linear_fc2.)
+    #[serde(default)]
+    pub target_modules: Option<Vec<String>>,
     /// The rank r.
     #[serde(default = "thirty_two")]
     pub dim: usize,
@@ -159,12 +161,70 @@ pub struct LoraConfig {
     /// (that norm detached). Bridge's DoRA default alpha is 64.
     #[serde(default)]
     pub dora: bool,
+    /// Canonical LoRA (Megatron-Bridge's `CanonicalLoRA`): separate q, k, v and gate, up
+    /// adapters on the fused layers — PEFT's layout, one to one.
+    #[serde(default)]
+    pub canonical: bool,
 }
 
-fn lora_targets() -> Vec<String> {
-    ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
-        .map(String::from)
-        .to_vec()
+const FUSED_TARGETS: [&str; 4] = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"];
+const CANONICAL_TARGETS: [&str; 7] = [
+    "linear_q",
+    "linear_k",
+    "linear_v",
+    "linear_proj",
+    "linear_fc1_gate",
+    "linear_fc1_up",
+    "linear_fc2",
+];
+
+impl LoraConfig {
+    /// The targets, or the variant's defaults.
+    pub fn targets(&self) -> Vec<String> {
+        match (&self.target_modules, self.canonical) {
+            (Some(t), _) => t.clone(),
+            (None, false) => FUSED_TARGETS.map(String::from).to_vec(),
+            (None, true) => CANONICAL_TARGETS.map(String::from).to_vec(),
+        }
+    }
+
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(PluginError::config(format!("lora: {m}")));
+        if self.dim == 0 {
+            return bad("dim must be at least 1".into());
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return bad(format!("alpha is {}; it must be > 0", self.alpha));
+        }
+        if self.canonical && self.dora {
+            return bad(
+                "DoRA is on the fused layers (Megatron-Bridge has no canonical DoRA)".into(),
+            );
+        }
+        let (own, other, fix) = match self.canonical {
+            true => (
+                &CANONICAL_TARGETS[..],
+                &FUSED_TARGETS[..],
+                "the fused layers' adapters: canonical = false",
+            ),
+            false => (
+                &FUSED_TARGETS[..],
+                &CANONICAL_TARGETS[..],
+                "canonical LoRA's: canonical = true",
+            ),
+        };
+        for t in self.targets() {
+            if !t.contains('*') && !own.contains(&t.as_str()) {
+                let hint = if other.contains(&t.as_str()) {
+                    format!(" ({t} is {fix})")
+                } else {
+                    String::new()
+                };
+                return bad(format!("target '{t}' is not one of {own:?}{hint}"));
+            }
+        }
+        Ok(())
+    }
 }
 fn thirty_two() -> usize {
     32
@@ -309,6 +369,9 @@ impl TrainConfig {
         }
         if let Some(d) = &self.distill {
             d.check()?;
+        }
+        if let Some(l) = &self.lora {
+            l.check()?;
         }
         crate::schedule::Schedule::from_config(self).map(|_| ())
     }

@@ -1,25 +1,30 @@
-//! LoRA as Megatron-Bridge trains it: the model frozen, one adapter per targeted linear layer —
-//! `adapter.linear_in` (A, `[r, in]`) and `adapter.linear_out` (B, `[out, r]`) — its output
-//! `(alpha / r) · B · A · x` added to the layer's; on the fused `linear_qkv` and `linear_fc1` one
-//! adapter each, B's rows in the layer's own order (per query group q, k, v; `[gate; up]`).
-//! Training updates only the adapters; the merged weights `W0 + (alpha / r) · B · A` go out.
+//! LoRA as Megatron-Bridge trains it: the model frozen, adapters — `linear_in` (A, `[r, in]`)
+//! and `linear_out` (B, `[rows, r]`) — whose output `(alpha / r) · B · A · x` is added to their
+//! layer's. Bridge's `LoRA` puts one adapter on each targeted layer, on the fused `linear_qkv`
+//! and `linear_fc1` too (B's rows in the layer's own order: per query group q, k, v;
+//! `[gate; up]`); its `CanonicalLoRA` puts one per projection there (`adapter.adapter_q`, …,
+//! `adapter.adapter_gate`, `adapter.adapter_up`), their outputs placed at their projection's
+//! rows — PEFT's layout. Training updates only the adapters; the merged weights
+//! `W0 + (alpha / r) · B · A` go out.
 
 use crate::config::LoraConfig;
 use crate::init::Normals;
 use crate::model::{ce, GptConfig};
-use crate::params::Params;
+use crate::params::{Adapter, Params};
 use bridgeflow_megatron::names;
 use bridgeflow_sdk::{DType, PluginError, Result};
 use candle_core::Device;
 use std::collections::HashMap;
+use std::ops::Range;
 
 /// The adapters' hyperparameters on the `adapters` port's plan (`dim`, `alpha`,
-/// `target_modules`), for the PEFT export's `adapter_config.json`.
+/// `target_modules`, `dora`, `canonical`), for the PEFT export's `adapter_config.json`.
 pub const LORA: bridgeflow_sdk::Attr<serde_json::Map<String, serde_json::Value>> =
     bridgeflow_sdk::Attr::new("trainer.lora");
 
 pub fn describe(cfg: &LoraConfig) -> serde_json::Map<String, serde_json::Value> {
-    let v = serde_json::json!({"dim": cfg.dim, "alpha": cfg.alpha, "target_modules": cfg.target_modules, "dora": cfg.dora});
+    let v = serde_json::json!({"dim": cfg.dim, "alpha": cfg.alpha, "target_modules": cfg.targets(),
+        "dora": cfg.dora, "canonical": cfg.canonical});
     v.as_object().cloned().unwrap_or_default()
 }
 
@@ -30,6 +35,95 @@ const MODULES: [&str; 4] = [
     "mlp.linear_fc1",
     "mlp.linear_fc2",
 ];
+
+/// Which rows of a fused layer's output an adapter feeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    All,
+    Q,
+    K,
+    V,
+    Gate,
+    Up,
+}
+
+impl Part {
+    /// The rows this part covers in a layer of `rows` output rows, in order (a list of row
+    /// ranges: one range for most parts, one per query group for q, k and v).
+    #[allow(clippy::single_range_in_vec_init)]
+    pub fn rows(self, m: &GptConfig, rows: usize) -> Vec<Range<usize>> {
+        let (g, d) = (m.num_query_groups, m.kv_channels);
+        let hpg = m.num_attention_heads / g;
+        let per = (hpg + 2) * d;
+        let groups =
+            |off: usize, n: usize| (0..g).map(|i| i * per + off..i * per + off + n).collect();
+        match self {
+            Part::All => vec![0..rows],
+            Part::Q => groups(0, hpg * d),
+            Part::K => groups(hpg * d, d),
+            Part::V => groups((hpg + 1) * d, d),
+            Part::Gate => vec![0..rows / 2],
+            Part::Up => vec![rows / 2..rows],
+        }
+    }
+}
+
+/// Canonical LoRA's adapters on the fused layers: (module, adapter key, target name, part).
+pub const CANONICAL: [(&str, &str, &str, Part); 5] = [
+    (
+        "self_attention.linear_qkv",
+        "adapter_q",
+        "linear_q",
+        Part::Q,
+    ),
+    (
+        "self_attention.linear_qkv",
+        "adapter_k",
+        "linear_k",
+        Part::K,
+    ),
+    (
+        "self_attention.linear_qkv",
+        "adapter_v",
+        "linear_v",
+        Part::V,
+    ),
+    (
+        "mlp.linear_fc1",
+        "adapter_gate",
+        "linear_fc1_gate",
+        Part::Gate,
+    ),
+    ("mlp.linear_fc1", "adapter_up", "linear_fc1_up", Part::Up),
+];
+
+/// One adapter: on `module` (`decoder.layers.0.self_attention.linear_qkv`), the layer's own
+/// (`key` None) or one of canonical LoRA's (`adapter_q`, …), feeding `part`'s rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slot {
+    pub module: String,
+    pub key: Option<&'static str>,
+    pub part: Part,
+}
+
+impl Slot {
+    fn prefix(&self) -> String {
+        match self.key {
+            Some(k) => format!("{}.adapter.{k}", self.module),
+            None => format!("{}.adapter", self.module),
+        }
+    }
+    pub fn a(&self) -> String {
+        format!("{}.linear_in.weight", self.prefix())
+    }
+    pub fn b(&self) -> String {
+        format!("{}.linear_out.weight", self.prefix())
+    }
+    /// DoRA's magnitude (`[rows]`).
+    pub fn magnitude(&self) -> String {
+        format!("{}.weight_magnitude", self.prefix())
+    }
+}
 
 /// `*` matches any run of characters (Megatron-Bridge's wildcard targets).
 fn glob(pattern: &str, text: &str) -> bool {
@@ -44,52 +138,76 @@ fn glob(pattern: &str, text: &str) -> bool {
     }
 }
 
-/// Whether `module` (`decoder.layers.3.self_attention.linear_qkv`) is targeted: by its last
-/// name, or by a pattern over the whole.
-fn targeted(cfg: &LoraConfig, module: &str) -> bool {
-    let leaf = module.rsplit('.').next().unwrap_or(module);
-    cfg.target_modules
+/// Whether `target` (`decoder.layers.3.self_attention.linear_qkv`, or canonical LoRA's
+/// `….linear_q`) is targeted: by its last name, or by a pattern over the whole.
+fn targeted(cfg: &LoraConfig, target: &str) -> bool {
+    let leaf = target.rsplit('.').next().unwrap_or(target);
+    cfg.targets()
         .iter()
-        .any(|t| t == leaf || (t.contains('*') && glob(t, module)))
+        .any(|t| t == leaf || (t.contains('*') && glob(t, target)))
 }
 
-fn adapter_names(module: &str) -> (String, String) {
-    (
-        format!("{module}.adapter.linear_in.weight"),
-        format!("{module}.adapter.linear_out.weight"),
-    )
+/// Every adapter `cfg` puts on a model of `layers` layers, in order.
+pub fn slots(cfg: &LoraConfig, layers: usize) -> Vec<Slot> {
+    let mut out = Vec::new();
+    for l in 0..layers {
+        for m in MODULES {
+            let module = names::layer_key(l as u64, m);
+            let split: Vec<_> = CANONICAL.iter().filter(|c| c.0 == m).collect();
+            if !cfg.canonical || split.is_empty() {
+                if targeted(cfg, &module) {
+                    out.push(Slot {
+                        module,
+                        key: None,
+                        part: Part::All,
+                    });
+                }
+                continue;
+            }
+            let parent = module.rsplit_once('.').map_or("", |p| p.0).to_string();
+            for (_, key, target, part) in split {
+                if targeted(cfg, &format!("{parent}.{target}")) {
+                    out.push(Slot {
+                        module: module.clone(),
+                        key: Some(key),
+                        part: *part,
+                    });
+                }
+            }
+        }
+    }
+    out
 }
 
-/// DoRA's magnitude of a module (`[out]`).
-pub fn magnitude_name(module: &str) -> String {
-    format!("{module}.adapter.weight_magnitude")
+/// A fused layer's weight shape `[rows, in]`.
+fn layer_shape(model: &GptConfig, module: &str) -> (usize, usize) {
+    let (h, f, d) = (model.hidden_size, model.ffn_hidden_size, model.kv_channels);
+    match module.rsplit('.').next().unwrap_or(module) {
+        "linear_qkv" => (
+            (model.num_attention_heads + 2 * model.num_query_groups) * d,
+            h,
+        ),
+        "linear_proj" => (h, model.num_attention_heads * d),
+        "linear_fc1" => (2 * f, h),
+        _ => (h, f),
+    }
+}
+
+fn count(rows: &[Range<usize>]) -> usize {
+    rows.iter().map(|r| r.len()).sum()
 }
 
 /// The adapter tensors `cfg` puts on `model` (name, shape), in order — what the trainer's
 /// `adapters` port carries.
 pub fn planned(cfg: &LoraConfig, model: &GptConfig) -> Vec<(String, Vec<u64>)> {
-    let (h, f, d) = (
-        model.hidden_size as u64,
-        model.ffn_hidden_size as u64,
-        model.kv_channels as u64,
-    );
-    let qkv = (model.num_attention_heads + 2 * model.num_query_groups) as u64 * d;
-    let heads = model.num_attention_heads as u64 * d;
     let mut out = Vec::new();
-    for l in 0..model.num_layers {
-        for (m, (rows, cols)) in MODULES
-            .into_iter()
-            .zip([(qkv, h), (h, heads), (2 * f, h), (h, f)])
-        {
-            let module = names::layer_key(l as u64, m);
-            if targeted(cfg, &module) {
-                let (a, b) = adapter_names(&module);
-                out.push((a, vec![cfg.dim as u64, cols]));
-                out.push((b, vec![rows, cfg.dim as u64]));
-                if cfg.dora {
-                    out.push((magnitude_name(&module), vec![rows]));
-                }
-            }
+    for slot in slots(cfg, model.num_layers) {
+        let (rows, cols) = layer_shape(model, &slot.module);
+        let n = count(&slot.part.rows(model, rows)) as u64;
+        out.push((slot.a(), vec![cfg.dim as u64, cols as u64]));
+        out.push((slot.b(), vec![n, cfg.dim as u64]));
+        if cfg.dora {
+            out.push((slot.magnitude(), vec![n]));
         }
     }
     out
@@ -103,9 +221,6 @@ pub fn attach(
     params: &mut Params,
     dev: &Device,
 ) -> Result<usize> {
-    if cfg.dim == 0 {
-        return Err(PluginError::config("lora.dim must be at least 1"));
-    }
     let given = match &cfg.init_from {
         Some(p) => read_adapters(p)?,
         None => HashMap::new(),
@@ -114,60 +229,66 @@ pub fn attach(
         p.trainable = false;
     }
     let mut normals = Normals::seeded(cfg.seed);
-    let mut added = 0;
-    for l in 0..model.num_layers {
-        for m in MODULES {
-            let module = names::layer_key(l as u64, m);
-            if !targeted(cfg, &module) {
-                continue;
-            }
-            let w = params
-                .by_name
-                .get(&format!("{module}.weight"))
-                .ok_or_else(|| {
-                    PluginError::internal(format!("no '{module}.weight' to put an adapter on"))
-                })?;
-            let (out, inp) = (w.shape[0], w.shape[1]);
-            let (a_name, b_name) = adapter_names(&module);
-            let a_shape = vec![cfg.dim, inp];
-            let b_shape = vec![out, cfg.dim];
-            let a = match given.get(&a_name) {
-                Some((shape, v)) => check(&a_name, shape, &a_shape, v)?,
-                None => init_a(cfg, inp, &mut normals)?,
-            };
-            let b = match given.get(&b_name) {
-                Some((shape, v)) => check(&b_name, shape, &b_shape, v)?,
-                None => vec![0.0; out * cfg.dim],
-            };
-            if cfg.dora {
-                let m_name = magnitude_name(&module);
-                let m = match given.get(&m_name) {
-                    Some((shape, v)) => check(&m_name, shape, &[out], v)?,
-                    None => row_norms(
-                        &w.master,
-                        &a,
-                        &b,
-                        out,
-                        inp,
-                        cfg.dim,
-                        cfg.alpha / cfg.dim as f64,
-                    ),
-                };
-                params.insert(&m_name, vec![out], DType::F32, m, dev)?;
-            }
-            params.insert(&a_name, a_shape, DType::F32, a, dev)?;
-            params.insert(&b_name, b_shape, DType::F32, b, dev)?;
-            added += 1;
-        }
-    }
-    if added == 0 {
+    let slots = slots(cfg, model.num_layers);
+    if slots.is_empty() {
         return Err(PluginError::config(format!(
             "lora.target_modules {:?} match no linear layer",
-            cfg.target_modules
+            cfg.targets()
         )));
     }
+    for slot in &slots {
+        let w = params
+            .by_name
+            .get(&format!("{}.weight", slot.module))
+            .ok_or_else(|| {
+                PluginError::internal(format!("no '{}.weight' to put an adapter on", slot.module))
+            })?;
+        let (out, inp) = (w.shape[0], w.shape[1]);
+        let rows = slot.part.rows(model, out);
+        let n = count(&rows);
+        let (a_shape, b_shape) = (vec![cfg.dim, inp], vec![n, cfg.dim]);
+        let a = match given.get(&slot.a()) {
+            Some((shape, v)) => check(&slot.a(), shape, &a_shape, v)?,
+            None => init_a(cfg, inp, &mut normals)?,
+        };
+        let b = match given.get(&slot.b()) {
+            Some((shape, v)) => check(&slot.b(), shape, &b_shape, v)?,
+            None => vec![0.0; n * cfg.dim],
+        };
+        let magnitude = if cfg.dora {
+            let name = slot.magnitude();
+            let m = match given.get(&name) {
+                Some((shape, v)) => check(&name, shape, &[n], v)?,
+                None => row_norms(
+                    &w.master,
+                    &a,
+                    &b,
+                    out,
+                    inp,
+                    cfg.dim,
+                    cfg.alpha / cfg.dim as f64,
+                ),
+            };
+            params.insert(&name, vec![n], DType::F32, m, dev)?;
+            Some(name)
+        } else {
+            None
+        };
+        params.insert(&slot.a(), a_shape, DType::F32, a, dev)?;
+        params.insert(&slot.b(), b_shape, DType::F32, b, dev)?;
+        params
+            .adapters
+            .entry(slot.module.clone())
+            .or_default()
+            .push(Adapter {
+                a: slot.a(),
+                b: slot.b(),
+                rows,
+                magnitude,
+            });
+    }
     params.lora_scale = Some(cfg.alpha / cfg.dim as f64);
-    Ok(added)
+    Ok(slots.len())
 }
 
 /// `‖W0 + s·B·A‖` of each row (DoRA's starting magnitude), in f64 then f32.
@@ -246,29 +367,36 @@ fn read_adapters(path: &std::path::Path) -> Result<Loaded> {
     Ok(out)
 }
 
-/// The merged weight of a targeted layer, `W0 + scale · B · A`, or None for a layer without an
-/// adapter.
+/// The merged weight of a targeted layer, `W0 + scale · B · A` (each adapter's rows in place;
+/// DoRA's rows then rescaled), or None for a layer without an adapter.
 pub fn merged(params: &Params, weight: &str) -> Result<Option<Vec<f32>>> {
     let (Some(scale), Some(module)) = (params.lora_scale, weight.strip_suffix(".weight")) else {
         return Ok(None);
     };
-    let (a_name, b_name) = adapter_names(module);
-    let (Some(a), Some(b), Some(w)) = (
-        params.by_name.get(&a_name),
-        params.by_name.get(&b_name),
-        params.by_name.get(weight),
-    ) else {
+    let (Some(adapters), Some(w)) = (params.adapters.get(module), params.by_name.get(weight))
+    else {
         return Ok(None);
     };
     let dev = Device::Cpu;
     let t = |p: &crate::params::Param| {
         candle_core::Tensor::from_slice(&p.master, p.shape.as_slice(), &dev)
     };
-    let ba = t(b).and_then(|b| b.matmul(&t(a)?)).map_err(ce)?;
-    let sum = (t(w).map_err(ce)? + (ba * scale).map_err(ce)?).map_err(ce)?;
-    let mut merged: Vec<f32> = sum.flatten_all().and_then(|x| x.to_vec1()).map_err(ce)?;
-    if let Some(m) = params.by_name.get(&magnitude_name(module)) {
-        rescale_rows(&mut merged, &m.master);
+    let cols = w.shape[1];
+    let mut merged = w.master.clone();
+    for ad in adapters {
+        let (a, b) = (&params.by_name[&ad.a], &params.by_name[&ad.b]);
+        let ba: Vec<f32> = t(b)
+            .and_then(|b| b.matmul(&t(a)?))
+            .and_then(|ba| (ba * scale)?.flatten_all()?.to_vec1())
+            .map_err(ce)?;
+        let rows = ad.rows.iter().flat_map(|r| r.clone());
+        for (row, delta) in rows.zip(ba.chunks_exact(cols)) {
+            let dst = &mut merged[row * cols..(row + 1) * cols];
+            dst.iter_mut().zip(delta).for_each(|(w, d)| *w += d);
+        }
+        if let Some(m) = &ad.magnitude {
+            rescale_rows(&mut merged, &params.by_name[m].master);
+        }
     }
     Ok(Some(merged))
 }
@@ -290,13 +418,14 @@ mod tests {
     #[test]
     fn targets_by_name_or_pattern() {
         let cfg = LoraConfig {
-            target_modules: vec!["linear_qkv".into(), "*.layers.1.*.linear_fc2".into()],
+            target_modules: Some(vec!["linear_qkv".into(), "*.layers.1.*.linear_fc2".into()]),
             dim: 4,
             alpha: 8.0,
             lora_a_init: "xavier".into(),
             init_from: None,
             seed: 1,
             dora: false,
+            canonical: false,
         };
         assert!(targeted(&cfg, "decoder.layers.0.self_attention.linear_qkv"));
         assert!(targeted(&cfg, "decoder.layers.1.mlp.linear_fc2"));
@@ -306,5 +435,58 @@ mod tests {
             "decoder.layers.1.self_attention.linear_proj"
         ));
         assert!(glob("a*c*e", "abcde") && !glob("a*c*f", "abcde"));
+    }
+
+    fn config(canonical: bool, dora: bool, targets: Option<&[&str]>) -> LoraConfig {
+        LoraConfig {
+            target_modules: targets.map(|t| t.iter().map(|s| s.to_string()).collect()),
+            dim: 4,
+            alpha: 8.0,
+            lora_a_init: "xavier".into(),
+            init_from: None,
+            seed: 1,
+            dora,
+            canonical,
+        }
+    }
+
+    #[test]
+    fn each_variant_takes_its_own_targets() {
+        assert!(config(true, false, None).check().is_ok());
+        let e = config(true, false, Some(&["linear_qkv"]))
+            .check()
+            .unwrap_err();
+        assert!(e.to_string().contains("canonical = false"), "{e}");
+        let e = config(false, false, Some(&["linear_q"]))
+            .check()
+            .unwrap_err();
+        assert!(e.to_string().contains("canonical = true"), "{e}");
+        assert!(
+            config(true, true, None).check().is_err(),
+            "no canonical DoRA"
+        );
+        // Canonical slots: q, k, v, proj, gate, up, fc2 per layer, in that order.
+        let keys: Vec<_> = slots(&config(true, false, None), 1)
+            .iter()
+            .map(|s| s.key)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                Some("adapter_q"),
+                Some("adapter_k"),
+                Some("adapter_v"),
+                None,
+                Some("adapter_gate"),
+                Some("adapter_up"),
+                None
+            ]
+        );
+        let only_v = slots(&config(true, false, Some(&["linear_v"])), 2);
+        assert_eq!(only_v.len(), 2);
+        assert_eq!(
+            only_v[1].a(),
+            "decoder.layers.1.self_attention.linear_qkv.adapter.adapter_v.linear_in.weight"
+        );
     }
 }

@@ -311,29 +311,77 @@ impl Gpt<'_> {
         self.p(&names::layer_key(l as u64, rest))
     }
 
-    /// `x · Wᵀ` of layer `l`'s linear `module`, plus its LoRA adapter's
-    /// `(alpha/dim) · (x · Aᵀ) · Bᵀ` when it has one (Megatron-Bridge's `LoRALinear`: A is
-    /// `adapter.linear_in`, B `adapter.linear_out`; the input is the layer's normed input).
+    /// `x · Wᵀ` of layer `l`'s linear `module`, plus its LoRA adapters'
+    /// `(alpha/dim) · (x · Aᵀ) · Bᵀ` when it has them (Megatron-Bridge's `LoRALinear`: A is
+    /// `adapter.linear_in`, B `adapter.linear_out`; the input is the layer's normed input), each
+    /// at its rows of the output (canonical LoRA's q, k, v or gate, up).
     fn proj(&self, l: usize, module: &str, x: &Tensor) -> T {
-        let y = linear(x, &self.layer_p(l, &format!("{module}.weight"))?)?;
-        let a = names::layer_key(l as u64, &format!("{module}.adapter.linear_in.weight"));
-        match (self.params.by_name.contains_key(&a), self.params.lora_scale) {
-            (true, Some(scale)) => {
-                let b = names::layer_key(l as u64, &format!("{module}.adapter.linear_out.weight"));
-                let (a, b) = (self.p(&a)?, self.p(&b)?);
-                let y = (y + (linear(&linear(x, &a)?, &b)? * scale)?)?;
-                let m = names::layer_key(l as u64, &format!("{module}.adapter.weight_magnitude"));
-                if !self.params.by_name.contains_key(&m) {
-                    return Ok(y);
-                }
-                // DoRA: rows rescaled by m / ‖W0 + s·B·A‖_row, the norm detached.
-                let w = self.layer_p(l, &format!("{module}.weight"))?;
-                let merged = (w + (b.detach().matmul(&a.detach())? * scale)?)?;
-                let n = merged.sqr()?.sum_keepdim(1)?.sqrt()?.squeeze(1)?.detach();
-                y.broadcast_mul(&(self.p(&m)? / n)?)
+        let w = self.layer_p(l, &format!("{module}.weight"))?;
+        let y = linear(x, &w)?;
+        let key = names::layer_key(l as u64, module);
+        let (Some(adapters), Some(scale)) =
+            (self.params.adapters.get(&key), self.params.lora_scale)
+        else {
+            return Ok(y);
+        };
+        let low = |ad: &crate::params::Adapter| -> T {
+            linear(&linear(x, &self.p(&ad.a)?)?, &self.p(&ad.b)?)
+        };
+        let delta = match adapters.as_slice() {
+            [one] if one.rows == [0..w.dim(0)?] => low(one)?,
+            _ => self.placed(adapters, w.dim(0)?, x, &low)?,
+        };
+        let y = (y + (delta * scale)?)?;
+        let Some(m) = adapters.first().and_then(|a| a.magnitude.as_ref()) else {
+            return Ok(y);
+        };
+        // DoRA (one adapter on the whole layer): rows rescaled by m / ‖W0 + s·B·A‖_row, the
+        // norm detached.
+        let (a, b) = (self.p(&adapters[0].a)?, self.p(&adapters[0].b)?);
+        let merged = (w + (b.detach().matmul(&a.detach())? * scale)?)?;
+        let n = merged.sqr()?.sum_keepdim(1)?.sqrt()?.squeeze(1)?.detach();
+        y.broadcast_mul(&(self.p(m)? / n)?)
+    }
+
+    /// The adapters' outputs at their rows of a `rows`-wide output (zero where none feeds).
+    fn placed(
+        &self,
+        adapters: &[crate::params::Adapter],
+        rows: usize,
+        x: &Tensor,
+        low: &dyn Fn(&crate::params::Adapter) -> T,
+    ) -> T {
+        let outs = adapters
+            .iter()
+            .map(low)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        // (first row, adapter, offset in its output, length), in row order.
+        let mut pieces = Vec::new();
+        for (i, ad) in adapters.iter().enumerate() {
+            let mut offset = 0;
+            for r in &ad.rows {
+                pieces.push((r.start, i, offset, r.len()));
+                offset += r.len();
             }
-            _ => Ok(y),
         }
+        pieces.sort_unstable();
+        let mut lead = x.dims().to_vec();
+        let zeros = |n: usize, lead: &mut Vec<usize>| -> T {
+            *lead.last_mut().expect("x has a last axis") = n;
+            Tensor::zeros(lead.as_slice(), outs[0].dtype(), x.device())
+        };
+        let (mut parts, mut at) = (Vec::new(), 0);
+        for (start, i, offset, len) in pieces {
+            if start > at {
+                parts.push(zeros(start - at, &mut lead)?);
+            }
+            parts.push(outs[i].narrow(D::Minus1, offset, len)?);
+            at = start + len;
+        }
+        if at < rows {
+            parts.push(zeros(rows - at, &mut lead)?);
+        }
+        Tensor::cat(&parts, D::Minus1)
     }
 
     /// Logits `[b, s, vocab]` in the compute dtype.

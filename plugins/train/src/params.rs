@@ -28,6 +28,18 @@ pub struct Params {
     /// LoRA's `alpha / dim` when adapters are trained (their parameters are the
     /// `….adapter.linear_in/out.weight` ones).
     pub lora_scale: Option<f64>,
+    /// The adapters on each targeted layer (by module: `decoder.layers.0.mlp.linear_fc1`).
+    pub adapters: BTreeMap<String, Vec<Adapter>>,
+}
+
+/// One LoRA adapter of a layer: its A and B, the rows of the layer's output it feeds (all of
+/// them, or one projection's under canonical LoRA), and DoRA's magnitude.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    pub a: String,
+    pub b: String,
+    pub rows: Vec<std::ops::Range<usize>>,
+    pub magnitude: Option<String>,
 }
 
 /// Weight decay applies to matrices, never to norms or biases (megatron-core's default

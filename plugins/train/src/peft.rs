@@ -29,27 +29,55 @@ pub struct PeftExport {
     model: Option<GptConfig>,
 }
 
-/// A Megatron adapter's layer, module and part (`in` = A, `out` = B, `magnitude` = DoRA's m).
-fn parse(name: &str) -> Option<(u64, &str, &str)> {
-    let rest = name.strip_prefix("decoder.layers.")?;
-    let (l, rest) = rest.split_once('.')?;
-    if let Some(module) = rest.strip_suffix(".adapter.weight_magnitude") {
-        return Some((l.parse().ok()?, module, "magnitude"));
-    }
-    let (module, ab) = rest.split_once(".adapter.linear_")?;
-    let ab = ab.strip_suffix(".weight")?;
-    Some((l.parse().ok()?, module, ab))
+/// A Megatron adapter tensor's name, taken apart.
+#[derive(Debug, PartialEq)]
+struct AdapterName<'a> {
+    layer: u64,
+    /// `self_attention.linear_qkv`, …
+    module: &'a str,
+    /// Canonical LoRA's per-projection adapter (`adapter_q`, …, `adapter_up`).
+    key: Option<&'a str>,
+    /// `in` = A, `out` = B, `magnitude` = DoRA's m.
+    part: &'a str,
 }
 
-/// The HF projections a Megatron module's adapter becomes.
-fn projections(module: &str) -> Option<&'static [&'static str]> {
-    Some(match module {
-        "self_attention.linear_qkv" => {
+fn parse(name: &str) -> Option<AdapterName<'_>> {
+    let rest = name.strip_prefix("decoder.layers.")?;
+    let (l, rest) = rest.split_once('.')?;
+    let (module, tail) = rest.split_once(".adapter.")?;
+    let (key, tail) = match tail.strip_prefix("adapter_") {
+        Some(_) => {
+            let (k, t) = tail.split_once('.')?;
+            (Some(k), t)
+        }
+        None => (None, tail),
+    };
+    let part = match tail {
+        "weight_magnitude" => "magnitude",
+        t => t.strip_prefix("linear_")?.strip_suffix(".weight")?,
+    };
+    Some(AdapterName {
+        layer: l.parse().ok()?,
+        module,
+        key,
+        part,
+    })
+}
+
+/// The HF projections an adapter becomes: the fused layer's, or canonical LoRA's one.
+fn projections(module: &str, key: Option<&str>) -> Option<&'static [&'static str]> {
+    Some(match (module, key) {
+        ("self_attention.linear_qkv", None) => {
             &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
         }
-        "self_attention.linear_proj" => &["self_attn.o_proj"],
-        "mlp.linear_fc1" => &["mlp.gate_proj", "mlp.up_proj"],
-        "mlp.linear_fc2" => &["mlp.down_proj"],
+        ("self_attention.linear_qkv", Some("adapter_q")) => &["self_attn.q_proj"],
+        ("self_attention.linear_qkv", Some("adapter_k")) => &["self_attn.k_proj"],
+        ("self_attention.linear_qkv", Some("adapter_v")) => &["self_attn.v_proj"],
+        ("self_attention.linear_proj", None) => &["self_attn.o_proj"],
+        ("mlp.linear_fc1", None) => &["mlp.gate_proj", "mlp.up_proj"],
+        ("mlp.linear_fc1", Some("adapter_gate")) => &["mlp.gate_proj"],
+        ("mlp.linear_fc1", Some("adapter_up")) => &["mlp.up_proj"],
+        ("mlp.linear_fc2", None) => &["mlp.down_proj"],
         _ => return None,
     })
 }
@@ -70,22 +98,19 @@ impl PeftExport {
     }
 
     /// Each projection's rows of an adapter tensor: A (`in`) whole to every projection; B
-    /// (`out`) and DoRA's magnitude (one per B row) split like the base weight's rows.
-    fn parts(
-        &self,
-        module: &str,
-        ab: &str,
-        shape: &[u64],
-    ) -> Result<Vec<Vec<std::ops::Range<u64>>>> {
-        let projs = projections(module).map_or(1, |p| p.len());
+    /// (`out`) and DoRA's magnitude (one per B row) split like the base weight's rows — unless
+    /// the adapter is canonical LoRA's, one projection's already.
+    fn parts(&self, n: &AdapterName, shape: &[u64]) -> Result<Vec<Vec<std::ops::Range<u64>>>> {
+        let (module, ab) = (n.module, n.part);
+        let projs = projections(module, n.key).map_or(1, |p| p.len());
         let want = if ab == "magnitude" { 1 } else { 2 };
         if shape.len() != want {
             return Err(PluginError::shape(format!(
                 "{module} adapter part '{ab}' has shape {shape:?}; {want} dimensions expected"
             )));
         }
-        Ok(match ab {
-            "in" => vec![vec![0..shape[0]]; projs],
+        Ok(match (ab, n.key) {
+            ("in", _) | (_, Some(_)) => vec![vec![0..shape[0]]; projs],
             _ => self.b_rows(module, shape[0])?,
         })
     }
@@ -146,14 +171,18 @@ impl Transform for PeftExport {
                     t.name()
                 ))
             };
-            let (l, module, ab) = parse(t.name()).ok_or_else(bad)?;
-            let projs = projections(module).ok_or_else(bad)?;
-            for (proj, part) in projs.iter().zip(self.parts(module, ab, &t.shape)?) {
-                let n: u64 = part.iter().map(|p| p.end - p.start).sum();
-                let shape: Vec<u64> = std::iter::once(n)
+            let n = parse(t.name()).ok_or_else(bad)?;
+            let projs = projections(n.module, n.key).ok_or_else(bad)?;
+            for (proj, part) in projs.iter().zip(self.parts(&n, &t.shape)?) {
+                let rows: u64 = part.iter().map(|p| p.end - p.start).sum();
+                let shape: Vec<u64> = std::iter::once(rows)
                     .chain(t.shape[1..].iter().copied())
                     .collect();
-                out.push(TensorInfo::new(peft_name(l, proj, ab), t.dtype, &shape));
+                out.push(TensorInfo::new(
+                    peft_name(n.layer, proj, n.part),
+                    t.dtype,
+                    &shape,
+                ));
                 targets.insert(proj.rsplit('.').next().unwrap_or(proj).to_string());
             }
         }
@@ -180,20 +209,20 @@ impl Transform for PeftExport {
 
     fn process(&mut self, _port: usize, item: Item, out: &mut Emitter) -> Result<()> {
         let t = item.into_tensor()?;
-        let (l, module, ab) = parse(t.name())
+        let n = parse(t.name())
             .ok_or_else(|| PluginError::shape(format!("'{}': not an adapter", t.name())))?;
-        let projs = projections(module)
+        let projs = projections(n.module, n.key)
             .ok_or_else(|| PluginError::shape(format!("'{}': not an adapter", t.name())))?;
         let inner = &t.info.shape[1..];
         let row = (inner.iter().product::<u64>() * t.info.dtype.size() as u64) as usize;
-        for (proj, part) in projs.iter().zip(self.parts(module, ab, &t.info.shape)?) {
+        for (proj, part) in projs.iter().zip(self.parts(&n, &t.info.shape)?) {
             let mut bytes = Vec::new();
             for p in &part {
                 bytes.extend_from_slice(&t.bytes()[p.start as usize * row..p.end as usize * row]);
             }
-            let n = (bytes.len() / row) as u64;
-            let shape: Vec<u64> = std::iter::once(n).chain(inner.iter().copied()).collect();
-            let info = TensorInfo::new(peft_name(l, proj, ab), t.info.dtype, &shape);
+            let rows = (bytes.len() / row) as u64;
+            let shape: Vec<u64> = std::iter::once(rows).chain(inner.iter().copied()).collect();
+            let info = TensorInfo::new(peft_name(n.layer, proj, n.part), t.info.dtype, &shape);
             out.tensor(Tensor::new(info, Buffer::from_vec(bytes))?)?;
         }
         Ok(())
@@ -220,7 +249,25 @@ mod tests {
     fn names_split_like_bridge() {
         assert_eq!(
             parse("decoder.layers.3.self_attention.linear_qkv.adapter.linear_out.weight"),
-            Some((3, "self_attention.linear_qkv", "out"))
+            Some(AdapterName {
+                layer: 3,
+                module: "self_attention.linear_qkv",
+                key: None,
+                part: "out"
+            })
+        );
+        assert_eq!(
+            parse("decoder.layers.0.mlp.linear_fc1.adapter.adapter_up.linear_in.weight"),
+            Some(AdapterName {
+                layer: 0,
+                module: "mlp.linear_fc1",
+                key: Some("adapter_up"),
+                part: "in"
+            })
+        );
+        assert_eq!(
+            parse("decoder.layers.1.mlp.linear_fc2.adapter.weight_magnitude").map(|n| n.part),
+            Some("magnitude")
         );
         assert_eq!(
             peft_name(3, "self_attn.k_proj", "in"),
