@@ -328,7 +328,7 @@ impl Gpt<'_> {
             linear(&linear(x, &self.p(&ad.a)?)?, &self.p(&ad.b)?)
         };
         let delta = match adapters.as_slice() {
-            [one] if one.rows == [0..w.dim(0)?] => low(one)?,
+            [one] if one.rows.len() == 1 && one.rows[0] == (0..w.dim(0)?) => low(one)?,
             _ => self.placed(adapters, w.dim(0)?, x, &low)?,
         };
         let y = (y + (delta * scale)?)?;
