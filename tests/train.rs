@@ -1615,3 +1615,77 @@ fn the_bundled_distill_recipe_trains_the_student() {
 fn canonical_lora_follows_peft() {
     lora_against_torch("canonical", false, true, 1e-5);
 }
+
+/// Adapters made by peft 0.21.2 itself (`scripts/make_peft_fixtures.py`) import as
+/// `lora.init_from` and give peft's logits in our forward within 1e-5: a LoRA adapter with
+/// separate A per projection as canonical LoRA, a DoRA one (A shared by q, k, v and gate, up;
+/// magnitudes moved off their norms) as fused DoRA. Refused by name: the canonical-only adapter
+/// as fused (different As), the DoRA adapter without its magnitudes (Bridge 0.6.2's export;
+/// peft would silently re-initialise them), and an r that disagrees with the config.
+#[test]
+fn peft_adapters_import_with_peft_logits() {
+    use bridgeflow_plugin_train::config::LoraConfig;
+    use bridgeflow_plugin_train::model::{Gpt, Positions};
+    let dev = candle_core::Device::Cpu;
+    let peft = workspace_root().join("tests/fixtures/peft");
+    let lora = |dir: &str, canonical: bool, dora: bool, dim: usize| LoraConfig {
+        target_modules: None,
+        dim,
+        alpha: 8.0,
+        lora_a_init: "xavier".into(),
+        init_from: Some(peft.join(dir)),
+        seed: 1,
+        dora,
+        canonical,
+    };
+    let attach = |cfg: &LoraConfig| {
+        let (model, mut params) = tiny_model();
+        bridgeflow_plugin_train::lora::attach(cfg, &model, &mut params, &dev)
+            .map(|_| (model, params))
+    };
+    for (dir, canonical, dora) in [("lora", true, false), ("dora", false, true)] {
+        let (model, params) = attach(&lora(dir, canonical, dora, 4)).unwrap();
+        let want = load_tensors(&peft.join(dir).join("logits.safetensors"));
+        let ids: Vec<u32> = want["input_ids"]
+            .bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+            .collect();
+        let tokens = candle_core::Tensor::from_vec(ids, (2, 16), &dev).unwrap();
+        let pos = Positions::new(&model, 16, &dev).unwrap();
+        let gpt = Gpt {
+            cfg: &model,
+            params: &params,
+        };
+        let ours: Vec<f32> = gpt
+            .logits(&tokens, &pos.causal())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let theirs = f32s(&want["logits"].bytes);
+        let worst = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-5, "{dir}: logits {worst} from peft's");
+        eprintln!("{dir}: logits within {worst:.2e} of peft's");
+    }
+    for (cfg, want) in [
+        (lora("lora", false, false, 4), "carry different lora_A"),
+        (
+            lora("dora_no_magnitude", false, true, 4),
+            "needs its magnitudes",
+        ),
+        (lora("lora", true, false, 8), "r is 4; lora.dim is 8"),
+        (
+            lora("dora", false, false, 4),
+            "use_dora is true; lora.dora is false",
+        ),
+    ] {
+        let e = attach(&cfg).err().expect("refused").to_string();
+        assert!(e.contains(want), "{want:?} not in: {e}");
+    }
+}

@@ -180,7 +180,7 @@ pub fn slots(cfg: &LoraConfig, layers: usize) -> Vec<Slot> {
 }
 
 /// A fused layer's weight shape `[rows, in]`.
-fn layer_shape(model: &GptConfig, module: &str) -> (usize, usize) {
+pub(crate) fn layer_shape(model: &GptConfig, module: &str) -> (usize, usize) {
     let (h, f, d) = (model.hidden_size, model.ffn_hidden_size, model.kv_channels);
     match module.rsplit('.').next().unwrap_or(module) {
         "linear_qkv" => (
@@ -222,6 +222,7 @@ pub fn attach(
     dev: &Device,
 ) -> Result<usize> {
     let given = match &cfg.init_from {
+        Some(p) if p.join("adapter_config.json").is_file() => crate::peft::import(p, cfg, model)?,
         Some(p) => read_adapters(p)?,
         None => HashMap::new(),
     };

@@ -8,7 +8,8 @@
 //! B's rows (its norm is per row, so the split is exact) — the tensor Bridge 0.6.2 leaves out,
 //! which makes PEFT re-initialise it.
 
-use crate::lora::LORA;
+use crate::config::LoraConfig;
+use crate::lora::{Part, LORA};
 use crate::model::GptConfig;
 use bridgeflow_sdk::{
     attrs, schemars, serde, Buffer, Emitter, Item, PluginError, Result, StreamPlan, Tensor,
@@ -64,20 +65,24 @@ fn parse(name: &str) -> Option<AdapterName<'_>> {
     })
 }
 
-/// The HF projections an adapter becomes: the fused layer's, or canonical LoRA's one.
-fn projections(module: &str, key: Option<&str>) -> Option<&'static [&'static str]> {
+/// The HF projections an adapter becomes, and the rows of the adapter's B each takes: the
+/// fused layer's (q, k, v per query group; `[gate; up]`), or canonical LoRA's one, whole.
+fn projections(module: &str, key: Option<&str>) -> Option<&'static [(&'static str, Part)]> {
+    use Part::*;
     Some(match (module, key) {
-        ("self_attention.linear_qkv", None) => {
-            &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
-        }
-        ("self_attention.linear_qkv", Some("adapter_q")) => &["self_attn.q_proj"],
-        ("self_attention.linear_qkv", Some("adapter_k")) => &["self_attn.k_proj"],
-        ("self_attention.linear_qkv", Some("adapter_v")) => &["self_attn.v_proj"],
-        ("self_attention.linear_proj", None) => &["self_attn.o_proj"],
-        ("mlp.linear_fc1", None) => &["mlp.gate_proj", "mlp.up_proj"],
-        ("mlp.linear_fc1", Some("adapter_gate")) => &["mlp.gate_proj"],
-        ("mlp.linear_fc1", Some("adapter_up")) => &["mlp.up_proj"],
-        ("mlp.linear_fc2", None) => &["mlp.down_proj"],
+        ("self_attention.linear_qkv", None) => &[
+            ("self_attn.q_proj", Q),
+            ("self_attn.k_proj", K),
+            ("self_attn.v_proj", V),
+        ],
+        ("self_attention.linear_qkv", Some("adapter_q")) => &[("self_attn.q_proj", All)],
+        ("self_attention.linear_qkv", Some("adapter_k")) => &[("self_attn.k_proj", All)],
+        ("self_attention.linear_qkv", Some("adapter_v")) => &[("self_attn.v_proj", All)],
+        ("self_attention.linear_proj", None) => &[("self_attn.o_proj", All)],
+        ("mlp.linear_fc1", None) => &[("mlp.gate_proj", Gate), ("mlp.up_proj", Up)],
+        ("mlp.linear_fc1", Some("adapter_gate")) => &[("mlp.gate_proj", All)],
+        ("mlp.linear_fc1", Some("adapter_up")) => &[("mlp.up_proj", All)],
+        ("mlp.linear_fc2", None) => &[("mlp.down_proj", All)],
         _ => return None,
     })
 }
@@ -98,45 +103,38 @@ impl PeftExport {
     }
 
     /// Each projection's rows of an adapter tensor: A (`in`) whole to every projection; B
-    /// (`out`) and DoRA's magnitude (one per B row) split like the base weight's rows — unless
-    /// the adapter is canonical LoRA's, one projection's already.
+    /// (`out`) and DoRA's magnitude (one per B row) split like the base weight's rows.
     fn parts(&self, n: &AdapterName, shape: &[u64]) -> Result<Vec<Vec<std::ops::Range<u64>>>> {
         let (module, ab) = (n.module, n.part);
-        let projs = projections(module, n.key).map_or(1, |p| p.len());
+        let projs = projections(module, n.key).unwrap_or(&[]);
         let want = if ab == "magnitude" { 1 } else { 2 };
         if shape.len() != want {
             return Err(PluginError::shape(format!(
                 "{module} adapter part '{ab}' has shape {shape:?}; {want} dimensions expected"
             )));
         }
-        Ok(match (ab, n.key) {
-            ("in", _) | (_, Some(_)) => vec![vec![0..shape[0]]; projs],
-            _ => self.b_rows(module, shape[0])?,
-        })
-    }
-
-    /// Each projection's B rows of a fused B `[rows, r]`: q/k/v per query group, or
-    /// `[gate; up]` halves, as row lists.
-    fn b_rows(&self, module: &str, rows: u64) -> Result<Vec<Vec<std::ops::Range<u64>>>> {
-        let m = self.model()?;
-        Ok(match module {
-            "self_attention.linear_qkv" => {
-                let (g, d) = (m.num_query_groups as u64, m.kv_channels as u64);
-                let hpg = (m.num_attention_heads / m.num_query_groups) as u64;
-                let per = (hpg + 2) * d;
-                if rows != g * per {
-                    return Err(PluginError::shape(format!(
-                        "linear_qkv's B has {rows} rows; {} expected",
-                        g * per
-                    )));
-                }
-                let part =
-                    |off: u64, n: u64| (0..g).map(|i| i * per + off..i * per + off + n).collect();
-                vec![part(0, hpg * d), part(hpg * d, d), part((hpg + 1) * d, d)]
-            }
-            "mlp.linear_fc1" => vec![vec![0..rows / 2], vec![rows / 2..rows]],
-            _ => vec![vec![0..rows]],
-        })
+        if ab == "in" {
+            return Ok(vec![vec![0..shape[0]]; projs.len()]);
+        }
+        let rows = shape[0] as usize;
+        let parts: Vec<Vec<std::ops::Range<u64>>> = projs
+            .iter()
+            .map(|(_, part)| {
+                part.rows(self.model()?, rows)
+                    .into_iter()
+                    .map(|r| r.start as u64..r.end as u64)
+                    .map(Ok)
+                    .collect()
+            })
+            .collect::<Result<_>>()?;
+        let covered: u64 = parts.iter().flatten().map(|r| r.end - r.start).sum();
+        if parts.iter().flatten().any(|r| r.end > shape[0]) || covered != shape[0] {
+            return Err(PluginError::shape(format!(
+                "{module}'s adapter has {rows} rows; the model's {} projections need {covered}",
+                projs.len()
+            )));
+        }
+        Ok(parts)
     }
 }
 
@@ -173,7 +171,7 @@ impl Transform for PeftExport {
             };
             let n = parse(t.name()).ok_or_else(bad)?;
             let projs = projections(n.module, n.key).ok_or_else(bad)?;
-            for (proj, part) in projs.iter().zip(self.parts(&n, &t.shape)?) {
+            for ((proj, _), part) in projs.iter().zip(self.parts(&n, &t.shape)?) {
                 let rows: u64 = part.iter().map(|p| p.end - p.start).sum();
                 let shape: Vec<u64> = std::iter::once(rows)
                     .chain(t.shape[1..].iter().copied())
@@ -215,7 +213,7 @@ impl Transform for PeftExport {
             .ok_or_else(|| PluginError::shape(format!("'{}': not an adapter", t.name())))?;
         let inner = &t.info.shape[1..];
         let row = (inner.iter().product::<u64>() * t.info.dtype.size() as u64) as usize;
-        for (proj, part) in projs.iter().zip(self.parts(&n, &t.info.shape)?) {
+        for ((proj, _), part) in projs.iter().zip(self.parts(&n, &t.info.shape)?) {
             let mut bytes = Vec::new();
             for p in &part {
                 bytes.extend_from_slice(&t.bytes()[p.start as usize * row..p.end as usize * row]);
@@ -227,6 +225,242 @@ impl Transform for PeftExport {
         }
         Ok(())
     }
+}
+
+/// Tensors by name: (shape, f32 values).
+pub type Loaded = std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// A Hugging Face PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`, as
+/// peft's `save_pretrained` or our export writes it) as the Megatron adapter tensors `cfg`
+/// trains on `model` — `lora.init_from` for continued training. Canonical LoRA takes each
+/// projection's A and B as they are; fused LoRA needs one A shared by q, k, v (and by gate, up)
+/// — what a fused adapter exports to — and stacks the Bs (and DoRA's magnitudes) at their rows.
+/// Every rule is checked: the config's r, alpha and use_dora against `cfg`, each adapter
+/// present (a DoRA adapter without its magnitudes is refused: peft would silently re-initialise
+/// them), nothing left over.
+pub fn import(dir: &std::path::Path, cfg: &LoraConfig, model: &GptConfig) -> Result<Loaded> {
+    let config_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&config_path)
+        .map_err(|e| PluginError::io(&config_path, "cannot read", e))?;
+    let config: Value = serde_json::from_str(&text)
+        .map_err(|e| PluginError::format(format!("{}: {e}", config_path.display())))?;
+    check_config(&config, cfg)
+        .map_err(|m| PluginError::config(format!("{}: {m}", config_path.display())))?;
+    let file = dir.join("adapter_model.safetensors");
+    let mut given = read_f32(&file)?;
+    let mut out = Loaded::new();
+    for slot in crate::lora::slots(cfg, model.num_layers) {
+        let (layer_rows, _) = crate::lora::layer_shape(model, &slot.module);
+        let (l, module) = layer_and_module(&slot.module);
+        let projs = projections(module, slot.key).unwrap_or(&[]);
+        let mut take = |proj: &str, part: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+            let name = peft_name(l, proj, part);
+            given.remove(&name).ok_or_else(|| {
+                PluginError::shape(format!(
+                    "{}: no '{name}'{}",
+                    file.display(),
+                    if part == "magnitude" {
+                        " (a DoRA adapter needs its magnitudes; peft would re-initialise them)"
+                    } else {
+                        ""
+                    }
+                ))
+            })
+        };
+        // A: the same for every projection of a fused layer.
+        let mut a: Option<(Vec<usize>, Vec<f32>)> = None;
+        let mut pieces = Vec::new();
+        for (proj, part) in projs {
+            let this_a = take(proj, "in")?;
+            match &a {
+                Some(first) if first != &this_a => {
+                    return Err(PluginError::shape(format!(
+                        "{}: layer {l}'s {} carry different lora_A; a fused adapter has one (import with lora.canonical = true)",
+                        file.display(),
+                        projs.iter().map(|p| p.0.rsplit('.').next().unwrap_or(p.0)).collect::<Vec<_>>().join(", ")
+                    )))
+                }
+                Some(_) => {}
+                None => a = Some(this_a),
+            }
+            // A fused layer's projections go to their rows of it; a canonical adapter's rows
+            // are its own.
+            let rows = match slot.key {
+                Some(_) => {
+                    let n = slot
+                        .part
+                        .rows(model, layer_rows)
+                        .iter()
+                        .map(|r| r.len())
+                        .sum();
+                    std::iter::once(0..n).collect()
+                }
+                None => part.rows(model, layer_rows),
+            };
+            pieces.push(Piece {
+                name: peft_name(l, proj, "out"),
+                rows,
+                b: take(proj, "out")?.1,
+                magnitude: if cfg.dora {
+                    Some(take(proj, "magnitude")?.1)
+                } else {
+                    None
+                },
+            });
+        }
+        let Some(a) = a else { continue };
+        let (b, m) = stack(&pieces, cfg.dim)
+            .map_err(|e| PluginError::shape(format!("{}: {e}", file.display())))?;
+        let total = b.len() / cfg.dim;
+        out.insert(slot.a(), a);
+        out.insert(slot.b(), (vec![total, cfg.dim], b));
+        if let Some(m) = m {
+            out.insert(slot.magnitude(), (vec![total], m));
+        }
+    }
+    if let Some(extra) = given.keys().next() {
+        return Err(PluginError::shape(format!(
+            "{}: '{extra}' is no adapter lora.target_modules {:?} trains ({} such tensors)",
+            file.display(),
+            cfg.targets(),
+            given.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// One projection's B (and DoRA magnitude) of an imported adapter, and the rows of the
+/// adapter it becomes.
+struct Piece {
+    name: String,
+    rows: Vec<std::ops::Range<usize>>,
+    b: Vec<f32>,
+    magnitude: Option<Vec<f32>>,
+}
+
+/// The pieces' Bs (`[n, r]` each) stacked at their rows, and their magnitudes likewise.
+fn stack(pieces: &[Piece], r: usize) -> std::result::Result<(Vec<f32>, Option<Vec<f32>>), String> {
+    let total = pieces
+        .iter()
+        .flat_map(|p| &p.rows)
+        .map(|x| x.end)
+        .max()
+        .unwrap_or(0);
+    let mut b = vec![0f32; total * r];
+    let mut m = pieces[0].magnitude.as_ref().map(|_| vec![0f32; total]);
+    for p in pieces {
+        let n: usize = p.rows.iter().map(|x| x.len()).sum();
+        if p.b.len() != n * r {
+            return Err(format!(
+                "'{}' has {} values; [{n}, {r}] expected",
+                p.name,
+                p.b.len()
+            ));
+        }
+        if let (Some(pm), Some(m)) = (&p.magnitude, m.as_mut()) {
+            if pm.len() != n {
+                return Err(format!(
+                    "{}'s magnitude has {} values; {n} expected",
+                    p.name,
+                    pm.len()
+                ));
+            }
+            for (dst, v) in p.rows.iter().flat_map(|x| x.clone()).zip(pm) {
+                m[dst] = *v;
+            }
+        }
+        for (dst, src) in p
+            .rows
+            .iter()
+            .flat_map(|x| x.clone())
+            .zip(p.b.chunks_exact(r))
+        {
+            b[dst * r..(dst + 1) * r].copy_from_slice(src);
+        }
+    }
+    Ok((b, m))
+}
+
+/// `decoder.layers.N.self_attention.linear_qkv` → (N, `self_attention.linear_qkv`).
+fn layer_and_module(module: &str) -> (u64, &str) {
+    module
+        .strip_prefix("decoder.layers.")
+        .and_then(|r| r.split_once('.'))
+        .and_then(|(n, m)| Some((n.parse().ok()?, m)))
+        .unwrap_or((0, module))
+}
+
+/// The adapter's settings against the trainer's LoRA config, one rule each.
+fn check_config(c: &Value, cfg: &LoraConfig) -> std::result::Result<(), String> {
+    if c["peft_type"].as_str() != Some("LORA") {
+        return Err(format!(
+            "peft_type {}: only LORA adapters import",
+            c["peft_type"]
+        ));
+    }
+    if c["r"].as_u64() != Some(cfg.dim as u64) {
+        return Err(format!("r is {}; lora.dim is {}", c["r"], cfg.dim));
+    }
+    if c["lora_alpha"].as_f64() != Some(cfg.alpha) {
+        return Err(format!(
+            "lora_alpha is {}; lora.alpha is {}",
+            c["lora_alpha"], cfg.alpha
+        ));
+    }
+    let dora = c["use_dora"].as_bool().unwrap_or(false);
+    if dora != cfg.dora {
+        return Err(format!("use_dora is {dora}; lora.dora is {}", cfg.dora));
+    }
+    for flag in ["use_rslora", "fan_in_fan_out"] {
+        if c[flag].as_bool().unwrap_or(false) {
+            return Err(format!(
+                "{flag} adapters do not import (Megatron-Bridge's LoRA has neither)"
+            ));
+        }
+    }
+    for pattern in ["rank_pattern", "alpha_pattern"] {
+        if c[pattern].as_object().is_some_and(|m| !m.is_empty()) {
+            return Err(format!(
+                "{pattern} is set: one rank and alpha for every layer import"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A safetensors file's tensors as f32 (F32, BF16 or F16 stored).
+fn read_f32(path: &std::path::Path) -> Result<Loaded> {
+    let bytes = std::fs::read(path).map_err(|e| PluginError::io(path, "cannot read", e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| PluginError::format(format!("{}: {e}", path.display())))?;
+    let mut out = Loaded::new();
+    for (name, t) in st.tensors() {
+        let dtype = match t.dtype() {
+            safetensors::Dtype::F32 => candle_core::DType::F32,
+            safetensors::Dtype::BF16 => candle_core::DType::BF16,
+            safetensors::Dtype::F16 => candle_core::DType::F16,
+            other => {
+                return Err(PluginError::format(format!(
+                    "{}: '{name}' is {other:?}; adapters import from F32, BF16 or F16",
+                    path.display()
+                )))
+            }
+        };
+        let values = candle_core::Tensor::from_raw_buffer(
+            t.data(),
+            dtype,
+            t.shape(),
+            &candle_core::Device::Cpu,
+        )
+        .and_then(|x| {
+            x.to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1()
+        })
+        .map_err(crate::model::ce)?;
+        out.insert(name, (t.shape().to_vec(), values));
+    }
+    Ok(out)
 }
 
 /// What `target_modules` an adapter_config lists, for tests.
@@ -291,10 +525,12 @@ mod tests {
             }),
         };
         // 2 groups of [2 q heads, k, v] (head_dim 1): q rows 0,1,4,5; k 2,6; v 3,7.
-        let parts = e.b_rows("self_attention.linear_qkv", 8).unwrap();
+        let b =
+            parse("decoder.layers.0.self_attention.linear_qkv.adapter.linear_out.weight").unwrap();
+        let parts = e.parts(&b, &[8, 2]).unwrap();
         assert_eq!(parts[0], [0..2, 4..6]);
         assert_eq!(parts[1], [2..3, 6..7]);
         assert_eq!(parts[2], [3..4, 7..8]);
-        assert!(e.b_rows("self_attention.linear_qkv", 9).is_err());
+        assert!(e.parts(&b, &[9, 2]).is_err());
     }
 }
