@@ -21,14 +21,18 @@ iters=${ITERS:-13}
 w="$work/train"
 [ -f "$w/llama25m/model.safetensors" ] || "$py" scripts/train_bench_setup.py "$w" > /dev/null
 
-# ours MODEL DATA SEQ: trains ITERS iterations of batch 4; sets ours_tps (iterations 4..ITERS) and
-# ours_rss (MB).
+# ours MODEL DATA SEQ [RECIPE SET...]: trains ITERS iterations of batch 4 with RECIPE (default
+# pretrain: full training, out to a torch_dist folder; lora: the extra SETs pick its adapters);
+# sets ours_tps (iterations 4..ITERS) and ours_rss (MB).
 ours() {
-  local model=$1 data=$2 seq=$3 m="$w/metrics.jsonl" log
+  local model=$1 data=$2 seq=$3 recipe=${4:-pretrain} m="$w/metrics.jsonl" log
+  shift $(($# < 4 ? $# : 4))
+  local outs=(--set output="$w/out")
+  [ "$recipe" = lora ] && outs=(--set adapter="$w/out/adapter" --set merged="$w/out/merged")
   rm -rf "$m" "$w/out"
   log=$(mktemp)
-  /usr/bin/time -v "$bin" train pipelines/pretrain.toml --no-progress \
-    --set model="$model" --set data="$data" --set output="$w/out" \
+  /usr/bin/time -v "$bin" train "pipelines/$recipe.toml" --no-progress \
+    --set model="$model" --set data="$data" "${outs[@]}" "$@" \
     --set seq_length="$seq" --set global_batch_size=4 --set micro_batch_size=4 \
     --set iters="$iters" --set samples=$((iters * 4)) --set train.metrics_file="$m" \
     --set train.lr=1e-4 --set train.min_lr=1e-4 --set train.lr_warmup_iters=0 \
@@ -60,6 +64,11 @@ report() {
 ours "$w/llama25m" "$w/tokens_text_document" 512
 theirs "llama25m/fp32/train/b4s512"
 report "llama 32M fp32 train b4 s512"
+# LoRA r 16, alpha 32 on q, k, v, o, gate, up, down (canonical LoRA: peft's layout and FLOPs).
+ours "$w/llama25m" "$w/tokens_text_document" 512 lora --set train.lora.dim=16 \
+  --set train.lora.alpha=32.0 --set train.lora.canonical=true
+theirs "llama25m-lora16/fp32/train/b4s512"
+report "llama 32M LoRA r16 (peft) b4 s512"
 ours tests/fixtures/shared/hf/llama "$w/tiny_text_document" 128
 theirs "tiny/fp32/train/b4s128"
 report "tiny fixture fp32 train b4 s128"

@@ -5,7 +5,8 @@ peft 0.21.2).
     python scripts/make_peft_fixtures.py tests/fixtures/peft
 
 Writes, each an adapter folder (adapter_model.safetensors + adapter_config.json, as
-`save_pretrained` writes them) plus logits.safetensors (`input_ids` [2, 16], peft's `logits`):
+`save_pretrained` writes them) plus logits.safetensors (`input_ids` [2, 16], peft's `logits`)
+and merged.safetensors (peft's `merge_and_unload()` state dict):
   lora/               r 4, alpha 8, q k v o gate up down; A and B random
                       (init_lora_weights=False): a canonical-LoRA adapter
   dora/               r 4, alpha 8, use_dora; the same A shared by q, k, v and by gate, up
@@ -56,6 +57,8 @@ def make(out, dora):
     with torch.no_grad():
         logits = PeftModel.from_pretrained(base(), str(out))(input_ids=ids).logits
     save_file({"input_ids": ids.contiguous(), "logits": logits.contiguous()}, str(out / "logits.safetensors"))
+    merged = PeftModel.from_pretrained(base(), str(out)).merge_and_unload().state_dict()
+    save_file({n: t.contiguous() for n, t in merged.items()}, str(out / "merged.safetensors"))
 
 
 def main():
@@ -68,6 +71,7 @@ def main():
     t = load_file(str(bad / "adapter_model.safetensors"))
     save_file({k: v for k, v in t.items() if "lora_magnitude_vector" not in k},
               str(bad / "adapter_model.safetensors"))
+    (bad / "merged.safetensors").unlink()
     for d in ("lora", "dora", "dora_no_magnitude"):
         (root / d / "README.md").unlink(missing_ok=True)
 

@@ -1689,3 +1689,97 @@ fn peft_adapters_import_with_peft_logits() {
         assert!(e.contains(want), "{want:?} not in: {e}");
     }
 }
+
+/// `lora-merge` with a PEFT adapter folder (`pipelines/merge-peft.toml`): HF base → Megatron →
+/// merged → HF equals peft 0.21.2's own `merge_and_unload()` within 1e-6, tensor by tensor,
+/// for the LoRA adapter (separate A per projection) and the DoRA one (magnitudes per
+/// projection); the untargeted weights pass through bit for bit.
+#[test]
+fn lora_merge_equals_peft_merge_and_unload() {
+    use bridgeflow_tests::{bridgeflow, text};
+    let dir = tempdir();
+    let base = load_tensors(&fixtures().join("hf/llama/model.safetensors"));
+    for adapter in ["lora", "dora"] {
+        let src = workspace_root().join("tests/fixtures/peft").join(adapter);
+        let out = dir.path().join(adapter);
+        let o = bridgeflow()
+            .args(["run", "--no-progress"])
+            .arg(workspace_root().join("pipelines/merge-peft.toml"))
+            .args(["--set", &format!("adapter={}", src.display())])
+            .args(["--set", &format!("output={}", out.display())])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        let (ours, theirs) = (
+            load_tensors(&out),
+            load_tensors(&src.join("merged.safetensors")),
+        );
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            theirs.keys().collect::<Vec<_>>()
+        );
+        let mut moved = 0;
+        for (name, t) in &theirs {
+            let (a, b) = (f32s(&ours[name].bytes), f32s(&t.bytes));
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= 1e-6,
+                "{adapter}: {name}: {worst} from peft's merge"
+            );
+            if ours[name].bytes != base[name].bytes {
+                moved += 1;
+            } else {
+                assert!(!name.contains("proj"), "{adapter}: {name} was not merged");
+            }
+        }
+        assert_eq!(moved, 14, "{adapter}: 7 projections in 2 layers merged");
+    }
+}
+
+/// `lora-merge` fed by the trainer's adapters port gives the weights the trainer's own merged
+/// output carries, bit for bit; adapters without their base layer are refused.
+#[test]
+fn lora_merge_of_trained_adapters_equals_the_trainers_merge() {
+    let dir = tempdir();
+    let data = dir.path().join("samples.parquet");
+    write_samples(&data, 3);
+    let (merged, restaged) = (dir.path().join("merged"), dir.path().join("restaged"));
+    let hf = fixtures().join("hf/llama");
+    let text = pipeline(&data, &merged, 3, false)
+        .replace(
+            "calculate_per_token_loss = false }",
+            "calculate_per_token_loss = false, lora = { dim = 4, alpha = 8.0, lora_a_init = \"normal\" } }",
+        )
+        + &format!(
+            r#"
+[stages.merge]
+plugin = "lora-merge"
+kind = "transform"
+inputs = ["map", "train.adapters"]
+
+[stages.merge_hf]
+plugin = "models"
+kind = "mapper"
+inputs = ["merge"]
+config = {{ direction = "to-hf", hf_config = "{}/config.json" }}
+
+[stages.write2]
+plugin = "safetensors"
+kind = "writer"
+inputs = ["merge_hf"]
+config = {{ path = "{}" }}
+"#,
+            hf.display(),
+            restaged.display()
+        );
+    run_text(dir.path(), &text, &[], 1 << 30).unwrap();
+    let (a, b) = (load_tensors(&merged), load_tensors(&restaged));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        assert!(t.bytes == b[name].bytes, "{name}");
+    }
+}

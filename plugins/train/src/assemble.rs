@@ -154,6 +154,19 @@ fn place(dst: &mut [f32], global: &[usize], local: &[usize], offsets: &[usize], 
     }
 }
 
+/// A whole tensor's values as f32.
+pub fn decode(t: &Tensor) -> Result<Vec<f32>> {
+    if t.info.shard().is_some() {
+        return Err(PluginError::shape(format!(
+            "'{}': a piece where a whole tensor is expected",
+            t.name()
+        )));
+    }
+    let mut wide = Vec::new();
+    decode_f64(t.info.dtype, t.bytes(), &mut wide);
+    Ok(wide.into_iter().map(|v| v as f32).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

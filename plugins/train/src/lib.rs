@@ -15,6 +15,7 @@ pub mod data;
 pub mod distill;
 pub mod init;
 pub mod lora;
+pub mod merge;
 pub mod model;
 pub mod optim;
 pub mod params;
@@ -35,6 +36,11 @@ bridgeflow_sdk::export_plugins! {
         version: env!("CARGO_PKG_VERSION"),
         description: "LoRA adapters (Megatron-Bridge names) as a Hugging Face PEFT adapter",
         transform: Transform(peft::PeftExport),
+    }
+    "lora-merge" {
+        version: env!("CARGO_PKG_VERSION"),
+        description: "LoRA/DoRA adapters merged into their base weights (PEFT's merge_and_unload)",
+        transform: Transform(merge::LoraMerge),
     }
     "init" {
         version: env!("CARGO_PKG_VERSION"),

@@ -396,16 +396,17 @@ pub fn merged(params: &Params, weight: &str) -> Result<Option<Vec<f32>>> {
             dst.iter_mut().zip(delta).for_each(|(w, d)| *w += d);
         }
         if let Some(m) = &ad.magnitude {
-            rescale_rows(&mut merged, &params.by_name[m].master);
+            rescale_rows(&mut merged, cols, &ad.rows, &params.by_name[m].master);
         }
     }
     Ok(Some(merged))
 }
 
-/// DoRA's merge: each row of `W0 + s·B·A` rescaled to its magnitude, `(m / ‖row‖)·row`.
-fn rescale_rows(w: &mut [f32], m: &[f32]) {
-    let cols = w.len() / m.len().max(1);
-    for (row, &m) in w.chunks_mut(cols).zip(m) {
+/// DoRA's merge: each of the adapter's rows of `W0 + s·B·A` rescaled to its magnitude,
+/// `(m / ‖row‖)·row`.
+fn rescale_rows(w: &mut [f32], cols: usize, rows: &[Range<usize>], m: &[f32]) {
+    for (r, &m) in rows.iter().flat_map(|r| r.clone()).zip(m) {
+        let row = &mut w[r * cols..(r + 1) * cols];
         let norm = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
         let k = (m as f64 / norm) as f32;
         row.iter_mut().for_each(|v| *v *= k);

@@ -463,6 +463,20 @@ fn read_f32(path: &std::path::Path) -> Result<Loaded> {
     Ok(out)
 }
 
+/// Canonical LoRA's target for a PEFT target module (`q_proj` → `linear_q`, …).
+pub fn canonical_target(hf: &str) -> Option<&'static str> {
+    Some(match hf {
+        "q_proj" => "linear_q",
+        "k_proj" => "linear_k",
+        "v_proj" => "linear_v",
+        "o_proj" => "linear_proj",
+        "gate_proj" => "linear_fc1_gate",
+        "up_proj" => "linear_fc1_up",
+        "down_proj" => "linear_fc2",
+        _ => return None,
+    })
+}
+
 /// What `target_modules` an adapter_config lists, for tests.
 pub fn target_modules(config: &Value) -> Vec<String> {
     config["target_modules"]
