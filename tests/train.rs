@@ -1741,7 +1741,7 @@ fn lora_merge_equals_peft_merge_and_unload() {
 }
 
 /// `lora-merge` fed by the trainer's adapters port gives the weights the trainer's own merged
-/// output carries, bit for bit; adapters without their base layer are refused.
+/// output carries, bit for bit.
 #[test]
 fn lora_merge_of_trained_adapters_equals_the_trainers_merge() {
     let dir = tempdir();
