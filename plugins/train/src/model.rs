@@ -287,6 +287,63 @@ fn softmax_last(x: &Tensor) -> T {
     in_dtype(&e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?, x.dtype())
 }
 
+/// `x · Wᵀ` for a frozen W (LoRA's base, a teacher): candle's matmul backward computes the
+/// right operand's gradient whether or not anything wants it — a third of a frozen layer's
+/// backward FLOPs, and a gradient buffer per layer kept to the end of the pass. As a custom op
+/// on `x` alone its backward is `grad · W` only. CPU storage only (other devices keep candle's
+/// matmul).
+struct FrozenLinear(Tensor);
+
+fn cpu_len(s: &candle_core::CpuStorage) -> candle_core::Result<usize> {
+    use candle_core::CpuStorage::*;
+    Ok(match s {
+        F32(v) => v.len(),
+        F64(v) => v.len(),
+        BF16(v) => v.len(),
+        F16(v) => v.len(),
+        _ => {
+            return Err(candle_core::Error::Msg(
+                "frozen-linear: a float input".into(),
+            ))
+        }
+    })
+}
+
+impl candle_core::CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-linear: a contiguous input".into()))?;
+        let all = Tensor::from_storage(
+            candle_core::Storage::Cpu(s.clone()),
+            cpu_len(s)?,
+            candle_core::op::BackpropOp::none(),
+            false,
+        );
+        let x = all.narrow(0, start, end - start)?.reshape(l.shape())?;
+        let y = linear(&x, &self.0)?.contiguous()?;
+        let (storage, layout) = y.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(c), Some((0, _))) => Ok((c.clone(), y.shape().clone())),
+            _ => Err(candle_core::Error::Msg(
+                "frozen-linear: a CPU result".into(),
+            )),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.broadcast_matmul(&self.0)?))
+    }
+}
+
 pub struct Gpt<'p> {
     pub cfg: &'p GptConfig,
     pub params: &'p Params,
@@ -307,6 +364,17 @@ impl Gpt<'_> {
         })
     }
 
+    /// `x · Wᵀ` with the parameter `name` as W; a frozen one's gradient never computed.
+    fn linear_by(&self, x: &Tensor, name: &str) -> T {
+        let w = self.p(name)?;
+        let frozen = self.params.by_name.get(name).is_some_and(|p| !p.trainable);
+        if frozen && x.device().is_cpu() {
+            x.contiguous()?.apply_op1(FrozenLinear(w))
+        } else {
+            linear(x, &w)
+        }
+    }
+
     fn layer_p(&self, l: usize, rest: &str) -> candle_core::Result<Tensor> {
         self.p(&names::layer_key(l as u64, rest))
     }
@@ -317,7 +385,7 @@ impl Gpt<'_> {
     /// at its rows of the output (canonical LoRA's q, k, v or gate, up).
     fn proj(&self, l: usize, module: &str, x: &Tensor) -> T {
         let w = self.layer_p(l, &format!("{module}.weight"))?;
-        let y = linear(x, &w)?;
+        let y = self.linear_by(x, &names::layer_key(l as u64, &format!("{module}.weight")))?;
         let key = names::layer_key(l as u64, module);
         let (Some(adapters), Some(scale)) =
             (self.params.adapters.get(&key), self.params.lora_scale)
@@ -419,9 +487,9 @@ impl Gpt<'_> {
         )?;
         keep(Tap::FinalNorm, &x);
         let out = if self.cfg.tied {
-            emb
+            names::WORD_EMBEDDINGS
         } else {
-            self.p(names::OUTPUT_LAYER)?
+            names::OUTPUT_LAYER
         };
         let tapped = tapped
             .into_iter()
@@ -435,7 +503,7 @@ impl Gpt<'_> {
                 })
             })
             .collect::<candle_core::Result<_>>()?;
-        Ok((linear(&x, &out)?, tapped))
+        Ok((self.linear_by(&x, out)?, tapped))
     }
 
     fn attention(&self, l: usize, x: &Tensor, pos: &Attn) -> T {
