@@ -1783,3 +1783,70 @@ config = {{ path = "{}" }}
         assert!(t.bytes == b[name].bytes, "{name}");
     }
 }
+
+/// A LoRA run's checkpoints hold only the adapters and their moments (Megatron-Bridge's PEFT
+/// checkpoints), the base referenced by a fingerprint: resuming with the same base fed again is
+/// bit-identical to an uninterrupted run; resuming on another base is refused by name.
+#[test]
+fn lora_checkpoints_keep_only_the_adapters() {
+    let dir = tempdir();
+    let data = dir.path().join("samples.parquet");
+    write_samples(&data, 6);
+    let lora = "calculate_per_token_loss = false, lora = { dim = 4, alpha = 8.0, lora_a_init = \"normal\" } }";
+    let text = |out: &Path| {
+        pipeline(&data, out, 20, false).replace("calculate_per_token_loss = false }", lora)
+    };
+    let run = |name: &str, iters: u64, extra: &[String], text: &dyn Fn(&Path) -> String| {
+        let out = dir.path().join(name);
+        let mut sets = vec![format!("train.train_iters={iters}")];
+        sets.extend(extra.iter().cloned());
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        run_text(dir.path(), &text(&out), &sets, 1 << 30).map(|_| load_tensors(&out))
+    };
+    let straight = run("straight", 6, &[], &text).unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let save = format!("train.save=\"{}\"", ckpt.display());
+    run("first-half", 3, std::slice::from_ref(&save), &text).unwrap();
+    let saved = load_tensors(&ckpt.join("iter_0000003/trainer_state.safetensors"));
+    assert_eq!(
+        saved.len(),
+        8 * 2 * 3,
+        "A and B of 8 adapters, each with its two moments"
+    );
+    assert!(
+        saved.keys().all(|k| k.contains(".adapter.")),
+        "{:?}",
+        saved.keys()
+    );
+    let load = format!("train.load=\"{}\"", ckpt.display());
+    let resumed = run("resumed", 6, &[save.clone(), load.clone()], &text).unwrap();
+    assert_eq!(
+        resumed, straight,
+        "bit-identical merged weights after resuming"
+    );
+    // Another base under the same adapters: named, nothing written.
+    let other = dir.path().join("other-base");
+    bridgeflow_tests::copy_tree(&fixtures().join("hf/llama"), &other);
+    let mut weights = load_tensors(&fixtures().join("hf/llama/model.safetensors"));
+    weights
+        .get_mut("model.layers.0.mlp.down_proj.weight")
+        .unwrap()
+        .bytes[0] ^= 0x40;
+    let list: Vec<(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)> = weights
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.dtype, t.shape.clone(), t.bytes.clone()))
+        .collect();
+    bridgeflow_tests::save_tensors(&other.join("model.safetensors"), &list);
+    let moved = |out: &Path| {
+        text(out).replace(
+            &format!(
+                "path = \"{}\" }}\n\n[stages.map]",
+                fixtures().join("hf/llama").display()
+            ),
+            &format!("path = \"{}\" }}\n\n[stages.map]", other.display()),
+        )
+    };
+    let e = run("elsewhere", 6, &[save, load], &moved).unwrap_err();
+    assert!(e.contains("trained on another frozen base"), "{e}");
+    assert!(!dir.path().join("elsewhere").exists());
+}

@@ -3,6 +3,10 @@
 //! position, as Megatron's `consumed_train_samples`) — under `SAVE/iter_{N:07}/`, with Megatron's
 //! tracker `latest_checkpointed_iteration.txt` beside them.
 //!
+//! A run with a frozen base (LoRA, DoRA) keeps only what trains — the adapters and their
+//! moments — as Megatron-Bridge's PEFT checkpoints do; the base is referenced (its parameters'
+//! names and a fingerprint) and must be fed again, unchanged, to resume.
+//!
 //! Atomic: an iteration's folder is written under a hidden name, its files synced, then
 //! renamed; the tracker is replaced (write, sync, rename) only after that, so a kill at any
 //! moment leaves the previous checkpoint as the one a resume finds.
@@ -61,7 +65,7 @@ impl Snapshot {
     /// The state after `pos.iteration` iterations.
     pub fn take(params: &Params, adam: &AdamW, pos: &Position) -> Snapshot {
         let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-        for (name, p) in &params.by_name {
+        for (name, p) in params.by_name.iter().filter(|(_, p)| p.trainable) {
             blobs.push((
                 format!("param.{name}"),
                 p.shape.clone(),
@@ -81,6 +85,7 @@ impl Snapshot {
             "adam_beta1": adam.beta1,
             "adam_beta2": adam.beta2,
             "adam_eps": adam.eps,
+            "frozen_base": frozen_base(params),
         });
         Snapshot {
             blobs,
@@ -126,6 +131,33 @@ impl Snapshot {
         }
         Ok(target)
     }
+}
+
+/// The frozen parameters a checkpoint leaves out: their count and a fingerprint (CRC-32C
+/// over each one's name, shape and first and last 4 KiB of values — enough to tell another base
+/// from this one without reading all of it again); null when every parameter trains.
+fn frozen_base(params: &Params) -> serde_json::Value {
+    let frozen: Vec<_> = params
+        .by_name
+        .iter()
+        .filter(|(_, p)| !p.trainable)
+        .collect();
+    if frozen.is_empty() {
+        return serde_json::Value::Null;
+    }
+    let mut crc = 0u32;
+    for (name, p) in &frozen {
+        crc = crc32c::crc32c_append(crc, name.as_bytes());
+        crc = crc32c::crc32c_append(crc, format!("{:?}", p.shape).as_bytes());
+        let edge = p.master.len().min(1024);
+        for v in p.master[..edge]
+            .iter()
+            .chain(&p.master[p.master.len() - edge..])
+        {
+            crc = crc32c::crc32c_append(crc, &v.to_le_bytes());
+        }
+    }
+    json!({"parameters": frozen.len(), "fingerprint": format!("{crc:08x}")})
 }
 
 /// Saves the state after `pos.iteration` iterations.
@@ -208,8 +240,19 @@ pub fn load(
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect())
     };
+    let base = &state["frozen_base"];
+    if !base.is_null() && *base != frozen_base(params) {
+        return Err(PluginError::mismatch(format!(
+            "{}: the checkpoint was trained on another frozen base ({base}; the weights fed now give {})",
+            state_path.display(),
+            frozen_base(params)
+        )));
+    }
     adam.moments.clear();
     for (name, p) in params.by_name.iter_mut() {
+        if !p.trainable && !base.is_null() {
+            continue; // the base, fed again
+        }
         p.master = values(&format!("param.{name}"), &p.shape)?;
         if tensors.tensor(&format!("exp_avg.{name}")).is_ok() {
             let m = values(&format!("exp_avg.{name}"), &p.shape)?;
