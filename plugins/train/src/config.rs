@@ -165,6 +165,16 @@ pub struct LoraConfig {
     /// adapters on the fused layers — PEFT's layout, one to one.
     #[serde(default)]
     pub canonical: bool,
+    /// Dropout in the adapter while training (`nn.Dropout`: kept elements scaled by 1/(1 − p)).
+    #[serde(default)]
+    pub dropout: f64,
+    /// `pre` (on the adapter's input, before A) or `post` (on B's output, before the scale).
+    #[serde(default = "pre")]
+    pub dropout_position: String,
+}
+
+fn pre() -> String {
+    "pre".into()
 }
 
 const FUSED_TARGETS: [&str; 4] = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"];
@@ -195,6 +205,18 @@ impl LoraConfig {
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             return bad(format!("alpha is {}; it must be > 0", self.alpha));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("dropout is {}; allowed: 0 ≤ p < 1", self.dropout));
+        }
+        if !["pre", "post"].contains(&self.dropout_position.as_str()) {
+            return bad(format!(
+                "dropout_position {:?}: expected pre or post",
+                self.dropout_position
+            ));
+        }
+        if self.dora && self.dropout > 0.0 && self.dropout_position == "post" {
+            return bad("DoRA's dropout is pre only (as Megatron-Bridge's)".into());
         }
         if self.canonical && self.dora {
             return bad(

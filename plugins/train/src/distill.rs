@@ -170,10 +170,7 @@ impl Teacher {
         attn: &Attn,
         taps: &[Tap],
     ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
-        let gpt = Gpt {
-            cfg: &self.cfg,
-            params: &self.params,
-        };
+        let gpt = Gpt::new(&self.cfg, &self.params);
         let (logits, hidden) = gpt.forward(tokens, attn, taps)?;
         Ok((
             logits.detach(),

@@ -24,7 +24,7 @@ pub const LORA: bridgeflow_sdk::Attr<serde_json::Map<String, serde_json::Value>>
 
 pub fn describe(cfg: &LoraConfig) -> serde_json::Map<String, serde_json::Value> {
     let v = serde_json::json!({"dim": cfg.dim, "alpha": cfg.alpha, "target_modules": cfg.targets(),
-        "dora": cfg.dora, "canonical": cfg.canonical});
+        "dora": cfg.dora, "canonical": cfg.canonical, "dropout": cfg.dropout});
     v.as_object().cloned().unwrap_or_default()
 }
 
@@ -122,6 +122,76 @@ impl Slot {
     /// DoRA's magnitude (`[rows]`).
     pub fn magnitude(&self) -> String {
         format!("{}.weight_magnitude", self.prefix())
+    }
+}
+
+/// LoRA dropout (`nn.Dropout` in Megatron-Bridge's adapter, training only) for one
+/// micro-batch of one iteration: each element kept with probability 1 − p and scaled by
+/// 1/(1 − p). Masks are drawn from (seed, iteration, micro-batch, layer, module, adapter, site)
+/// alone — a counter-based stream, not a generator's running state — so a resumed run draws
+/// exactly the masks the uninterrupted one did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    pub p: f64,
+    /// After B (`dropout_position = "post"`) rather than before A.
+    pub post: bool,
+    pub seed: u64,
+    /// The iteration and micro-batch, mixed.
+    pub step: u64,
+}
+
+/// SplitMix64's finalizer: a well-mixed 64-bit function of its input.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl Dropout {
+    pub fn new(cfg: &LoraConfig, iteration: u64, micro_batch: u64) -> Option<Dropout> {
+        (cfg.dropout > 0.0).then(|| Dropout {
+            p: cfg.dropout,
+            post: cfg.dropout_position == "post",
+            seed: cfg.seed as u64,
+            step: mix(iteration.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ mix(micro_batch + 1)),
+        })
+    }
+
+    /// Where a mask is drawn: layer `l`'s `module`, its `adapter`-th adapter, `at` (0 before A,
+    /// 1 after B, 2 DoRA's correction).
+    pub fn site(l: usize, module: &str, adapter: usize, at: u64) -> u64 {
+        let m = MODULES
+            .iter()
+            .position(|x| *x == module)
+            .unwrap_or(MODULES.len()) as u64;
+        (((l as u64) << 16 | m << 8 | adapter as u64) << 2) | at
+    }
+
+    /// The keep mask at `site` for `n` elements: 0 or 1/(1 − p).
+    pub fn mask(&self, site: u64, n: usize) -> Vec<f32> {
+        let keep = (1.0 / (1.0 - self.p)) as f32;
+        let threshold = (self.p * u64::MAX as f64) as u64;
+        let base = mix(mix(self.seed) ^ self.step ^ mix(site ^ 0xd1b5_4a32_d192_ed03));
+        (0..n as u64)
+            .map(|i| {
+                if mix(base.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))) < threshold {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect()
+    }
+
+    /// `x` with the mask at `site` applied.
+    pub fn apply(
+        &self,
+        x: &candle_core::Tensor,
+        site: u64,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let m =
+            candle_core::Tensor::from_vec(self.mask(site, x.elem_count()), x.shape(), x.device())?;
+        x * m.to_dtype(x.dtype())?
     }
 }
 
@@ -428,6 +498,8 @@ mod tests {
             seed: 1,
             dora: false,
             canonical: false,
+            dropout: 0.0,
+            dropout_position: "pre".into(),
         };
         assert!(targeted(&cfg, "decoder.layers.0.self_attention.linear_qkv"));
         assert!(targeted(&cfg, "decoder.layers.1.mlp.linear_fc2"));
@@ -449,6 +521,8 @@ mod tests {
             seed: 1,
             dora,
             canonical,
+            dropout: 0.0,
+            dropout_position: "pre".into(),
         }
     }
 

@@ -347,6 +347,18 @@ impl candle_core::CustomOp1 for FrozenLinear {
 pub struct Gpt<'p> {
     pub cfg: &'p GptConfig,
     pub params: &'p Params,
+    /// LoRA dropout, training only (None: evaluation, a teacher, the logits check).
+    pub dropout: Option<crate::lora::Dropout>,
+}
+
+impl<'p> Gpt<'p> {
+    pub fn new(cfg: &'p GptConfig, params: &'p Params) -> Gpt<'p> {
+        Gpt {
+            cfg,
+            params,
+            dropout: None,
+        }
+    }
 }
 
 impl Gpt<'_> {
@@ -392,11 +404,21 @@ impl Gpt<'_> {
         else {
             return Ok(y);
         };
-        let low = |ad: &crate::params::Adapter| -> T {
-            linear(&linear(x, &self.p(&ad.a)?)?, &self.p(&ad.b)?)
+        let site = |adapter: usize, at: u64| crate::lora::Dropout::site(l, module, adapter, at);
+        // Megatron-Bridge's adapter: x → [dropout if pre] → A → B → [dropout if post].
+        let low = |i: usize, ad: &crate::params::Adapter| -> T {
+            let x = match self.dropout {
+                Some(d) if !d.post => d.apply(x, site(i, 0))?,
+                _ => x.clone(),
+            };
+            let y = linear(&linear(&x, &self.p(&ad.a)?)?, &self.p(&ad.b)?)?;
+            match self.dropout {
+                Some(d) if d.post => d.apply(&y, site(i, 1)),
+                _ => Ok(y),
+            }
         };
         let delta = match adapters.as_slice() {
-            [one] if one.rows.len() == 1 && one.rows[0] == (0..w.dim(0)?) => low(one)?,
+            [one] if one.rows.len() == 1 && one.rows[0] == (0..w.dim(0)?) => low(0, one)?,
             _ => self.placed(adapters, w.dim(0)?, x, &low)?,
         };
         let y = (y + (delta * scale)?)?;
@@ -408,7 +430,16 @@ impl Gpt<'_> {
         let (a, b) = (self.p(&adapters[0].a)?, self.p(&adapters[0].b)?);
         let merged = (w + (b.detach().matmul(&a.detach())? * scale)?)?;
         let n = merged.sqr()?.sum_keepdim(1)?.sqrt()?.squeeze(1)?.detach();
-        y.broadcast_mul(&(self.p(m)? / n)?)
+        let mag = (self.p(m)? / n)?;
+        let y = y.broadcast_mul(&mag)?;
+        let Some(d) = self.dropout else {
+            return Ok(y);
+        };
+        // Bridge's dropout correction, (m/n − 1)·W0·(dropout(x) − x), its mask drawn anew as
+        // Bridge draws it (PEFT's formula reuses the adapter's).
+        let weight = names::layer_key(l as u64, &format!("{module}.weight"));
+        let dx = (d.apply(x, site(0, 2))? - x)?;
+        y + self.linear_by(&dx, &weight)?.broadcast_mul(&(mag - 1.0)?)?
     }
 
     /// The adapters' outputs at their rows of a `rows`-wide output (zero where none feeds).
@@ -417,11 +448,12 @@ impl Gpt<'_> {
         adapters: &[crate::params::Adapter],
         rows: usize,
         x: &Tensor,
-        low: &dyn Fn(&crate::params::Adapter) -> T,
+        low: &dyn Fn(usize, &crate::params::Adapter) -> T,
     ) -> T {
         let outs = adapters
             .iter()
-            .map(low)
+            .enumerate()
+            .map(|(i, ad)| low(i, ad))
             .collect::<candle_core::Result<Vec<_>>>()?;
         // (first row, adapter, offset in its output, length), in row order.
         let mut pieces = Vec::new();
@@ -623,4 +655,225 @@ pub fn log_sum_exp(x: &Tensor) -> T {
         .sum_keepdim(D::Minus1)?
         .log()?
         .broadcast_add(&max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::Dropout;
+    use crate::params::Adapter;
+
+    const FC2: &str = "decoder.layers.0.mlp.linear_fc2";
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as u32).wrapping_mul(2654435761) ^ seed) % 1000)
+            .map(|v| v as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    /// One frozen `[4, 6]` layer with a rank-2 adapter (and DoRA's magnitude).
+    fn layer(dora: bool) -> Params {
+        let dev = Device::Cpu;
+        let mut p = Params {
+            lora_scale: Some(0.5),
+            ..Params::default()
+        };
+        let f32s = bridgeflow_sdk::DType::F32;
+        p.insert(
+            &format!("{FC2}.weight"),
+            vec![4, 6],
+            f32s,
+            values(24, 1),
+            &dev,
+        )
+        .unwrap();
+        p.by_name
+            .get_mut(&format!("{FC2}.weight"))
+            .unwrap()
+            .trainable = false;
+        p.insert(
+            &format!("{FC2}.adapter.linear_in.weight"),
+            vec![2, 6],
+            f32s,
+            values(12, 2),
+            &dev,
+        )
+        .unwrap();
+        p.insert(
+            &format!("{FC2}.adapter.linear_out.weight"),
+            vec![4, 2],
+            f32s,
+            values(8, 3),
+            &dev,
+        )
+        .unwrap();
+        let magnitude = dora.then(|| {
+            let name = format!("{FC2}.adapter.weight_magnitude");
+            p.insert(&name, vec![4], f32s, vec![1.5, 0.7, 2.0, 1.1], &dev)
+                .unwrap();
+            name
+        });
+        p.adapters.insert(
+            FC2.into(),
+            vec![Adapter {
+                a: format!("{FC2}.adapter.linear_in.weight"),
+                b: format!("{FC2}.adapter.linear_out.weight"),
+                rows: std::iter::once(0..4).collect(),
+                magnitude,
+            }],
+        );
+        p
+    }
+
+    fn t(v: Vec<f32>, shape: &[usize]) -> Tensor {
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn close(a: &Tensor, b: &Tensor) {
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            a.flatten_all().unwrap().to_vec1().unwrap(),
+            b.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+        }
+    }
+
+    /// LoRA dropout exactly where Megatron-Bridge puts it: on the adapter's input (pre) or on
+    /// B's output (post), with DoRA's correction `(m/n − 1)·W0·(dropout(x) − x)` drawn anew.
+    #[test]
+    fn lora_dropout_sits_where_bridge_puts_it() {
+        let cfg = GptConfig {
+            num_layers: 1,
+            hidden_size: 4,
+            ffn_hidden_size: 6,
+            num_attention_heads: 1,
+            num_query_groups: 1,
+            kv_channels: 4,
+            layernorm_epsilon: 1e-6,
+            rotary_base: 1e4,
+            vocab_size: 8,
+            tied: false,
+            qkv_bias: false,
+            qk_layernorm: false,
+        };
+        let x = t(values(18, 9), &[1, 3, 6]);
+        let dropout = |post| Dropout {
+            p: 0.4,
+            post,
+            seed: 7,
+            step: 11,
+        };
+        let site = |at| Dropout::site(0, "mlp.linear_fc2", 0, at);
+        for post in [false, true] {
+            let params = layer(false);
+            let mut gpt = Gpt::new(&cfg, &params);
+            gpt.dropout = Some(dropout(post));
+            let got = gpt.proj(0, "mlp.linear_fc2", &x).unwrap();
+            let (w, a, b) = (
+                params.tensor(&format!("{FC2}.weight")).unwrap(),
+                params
+                    .tensor(&format!("{FC2}.adapter.linear_in.weight"))
+                    .unwrap(),
+                params
+                    .tensor(&format!("{FC2}.adapter.linear_out.weight"))
+                    .unwrap(),
+            );
+            let low = if post {
+                let y = linear(&linear(&x, a).unwrap(), b).unwrap();
+                (y * t(dropout(true).mask(site(1), 12), &[1, 3, 4])).unwrap()
+            } else {
+                let xd = (&x * t(dropout(false).mask(site(0), 18), &[1, 3, 6])).unwrap();
+                linear(&linear(&xd, a).unwrap(), b).unwrap()
+            };
+            let want = (linear(&x, w).unwrap() + (low * 0.5).unwrap()).unwrap();
+            close(&got, &want);
+            assert!(
+                (&got - &gpt_without(&cfg, &params, &x))
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 1e-3,
+                "the mask changed the output"
+            );
+        }
+        // DoRA: (m/n)·(W0·x + s·B·A·d(x)) + (m/n − 1)·W0·(d'(x) − x).
+        let params = layer(true);
+        let mut gpt = Gpt::new(&cfg, &params);
+        gpt.dropout = Some(dropout(false));
+        let got = gpt.proj(0, "mlp.linear_fc2", &x).unwrap();
+        let w = params.tensor(&format!("{FC2}.weight")).unwrap();
+        let (a, b) = (
+            params
+                .tensor(&format!("{FC2}.adapter.linear_in.weight"))
+                .unwrap(),
+            params
+                .tensor(&format!("{FC2}.adapter.linear_out.weight"))
+                .unwrap(),
+        );
+        let m = params
+            .tensor(&format!("{FC2}.adapter.weight_magnitude"))
+            .unwrap();
+        let n = (w + (b.matmul(a).unwrap() * 0.5).unwrap())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .sqrt()
+            .unwrap();
+        let mag = (m / n).unwrap();
+        let xd = (&x * t(dropout(false).mask(site(0), 18), &[1, 3, 6])).unwrap();
+        let xd2 = (&x * t(dropout(false).mask(site(2), 18), &[1, 3, 6])).unwrap();
+        let inner = (linear(&x, w).unwrap()
+            + (linear(&linear(&xd, a).unwrap(), b).unwrap() * 0.5).unwrap())
+        .unwrap();
+        let correction = linear(&(xd2 - &x).unwrap(), w)
+            .unwrap()
+            .broadcast_mul(&(&mag - 1.0).unwrap())
+            .unwrap();
+        let want = (inner.broadcast_mul(&mag).unwrap() + correction).unwrap();
+        close(&got, &want);
+    }
+
+    fn gpt_without(cfg: &GptConfig, params: &Params, x: &Tensor) -> Tensor {
+        Gpt::new(cfg, params).proj(0, "mlp.linear_fc2", x).unwrap()
+    }
+
+    #[test]
+    fn dropout_masks_are_bernoulli_and_keyed() {
+        let d = Dropout {
+            p: 0.25,
+            post: false,
+            seed: 3,
+            step: 5,
+        };
+        let m = d.mask(Dropout::site(1, "mlp.linear_fc1", 0, 0), 100_000);
+        let dropped = m.iter().filter(|v| **v == 0.0).count() as f64 / 1e5;
+        assert!((dropped - 0.25).abs() < 0.01, "{dropped}");
+        assert!(m
+            .iter()
+            .all(|v| *v == 0.0 || (*v - 1.0 / 0.75).abs() < 1e-6));
+        assert_eq!(
+            m,
+            d.mask(Dropout::site(1, "mlp.linear_fc1", 0, 0), 100_000),
+            "keyed: the same again"
+        );
+        assert_ne!(
+            m,
+            d.mask(Dropout::site(1, "mlp.linear_fc1", 1, 0), 100_000),
+            "another adapter, another mask"
+        );
+        let next = Dropout { step: 6, ..d };
+        assert_ne!(
+            m,
+            next.mask(Dropout::site(1, "mlp.linear_fc1", 0, 0), 100_000),
+            "another step, another mask"
+        );
+    }
 }

@@ -192,7 +192,8 @@ impl Transform for PeftExport {
         let config = json!({
             "peft_type": "LORA", "auto_mapping": null, "base_model_name_or_path": base,
             "bias": "none", "fan_in_fan_out": false, "inference_mode": true,
-            "init_lora_weights": true, "lora_alpha": lora.get("alpha"), "lora_dropout": 0.0,
+            "init_lora_weights": true, "lora_alpha": lora.get("alpha"),
+            "lora_dropout": lora.get("dropout").and_then(Value::as_f64).unwrap_or(0.0),
             "modules_to_save": null, "r": lora.get("dim"), "rank_pattern": {}, "alpha_pattern": {},
             "target_modules": targets, "task_type": "CAUSAL_LM",
             "use_dora": lora.get("dora").and_then(Value::as_bool).unwrap_or(false), "use_rslora": false,

@@ -168,10 +168,7 @@ impl Trainer {
     /// of the global batch, whichever way the gradients are averaged), with that token count.
     /// With a teacher, each micro-batch's objective is distillation's balanced loss.
     pub fn gradients(&self, samples: &[Sample]) -> Result<Gradients> {
-        let gpt = Gpt {
-            cfg: &self.model,
-            params: &self.params,
-        };
+        let mut gpt = Gpt::new(&self.model, &self.params);
         let distill = match (&self.teacher, &self.cfg.distill) {
             (Some(t), Some(d)) => Some((t, d, d.pairs()?)),
             _ => None,
@@ -184,7 +181,13 @@ impl Trainer {
         let mut acc = BTreeMap::new();
         let (mut loss_sum, mut tokens) = (0.0, 0.0);
         let mut kd = KdValues::default();
-        for mb in samples.chunks(self.cfg.micro_batch_size) {
+        for (j, mb) in samples.chunks(self.cfg.micro_batch_size).enumerate() {
+            let iteration = self.iteration + 1;
+            gpt.dropout = self
+                .cfg
+                .lora
+                .as_ref()
+                .and_then(|l| crate::lora::Dropout::new(l, iteration, j as u64));
             let batch = self.batch(mb)?;
             let (logits, hidden) = gpt
                 .forward(&batch.tokens, &batch.attn, &student_taps)
@@ -258,10 +261,7 @@ impl Trainer {
     /// cross-entropy summed over every micro-batch over the tokens in the loss (megatron-core's
     /// evaluation), and that token count.
     pub fn evaluate(&self, samples: &[Sample]) -> Result<(f64, f64)> {
-        let gpt = Gpt {
-            cfg: &self.model,
-            params: &self.params,
-        };
+        let gpt = Gpt::new(&self.model, &self.params);
         let (mut sum, mut tokens) = (0.0, 0.0);
         for mb in samples.chunks(self.cfg.micro_batch_size) {
             let (s, n) = gpt.loss_sum(&self.batch(mb)?).map_err(ce)?;
