@@ -1736,6 +1736,57 @@ fn lora_merge_equals_peft_merge_and_unload() {
         }
         assert_eq!(moved, 14, "{adapter}: 7 projections in 2 layers merged");
     }
+    // Hostile adapters: a config saying r = 0, a B with the wrong rows, a DoRA adapter
+    // without its magnitudes — each named, nothing written.
+    let src = workspace_root().join("tests/fixtures/peft/lora");
+    let bad = |name: &str, edit: &dyn Fn(&Path)| {
+        let d = dir.path().join(name);
+        bridgeflow_tests::copy_tree(&src, &d);
+        edit(&d);
+        d
+    };
+    let zero_r = bad("zero-r", &|d| {
+        let p = d.join("adapter_config.json");
+        let t = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("\"r\": 4", "\"r\": 0");
+        std::fs::write(p, t).unwrap();
+    });
+    let short_b = bad("short-b", &|d| {
+        let p = d.join("adapter_model.safetensors");
+        let mut t = load_tensors(&p);
+        let b = t
+            .get_mut("base_model.model.model.layers.1.mlp.up_proj.lora_B.weight")
+            .unwrap();
+        b.shape[0] -= 1;
+        b.bytes.truncate(b.bytes.len() - 4 * 4);
+        let list: Vec<(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)> = t
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.dtype, t.shape.clone(), t.bytes.clone()))
+            .collect();
+        bridgeflow_tests::save_tensors(&p, &list);
+    });
+    let no_magnitude = workspace_root().join("tests/fixtures/peft/dora_no_magnitude");
+    for (adapter, want) in [
+        (zero_r, "r must be at least 1"),
+        (short_b, "layers.1.mlp.up_proj.lora_B.weight"),
+        (no_magnitude, "needs its magnitudes"),
+    ] {
+        let out = dir.path().join("refused");
+        let o = bridgeflow()
+            .args(["run", "--no-progress"])
+            .arg(workspace_root().join("pipelines/merge-peft.toml"))
+            .args(["--set", &format!("adapter={}", adapter.display())])
+            .args(["--set", &format!("output={}", out.display())])
+            .output()
+            .unwrap();
+        assert!(
+            !o.status.success() && text(&o).contains(want),
+            "{want:?}: {}",
+            text(&o)
+        );
+        assert!(!out.exists());
+    }
 }
 
 /// `lora-merge` fed by the trainer's adapters port gives the weights the trainer's own merged

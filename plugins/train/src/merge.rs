@@ -74,6 +74,7 @@ impl Transform for LoraMerge {
         let (lora, names) = match (&self.cfg.peft, inputs.get(1)) {
             (Some(dir), None) => {
                 let lora = peft_settings(dir)?;
+                check_rank(&lora)?;
                 self.adapters = crate::peft::import(dir, &lora, &model)?;
                 let names = self.adapters.keys().cloned().collect();
                 (lora, names)
@@ -89,6 +90,7 @@ impl Transform for LoraMerge {
                     "dora": l.get("dora"), "canonical": l.get("canonical"),
                 }))
                 .map_err(|e| PluginError::config(format!("the adapters' LoRA settings: {e}")))?;
+                check_rank(&lora)?;
                 let names: Vec<String> =
                     adapters.whole_tensors().iter().map(|t| t.name().to_string()).collect();
                 (lora, names)
@@ -169,6 +171,17 @@ impl Transform for LoraMerge {
         }
         Ok(())
     }
+}
+
+/// r ≥ 1 and a positive alpha, before anything divides by r.
+fn check_rank(lora: &LoraConfig) -> Result<()> {
+    if lora.dim == 0 || !(lora.alpha.is_finite() && lora.alpha > 0.0) {
+        return Err(PluginError::config(format!(
+            "lora-merge: r {} and alpha {}: r must be at least 1 and alpha a positive number",
+            lora.dim, lora.alpha
+        )));
+    }
+    Ok(())
 }
 
 /// The LoRA settings of a PEFT adapter folder, for its import: canonical (each projection's
