@@ -341,6 +341,9 @@ struct Piece {
 
 /// The pieces' Bs (`[n, r]` each) stacked at their rows, and their magnitudes likewise.
 fn stack(pieces: &[Piece], r: usize) -> std::result::Result<(Vec<f32>, Option<Vec<f32>>), String> {
+    if r == 0 || pieces.is_empty() {
+        return Err(format!("no adapter rows at rank {r}"));
+    }
     let total = pieces
         .iter()
         .flat_map(|p| &p.rows)
