@@ -211,6 +211,14 @@ fn bad_data_is_named() {
         e.contains("sample 0: 33 tokens; seq_length 31 needs 32"),
         "{e}"
     );
+    // Longer than the model's positions (the fixture's max_position_embeddings is 128).
+    let text = pipeline(&data, &out, 2, false).replace("seq_length = 32", "seq_length = 129");
+    let e = run_text(dir.path(), &text, &[], 1 << 30).unwrap_err();
+    assert!(
+        e.contains("seq_length 129 is longer than the model's position limit 128"),
+        "{e}"
+    );
+    assert!(!out.exists());
 }
 
 /// The Llama fixture's HF weights in Megatron's fused layout (q/k/v per query group,

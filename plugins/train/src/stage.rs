@@ -111,6 +111,7 @@ impl Transform for TrainStage {
             )
         })?;
         let model = GptConfig::from_megatron(&megatron)?;
+        check_position_limit(self.cfg.seq_length, &megatron, "the model")?;
         let expected = model.parameters();
         check_names(&plan.whole_tensors(), &expected)?;
         self.plan_teacher(inputs.get(3), &model)?;
@@ -215,6 +216,21 @@ fn kd_col(history: &[Step], f: fn(&crate::trainer::KdValues) -> f64) -> Vec<f64>
         .collect()
 }
 
+/// Samples no longer than the model's positions (`seq_length` in Megatron's config: the HF
+/// `max_position_embeddings` Megatron-Bridge maps to it).
+fn check_position_limit(
+    seq_length: usize,
+    megatron: &bridgeflow_sdk::serde_json::Map<String, bridgeflow_sdk::serde_json::Value>,
+    who: &str,
+) -> Result<()> {
+    match megatron.get("seq_length").and_then(|v| v.as_u64()) {
+        Some(limit) if seq_length as u64 > limit => Err(PluginError::config(format!(
+            "seq_length {seq_length} is longer than {who}'s position limit {limit} (max_position_embeddings)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Exactly the model's parameters: none missing, none extra.
 fn check_names(got: &[TensorInfo], expected: &[(String, Vec<usize>)]) -> Result<()> {
     let missing: Vec<&str> = expected
@@ -276,6 +292,7 @@ impl TrainStage {
             )
         })?;
         let teacher = GptConfig::from_megatron(&megatron)?;
+        check_position_limit(self.cfg.seq_length, &megatron, "the teacher")?;
         let expected = teacher.parameters();
         check_names(&plan.whole_tensors(), &expected)
             .map_err(|e| PluginError::shape(format!("teacher: {e}")))?;
