@@ -365,6 +365,40 @@ def train_bf16(a, tokens, mask, iters, log=True, dtype=torch.bfloat16):
     return records, master
 
 
+def train_adapters(a, model, adapters, tokens, mask, iters, tag):
+    """megatron-core's loop over the adapter tensors only (`adapters`: Megatron name ->
+    parameter; Megatron's no-decay rule for the 1-D ones, DoRA's magnitudes). Returns the
+    records and the first iteration's gradients by Megatron name; prints a line per iteration
+    under `tag` (None: quiet)."""
+    params = list(adapters.values())
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": a.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0,
+                            betas=(a.beta1, a.beta2), eps=a.eps, foreach=False)
+    records, grads1, nmb = [], {}, a.gbs // a.mbs
+    for k in range(1, iters + 1):
+        opt.zero_grad(set_to_none=True)
+        sums, counts = [], []
+        for j in range(nmb):
+            sl = slice(j * a.mbs, (j + 1) * a.mbs)
+            s_, n, _ = microbatch_loss(model, tokens[k - 1][sl], mask[k - 1][sl])
+            (s_ / torch.clamp(n, min=1) / nmb).backward()
+            sums.append(s_.detach()); counts.append(n.detach())
+        if k == 1:
+            grads1 = {n: t.grad.detach().clone() for n, t in adapters.items()}
+        sums, counts = torch.stack(sums), torch.stack(counts)
+        rec = {"loss": (sums.sum() / torch.clamp(counts.sum(), min=1)).item(), "num_tokens": int(counts.sum().item())}
+        rec["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, a.clip_grad, norm_type=2.0, foreach=False).item()
+        lr = get_lr(a, (k - 1) * a.gbs)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        records.append({"iteration": k, "lr": lr, **rec})
+        if tag:
+            print(f"  {tag} iter {k:3d}  lr {lr:.6e}  loss {rec['loss']:.9f}  grad_norm {rec['grad_norm']:.6e}")
+    return records, grads1
+
+
 def train_lora(a, tokens, mask, iters, r=8, alpha=16.0, log=True, dora=False):
     """The same loop under Megatron-Bridge's LoRA on the fused layers, restated on HF's modules:
     one A shared by q, k and v (B's rows in Megatron's per-group q/k/v order) and one by gate and
@@ -447,35 +481,7 @@ def train_lora(a, tokens, mask, iters, r=8, alpha=16.0, log=True, dora=False):
             for p, rows in parts:
                 patch(p, A, B, rows, m)
     initial = {n: t.detach().clone() for n, t in adapters.items()}
-    params = list(adapters.values())
-    # Megatron's rule on adapters too: no decay on 1-D parameters (DoRA's magnitude).
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": a.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0,
-                            betas=(a.beta1, a.beta2), eps=a.eps, foreach=False)
-    records, grads1 = [], {}
-    nmb = a.gbs // a.mbs
-    for k in range(1, iters + 1):
-        opt.zero_grad(set_to_none=True)
-        sums, counts = [], []
-        for j in range(nmb):
-            sl = slice(j * a.mbs, (j + 1) * a.mbs)
-            s_, n, _ = microbatch_loss(model, tokens[k - 1][sl], mask[k - 1][sl])
-            (s_ / torch.clamp(n, min=1) / nmb).backward()
-            sums.append(s_.detach()); counts.append(n.detach())
-        if k == 1:
-            grads1 = {n: t.grad.detach().clone() for n, t in adapters.items()}
-        sums, counts = torch.stack(sums), torch.stack(counts)
-        rec = {"loss": (sums.sum() / torch.clamp(counts.sum(), min=1)).item(), "num_tokens": int(counts.sum().item())}
-        norm = torch.nn.utils.clip_grad_norm_(params, a.clip_grad, norm_type=2.0, foreach=False).item()
-        rec["grad_norm"] = norm
-        lr = get_lr(a, (k - 1) * a.gbs)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        records.append({"iteration": k, "lr": lr, **rec})
-        if log:
-            print(f"  lora iter {k:3d}  lr {lr:.6e}  loss {rec['loss']:.9f}  grad_norm {norm:.6e}")
+    records, grads1 = train_adapters(a, model, adapters, tokens, mask, iters, "lora" if log else None)
     # Merged HF weights: W0 + scale * B_part @ A (DoRA: rows rescaled to m / their norm).
     merged = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
@@ -622,31 +628,8 @@ def train_canonical_peft(a, tokens, mask, iters, r=8, alpha=16.0, log=True):
             megatron[f"decoder.layers.{l}.{prefix}.linear_in.weight"] = A
             megatron[f"decoder.layers.{l}.{prefix}.linear_out.weight"] = B
     initial = {n: p.detach().clone() for n, p in megatron.items()}
-    params = [p for p in pm.parameters() if p.requires_grad]
-    assert len(params) == len(megatron)
-    opt = torch.optim.AdamW([{"params": params, "weight_decay": a.weight_decay}], lr=0.0,
-                            betas=(a.beta1, a.beta2), eps=a.eps, foreach=False)
-    records, grads1, nmb = [], {}, a.gbs // a.mbs
-    for k in range(1, iters + 1):
-        opt.zero_grad(set_to_none=True)
-        sums, counts = [], []
-        for j in range(nmb):
-            sl = slice(j * a.mbs, (j + 1) * a.mbs)
-            s_, n, _ = microbatch_loss(pm, tokens[k - 1][sl], mask[k - 1][sl])
-            (s_ / torch.clamp(n, min=1) / nmb).backward()
-            sums.append(s_.detach()); counts.append(n.detach())
-        if k == 1:
-            grads1 = {n: p.grad.detach().clone() for n, p in megatron.items()}
-        sums, counts = torch.stack(sums), torch.stack(counts)
-        rec = {"loss": (sums.sum() / torch.clamp(counts.sum(), min=1)).item(), "num_tokens": int(counts.sum().item())}
-        rec["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, a.clip_grad, norm_type=2.0, foreach=False).item()
-        lr = get_lr(a, (k - 1) * a.gbs)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        records.append({"iteration": k, "lr": lr, **rec})
-        if log:
-            print(f"  canonical iter {k:3d}  lr {lr:.6e}  loss {rec['loss']:.9f}  grad_norm {rec['grad_norm']:.6e}")
+    assert len([p for p in pm.parameters() if p.requires_grad]) == len(megatron)
+    records, grads1 = train_adapters(a, pm, megatron, tokens, mask, iters, "canonical" if log else None)
     merged = {n: p.detach().clone() for n, p in pm.merge_and_unload().state_dict().items()}
     return records, grads1, initial, merged
 

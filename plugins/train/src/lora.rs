@@ -293,7 +293,7 @@ pub fn attach(
 ) -> Result<usize> {
     let given = match &cfg.init_from {
         Some(p) if p.join("adapter_config.json").is_file() => crate::peft::import(p, cfg, model)?,
-        Some(p) => read_adapters(p)?,
+        Some(p) => crate::peft::read_f32(p)?,
         None => HashMap::new(),
     };
     for p in params.by_name.values_mut() {
@@ -410,32 +410,6 @@ fn check(name: &str, got: &[usize], want: &[usize], v: &[f32]) -> Result<Vec<f32
         )));
     }
     Ok(v.to_vec())
-}
-
-/// Tensors by name: (shape, f32 values).
-type Loaded = HashMap<String, (Vec<usize>, Vec<f32>)>;
-
-/// Adapter tensors by name (f32) from a safetensors file.
-fn read_adapters(path: &std::path::Path) -> Result<Loaded> {
-    let bytes = std::fs::read(path).map_err(|e| PluginError::io(path, "cannot read", e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| PluginError::format(format!("{}: {e}", path.display())))?;
-    let mut out = HashMap::new();
-    for (name, t) in st.tensors() {
-        if t.dtype() != safetensors::Dtype::F32 {
-            return Err(PluginError::format(format!(
-                "{}: '{name}' is not F32",
-                path.display()
-            )));
-        }
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        out.insert(name, (t.shape().to_vec(), v));
-    }
-    Ok(out)
 }
 
 /// The merged weight of a targeted layer, `W0 + scale · B · A` (each adapter's rows in place;

@@ -433,7 +433,7 @@ fn check_config(c: &Value, cfg: &LoraConfig) -> std::result::Result<(), String> 
 }
 
 /// A safetensors file's tensors as f32 (F32, BF16 or F16 stored).
-fn read_f32(path: &std::path::Path) -> Result<Loaded> {
+pub fn read_f32(path: &std::path::Path) -> Result<Loaded> {
     let bytes = std::fs::read(path).map_err(|e| PluginError::io(path, "cannot read", e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| PluginError::format(format!("{}: {e}", path.display())))?;
