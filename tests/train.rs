@@ -1676,7 +1676,13 @@ fn peft_adapters_import_with_peft_logits() {
             .zip(&theirs)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(worst <= 1e-5, "{dir}: logits {worst} from peft's");
+        // fp32 through two different attention kernels (torch's SDPA and our fused one) and
+        // summation orders: a few ulps of the largest logit.
+        let scale = theirs.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(
+            worst <= 5e-6 * scale,
+            "{dir}: logits {worst} from peft's (largest {scale})"
+        );
         eprintln!("{dir}: logits within {worst:.2e} of peft's");
     }
     for (cfg, want) in [

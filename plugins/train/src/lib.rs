@@ -14,6 +14,7 @@ pub mod config;
 pub mod data;
 pub mod distill;
 pub mod init;
+pub mod kernels;
 pub mod lora;
 pub mod merge;
 pub mod model;

@@ -6,11 +6,13 @@
 //! `layer_norm_weight`s. Norm, RoPE and softmax are composed from candle's differentiable ops
 //! (candle-nn's fused ones have no backward).
 
+use crate::kernels;
 use crate::params::Params;
 use bridgeflow_megatron::names;
 use bridgeflow_sdk::serde_json::{Map, Value};
 use bridgeflow_sdk::{PluginError, Result};
 use candle_core::{DType, Device, Tensor, D};
+use std::sync::Arc;
 
 /// What the forward pass needs from the model's Megatron config.
 #[derive(Debug, Clone, PartialEq)]
@@ -148,6 +150,9 @@ pub struct Attn {
     pub cos: Tensor,
     pub sin: Tensor,
     pub mask: Tensor,
+    /// `[b · s]`: where each token's packed sub-sequence starts (None: causal from 0), as the
+    /// fused attention kernel takes the mask.
+    pub starts: Option<Arc<Vec<u32>>>,
 }
 
 /// Precomputed per sequence length: RoPE's cos/sin tables and the causal mask.
@@ -201,6 +206,7 @@ impl Positions {
             cos: self.cos.clone(),
             sin: self.sin.clone(),
             mask: self.mask.clone(),
+            starts: None,
         }
     }
 
@@ -218,9 +224,11 @@ impl Positions {
                 .map_err(ce)
         };
         let mut mask = vec![f32::NEG_INFINITY; b * s * s];
+        let mut starts = vec![0u32; b * s];
         for (r, (_, cu)) in rows.iter().enumerate() {
             for w in cu.windows(2) {
                 for i in w[0]..w[1] {
+                    starts[r * s + i] = w[0] as u32;
                     for j in w[0]..=i {
                         mask[(r * s + i) * s + j] = 0.0;
                     }
@@ -231,6 +239,7 @@ impl Positions {
             cos: gather(&self.cos)?,
             sin: gather(&self.sin)?,
             mask: Tensor::from_vec(mask, (b, 1, s, s), dev).map_err(ce)?,
+            starts: Some(Arc::new(starts)),
         })
     }
 }
@@ -243,8 +252,11 @@ pub fn ce(e: candle_core::Error) -> PluginError {
 type T = candle_core::Result<Tensor>;
 
 /// RMSNorm as HF's LlamaRMSNorm: normalized in fp32, back in the input's dtype, then scaled by
-/// the weight (in fp32 throughout for fp32 inputs).
+/// the weight (in fp32 throughout for fp32 inputs: the fused kernel on the CPU).
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> T {
+    if kernels::applies(x) && kernels::applies(w) {
+        return kernels::rms_norm(x, w, eps);
+    }
     let dt = x.dtype();
     let xf = in_dtype(x, DType::F32)?;
     let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -261,9 +273,16 @@ fn in_dtype(t: &Tensor, dt: DType) -> T {
     }
 }
 
-/// `x · wᵀ` over the last dimension.
+/// `x · wᵀ` over the last dimension, as one 2-D product over all leading positions (a batched
+/// product against a broadcast `w` would compute `w`'s gradient once per sample and sum).
 fn linear(x: &Tensor, w: &Tensor) -> T {
-    x.broadcast_matmul(&w.t()?)
+    let mut dims = x.dims().to_vec();
+    let inner = dims
+        .pop()
+        .ok_or_else(|| candle_core::Error::Msg("linear: a scalar".into()))?;
+    let y = x.reshape(((), inner))?.matmul(&w.t()?)?;
+    dims.push(y.dim(1)?);
+    y.reshape(dims)
 }
 
 fn rotate_half(x: &Tensor) -> T {
@@ -583,10 +602,14 @@ impl Gpt<'_> {
                 .broadcast_as((b, g, hpg, s, d))?
                 .reshape((b, g * hpg, s, d))
         };
-        let (k, v) = (expand(k)?, expand(v.contiguous()?)?);
-        let mask = in_dtype(&pos.mask, q.dtype())?;
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&mask)?;
-        let ctx = softmax_last(&scores)?.matmul(&v)?;
+        let ctx = if kernels::applies(&q) {
+            kernels::attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), pos.starts.clone())?
+        } else {
+            let (k, v) = (expand(k)?, expand(v.contiguous()?)?);
+            let mask = in_dtype(&pos.mask, q.dtype())?;
+            let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&mask)?;
+            softmax_last(&scores)?.matmul(&v)?
+        };
         let ctx = ctx.transpose(1, 2)?.reshape((b, s, g * hpg * d))?;
         self.proj(l, "self_attention.linear_proj", &ctx)
     }
@@ -599,10 +622,13 @@ impl Gpt<'_> {
             c.layernorm_epsilon,
         )?;
         let h = self.proj(l, "mlp.linear_fc1", &xn)?;
-        let f = c.ffn_hidden_size;
-        let gate = h.narrow(D::Minus1, 0, f)?;
-        let up = h.narrow(D::Minus1, f, f)?;
-        self.proj(l, "mlp.linear_fc2", &(gate.silu()? * up)?)
+        let act = if kernels::applies(&h) {
+            kernels::swiglu(&h)?
+        } else {
+            let f = c.ffn_hidden_size;
+            (h.narrow(D::Minus1, 0, f)?.silu()? * h.narrow(D::Minus1, f, f)?)?
+        };
+        self.proj(l, "mlp.linear_fc2", &act)
     }
 
     /// The masked cross-entropy sum over the batch and the number of tokens in the loss, as
@@ -638,10 +664,13 @@ pub fn masked_ce_sum(logits: &Tensor, batch: &Batch) -> candle_core::Result<(Ten
     let logits = in_dtype(logits, DType::F32)?;
     let v = logits.dim(D::Minus1)?;
     let logits = logits.reshape(((), v))?;
-    let lse = log_sum_exp(&logits)?;
-    let labels = batch.labels.flatten_all()?.unsqueeze(1)?;
-    let picked = logits.gather(&labels, 1)?;
-    let per_token = (lse - picked)?.squeeze(1)?;
+    let per_token = if kernels::applies(&logits) {
+        kernels::cross_entropy(&logits, batch.labels.flatten_all()?.to_vec1()?)?
+    } else {
+        let lse = log_sum_exp(&logits)?;
+        let labels = batch.labels.flatten_all()?.unsqueeze(1)?;
+        (lse - logits.gather(&labels, 1)?)?.squeeze(1)?
+    };
     let mask = batch.loss_mask.flatten_all()?;
     let tokens = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     Ok(((per_token * mask)?.sum_all()?, tokens))

@@ -1,0 +1,771 @@
+//! Fused CPU kernels for the training step, each a candle custom op with its own backward pass:
+//! attention (causal, or confined to packed sub-sequences), RMSNorm, SwiGLU and the
+//! cross-entropy of the logits.
+//!
+//! Why by hand: candle composes these from elementwise ops, each one a full pass over memory
+//! and a fresh buffer, and its autograd adds as many again going back — the composed softmax is
+//! eight ops each way over `[b, heads, s, s]`, the loss six over `[tokens, vocab]`, a `narrow`'s
+//! backward a zero-padded copy. Fused, each is one pass forward and one back, with rows spread
+//! over rayon's threads and the products in the `gemm` crate (candle's own matmul kernels).
+//! CPU f32 only: `applies` says when; other dtypes and devices keep the composed ops.
+
+use candle_core::{CpuStorage, Device, Error, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// Whether the fused kernels run for `t`: f32 on the CPU.
+pub fn applies(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
+fn fail(op: &str, what: impl std::fmt::Display) -> Error {
+    Error::Msg(format!("{op}: {what}"))
+}
+
+/// The elements of a contiguous f32 CPU storage under `layout`.
+fn f32s<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| fail(op, "a contiguous input"))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&v[a..b]),
+        _ => Err(fail(op, "an f32 input")),
+    }
+}
+
+/// `f` over `t`'s elements (made contiguous; f32 on the CPU), borrowed, not copied.
+fn with<R>(op: &str, t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => f(f32s(op, c, l)?),
+        _ => Err(fail(op, "a CPU tensor")),
+    }
+}
+
+fn tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
+    Tensor::from_vec(v, shape.clone(), &Device::Cpu)
+}
+
+/// A row-major matrix operand: its elements and whether it is read transposed.
+#[derive(Clone, Copy)]
+struct M<'a> {
+    v: &'a [f32],
+    t: bool,
+}
+
+fn m(v: &[f32]) -> M<'_> {
+    M { v, t: false }
+}
+
+fn mt(v: &[f32]) -> M<'_> {
+    M { v, t: true }
+}
+
+/// `c = scale · a · b` (`a`: m×k, `b`: k×n, both row-major as stored unless transposed; `c`:
+/// m×n), single-threaded (callers spread whole products over threads).
+fn matmul(mm: usize, n: usize, k: usize, a: M, b: M, c: &mut [f32], scale: f32) {
+    assert!(a.v.len() >= mm * k && b.v.len() >= k * n && c.len() >= mm * n);
+    // (row stride, column stride) of an operand stored r×c row-major, or transposed.
+    let strides = |op: M, cols: usize, rows: usize| -> (isize, isize) {
+        if op.t {
+            (1, rows as isize)
+        } else {
+            (cols as isize, 1)
+        }
+    };
+    let (a_rs, a_cs) = strides(a, k, mm);
+    let (b_rs, b_cs) = strides(b, n, k);
+    // SAFETY: the asserts above keep every index gemm derives from (m, n, k) and these
+    // strides inside the three slices; `c` is borrowed mutably, so nothing aliases it.
+    unsafe {
+        gemm::gemm(
+            mm,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.v.as_ptr(),
+            a_cs,
+            a_rs,
+            b.v.as_ptr(),
+            b_cs,
+            b_rs,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Per-row cross-entropy of `[n, vocab]` f32 logits against `labels` (`lse − logit[label]`),
+/// its backward `g · (softmax − onehot)` with the softmax recomputed from the kept `lse`
+/// (not a second `[n, vocab]` buffer held to the backward pass).
+pub struct CrossEntropy {
+    labels: Arc<Vec<u32>>,
+    lse: Mutex<Vec<f32>>,
+}
+
+pub fn cross_entropy(logits: &Tensor, labels: Vec<u32>) -> Result<Tensor> {
+    logits.contiguous()?.apply_op1(CrossEntropy {
+        labels: Arc::new(labels),
+        lse: Mutex::new(Vec::new()),
+    })
+}
+
+/// `log Σ exp(row)` with the max subtracted first, summed in f64.
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&x| (x - max).exp() as f64).sum();
+    max + (sum.ln() as f32)
+}
+
+impl candle_core::CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(self.name(), s, l)?;
+        let (n, v) = l.shape().dims2()?;
+        if self.labels.len() != n {
+            return Err(fail(
+                self.name(),
+                format!("{} labels for {n} rows", self.labels.len()),
+            ));
+        }
+        if let Some(bad) = self.labels.iter().find(|&&t| t as usize >= v) {
+            return Err(fail(
+                self.name(),
+                format!("label {bad} ≥ the vocabulary's {v}"),
+            ));
+        }
+        let lse: Vec<f32> = x.par_chunks(v).map(log_sum_exp).collect();
+        let loss = lse
+            .iter()
+            .zip(x.chunks(v))
+            .zip(self.labels.iter())
+            .map(|((&l, row), &t)| l - row[t as usize])
+            .collect();
+        *self.lse.lock().map_err(|_| fail(self.name(), "poisoned"))? = lse;
+        Ok((CpuStorage::F32(loss), Shape::from(n)))
+    }
+
+    fn bwd(&self, x: &Tensor, _loss: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g: Vec<f32> = grad.to_vec1()?;
+        let lse = self.lse.lock().map_err(|_| fail(self.name(), "poisoned"))?;
+        let v = x.dim(1)?;
+        let dx = with(self.name(), x, |x| {
+            let mut dx = vec![0f32; x.len()];
+            dx.par_chunks_mut(v)
+                .zip(x.par_chunks(v))
+                .enumerate()
+                .for_each(|(i, (d, row))| {
+                    for (d, &x) in d.iter_mut().zip(row) {
+                        *d = g[i] * (x - lse[i]).exp();
+                    }
+                    d[self.labels[i] as usize] -= g[i];
+                });
+            Ok(dx)
+        })?;
+        Ok(Some(tensor(dx, x.shape())?))
+    }
+}
+
+/// `silu(gate) · up` of `[…, 2f]` (`[gate; up]`, Megatron's `linear_fc1` output) → `[…, f]`.
+pub struct SwiGlu;
+
+pub fn swiglu(h: &Tensor) -> Result<Tensor> {
+    h.contiguous()?.apply_op1(SwiGlu)
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl candle_core::CustomOp1 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(self.name(), s, l)?;
+        let mut dims = l.shape().dims().to_vec();
+        let two_f = *dims.last().ok_or_else(|| fail(self.name(), "a scalar"))?;
+        if two_f % 2 != 0 {
+            return Err(fail(self.name(), format!("an odd last axis ({two_f})")));
+        }
+        let f = two_f / 2;
+        let mut y = vec![0f32; x.len() / 2];
+        y.par_chunks_mut(f)
+            .zip(x.par_chunks(two_f))
+            .for_each(|(y, row)| {
+                let (gate, up) = row.split_at(f);
+                for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
+                    *y = g * sigmoid(g) * u;
+                }
+            });
+        *dims.last_mut().expect("checked") = f;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, h: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let two_f = h.dim(candle_core::D::Minus1)?;
+        let f = two_f / 2;
+        let dh = with(self.name(), h, |x| {
+            with(self.name(), grad, |g| {
+                let mut dh = vec![0f32; x.len()];
+                dh.par_chunks_mut(two_f)
+                    .zip(x.par_chunks(two_f))
+                    .zip(g.par_chunks(f))
+                    .for_each(|((d, row), g)| {
+                        let (gate, up) = row.split_at(f);
+                        let (dg, du) = d.split_at_mut(f);
+                        for i in 0..f {
+                            let s = sigmoid(gate[i]);
+                            du[i] = g[i] * gate[i] * s;
+                            dg[i] = g[i] * up[i] * s * (1.0 + gate[i] * (1.0 - s));
+                        }
+                    });
+                Ok(dh)
+            })
+        })?;
+        Ok(Some(tensor(dh, h.shape())?))
+    }
+}
+
+/// RMSNorm over the last axis, `x · (mean(x²) + eps)^-½ · w` (HF's LlamaRMSNorm in f32),
+/// keeping each row's inverse root for the backward pass.
+pub struct RmsNorm {
+    eps: f64,
+    inv: Mutex<Vec<f32>>,
+}
+
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        RmsNorm {
+            eps,
+            inv: Mutex::new(Vec::new()),
+        },
+    )
+}
+
+impl candle_core::CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (f32s(self.name(), s, l)?, f32s(self.name(), ws, wl)?);
+        let h = w.len();
+        if l.shape().dims().last() != Some(&h) {
+            return Err(fail(
+                self.name(),
+                format!("{:?} normed by {h} weights", l.shape()),
+            ));
+        }
+        let mut y = vec![0f32; x.len()];
+        let mut inv = vec![0f32; x.len() / h];
+        y.par_chunks_mut(h)
+            .zip(x.par_chunks(h))
+            .zip(inv.par_iter_mut())
+            .for_each(|((y, row), inv)| {
+                let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / h as f64;
+                *inv = (1.0 / (ms + self.eps).sqrt()) as f32;
+                for ((y, &v), &w) in y.iter_mut().zip(row).zip(w) {
+                    *y = v * *inv * w;
+                }
+            });
+        *self.inv.lock().map_err(|_| fail(self.name(), "poisoned"))? = inv;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let inv = self.inv.lock().map_err(|_| fail(self.name(), "poisoned"))?;
+        let h = w.elem_count();
+        let (dx, dw) = with(self.name(), x, |x| {
+            with(self.name(), grad, |g| {
+                with(self.name(), w, |w| Ok(rms_norm_bwd(x, w, g, &inv, h)))
+            })
+        })?;
+        Ok((Some(tensor(dx, x.shape())?), Some(tensor(dw, w.shape())?)))
+    }
+}
+
+/// dx = r·(g∘w) − x·r³·Σ(g∘w∘x)/h and dw = Σ_rows g∘x·r, for rows of `h` with inverse roots `r`.
+fn rms_norm_bwd(x: &[f32], w: &[f32], g: &[f32], inv: &[f32], h: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut dx = vec![0f32; x.len()];
+    let rows = x.len() / h;
+    // Rows in blocks, each block's share of dw summed apart, then the blocks' shares added.
+    let block = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let dw = dx
+        .par_chunks_mut(block * h)
+        .enumerate()
+        .map(|(bi, dx)| {
+            let mut dw = vec![0f32; h];
+            for (ri, dx) in dx.chunks_mut(h).enumerate() {
+                let r = bi * block + ri;
+                let (xr, gr, ir) = (&x[r * h..(r + 1) * h], &g[r * h..(r + 1) * h], inv[r]);
+                let dot: f64 = (0..h).map(|k| (gr[k] * w[k] * xr[k]) as f64).sum();
+                let c = (dot / h as f64) as f32 * ir * ir * ir;
+                for k in 0..h {
+                    dx[k] = ir * gr[k] * w[k] - xr[k] * c;
+                    dw[k] += gr[k] * xr[k] * ir;
+                }
+            }
+            dw
+        })
+        .reduce(
+            || vec![0f32; h],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        );
+    (dx, dw)
+}
+
+/// Scaled dot-product attention of `q` `[b, heads, s, d]` over `k`, `v` `[b, groups, s, d]`
+/// (each key/value head serving its group's `heads/groups` query heads, never copied out), each
+/// query at position `i` seeing keys `start(i) ..= i`: causal (`starts` None: 0) or confined to
+/// its packed sub-sequence. The probabilities are kept for the backward pass.
+pub struct Attention {
+    scale: f32,
+    /// `[b · s]`: where each query's sub-sequence starts.
+    starts: Option<Arc<Vec<u32>>>,
+    probs: Mutex<Vec<f32>>,
+}
+
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    starts: Option<Arc<Vec<u32>>>,
+) -> Result<Tensor> {
+    let op = Attention {
+        scale: scale as f32,
+        starts,
+        probs: Mutex::new(Vec::new()),
+    };
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    if q.track_op() || k.track_op() || v.track_op() {
+        q.apply_op3(&k, &v, op)
+    } else {
+        q.apply_op3_no_bwd(&k, &v, &op)
+    }
+}
+
+/// The sizes of one attention call.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    heads: usize,
+    groups: usize,
+    s: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn of(q: &Shape, k: &Shape, v: &Shape) -> Result<Dims> {
+        let (b, heads, s, d) = q.dims4()?;
+        let (kb, groups, ks, kd) = k.dims4()?;
+        if (kb, ks, kd) != (b, s, d) || k != v || groups == 0 || heads % groups != 0 {
+            return Err(fail(
+                "fused-attention",
+                format!("q {q:?}, k {k:?}, v {v:?} do not fit"),
+            ));
+        }
+        Ok(Dims {
+            b,
+            heads,
+            groups,
+            s,
+            d,
+        })
+    }
+
+    /// Query rows per (sample, group): the group's heads × positions.
+    fn rows(&self) -> usize {
+        self.heads / self.groups * self.s
+    }
+}
+
+impl Attention {
+    fn start(&self, b: usize, s: usize, i: usize) -> usize {
+        self.starts.as_ref().map_or(0, |st| st[b * s + i] as usize)
+    }
+
+    /// Softmax of each scaled score row over its keys `start ..= i`, zero elsewhere.
+    fn softmax_rows(&self, p: &mut [f32], bi: usize, dm: Dims) {
+        for (r, row) in p.chunks_mut(dm.s).enumerate() {
+            let i = r % dm.s;
+            let lo = self.start(bi, dm.s, i);
+            let seen = &mut row[lo..=i];
+            let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f64;
+            for x in seen.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x as f64;
+            }
+            let sum = sum as f32;
+            seen.iter_mut().for_each(|x| *x /= sum);
+            row[..lo].iter_mut().for_each(|x| *x = 0.0);
+            row[i + 1..].iter_mut().for_each(|x| *x = 0.0);
+        }
+    }
+}
+
+impl candle_core::CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dm = Dims::of(ql.shape(), kl.shape(), vl.shape())?;
+        let (q, k, v) = (
+            f32s(self.name(), qs, ql)?,
+            f32s(self.name(), ks, kl)?,
+            f32s(self.name(), vs, vl)?,
+        );
+        if self
+            .starts
+            .as_ref()
+            .is_some_and(|st| st.len() != dm.b * dm.s)
+        {
+            return Err(fail(self.name(), "sub-sequence starts for another batch"));
+        }
+        let (rows, s, d) = (dm.rows(), dm.s, dm.d);
+        let mut out = vec![0f32; q.len()];
+        let mut probs = vec![0f32; dm.b * dm.heads * s * s];
+        out.par_chunks_mut(rows * d)
+            .zip(probs.par_chunks_mut(rows * s))
+            .enumerate()
+            .for_each(|(task, (o, p))| {
+                let bi = task / dm.groups;
+                let qg = &q[task * rows * d..(task + 1) * rows * d];
+                let kg = &k[task * s * d..(task + 1) * s * d];
+                let vg = &v[task * s * d..(task + 1) * s * d];
+                matmul(rows, s, d, m(qg), mt(kg), p, self.scale);
+                self.softmax_rows(p, bi, dm);
+                matmul(rows, d, s, m(p), m(vg), o, 1.0);
+            });
+        *self
+            .probs
+            .lock()
+            .map_err(|_| fail(self.name(), "poisoned"))? = probs;
+        Ok((CpuStorage::F32(out), ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _o: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dm = Dims::of(q.shape(), k.shape(), v.shape())?;
+        let probs = self
+            .probs
+            .lock()
+            .map_err(|_| fail(self.name(), "poisoned"))?;
+        if probs.len() != dm.b * dm.heads * dm.s * dm.s {
+            return Err(fail(self.name(), "backward without its forward pass"));
+        }
+        let name = self.name();
+        let (dq, dk, dv) = with(name, q, |q| {
+            with(name, k, |k| {
+                with(name, v, |v| {
+                    with(name, grad, |g| {
+                        Ok(self.backward(
+                            dm,
+                            AttnSaved {
+                                q,
+                                k,
+                                v,
+                                g,
+                                p: &probs,
+                            },
+                        ))
+                    })
+                })
+            })
+        })?;
+        Ok((
+            Some(tensor(dq, q.shape())?),
+            Some(tensor(dk, k.shape())?),
+            Some(tensor(dv, v.shape())?),
+        ))
+    }
+}
+
+/// What attention's backward pass reads.
+struct AttnSaved<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    g: &'a [f32],
+    p: &'a [f32],
+}
+
+impl Attention {
+    /// Per (sample, group): dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP − rowsum(P∘dP))·scale,
+    /// dQ = dS·K, dK = dSᵀ·Q.
+    fn backward(&self, dm: Dims, t: AttnSaved) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (rows, s, d) = (dm.rows(), dm.s, dm.d);
+        let mut dq = vec![0f32; t.q.len()];
+        let mut dk = vec![0f32; t.k.len()];
+        let mut dv = vec![0f32; t.v.len()];
+        dq.par_chunks_mut(rows * d)
+            .zip(dk.par_chunks_mut(s * d))
+            .zip(dv.par_chunks_mut(s * d))
+            .enumerate()
+            .for_each(|(task, ((dq, dk), dv))| {
+                let qr = task * rows * d..(task + 1) * rows * d;
+                let kv = task * s * d..(task + 1) * s * d;
+                let (qg, gg) = (&t.q[qr.clone()], &t.g[qr]);
+                let (kg, vg) = (&t.k[kv.clone()], &t.v[kv]);
+                let p = &t.p[task * rows * s..(task + 1) * rows * s];
+                matmul(s, d, rows, mt(p), m(gg), dv, 1.0);
+                let mut ds = vec![0f32; rows * s];
+                matmul(rows, s, d, m(gg), mt(vg), &mut ds, 1.0);
+                for r in 0..rows {
+                    let (pr, dr) = (&p[r * s..(r + 1) * s], &mut ds[r * s..(r + 1) * s]);
+                    // Σ P∘dP, as softmax's backward sums it (equal to Σ dO∘O, but rounded
+                    // like the reference's).
+                    let delta: f32 = pr.iter().zip(dr.iter()).map(|(p, g)| p * g).sum();
+                    for (x, &pv) in dr.iter_mut().zip(pr) {
+                        *x = pv * (*x - delta) * self.scale;
+                    }
+                }
+                matmul(rows, d, s, m(&ds), m(kg), dq, 1.0);
+                matmul(s, d, rows, mt(&ds), m(qg), dk, 1.0);
+            });
+        (dq, dk, dv)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Var, D};
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as u32).wrapping_mul(2654435761) ^ seed.wrapping_mul(97)) % 2000)
+            .map(|v| v as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    fn var(shape: &[usize], seed: u32) -> Var {
+        let n = shape.iter().product();
+        Var::from_tensor(&Tensor::from_vec(values(n, seed), shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            a.flatten_all().unwrap().to_vec1().unwrap(),
+            b.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+        a.iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale))
+    }
+
+    /// The fused op and the composed reference agree forward and in every input's gradient.
+    fn agree(
+        inputs: &[Var],
+        fused: impl Fn(&[Tensor]) -> Tensor,
+        composed: impl Fn(&[Tensor]) -> Tensor,
+    ) {
+        let ts: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (fused(&ts), composed(&ts));
+        assert!(max_rel(&a, &b) < 1e-5, "forward: {}", max_rel(&a, &b));
+        // A loss that weighs every output differently.
+        let w = Tensor::from_vec(values(a.elem_count(), 77), a.shape(), &Device::Cpu).unwrap();
+        let ga = (&a * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in inputs.iter().enumerate() {
+            let (x, y) = (ga.get(v).unwrap(), gb.get(v).unwrap());
+            assert!(
+                max_rel(x, y) < 1e-5,
+                "gradient of input {i}: {}",
+                max_rel(x, y)
+            );
+        }
+    }
+
+    fn composed_softmax(x: &Tensor) -> Tensor {
+        let max = x.max_keepdim(D::Minus1).unwrap().detach();
+        let e = x.broadcast_sub(&max).unwrap().exp().unwrap();
+        e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap()
+    }
+
+    /// The additive mask of queries seeing keys `start(i) ..= i`, `[b, 1, s, s]`.
+    fn mask(b: usize, s: usize, starts: &[u32]) -> Tensor {
+        let v: Vec<f32> = (0..b * s * s)
+            .map(|at| {
+                let (r, i, j) = (at / (s * s), at / s % s, at % s);
+                let lo = starts.get(r * s + i).map_or(0, |&x| x as usize);
+                if j >= lo && j <= i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        Tensor::from_vec(v, (b, 1, s, s), &Device::Cpu).unwrap()
+    }
+
+    fn reference_attention(t: &[Tensor], hpg: usize, starts: &[u32]) -> Tensor {
+        let (b, g, s, d) = t[1].dims4().unwrap();
+        let expand = |x: &Tensor| {
+            x.unsqueeze(2)
+                .unwrap()
+                .broadcast_as((b, g, hpg, s, d))
+                .unwrap()
+                .reshape((b, g * hpg, s, d))
+                .unwrap()
+        };
+        let (k, v) = (expand(&t[1]), expand(&t[2]));
+        let scores = (t[0].matmul(&k.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+        let scores = scores.broadcast_add(&mask(b, s, starts)).unwrap();
+        composed_softmax(&scores).matmul(&v).unwrap()
+    }
+
+    #[test]
+    fn attention_equals_the_composed_ops_causal_grouped_and_packed() {
+        let (b, heads, groups, s, d) = (2, 4, 2, 7, 8);
+        // Sample 0 causal; sample 1 packed as [0, 3) [3, 7).
+        let packed: Vec<u32> = (0..s as u32).chain([0, 0, 0, 3, 3, 3, 3]).collect();
+        for starts in [vec![], packed] {
+            let inputs = [
+                var(&[b, heads, s, d], 1),
+                var(&[b, groups, s, d], 2),
+                var(&[b, groups, s, d], 3),
+            ];
+            let st = (!starts.is_empty()).then(|| Arc::new(starts.clone()));
+            let st0 = st.as_ref().map(|st| {
+                // Sample 0 stays causal: start 0 everywhere.
+                let mut v = st.to_vec();
+                v[..s].iter_mut().for_each(|x| *x = 0);
+                Arc::new(v)
+            });
+            let want_starts = st0.as_ref().map(|v| v.to_vec()).unwrap_or_default();
+            agree(
+                &inputs,
+                |t| attention(&t[0], &t[1], &t[2], 1.0 / (d as f64).sqrt(), st0.clone()).unwrap(),
+                |t| reference_attention(t, heads / groups, &want_starts),
+            );
+        }
+    }
+
+    #[test]
+    fn rms_norm_equals_the_composed_ops() {
+        let inputs = [var(&[3, 5, 16], 4), var(&[16], 5)];
+        agree(
+            &inputs,
+            |t| rms_norm(&t[0], &t[1], 1e-6).unwrap(),
+            |t| {
+                let var = t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                let inv = (var + 1e-6).unwrap().sqrt().unwrap().recip().unwrap();
+                t[0].broadcast_mul(&inv)
+                    .unwrap()
+                    .broadcast_mul(&t[1])
+                    .unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn swiglu_equals_the_composed_ops() {
+        let inputs = [var(&[2, 3, 12], 6)];
+        agree(
+            &inputs,
+            |t| swiglu(&t[0]).unwrap(),
+            |t| {
+                let gate = t[0].narrow(D::Minus1, 0, 6).unwrap();
+                let up = t[0].narrow(D::Minus1, 6, 6).unwrap();
+                (gate.silu().unwrap() * up).unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn cross_entropy_equals_the_composed_ops() {
+        let (n, v) = (6, 50);
+        let inputs = [var(&[n, v], 7)];
+        let labels: Vec<u32> = (0..n as u32).map(|i| i * 7 % v as u32).collect();
+        let l2 = labels.clone();
+        agree(
+            &inputs,
+            |t| cross_entropy(&(&t[0] * 8.0).unwrap(), labels.clone()).unwrap(),
+            |t| {
+                let x = (&t[0] * 8.0).unwrap();
+                let max = x.max_keepdim(D::Minus1).unwrap().detach();
+                let lse = x
+                    .broadcast_sub(&max)
+                    .unwrap()
+                    .exp()
+                    .unwrap()
+                    .sum_keepdim(D::Minus1)
+                    .unwrap()
+                    .log()
+                    .unwrap()
+                    .broadcast_add(&max)
+                    .unwrap();
+                let idx = Tensor::from_vec(l2.clone(), (n, 1), &Device::Cpu).unwrap();
+                (lse - x.gather(&idx, 1).unwrap())
+                    .unwrap()
+                    .squeeze(1)
+                    .unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn refusals_are_named() {
+        let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+        let e = cross_entropy(&x, vec![1, 4]).unwrap_err().to_string();
+        assert!(e.contains("label 4"), "{e}");
+        let e = cross_entropy(&x, vec![1]).unwrap_err().to_string();
+        assert!(e.contains("1 labels for 2 rows"), "{e}");
+        let e = swiglu(&Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("odd"), "{e}");
+        let q = Tensor::zeros((1, 3, 4, 2), DType::F32, &Device::Cpu).unwrap();
+        let k = Tensor::zeros((1, 2, 4, 2), DType::F32, &Device::Cpu).unwrap();
+        let e = attention(&q, &k, &k, 1.0, None).unwrap_err().to_string();
+        assert!(e.contains("do not fit"), "{e}");
+    }
+}
