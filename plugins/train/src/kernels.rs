@@ -65,6 +65,39 @@ fn mt(v: &[f32]) -> M<'_> {
 /// `c = scale · a · b` (`a`: m×k, `b`: k×n, both row-major as stored unless transposed; `c`:
 /// m×n), single-threaded (callers spread whole products over threads).
 fn matmul(mm: usize, n: usize, k: usize, a: M, b: M, c: &mut [f32], scale: f32) {
+    product(
+        mm,
+        n,
+        k,
+        a,
+        b,
+        c,
+        scale,
+        Dst::Overwrite,
+        gemm::Parallelism::None,
+    )
+}
+
+/// Whether a product overwrites its output or adds to it.
+#[derive(Clone, Copy, PartialEq)]
+enum Dst {
+    Overwrite,
+    Add,
+}
+
+/// `c (+)= scale · a · b` on `par`'s threads.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    mm: usize,
+    n: usize,
+    k: usize,
+    a: M,
+    b: M,
+    c: &mut [f32],
+    scale: f32,
+    into: Dst,
+    par: gemm::Parallelism,
+) {
     assert!(a.v.len() >= mm * k && b.v.len() >= k * n && c.len() >= mm * n);
     // (row stride, column stride) of an operand stored r×c row-major, or transposed.
     let strides = |op: M, cols: usize, rows: usize| -> (isize, isize) {
@@ -86,20 +119,244 @@ fn matmul(mm: usize, n: usize, k: usize, a: M, b: M, c: &mut [f32], scale: f32) 
             c.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            into == Dst::Add,
             a.v.as_ptr(),
             a_cs,
             a_rs,
             b.v.as_ptr(),
             b_cs,
             b_rs,
-            0.0,
+            1.0,
             scale,
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            par,
         )
+    }
+}
+
+/// All of rayon's threads for one large product.
+fn all_threads() -> gemm::Parallelism {
+    gemm::Parallelism::Rayon(rayon::current_num_threads())
+}
+
+/// `x · Wᵀ` over the last axis for a frozen W (LoRA's base, a teacher): candle's matmul
+/// backward computes the right operand's gradient whether or not anything wants it — a third
+/// of a frozen layer's backward FLOPs and a weight-sized buffer per layer. Its backward is
+/// `g · W` only.
+pub struct FrozenLinear(Tensor);
+
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(FrozenLinear(w.contiguous()?))
+}
+
+/// `(rows, in, out)` of `x · Wᵀ`, the shapes checked.
+fn linear_dims(x: &Shape, w: &Shape) -> Result<(usize, usize, usize)> {
+    let (out, h) = w.dims2()?;
+    if x.dims().last() != Some(&h) {
+        return Err(fail("frozen-linear", format!("x {x:?} against W {w:?}")));
+    }
+    Ok((x.elem_count() / h, h, out))
+}
+
+impl candle_core::CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, h, out) = linear_dims(l.shape(), self.0.shape())?;
+        let x = f32s(self.name(), s, l)?;
+        let mut y = vec![0f32; n * out];
+        with(self.name(), &self.0, |w| {
+            product(
+                n,
+                out,
+                h,
+                m(x),
+                mt(w),
+                &mut y,
+                1.0,
+                Dst::Overwrite,
+                all_threads(),
+            );
+            Ok(())
+        })?;
+        let mut dims = l.shape().dims().to_vec();
+        *dims.last_mut().expect("checked") = out;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (n, h, out) = linear_dims(x.shape(), self.0.shape())?;
+        let mut dx = vec![0f32; n * h];
+        with(self.name(), grad, |g| {
+            with(self.name(), &self.0, |w| {
+                product(
+                    n,
+                    h,
+                    out,
+                    m(g),
+                    m(w),
+                    &mut dx,
+                    1.0,
+                    Dst::Overwrite,
+                    all_threads(),
+                );
+                Ok(())
+            })
+        })?;
+        Ok(Some(tensor(dx, x.shape())?))
+    }
+}
+
+/// A LoRA layer on a frozen base, `y = x·W0ᵀ + s·(x·Aᵀ)·Bᵀ` (`x`: `[n, h]`, `A`: `[R, h]`,
+/// `B`: `[out, R]`), as one op: the composed form keeps four `[n, out]` buffers per layer
+/// alive to the backward pass (the base product, B's output, its scaled copy and the sum), this
+/// one none; no gradient is computed for W0. Its backward: `gB = g·B`, `dx = g·W0 + s·gB·A`,
+/// `dA = s·gBᵀ·x`, `dB = s·gᵀ·(x·Aᵀ)`, with `x·Aᵀ` kept from the forward pass.
+pub struct LoraLinear {
+    base: Tensor,
+    scale: f32,
+    low: Mutex<Vec<f32>>,
+}
+
+pub fn lora_linear(
+    x: &Tensor,
+    base: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let op = LoraLinear {
+        base: base.contiguous()?,
+        scale: scale as f32,
+        low: Mutex::new(Vec::new()),
+    };
+    x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+/// `(n, h, R, out)` of a LoRA layer, its shapes checked.
+fn lora_dims(
+    x: &Shape,
+    base: &Shape,
+    a: &Shape,
+    b: &Shape,
+) -> Result<(usize, usize, usize, usize)> {
+    let ((n, h), (out, bh), (r, ah), (bo, br)) =
+        (x.dims2()?, base.dims2()?, a.dims2()?, b.dims2()?);
+    if (bh, ah, bo, br) != (h, h, out, r) {
+        return Err(fail(
+            "fused-lora",
+            format!("x {x:?}, W0 {base:?}, A {a:?}, B {b:?} do not fit"),
+        ));
+    }
+    Ok((n, h, r, out))
+}
+
+impl candle_core::CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "fused-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, h, r, out) = lora_dims(xl.shape(), self.base.shape(), al.shape(), bl.shape())?;
+        let (x, a, b) = (
+            f32s(self.name(), xs, xl)?,
+            f32s(self.name(), as_, al)?,
+            f32s(self.name(), bs, bl)?,
+        );
+        let mut y = vec![0f32; n * out];
+        let mut low = vec![0f32; n * r];
+        with(self.name(), &self.base, |w| {
+            product(
+                n,
+                out,
+                h,
+                m(x),
+                mt(w),
+                &mut y,
+                1.0,
+                Dst::Overwrite,
+                all_threads(),
+            );
+            Ok(())
+        })?;
+        product(
+            n,
+            r,
+            h,
+            m(x),
+            mt(a),
+            &mut low,
+            1.0,
+            Dst::Overwrite,
+            all_threads(),
+        );
+        product(
+            n,
+            out,
+            r,
+            m(&low),
+            mt(b),
+            &mut y,
+            self.scale,
+            Dst::Add,
+            all_threads(),
+        );
+        *self.low.lock().map_err(|_| fail(self.name(), "poisoned"))? = low;
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, h, r, out) = lora_dims(x.shape(), self.base.shape(), a.shape(), b.shape())?;
+        let low = self.low.lock().map_err(|_| fail(self.name(), "poisoned"))?;
+        if low.len() != n * r {
+            return Err(fail(self.name(), "backward without its forward pass"));
+        }
+        let name = self.name();
+        let s = self.scale;
+        let par = all_threads();
+        let (mut dx, mut da, mut db) = (vec![0f32; n * h], vec![0f32; r * h], vec![0f32; out * r]);
+        with(name, grad, |g| {
+            with(name, &self.base, |w| {
+                with(name, a, |av| {
+                    with(name, b, |bv| {
+                        with(name, x, |xv| {
+                            let mut gb = vec![0f32; n * r];
+                            product(n, r, out, m(g), m(bv), &mut gb, 1.0, Dst::Overwrite, par);
+                            product(n, h, out, m(g), m(w), &mut dx, 1.0, Dst::Overwrite, par);
+                            product(n, h, r, m(&gb), m(av), &mut dx, s, Dst::Add, par);
+                            product(r, h, n, mt(&gb), m(xv), &mut da, s, Dst::Overwrite, par);
+                            product(out, r, n, mt(g), m(&low), &mut db, s, Dst::Overwrite, par);
+                            Ok(())
+                        })
+                    })
+                })
+            })
+        })?;
+        Ok((
+            Some(tensor(dx, x.shape())?),
+            Some(tensor(da, a.shape())?),
+            Some(tensor(db, b.shape())?),
+        ))
     }
 }
 
@@ -753,6 +1010,36 @@ mod tests {
     }
 
     #[test]
+    fn frozen_linear_equals_the_composed_ops() {
+        let w = Tensor::from_vec(values(7 * 6, 12), (7, 6), &Device::Cpu).unwrap();
+        let inputs = [var(&[2, 5, 6], 13)];
+        agree(
+            &inputs,
+            |t| frozen_linear(&t[0], &w).unwrap(),
+            |t| t[0].broadcast_matmul(&w.t().unwrap()).unwrap(),
+        );
+    }
+
+    #[test]
+    fn lora_linear_equals_the_composed_ops() {
+        let base = Tensor::from_vec(values(10 * 6, 8), (10, 6), &Device::Cpu).unwrap();
+        let inputs = [var(&[5, 6], 9), var(&[3, 6], 10), var(&[10, 3], 11)];
+        agree(
+            &inputs,
+            |t| lora_linear(&t[0], &base, &t[1], &t[2], 0.5).unwrap(),
+            |t| {
+                let y = t[0].matmul(&base.t().unwrap()).unwrap();
+                let low = t[0]
+                    .matmul(&t[1].t().unwrap())
+                    .unwrap()
+                    .matmul(&t[2].t().unwrap())
+                    .unwrap();
+                (y + (low * 0.5).unwrap()).unwrap()
+            },
+        );
+    }
+
+    #[test]
     fn refusals_are_named() {
         let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
         let e = cross_entropy(&x, vec![1, 4]).unwrap_err().to_string();
@@ -766,6 +1053,9 @@ mod tests {
         let q = Tensor::zeros((1, 3, 4, 2), DType::F32, &Device::Cpu).unwrap();
         let k = Tensor::zeros((1, 2, 4, 2), DType::F32, &Device::Cpu).unwrap();
         let e = attention(&q, &k, &k, 1.0, None).unwrap_err().to_string();
+        assert!(e.contains("do not fit"), "{e}");
+        let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+        let e = lora_linear(&x, &x, &x, &x, 1.0).unwrap_err().to_string();
         assert!(e.contains("do not fit"), "{e}");
     }
 }

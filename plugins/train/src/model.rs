@@ -306,63 +306,6 @@ fn softmax_last(x: &Tensor) -> T {
     in_dtype(&e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?, x.dtype())
 }
 
-/// `x · Wᵀ` for a frozen W (LoRA's base, a teacher): candle's matmul backward computes the
-/// right operand's gradient whether or not anything wants it — a third of a frozen layer's
-/// backward FLOPs, and a gradient buffer per layer kept to the end of the pass. As a custom op
-/// on `x` alone its backward is `grad · W` only. CPU storage only (other devices keep candle's
-/// matmul).
-struct FrozenLinear(Tensor);
-
-fn cpu_len(s: &candle_core::CpuStorage) -> candle_core::Result<usize> {
-    use candle_core::CpuStorage::*;
-    Ok(match s {
-        F32(v) => v.len(),
-        F64(v) => v.len(),
-        BF16(v) => v.len(),
-        F16(v) => v.len(),
-        _ => {
-            return Err(candle_core::Error::Msg(
-                "frozen-linear: a float input".into(),
-            ))
-        }
-    })
-}
-
-impl candle_core::CustomOp1 for FrozenLinear {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (start, end) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-linear: a contiguous input".into()))?;
-        let all = Tensor::from_storage(
-            candle_core::Storage::Cpu(s.clone()),
-            cpu_len(s)?,
-            candle_core::op::BackpropOp::none(),
-            false,
-        );
-        let x = all.narrow(0, start, end - start)?.reshape(l.shape())?;
-        let y = linear(&x, &self.0)?.contiguous()?;
-        let (storage, layout) = y.storage_and_layout();
-        match (&*storage, layout.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(c), Some((0, _))) => Ok((c.clone(), y.shape().clone())),
-            _ => Err(candle_core::Error::Msg(
-                "frozen-linear: a CPU result".into(),
-            )),
-        }
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.broadcast_matmul(&self.0)?))
-    }
-}
-
 pub struct Gpt<'p> {
     pub cfg: &'p GptConfig,
     pub params: &'p Params,
@@ -399,8 +342,8 @@ impl Gpt<'_> {
     fn linear_by(&self, x: &Tensor, name: &str) -> T {
         let w = self.p(name)?;
         let frozen = self.params.by_name.get(name).is_some_and(|p| !p.trainable);
-        if frozen && x.device().is_cpu() {
-            x.contiguous()?.apply_op1(FrozenLinear(w))
+        if frozen && kernels::applies(x) && kernels::applies(&w) {
+            kernels::frozen_linear(x, &w)
         } else {
             linear(x, &w)
         }
@@ -415,14 +358,29 @@ impl Gpt<'_> {
     /// `adapter.linear_in`, B `adapter.linear_out`; the input is the layer's normed input), each
     /// at its rows of the output (canonical LoRA's q, k, v or gate, up).
     fn proj(&self, l: usize, module: &str, x: &Tensor) -> T {
-        let w = self.layer_p(l, &format!("{module}.weight"))?;
-        let y = self.linear_by(x, &names::layer_key(l as u64, &format!("{module}.weight")))?;
+        let weight = names::layer_key(l as u64, &format!("{module}.weight"));
+        let w = self.p(&weight)?;
         let key = names::layer_key(l as u64, module);
         let (Some(adapters), Some(scale)) =
             (self.params.adapters.get(&key), self.params.lora_scale)
         else {
-            return Ok(y);
+            return self.linear_by(x, &weight);
         };
+        let frozen = self
+            .params
+            .by_name
+            .get(&weight)
+            .is_some_and(|p| !p.trainable);
+        let plain = self.dropout.is_none() && adapters.iter().all(|a| a.magnitude.is_none());
+        if frozen && plain && kernels::applies(x) && kernels::applies(&w) {
+            let (a, b) = self.stacked(adapters, w.dim(0)?)?;
+            let mut dims = x.dims().to_vec();
+            let x2 = x.reshape(((), w.dim(1)?))?;
+            let y = kernels::lora_linear(&x2, &w, &a, &b, scale)?;
+            *dims.last_mut().expect("x has a last axis") = w.dim(0)?;
+            return y.reshape(dims);
+        }
+        let y = self.linear_by(x, &weight)?;
         let site = |adapter: usize, at: u64| crate::lora::Dropout::site(l, module, adapter, at);
         // Megatron-Bridge's adapter: x → [dropout if pre] → A → B → [dropout if post].
         let low = |i: usize, ad: &crate::params::Adapter| -> T {
@@ -456,9 +414,53 @@ impl Gpt<'_> {
         };
         // Bridge's dropout correction, (m/n − 1)·W0·(dropout(x) − x), its mask drawn anew as
         // Bridge draws it (PEFT's formula reuses the adapter's).
-        let weight = names::layer_key(l as u64, &format!("{module}.weight"));
         let dx = (d.apply(x, site(0, 2))? - x)?;
         y + self.linear_by(&dx, &weight)?.broadcast_mul(&(mag - 1.0)?)?
+    }
+
+    /// The adapters as one: their A's stacked `[ΣR, h]` and their B's side by side `[rows, ΣR]`,
+    /// each at its rows (zero elsewhere), so that `B·A` places every adapter's output as
+    /// `placed` does. One adapter over every row is itself.
+    fn stacked(
+        &self,
+        adapters: &[crate::params::Adapter],
+        rows: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        if let [one] = adapters {
+            if one.rows.len() == 1 && one.rows[0] == (0..rows) {
+                return Ok((self.p(&one.a)?, self.p(&one.b)?));
+            }
+        }
+        let a = adapters
+            .iter()
+            .map(|ad| self.p(&ad.a))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut blocks = Vec::with_capacity(adapters.len());
+        for ad in adapters {
+            let b = self.p(&ad.b)?;
+            let r = b.dim(1)?;
+            // (first row, offset in B, length), in row order.
+            let mut pieces = Vec::new();
+            let mut offset = 0;
+            for range in &ad.rows {
+                pieces.push((range.start, offset, range.len()));
+                offset += range.len();
+            }
+            pieces.sort_unstable();
+            let (mut parts, mut at) = (Vec::new(), 0);
+            for (start, offset, len) in pieces {
+                if start > at {
+                    parts.push(Tensor::zeros((start - at, r), b.dtype(), b.device())?);
+                }
+                parts.push(b.narrow(0, offset, len)?);
+                at = start + len;
+            }
+            if at < rows {
+                parts.push(Tensor::zeros((rows - at, r), b.dtype(), b.device())?);
+            }
+            blocks.push(Tensor::cat(&parts, 0)?);
+        }
+        Ok((Tensor::cat(&a, 0)?, Tensor::cat(&blocks, 1)?))
     }
 
     /// The adapters' outputs at their rows of a `rows`-wide output (zero where none feeds).
