@@ -715,6 +715,91 @@ fn kill_9_then_resume_is_bit_identical() {
     assert_eq!(load_tensors(&out), load_tensors(&straight));
 }
 
+/// A save that cannot be written (here: files capped by RLIMIT_FSIZE, which fails like a full
+/// disk, on the reservation before any data) stops the run with the error named, and leaves the
+/// previous checkpoint as it was: its files unchanged, the tracker still on it, no half-written
+/// folder beside it, no output.
+#[test]
+fn a_save_that_cannot_be_written_keeps_the_previous_checkpoint() {
+    use bridgeflow_tests::{bridgeflow, text};
+    use std::os::unix::process::CommandExt;
+    let dir = tempdir();
+    let data = dir.path().join("samples.parquet");
+    write_samples(&data, 4);
+    let recipe = dir.path().join("recipe.toml");
+    std::fs::write(
+        &recipe,
+        pipeline(&data, &dir.path().join("unused"), 4, false),
+    )
+    .unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let cmd = |out: &Path, iters: u64| {
+        let mut c = bridgeflow();
+        c.args(["train", "--no-progress"]).arg(&recipe);
+        for s in [
+            format!("write.path={}", out.display()),
+            format!("train.train_iters={iters}"),
+            format!("train.save={}", ckpt.display()),
+            "train.save_interval=2".to_string(),
+            format!("train.load={}", ckpt.display()),
+        ] {
+            c.arg("--set").arg(s);
+        }
+        c
+    };
+    let o = cmd(&dir.path().join("first"), 2).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let state = ckpt.join("iter_0000002/trainer_state.safetensors");
+    let before = std::fs::read(&state).unwrap();
+    // A cap the weights output fits under and the checkpoint (weights and both moments) not.
+    let weights = std::fs::metadata(dir.path().join("first/model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(before.len() as u64 > 2 * weights);
+    let limit = (2 * weights) as libc::rlim_t;
+    let out = dir.path().join("second");
+    let mut second = cmd(&out, 4);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        second.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let cap = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &cap) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = second.output().unwrap();
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("iter_0000004") && t.contains("too large"), "{t}");
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        before,
+        "the previous checkpoint intact"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ckpt.join("latest_checkpointed_iteration.txt")).unwrap(),
+        "2"
+    );
+    let left: Vec<String> = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut left = left;
+    left.sort();
+    assert_eq!(
+        left,
+        ["iter_0000002", "latest_checkpointed_iteration.txt"],
+        "nothing half-written beside it"
+    );
+    assert!(!out.exists(), "no output from a failed run");
+}
+
 /// Mixed precision (`bf16 = true`, megatron-core's `--bf16`) against the torch replay of the same
 /// scheme (`scripts/train_replay.py --write-bf16`: bf16 forward and backward of HF's eager Llama,
 /// fp32 master weights, gradients and AdamW): 20 iterations within bf16's precision — the

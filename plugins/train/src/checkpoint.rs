@@ -43,8 +43,11 @@ fn io<'a>(path: &'a Path, what: &'static str) -> impl Fn(std::io::Error) -> Plug
     move |e| PluginError::io(path, what, e)
 }
 
+/// `bytes` to `path`, its blocks reserved first (a full disk fails before anything is
+/// written), then synced.
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = std::fs::File::create(path).map_err(io(path, "cannot create"))?;
+    bridgeflow_sdk::fsutil::reserve(&f, path, bytes.len() as u64)?;
     f.write_all(bytes).map_err(io(path, "cannot write"))?;
     f.sync_all().map_err(io(path, "cannot sync"))
 }
@@ -105,6 +108,31 @@ impl Snapshot {
         ));
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging).map_err(io(&staging, "cannot create"))?;
+        // A failure (a full disk) leaves no half-written folder behind, only the previous
+        // checkpoint and its tracker.
+        if let Err(e) = self.stage(&staging) {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+        if target.exists() {
+            std::fs::remove_dir_all(&target).map_err(io(&target, "cannot replace"))?;
+        }
+        std::fs::rename(&staging, &target).map_err(io(&target, "cannot commit"))?;
+        let tracker_tmp = root.join(format!(".{TRACKER}.partial-{}", std::process::id()));
+        if let Err(e) = write_synced(&tracker_tmp, self.iteration.to_string().as_bytes()) {
+            let _ = std::fs::remove_file(&tracker_tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tracker_tmp, root.join(TRACKER))
+            .map_err(io(root, "cannot update the tracker in"))?;
+        if let Ok(d) = std::fs::File::open(root) {
+            let _ = d.sync_all();
+        }
+        Ok(target)
+    }
+
+    /// The checkpoint's files, written and synced in `staging`.
+    fn stage(&self, staging: &Path) -> Result<()> {
         let views: Vec<(String, TensorView<'_>)> = self
             .blobs
             .iter()
@@ -117,19 +145,7 @@ impl Snapshot {
             .collect::<Result<_>>()?;
         let bytes = safetensors::serialize(views, None).map_err(st)?;
         write_synced(&staging.join(TENSORS), &bytes)?;
-        write_synced(&staging.join(STATE), self.state.to_string().as_bytes())?;
-        if target.exists() {
-            std::fs::remove_dir_all(&target).map_err(io(&target, "cannot replace"))?;
-        }
-        std::fs::rename(&staging, &target).map_err(io(&target, "cannot commit"))?;
-        let tracker_tmp = root.join(format!(".{TRACKER}.partial-{}", std::process::id()));
-        write_synced(&tracker_tmp, self.iteration.to_string().as_bytes())?;
-        std::fs::rename(&tracker_tmp, root.join(TRACKER))
-            .map_err(io(root, "cannot update the tracker in"))?;
-        if let Ok(d) = std::fs::File::open(root) {
-            let _ = d.sync_all();
-        }
-        Ok(target)
+        write_synced(&staging.join(STATE), self.state.to_string().as_bytes())
     }
 }
 
