@@ -141,6 +141,31 @@ fn all_threads() -> gemm::Parallelism {
     gemm::Parallelism::Rayon(rayon::current_num_threads())
 }
 
+/// `x · Wᵀ` for `x` `[n, h]` and a weight tensor `W` `[out, h]`, on all threads.
+fn times_transposed(
+    op: &str,
+    x: &[f32],
+    w: &Tensor,
+    (n, h, out): (usize, usize, usize),
+) -> Result<Vec<f32>> {
+    let mut y = vec![0f32; n * out];
+    with(op, w, |w| {
+        product(
+            n,
+            out,
+            h,
+            m(x),
+            mt(w),
+            &mut y,
+            1.0,
+            Dst::Overwrite,
+            all_threads(),
+        );
+        Ok(())
+    })?;
+    Ok(y)
+}
+
 /// `x · Wᵀ` over the last axis for a frozen W (LoRA's base, a teacher): candle's matmul
 /// backward computes the right operand's gradient whether or not anything wants it — a third
 /// of a frozen layer's backward FLOPs and a weight-sized buffer per layer. Its backward is
@@ -168,21 +193,7 @@ impl candle_core::CustomOp1 for FrozenLinear {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, h, out) = linear_dims(l.shape(), self.0.shape())?;
         let x = f32s(self.name(), s, l)?;
-        let mut y = vec![0f32; n * out];
-        with(self.name(), &self.0, |w| {
-            product(
-                n,
-                out,
-                h,
-                m(x),
-                mt(w),
-                &mut y,
-                1.0,
-                Dst::Overwrite,
-                all_threads(),
-            );
-            Ok(())
-        })?;
+        let y = times_transposed(self.name(), x, &self.0, (n, h, out))?;
         let mut dims = l.shape().dims().to_vec();
         *dims.last_mut().expect("checked") = out;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -276,22 +287,8 @@ impl candle_core::CustomOp3 for LoraLinear {
             f32s(self.name(), as_, al)?,
             f32s(self.name(), bs, bl)?,
         );
-        let mut y = vec![0f32; n * out];
+        let mut y = times_transposed(self.name(), x, &self.base, (n, h, out))?;
         let mut low = vec![0f32; n * r];
-        with(self.name(), &self.base, |w| {
-            product(
-                n,
-                out,
-                h,
-                m(x),
-                mt(w),
-                &mut y,
-                1.0,
-                Dst::Overwrite,
-                all_threads(),
-            );
-            Ok(())
-        })?;
         product(
             n,
             r,
