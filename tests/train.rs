@@ -656,35 +656,43 @@ fn resume_from_a_checkpoint_is_bit_identical() {
     );
 }
 
+/// `pipeline` over `data` written as `dir/recipe.toml` (its output path set per run).
+fn recipe_file(dir: &Path, data: &Path, iters: usize) -> PathBuf {
+    let recipe = dir.join("recipe.toml");
+    std::fs::write(&recipe, pipeline(data, &dir.join("unused"), iters, false)).unwrap();
+    recipe
+}
+
+/// `bridgeflow train --no-progress RECIPE --set S…`.
+fn train_command(recipe: &Path, sets: &[String]) -> std::process::Command {
+    let mut c = bridgeflow_tests::bridgeflow();
+    c.args(["train", "--no-progress"]).arg(recipe);
+    for s in sets {
+        c.arg("--set").arg(s);
+    }
+    c
+}
+
 /// kill -9 while training (a checkpoint every iteration), then the same command again with
 /// `load`: the final weights are bit-identical to an uninterrupted run's.
 #[test]
 fn kill_9_then_resume_is_bit_identical() {
-    use bridgeflow_tests::{bridgeflow, text};
+    use bridgeflow_tests::text;
     let dir = tempdir();
     let data = dir.path().join("samples.parquet");
     write_samples(&data, 20);
-    let recipe = dir.path().join("recipe.toml");
-    std::fs::write(
-        &recipe,
-        pipeline(&data, &dir.path().join("unused"), 20, false),
-    )
-    .unwrap();
+    let recipe = recipe_file(dir.path(), &data, 20);
     let ckpt = dir.path().join("ckpt");
     let cmd = |out: &Path, resume: bool| {
-        let mut c = bridgeflow();
-        c.args(["train", "--no-progress"]).arg(&recipe);
-        c.arg("--set").arg(format!("write.path={}", out.display()));
+        let mut sets = vec![format!("write.path={}", out.display())];
         if resume {
-            for s in [
+            sets.extend([
                 format!("train.save={}", ckpt.display()),
                 "train.save_interval=1".to_string(),
                 format!("train.load={}", ckpt.display()),
-            ] {
-                c.arg("--set").arg(s);
-            }
+            ]);
         }
-        c
+        train_command(&recipe, &sets)
     };
     let straight = dir.path().join("straight");
     let o = cmd(&straight, false).output().unwrap();
@@ -721,31 +729,22 @@ fn kill_9_then_resume_is_bit_identical() {
 /// folder beside it, no output.
 #[test]
 fn a_save_that_cannot_be_written_keeps_the_previous_checkpoint() {
-    use bridgeflow_tests::{bridgeflow, text};
+    use bridgeflow_tests::text;
     use std::os::unix::process::CommandExt;
     let dir = tempdir();
     let data = dir.path().join("samples.parquet");
     write_samples(&data, 4);
-    let recipe = dir.path().join("recipe.toml");
-    std::fs::write(
-        &recipe,
-        pipeline(&data, &dir.path().join("unused"), 4, false),
-    )
-    .unwrap();
+    let recipe = recipe_file(dir.path(), &data, 4);
     let ckpt = dir.path().join("ckpt");
     let cmd = |out: &Path, iters: u64| {
-        let mut c = bridgeflow();
-        c.args(["train", "--no-progress"]).arg(&recipe);
-        for s in [
+        let sets = [
             format!("write.path={}", out.display()),
             format!("train.train_iters={iters}"),
             format!("train.save={}", ckpt.display()),
             "train.save_interval=2".to_string(),
             format!("train.load={}", ckpt.display()),
-        ] {
-            c.arg("--set").arg(s);
-        }
-        c
+        ];
+        train_command(&recipe, &sets)
     };
     let o = cmd(&dir.path().join("first"), 2).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));

@@ -33,14 +33,23 @@ fn f32s<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
-/// `f` over `t`'s elements (made contiguous; f32 on the CPU), borrowed, not copied.
-fn with<R>(op: &str, t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (s, l) = t.storage_and_layout();
-    match &*s {
-        Storage::Cpu(c) => f(f32s(op, c, l)?),
+/// The elements of a CPU storage under `layout` (contiguous f32).
+fn cpu_f32s<'a>(op: &str, s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => f32s(op, c, l),
         _ => Err(fail(op, "a CPU tensor")),
     }
+}
+
+/// `views!(op; a = tensor_a, …)` binds each name to its tensor's f32 elements, borrowed, not
+/// copied (the tensor made contiguous first; f32 on the CPU). The names shadow, so that the
+/// tensors and their storage guards live to the end of the scope.
+macro_rules! views {
+    ($op:expr; $($name:ident = $t:expr),+ $(,)?) => {
+        $( let $name = $t.contiguous()?; )+
+        $( let $name = $name.storage_and_layout(); )+
+        $( let $name = cpu_f32s($op, &$name.0, $name.1)?; )+
+    };
 }
 
 fn tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
@@ -148,21 +157,19 @@ fn times_transposed(
     w: &Tensor,
     (n, h, out): (usize, usize, usize),
 ) -> Result<Vec<f32>> {
+    views!(op; w = w);
     let mut y = vec![0f32; n * out];
-    with(op, w, |w| {
-        product(
-            n,
-            out,
-            h,
-            m(x),
-            mt(w),
-            &mut y,
-            1.0,
-            Dst::Overwrite,
-            all_threads(),
-        );
-        Ok(())
-    })?;
+    product(
+        n,
+        out,
+        h,
+        m(x),
+        mt(w),
+        &mut y,
+        1.0,
+        Dst::Overwrite,
+        all_threads(),
+    );
     Ok(y)
 }
 
@@ -172,6 +179,8 @@ fn times_transposed(
 /// `g · W` only.
 pub struct FrozenLinear(Tensor);
 
+/// CPU tensors of any float dtype (f32 through the gemm crate directly, others through
+/// candle's matmul).
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(FrozenLinear(w.contiguous()?))
 }
@@ -192,6 +201,9 @@ impl candle_core::CustomOp1 for FrozenLinear {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, h, out) = linear_dims(l.shape(), self.0.shape())?;
+        if !matches!(s, CpuStorage::F32(_)) {
+            return self.candle_fwd(s, l);
+        }
         let x = f32s(self.name(), s, l)?;
         let y = times_transposed(self.name(), x, &self.0, (n, h, out))?;
         let mut dims = l.shape().dims().to_vec();
@@ -201,24 +213,55 @@ impl candle_core::CustomOp1 for FrozenLinear {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (n, h, out) = linear_dims(x.shape(), self.0.shape())?;
+        if !applies(x) {
+            let dx = grad.reshape((n, out))?.matmul(&self.0)?;
+            return Ok(Some(dx.reshape(x.shape())?));
+        }
+        views!(self.name(); g = grad, w = &self.0);
         let mut dx = vec![0f32; n * h];
-        with(self.name(), grad, |g| {
-            with(self.name(), &self.0, |w| {
-                product(
-                    n,
-                    h,
-                    out,
-                    m(g),
-                    m(w),
-                    &mut dx,
-                    1.0,
-                    Dst::Overwrite,
-                    all_threads(),
-                );
-                Ok(())
-            })
-        })?;
+        product(
+            n,
+            h,
+            out,
+            m(g),
+            m(w),
+            &mut dx,
+            1.0,
+            Dst::Overwrite,
+            all_threads(),
+        );
         Ok(Some(tensor(dx, x.shape())?))
+    }
+}
+
+impl FrozenLinear {
+    /// Other dtypes (bf16 compute): candle's own matmul on a tensor over a copy of the input.
+    fn candle_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| fail("frozen-linear", "a contiguous input"))?;
+        let len = match s {
+            CpuStorage::BF16(v) => v.len(),
+            CpuStorage::F16(v) => v.len(),
+            CpuStorage::F64(v) => v.len(),
+            _ => return Err(fail("frozen-linear", "a float input")),
+        };
+        let all = Tensor::from_storage(
+            Storage::Cpu(s.clone()),
+            len,
+            candle_core::op::BackpropOp::none(),
+            false,
+        );
+        let x = all.narrow(0, start, end - start)?.reshape(l.shape())?;
+        let (out, h) = self.0.dims2()?;
+        let y = x.reshape(((), h))?.matmul(&self.0.t()?)?.contiguous()?;
+        let mut dims = l.shape().dims().to_vec();
+        *dims.last_mut().expect("checked") = out;
+        let (storage, layout) = y.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(c), Some((0, _))) => Ok((c.clone(), Shape::from(dims))),
+            _ => Err(fail("frozen-linear", "a CPU result")),
+        }
     }
 }
 
@@ -331,24 +374,14 @@ impl candle_core::CustomOp3 for LoraLinear {
         let name = self.name();
         let s = self.scale;
         let par = all_threads();
+        views!(name; g = grad, w = &self.base, av = a, bv = b, xv = x);
         let (mut dx, mut da, mut db) = (vec![0f32; n * h], vec![0f32; r * h], vec![0f32; out * r]);
-        with(name, grad, |g| {
-            with(name, &self.base, |w| {
-                with(name, a, |av| {
-                    with(name, b, |bv| {
-                        with(name, x, |xv| {
-                            let mut gb = vec![0f32; n * r];
-                            product(n, r, out, m(g), m(bv), &mut gb, 1.0, Dst::Overwrite, par);
-                            product(n, h, out, m(g), m(w), &mut dx, 1.0, Dst::Overwrite, par);
-                            product(n, h, r, m(&gb), m(av), &mut dx, s, Dst::Add, par);
-                            product(r, h, n, mt(&gb), m(xv), &mut da, s, Dst::Overwrite, par);
-                            product(out, r, n, mt(g), m(&low), &mut db, s, Dst::Overwrite, par);
-                            Ok(())
-                        })
-                    })
-                })
-            })
-        })?;
+        let mut gb = vec![0f32; n * r];
+        product(n, r, out, m(g), m(bv), &mut gb, 1.0, Dst::Overwrite, par);
+        product(n, h, out, m(g), m(w), &mut dx, 1.0, Dst::Overwrite, par);
+        product(n, h, r, m(&gb), m(av), &mut dx, s, Dst::Add, par);
+        product(r, h, n, mt(&gb), m(xv), &mut da, s, Dst::Overwrite, par);
+        product(out, r, n, mt(g), m(&low), &mut db, s, Dst::Overwrite, par);
         Ok((
             Some(tensor(dx, x.shape())?),
             Some(tensor(da, a.shape())?),
@@ -414,19 +447,17 @@ impl candle_core::CustomOp1 for CrossEntropy {
         let g: Vec<f32> = grad.to_vec1()?;
         let lse = self.lse.lock().map_err(|_| fail(self.name(), "poisoned"))?;
         let v = x.dim(1)?;
-        let dx = with(self.name(), x, |x| {
-            let mut dx = vec![0f32; x.len()];
-            dx.par_chunks_mut(v)
-                .zip(x.par_chunks(v))
-                .enumerate()
-                .for_each(|(i, (d, row))| {
-                    for (d, &x) in d.iter_mut().zip(row) {
-                        *d = g[i] * (x - lse[i]).exp();
-                    }
-                    d[self.labels[i] as usize] -= g[i];
-                });
-            Ok(dx)
-        })?;
+        views!(self.name(); xv = x);
+        let mut dx = vec![0f32; xv.len()];
+        dx.par_chunks_mut(v)
+            .zip(xv.par_chunks(v))
+            .enumerate()
+            .for_each(|(i, (d, row))| {
+                for (d, &x) in d.iter_mut().zip(row) {
+                    *d = g[i] * (x - lse[i]).exp();
+                }
+                d[self.labels[i] as usize] -= g[i];
+            });
         Ok(Some(tensor(dx, x.shape())?))
     }
 }
@@ -471,24 +502,20 @@ impl candle_core::CustomOp1 for SwiGlu {
     fn bwd(&self, h: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let two_f = h.dim(candle_core::D::Minus1)?;
         let f = two_f / 2;
-        let dh = with(self.name(), h, |x| {
-            with(self.name(), grad, |g| {
-                let mut dh = vec![0f32; x.len()];
-                dh.par_chunks_mut(two_f)
-                    .zip(x.par_chunks(two_f))
-                    .zip(g.par_chunks(f))
-                    .for_each(|((d, row), g)| {
-                        let (gate, up) = row.split_at(f);
-                        let (dg, du) = d.split_at_mut(f);
-                        for i in 0..f {
-                            let s = sigmoid(gate[i]);
-                            du[i] = g[i] * gate[i] * s;
-                            dg[i] = g[i] * up[i] * s * (1.0 + gate[i] * (1.0 - s));
-                        }
-                    });
-                Ok(dh)
-            })
-        })?;
+        views!(self.name(); x = h, g = grad);
+        let mut dh = vec![0f32; x.len()];
+        dh.par_chunks_mut(two_f)
+            .zip(x.par_chunks(two_f))
+            .zip(g.par_chunks(f))
+            .for_each(|((d, row), g)| {
+                let (gate, up) = row.split_at(f);
+                let (dg, du) = d.split_at_mut(f);
+                for i in 0..f {
+                    let s = sigmoid(gate[i]);
+                    du[i] = g[i] * gate[i] * s;
+                    dg[i] = g[i] * up[i] * s * (1.0 + gate[i] * (1.0 - s));
+                }
+            });
         Ok(Some(tensor(dh, h.shape())?))
     }
 }
@@ -555,11 +582,8 @@ impl candle_core::CustomOp2 for RmsNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let inv = self.inv.lock().map_err(|_| fail(self.name(), "poisoned"))?;
         let h = w.elem_count();
-        let (dx, dw) = with(self.name(), x, |x| {
-            with(self.name(), grad, |g| {
-                with(self.name(), w, |w| Ok(rms_norm_bwd(x, w, g, &inv, h)))
-            })
-        })?;
+        views!(self.name(); xv = x, g = grad, wv = w);
+        let (dx, dw) = rms_norm_bwd(xv, wv, g, &inv, h);
         Ok((Some(tensor(dx, x.shape())?), Some(tensor(dw, w.shape())?)))
     }
 }
@@ -753,25 +777,15 @@ impl candle_core::CustomOp3 for Attention {
         if probs.len() != dm.b * dm.heads * dm.s * dm.s {
             return Err(fail(self.name(), "backward without its forward pass"));
         }
-        let name = self.name();
-        let (dq, dk, dv) = with(name, q, |q| {
-            with(name, k, |k| {
-                with(name, v, |v| {
-                    with(name, grad, |g| {
-                        Ok(self.backward(
-                            dm,
-                            AttnSaved {
-                                q,
-                                k,
-                                v,
-                                g,
-                                p: &probs,
-                            },
-                        ))
-                    })
-                })
-            })
-        })?;
+        views!(self.name(); qv = q, kv = k, vv = v, g = grad);
+        let saved = AttnSaved {
+            q: qv,
+            k: kv,
+            v: vv,
+            g,
+            p: &probs,
+        };
+        let (dq, dk, dv) = self.backward(dm, saved);
         Ok((
             Some(tensor(dq, q.shape())?),
             Some(tensor(dk, k.shape())?),
@@ -1015,6 +1029,32 @@ mod tests {
             |t| frozen_linear(&t[0], &w).unwrap(),
             |t| t[0].broadcast_matmul(&w.t().unwrap()).unwrap(),
         );
+    }
+
+    /// bf16 (not the gemm path): the same product as candle's matmul, and `g · W` back.
+    #[test]
+    fn frozen_linear_in_bf16_is_candles_matmul() {
+        let w = Tensor::from_vec(values(7 * 6, 14), (7, 6), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let x = var(&[2, 5, 6], 15);
+        let xb = x.as_tensor().to_dtype(DType::BF16).unwrap();
+        let got = frozen_linear(&xb, &w).unwrap();
+        let want = xb.broadcast_matmul(&w.t().unwrap()).unwrap();
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        assert_eq!(max_rel(&f(&got), &f(&want)), 0.0);
+        let grads = got
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let dx = f(grads.get(x.as_tensor()).unwrap());
+        let ones = Tensor::ones((2, 5, 7), DType::BF16, &Device::Cpu).unwrap();
+        let want_dx = f(&ones.broadcast_matmul(&w).unwrap());
+        assert!(max_rel(&dx, &want_dx) < 1e-2, "{}", max_rel(&dx, &want_dx));
     }
 
     #[test]

@@ -342,7 +342,7 @@ impl Gpt<'_> {
     fn linear_by(&self, x: &Tensor, name: &str) -> T {
         let w = self.p(name)?;
         let frozen = self.params.by_name.get(name).is_some_and(|p| !p.trainable);
-        if frozen && kernels::applies(x) && kernels::applies(&w) {
+        if frozen && x.device().is_cpu() && x.dtype() == w.dtype() {
             kernels::frozen_linear(x, &w)
         } else {
             linear(x, &w)
@@ -435,31 +435,19 @@ impl Gpt<'_> {
             .iter()
             .map(|ad| self.p(&ad.a))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let mut blocks = Vec::with_capacity(adapters.len());
-        for ad in adapters {
-            let b = self.p(&ad.b)?;
-            let r = b.dim(1)?;
-            // (first row, offset in B, length), in row order.
-            let mut pieces = Vec::new();
-            let mut offset = 0;
-            for range in &ad.rows {
-                pieces.push((range.start, offset, range.len()));
-                offset += range.len();
-            }
-            pieces.sort_unstable();
-            let (mut parts, mut at) = (Vec::new(), 0);
-            for (start, offset, len) in pieces {
-                if start > at {
-                    parts.push(Tensor::zeros((start - at, r), b.dtype(), b.device())?);
-                }
-                parts.push(b.narrow(0, offset, len)?);
-                at = start + len;
-            }
-            if at < rows {
-                parts.push(Tensor::zeros((rows - at, r), b.dtype(), b.device())?);
-            }
-            blocks.push(Tensor::cat(&parts, 0)?);
-        }
+        let blocks = adapters
+            .iter()
+            .map(|ad| {
+                let b = self.p(&ad.b)?;
+                let r = b.dim(1)?;
+                let pieces = slices(ad)
+                    .map(|(start, offset, len)| Ok((start, b.narrow(0, offset, len)?)))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                lay_out_rows(pieces, rows, 0, |n| {
+                    Tensor::zeros((n, r), b.dtype(), b.device())
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok((Tensor::cat(&a, 0)?, Tensor::cat(&blocks, 1)?))
     }
 
@@ -476,33 +464,18 @@ impl Gpt<'_> {
             .enumerate()
             .map(|(i, ad)| low(i, ad))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        // (first row, adapter, offset in its output, length), in row order.
         let mut pieces = Vec::new();
-        for (i, ad) in adapters.iter().enumerate() {
-            let mut offset = 0;
-            for r in &ad.rows {
-                pieces.push((r.start, i, offset, r.len()));
-                offset += r.len();
+        for (ad, out) in adapters.iter().zip(&outs) {
+            for (start, offset, len) in slices(ad) {
+                pieces.push((start, out.narrow(D::Minus1, offset, len)?));
             }
         }
-        pieces.sort_unstable();
-        let mut lead = x.dims().to_vec();
-        let zeros = |n: usize, lead: &mut Vec<usize>| -> T {
-            *lead.last_mut().expect("x has a last axis") = n;
-            Tensor::zeros(lead.as_slice(), outs[0].dtype(), x.device())
-        };
-        let (mut parts, mut at) = (Vec::new(), 0);
-        for (start, i, offset, len) in pieces {
-            if start > at {
-                parts.push(zeros(start - at, &mut lead)?);
-            }
-            parts.push(outs[i].narrow(D::Minus1, offset, len)?);
-            at = start + len;
-        }
-        if at < rows {
-            parts.push(zeros(rows - at, &mut lead)?);
-        }
-        Tensor::cat(&parts, D::Minus1)
+        let last = x.rank() - 1;
+        lay_out_rows(pieces, rows, last, |n| {
+            let mut dims = x.dims().to_vec();
+            dims[last] = n;
+            Tensor::zeros(dims, outs[0].dtype(), x.device())
+        })
     }
 
     /// Logits `[b, s, vocab]` in the compute dtype.
@@ -640,6 +613,39 @@ impl Gpt<'_> {
     }
 }
 
+/// An adapter's output rows as (first row of the layer's output, offset in the adapter's
+/// output, length), one per range of its rows.
+fn slices(ad: &crate::params::Adapter) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    ad.rows.iter().scan(0, |offset, r| {
+        let at = *offset;
+        *offset += r.len();
+        Some((r.start, at, r.len()))
+    })
+}
+
+/// `pieces` (each at its first row) laid out in row order along `dim` over `total` rows, with
+/// `zeros(n)` filling the rows none covers.
+fn lay_out_rows(
+    mut pieces: Vec<(usize, Tensor)>,
+    total: usize,
+    dim: usize,
+    zeros: impl Fn(usize) -> T,
+) -> T {
+    pieces.sort_by_key(|(start, _)| *start);
+    let (mut parts, mut at) = (Vec::new(), 0);
+    for (start, piece) in pieces {
+        if start > at {
+            parts.push(zeros(start - at)?);
+        }
+        at = start + piece.dim(dim)?;
+        parts.push(piece);
+    }
+    if at < total {
+        parts.push(zeros(total - at)?);
+    }
+    Tensor::cat(&parts, dim)
+}
+
 /// Where a hidden state is taken (ModelOpt's intermediate layer names): the output of
 /// `decoder.layers.N`, or of `decoder.final_layernorm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -757,6 +763,16 @@ mod tests {
         p
     }
 
+    /// The test layer's W0, A and B.
+    fn fc2(p: &Params) -> (&Tensor, &Tensor, &Tensor) {
+        let get = |rest: &str| p.tensor(&format!("{FC2}{rest}")).unwrap();
+        (
+            get(".weight"),
+            get(".adapter.linear_in.weight"),
+            get(".adapter.linear_out.weight"),
+        )
+    }
+
     fn t(v: Vec<f32>, shape: &[usize]) -> Tensor {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
@@ -802,15 +818,7 @@ mod tests {
             let mut gpt = Gpt::new(&cfg, &params);
             gpt.dropout = Some(dropout(post));
             let got = gpt.proj(0, "mlp.linear_fc2", &x).unwrap();
-            let (w, a, b) = (
-                params.tensor(&format!("{FC2}.weight")).unwrap(),
-                params
-                    .tensor(&format!("{FC2}.adapter.linear_in.weight"))
-                    .unwrap(),
-                params
-                    .tensor(&format!("{FC2}.adapter.linear_out.weight"))
-                    .unwrap(),
-            );
+            let (w, a, b) = fc2(&params);
             let low = if post {
                 let y = linear(&linear(&x, a).unwrap(), b).unwrap();
                 (y * t(dropout(true).mask(site(1), 12), &[1, 3, 4])).unwrap()
@@ -838,15 +846,7 @@ mod tests {
         let mut gpt = Gpt::new(&cfg, &params);
         gpt.dropout = Some(dropout(false));
         let got = gpt.proj(0, "mlp.linear_fc2", &x).unwrap();
-        let w = params.tensor(&format!("{FC2}.weight")).unwrap();
-        let (a, b) = (
-            params
-                .tensor(&format!("{FC2}.adapter.linear_in.weight"))
-                .unwrap(),
-            params
-                .tensor(&format!("{FC2}.adapter.linear_out.weight"))
-                .unwrap(),
-        );
+        let (w, a, b) = fc2(&params);
         let m = params
             .tensor(&format!("{FC2}.adapter.weight_magnitude"))
             .unwrap();
@@ -870,6 +870,66 @@ mod tests {
             .unwrap();
         let want = (inner.broadcast_mul(&mag).unwrap() + correction).unwrap();
         close(&got, &want);
+    }
+
+    /// Canonical adapters at interleaved rows: stacking them into one A and a row-placed B
+    /// (the fused kernel's input) gives what placing each adapter's output does.
+    #[test]
+    fn stacked_adapters_place_outputs_as_placed_does() {
+        let dev = Device::Cpu;
+        let f32s = bridgeflow_sdk::DType::F32;
+        let mut p = Params::default();
+        let mut adapters = Vec::new();
+        // Adapter 0 feeds rows 0..2 and 5..6, adapter 1 rows 3..5; row 2 and 6 get none.
+        for (i, rows) in [vec![0..2, 5..6], std::iter::once(3..5).collect()]
+            .into_iter()
+            .enumerate()
+        {
+            let n: usize = rows.iter().map(|r| r.len()).sum();
+            let (a, b) = (format!("a{i}"), format!("b{i}"));
+            p.insert(&a, vec![2, 4], f32s, values(8, 20 + i as u32), &dev)
+                .unwrap();
+            p.insert(&b, vec![n, 2], f32s, values(2 * n, 30 + i as u32), &dev)
+                .unwrap();
+            adapters.push(Adapter {
+                a,
+                b,
+                rows: rows.into_iter().collect(),
+                magnitude: None,
+            });
+        }
+        let cfg = GptConfig::from_megatron(&serde_json::from_str::<Map<String, Value>>(
+            r#"{"num_layers": 1, "hidden_size": 4, "ffn_hidden_size": 4, "num_attention_heads": 1,
+                "layernorm_epsilon": 1e-6, "vocab_size": 8}"#,
+        ).unwrap())
+        .unwrap();
+        let gpt = Gpt::new(&cfg, &p);
+        let x = t(values(12, 40), &[1, 3, 4]);
+        let low = |_: usize, ad: &Adapter| -> T {
+            linear(
+                &linear(&x, p.tensor(&ad.a).unwrap())?,
+                p.tensor(&ad.b).unwrap(),
+            )
+        };
+        let want = gpt.placed(&adapters, 7, &x, &low).unwrap();
+        let (a, b) = gpt.stacked(&adapters, 7).unwrap();
+        let got = linear(&linear(&x, &a).unwrap(), &b).unwrap();
+        assert_eq!(got.dims(), &[1, 3, 7]);
+        close(&got, &want);
+        let col = |t: &Tensor, c: usize| -> Vec<f32> {
+            t.narrow(2, c, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert_eq!(col(&got, 2), vec![0.0; 3], "no adapter feeds row 2");
+        assert_ne!(
+            col(&got, 5),
+            vec![0.0; 3],
+            "adapter 0's third row lands at row 5"
+        );
     }
 
     fn gpt_without(cfg: &GptConfig, params: &Params, x: &Tensor) -> Tensor {
