@@ -10,7 +10,7 @@
 //!   less.
 //! - From a Megatron checkpoint (through the models mapper) the same files as from HF.
 
-use bridgeflow_tests::{bridgeflow, fixtures, load_tensors, tempdir, text};
+use bridgeflow_tests::{bridgeflow, fixtures, load_tensors, tempdir, text, Loaded};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -269,20 +269,81 @@ fn bad_inputs_are_named_and_leave_nothing() {
         t.contains("does not split into 3") || t.contains("cannot be repeated"),
         "{t}"
     );
-    // A copy of the model without one tensor.
-    let broken = tmp.path().join("broken");
-    std::fs::create_dir(&broken).unwrap();
+    // Copies of the model: one tensor missing, one a column short, a config calling for 10^12
+    // layers — each refused by every exporter (and the FP8 pipeline), the tensor named.
     let src = fixtures().join("hf/llama");
-    std::fs::copy(src.join("config.json"), broken.join("config.json")).unwrap();
     let tensors = load_tensors(&src.join("model.safetensors"));
-    let kept: Vec<_> = tensors
-        .iter()
-        .filter(|(n, _)| n.as_str() != "model.layers.1.self_attn.v_proj.weight")
-        .map(|(n, t)| (n.as_str(), t.dtype, t.shape.clone(), t.bytes.clone()))
-        .collect();
-    bridgeflow_tests::save_tensors(&broken.join("model.safetensors"), &kept);
-    let t = run(&format!("hf:{}", broken.display()), &to, &[]);
-    assert!(t.contains("model.layers.1.self_attn.v_proj.weight"), "{t}");
+    // A tensor as the copy keeps it (shape, bytes), or None to leave it out.
+    type Edit<'a> = &'a dyn Fn(&str, &Loaded) -> Option<(Vec<usize>, Vec<u8>)>;
+    let copy = |name: &str, edit: Edit| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+        let kept: Vec<_> = tensors
+            .iter()
+            .filter_map(|(n, t)| {
+                edit(n, t).map(|(shape, bytes)| (n.as_str(), t.dtype, shape, bytes))
+            })
+            .collect();
+        bridgeflow_tests::save_tensors(&dir.join("model.safetensors"), &kept);
+        dir
+    };
+    const V: &str = "model.layers.1.self_attn.v_proj.weight";
+    const DOWN: &str = "model.layers.0.mlp.down_proj.weight";
+    let missing = copy("missing", &|n, t| {
+        (n != V).then(|| (t.shape.clone(), t.bytes.clone()))
+    });
+    let short = copy("short", &|n, t| {
+        if n != DOWN {
+            return Some((t.shape.clone(), t.bytes.clone()));
+        }
+        // One column fewer: every row shortened by one element.
+        let (rows, cols, width) = (
+            t.shape[0],
+            t.shape[1],
+            t.bytes.len() / (t.shape[0] * t.shape[1]),
+        );
+        let bytes = t
+            .bytes
+            .chunks(cols * width)
+            .flat_map(|r| r[..(cols - 1) * width].to_vec())
+            .collect();
+        Some((vec![rows, cols - 1], bytes))
+    });
+    let huge = copy("huge", &|_, t| Some((t.shape.clone(), t.bytes.clone())));
+    let mut cfg: Value = json(huge.join("config.json"));
+    cfg["num_hidden_layers"] = 1_000_000_000_000u64.into();
+    std::fs::write(huge.join("config.json"), cfg.to_string()).unwrap();
+    let gguf = tmp.path().join("o.gguf");
+    for to in [
+        to.clone(),
+        format!("vllm:{}", out.display()),
+        format!("gguf:{}", gguf.display()),
+    ] {
+        let t = run(&format!("hf:{}", missing.display()), &to, &[]);
+        assert!(t.contains("1 missing") && t.contains(V), "{to}: {t}");
+        let t = run(&format!("hf:{}", short.display()), &to, &[]);
+        assert!(t.contains("1 misshapen") && t.contains(DOWN), "{to}: {t}");
+        let t = run(&format!("hf:{}", huge.display()), &to, &[]);
+        assert!(
+            t.contains("'num_hidden_layers' is 1000000000000"),
+            "{to}: {t}"
+        );
+    }
+    assert!(!gguf.exists(), "a GGUF file was left behind");
+    let o = bridgeflow()
+        .arg("run")
+        .arg(bridgeflow_tests::workspace_root().join("pipelines/hf-to-vllm-fp8.toml"))
+        .args(["--set", &format!("input={}", short.display())])
+        .args(["--set", &format!("output={}", out.display())])
+        .arg("--no-progress")
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success() && text(&o).contains(DOWN),
+        "{}",
+        text(&o)
+    );
     // An option the exporter does not take.
     let t = run(&llama, &format!("vllm:{}", out.display()), &["--pp", "2"]);
     assert!(t.contains("--pp does not apply"), "{t}");

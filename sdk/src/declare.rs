@@ -73,6 +73,9 @@ pub struct Endpoint {
     pub aliases: &'static [&'static str],
     /// The tensor names the stream carries ("hf", "megatron"): when the two sides of a
     /// conversion differ, a stage declaring a [`Translation`] between them goes in between.
+    /// "hf-model" is HF names known to be a whole model of their config (every tensor there,
+    /// none extra, each its shape): what the exporters take, so that files read straight from
+    /// disk pass the models plugin's check on their way.
     pub naming: &'static str,
     /// Config keys (a JSON object) the stage gets besides `path` when convert uses it (a reader
     /// streaming layer by layer, say).

@@ -324,7 +324,7 @@ impl Sink for GgufWriter {
         "Writes one GGUF file (llama.cpp, ollama): F32/F16/BF16/Q8_0, tokenizer, atomically";
     const ENDPOINTS: &'static [Endpoint] = &[Endpoint {
         options: &["dtype", "hf_config", "overwrite"],
-        ..Endpoint::new("gguf", "hf", "a GGUF file for llama.cpp and ollama")
+        ..Endpoint::new("gguf", "hf-model", "a GGUF file for llama.cpp and ollama")
     }];
 
     fn new(cfg: GgufConfig) -> Result<Self> {

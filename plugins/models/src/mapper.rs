@@ -33,7 +33,9 @@ fn yes() -> bool {
 #[derive(serde::Deserialize, schemars::JsonSchema)]
 #[serde(crate = "bridgeflow_sdk::serde", deny_unknown_fields)]
 pub struct MapperConfig {
-    /// `to-megatron` (HF names and layouts in, Megatron out) or `to-hf`.
+    /// `to-megatron` (HF names and layouts in, Megatron out), `to-hf`, or `check-hf` (HF in,
+    /// the same HF tensors out once checked against the table and config as on import: what an
+    /// exporter fed straight from HF files gets).
     pub direction: String,
     /// The HF `config.json` (default: `config.json` in the input's `source_dir`; on export,
     /// rebuilt from the checkpoint's `run_config.yaml`).
@@ -350,9 +352,17 @@ fn without_absent_mtp(input: &StreamPlan, hf: &mut serde_json::Value) {
     }
 }
 
+/// Which way a mapper stage works.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Direction {
+    ToMegatron,
+    ToHf,
+    CheckHf,
+}
+
 pub struct Mapper {
     cfg: MapperConfig,
-    to_megatron: bool,
+    direction: Direction,
     family: Option<Family>,
     model: Option<ModelConfig>,
     /// Import: how each HF tensor becomes Megatron tensors as it arrives (the layouts' plan).
@@ -774,14 +784,7 @@ impl Mapper {
         path: &Path,
     ) -> Result<StreamPlan> {
         use crate::megatron_config::{model_section, run_config, to_yaml};
-        let what = format!(
-            "HF model {} does not fit {}",
-            input
-                .get(bridgeflow_sdk::attrs::SOURCE_DIR)
-                .map_or_else(|| "(input)".into(), |d| d.display().to_string()),
-            path.display()
-        );
-        let mut p = self.plan_to_megatron(input, what)?;
+        let mut p = self.plan_to_megatron(input, import_misfit(input, path))?;
         // Bridge's hf_model_id and tokenizer_model: the HF folder we read.
         let source = input
             .get(bridgeflow_sdk::attrs::SOURCE_DIR)
@@ -805,6 +808,29 @@ impl Mapper {
     }
 }
 
+impl Mapper {
+    /// The HF input checked as on import and passed on as it arrives, less what
+    /// `allow_unexpected` drops.
+    fn plan_check(&mut self, input: &StreamPlan, path: &Path) -> Result<StreamPlan> {
+        self.check_complete(&input.whole_tensors(), true, import_misfit(input, path))?;
+        let mut plan = input.clone();
+        plan.tensors
+            .retain(|t| !self.dropped.contains(t.base_name()));
+        Ok(plan)
+    }
+}
+
+/// How an HF input that does not fit its config is named: the folder and the config.
+fn import_misfit(input: &StreamPlan, path: &Path) -> String {
+    format!(
+        "HF model {} does not fit {}",
+        input
+            .get(bridgeflow_sdk::attrs::SOURCE_DIR)
+            .map_or_else(|| "(input)".into(), |d| d.display().to_string()),
+        path.display()
+    )
+}
+
 impl Transform for Mapper {
     type Config = MapperConfig;
     const DESCRIPTION: &'static str =
@@ -823,23 +849,38 @@ impl Transform for Mapper {
             config: r#"{"direction": "to-hf"}"#,
             options: &["hf_config"],
         },
+        // Into a checked model (what the exporters take): HF files are checked as on import;
+        // Megatron's export output is checked already.
+        bridgeflow_sdk::Translation {
+            from: "hf",
+            to: "hf-model",
+            config: r#"{"direction": "check-hf"}"#,
+            options: &[],
+        },
+        bridgeflow_sdk::Translation {
+            from: "megatron",
+            to: "hf-model",
+            config: r#"{"direction": "to-hf"}"#,
+            options: &["hf_config"],
+        },
     ];
 
     fn new(cfg: MapperConfig) -> Result<Self> {
         bridgeflow_megatron::degree::check_degree("tensor_parallel", cfg.tensor_parallel)?;
         bridgeflow_megatron::vocab::check_divisible_by(cfg.make_vocab_size_divisible_by)?;
-        let to_megatron = match cfg.direction.as_str() {
-            "to-megatron" => true,
-            "to-hf" => false,
+        let direction = match cfg.direction.as_str() {
+            "to-megatron" => Direction::ToMegatron,
+            "to-hf" => Direction::ToHf,
+            "check-hf" => Direction::CheckHf,
             d => {
                 return Err(PluginError::config(format!(
-                    "direction '{d}': expected to-megatron or to-hf"
+                    "direction '{d}': expected to-megatron, to-hf or check-hf"
                 )))
             }
         };
         Ok(Mapper {
             cfg,
-            to_megatron,
+            direction,
             family: None,
             model: None,
             routes: Routes::default(),
@@ -851,20 +892,40 @@ impl Transform for Mapper {
     fn plan(&mut self, inputs: &[StreamPlan]) -> Result<StreamPlan> {
         let input = &inputs[0];
         let (mut hf, path, derived, tables) = self.hf_config(input)?;
-        if self.to_megatron {
+        if self.direction != Direction::ToHf {
             as_arriving(input, &mut hf);
         } else {
             without_absent_mtp(input, &mut hf);
         }
         let text = crate::megatron_config::text_view(&hf);
         let model = model_config_from(&text, &path)?;
-        let mut family = families::find(&model.architecture, &tables)
-            .map_err(|e| PluginError::unsupported(format!("{}: {}", path.display(), e.message)))?;
+        let mut family = match families::find(&model.architecture, &tables) {
+            Ok(f) => f,
+            // An exporter that knows the architecture when no table does (TensorRT-LLM's
+            // Qwen2-MoE): its own names are checked, these are not — said, not silent.
+            Err(e) if self.direction == Direction::CheckHf => {
+                eprintln!(
+                    "note: {}: {}; the HF tensors go to the exporter unchecked against the config",
+                    path.display(),
+                    e.message
+                );
+                return Ok(input.clone());
+            }
+            Err(e) => {
+                return Err(PluginError::unsupported(format!(
+                    "{}: {}",
+                    path.display(),
+                    e.message
+                )))
+            }
+        };
         family.add_verbatim(input.tensors.iter().map(|t| t.base_name()));
         self.model = Some(model);
         self.family = Some(family);
-        if self.to_megatron {
-            return self.plan_import(input, &hf, &text, &path);
+        match self.direction {
+            Direction::ToMegatron => return self.plan_import(input, &hf, &text, &path),
+            Direction::CheckHf => return self.plan_check(input, &path),
+            Direction::ToHf => {}
         }
         let what = format!(
             "Megatron checkpoint {} does not fit {}",
@@ -885,8 +946,11 @@ impl Transform for Mapper {
 
     fn process(&mut self, _port: usize, item: Item, out: &mut Emitter) -> Result<()> {
         let t = item.into_tensor()?;
-        if self.to_megatron {
-            return self.process_to_megatron(t, out);
+        match self.direction {
+            Direction::ToMegatron => return self.process_to_megatron(t, out),
+            Direction::CheckHf if self.dropped.contains(t.info.base_name()) => return Ok(()),
+            Direction::CheckHf => return out.tensor(t),
+            Direction::ToHf => {}
         }
         if self.model().mtp == 0 || self.family().mtp_shared.is_empty() {
             return self.process_to_hf(t, out);

@@ -167,7 +167,7 @@ impl Target for Trtllm {
         through: "hf",
         ..Endpoint::new(
             "trtllm",
-            "hf",
+            "hf-model",
             "a TensorRT-LLM unified checkpoint (config.json + rank{N}.safetensors, for trtllm-build)",
         )
     }];
@@ -261,7 +261,7 @@ impl Target for Vllm {
         through: "hf",
         ..Endpoint::new(
             "vllm",
-            "hf",
+            "hf-model",
             "vLLM sharded_state files (model-rank-{r}-part-{p}.safetensors + config and tokenizer; load_format=\"sharded_state\")",
         )
     }];
