@@ -688,6 +688,20 @@ impl Dims {
 }
 
 impl Attention {
+    fn check_starts(&self, dm: Dims) -> Result<()> {
+        if self
+            .starts
+            .as_ref()
+            .is_some_and(|st| st.len() != dm.b * dm.s)
+        {
+            return Err(fail(
+                "fused-attention",
+                "sub-sequence starts for another batch",
+            ));
+        }
+        Ok(())
+    }
+
     fn start(&self, b: usize, s: usize, i: usize) -> usize {
         self.starts.as_ref().map_or(0, |st| st[b * s + i] as usize)
     }
@@ -732,13 +746,7 @@ impl candle_core::CustomOp3 for Attention {
             f32s(self.name(), ks, kl)?,
             f32s(self.name(), vs, vl)?,
         );
-        if self
-            .starts
-            .as_ref()
-            .is_some_and(|st| st.len() != dm.b * dm.s)
-        {
-            return Err(fail(self.name(), "sub-sequence starts for another batch"));
-        }
+        self.check_starts(dm)?;
         let (rows, s, d) = (dm.rows(), dm.s, dm.d);
         let mut out = vec![0f32; q.len()];
         let mut probs = vec![0f32; dm.b * dm.heads * s * s];
@@ -746,13 +754,20 @@ impl candle_core::CustomOp3 for Attention {
             .zip(probs.par_chunks_mut(rows * s))
             .enumerate()
             .for_each(|(task, (o, p))| {
-                let bi = task / dm.groups;
                 let qg = &q[task * rows * d..(task + 1) * rows * d];
                 let kg = &k[task * s * d..(task + 1) * s * d];
                 let vg = &v[task * s * d..(task + 1) * s * d];
-                matmul(rows, s, d, m(qg), mt(kg), p, self.scale);
-                self.softmax_rows(p, bi, dm);
-                matmul(rows, d, s, m(p), m(vg), o, 1.0);
+                self.forward_task(
+                    dm,
+                    task / dm.groups,
+                    Group {
+                        q: qg,
+                        k: kg,
+                        v: vg,
+                    },
+                    p,
+                    o,
+                );
             });
         *self
             .probs
@@ -821,22 +836,318 @@ impl Attention {
                 let (qg, gg) = (&t.q[qr.clone()], &t.g[qr]);
                 let (kg, vg) = (&t.k[kv.clone()], &t.v[kv]);
                 let p = &t.p[task * rows * s..(task + 1) * rows * s];
-                matmul(s, d, rows, mt(p), m(gg), dv, 1.0);
-                let mut ds = vec![0f32; rows * s];
-                matmul(rows, s, d, m(gg), mt(vg), &mut ds, 1.0);
-                for r in 0..rows {
-                    let (pr, dr) = (&p[r * s..(r + 1) * s], &mut ds[r * s..(r + 1) * s]);
-                    // Σ P∘dP, as softmax's backward sums it (equal to Σ dO∘O, but rounded
-                    // like the reference's).
-                    let delta: f32 = pr.iter().zip(dr.iter()).map(|(p, g)| p * g).sum();
-                    for (x, &pv) in dr.iter_mut().zip(pr) {
-                        *x = pv * (*x - delta) * self.scale;
-                    }
-                }
-                matmul(rows, d, s, m(&ds), m(kg), dq, 1.0);
-                matmul(s, d, rows, mt(&ds), m(qg), dk, 1.0);
+                let group = Group {
+                    q: qg,
+                    k: kg,
+                    v: vg,
+                };
+                self.backward_task(dm, group, gg, p, (dq, dk, dv));
             });
         (dq, dk, dv)
+    }
+
+    /// One (sample, group): `p` = softmax(scale · Q·Kᵀ) over each query's keys, `o` = P·V.
+    fn forward_task(&self, dm: Dims, sample: usize, g: Group, p: &mut [f32], o: &mut [f32]) {
+        let (rows, s, d) = (dm.rows(), dm.s, dm.d);
+        matmul(rows, s, d, m(g.q), mt(g.k), p, self.scale);
+        self.softmax_rows(p, sample, dm);
+        matmul(rows, d, s, m(p), m(g.v), o, 1.0);
+    }
+
+    /// One (sample, group) of the backward pass from its output gradient `gg` and kept `p`.
+    fn backward_task(
+        &self,
+        dm: Dims,
+        g: Group,
+        gg: &[f32],
+        p: &[f32],
+        (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+    ) {
+        let (rows, s, d) = (dm.rows(), dm.s, dm.d);
+        matmul(s, d, rows, mt(p), m(gg), dv, 1.0);
+        let mut ds = vec![0f32; rows * s];
+        matmul(rows, s, d, m(gg), mt(g.v), &mut ds, 1.0);
+        for r in 0..rows {
+            let (pr, dr) = (&p[r * s..(r + 1) * s], &mut ds[r * s..(r + 1) * s]);
+            // Σ P∘dP, as softmax's backward sums it (equal to Σ dO∘O, but rounded like the
+            // reference's).
+            let delta: f32 = pr.iter().zip(dr.iter()).map(|(p, g)| p * g).sum();
+            for (x, &pv) in dr.iter_mut().zip(pr) {
+                *x = pv * (*x - delta) * self.scale;
+            }
+        }
+        matmul(rows, d, s, m(&ds), m(g.k), dq, 1.0);
+        matmul(s, d, rows, mt(&ds), m(g.q), dk, 1.0);
+    }
+}
+
+/// One (sample, group)'s queries `[heads/groups · s, d]`, keys and values `[s, d]`.
+#[derive(Clone, Copy)]
+struct Group<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+}
+
+/// How `linear_qkv`'s output rows are laid out: per query group, its `per_group` query heads,
+/// then one key and one value head, each `d` wide (megatron-core's interleaved QKV).
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    pub groups: usize,
+    pub per_group: usize,
+    pub d: usize,
+}
+
+impl Heads {
+    fn width(&self) -> usize {
+        self.groups * (self.per_group + 2) * self.d
+    }
+    fn query_width(&self) -> usize {
+        self.groups * self.per_group * self.d
+    }
+}
+
+/// Attention straight from `linear_qkv`'s output `[b, s, groups·(per_group + 2)·d]` to
+/// `linear_proj`'s input `[b, s, heads·d]`, RoPE applied to queries and keys inside (HF's
+/// `x·cos + rotate_half(x)·sin`, rounded as that composition rounds). Composed, the split into
+/// heads, the two rotations and the transposes back are some thirty candle ops a layer, each a
+/// fresh buffer forward and a zero-filled gradient buffer back; fused, one buffer each way.
+/// Models with q/k norms (between the split and RoPE) keep the split path.
+pub struct QkvAttention {
+    attn: Attention,
+    heads: Heads,
+    /// RoPE tables, `[s, d]` (every sample) or `[b, 1, s, d]` (per sample, packed rows).
+    cos: Tensor,
+    sin: Tensor,
+}
+
+pub fn qkv_attention(
+    qkv: &Tensor,
+    heads: Heads,
+    (cos, sin): (&Tensor, &Tensor),
+    scale: f64,
+    starts: Option<Arc<Vec<u32>>>,
+) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1(QkvAttention {
+        attn: Attention {
+            scale: scale as f32,
+            starts,
+            probs: Mutex::new(Vec::new()),
+        },
+        heads,
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+    })
+}
+
+/// `x·cos + rotate_half(x)·sin` of one head row (`rotate_half(x)` = `[−x₂, x₁]`).
+fn rope_row(dst: &mut [f32], x: &[f32], c: &[f32], sn: &[f32]) {
+    let half = x.len() / 2;
+    for j in 0..x.len() {
+        let rotated = if j < half { -x[j + half] } else { x[j - half] };
+        dst[j] = x[j] * c[j] + rotated * sn[j];
+    }
+}
+
+/// RoPE's backward for one row: `g·cos + rotate_halfᵀ(g·sin)` (`rotate_halfᵀ(u)` = `[u₂, −u₁]`).
+fn unrope_row(dst: &mut [f32], g: &[f32], c: &[f32], sn: &[f32]) {
+    let half = g.len() / 2;
+    for j in 0..g.len() {
+        let rotated = if j < half {
+            g[j + half] * sn[j + half]
+        } else {
+            -(g[j - half] * sn[j - half])
+        };
+        dst[j] = g[j] * c[j] + rotated;
+    }
+}
+
+/// One (sample, group)'s roped queries and keys and its values, gathered from `linear_qkv`'s
+/// output.
+struct Gathered {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl QkvAttention {
+    fn dims(&self, x: &Shape) -> Result<Dims> {
+        let (b, s, width) = x.dims3()?;
+        let h = self.heads;
+        let table = self.cos.elem_count();
+        let tables_fit =
+            self.cos.shape() == self.sin.shape() && (table == s * h.d || table == b * s * h.d);
+        if width != h.width() || h.d % 2 != 0 || h.groups == 0 || !tables_fit {
+            return Err(fail(
+                "fused-qkv-attention",
+                format!(
+                    "qkv {x:?} against {h:?} and RoPE tables {:?}",
+                    self.cos.shape()
+                ),
+            ));
+        }
+        Ok(Dims {
+            b,
+            heads: h.groups * h.per_group,
+            groups: h.groups,
+            s,
+            d: h.d,
+        })
+    }
+
+    /// The RoPE table row of position `i` of sample `bi`.
+    fn table<'t>(&self, t: &'t [f32], dm: Dims, bi: usize, i: usize) -> &'t [f32] {
+        let row = if t.len() == dm.s * dm.d {
+            i
+        } else {
+            bi * dm.s + i
+        };
+        &t[row * dm.d..(row + 1) * dm.d]
+    }
+
+    /// Offset in `qkv` of head `head` (0.. per_group: queries, then key, value) of group `gi`
+    /// at token `bi · s + i`.
+    fn at(&self, dm: Dims, bi: usize, i: usize, gi: usize, head: usize) -> usize {
+        let h = self.heads;
+        (bi * dm.s + i) * h.width() + (gi * (h.per_group + 2) + head) * h.d
+    }
+
+    fn gather(&self, qkv: &[f32], (c, sn): (&[f32], &[f32]), dm: Dims, task: usize) -> Gathered {
+        let (bi, gi, s, d, hpg) = (
+            task / dm.groups,
+            task % dm.groups,
+            dm.s,
+            dm.d,
+            self.heads.per_group,
+        );
+        let mut g = Gathered {
+            q: vec![0f32; hpg * s * d],
+            k: vec![0f32; s * d],
+            v: vec![0f32; s * d],
+        };
+        for i in 0..s {
+            let (ci, si) = (self.table(c, dm, bi, i), self.table(sn, dm, bi, i));
+            for h in 0..hpg {
+                let x = &qkv[self.at(dm, bi, i, gi, h)..][..d];
+                rope_row(&mut g.q[(h * s + i) * d..][..d], x, ci, si);
+            }
+            let k = &qkv[self.at(dm, bi, i, gi, hpg)..][..d];
+            rope_row(&mut g.k[i * d..][..d], k, ci, si);
+            let v = &qkv[self.at(dm, bi, i, gi, hpg + 1)..][..d];
+            g.v[i * d..][..d].copy_from_slice(v);
+        }
+        g
+    }
+}
+
+impl candle_core::CustomOp1 for QkvAttention {
+    fn name(&self) -> &'static str {
+        "fused-qkv-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dm = self.dims(l.shape())?;
+        let qkv = f32s(self.name(), s, l)?;
+        self.attn.check_starts(dm)?;
+        views!(self.name(); c = &self.cos, sn = &self.sin);
+        let (rows, sq, d, hpg) = (dm.rows(), dm.s, dm.d, self.heads.per_group);
+        let mut probs = vec![0f32; dm.b * dm.heads * sq * sq];
+        let outs: Vec<Vec<f32>> = probs
+            .par_chunks_mut(rows * sq)
+            .enumerate()
+            .map(|(task, p)| {
+                let g = self.gather(qkv, (c, sn), dm, task);
+                let mut o = vec![0f32; rows * d];
+                let group = Group {
+                    q: &g.q,
+                    k: &g.k,
+                    v: &g.v,
+                };
+                self.attn
+                    .forward_task(dm, task / dm.groups, group, p, &mut o);
+                o
+            })
+            .collect();
+        // [b, s, heads·d]: head gi·per_group + h of token (bi, i) from its task's row h·s + i.
+        let width = self.heads.query_width();
+        let mut out = vec![0f32; dm.b * sq * width];
+        out.par_chunks_mut(width).enumerate().for_each(|(t, row)| {
+            let (bi, i) = (t / sq, t % sq);
+            for gi in 0..dm.groups {
+                let o = &outs[bi * dm.groups + gi];
+                for h in 0..hpg {
+                    row[(gi * hpg + h) * d..][..d].copy_from_slice(&o[(h * sq + i) * d..][..d]);
+                }
+            }
+        });
+        *self
+            .attn
+            .probs
+            .lock()
+            .map_err(|_| fail(self.name(), "poisoned"))? = probs;
+        Ok((CpuStorage::F32(out), Shape::from((dm.b, sq, width))))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dm = self.dims(x.shape())?;
+        let probs = self
+            .attn
+            .probs
+            .lock()
+            .map_err(|_| fail(self.name(), "poisoned"))?;
+        if probs.len() != dm.b * dm.heads * dm.s * dm.s {
+            return Err(fail(self.name(), "backward without its forward pass"));
+        }
+        views!(self.name(); qkv = x, gv = grad, c = &self.cos, sn = &self.sin);
+        let (rows, sq, d, hpg) = (dm.rows(), dm.s, dm.d, self.heads.per_group);
+        let width = self.heads.query_width();
+        // Per task: (dQ, dK) with RoPE undone, and dV.
+        let grads: Vec<Gathered> = (0..dm.b * dm.groups)
+            .into_par_iter()
+            .map(|task| {
+                let (bi, gi) = (task / dm.groups, task % dm.groups);
+                let g = self.gather(qkv, (c, sn), dm, task);
+                let mut gg = vec![0f32; rows * d];
+                for h in 0..hpg {
+                    for i in 0..sq {
+                        let from = (bi * sq + i) * width + (gi * hpg + h) * d;
+                        gg[(h * sq + i) * d..][..d].copy_from_slice(&gv[from..from + d]);
+                    }
+                }
+                let mut dg = Gathered {
+                    q: vec![0f32; rows * d],
+                    k: vec![0f32; sq * d],
+                    v: vec![0f32; sq * d],
+                };
+                let p = &probs[task * rows * sq..(task + 1) * rows * sq];
+                let group = Group {
+                    q: &g.q,
+                    k: &g.k,
+                    v: &g.v,
+                };
+                self.attn
+                    .backward_task(dm, group, &gg, p, (&mut dg.q, &mut dg.k, &mut dg.v));
+                dg
+            })
+            .collect();
+        let mut dqkv = vec![0f32; qkv.len()];
+        dqkv.par_chunks_mut(self.heads.width())
+            .enumerate()
+            .for_each(|(t, row)| {
+                let (bi, i) = (t / sq, t % sq);
+                let (ci, si) = (self.table(c, dm, bi, i), self.table(sn, dm, bi, i));
+                for gi in 0..dm.groups {
+                    let g = &grads[bi * dm.groups + gi];
+                    let base = gi * (hpg + 2) * d;
+                    for h in 0..hpg {
+                        let from = &g.q[(h * sq + i) * d..][..d];
+                        unrope_row(&mut row[base + h * d..][..d], from, ci, si);
+                    }
+                    unrope_row(&mut row[base + hpg * d..][..d], &g.k[i * d..][..d], ci, si);
+                    row[base + (hpg + 1) * d..][..d].copy_from_slice(&g.v[i * d..][..d]);
+                }
+            });
+        Ok(Some(tensor(dqkv, x.shape())?))
     }
 }
 
@@ -953,6 +1264,99 @@ mod tests {
                 &inputs,
                 |t| attention(&t[0], &t[1], &t[2], 1.0 / (d as f64).sqrt(), st0.clone()).unwrap(),
                 |t| reference_attention(t, heads / groups, &want_starts),
+            );
+        }
+    }
+
+    /// RoPE tables of `rows` positions (`[rows, d]`), as `Positions` builds them.
+    fn tables(positions: &[u32], d: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut cos = Vec::new();
+        let mut sin = Vec::new();
+        for &p in positions {
+            for j in 0..d {
+                let a = p as f32 / 10000f32.powf(2.0 * (j % (d / 2)) as f32 / d as f32);
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        (cos, sin)
+    }
+
+    /// Split into heads, RoPE on queries and keys, attention, heads back together: the ops
+    /// `Gpt::attention` composes when the fused op does not apply.
+    fn composed_qkv_attention(
+        qkv: &Tensor,
+        (g, hpg, d): (usize, usize, usize),
+        (cos, sin): (&Tensor, &Tensor),
+        starts: &[u32],
+    ) -> Tensor {
+        let (b, s, _) = qkv.dims3().unwrap();
+        let x = qkv.reshape((b, s, g, hpg + 2, d)).unwrap();
+        let rope = |t: Tensor| {
+            let t = t.contiguous().unwrap();
+            let x1 = t.narrow(D::Minus1, 0, d / 2).unwrap();
+            let x2 = t.narrow(D::Minus1, d / 2, d / 2).unwrap();
+            let rot = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+            (t.broadcast_mul(cos).unwrap() + rot.broadcast_mul(sin).unwrap()).unwrap()
+        };
+        let q = x
+            .narrow(3, 0, hpg)
+            .unwrap()
+            .reshape((b, s, g * hpg, d))
+            .unwrap();
+        let q = rope(q.transpose(1, 2).unwrap());
+        let k = rope(
+            x.narrow(3, hpg, 1)
+                .unwrap()
+                .squeeze(3)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap(),
+        );
+        let v = x
+            .narrow(3, hpg + 1, 1)
+            .unwrap()
+            .squeeze(3)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        let ctx = reference_attention(&[q, k, v.contiguous().unwrap()], hpg, starts);
+        ctx.transpose(1, 2)
+            .unwrap()
+            .reshape((b, s, g * hpg * d))
+            .unwrap()
+    }
+
+    #[test]
+    fn qkv_attention_equals_split_rope_and_attention() {
+        let (b, g, hpg, s, d) = (2, 2, 3, 7, 8);
+        let dev = Device::Cpu;
+        // Causal with one table for every sample, and packed ([0, 3) [3, 7) in sample 1) with
+        // positions restarting per sub-sequence.
+        let shared = tables(&(0..s as u32).collect::<Vec<_>>(), d);
+        let per_sample: Vec<u32> = (0..s as u32).chain([0, 1, 2, 0, 1, 2, 3]).collect();
+        let packed = tables(&per_sample, d);
+        let starts: Vec<u32> = [0u32; 7].into_iter().chain([0, 0, 0, 3, 3, 3, 3]).collect();
+        let cases = [
+            (shared, vec![s, d], vec![]),
+            (packed, vec![b, 1, s, d], starts),
+        ];
+        for ((cos, sin), shape, starts) in cases {
+            let cos = Tensor::from_vec(cos, shape.as_slice(), &dev).unwrap();
+            let sin = Tensor::from_vec(sin, shape.as_slice(), &dev).unwrap();
+            let st = (!starts.is_empty()).then(|| Arc::new(starts.clone()));
+            let heads = Heads {
+                groups: g,
+                per_group: hpg,
+                d,
+            };
+            agree(
+                &[var(&[b, s, g * (hpg + 2) * d], 9)],
+                |t| {
+                    let scale = 1.0 / (d as f64).sqrt();
+                    qkv_attention(&t[0], heads, (&cos, &sin), scale, st.clone()).unwrap()
+                },
+                |t| composed_qkv_attention(&t[0], (g, hpg, d), (&cos, &sin), &starts),
             );
         }
     }

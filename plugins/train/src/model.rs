@@ -545,6 +545,17 @@ impl Gpt<'_> {
         if c.qkv_bias {
             qkv = qkv.broadcast_add(&self.layer_p(l, "self_attention.linear_qkv.bias")?)?;
         }
+        if kernels::applies(&qkv) && !c.qk_layernorm {
+            let heads = kernels::Heads {
+                groups: g,
+                per_group: hpg,
+                d,
+            };
+            let scale = 1.0 / (d as f64).sqrt();
+            let tables = (&pos.cos, &pos.sin);
+            let ctx = kernels::qkv_attention(&qkv, heads, tables, scale, pos.starts.clone())?;
+            return self.proj(l, "self_attention.linear_proj", &ctx);
+        }
         let qkv = qkv.reshape((b, s, g, hpg + 2, d))?;
         // [b, s, g, hpg, d] → [b, heads, s, d]; k, v: [b, g, s, d].
         let q = qkv
