@@ -341,11 +341,12 @@ fn cmd_clean(path: &std::path::Path) -> ExitCode {
 /// every step faulted in its whole working set again as zeroed pages: 330k page faults and
 /// about a quarter of the step in the kernel on the 32M-parameter benchmark model. One arena
 /// (the main one, which grows with brk), no mappings and no trimming keep the freed buffers
-/// for the next step: +18 % tokens/s and a lower peak RSS there, since the live set, not the
+/// for the next step (a stage cannot do this itself: the arenas exist by the time it runs): +18 % tokens/s and a lower peak RSS there, since the live set, not the
 /// allocator's history, is what a step needs. Called before the runtime starts its threads;
 /// conversions keep main's policy (every large buffer returned when dropped).
 fn allocate_for_training() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_MMAP_MAX, 0);

@@ -406,7 +406,6 @@ impl TrainStage {
         }
         self.trainer = Some(trainer);
         self.weights = Some(Assembler::default());
-        keep_freed_memory();
         self.started = Some(Instant::now());
         if let Some(path) = &self.cfg.metrics_file {
             std::fs::File::create(path).map_err(|e| PluginError::io(path, "cannot create", e))?;
@@ -753,16 +752,3 @@ fn metrics_row(s: &Step) -> Result<RecordBatch> {
     .map_err(|e| PluginError::internal(e.to_string()))
 }
 
-/// Every op of a training step allocates its result, megabytes at a time; glibc hands blocks
-/// above its mmap threshold (at most 32 MiB) back to the kernel when they are freed, so the
-/// next step faults each page in again, zeroed — a fifth of the step's time in the profile of
-/// the 32M-parameter benchmark model. Keeping freed memory in the heap for reuse trades that
-/// for a resident set that stays at the step's peak, which training reaches anyway.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tunables; called before the step's threads run.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
