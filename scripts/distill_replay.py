@@ -24,6 +24,12 @@ losses; "t1" and "inter" also 5 iterations of training):
   t2_lm  T=2, lm + 0.5 * kd
   top8   T=1, top-8 logits
   inter  T=1, lm + kd with [final_layernorm, final_layernorm, cosine], [layers.0, layers.1, mse]
+  proj   as inter, with a narrower student (hidden 32: DIR/distill_student_narrow/), so that
+         the student's hidden states go through ModelOpt's shared projection (nn.Linear(32, 64),
+         weight normal(0, 0.02), bias 0 as ProjectionLayer._init_weights, drawn here with a
+         fixed seed and written to DIR/distill_projection.safetensors), trained with the
+         student: its gradients are in distill_grads_proj.safetensors as
+         distill.projection.weight / .bias
 """
 import argparse
 import json
@@ -45,14 +51,17 @@ CASES = {
                   pairs=[["decoder.final_layernorm", "decoder.final_layernorm", "cosine"],
                          ["decoder.layers.0", "decoder.layers.1", "mse"]]),
 }
+CASES["proj"] = dict(CASES["inter"], student="narrow")
 STUDENT = dict(num_hidden_layers=1, intermediate_size=64)
+NARROW = dict(STUDENT, hidden_size=32)
+PROJECTION_SEED = 2468
 
 
-def make_student(teacher_dir, out_dir, seed=4321):
+def make_student(teacher_dir, out_dir, overrides=STUDENT, seed=4321):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = json.loads((Path(teacher_dir) / "config.json").read_text())
-    cfg.update(STUDENT)
+    cfg.update(overrides)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.float32)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +87,19 @@ class Hooks:
             module_at(model, n).register_forward_hook(keep)
 
 
-def losses_for(case, model_config):
+def make_projection(student_dir, teacher_dir):
+    """ModelOpt's ProjectionLayer for the two hidden sizes: nn.Linear, init_method on the weight
+    (normal(0, init_method_std = 0.02)), bias zero."""
+    h = lambda d: json.loads((Path(d) / "config.json").read_text())["hidden_size"]  # noqa: E731
+    torch.manual_seed(PROJECTION_SEED)
+    proj = torch.nn.Linear(h(student_dir), h(teacher_dir))
+    with torch.no_grad():
+        torch.nn.init.normal_(proj.weight, 0.0, 0.02)
+        proj.bias.zero_()
+    return proj
+
+
+def losses_for(case, model_config, projection=None):
     from modelopt.torch.distill.plugins.megatron import (
         HiddenStateCosineLoss, LogitsKLLoss, MSELoss, TopKLogitsKLLoss)
 
@@ -86,8 +107,8 @@ def losses_for(case, model_config):
         logits = TopKLogitsKLLoss(model_config, temperature=case["temperature"], top_k=case["topk"])
     else:
         logits = LogitsKLLoss(model_config, temperature=case["temperature"])
-    inter = [(s, t, (HiddenStateCosineLoss if f == "cosine" else MSELoss)(model_config))
-             for s, t, f in case["pairs"]]
+    inter = [(s, t, (HiddenStateCosineLoss if f == "cosine" else MSELoss)(
+        model_config, projection_layer=projection)) for s, t, f in case["pairs"]]
     return logits, inter
 
 
@@ -145,17 +166,23 @@ def to_megatron(named, cfg):
     return {n: t.detach().clone().contiguous() for n, t in out.items()}
 
 
-def run(a, case, student_dir, tokens, mask, iters):
-    """`iters` iterations of case; returns (records, gradients of iteration 1 in Megatron names)."""
+def run(a, case, student_dir, tokens, mask, iters, projection=None):
+    """`iters` iterations of case; returns (records, gradients of iteration 1 in Megatron names).
+    A projection trains with the student (in its optimizer and its gradient norm, as the
+    distillation model's parameters in megatron-core)."""
     student = tr.load_model(str(student_dir), a.attn)
+    trained = torch.nn.ModuleDict({"student": student})
+    if projection is not None:
+        trained["projection"] = projection
     teacher = tr.load_model(a.model, a.attn)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     Hooks.current = (Hooks(student, [s for s, _, _ in case["pairs"]]),
                      Hooks(teacher, [t for _, t, _ in case["pairs"]]))
-    crit = losses_for(case, SimpleNamespace(tensor_model_parallel_size=1, sequence_parallel=False))
-    opt = torch.optim.AdamW(tr.param_groups(student, a.weight_decay), lr=0.0, betas=(a.beta1, a.beta2),
+    crit = losses_for(case, SimpleNamespace(tensor_model_parallel_size=1, sequence_parallel=False),
+                      projection)
+    opt = torch.optim.AdamW(tr.param_groups(trained, a.weight_decay), lr=0.0, betas=(a.beta1, a.beta2),
                             eps=a.eps, foreach=False)
     nmb = a.gbs // a.mbs
     scfg = json.loads((student_dir / "config.json").read_text())
@@ -173,7 +200,10 @@ def run(a, case, student_dir, tokens, mask, iters):
             sums["n"] += n.item()
         if k == 1:
             grads1 = to_megatron({n: p.grad for n, p in student.named_parameters()}, scfg)
-        norm, _ = tr.grad_norm_and_clip(student, a.clip_grad)
+            if projection is not None:
+                grads1["distill.projection.weight"] = projection.weight.grad.detach().clone()
+                grads1["distill.projection.bias"] = projection.bias.grad.detach().clone()
+        norm, _ = tr.grad_norm_and_clip(trained, a.clip_grad)
         lr = tr.get_lr(a, (k - 1) * a.gbs)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -197,16 +227,25 @@ def main():
     tr.setup_torch(a.threads)
     from safetensors.torch import save_file
 
-    student_dir = make_student(a.model, out / "distill_student")
+    students = {None: make_student(a.model, out / "distill_student"),
+                "narrow": make_student(a.model, out / "distill_student_narrow", NARROW)}
     tokens, mask = tr.get_batches(a, 256, args.iters)
     expected = {"generated_by": "scripts/distill_replay.py " + " ".join(sys.argv[1:]),
                 "versions": {**tr.versions(), "modelopt": __import__("modelopt").__version__},
-                "settings": {**tr.settings_dict(a, "default", args.iters), "student": STUDENT},
+                "settings": {**tr.settings_dict(a, "default", args.iters), "student": STUDENT,
+                             "narrow_student": NARROW, "projection_seed": PROJECTION_SEED},
                 "cases": {}}
     for name, case in CASES.items():
         print(f"case {name}: {case}")
-        iters = args.iters if name in ("t1", "inter") else 1
-        recs, grads = run(a, case, student_dir, tokens, mask, iters)
+        iters = args.iters if name in ("t1", "inter", "proj") else 1
+        student_dir = students[case.get("student")]
+        projection = None
+        if case.get("student"):
+            projection = make_projection(student_dir, a.model)
+            save_file({"distill.projection.weight": projection.weight.detach().clone(),
+                       "distill.projection.bias": projection.bias.detach().clone()},
+                      str(out / "distill_projection.safetensors"))
+        recs, grads = run(a, case, student_dir, tokens, mask, iters, projection)
         save_file(grads, str(out / f"distill_grads_{name}.safetensors"))
         expected["cases"][name] = {"config": case, "iterations": recs}
     (out / "expected_distill.json").write_text(json.dumps(expected, indent=1) + "\n")

@@ -371,7 +371,9 @@ fn hf_model(
     let dev = candle_core::Device::Cpu;
     let hf = load_tensors(&dir.join("model.safetensors"));
     let w = |n: &str| f32s(&hf[n].bytes);
-    let h = 64;
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let h = config["hidden_size"].as_u64().unwrap() as usize;
     let model = GptConfig {
         num_layers: layers,
         hidden_size: h,
@@ -1451,13 +1453,31 @@ fn expected_distill() -> serde_json::Value {
         .unwrap()
 }
 
-/// Our `distill` settings for one of the replay's cases.
+/// Our `distill` settings for one of the replay's cases (with a narrow student, its
+/// projection starting where the replay's did).
 fn distill_settings(case: &serde_json::Value) -> serde_json::Value {
+    let projection = case["student"]
+        .is_string()
+        .then(|| projection_file().display().to_string());
     serde_json::json!({
         "temperature": case["temperature"], "topk": case["topk"],
         "skip_lm_loss": case["skip_lm_loss"], "kd_loss_scale": case["kd_loss_scale"],
-        "intermediate_layer_pairs": case["pairs"],
+        "intermediate_layer_pairs": case["pairs"], "projection_from": projection,
     })
+}
+
+/// The replay's student for a case: one layer, ffn 64, the teacher's hidden size or (case
+/// `proj`) half of it.
+fn distill_student(case: &serde_json::Value) -> PathBuf {
+    match case["student"].as_str() {
+        Some("narrow") => train_fixtures().join("distill_student_narrow"),
+        _ => train_fixtures().join("distill_student"),
+    }
+}
+
+/// ModelOpt's projection (student hidden 32 → teacher hidden 64) as the replay started it.
+fn projection_file() -> PathBuf {
+    train_fixtures().join("distill_projection.safetensors")
 }
 
 /// Distillation's first-batch gradients against ModelOpt's own losses and balancer replayed in
@@ -1484,7 +1504,15 @@ fn distillation_gradients_equal_modelopt() {
         .collect();
     let want = expected_distill();
     for (name, case) in want["cases"].as_object().unwrap() {
-        let (model, params) = hf_model(&train_fixtures().join("distill_student"), 1, 64);
+        let (model, mut params) = hf_model(&distill_student(&case["config"]), 1, 64);
+        if case["config"]["student"].is_string() {
+            for (name, t) in load_tensors(&projection_file()) {
+                let shape = t.shape.iter().map(|&d| d as usize).collect();
+                let dev = candle_core::Device::Cpu;
+                let f32_ = bridgeflow_sdk::DType::F32;
+                params.insert(&name, shape, f32_, f32s(&t.bytes), &dev).unwrap();
+            }
+        }
         let cfg: TrainConfig = serde_json::from_value(serde_json::json!({
             "seq_length": 32, "global_batch_size": 4, "micro_batch_size": 2, "train_iters": 1,
             "lr": 1e-3, "distill": distill_settings(&case["config"]),
@@ -1545,11 +1573,12 @@ fn distillation_follows_modelopt_for_five_iterations() {
     let dir = tempdir();
     let data = dir.path().join("samples.parquet");
     write_samples(&data, 5);
-    for name in ["t1", "inter"] {
+    for name in ["t1", "inter", "proj"] {
         let case = &want["cases"][name];
         let out = dir.path().join(name);
         let settings = distill_settings(&case["config"]);
-        let text = distill_pipeline(&data, &out, &toml_inline(&settings));
+        let student = distill_student(&case["config"]);
+        let text = distill_pipeline_for(&student, &data, &out, &toml_inline(&settings));
         let r = run_text(dir.path(), &text, &[], 1 << 30).unwrap();
         let m = &r.stages.iter().find(|s| s.name == "train").unwrap().metrics;
         for (k, it) in case["iterations"].as_array().unwrap().iter().enumerate() {
@@ -1568,14 +1597,18 @@ fn distillation_follows_modelopt_for_five_iterations() {
                 );
             }
         }
-        assert_eq!(load_tensors(&out).len(), 12, "the student's 12 tensors out");
+        let names: Vec<String> = load_tensors(&out).into_keys().collect();
+        assert_eq!(names.len(), 12, "the student's 12 tensors out, no projection: {names:?}");
     }
 }
 
 /// A distillation run's wiring: student (the replay's) and teacher (the fixture) from HF, the
 /// samples as held-out data too (evaluation off).
 fn distill_pipeline(data: &Path, out: &Path, distill: &str) -> String {
-    let student = train_fixtures().join("distill_student");
+    distill_pipeline_for(&train_fixtures().join("distill_student"), data, out, distill)
+}
+
+fn distill_pipeline_for(student: &Path, data: &Path, out: &Path, distill: &str) -> String {
     pipeline(data, out, 5, false)
         .replace(
             &format!("path = \"{}\" }}\n\n[stages.map]", fixtures().join("hf/llama").display()),
@@ -1624,7 +1657,8 @@ fn toml_inline(v: &serde_json::Value) -> String {
 }
 
 /// Mis-wired distillation is named before any data flows: settings without a teacher, a
-/// teacher without settings, a pair naming a layer the student lacks, a vocabulary mismatch.
+/// teacher without settings, a pair naming a layer the student lacks, a vocabulary mismatch, a
+/// projection given where the hidden sizes match.
 #[test]
 fn distillation_miswiring_is_named() {
     let dir = tempdir();
@@ -1651,6 +1685,13 @@ fn distillation_miswiring_is_named() {
         (
             text.replace("{ temperature = 1.0 }", "{ temperature = 0.0 }"),
             "temperature is 0",
+        ),
+        (
+            text.replace(
+                "{ temperature = 1.0 }",
+                &format!("{{ projection_from = {:?} }}", projection_file().display().to_string()),
+            ),
+            "projection_from is set, but nothing is projected",
         ),
     ];
     for (text, want) in cases {

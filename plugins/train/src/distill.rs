@@ -41,7 +41,32 @@ pub struct DistillConfig {
     /// `decoder.layers.N` (that layer's output) or `decoder.final_layernorm`.
     #[serde(default)]
     pub intermediate_layer_pairs: Vec<Vec<String>>,
+    /// The std of the projection's initial weight when the pairs join different hidden sizes
+    /// (megatron-core's `init_method_std`, which ModelOpt's `ProjectionLayer` draws with).
+    #[serde(default = "std_default")]
+    pub init_method_std: f64,
+    /// Seeds the projection's initial weight.
+    #[serde(default = "seed_default")]
+    pub seed: u32,
+    /// Start the projection from these values instead (safetensors with
+    /// `distill.projection.weight` and `distill.projection.bias`: a previous run's, or the
+    /// reference's in a comparison).
+    #[serde(default)]
+    pub projection_from: Option<std::path::PathBuf>,
 }
+
+fn std_default() -> f64 {
+    0.02
+}
+fn seed_default() -> u32 {
+    1234
+}
+
+/// ModelOpt's `ProjectionLayer` (`nn.Linear(student hidden, teacher hidden)`, one shared by
+/// every intermediate pair): trained with the student, kept in its checkpoints, not in the
+/// weights it hands out.
+pub const PROJECTION_WEIGHT: &str = "distill.projection.weight";
+pub const PROJECTION_BIAS: &str = "distill.projection.bias";
 
 fn one() -> f64 {
     1.0
@@ -122,14 +147,97 @@ impl DistillConfig {
                     }
                 }
             }
-            if student.hidden_size != teacher.hidden_size {
-                return Err(PluginError::unsupported(format!(
-                    "distill: intermediate pairs between hidden sizes {} and {} need ModelOpt's projection layer, which this trainer does not build",
-                    student.hidden_size, teacher.hidden_size
-                )));
-            }
+        }
+        if self.projection_from.is_some() && !self.projects(student, teacher) {
+            return Err(PluginError::config(format!(
+                "distill: projection_from is set, but nothing is projected (the pairs join hidden sizes {} and {}; a projection needs intermediate pairs between different sizes)",
+                student.hidden_size, teacher.hidden_size
+            )));
+        }
+        if !(self.init_method_std.is_finite() && self.init_method_std > 0.0) {
+            return Err(PluginError::config(format!(
+                "distill: init_method_std is {}; it must be > 0",
+                self.init_method_std
+            )));
         }
         Ok(())
+    }
+
+    /// Whether the student's hidden states are projected to the teacher's size: intermediate
+    /// pairs between models of different hidden sizes (ModelOpt's `ProjectionLayer` is an
+    /// identity otherwise).
+    pub fn projects(&self, student: &GptConfig, teacher: &GptConfig) -> bool {
+        !self.intermediate_layer_pairs.is_empty() && student.hidden_size != teacher.hidden_size
+    }
+
+    /// The projection's parameters, trainable, among the student's: the weight
+    /// `[teacher hidden, student hidden]` drawn from normal(0, init_method_std) and the bias
+    /// zero, as `ProjectionLayer._init_weights` does. Weight decay as any matrix and bias.
+    pub fn attach_projection(
+        &self,
+        student: &GptConfig,
+        teacher: &GptConfig,
+        params: &mut Params,
+        dev: &candle_core::Device,
+    ) -> Result<()> {
+        let (from, to) = (student.hidden_size, teacher.hidden_size);
+        let (weight, bias) = match &self.projection_from {
+            Some(path) => self.given_projection(path, from, to)?,
+            None => {
+                let mut normals = crate::init::Normals::seeded(self.seed);
+                let weight = (0..to * from)
+                    .map(|_| (normals.next() * self.init_method_std) as f32)
+                    .collect();
+                (weight, vec![0.0; to])
+            }
+        };
+        let f32_ = bridgeflow_sdk::DType::F32;
+        params.insert(PROJECTION_WEIGHT, vec![to, from], f32_, weight, dev)?;
+        params.insert(PROJECTION_BIAS, vec![to], f32_, bias, dev)
+    }
+
+    /// `projection_from`'s weight and bias, their shapes checked against the two models.
+    fn given_projection(
+        &self,
+        path: &std::path::Path,
+        from: usize,
+        to: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut given = crate::peft::read_f32(path)?;
+        let mut take = |name: &str, want: Vec<usize>| {
+            match given.remove(name) {
+                Some((shape, v)) if shape == want => Ok(v),
+                Some((shape, _)) => Err(PluginError::shape(format!(
+                    "{}: '{name}' is {shape:?}; the student's hidden size {from} to the teacher's {to} needs {want:?}",
+                    path.display()
+                ))),
+                None => Err(PluginError::shape(format!(
+                    "{}: no '{name}'",
+                    path.display()
+                ))),
+            }
+        };
+        Ok((
+            take(PROJECTION_WEIGHT, vec![to, from])?,
+            take(PROJECTION_BIAS, vec![to])?,
+        ))
+    }
+}
+
+/// `h·Wᵀ + b` over the last axis, when the student's parameters hold a projection.
+fn project(h: &Tensor, params: &Params) -> T {
+    match (
+        params.tensor(PROJECTION_WEIGHT),
+        params.tensor(PROJECTION_BIAS),
+    ) {
+        (Some(w), Some(b)) => {
+            let (n, from) = (h.elem_count() / h.dim(D::Minus1)?, h.dim(D::Minus1)?);
+            let mut dims = h.dims().to_vec();
+            let y = h.reshape((n, from))?.matmul(&w.t()?)?.broadcast_add(b)?;
+            *dims.last_mut().expect("a hidden axis") = w.dim(0)?;
+            y.reshape(dims)
+        }
+        _ => Ok(h.clone()),
     }
 }
 
@@ -234,10 +342,12 @@ fn value(t: &Tensor) -> candle_core::Result<f64> {
 
 impl DistillConfig {
     /// The balanced objective of one micro-batch. `lm`: the student's masked CE sum; logits
-    /// `[b, s, v]`; hidden states paired as `pairs`; `mask` `[b, s]`.
+    /// `[b, s, v]`; hidden states paired as `pairs` (the student's projected to the teacher's
+    /// size when `student` holds the projection); `mask` `[b, s]`.
     #[allow(clippy::too_many_arguments)]
     pub fn objective(
         &self,
+        student: &Params,
         pairs: &[Pair],
         lm: &Tensor,
         student_logits: &Tensor,
@@ -257,6 +367,7 @@ impl DistillConfig {
         )?)?;
         let mut inter = Vec::with_capacity(pairs.len());
         for (p, (s, t)) in pairs.iter().zip(student_hidden.iter().zip(teacher_hidden)) {
+            let s = project(s, student)?;
             let (s, t) = (s.to_dtype(DType::F32)?, t.to_dtype(DType::F32)?);
             inter.push(masked_sum(match p.loss {
                 Intermediate::Cosine => cosine(&s, &t)?,
@@ -361,6 +472,9 @@ mod tests {
             skip_lm_loss: skip,
             kd_loss_scale: 0.5,
             intermediate_layer_pairs: vec![],
+            init_method_std: 0.02,
+            seed: 1,
+            projection_from: None,
         };
         // skip_lm_loss: logits + intermediates rescaled to the logits' value.
         let o = cfg(true)
@@ -380,6 +494,9 @@ mod tests {
             skip_lm_loss: true,
             kd_loss_scale: 1.0,
             intermediate_layer_pairs: vec![p.into_iter().map(String::from).collect()],
+            init_method_std: 0.02,
+            seed: 1,
+            projection_from: None,
         };
         let p = cfg(vec!["decoder.layers.0", "decoder.final_layernorm", "mse"])
             .pairs()

@@ -380,6 +380,16 @@ impl TrainStage {
             );
         }
         let teacher = self.build_teacher(&dev, params.compute)?;
+        if let (Some(d), Some(t)) = (&self.cfg.distill, &teacher) {
+            if d.projects(&model, &t.cfg) {
+                d.attach_projection(&model, &t.cfg, &mut params, &dev)?;
+                tracing::info!(
+                    from = model.hidden_size,
+                    to = t.cfg.hidden_size,
+                    "distillation: hidden states projected to the teacher's size (trained)"
+                );
+            }
+        }
         let mut trainer = Trainer::new(self.cfg.clone(), model, params, dev)?;
         trainer.teacher = teacher;
         if let Some(root) = &self.cfg.load {
@@ -751,4 +761,3 @@ fn metrics_row(s: &Step) -> Result<RecordBatch> {
     )
     .map_err(|e| PluginError::internal(e.to_string()))
 }
-

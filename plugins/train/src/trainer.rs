@@ -208,6 +208,7 @@ impl Trainer {
                         teacher.forward(&tb.tokens, &tb.attn, &taps).map_err(ce)?;
                     let o = d
                         .objective(
+                            &self.params,
                             pairs,
                             &sum,
                             &logits,
