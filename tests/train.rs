@@ -1507,10 +1507,12 @@ fn distillation_gradients_equal_modelopt() {
         let (model, mut params) = hf_model(&distill_student(&case["config"]), 1, 64);
         if case["config"]["student"].is_string() {
             for (name, t) in load_tensors(&projection_file()) {
-                let shape = t.shape.iter().map(|&d| d as usize).collect();
+                let shape = t.shape.clone();
                 let dev = candle_core::Device::Cpu;
                 let f32_ = bridgeflow_sdk::DType::F32;
-                params.insert(&name, shape, f32_, f32s(&t.bytes), &dev).unwrap();
+                params
+                    .insert(&name, shape, f32_, f32s(&t.bytes), &dev)
+                    .unwrap();
             }
         }
         let cfg: TrainConfig = serde_json::from_value(serde_json::json!({
@@ -1598,14 +1600,23 @@ fn distillation_follows_modelopt_for_five_iterations() {
             }
         }
         let names: Vec<String> = load_tensors(&out).into_keys().collect();
-        assert_eq!(names.len(), 12, "the student's 12 tensors out, no projection: {names:?}");
+        assert_eq!(
+            names.len(),
+            12,
+            "the student's 12 tensors out, no projection: {names:?}"
+        );
     }
 }
 
 /// A distillation run's wiring: student (the replay's) and teacher (the fixture) from HF, the
 /// samples as held-out data too (evaluation off).
 fn distill_pipeline(data: &Path, out: &Path, distill: &str) -> String {
-    distill_pipeline_for(&train_fixtures().join("distill_student"), data, out, distill)
+    distill_pipeline_for(
+        &train_fixtures().join("distill_student"),
+        data,
+        out,
+        distill,
+    )
 }
 
 fn distill_pipeline_for(student: &Path, data: &Path, out: &Path, distill: &str) -> String {
@@ -1689,7 +1700,10 @@ fn distillation_miswiring_is_named() {
         (
             text.replace(
                 "{ temperature = 1.0 }",
-                &format!("{{ projection_from = {:?} }}", projection_file().display().to_string()),
+                &format!(
+                    "{{ projection_from = {:?} }}",
+                    projection_file().display().to_string()
+                ),
             ),
             "projection_from is set, but nothing is projected",
         ),
