@@ -75,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--dora", action="store_true", help="with --write-lora: Bridge's DoRA (dora_* goldens)")
     p.add_argument("--canonical", action="store_true",
                    help="with --write-lora: canonical LoRA trained by peft itself (canonical_* goldens)")
+    p.add_argument("--bf16-base", action="store_true",
+                   help="with --write-lora --canonical: the frozen model in bf16, peft's adapters kept in fp32 "
+                        "(its autocast_adapter_dtype; our lora_dtype = f32 under bf16): canonical_bf16base_* goldens")
     p.add_argument("--write-fp16", default=None, metavar="DIR",
                    help="the same in fp16 with dynamic loss scaling: final_fp16.safetensors + expected_fp16.json")
     p.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
@@ -595,15 +598,19 @@ def self_checks(a, tokens, mask):
     return results, other
 
 
-def train_canonical_peft(a, tokens, mask, iters, r=8, alpha=16.0, log=True):
+def train_canonical_peft(a, tokens, mask, iters, r=8, alpha=16.0, log=True, bf16_base=False):
     """The same loop under canonical LoRA, run by peft itself: `get_peft_model` with separate
     adapters on q, k, v, o, gate, up and down (Bridge's CanonicalLoRA is this layout), A
     xavier-normal and B N(0, 0.02) written into peft's modules, scale alpha/r; only the adapters
-    trained. Returns (records, first gradients and initial adapters by Megatron name, peft's
-    merge_and_unload state dict)."""
+    trained. With `bf16_base` the model is cast to bf16 first and peft's adapters stay fp32
+    (`autocast_adapter_dtype`, its default): each adapter reads its input cast to fp32 and its
+    output is added in fp32, then cast back to bf16. Returns (records, first gradients and
+    initial adapters by Megatron name, peft's merge_and_unload state dict)."""
     from peft import LoraConfig, get_peft_model
 
     model = load_model(a.model, a.attn)
+    if bf16_base:
+        model = model.to(torch.bfloat16)
     projections = {  # HF projection -> Megatron adapter prefix (after decoder.layers.L.)
         "self_attn.q_proj": "self_attention.linear_qkv.adapter.adapter_q",
         "self_attn.k_proj": "self_attention.linear_qkv.adapter.adapter_k",
@@ -629,6 +636,7 @@ def train_canonical_peft(a, tokens, mask, iters, r=8, alpha=16.0, log=True):
             megatron[f"decoder.layers.{l}.{prefix}.linear_out.weight"] = B
     initial = {n: p.detach().clone() for n, p in megatron.items()}
     assert len([p for p in pm.parameters() if p.requires_grad]) == len(megatron)
+    assert all(p.dtype == torch.float32 for p in megatron.values()), "peft keeps fp32 adapters"
     records, grads1 = train_adapters(a, pm, megatron, tokens, mask, iters, "canonical" if log else None)
     merged = {n: p.detach().clone() for n, p in pm.merge_and_unload().state_dict().items()}
     return records, grads1, initial, merged
@@ -663,9 +671,11 @@ def main(argv=None):
 
         out = Path(a.write_lora)
         tag = "canonical" if a.canonical else "dora" if a.dora else "lora"
+        tag += "_bf16base" if a.bf16_base else ""
         tokens, mask = get_batches(a, vocab, a.train_iters)
         if a.canonical:
-            recs, grads1, initial, merged = train_canonical_peft(a, tokens, mask, a.train_iters)
+            recs, grads1, initial, merged = train_canonical_peft(a, tokens, mask, a.train_iters,
+                                                                 bf16_base=a.bf16_base)
         else:
             recs, grads1, initial, merged = train_lora(a, tokens, mask, a.train_iters, dora=a.dora)
         save_file({n: t.contiguous() for n, t in initial.items()}, str(out / f"{tag}_init.safetensors"))
@@ -676,6 +686,7 @@ def main(argv=None):
             "generated_by": "scripts/train_replay.py " + " ".join(argv_used),
             "versions": versions(),
             "settings": {**settings_dict(a, "default", a.train_iters), "lora": {"dim": 8, "alpha": 16.0, "dora": a.dora,
+                         **({"base": "bf16", "adapters": "fp32"} if a.bf16_base else {}),
                          **({"canonical": True, "trained_by": "peft " + __import__("peft").__version__,
                              "targets": ["linear_q", "linear_k", "linear_v", "linear_proj", "linear_fc1_gate",
                                          "linear_fc1_up", "linear_fc2"]} if a.canonical else

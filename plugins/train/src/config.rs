@@ -171,6 +171,13 @@ pub struct LoraConfig {
     /// `pre` (on the adapter's input, before A) or `post` (on B's output, before the scale).
     #[serde(default = "pre")]
     pub dropout_position: String,
+    /// The dtype the adapters compute in (`f32`, `bf16`, `f16`; Bridge's `lora_dtype`); none:
+    /// the model's (bf16 under `bf16 = true`, as Bridge casts its adapters). Another dtype than
+    /// the model's goes as PEFT's does: the adapter's input cast to it, its scaled output added
+    /// to the layer's in the wider of the two, the sum cast back to the layer's dtype (PEFT keeps
+    /// fp32 adapters on a bf16 model this way). The master weights stay fp32 either way.
+    #[serde(default)]
+    pub lora_dtype: Option<String>,
 }
 
 fn pre() -> String {
@@ -198,8 +205,30 @@ impl LoraConfig {
         }
     }
 
+    /// `lora_dtype` as a candle dtype (none: the model's).
+    pub fn dtype(&self) -> Result<Option<candle_core::DType>> {
+        use candle_core::DType;
+        Ok(match self.lora_dtype.as_deref() {
+            None => None,
+            Some("f32" | "float32" | "fp32") => Some(DType::F32),
+            Some("bf16" | "bfloat16") => Some(DType::BF16),
+            Some("f16" | "float16" | "fp16") => Some(DType::F16),
+            Some(other) => {
+                return Err(PluginError::config(format!(
+                    "lora: lora_dtype {other:?}: expected f32, bf16 or f16"
+                )))
+            }
+        })
+    }
+
     pub fn check(&self) -> Result<()> {
         let bad = |m: String| Err(PluginError::config(format!("lora: {m}")));
+        self.dtype()?;
+        if self.dora && self.lora_dtype.is_some() {
+            return bad(
+                "lora_dtype with DoRA: the magnitude's norm over W0 + s·B·A would mix dtypes; DoRA adapters compute in the model's dtype".into(),
+            );
+        }
         if self.dim == 0 {
             return bad("dim must be at least 1".into());
         }

@@ -347,6 +347,10 @@ pub fn attach(
         };
         params.insert(&slot.a(), a_shape, DType::F32, a, dev)?;
         params.insert(&slot.b(), b_shape, DType::F32, b, dev)?;
+        if let Some(dtype) = cfg.dtype()? {
+            params.compute_in(&slot.a(), dtype)?;
+            params.compute_in(&slot.b(), dtype)?;
+        }
         params
             .adapters
             .entry(slot.module.clone())
@@ -474,6 +478,7 @@ mod tests {
             canonical: false,
             dropout: 0.0,
             dropout_position: "pre".into(),
+            lora_dtype: None,
         };
         assert!(targeted(&cfg, "decoder.layers.0.self_attention.linear_qkv"));
         assert!(targeted(&cfg, "decoder.layers.1.mlp.linear_fc2"));
@@ -497,7 +502,27 @@ mod tests {
             canonical,
             dropout: 0.0,
             dropout_position: "pre".into(),
+            lora_dtype: None,
         }
+    }
+
+    #[test]
+    fn lora_dtype_is_checked() {
+        let with = |dora: bool, dtype: &str| LoraConfig {
+            lora_dtype: Some(dtype.into()),
+            ..config(false, dora, None)
+        };
+        assert_eq!(
+            with(false, "bfloat16").dtype().unwrap(),
+            Some(candle_core::DType::BF16)
+        );
+        let e = with(false, "int8").check().unwrap_err().to_string();
+        assert!(
+            e.contains("lora_dtype \"int8\": expected f32, bf16 or f16"),
+            "{e}"
+        );
+        let e = with(true, "f32").check().unwrap_err().to_string();
+        assert!(e.contains("lora_dtype with DoRA"), "{e}");
     }
 
     #[test]

@@ -285,6 +285,16 @@ fn linear(x: &Tensor, w: &Tensor) -> T {
     y.reshape(dims)
 }
 
+/// `y + delta` in the wider of their dtypes (torch's promotion: f32 over bf16 or f16, f32 for
+/// bf16 with f16), cast back to `y`'s: how PEFT adds an adapter of another dtype.
+fn add_in_wider(y: &Tensor, delta: &Tensor) -> T {
+    if y.dtype() == delta.dtype() {
+        return y + delta;
+    }
+    let f32_ = DType::F32;
+    (y.to_dtype(f32_)? + delta.to_dtype(f32_)?)?.to_dtype(y.dtype())
+}
+
 fn rotate_half(x: &Tensor) -> T {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
@@ -372,7 +382,13 @@ impl Gpt<'_> {
             .get(&weight)
             .is_some_and(|p| !p.trainable);
         let plain = self.dropout.is_none() && adapters.iter().all(|a| a.magnitude.is_none());
-        if frozen && plain && kernels::applies(x) && kernels::applies(&w) {
+        let adapter_dtype = self.p(&adapters[0].a)?.dtype();
+        if frozen
+            && plain
+            && kernels::applies(x)
+            && kernels::applies(&w)
+            && adapter_dtype == x.dtype()
+        {
             let (a, b) = self.stacked(adapters, w.dim(0)?)?;
             let mut dims = x.dims().to_vec();
             let x2 = x.reshape(((), w.dim(1)?))?;
@@ -383,10 +399,13 @@ impl Gpt<'_> {
         let y = self.linear_by(x, &weight)?;
         let site = |adapter: usize, at: u64| crate::lora::Dropout::site(l, module, adapter, at);
         // Megatron-Bridge's adapter: x → [dropout if pre] → A → B → [dropout if post].
+        // An adapter in another dtype than the layer's (`lora_dtype`) reads its input cast to
+        // its own, as PEFT's `_cast_input_dtype`.
         let low = |i: usize, ad: &crate::params::Adapter| -> T {
+            let x = in_dtype(x, adapter_dtype)?;
             let x = match self.dropout {
-                Some(d) if !d.post => d.apply(x, site(i, 0))?,
-                _ => x.clone(),
+                Some(d) if !d.post => d.apply(&x, site(i, 0))?,
+                _ => x,
             };
             let y = linear(&linear(&x, &self.p(&ad.a)?)?, &self.p(&ad.b)?)?;
             match self.dropout {
@@ -398,7 +417,7 @@ impl Gpt<'_> {
             [one] if one.rows.len() == 1 && one.rows[0] == (0..w.dim(0)?) => low(0, one)?,
             _ => self.placed(adapters, w.dim(0)?, x, &low)?,
         };
-        let y = (y + (delta * scale)?)?;
+        let y = add_in_wider(&y, &(delta * scale)?)?;
         let Some(m) = adapters.first().and_then(|a| a.magnitude.as_ref()) else {
             return Ok(y);
         };
@@ -796,6 +815,82 @@ mod tests {
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
         }
+    }
+
+    /// `lora_dtype` f32 on a bf16 layer: the adapter reads its input cast to f32 and its scaled
+    /// output is added in f32, the sum rounded to bf16 once — PEFT's order, bit for bit — which
+    /// is not what bf16 adapters give.
+    #[test]
+    fn fp32_adapters_on_a_bf16_layer_add_as_peft_does() {
+        let cfg = GptConfig {
+            num_layers: 1,
+            hidden_size: 4,
+            ffn_hidden_size: 6,
+            num_attention_heads: 1,
+            num_query_groups: 1,
+            kv_channels: 4,
+            layernorm_epsilon: 1e-6,
+            rotary_base: 1e4,
+            vocab_size: 8,
+            tied: false,
+            qkv_bias: false,
+            qk_layernorm: false,
+        };
+        let bf16 = DType::BF16;
+        let x = t(values(18, 9), &[1, 3, 6]).to_dtype(bf16).unwrap();
+        let run = |fp32_adapters: bool| {
+            let f32_layer = layer(false);
+            let mut params = Params {
+                compute: Some(bf16),
+                lora_scale: f32_layer.lora_scale,
+                adapters: f32_layer.adapters.clone(),
+                ..Params::default()
+            };
+            for (name, p) in &f32_layer.by_name {
+                let (shape, v) = (p.shape.clone(), p.master.clone());
+                params
+                    .insert(name, shape, p.dtype, v, &Device::Cpu)
+                    .unwrap();
+                params.by_name.get_mut(name).unwrap().trainable = p.trainable;
+            }
+            if fp32_adapters {
+                for n in ["linear_in", "linear_out"] {
+                    let name = format!("{FC2}.adapter.{n}.weight");
+                    params.compute_in(&name, DType::F32).unwrap();
+                }
+            }
+            let got = Gpt::new(&cfg, &params)
+                .proj(0, "mlp.linear_fc2", &x)
+                .unwrap();
+            (params, got)
+        };
+        let (params, got) = run(true);
+        let (w, a, b) = fc2(&params);
+        assert_eq!(
+            (w.dtype(), a.dtype(), b.dtype()),
+            (bf16, DType::F32, DType::F32)
+        );
+        let low = linear(&linear(&x.to_dtype(DType::F32).unwrap(), a).unwrap(), b).unwrap();
+        let base = linear(&x, w).unwrap().to_dtype(DType::F32).unwrap();
+        let want = (base + (low * 0.5).unwrap())
+            .unwrap()
+            .to_dtype(bf16)
+            .unwrap();
+        assert_eq!(got.dtype(), bf16);
+        let bits = |t: &Tensor| -> Vec<f32> {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert_eq!(bits(&got), bits(&want));
+        assert_ne!(
+            bits(&run(false).1),
+            bits(&want),
+            "bf16 adapters round differently"
+        );
     }
 
     /// LoRA dropout exactly where Megatron-Bridge puts it: on the adapter's input (pre) or on

@@ -18,6 +18,8 @@ pub struct Param {
     pub decay: bool,
     /// Updated by training (false: the frozen base of a LoRA run).
     pub trainable: bool,
+    /// The dtype the forward pass reads it in when not the model's (LoRA's `lora_dtype`).
+    pub compute: Option<candle_core::DType>,
 }
 
 #[derive(Default)]
@@ -63,7 +65,7 @@ impl Params {
         dev: &Device,
     ) -> Result<()> {
         let t = Tensor::from_vec(master.clone(), shape.as_slice(), dev).map_err(ce)?;
-        let var = Var::from_tensor(&self.to_compute(t)?).map_err(ce)?;
+        let var = Var::from_tensor(&to_dtype(t, self.compute)?).map_err(ce)?;
         self.by_name.insert(
             name.to_string(),
             Param {
@@ -73,8 +75,21 @@ impl Params {
                 master,
                 var,
                 trainable: true,
+                compute: None,
             },
         );
+        Ok(())
+    }
+
+    /// Has the forward pass read `name` in `dtype` (LoRA's `lora_dtype`).
+    pub fn compute_in(&mut self, name: &str, dtype: candle_core::DType) -> Result<()> {
+        let p = self
+            .by_name
+            .get_mut(name)
+            .ok_or_else(|| PluginError::internal(format!("no parameter '{name}'")))?;
+        p.compute = Some(dtype);
+        let t = Tensor::from_slice(&p.master, p.shape.as_slice(), p.var.device()).map_err(ce)?;
+        p.var = Var::from_tensor(&to_dtype(t, p.compute)?).map_err(ce)?;
         Ok(())
     }
 
@@ -84,16 +99,11 @@ impl Params {
         for p in self.by_name.values() {
             let t =
                 Tensor::from_slice(&p.master, p.shape.as_slice(), p.var.device()).map_err(ce)?;
-            p.var.set(&self.to_compute(t)?).map_err(ce)?;
+            p.var
+                .set(&to_dtype(t, p.compute.or(self.compute))?)
+                .map_err(ce)?;
         }
         Ok(())
-    }
-
-    fn to_compute(&self, t: Tensor) -> Result<Tensor> {
-        match self.compute {
-            Some(d) if d != t.dtype() => t.to_dtype(d).map_err(ce),
-            _ => Ok(t),
-        }
     }
 
     /// A parameter as an output tensor, in the dtype it came in as (merged with its LoRA
@@ -110,6 +120,14 @@ impl Params {
             TensorInfo::new(name, p.dtype, &shape),
             Buffer::from_vec(bytes),
         )
+    }
+}
+
+/// `t` in `dtype` (none: as it is).
+fn to_dtype(t: Tensor, dtype: Option<candle_core::DType>) -> Result<Tensor> {
+    match dtype {
+        Some(d) if d != t.dtype() => t.to_dtype(d).map_err(ce),
+        _ => Ok(t),
     }
 }
 
