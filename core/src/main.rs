@@ -368,7 +368,10 @@ fn allocate_for_training() {
 /// Called before the runtime starts any thread, so nothing reads the environment concurrently.
 fn threads_for_training() {
     let defaults = [
-        ("RAYON_NUM_THREADS", num_cpus::get_physical().max(1).to_string()),
+        (
+            "RAYON_NUM_THREADS",
+            num_cpus::get_physical().max(1).to_string(),
+        ),
         ("CANDLE_BARRIER_POOL_SPIN_LIMIT", "200".to_string()),
     ];
     for (key, value) in defaults {
