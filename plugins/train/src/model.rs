@@ -817,12 +817,9 @@ mod tests {
         }
     }
 
-    /// `lora_dtype` f32 on a bf16 layer: the adapter reads its input cast to f32 and its scaled
-    /// output is added in f32, the sum rounded to bf16 once — PEFT's order, bit for bit — which
-    /// is not what bf16 adapters give.
-    #[test]
-    fn fp32_adapters_on_a_bf16_layer_add_as_peft_does() {
-        let cfg = GptConfig {
+    /// The one-layer model (hidden 4, ffn 6) `layer`'s fc2 belongs to.
+    fn one_layer() -> GptConfig {
+        GptConfig {
             num_layers: 1,
             hidden_size: 4,
             ffn_hidden_size: 6,
@@ -835,7 +832,15 @@ mod tests {
             tied: false,
             qkv_bias: false,
             qk_layernorm: false,
-        };
+        }
+    }
+
+    /// `lora_dtype` f32 on a bf16 layer: the adapter reads its input cast to f32 and its scaled
+    /// output is added in f32, the sum rounded to bf16 once — PEFT's order, bit for bit — which
+    /// is not what bf16 adapters give.
+    #[test]
+    fn fp32_adapters_on_a_bf16_layer_add_as_peft_does() {
+        let cfg = one_layer();
         let bf16 = DType::BF16;
         let x = t(values(18, 9), &[1, 3, 6]).to_dtype(bf16).unwrap();
         let run = |fp32_adapters: bool| {
@@ -897,20 +902,7 @@ mod tests {
     /// B's output (post), with DoRA's correction `(m/n − 1)·W0·(dropout(x) − x)` drawn anew.
     #[test]
     fn lora_dropout_sits_where_bridge_puts_it() {
-        let cfg = GptConfig {
-            num_layers: 1,
-            hidden_size: 4,
-            ffn_hidden_size: 6,
-            num_attention_heads: 1,
-            num_query_groups: 1,
-            kv_channels: 4,
-            layernorm_epsilon: 1e-6,
-            rotary_base: 1e4,
-            vocab_size: 8,
-            tied: false,
-            qkv_bias: false,
-            qk_layernorm: false,
-        };
+        let cfg = one_layer();
         let x = t(values(18, 9), &[1, 3, 6]);
         let dropout = |post| Dropout {
             p: 0.4,
