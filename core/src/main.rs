@@ -235,9 +235,6 @@ fn main() -> ExitCode {
     }
     init_tracing();
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Train(_)) {
-        allocate_for_training();
-    }
     if let Command::Clean { path } = &cli.command {
         return cmd_clean(path);
     }
@@ -341,9 +338,11 @@ fn cmd_clean(path: &std::path::Path) -> ExitCode {
 /// every step faulted in its whole working set again as zeroed pages: 330k page faults and
 /// about a quarter of the step in the kernel on the 32M-parameter benchmark model. One arena
 /// (the main one, which grows with brk), no mappings and no trimming keep the freed buffers
-/// for the next step (a stage cannot do this itself: the arenas exist by the time it runs): +18 % tokens/s and a lower peak RSS there, since the live set, not the
-/// allocator's history, is what a step needs. Called before the runtime starts its threads;
-/// conversions keep main's policy (every large buffer returned when dropped).
+/// for the next step: +18 % tokens/s and a lower peak RSS there, since the live set, not the
+/// allocator's history, is what a step needs. A stage cannot do this itself (the arenas exist
+/// by the time it runs): `cmd_run` calls it once the pipeline has a trainer stage, while the
+/// process still has one thread. Conversions keep main's policy (every large buffer returned
+/// when dropped).
 fn allocate_for_training() {
     threads_for_training();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
