@@ -230,13 +230,7 @@ fn project(h: &Tensor, params: &Params) -> T {
         params.tensor(PROJECTION_WEIGHT),
         params.tensor(PROJECTION_BIAS),
     ) {
-        (Some(w), Some(b)) => {
-            let (n, from) = (h.elem_count() / h.dim(D::Minus1)?, h.dim(D::Minus1)?);
-            let mut dims = h.dims().to_vec();
-            let y = h.reshape((n, from))?.matmul(&w.t()?)?.broadcast_add(b)?;
-            *dims.last_mut().expect("a hidden axis") = w.dim(0)?;
-            y.reshape(dims)
-        }
+        (Some(w), Some(b)) => crate::model::linear(h, w)?.broadcast_add(b),
         _ => Ok(h.clone()),
     }
 }

@@ -275,7 +275,7 @@ fn in_dtype(t: &Tensor, dt: DType) -> T {
 
 /// `x · wᵀ` over the last dimension, as one 2-D product over all leading positions (a batched
 /// product against a broadcast `w` would compute `w`'s gradient once per sample and sum).
-fn linear(x: &Tensor, w: &Tensor) -> T {
+pub(crate) fn linear(x: &Tensor, w: &Tensor) -> T {
     let mut dims = x.dims().to_vec();
     let inner = dims
         .pop()
