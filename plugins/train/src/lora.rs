@@ -300,6 +300,7 @@ pub fn attach(
         p.trainable = false;
     }
     let mut normals = Normals::seeded(cfg.seed);
+    let adapter_dtype = cfg.dtype()?;
     let slots = slots(cfg, model.num_layers);
     if slots.is_empty() {
         return Err(PluginError::config(format!(
@@ -347,7 +348,7 @@ pub fn attach(
         };
         params.insert(&slot.a(), a_shape, DType::F32, a, dev)?;
         params.insert(&slot.b(), b_shape, DType::F32, b, dev)?;
-        if let Some(dtype) = cfg.dtype()? {
+        if let Some(dtype) = adapter_dtype {
             params.compute_in(&slot.a(), dtype)?;
             params.compute_in(&slot.b(), dtype)?;
         }

@@ -64,8 +64,7 @@ impl Params {
         master: Vec<f32>,
         dev: &Device,
     ) -> Result<()> {
-        let t = Tensor::from_vec(master.clone(), shape.as_slice(), dev).map_err(ce)?;
-        let var = Var::from_tensor(&to_dtype(t, self.compute)?).map_err(ce)?;
+        let var = Var::from_tensor(&values_in(&master, &shape, dev, self.compute)?).map_err(ce)?;
         self.by_name.insert(
             name.to_string(),
             Param {
@@ -88,8 +87,8 @@ impl Params {
             .get_mut(name)
             .ok_or_else(|| PluginError::internal(format!("no parameter '{name}'")))?;
         p.compute = Some(dtype);
-        let t = Tensor::from_slice(&p.master, p.shape.as_slice(), p.var.device()).map_err(ce)?;
-        p.var = Var::from_tensor(&to_dtype(t, p.compute)?).map_err(ce)?;
+        let values = values_in(&p.master, &p.shape, p.var.device(), p.compute)?;
+        p.var = Var::from_tensor(&values).map_err(ce)?;
         Ok(())
     }
 
@@ -97,11 +96,9 @@ impl Params {
     /// compute dtype).
     pub fn publish(&self) -> Result<()> {
         for p in self.by_name.values() {
-            let t =
-                Tensor::from_slice(&p.master, p.shape.as_slice(), p.var.device()).map_err(ce)?;
-            p.var
-                .set(&to_dtype(t, p.compute.or(self.compute))?)
-                .map_err(ce)?;
+            let dtype = p.compute.or(self.compute);
+            let values = values_in(&p.master, &p.shape, p.var.device(), dtype)?;
+            p.var.set(&values).map_err(ce)?;
         }
         Ok(())
     }
@@ -123,8 +120,14 @@ impl Params {
     }
 }
 
-/// `t` in `dtype` (none: as it is).
-fn to_dtype(t: Tensor, dtype: Option<candle_core::DType>) -> Result<Tensor> {
+/// fp32 master values as a tensor on `dev`, in `dtype` (none: fp32), what a variable holds.
+fn values_in(
+    master: &[f32],
+    shape: &[usize],
+    dev: &Device,
+    dtype: Option<candle_core::DType>,
+) -> Result<Tensor> {
+    let t = Tensor::from_slice(master, shape, dev).map_err(ce)?;
     match dtype {
         Some(d) if d != t.dtype() => t.to_dtype(d).map_err(ce),
         _ => Ok(t),
