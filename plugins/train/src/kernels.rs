@@ -977,7 +977,7 @@ impl QkvAttention {
         let table = self.cos.elem_count();
         let tables_fit =
             self.cos.shape() == self.sin.shape() && (table == s * h.d || table == b * s * h.d);
-        if width != h.width() || h.d % 2 != 0 || h.groups == 0 || !tables_fit {
+        if width != h.width() || !h.d.is_multiple_of(2) || h.groups == 0 || !tables_fit {
             return Err(fail(
                 "fused-qkv-attention",
                 format!(
