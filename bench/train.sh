@@ -9,7 +9,8 @@
 #
 #   bash bench/train.sh [WORKDIR]        (default /tmp/bridgeflow-bench)
 #   VENV=DIR  (python with torch + transformers; default /work/venv-oracle)
-#   BASELINE=PATH  (torch_baseline.py; default ../shared/oracle/train/torch_baseline.py)
+#   BASELINE=PATH  (torch_baseline.py; default ../shared/oracle/train/torch_baseline.py; when it
+#                   is not there, only our columns are measured)
 #   ITERS=13  CARGO_TARGET_DIR=DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,8 +47,13 @@ print(f'{(b[\"tokens\"] - a[\"tokens\"]) / (b[\"elapsed_s\"] - a[\"elapsed_s\"])
   rm -f "$log"
 }
 
-# theirs CASE: the baseline's median tokens/s and peak RSS for one case id.
+# theirs CASE: the baseline's median tokens/s and peak RSS for one case id ("-" without the
+# baseline script or its venv: then only our columns are measured).
 theirs() {
+  if [ ! -f "$baseline" ] || [ ! -x "$py" ]; then
+    torch_tps=- torch_rss=-
+    return
+  fi
   "$py" "$baseline" --only "$1" --out "$w/torch.json" --max-wait 120 > /dev/null
   read -r torch_tps torch_rss < <(python3 -c "
 import json, sys
@@ -56,10 +62,10 @@ print(f\"{r['tokens_per_s_median']:.1f} {r['peak_rss_mib']:.0f}\")" "$w/torch.js
 }
 
 printf '%-34s %12s %12s %8s %10s %10s %8s\n' case "ours tok/s" "torch tok/s" ratio "ours MB" "torch MB" "RSS x"
+ratio() { [ "$2" = - ] && echo - || python3 -c "print(f'{$1/$2:.2f}')"; }
 report() {
   printf '%-34s %12s %12s %8s %10s %10s %8s\n' "$1" "$ours_tps" "$torch_tps" \
-    "$(python3 -c "print(f'{$ours_tps/$torch_tps:.2f}')")" "$ours_rss" "$torch_rss" \
-    "$(python3 -c "print(f'{$ours_rss/$torch_rss:.2f}')")"
+    "$(ratio "$ours_tps" "$torch_tps")" "$ours_rss" "$torch_rss" "$(ratio "$ours_rss" "$torch_rss")"
 }
 ours "$w/llama25m" "$w/tokens_text_document" 512
 theirs "llama25m/fp32/train/b4s512"
