@@ -3,65 +3,13 @@
 //! trained on the same batches, mapped back to HF names. Loss, learning rate and gradient norm
 //! at every iteration and the final weights must match torch's.
 
-use bridgeflow_sdk::arrow_array::builder::{Float32Builder, Int64Builder, ListBuilder};
-use bridgeflow_sdk::arrow_array::{ArrayRef, RecordBatch};
+use bridgeflow_tests::train::{f32s, golden_batches, train_fixtures, write_batches, write_samples};
 use bridgeflow_tests::{fixtures, load_tensors, run_text, tempdir, workspace_root};
-use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-fn train_fixtures() -> PathBuf {
-    workspace_root().join("tests/fixtures/train")
-}
 
 fn expected() -> serde_json::Value {
     let text = std::fs::read_to_string(train_fixtures().join("expected.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
-/// The golden batches as a Parquet file of samples (`tokens`: seq + 1 ids, `loss_mask`),
-/// iteration by iteration: the first `iters` global batches.
-fn write_samples(out: &Path, iters: usize) {
-    write_batches(out, 0..iters)
-}
-
-/// Those of the golden global batches `which` (0-based iterations), in that order.
-fn write_batches(out: &Path, which: impl IntoIterator<Item = usize>) {
-    let bytes = std::fs::read(train_fixtures().join("batches.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let tokens = st.tensor("tokens").unwrap();
-    let mask = st.tensor("loss_mask").unwrap();
-    let (gbs, n_tok) = (tokens.shape()[1], tokens.shape()[2]);
-    let ids: Vec<i64> = tokens
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let m = f32s(mask.data());
-    let mut tb = ListBuilder::new(Int64Builder::new());
-    let mut mb = ListBuilder::new(Float32Builder::new());
-    for s in which.into_iter().flat_map(|k| k * gbs..(k + 1) * gbs) {
-        tb.values().append_slice(&ids[s * n_tok..(s + 1) * n_tok]);
-        tb.append(true);
-        mb.values()
-            .append_slice(&m[s * (n_tok - 1)..(s + 1) * (n_tok - 1)]);
-        mb.append(true);
-    }
-    let batch = RecordBatch::try_from_iter(vec![
-        ("tokens", Arc::new(tb.finish()) as ArrayRef),
-        ("loss_mask", Arc::new(mb.finish()) as ArrayRef),
-    ])
-    .unwrap();
-    let f = std::fs::File::create(out).unwrap();
-    let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
 }
 
 /// HF → Megatron → train → HF, with the replay's settings.
@@ -387,6 +335,7 @@ fn hf_model(
         tied: false,
         qkv_bias: false,
         qk_layernorm: false,
+        moe: None,
     };
     // Megatron name → (HF values in Megatron layout).
     let mut megatron: Vec<(String, Vec<f32>)> = vec![
@@ -437,20 +386,6 @@ fn hf_model(
             .unwrap();
     }
     (model, params)
-}
-
-/// The golden batches: every sample's 33 ids, and 32 loss-mask values.
-fn golden_batches() -> (Vec<u32>, Vec<f32>) {
-    let bytes = std::fs::read(train_fixtures().join("batches.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let ids: Vec<u32> = st
-        .tensor("tokens")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect();
-    (ids, f32s(st.tensor("loss_mask").unwrap().data()))
 }
 
 /// A packed row of three sequences equals the three run one by one: the same loss sum and

@@ -590,12 +590,15 @@ fn hf_config_from_model(model: &Value, path: &Path, tables: &[Family]) -> Result
     let mut hf = Map::new();
     hf.insert("architectures".into(), json!([arch]));
     hf.insert("model_type".into(), model_type.into());
+    let mut written = std::collections::HashSet::new();
     for (h, meg) in field_pairs(&family) {
-        // Several HF keys may name one field (num_experts, n_routed_experts): the family's
+        // Several HF keys may name one field (num_local_experts, num_experts): the family's
         // first wins, as the HF side of that family spells it.
         // (A nested HF key such as a VLM's mrope section is not rebuilt here.)
         if let Some(v) = model.get(&meg).filter(|v| !v.is_null() && !h.contains('.')) {
-            hf.entry(h).or_insert(v.clone());
+            if written.insert(meg.clone()) {
+                hf.entry(h).or_insert(v.clone());
+            }
         }
     }
     for k in [

@@ -21,6 +21,10 @@ pub enum Quirk {
     /// `moe_shared_expert_intermediate_size` = n × `moe_intermediate_size` (DeepSeek), unless
     /// the table maps the width itself.
     SharedExpertCount,
+    /// HF `norm_topk_prob` (the k chosen probabilities renormalized; transformers' default
+    /// false) ⇄ Megatron `moe_router_pre_softmax`, its negation: the softmax over every expert
+    /// before the choice, not renormalized (Qwen3-MoE, as Megatron-Bridge sets it).
+    TopkNormalized,
 }
 
 impl Quirk {
@@ -55,6 +59,10 @@ impl Quirk {
                     );
                 }
             }
+            Quirk::TopkNormalized => {
+                let normalized = hf["norm_topk_prob"].as_bool().unwrap_or(false);
+                m.insert("moe_router_pre_softmax".into(), (!normalized).into());
+            }
         }
     }
 
@@ -84,6 +92,11 @@ impl Quirk {
                     model["moe_ffn_hidden_size"].as_u64().filter(|&f| f > 0),
                 ) {
                     hf.insert("n_shared_experts".into(), (s / f).into());
+                }
+            }
+            Quirk::TopkNormalized => {
+                if let Some(pre) = model["moe_router_pre_softmax"].as_bool() {
+                    hf.insert("norm_topk_prob".into(), (!pre).into());
                 }
             }
         }
@@ -124,6 +137,18 @@ mod tests {
         );
         assert_eq!(m["moe_layer_freq"], json!([0, 1, 1]));
         assert_eq!(back["first_k_dense_replace"], json!(1));
+        for normalized in [true, false] {
+            let hf = json!({ "norm_topk_prob": normalized });
+            let (m, back) = round_trip(Quirk::TopkNormalized, &plain, hf);
+            assert_eq!(m["moe_router_pre_softmax"], json!(!normalized));
+            assert_eq!(back["norm_topk_prob"], json!(normalized));
+        }
+        let (m, _) = round_trip(Quirk::TopkNormalized, &plain, json!({}));
+        assert_eq!(
+            m["moe_router_pre_softmax"],
+            json!(true),
+            "transformers' default"
+        );
         let hf = json!({"n_shared_experts": 2, "moe_intermediate_size": 16});
         let (m, _) = round_trip(Quirk::SharedExpertCount, &plain, hf.clone());
         assert_eq!(m["moe_shared_expert_intermediate_size"], json!(32));

@@ -74,6 +74,11 @@ pub struct TrainConfig {
     /// micro-batches (megatron-core's `calculate_per_token_loss`).
     #[serde(default)]
     pub calculate_per_token_loss: bool,
+    /// MoE models: the load-balancing loss's coefficient in place of the model config's
+    /// (`moe_aux_loss_coeff`, from the HF `router_aux_loss_coef`), as a Megatron-Bridge recipe
+    /// sets `model.moe_aux_loss_coeff`; 0 turns the loss off.
+    #[serde(default)]
+    pub moe_aux_loss_coeff: Option<f64>,
     /// The tokenizer's EOS id: packed rows are padded with it and it never counts in the loss.
     #[serde(default)]
     pub eos_id: Option<u32>,

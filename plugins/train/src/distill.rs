@@ -273,10 +273,10 @@ impl Teacher {
         taps: &[Tap],
     ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
         let gpt = Gpt::new(&self.cfg, &self.params);
-        let (logits, hidden) = gpt.forward(tokens, attn, taps)?;
+        let f = gpt.forward(tokens, attn, taps)?;
         Ok((
-            logits.detach(),
-            hidden.into_iter().map(|h| h.detach()).collect(),
+            f.logits.detach(),
+            f.taps.into_iter().map(|h| h.detach()).collect(),
         ))
     }
 }

@@ -18,6 +18,7 @@ pub mod kernels;
 pub mod lora;
 pub mod merge;
 pub mod model;
+pub mod moe;
 pub mod optim;
 pub mod params;
 pub mod peft;

@@ -267,6 +267,24 @@ fn count(rows: &[Range<usize>]) -> usize {
     rows.iter().map(|r| r.len()).sum()
 }
 
+/// On a MoE model the MLP is routed experts, which have no `linear_fc1`/`linear_fc2` of their
+/// own to adapt (Megatron-Bridge adapts each expert's; not done here): refused by name.
+pub fn check_moe_targets(cfg: &LoraConfig, model: &GptConfig) -> Result<()> {
+    if model.moe.is_none() {
+        return Ok(());
+    }
+    match slots(cfg, model.num_layers)
+        .iter()
+        .find(|s| s.module.contains(".mlp."))
+    {
+        Some(s) => Err(PluginError::unsupported(format!(
+            "LoRA on '{}': this model's MLPs are routed experts, and adapters on experts are not supported; set lora.target_modules to attention modules (linear_qkv, linear_proj)",
+            s.module
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The adapter tensors `cfg` puts on `model` (name, shape), in order — what the trainer's
 /// `adapters` port carries.
 pub fn planned(cfg: &LoraConfig, model: &GptConfig) -> Vec<(String, Vec<u64>)> {

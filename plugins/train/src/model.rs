@@ -7,6 +7,7 @@
 //! (candle-nn's fused ones have no backward).
 
 use crate::kernels;
+use crate::moe::{self, MoeConfig};
 use crate::params::Params;
 use bridgeflow_megatron::names;
 use bridgeflow_sdk::serde_json::{Map, Value};
@@ -29,6 +30,8 @@ pub struct GptConfig {
     pub tied: bool,
     pub qkv_bias: bool,
     pub qk_layernorm: bool,
+    /// Routed experts in every layer's MLP (Qwen3-MoE, Mixtral); None: dense.
+    pub moe: Option<MoeConfig>,
 }
 
 fn field<'a>(m: &'a Map<String, Value>, key: &str) -> Result<&'a Value> {
@@ -77,10 +80,11 @@ impl GptConfig {
                 "position_embedding_type {positions:?}: the trainer's models use RoPE"
             )));
         }
+        let ffn_hidden_size = count(m, "ffn_hidden_size")?;
         Ok(GptConfig {
             num_layers: count(m, "num_layers")?,
             hidden_size: hidden,
-            ffn_hidden_size: count(m, "ffn_hidden_size")?,
+            ffn_hidden_size,
             num_attention_heads: heads,
             num_query_groups: groups,
             kv_channels,
@@ -93,6 +97,7 @@ impl GptConfig {
             tied: flag(m, "share_embeddings_and_output_weights"),
             qkv_bias: flag(m, "add_qkv_bias"),
             qk_layernorm: flag(m, "qk_layernorm"),
+            moe: MoeConfig::from_megatron(m, ffn_hidden_size)?,
         })
     }
 
@@ -120,9 +125,20 @@ impl GptConfig {
                 key("self_attention.linear_proj.weight"),
                 vec![h, self.num_attention_heads * d],
             ));
-            all.push((key("mlp.linear_fc1.layer_norm_weight"), vec![h]));
-            all.push((key("mlp.linear_fc1.weight"), vec![2 * f, h]));
-            all.push((key("mlp.linear_fc2.weight"), vec![h, f]));
+            match &self.moe {
+                None => {
+                    all.push((key("mlp.linear_fc1.layer_norm_weight"), vec![h]));
+                    all.push((key("mlp.linear_fc1.weight"), vec![2 * f, h]));
+                    all.push((key("mlp.linear_fc2.weight"), vec![h, f]));
+                }
+                Some(m) => {
+                    let (e, f) = (m.num_experts, m.ffn_hidden_size);
+                    all.push((key(PRE_MLP_NORM), vec![h]));
+                    all.push((key(ROUTER), vec![e, h]));
+                    all.push((key(EXPERTS_FC1), vec![e, 2 * f, h]));
+                    all.push((key(EXPERTS_FC2), vec![e, h, f]));
+                }
+            }
         }
         all.push((names::FINAL_LAYERNORM.to_string(), vec![h]));
         if !self.tied {
@@ -131,6 +147,13 @@ impl GptConfig {
         all
     }
 }
+
+/// A MoE layer's parameters (under `decoder.layers.N.`): its pre-norm (not fused into
+/// `linear_fc1` as a dense layer's is), the router and the stacked experts.
+const PRE_MLP_NORM: &str = "pre_mlp_layernorm.weight";
+const ROUTER: &str = "mlp.router.weight";
+const EXPERTS_FC1: &str = "mlp.experts.experts.linear_fc1.weight";
+const EXPERTS_FC2: &str = "mlp.experts.experts.linear_fc2.weight";
 
 /// A micro-batch as the model sees it.
 pub struct Batch {
@@ -499,16 +522,17 @@ impl Gpt<'_> {
 
     /// Logits `[b, s, vocab]` in the compute dtype.
     pub fn logits(&self, tokens: &Tensor, pos: &Attn) -> T {
-        Ok(self.forward(tokens, pos, &[])?.0)
+        Ok(self.forward(tokens, pos, &[])?.logits)
     }
 
-    /// Logits and, for each of `taps`, the hidden state there (`[b, s, hidden]`).
+    /// Logits, for each of `taps` the hidden state there (`[b, s, hidden]`), and the MoE
+    /// layers' load-balancing losses summed.
     pub fn forward(
         &self,
         tokens: &Tensor,
         pos: &Attn,
         taps: &[Tap],
-    ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+    ) -> candle_core::Result<Forward> {
         let (b, s) = tokens.dims2()?;
         let emb = self.p(names::WORD_EMBEDDINGS)?;
         let mut x =
@@ -520,9 +544,15 @@ impl Gpt<'_> {
                 *slot = Some(x.clone());
             }
         };
+        let mut aux_loss: Option<Tensor> = None;
         for l in 0..self.cfg.num_layers {
             x = (&x + self.attention(l, &x, pos)?)?;
-            x = (&x + self.mlp(l, &x)?)?;
+            let (y, aux) = self.mlp(l, &x)?;
+            x = (&x + y)?;
+            aux_loss = match (aux_loss, aux) {
+                (Some(a), Some(b)) => Some((a + b)?),
+                (a, b) => a.or(b),
+            };
             keep(Tap::Layer(l), &x);
         }
         let x = rms_norm(
@@ -548,7 +578,11 @@ impl Gpt<'_> {
                 })
             })
             .collect::<candle_core::Result<_>>()?;
-        Ok((self.linear_by(&x, out)?, tapped))
+        Ok(Forward {
+            logits: self.linear_by(&x, out)?,
+            taps: tapped,
+            aux_loss,
+        })
     }
 
     fn attention(&self, l: usize, x: &Tensor, pos: &Attn) -> T {
@@ -619,21 +653,31 @@ impl Gpt<'_> {
         self.proj(l, "self_attention.linear_proj", &ctx)
     }
 
-    fn mlp(&self, l: usize, x: &Tensor) -> T {
+    /// Layer `l`'s MLP output and, for a MoE layer, its load-balancing loss.
+    fn mlp(&self, l: usize, x: &Tensor) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let c = self.cfg;
+        if let Some(m) = &c.moe {
+            let xn = rms_norm(x, &self.layer_p(l, PRE_MLP_NORM)?, c.layernorm_epsilon)?;
+            let (router, fc1, fc2) = (
+                self.layer_p(l, ROUTER)?,
+                self.layer_p(l, EXPERTS_FC1)?,
+                self.layer_p(l, EXPERTS_FC2)?,
+            );
+            let w = moe::Experts {
+                router: &router,
+                fc1: &fc1,
+                fc2: &fc2,
+            };
+            let out = moe::forward(m, &xn, &w, swiglu)?;
+            return Ok((out.out, out.aux_loss));
+        }
         let xn = rms_norm(
             x,
             &self.layer_p(l, "mlp.linear_fc1.layer_norm_weight")?,
             c.layernorm_epsilon,
         )?;
         let h = self.proj(l, "mlp.linear_fc1", &xn)?;
-        let act = if kernels::applies(&h) {
-            kernels::swiglu(&h)?
-        } else {
-            let f = c.ffn_hidden_size;
-            (h.narrow(D::Minus1, 0, f)?.silu()? * h.narrow(D::Minus1, f, f)?)?
-        };
-        self.proj(l, "mlp.linear_fc2", &act)
+        Ok((self.proj(l, "mlp.linear_fc2", &swiglu(&h)?)?, None))
     }
 
     /// The masked cross-entropy sum over the batch and the number of tokens in the loss, as
@@ -641,6 +685,26 @@ impl Gpt<'_> {
     pub fn loss_sum(&self, batch: &Batch) -> candle_core::Result<(Tensor, f64)> {
         masked_ce_sum(&self.logits(&batch.tokens, &batch.attn)?, batch)
     }
+}
+
+/// What the forward pass gives.
+pub struct Forward {
+    /// `[b, s, vocab]` in the compute dtype.
+    pub logits: Tensor,
+    /// The hidden state at each tap asked for.
+    pub taps: Vec<Tensor>,
+    /// The MoE layers' load-balancing losses summed (fp32, their coefficient in them); None
+    /// for a dense model.
+    pub aux_loss: Option<Tensor>,
+}
+
+/// `silu(gate) · up` of `[…, 2·F]` (`[gate; up]` on the last axis).
+fn swiglu(h: &Tensor) -> T {
+    if kernels::applies(h) {
+        return kernels::swiglu(h);
+    }
+    let f = h.dim(D::Minus1)? / 2;
+    h.narrow(D::Minus1, 0, f)?.silu()? * h.narrow(D::Minus1, f, f)?
 }
 
 /// An adapter's output rows as (first row of the layer's output, offset in the adapter's
@@ -832,6 +896,7 @@ mod tests {
             tied: false,
             qkv_bias: false,
             qk_layernorm: false,
+            moe: None,
         }
     }
 

@@ -540,6 +540,7 @@ mod tests {
                 tied: false,
                 qkv_bias: false,
                 qk_layernorm: false,
+                moe: None,
             }),
         };
         // 2 groups of [2 q heads, k, v] (head_dim 1): q rows 0,1,4,5; k 2,6; v 3,7.

@@ -110,7 +110,11 @@ impl Transform for TrainStage {
                 "the weights carry no model config (megatron_model): feed the trainer from the models mapper or a torch_dist reader",
             )
         })?;
-        let model = GptConfig::from_megatron(&megatron)?;
+        let mut model = GptConfig::from_megatron(&megatron)?;
+        crate::moe::override_aux_loss_coeff(&mut model, self.cfg.moe_aux_loss_coeff)?;
+        if let Some(l) = &self.cfg.lora {
+            crate::lora::check_moe_targets(l, &model)?;
+        }
         check_position_limit(self.cfg.seq_length, &megatron, "the model")?;
         let expected = model.parameters();
         check_names(&plan.whole_tensors(), &expected)?;
@@ -204,6 +208,11 @@ impl Transform for TrainStage {
             "kd_loss": kd_col(&self.history, |k| k.kd_loss),
             "logits_loss": kd_col(&self.history, |k| k.logits_loss),
             "intermediate_loss": kd_col(&self.history, |k| k.intermediate_loss),
+            "load_balancing_loss": self
+                .history
+                .iter()
+                .filter_map(|s| s.load_balancing_loss)
+                .collect::<Vec<f64>>(),
         })
     }
 }
@@ -637,9 +646,12 @@ impl TrainStage {
                 tokens_per_s = tps,
                 "step"
             );
-            let kd = step.kd.map_or(String::new(), |k| {
+            let mut kd = step.kd.map_or(String::new(), |k| {
                 format!(" | kd loss {:.6} (logits {:.6})", k.kd_loss, k.logits_loss)
             });
+            if let Some(b) = step.load_balancing_loss {
+                kd += &format!(" | load balancing loss {b:.6}");
+            }
             let norm = match (step.skipped, step.loss_scale) {
                 (true, Some(s)) => format!("skipped: gradients overflowed at loss scale {s}"),
                 _ => format!("grad norm {:.4}", step.grad_norm),
@@ -675,6 +687,9 @@ impl TrainStage {
                     ("tokens-per-second", tps),
                 ],
             )?;
+            if let Some(b) = step.load_balancing_loss {
+                tb.scalars(step.iteration, &[("load_balancing_loss", b)])?;
+            }
         }
         if let Some(path) = &self.cfg.metrics_file {
             let line = bridgeflow_sdk::serde_json::json!({
@@ -691,6 +706,7 @@ impl TrainStage {
                 "kd_loss": step.kd.map(|k| k.kd_loss),
                 "logits_loss": step.kd.map(|k| k.logits_loss),
                 "intermediate_loss": step.kd.map(|k| k.intermediate_loss),
+                "load_balancing_loss": step.load_balancing_loss,
             });
             let io = |e| PluginError::io(path, "cannot write metrics to", e);
             let mut f = std::fs::OpenOptions::new()
@@ -736,6 +752,9 @@ fn metrics_row(s: &Step) -> Result<RecordBatch> {
             ("intermediate_loss", f64s(k.intermediate_loss)),
         ]
     });
+    let balance = s
+        .load_balancing_loss
+        .map(|b| ("load_balancing_loss", f64s(b)));
     RecordBatch::try_from_iter(
         vec![
             (
@@ -757,7 +776,8 @@ fn metrics_row(s: &Step) -> Result<RecordBatch> {
             ),
         ]
         .into_iter()
-        .chain(kd),
+        .chain(kd)
+        .chain(balance),
     )
     .map_err(|e| PluginError::internal(e.to_string()))
 }

@@ -46,6 +46,13 @@ pub fn batch(samples: &[Sample], seq: usize, positions: &Positions, dev: &Device
     })
 }
 
+/// A scalar tensor's value.
+fn scalar(t: &Tensor) -> Result<f64> {
+    t.to_dtype(candle_core::DType::F64)
+        .and_then(|t| t.to_scalar())
+        .map_err(ce)
+}
+
 /// What one iteration reports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
@@ -62,6 +69,9 @@ pub struct Step {
     pub loss_scale: Option<f64>,
     /// Distillation's losses, when a teacher trains the student.
     pub kd: Option<KdValues>,
+    /// MoE: the load-balancing loss as megatron-core logs it (without its coefficient, the
+    /// mean over MoE layers and micro-batches).
+    pub load_balancing_loss: Option<f64>,
 }
 
 /// What distillation reports per iteration (Megatron-Bridge's "total loss", "logits
@@ -81,6 +91,7 @@ pub struct Gradients {
     pub loss: f64,
     pub tokens: f64,
     pub kd: Option<KdValues>,
+    pub load_balancing_loss: Option<f64>,
 }
 
 pub struct Trainer {
@@ -181,6 +192,7 @@ impl Trainer {
         let mut acc = BTreeMap::new();
         let (mut loss_sum, mut tokens) = (0.0, 0.0);
         let mut kd = KdValues::default();
+        let mut balance = 0.0;
         for (j, mb) in samples.chunks(self.cfg.micro_batch_size).enumerate() {
             let iteration = self.iteration + 1;
             gpt.dropout = self
@@ -189,9 +201,10 @@ impl Trainer {
                 .as_ref()
                 .and_then(|l| crate::lora::Dropout::new(l, iteration, j as u64));
             let batch = self.batch(mb)?;
-            let (logits, hidden) = gpt
+            let out = gpt
                 .forward(&batch.tokens, &batch.attn, &student_taps)
                 .map_err(ce)?;
+            let (logits, hidden) = (out.logits, out.taps);
             let (sum, n) = masked_ce_sum(&logits, &batch).map_err(ce)?;
             let value: f64 = sum
                 .to_dtype(candle_core::DType::F64)
@@ -230,6 +243,13 @@ impl Trainer {
             } else {
                 ((objective / n.max(1.0)).and_then(|t| t / micro as f64)).map_err(ce)?
             };
+            let scaled = match &out.aux_loss {
+                Some(aux) => {
+                    balance += scalar(aux)?;
+                    (scaled + self.aux_loss_weight(aux, &batch)?).map_err(ce)?
+                }
+                None => scaled,
+            };
             let scaled = match &self.scaler {
                 Some(s) => (scaled * s.scale).map_err(ce)?,
                 None => scaled,
@@ -246,16 +266,35 @@ impl Trainer {
             acc.values_mut().flatten().for_each(|g| *g *= inv);
         }
         let per_token = |v: f64| v / tokens.max(1.0);
+        let load_balancing_loss = self.model.moe.as_ref().and_then(|m| {
+            (m.aux_loss_coeff > 0.0)
+                .then(|| balance / m.aux_loss_coeff / (micro * self.model.num_layers) as f64)
+        });
         Ok(Gradients {
             grads: acc,
             loss: per_token(loss_sum),
             tokens,
+            load_balancing_loss,
             kd: distill.map(|_| KdValues {
                 kd_loss: per_token(kd.kd_loss),
                 logits_loss: per_token(kd.logits_loss),
                 intermediate_loss: per_token(kd.intermediate_loss),
             }),
         })
+    }
+
+    /// A micro-batch's load-balancing loss as megatron-core weighs its gradient: over the
+    /// micro-batches like the main loss (`MoEAuxLossAutoScaler`'s scale 1/num_microbatches),
+    /// or with `calculate_per_token_loss` times the micro-batch's routed tokens, which the
+    /// division of every gradient by the global batch's loss tokens then cancels as megatron-core
+    /// intends.
+    fn aux_loss_weight(&self, aux: &Tensor, batch: &Batch) -> Result<Tensor> {
+        let weight = if self.cfg.calculate_per_token_loss {
+            batch.tokens.elem_count() as f64
+        } else {
+            1.0 / self.cfg.num_microbatches() as f64
+        };
+        (aux * weight).map_err(ce)
     }
 
     /// The loss on held-out `samples` with the current weights, no gradients: the masked
@@ -290,6 +329,7 @@ impl Trainer {
             loss,
             tokens: num_tokens,
             kd,
+            load_balancing_loss,
         } = self.gradients(samples)?;
         let loss_scale = self.scaler.as_ref().map(|s| s.scale);
         if let Some(scaler) = self.scaler.as_mut() {
@@ -308,6 +348,7 @@ impl Trainer {
                     skipped: true,
                     loss_scale,
                     kd,
+                    load_balancing_loss,
                 });
             }
         }
@@ -334,6 +375,7 @@ impl Trainer {
             skipped: false,
             loss_scale,
             kd,
+            load_balancing_loss,
         })
     }
 }

@@ -72,8 +72,15 @@ pub fn family() -> Family {
             ),
         ]
         .concat(),
-        config: moe_fields_named("num_experts"),
+        // transformers 5 writes `num_local_experts` (its `num_experts` an alias, which the
+        // Hub's Qwen3-MoE configs and transformers 4 write): either is read, the first written.
+        config: [
+            moe_fields_named("num_local_experts"),
+            fields(&[("num_experts", "num_moe_experts")]),
+        ]
+        .concat(),
         megatron: moe_fields(),
+        quirks: vec![super::Quirk::TopkNormalized],
         ignore: vec!["rotary_emb.inv_freq".into()],
         ..Default::default()
     }
@@ -99,6 +106,8 @@ pub fn mixtral() -> Family {
         ]
         .concat(),
         config: moe_fields_named("num_local_experts"),
+        // Mixtral always renormalizes its top-k (megatron-core's default, no pre-softmax).
+        quirks: vec![],
         ..family()
     }
 }

@@ -1,0 +1,72 @@
+//! The trainer's golden data (`tests/fixtures/train`, written by `scripts/train_replay.py`) as
+//! the tests feed it: Parquet samples of the golden global batches, or their ids and masks.
+
+use bridgeflow_sdk::arrow_array::builder::{Float32Builder, Int64Builder, ListBuilder};
+use bridgeflow_sdk::arrow_array::{ArrayRef, RecordBatch};
+use safetensors::SafeTensors;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub fn train_fixtures() -> PathBuf {
+    crate::workspace_root().join("tests/fixtures/train")
+}
+
+/// Little-endian f32 values.
+pub fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// The golden batches as a Parquet file of samples (`tokens`: seq + 1 ids, `loss_mask`),
+/// iteration by iteration: the first `iters` global batches.
+pub fn write_samples(out: &Path, iters: usize) {
+    write_batches(out, 0..iters)
+}
+
+/// Those of the golden global batches `which` (0-based iterations), in that order.
+pub fn write_batches(out: &Path, which: impl IntoIterator<Item = usize>) {
+    let bytes = std::fs::read(train_fixtures().join("batches.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let tokens = st.tensor("tokens").unwrap();
+    let mask = st.tensor("loss_mask").unwrap();
+    let (gbs, n_tok) = (tokens.shape()[1], tokens.shape()[2]);
+    let ids: Vec<i64> = tokens
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let m = f32s(mask.data());
+    let mut tb = ListBuilder::new(Int64Builder::new());
+    let mut mb = ListBuilder::new(Float32Builder::new());
+    for s in which.into_iter().flat_map(|k| k * gbs..(k + 1) * gbs) {
+        tb.values().append_slice(&ids[s * n_tok..(s + 1) * n_tok]);
+        tb.append(true);
+        mb.values()
+            .append_slice(&m[s * (n_tok - 1)..(s + 1) * (n_tok - 1)]);
+        mb.append(true);
+    }
+    let batch = RecordBatch::try_from_iter(vec![
+        ("tokens", Arc::new(tb.finish()) as ArrayRef),
+        ("loss_mask", Arc::new(mb.finish()) as ArrayRef),
+    ])
+    .unwrap();
+    let f = std::fs::File::create(out).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+}
+
+/// The golden batches: every sample's 33 ids, and 32 loss-mask values.
+pub fn golden_batches() -> (Vec<u32>, Vec<f32>) {
+    let bytes = std::fs::read(train_fixtures().join("batches.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let ids: Vec<u32> = st
+        .tensor("tokens")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    (ids, f32s(st.tensor("loss_mask").unwrap().data()))
+}
