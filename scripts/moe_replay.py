@@ -23,6 +23,14 @@ Writes (TAG = --tag):
   moe_TAG_final.safetensors        the weights after --train-iters iterations (default mode)
   expected_moe_TAG.json            per-iteration records of both loss modes
 Needs the oracle venv (torch, transformers, megatron-core). Not used by the build or CI.
+
+A trained MoE checkpoint in megatron-core (Megatron-Bridge 0.6.2 has a Qwen3-MoE bridge, none for
+Mixtral), as checked for the trainer's MoE work:
+    bridgeflow train pipelines/pretrain.toml --set model=tests/fixtures/shared/hf/qwen3_moe --set output=CK
+    bridgeflow convert --from megatron:CK --to hf:HF
+    # HF/reference/logits.safetensors: transformers' logits of HF on the fixture's input_ids
+    python ../shared/oracle/check_megatron.py --hf HF --megatron CK
+gave PASS: 33 tensors, none differing from Bridge's conversion of HF, logits within 2.0e-6.
 """
 import argparse
 import json

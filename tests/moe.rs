@@ -331,3 +331,63 @@ fn moe_misconfigurations_are_named() {
     );
     assert!(!out.exists());
 }
+
+/// The bundled pretraining recipe on the Qwen3-MoE fixture: trains (the load-balancing loss in
+/// the metrics file), writes torch_dist, and that exports to HF with the fixture's config.json
+/// key for key. (The same checkpoint, trained this way, loads in megatron-core with every
+/// tensor equal to Bridge's conversion of the export: see the note in `scripts/moe_replay.py`.)
+#[test]
+fn the_pretrain_recipe_trains_a_moe_model_and_exports_it() {
+    use bridgeflow_tests::{bridgeflow, text};
+    let dir = tempdir();
+    let (ckpt, hf) = (dir.path().join("ckpt"), dir.path().join("hf"));
+    let metrics = dir.path().join("metrics.jsonl");
+    let fixture = qwen3_moe_pre_softmax().fixture;
+    let o = bridgeflow()
+        .args(["train", "--no-progress"])
+        .arg(workspace_root().join("pipelines/pretrain.toml"))
+        .args(["--set", &format!("output={}", ckpt.display())])
+        .args([
+            "--set",
+            &format!("train.metrics_file={}", metrics.display()),
+        ])
+        .args(["--set", &format!("model={}", fixture.display())])
+        .args([
+            "--set",
+            &format!(
+                "data={}",
+                train_fixtures()
+                    .join("corpus_llama_text_document")
+                    .display()
+            ),
+        ])
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("| load balancing loss "), "{t}");
+    let lines: Vec<Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let loss = |i: usize| lines[i]["loss"].as_f64().unwrap();
+    assert_eq!(lines.len(), 10);
+    assert!(loss(9) < loss(0), "{lines:?}");
+    let balance = lines[9]["load_balancing_loss"].as_f64().unwrap();
+    // E · Σ fᵢ Pᵢ: 1 when perfectly balanced, at most E.
+    assert!((0.9..4.0).contains(&balance), "{balance}");
+    let o = bridgeflow()
+        .args(["convert", "--no-progress", "--from"])
+        .arg(format!("megatron:{}", ckpt.display()))
+        .arg("--to")
+        .arg(format!("hf:{}", hf.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(load_tensors(&hf).len(), load_tensors(&fixture).len());
+    let config = |d: &Path| -> Value {
+        serde_json::from_slice(&std::fs::read(d.join("config.json")).unwrap()).unwrap()
+    };
+    assert_eq!(config(&hf), config(&fixture));
+}
