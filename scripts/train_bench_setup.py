@@ -8,6 +8,9 @@
   heads of 64, ffn 1408, vocab 8192), made exactly as the baseline makes it (torch.manual_seed(0),
   LlamaForCausalLM._from_config, fp32) and saved with save_pretrained, plus a byte-level BPE
   tokenizer.json of 8192 tokens (the trainer reads token ids, never text).
+- OUT_DIR/mixtral: a Mixtral of the same attention, embeddings and depth, its MLPs 8 routed
+  experts of ffn 704, top-2 (the same active FFN width per token as the Llama's 1408; 84M
+  parameters in all), made the same way.
 - OUT_DIR/tokens_text_document.{bin,idx}: a Megatron indexed dataset (uint16) of random token
   ids 3..8191 in documents of 200..2000 tokens, 2M tokens in all (seed 1234);
   OUT_DIR/tiny_text_document the same with ids 3..255 (the tiny fixture's vocabulary).
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 LLAMA_25M = dict(
     vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
@@ -31,11 +34,16 @@ LLAMA_25M = dict(
 )
 
 
-def model(out: Path):
-    cfg = LlamaConfig(**LLAMA_25M, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+MIXTRAL = {**{k: v for k, v in LLAMA_25M.items() if k not in ("attention_bias", "mlp_bias")},
+           "intermediate_size": 704, "num_local_experts": 8, "num_experts_per_tok": 2,
+           "router_aux_loss_coef": 0.01}
+
+
+def model(out: Path, config=LlamaConfig, arch=LlamaForCausalLM, fields=LLAMA_25M):
+    cfg = config(**fields, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     cfg.use_cache = False
     torch.manual_seed(0)
-    m = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", torch_dtype=torch.float32)
+    m = arch._from_config(cfg, attn_implementation="sdpa", torch_dtype=torch.float32)
     m.save_pretrained(out, safe_serialization=True)
     vocab = {f"<t{i}>": i for i in range(cfg.vocab_size)}
     tok = {"model": {"type": "BPE", "vocab": vocab, "merges": []}, "added_tokens": []}
@@ -68,6 +76,7 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     model(out / "llama25m")
+    model(out / "mixtral", MixtralConfig, MixtralForCausalLM, MIXTRAL)
     dataset(out / "tokens_text_document", 8192)
     dataset(out / "tiny_text_document", 256)
     print(out)

@@ -462,6 +462,122 @@ impl candle_core::CustomOp1 for CrossEntropy {
     }
 }
 
+/// Every expert's `x_e · W_eᵀ` at once: `x` `[N, in]` holds the tokens sorted by expert
+/// (`counts[e]` rows for expert e, in order), `W` `[E, out, in]` the stacked experts. One op
+/// with its own backward, as megatron-core's grouped GEMM: slicing the stacked weight per expert
+/// instead would give each expert a zero-filled gradient of the whole stack to add (E² weight
+/// sizes of traffic per layer).
+pub struct GroupedLinear(pub std::sync::Arc<Vec<usize>>);
+
+pub fn grouped_linear(
+    x: &Tensor,
+    w: &Tensor,
+    counts: std::sync::Arc<Vec<usize>>,
+) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, GroupedLinear(counts))
+}
+
+impl GroupedLinear {
+    /// `(experts, in, out)`, the shapes checked against the counts.
+    fn dims(&self, x: &Shape, w: &Shape) -> Result<(usize, usize, usize)> {
+        let (n, h) = x.dims2()?;
+        let (e, out, wh) = w.dims3()?;
+        if wh != h || e != self.0.len() || self.0.iter().sum::<usize>() != n {
+            return Err(fail(
+                "grouped-linear",
+                format!("x {x:?}, W {w:?}, tokens per expert {:?}", self.0),
+            ));
+        }
+        Ok((e, h, out))
+    }
+
+    /// Each expert's (first row, rows).
+    fn segments(&self) -> impl Iterator<Item = (usize, (usize, usize))> + '_ {
+        self.0.iter().enumerate().scan(0, |at, (e, &n)| {
+            let start = *at;
+            *at += n;
+            Some((e, (start, n)))
+        })
+    }
+}
+
+impl candle_core::CustomOp2 for GroupedLinear {
+    fn name(&self) -> &'static str {
+        "grouped-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, h, out) = self.dims(xl.shape(), wl.shape())?;
+        let (x, w) = (f32s(self.name(), xs, xl)?, f32s(self.name(), ws, wl)?);
+        let mut y = vec![0f32; x.len() / h * out];
+        for (e, (start, n)) in self.segments().filter(|(_, (_, n))| *n > 0) {
+            product(
+                n,
+                out,
+                h,
+                m(&x[start * h..(start + n) * h]),
+                mt(&w[e * out * h..(e + 1) * out * h]),
+                &mut y[start * out..(start + n) * out],
+                1.0,
+                Dst::Overwrite,
+                all_threads(),
+            );
+        }
+        let rows = x.len() / h;
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, h, out) = self.dims(x.shape(), w.shape())?;
+        views!(self.name(); xv = x, wv = w, g = grad);
+        let (mut dx, mut dw) = (vec![0f32; xv.len()], vec![0f32; wv.len()]);
+        for (e, (start, n)) in self.segments().filter(|(_, (_, n))| *n > 0) {
+            let (gs, xs) = (
+                &g[start * out..(start + n) * out],
+                &xv[start * h..(start + n) * h],
+            );
+            let we = &wv[e * out * h..(e + 1) * out * h];
+            product(
+                n,
+                h,
+                out,
+                m(gs),
+                m(we),
+                &mut dx[start * h..(start + n) * h],
+                1.0,
+                Dst::Overwrite,
+                all_threads(),
+            );
+            let dwe = &mut dw[e * out * h..(e + 1) * out * h];
+            product(
+                out,
+                h,
+                n,
+                mt(gs),
+                m(xs),
+                dwe,
+                1.0,
+                Dst::Overwrite,
+                all_threads(),
+            );
+        }
+        Ok((Some(tensor(dx, x.shape())?), Some(tensor(dw, w.shape())?)))
+    }
+}
+
 /// `silu(gate) · up` of `[…, 2f]` (`[gate; up]`, Megatron's `linear_fc1` output) → `[…, f]`.
 pub struct SwiGlu;
 

@@ -287,6 +287,7 @@ pub fn forward(
     w: &Experts,
     swiglu: impl Fn(&Tensor) -> T,
 ) -> candle_core::Result<MoeOut> {
+    let swiglu: &dyn Fn(&Tensor) -> T = &swiglu;
     let dims = xn.dims().to_vec();
     let h = *dims.last().expect("xn is [b, s, h]");
     let x = xn.reshape(((), h))?;
@@ -315,19 +316,11 @@ pub fn forward(
         .flatten_all()?
         .index_select(&ids(&routing.choice)?, 0)?
         .unsqueeze(1)?;
-    let mut outs = Vec::with_capacity(e);
-    let mut at = 0;
-    for (expert, &n) in routing.counts.iter().enumerate() {
-        if n == 0 {
-            continue;
-        }
-        let xe = xp.narrow(0, at, n)?;
-        let act = swiglu(&crate::model::linear(&xe, &w.fc1.get(expert)?)?)?;
-        let act = act.broadcast_mul(&pp.narrow(0, at, n)?)?;
-        outs.push(crate::model::linear(&act, &w.fc2.get(expert)?)?);
-        at += n;
-    }
-    let y = Tensor::cat(&outs, 0)?;
+    let y = if [&xp, w.fc1, w.fc2].into_iter().all(crate::kernels::applies) {
+        grouped(&xp, &pp, w, &routing.counts, swiglu)?
+    } else {
+        looped(&xp, &pp, w, &routing.counts, swiglu)?
+    };
     let out = y
         .index_select(&ids(&routing.slot)?, 0)?
         .reshape((tokens, k, h))?
@@ -337,6 +330,43 @@ pub fn forward(
         .then(|| load_balancing_loss(cfg, &lf, &routing.counts))
         .transpose()?;
     Ok(MoeOut { out, aux_loss })
+}
+
+/// The experts on the permuted tokens `xp` (`[N, h]`, `counts[e]` rows each) with their
+/// probabilities `pp` (`[N, 1]`), through the grouped-GEMM op (fp32 on the CPU).
+fn grouped(
+    xp: &Tensor,
+    pp: &Tensor,
+    w: &Experts,
+    counts: &[usize],
+    swiglu: &dyn Fn(&Tensor) -> T,
+) -> T {
+    let counts = std::sync::Arc::new(counts.to_vec());
+    let act = swiglu(&crate::kernels::grouped_linear(xp, w.fc1, counts.clone())?)?;
+    crate::kernels::grouped_linear(&act.broadcast_mul(pp)?, w.fc2, counts)
+}
+
+/// The same, one expert at a time on slices of the stacked weights (other dtypes, CUDA).
+fn looped(
+    xp: &Tensor,
+    pp: &Tensor,
+    w: &Experts,
+    counts: &[usize],
+    swiglu: &dyn Fn(&Tensor) -> T,
+) -> T {
+    let mut outs = Vec::with_capacity(counts.len());
+    let mut at = 0;
+    for (expert, &n) in counts.iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        let xe = xp.narrow(0, at, n)?;
+        let act = swiglu(&crate::model::linear(&xe, &w.fc1.get(expert)?)?)?;
+        let act = act.broadcast_mul(&pp.narrow(0, at, n)?)?;
+        outs.push(crate::model::linear(&act, &w.fc2.get(expert)?)?);
+        at += n;
+    }
+    Tensor::cat(&outs, 0)
 }
 
 /// megatron-core's `switch_load_balancing_loss_func` on fp32 `logits` (`[T, E]`) with the
@@ -401,6 +431,53 @@ mod tests {
         assert_eq!(r.choice, [2, 0, 4, 1, 3, 5]);
         for (tj, &s) in r.slot.iter().enumerate() {
             assert_eq!(r.choice[s as usize] as usize, tj);
+        }
+    }
+
+    /// The grouped-GEMM op against per-expert slices of the stacked weights: outputs and the
+    /// gradients of the tokens, the weights and the probabilities, an expert with no tokens
+    /// included.
+    #[test]
+    fn grouped_experts_equal_the_looped_ones() {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let (h, f, counts) = (4, 3, vec![2usize, 0, 3, 1]);
+        let (n, e) = (counts.iter().sum::<usize>(), counts.len());
+        let vals = |len: usize, seed: u32| -> Vec<f32> {
+            (0..len)
+                .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 997) as f32 / 498.0 - 1.0)
+                .collect()
+        };
+        let var = |len, seed, shape: &[usize]| {
+            Var::from_tensor(&Tensor::from_vec(vals(len, seed), shape, &dev).unwrap()).unwrap()
+        };
+        let (x, p) = (var(n * h, 1, &[n, h]), var(n, 2, &[n, 1]));
+        let (fc1, fc2) = (
+            var(e * 2 * f * h, 3, &[e, 2 * f, h]),
+            var(e * h * f, 4, &[e, h, f]),
+        );
+        let router = Tensor::zeros((e, h), DType::F32, &dev).unwrap();
+        let w = Experts {
+            router: &router,
+            fc1: fc1.as_tensor(),
+            fc2: fc2.as_tensor(),
+        };
+        let swiglu =
+            |t: &Tensor| -> T { t.narrow(D::Minus1, 0, f)?.silu()? * t.narrow(D::Minus1, f, f)? };
+        let run = |path: fn(&Tensor, &Tensor, &Experts, &[usize], &dyn Fn(&Tensor) -> T) -> T| {
+            let y = path(x.as_tensor(), p.as_tensor(), &w, &counts, &swiglu).unwrap();
+            let g = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut all = vec![flat(&y)];
+            for v in [&x, &p, &fc1, &fc2] {
+                all.push(flat(g.get(v.as_tensor()).unwrap()));
+            }
+            all
+        };
+        for (a, b) in run(grouped).iter().zip(run(looped)) {
+            for (u, v) in a.iter().zip(&b) {
+                assert!((u - v).abs() <= 1e-5 * v.abs().max(1.0), "{u} vs {v}");
+            }
         }
     }
 
