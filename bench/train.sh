@@ -3,7 +3,9 @@
 # threads) on the same model, same machine, same run — the baseline's 32M-parameter Llama
 # (hidden 512, 8 layers, seq 512, batch 4, fp32, AdamW, clip 1.0) from the same initial weights
 # (scripts/train_bench_setup.py makes them as the baseline does), then the tiny fixture (seq
-# 128, batch 4). Prints steady tokens/s (after 3 warm-up iterations, as the baseline counts)
+# 128, batch 4), then a Mixtral of the Llama's shape (8 experts of ffn 704, top-2: the same
+# active FFN width; torch side: scripts/moe_bench_torch.py, the baseline's loop on
+# transformers' Mixtral with megatron-core's load-balancing loss, median of 3 runs). Prints steady tokens/s (after 3 warm-up iterations, as the baseline counts)
 # and peak RSS of both, and their ratios. The baseline's own protocol (shared/oracle/train/
 # torch_baseline.py: quiet-machine waits, least-contended repeats) runs unchanged.
 #
@@ -20,7 +22,7 @@ py=${VENV:-/work/venv-oracle}/bin/python
 baseline=${BASELINE:-../shared/oracle/train/torch_baseline.py}
 iters=${ITERS:-13}
 w="$work/train"
-[ -f "$w/llama25m/model.safetensors" ] || "$py" scripts/train_bench_setup.py "$w" > /dev/null
+[ -f "$w/mixtral/model.safetensors" ] || "$py" scripts/train_bench_setup.py "$w" > /dev/null
 
 # ours MODEL DATA SEQ [RECIPE SET...]: trains ITERS iterations of batch 4 with RECIPE (default
 # pretrain: full training, out to a torch_dist folder; lora: the extra SETs pick its adapters);
@@ -61,6 +63,20 @@ r = json.load(open(sys.argv[1]))['results'][0]
 print(f\"{r['tokens_per_s_median']:.1f} {r['peak_rss_mib']:.0f}\")" "$w/torch.json")
 }
 
+# theirs_moe MODEL DATA: the median of 3 runs of scripts/moe_bench_torch.py.
+theirs_moe() {
+  if [ ! -x "$py" ]; then
+    torch_tps=- torch_rss=-
+    return
+  fi
+  read -r torch_tps torch_rss < <(for _ in 1 2 3; do
+    "$py" scripts/moe_bench_torch.py "$1" "$2" 2> /dev/null | tail -1
+  done | python3 -c "
+import json, statistics, sys
+rows = [json.loads(l) for l in sys.stdin]
+print(f\"{statistics.median(r['tokens_per_s'] for r in rows):.1f} {max(r['peak_rss_mib'] for r in rows):.0f}\")")
+}
+
 printf '%-34s %12s %12s %8s %10s %10s %8s\n' case "ours tok/s" "torch tok/s" ratio "ours MB" "torch MB" "RSS x"
 ratio() { [ "$2" = - ] && echo - || python3 -c "print(f'{$1/$2:.2f}')"; }
 report() {
@@ -78,5 +94,8 @@ report "llama 32M LoRA r16 (peft) b4 s512"
 ours tests/fixtures/shared/hf/llama "$w/tiny_text_document" 128
 theirs "tiny/fp32/train/b4s128"
 report "tiny fixture fp32 train b4 s128"
+ours "$w/mixtral" "$w/tokens_text_document" 512
+theirs_moe "$w/mixtral" "$w/tokens_text_document"
+report "mixtral 8x704 top-2 fp32 b4 s512"
 echo "ours: iterations 4..$iters of one run (tokens / seconds between them); torch: median of 3 clean"
 echo "repeats of 10 steps after 3 warm-up steps (the baseline's protocol); peak RSS of each process."
