@@ -10,7 +10,9 @@ use bridgeflow_plugin_train::data::Sample;
 use bridgeflow_plugin_train::model::GptConfig;
 use bridgeflow_plugin_train::params::Params;
 use bridgeflow_plugin_train::trainer::Trainer;
-use bridgeflow_tests::train::{f32s, golden_batches, train_fixtures, write_samples};
+use bridgeflow_tests::train::{
+    f32s, golden_batches, train_fixtures, worst_difference, write_samples,
+};
 use bridgeflow_tests::{copy_tree, fixtures, load_tensors, run_text, tempdir, workspace_root};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -155,19 +157,7 @@ fn check_training(case: &Case, mode: &str, per_token: bool, finals: Option<PathB
     let Some(finals) = finals else {
         return;
     };
-    let (ours, theirs) = (load_tensors(&out), load_tensors(&finals));
-    assert_eq!(
-        ours.keys().collect::<Vec<_>>(),
-        theirs.keys().collect::<Vec<_>>()
-    );
-    let mut worst = (0.0f32, String::new());
-    for (name, t) in &theirs {
-        for (a, b) in f32s(&ours[name].bytes).iter().zip(f32s(&t.bytes)) {
-            if (a - b).abs() > worst.0 {
-                worst = ((a - b).abs(), name.clone());
-            }
-        }
-    }
+    let worst = worst_difference(&load_tensors(&out), &load_tensors(&finals));
     assert!(
         worst.0 <= 1e-5,
         "{}: final weights differ by {} in {}",

@@ -3,7 +3,9 @@
 //! trained on the same batches, mapped back to HF names. Loss, learning rate and gradient norm
 //! at every iteration and the final weights must match torch's.
 
-use bridgeflow_tests::train::{f32s, golden_batches, train_fixtures, write_batches, write_samples};
+use bridgeflow_tests::train::{
+    f32s, golden_batches, train_fixtures, worst_difference, write_batches, write_samples,
+};
 use bridgeflow_tests::{fixtures, load_tensors, run_text, tempdir, workspace_root};
 use std::path::{Path, PathBuf};
 
@@ -103,21 +105,10 @@ fn check_run(mode: &str, per_token: bool, finals: &str) {
             "iteration {step}"
         );
     }
-    let ours = load_tensors(&out);
-    let theirs = load_tensors(&train_fixtures().join(finals));
-    assert_eq!(
-        ours.keys().collect::<Vec<_>>(),
-        theirs.keys().collect::<Vec<_>>()
+    let worst = worst_difference(
+        &load_tensors(&out),
+        &load_tensors(&train_fixtures().join(finals)),
     );
-    let mut worst = (0.0f32, String::new());
-    for (name, t) in &theirs {
-        for (a, b) in f32s(&ours[name].bytes).iter().zip(f32s(&t.bytes)) {
-            let d = (a - b).abs();
-            if d > worst.0 {
-                worst = (d, name.clone());
-            }
-        }
-    }
     assert!(
         worst.0 <= 1e-5,
         "{mode}: final weights differ by {} in {}",

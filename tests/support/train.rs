@@ -18,6 +18,27 @@ pub fn f32s(b: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// The largest absolute difference between same-named f32 tensors of two sets, and where: the
+/// sets must hold the same names.
+pub fn worst_difference(
+    ours: &std::collections::BTreeMap<String, crate::Loaded>,
+    theirs: &std::collections::BTreeMap<String, crate::Loaded>,
+) -> (f32, String) {
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+    let mut worst = (0.0f32, String::new());
+    for (name, t) in theirs {
+        for (a, b) in f32s(&ours[name].bytes).iter().zip(f32s(&t.bytes)) {
+            if (a - b).abs() > worst.0 {
+                worst = ((a - b).abs(), name.clone());
+            }
+        }
+    }
+    worst
+}
+
 /// The golden batches as a Parquet file of samples (`tokens`: seq + 1 ids, `loss_mask`),
 /// iteration by iteration: the first `iters` global batches.
 pub fn write_samples(out: &Path, iters: usize) {

@@ -280,6 +280,45 @@ pub struct MoeOut {
     pub aux_loss: Option<Tensor>,
 }
 
+/// What the router decides for the tokens.
+struct Router {
+    /// `[T, E]` in fp32 (the load-balancing loss's input).
+    logits: Tensor,
+    /// `[T, k]`: each token's chosen experts' probabilities, in `x`'s dtype.
+    probs: Tensor,
+    routing: Routing,
+}
+
+/// The router on `x` (`[T, h]`): logits, top-k, and the probabilities of the chosen experts.
+fn router(cfg: &MoeConfig, x: &Tensor, weight: &Tensor) -> candle_core::Result<Router> {
+    let logits = if cfg.router_fp32 {
+        crate::model::linear(&x.to_dtype(DType::F32)?, &weight.to_dtype(DType::F32)?)?
+    } else {
+        crate::model::linear(x, weight)?
+    };
+    let lf = logits.to_dtype(DType::F32)?;
+    // Softmax is monotonic: the top-k of the logits is that of the scores (the aux loss's).
+    let chosen = top_k(
+        &lf.flatten_all()?.to_vec1::<f32>()?,
+        cfg.num_experts,
+        cfg.topk,
+    );
+    let routing = route(&chosen, cfg.num_experts, cfg.topk);
+    let index = Tensor::from_vec(chosen, (x.dim(0)?, cfg.topk), x.device())?;
+    let probs = if cfg.pre_softmax {
+        softmax_f32(&lf)?.gather(&index, 1)?
+    } else {
+        softmax_f32(&lf.gather(&index, 1)?)?
+    };
+    // megatron-core's `probs.type_as(logits)`, then the activations' dtype they scale.
+    let probs = probs.to_dtype(logits.dtype())?.to_dtype(x.dtype())?;
+    Ok(Router {
+        logits: lf,
+        probs,
+        routing,
+    })
+}
+
 /// The layer on the normed input `xn` (`[b, s, h]`).
 pub fn forward(
     cfg: &MoeConfig,
@@ -291,25 +330,13 @@ pub fn forward(
     let dims = xn.dims().to_vec();
     let h = *dims.last().expect("xn is [b, s, h]");
     let x = xn.reshape(((), h))?;
-    let tokens = x.dim(0)?;
-    let (e, k) = (cfg.num_experts, cfg.topk);
-    let logits = if cfg.router_fp32 {
-        crate::model::linear(&x.to_dtype(DType::F32)?, &w.router.to_dtype(DType::F32)?)?
-    } else {
-        crate::model::linear(&x, w.router)?
-    };
-    let lf = logits.to_dtype(DType::F32)?;
-    // Softmax is monotonic: the top-k of the logits is that of the scores (the aux loss's).
-    let chosen = top_k(&lf.flatten_all()?.to_vec1::<f32>()?, e, k);
-    let routing = route(&chosen, e, k);
+    let (tokens, k) = (x.dim(0)?, cfg.topk);
+    let Router {
+        logits: lf,
+        probs,
+        routing,
+    } = router(cfg, &x, w.router)?;
     let dev = x.device();
-    let index = Tensor::from_vec(chosen, (tokens, k), dev)?;
-    let probs = if cfg.pre_softmax {
-        softmax_f32(&lf)?.gather(&index, 1)?
-    } else {
-        softmax_f32(&lf.gather(&index, 1)?)?
-    };
-    let probs = probs.to_dtype(logits.dtype())?.to_dtype(x.dtype())?;
     let ids = |v: &[u32]| Tensor::from_slice(v, v.len(), dev);
     let xp = x.index_select(&ids(&routing.token)?, 0)?;
     let pp = probs
@@ -464,7 +491,8 @@ mod tests {
         };
         let swiglu =
             |t: &Tensor| -> T { t.narrow(D::Minus1, 0, f)?.silu()? * t.narrow(D::Minus1, f, f)? };
-        let run = |path: fn(&Tensor, &Tensor, &Experts, &[usize], &dyn Fn(&Tensor) -> T) -> T| {
+        type Path = fn(&Tensor, &Tensor, &Experts, &[usize], &dyn Fn(&Tensor) -> T) -> T;
+        let run = |path: Path| {
             let y = path(x.as_tensor(), p.as_tensor(), &w, &counts, &swiglu).unwrap();
             let g = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
             let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
