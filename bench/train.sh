@@ -13,7 +13,7 @@
 #   VENV=DIR  (python with torch + transformers; default /work/venv-oracle)
 #   BASELINE=PATH  (torch_baseline.py; default ../shared/oracle/train/torch_baseline.py; when it
 #                   is not there, only our columns are measured)
-#   ITERS=13  CARGO_TARGET_DIR=DIR
+#   ITERS=13  REPS=3 (our runs per case)  CARGO_TARGET_DIR=DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -25,28 +25,36 @@ w="$work/train"
 [ -f "$w/mixtral/model.safetensors" ] || "$py" scripts/train_bench_setup.py "$w" > /dev/null
 
 # ours MODEL DATA SEQ [RECIPE SET...]: trains ITERS iterations of batch 4 with RECIPE (default
-# pretrain: full training, out to a torch_dist folder; lora: the extra SETs pick its adapters);
-# sets ours_tps (iterations 4..ITERS) and ours_rss (MB).
+# pretrain: full training, out to a torch_dist folder; lora: the extra SETs pick its adapters),
+# REPS times (default 3, as the baseline repeats its runs); sets ours_tps (the median over the
+# runs of iterations 4..ITERS' tokens/s) and ours_rss (the largest peak RSS, MB).
 ours() {
-  local model=$1 data=$2 seq=$3 recipe=${4:-pretrain} m="$w/metrics.jsonl" log
+  local model=$1 data=$2 seq=$3 recipe=${4:-pretrain} m="$w/metrics.jsonl" log tps=() rss=0 r
   shift $(($# < 4 ? $# : 4))
   local outs=(--set output="$w/out")
   [ "$recipe" = lora ] && outs=(--set adapter="$w/out/adapter" --set merged="$w/out/merged")
-  rm -rf "$m" "$w/out"
-  log=$(mktemp)
-  /usr/bin/time -v "$bin" train "pipelines/$recipe.toml" --no-progress \
-    --set model="$model" --set data="$data" "${outs[@]}" "$@" \
-    --set seq_length="$seq" --set global_batch_size=4 --set micro_batch_size=4 \
-    --set iters="$iters" --set samples=$((iters * 4)) --set train.metrics_file="$m" \
-    --set train.lr=1e-4 --set train.min_lr=1e-4 --set train.lr_warmup_iters=0 \
-    --set train.weight_decay=0.1 > /dev/null 2> "$log" || { cat "$log" >&2; return 1; }
-  ours_rss=$(($(grep "Maximum resident set size" "$log" | awk '{print $6}') / 1024))
-  ours_tps=$(python3 -c "
+  for _ in $(seq "${REPS:-3}"); do
+    rm -rf "$m" "$w/out"
+    log=$(mktemp)
+    /usr/bin/time -v "$bin" train "pipelines/$recipe.toml" --no-progress \
+      --set model="$model" --set data="$data" "${outs[@]}" "$@" \
+      --set seq_length="$seq" --set global_batch_size=4 --set micro_batch_size=4 \
+      --set iters="$iters" --set samples=$((iters * 4)) --set train.metrics_file="$m" \
+      --set train.lr=1e-4 --set train.min_lr=1e-4 --set train.lr_warmup_iters=0 \
+      --set train.weight_decay=0.1 > /dev/null 2> "$log" || { cat "$log" >&2; return 1; }
+    r=$(($(grep "Maximum resident set size" "$log" | awk '{print $6}') / 1024))
+    [ "$r" -gt "$rss" ] && rss=$r
+    tps+=("$(python3 -c "
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 a, b = rows[2], rows[-1]
-print(f'{(b[\"tokens\"] - a[\"tokens\"]) / (b[\"elapsed_s\"] - a[\"elapsed_s\"]):.1f}')" "$m")
-  rm -f "$log"
+print(f'{(b[\"tokens\"] - a[\"tokens\"]) / (b[\"elapsed_s\"] - a[\"elapsed_s\"]):.1f}')" "$m")")
+    rm -f "$log"
+  done
+  ours_rss=$rss
+  ours_tps=$(printf '%s\n' "${tps[@]}" | python3 -c "
+import statistics, sys
+print(f'{statistics.median(float(l) for l in sys.stdin):.1f}')")
 }
 
 # theirs CASE: the baseline's median tokens/s and peak RSS for one case id ("-" without the
@@ -97,5 +105,5 @@ report "tiny fixture fp32 train b4 s128"
 ours "$w/mixtral" "$w/tokens_text_document" 512
 theirs_moe "$w/mixtral" "$w/tokens_text_document"
 report "mixtral 8x704 top-2 fp32 b4 s512"
-echo "ours: iterations 4..$iters of one run (tokens / seconds between them); torch: median of 3 clean"
+echo "ours: median over ${REPS:-3} runs of iterations 4..$iters (tokens / seconds between them); torch: median of 3 clean"
 echo "repeats of 10 steps after 3 warm-up steps (the baseline's protocol); peak RSS of each process."
