@@ -646,18 +646,19 @@ impl TrainStage {
                 tokens_per_s = tps,
                 "step"
             );
-            let mut kd = step.kd.map_or(String::new(), |k| {
+            // Distillation's and MoE's losses, when the run has them.
+            let mut extra = step.kd.map_or(String::new(), |k| {
                 format!(" | kd loss {:.6} (logits {:.6})", k.kd_loss, k.logits_loss)
             });
             if let Some(b) = step.load_balancing_loss {
-                kd += &format!(" | load balancing loss {b:.6}");
+                extra += &format!(" | load balancing loss {b:.6}");
             }
             let norm = match (step.skipped, step.loss_scale) {
                 (true, Some(s)) => format!("skipped: gradients overflowed at loss scale {s}"),
                 _ => format!("grad norm {:.4}", step.grad_norm),
             };
             eprintln!(
-                "iteration {:>6}/{} | loss {:.6}{kd} | lr {:.3e} | {norm} | {:.0} tokens/s | ETA {}",
+                "iteration {:>6}/{} | loss {:.6}{extra} | lr {:.3e} | {norm} | {:.0} tokens/s | ETA {}",
                 step.iteration,
                 self.cfg.train_iters,
                 step.loss,

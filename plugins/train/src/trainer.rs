@@ -206,11 +206,7 @@ impl Trainer {
                 .map_err(ce)?;
             let (logits, hidden) = (out.logits, out.taps);
             let (sum, n) = masked_ce_sum(&logits, &batch).map_err(ce)?;
-            let value: f64 = sum
-                .to_dtype(candle_core::DType::F64)
-                .and_then(|t| t.to_scalar())
-                .map_err(ce)?;
-            loss_sum += value;
+            loss_sum += scalar(&sum)?;
             tokens += n;
             let objective = match &distill {
                 Some((teacher, d, pairs)) => {
@@ -305,10 +301,7 @@ impl Trainer {
         let (mut sum, mut tokens) = (0.0, 0.0);
         for mb in samples.chunks(self.cfg.micro_batch_size) {
             let (s, n) = gpt.loss_sum(&self.batch(mb)?).map_err(ce)?;
-            sum += s
-                .to_dtype(candle_core::DType::F64)
-                .and_then(|t| t.to_scalar::<f64>())
-                .map_err(ce)?;
+            sum += scalar(&s)?;
             tokens += n;
         }
         Ok((sum / tokens.max(1.0), tokens))
