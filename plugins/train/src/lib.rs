@@ -2,8 +2,9 @@
 //!
 //! The `trainer` stage: Megatron-Core's training loop on candle (CPU; CUDA behind the `cuda`
 //! feature), over Megatron-layout weights. Pieces, in the order a step uses them:
-//! [`data`] (samples from records) → [`model`] (the differentiable decoder) → [`trainer`]
-//! (micro-batches, loss averaging, clipping) → [`optim`] (AdamW) at the [`schedule`]'s rate;
+//! [`data`] (samples from records) → [`model`] (the differentiable decoder; [`moe`] its routed
+//! experts) → [`trainer`] (micro-batches, loss averaging, clipping) → [`optim`] (AdamW) at the
+//! [`schedule`]'s rate;
 //! [`assemble`] and [`params`] hold the weights; [`stage`] wires them to the pipeline.
 //! [`lora`] (LoRA/DoRA adapters) and [`distill`] (a frozen teacher's KD loss) change what is
 //! trained and on what; [`peft`] exports adapters for Hugging Face PEFT.
@@ -31,7 +32,7 @@ pub mod trainer;
 bridgeflow_sdk::export_plugins! {
     "trainer" {
         version: env!("CARGO_PKG_VERSION"),
-        description: "Training as megatron-core's loop does it (Llama family, fp32), on candle",
+        description: "Training as megatron-core's loop does it (Llama family, dense or MoE; fp32, bf16, fp16), on candle",
         trainer: Transform(stage::TrainStage),
     }
     "peft-export" {
