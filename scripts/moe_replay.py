@@ -22,6 +22,7 @@ Writes (TAG = --tag):
                                    checkpoint's HF names and layout (save_pretrained's)
   moe_TAG_final.safetensors        the weights after --train-iters iterations (default mode)
   expected_moe_TAG.json            per-iteration records of both loss modes
+  expected_moe_TAG_bf16.json       with --bf16 (instead of the above): the mixed-precision run's records
 Needs the oracle venv (torch, transformers, megatron-core). Not used by the build or CI.
 
 A trained MoE checkpoint in megatron-core (Megatron-Bridge 0.6.2 has a Qwen3-MoE bridge, none for
@@ -55,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--per-token-iters", type=int, default=3)
     p.add_argument("--aux-loss-coeff", type=float, default=None,
                    help="default: the config's router_aux_loss_coef (what the models mapper maps)")
+    p.add_argument("--bf16", action="store_true",
+                   help="mixed precision as train_replay.py --write-bf16 (fp32 masters, a bf16 copy computing, "
+                        "fp32 gradient accumulation): writes expected_moe_TAG_bf16.json only")
     p.add_argument("--no-norm-topk-prob", action="store_true",
                    help="load with norm_topk_prob=False (megatron-core's moe_router_pre_softmax)")
     # The loop's settings, as train_replay.py's defaults.
@@ -151,6 +155,68 @@ def hf_layout(model, tensors):
     return {n: t.contiguous() for n, t in out.items()}
 
 
+def train_bf16(a, tokens, mask, iters, coeff):
+    """`train` under bf16 mixed precision, default loss mode: each iteration the fp32 masters
+    rounded into the bf16 copy, every micro-batch's bf16 gradients added into fp32 ones (the
+    micro-batch's losses weighted as in forward_backward), clip and AdamW on the masters."""
+    import copy
+
+    master = load_model(a)
+    compute = copy.deepcopy(master).to(torch.bfloat16)
+    pairs = list(zip(master.parameters(), compute.parameters()))
+    opt = torch.optim.AdamW(tr.param_groups(master, a.weight_decay), lr=0.0, betas=(a.beta1, a.beta2),
+                            eps=a.eps, foreach=False)
+    records = []
+    for k in range(1, iters + 1):
+        with torch.no_grad():
+            for m, c in pairs:
+                c.copy_(m)
+        for m, _ in pairs:
+            m.grad = torch.zeros_like(m)
+        compute.zero_grad(set_to_none=True)
+
+        rec = forward_backward_accumulating(a, compute, pairs, tokens[k - 1], mask[k - 1], coeff)
+        rec["grad_norm"], rec["clipped"] = tr.grad_norm_and_clip(master, a.clip_grad)
+        lr = tr.get_lr(a, (k - 1) * a.gbs)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        records.append({"iteration": k, "lr": lr, **rec})
+        print(f"  bf16 iter {k:3d}  lr {lr:.6e}  loss {rec['loss_token_mean']:.9f}  "
+              f"lb {rec['load_balancing_loss']:.6f}  grad_norm {rec['grad_norm']:.6e}")
+    return records
+
+
+def forward_backward_accumulating(a, compute, pairs, tokens, mask, coeff):
+    """forward_backward (default mode) on the bf16 copy, each micro-batch's gradients added
+    into the fp32 masters' after its backward (megatron-core's main_grad)."""
+    experts, topk = moe_shape(compute.config)
+    nmb = tokens.shape[0] // a.mbs
+    sums, counts, balance = [], [], []
+    for j in range(nmb):
+        compute.zero_grad(set_to_none=True)
+        tok, m = tokens[j * a.mbs:(j + 1) * a.mbs], mask[j * a.mbs:(j + 1) * a.mbs]
+        out = compute(input_ids=tok[:, :-1], output_router_logits=True)
+        logits = out.logits.float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tok[:, 1:].reshape(-1), reduction="none")
+        s, n = torch.sum(ce * m.reshape(-1)), torch.sum(m)
+        aux = aux_losses(out.router_logits, experts, topk, coeff)
+        (s / torch.clamp(n, min=1) / nmb + torch.stack(aux).sum() / nmb).backward()
+        with torch.no_grad():
+            for p, c in pairs:
+                if c.grad is not None:
+                    p.grad += c.grad.float()
+        sums.append(s.detach())
+        counts.append(n.detach())
+        balance.extend(x.item() / coeff for x in aux)
+    total = torch.stack(counts).sum()
+    return {
+        "loss_token_mean": (torch.stack(sums).sum() / torch.clamp(total, min=1)).item(),
+        "num_tokens": int(total.item()),
+        "load_balancing_loss": sum(balance) / len(balance),
+    }
+
+
 def train(a, tokens, mask, per_token, iters, coeff, grads_at_iter1=None):
     model = load_model(a)
     opt = torch.optim.AdamW(tr.param_groups(model, a.weight_decay), lr=0.0, betas=(a.beta1, a.beta2),
@@ -182,6 +248,19 @@ def main(argv=None):
     b = load_file(a.batches)
     tokens, mask = b["tokens"], b["loss_mask"]
     out = Path(a.write)
+    argv_used = sys.argv[1:] if argv is None else argv
+    if a.bf16:
+        print(f"{a.tag}: bf16, {a.train_iters} iterations (aux loss coeff {coeff})")
+        recs = train_bf16(a, tokens, mask, a.train_iters, coeff)
+        (out / f"expected_moe_{a.tag}_bf16.json").write_text(json.dumps({
+            "generated_by": "scripts/moe_replay.py " + " ".join(argv_used),
+            "versions": {**tr.versions(), "megatron_core": __import__("megatron.core").core.__version__},
+            "settings": {**tr.settings_dict(a, "default", a.train_iters), "model": a.model, "dtype": "bfloat16",
+                         "moe_aux_loss_coeff": coeff},
+            "loss": "sum(ce*mask)/sum(mask) over the global batch (what Megatron-Bridge logs)",
+            "bf16": recs,
+        }, indent=1) + "\n")
+        return 0
     print(f"{a.tag}: default mode, {a.train_iters} iterations (aux loss coeff {coeff})")
     grads = {}
     recs, model = train(a, tokens, mask, False, a.train_iters, coeff, grads_at_iter1=grads)
@@ -190,7 +269,6 @@ def main(argv=None):
     save_file(final, str(out / f"moe_{a.tag}_final.safetensors"))
     print(f"{a.tag}: per-token mode, {a.per_token_iters} iterations")
     recs_t, _ = train(a, tokens, mask, True, a.per_token_iters, coeff)
-    argv_used = sys.argv[1:] if argv is None else argv
     (out / f"expected_moe_{a.tag}.json").write_text(json.dumps({
         "generated_by": "scripts/moe_replay.py " + " ".join(argv_used),
         "versions": {**tr.versions(), "megatron_core": __import__("megatron.core").core.__version__},

@@ -413,3 +413,50 @@ fn moe_resume_is_bit_identical() {
         assert_eq!(col(&m_resumed)[..], col(&m_straight)[3..], "{key}");
     }
 }
+
+/// bf16 mixed precision (fp32 masters, bf16 compute, fp32 gradient accumulation) against the
+/// replay's (`moe_replay.py --bf16`), 10 iterations: the loss within bf16's tolerance at every
+/// iteration, and at the first (same weights) closer to torch's bf16 loss than torch's own fp32
+/// loss is, so that the run is shown to compute in bf16 as torch does.
+#[test]
+fn moe_bf16_follows_torch() {
+    let case = mixtral();
+    let dir = tempdir();
+    let path = train_fixtures().join("expected_moe_mixtral_bf16.json");
+    let want: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let want = want["bf16"].as_array().unwrap();
+    let fp32 = case.expected()["default"][0]["loss_token_mean"]
+        .as_f64()
+        .unwrap();
+    let data = dir.path().join("samples.parquet");
+    write_samples(&data, want.len());
+    let out = dir.path().join("out");
+    let text = train_pipeline(&case.fixture, &data, &out, want.len(), false)
+        .replace("clip_grad = 1.0,", "clip_grad = 1.0, bf16 = true,");
+    let r = run_text(dir.path(), &text, &[], 1 << 30).unwrap();
+    let m = &r.stages.iter().find(|s| s.name == "train").unwrap().metrics;
+    let got = |key: &str, k: usize| m[key][k].as_f64().unwrap();
+    let mut worst = 0.0f64;
+    for (k, it) in want.iter().enumerate() {
+        let torch = it["loss_token_mean"].as_f64().unwrap();
+        worst = worst.max((got("loss", k) - torch).abs() / torch);
+        let norm = it["grad_norm"].as_f64().unwrap();
+        assert!(
+            close(got("grad_norm", k), norm, 0.03),
+            "iteration {}: grad norm {} vs torch {norm}",
+            k + 1,
+            got("grad_norm", k)
+        );
+    }
+    let torch1 = want[0]["loss_token_mean"].as_f64().unwrap();
+    eprintln!(
+        "MoE bf16: loss within {worst:.2e} relative; iteration 1 {} vs torch bf16 {torch1} (fp32 {fp32})",
+        got("loss", 0)
+    );
+    assert!(worst <= 4e-3, "bf16 loss off torch's by {worst} (relative)");
+    assert!(
+        (got("loss", 0) - torch1).abs() <= 0.5 * (fp32 - torch1).abs(),
+        "iteration 1: {} vs torch bf16 {torch1} (fp32 {fp32})",
+        got("loss", 0)
+    );
+}
