@@ -103,11 +103,16 @@ def aux_losses(router_logits, experts, topk, coeff):
     return out
 
 
-def forward_backward(a, model, tokens, mask, per_token, coeff):
+def forward_backward(a, model, tokens, mask, per_token, coeff, masters=None):
+    """One iteration's micro-batches on `model`, gradients accumulated. With `masters`
+    ((fp32 parameter, model parameter) pairs: mixed precision), each micro-batch's gradients
+    are added into the fp32 ones after its backward (megatron-core's main_grad)."""
     experts, topk = moe_shape(model.config)
     nmb = tokens.shape[0] // a.mbs
     sums, counts, balance = [], [], []
     for j in range(nmb):
+        if masters:
+            model.zero_grad(set_to_none=True)
         tok, m = tokens[j * a.mbs:(j + 1) * a.mbs], mask[j * a.mbs:(j + 1) * a.mbs]
         inputs, labels = tok[:, :-1], tok[:, 1:]
         out = model(input_ids=inputs, output_router_logits=True)
@@ -120,6 +125,10 @@ def forward_backward(a, model, tokens, mask, per_token, coeff):
             (s + aux_sum * inputs.numel()).backward()
         else:
             (s / torch.clamp(n, min=1) / nmb + aux_sum / nmb).backward()
+        with torch.no_grad():
+            for p, c in masters or []:
+                if c.grad is not None:
+                    p.grad += c.grad.float()
         sums.append(s.detach())
         counts.append(n.detach())
         balance.extend(x.item() / coeff for x in aux)
@@ -173,9 +182,8 @@ def train_bf16(a, tokens, mask, iters, coeff):
                 c.copy_(m)
         for m, _ in pairs:
             m.grad = torch.zeros_like(m)
-        compute.zero_grad(set_to_none=True)
 
-        rec = forward_backward_accumulating(a, compute, pairs, tokens[k - 1], mask[k - 1], coeff)
+        rec = forward_backward(a, compute, tokens[k - 1], mask[k - 1], False, coeff, masters=pairs)
         rec["grad_norm"], rec["clipped"] = tr.grad_norm_and_clip(master, a.clip_grad)
         lr = tr.get_lr(a, (k - 1) * a.gbs)
         for group in opt.param_groups:
@@ -185,36 +193,6 @@ def train_bf16(a, tokens, mask, iters, coeff):
         print(f"  bf16 iter {k:3d}  lr {lr:.6e}  loss {rec['loss_token_mean']:.9f}  "
               f"lb {rec['load_balancing_loss']:.6f}  grad_norm {rec['grad_norm']:.6e}")
     return records
-
-
-def forward_backward_accumulating(a, compute, pairs, tokens, mask, coeff):
-    """forward_backward (default mode) on the bf16 copy, each micro-batch's gradients added
-    into the fp32 masters' after its backward (megatron-core's main_grad)."""
-    experts, topk = moe_shape(compute.config)
-    nmb = tokens.shape[0] // a.mbs
-    sums, counts, balance = [], [], []
-    for j in range(nmb):
-        compute.zero_grad(set_to_none=True)
-        tok, m = tokens[j * a.mbs:(j + 1) * a.mbs], mask[j * a.mbs:(j + 1) * a.mbs]
-        out = compute(input_ids=tok[:, :-1], output_router_logits=True)
-        logits = out.logits.float()
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tok[:, 1:].reshape(-1), reduction="none")
-        s, n = torch.sum(ce * m.reshape(-1)), torch.sum(m)
-        aux = aux_losses(out.router_logits, experts, topk, coeff)
-        (s / torch.clamp(n, min=1) / nmb + torch.stack(aux).sum() / nmb).backward()
-        with torch.no_grad():
-            for p, c in pairs:
-                if c.grad is not None:
-                    p.grad += c.grad.float()
-        sums.append(s.detach())
-        counts.append(n.detach())
-        balance.extend(x.item() / coeff for x in aux)
-    total = torch.stack(counts).sum()
-    return {
-        "loss_token_mean": (torch.stack(sums).sum() / torch.clamp(total, min=1)).item(),
-        "num_tokens": int(total.item()),
-        "load_balancing_loss": sum(balance) / len(balance),
-    }
 
 
 def train(a, tokens, mask, per_token, iters, coeff, grads_at_iter1=None):
