@@ -479,8 +479,8 @@ pub fn grouped_linear(
 }
 
 impl GroupedLinear {
-    /// `(experts, in, out)`, the shapes checked against the counts.
-    fn dims(&self, x: &Shape, w: &Shape) -> Result<(usize, usize, usize)> {
+    /// `(in, out)`, the shapes checked against the counts.
+    fn dims(&self, x: &Shape, w: &Shape) -> Result<(usize, usize)> {
         let (n, h) = x.dims2()?;
         let (e, out, wh) = w.dims3()?;
         if wh != h || e != self.0.len() || self.0.iter().sum::<usize>() != n {
@@ -489,7 +489,7 @@ impl GroupedLinear {
                 format!("x {x:?}, W {w:?}, tokens per expert {:?}", self.0),
             ));
         }
-        Ok((e, h, out))
+        Ok((h, out))
     }
 
     /// Each expert's (first row, rows).
@@ -514,7 +514,7 @@ impl candle_core::CustomOp2 for GroupedLinear {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, h, out) = self.dims(xl.shape(), wl.shape())?;
+        let (h, out) = self.dims(xl.shape(), wl.shape())?;
         let (x, w) = (f32s(self.name(), xs, xl)?, f32s(self.name(), ws, wl)?);
         let mut y = vec![0f32; x.len() / h * out];
         for (e, (start, n)) in self.segments().filter(|(_, (_, n))| *n > 0) {
@@ -541,7 +541,7 @@ impl candle_core::CustomOp2 for GroupedLinear {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (_, h, out) = self.dims(x.shape(), w.shape())?;
+        let (h, out) = self.dims(x.shape(), w.shape())?;
         views!(self.name(); xv = x, wv = w, g = grad);
         let (mut dx, mut dw) = (vec![0f32; xv.len()], vec![0f32; wv.len()]);
         for (e, (start, n)) in self.segments().filter(|(_, (_, n))| *n > 0) {

@@ -668,7 +668,7 @@ impl Gpt<'_> {
                 fc1: &fc1,
                 fc2: &fc2,
             };
-            let out = moe::forward(m, &xn, &w, swiglu)?;
+            let out = moe::forward(m, &xn, &w)?;
             return Ok((out.out, out.aux_loss));
         }
         let xn = rms_norm(
@@ -699,7 +699,7 @@ pub struct Forward {
 }
 
 /// `silu(gate) · up` of `[…, 2·F]` (`[gate; up]` on the last axis).
-fn swiglu(h: &Tensor) -> T {
+pub(crate) fn swiglu(h: &Tensor) -> T {
     if kernels::applies(h) {
         return kernels::swiglu(h);
     }

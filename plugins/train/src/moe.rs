@@ -14,6 +14,7 @@
 //! The loop gives that loss's gradient the scale megatron-core's `MoEAuxLossAutoScaler` gives
 //! it (see `trainer.rs`).
 
+use crate::model::swiglu;
 use bridgeflow_sdk::serde_json::{Map, Value};
 use bridgeflow_sdk::{PluginError, Result};
 use candle_core::{DType, Tensor, D};
@@ -202,9 +203,7 @@ pub fn override_aux_loss_coeff(
 /// as the dispatcher permutes them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Routing {
-    /// Per slot of the permuted order: the token it holds.
-    pub token: Vec<u32>,
-    /// Per slot: the (token, choice) it holds, as `t·k + j` (where its probability is).
+    /// Per slot of the permuted order: the (token, choice) it holds, as `t·k + j` (where its probability is).
     pub choice: Vec<u32>,
     /// Per `t·k + j`: the slot holding token t's j-th choice.
     pub slot: Vec<u32>,
@@ -227,7 +226,7 @@ pub fn top_k(scores: &[f32], experts: usize, k: usize) -> Vec<u32> {
 }
 
 /// The permutation for `chosen` (`[tokens, k]` expert ids).
-pub fn route(chosen: &[u32], experts: usize, k: usize) -> Routing {
+pub fn route(chosen: &[u32], experts: usize) -> Routing {
     let mut counts = vec![0usize; experts];
     for &e in chosen {
         counts[e as usize] += 1;
@@ -241,17 +240,15 @@ pub fn route(chosen: &[u32], experts: usize, k: usize) -> Routing {
         })
         .collect();
     let n = chosen.len();
-    let (mut token, mut choice, mut slot) = (vec![0u32; n], vec![0u32; n], vec![0u32; n]);
+    let (mut choice, mut slot) = (vec![0u32; n], vec![0u32; n]);
     // Token order within an expert: `chosen` is in token order.
     for (tj, &e) in chosen.iter().enumerate() {
         let s = next[e as usize];
         next[e as usize] += 1;
-        token[s] = (tj / k) as u32;
         choice[s] = tj as u32;
         slot[tj] = s as u32;
     }
     Routing {
-        token,
         choice,
         slot,
         counts,
@@ -303,15 +300,16 @@ fn router(cfg: &MoeConfig, x: &Tensor, weight: &Tensor) -> candle_core::Result<R
         cfg.num_experts,
         cfg.topk,
     );
-    let routing = route(&chosen, cfg.num_experts, cfg.topk);
+    let routing = route(&chosen, cfg.num_experts);
     let index = Tensor::from_vec(chosen, (x.dim(0)?, cfg.topk), x.device())?;
     let probs = if cfg.pre_softmax {
         softmax_f32(&lf)?.gather(&index, 1)?
     } else {
         softmax_f32(&lf.gather(&index, 1)?)?
     };
-    // megatron-core's `probs.type_as(logits)`, then the activations' dtype they scale.
-    let probs = probs.to_dtype(logits.dtype())?.to_dtype(x.dtype())?;
+    // In the dtype of the activations they scale: megatron-core's `probs.type_as(logits)` is
+    // that dtype unless the router runs in fp32, and its product is cast back to it.
+    let probs = probs.to_dtype(x.dtype())?;
     Ok(Router {
         logits: lf,
         probs,
@@ -320,13 +318,7 @@ fn router(cfg: &MoeConfig, x: &Tensor, weight: &Tensor) -> candle_core::Result<R
 }
 
 /// The layer on the normed input `xn` (`[b, s, h]`).
-pub fn forward(
-    cfg: &MoeConfig,
-    xn: &Tensor,
-    w: &Experts,
-    swiglu: impl Fn(&Tensor) -> T,
-) -> candle_core::Result<MoeOut> {
-    let swiglu: &dyn Fn(&Tensor) -> T = &swiglu;
+pub fn forward(cfg: &MoeConfig, xn: &Tensor, w: &Experts) -> candle_core::Result<MoeOut> {
     let dims = xn.dims().to_vec();
     let h = *dims.last().expect("xn is [b, s, h]");
     let x = xn.reshape(((), h))?;
@@ -338,15 +330,16 @@ pub fn forward(
     } = router(cfg, &x, w.router)?;
     let dev = x.device();
     let ids = |v: &[u32]| Tensor::from_slice(v, v.len(), dev);
-    let xp = x.index_select(&ids(&routing.token)?, 0)?;
+    let token: Vec<u32> = routing.choice.iter().map(|&c| c / k as u32).collect();
+    let xp = x.index_select(&ids(&token)?, 0)?;
     let pp = probs
         .flatten_all()?
         .index_select(&ids(&routing.choice)?, 0)?
         .unsqueeze(1)?;
     let y = if [&xp, w.fc1, w.fc2].into_iter().all(crate::kernels::applies) {
-        grouped(&xp, &pp, w, &routing.counts, swiglu)?
+        grouped(&xp, &pp, w, &routing.counts)?
     } else {
-        looped(&xp, &pp, w, &routing.counts, swiglu)?
+        looped(&xp, &pp, w, &routing.counts)?
     };
     let out = y
         .index_select(&ids(&routing.slot)?, 0)?
@@ -361,26 +354,14 @@ pub fn forward(
 
 /// The experts on the permuted tokens `xp` (`[N, h]`, `counts[e]` rows each) with their
 /// probabilities `pp` (`[N, 1]`), through the grouped-GEMM op (fp32 on the CPU).
-fn grouped(
-    xp: &Tensor,
-    pp: &Tensor,
-    w: &Experts,
-    counts: &[usize],
-    swiglu: &dyn Fn(&Tensor) -> T,
-) -> T {
+fn grouped(xp: &Tensor, pp: &Tensor, w: &Experts, counts: &[usize]) -> T {
     let counts = std::sync::Arc::new(counts.to_vec());
     let act = swiglu(&crate::kernels::grouped_linear(xp, w.fc1, counts.clone())?)?;
     crate::kernels::grouped_linear(&act.broadcast_mul(pp)?, w.fc2, counts)
 }
 
 /// The same, one expert at a time on slices of the stacked weights (other dtypes, CUDA).
-fn looped(
-    xp: &Tensor,
-    pp: &Tensor,
-    w: &Experts,
-    counts: &[usize],
-    swiglu: &dyn Fn(&Tensor) -> T,
-) -> T {
+fn looped(xp: &Tensor, pp: &Tensor, w: &Experts, counts: &[usize]) -> T {
     let mut outs = Vec::with_capacity(counts.len());
     let mut at = 0;
     for (expert, &n) in counts.iter().enumerate() {
@@ -452,9 +433,10 @@ mod tests {
         let scores = [0.1, 0.9, 0.5, 0.7, 0.2, 0.7, 0.0, 0.3, 0.2];
         let chosen = top_k(&scores, 3, 2);
         assert_eq!(chosen, [1, 2, 0, 2, 1, 2]);
-        let r = route(&chosen, 3, 2);
+        let r = route(&chosen, 3);
         assert_eq!(r.counts, [1, 2, 3]);
-        assert_eq!(r.token, [1, 0, 2, 0, 1, 2]);
+        let tokens: Vec<u32> = r.choice.iter().map(|&c| c / 2).collect();
+        assert_eq!(tokens, [1, 0, 2, 0, 1, 2]);
         assert_eq!(r.choice, [2, 0, 4, 1, 3, 5]);
         for (tj, &s) in r.slot.iter().enumerate() {
             assert_eq!(r.choice[s as usize] as usize, tj);
@@ -489,11 +471,8 @@ mod tests {
             fc1: fc1.as_tensor(),
             fc2: fc2.as_tensor(),
         };
-        let swiglu =
-            |t: &Tensor| -> T { t.narrow(D::Minus1, 0, f)?.silu()? * t.narrow(D::Minus1, f, f)? };
-        type Path = fn(&Tensor, &Tensor, &Experts, &[usize], &dyn Fn(&Tensor) -> T) -> T;
-        let run = |path: Path| {
-            let y = path(x.as_tensor(), p.as_tensor(), &w, &counts, &swiglu).unwrap();
+        let run = |path: fn(&Tensor, &Tensor, &Experts, &[usize]) -> T| {
+            let y = path(x.as_tensor(), p.as_tensor(), &w, &counts).unwrap();
             let g = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
             let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let mut all = vec![flat(&y)];
@@ -539,7 +518,7 @@ mod tests {
                 fc1: &fc1,
                 fc2: &fc2,
             };
-            let got = forward(&cfg, &x, &w, swiglu).unwrap();
+            let got = forward(&cfg, &x, &w).unwrap();
             let xs = x.squeeze(0).unwrap();
             let logits: Vec<Vec<f32>> = xs.matmul(&router.t().unwrap()).unwrap().to_vec2().unwrap();
             let mut counts = vec![0f64; e];
