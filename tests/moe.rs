@@ -11,7 +11,8 @@ use bridgeflow_plugin_train::model::GptConfig;
 use bridgeflow_plugin_train::params::Params;
 use bridgeflow_plugin_train::trainer::Trainer;
 use bridgeflow_tests::train::{
-    f32s, golden_batches, train_fixtures, worst_difference, write_samples,
+    f32s, golden_batches, read_and_map, replay_pipeline, train_fixtures, worst_difference,
+    write_samples,
 };
 use bridgeflow_tests::{copy_tree, fixtures, load_tensors, run_text, tempdir, workspace_root};
 use serde_json::{json, Value};
@@ -69,51 +70,11 @@ impl Case {
     }
 }
 
-const READ_AND_MAP: &str = r#"
-[stages.read]
-plugin = "safetensors"
-kind = "reader"
-config = { path = "HF" }
-
-[stages.map]
-plugin = "models"
-kind = "mapper"
-inputs = ["read"]
-config = { direction = "to-megatron" }
-"#;
-
 /// HF → Megatron → train (the replay's settings) → HF.
 fn train_pipeline(hf: &Path, data: &Path, out: &Path, iters: usize, per_token: bool) -> String {
-    format!(
-        r#"{read}
-[stages.data]
-plugin = "parquet"
-kind = "reader"
-config = {{ path = "{data}", columns = ["tokens", "loss_mask"] }}
-
-[stages.train]
-plugin = "trainer"
-kind = "trainer"
-inputs = ["map", "data"]
-config = {{ seq_length = 32, global_batch_size = 4, micro_batch_size = 2, train_iters = {iters}, lr = 1e-3, min_lr = 1e-4, lr_warmup_iters = 2, lr_decay_iters = 20, lr_decay_style = "cosine", weight_decay = 0.033, adam_beta1 = 0.9, adam_beta2 = 0.95, adam_eps = 1e-8, clip_grad = 1.0, calculate_per_token_loss = {per_token}, moe_aux_loss_coeff = {AUX_LOSS_COEFF} }}
-
-[stages.to_hf]
-plugin = "models"
-kind = "mapper"
-inputs = ["train.weights"]
-config = {{ direction = "to-hf", hf_config = "{hf}/config.json" }}
-
-[stages.write]
-plugin = "safetensors"
-kind = "writer"
-inputs = ["to_hf"]
-config = {{ path = "{out}" }}
-"#,
-        read = READ_AND_MAP.replace("HF", &hf.display().to_string()),
-        hf = hf.display(),
-        data = data.display(),
-        out = out.display(),
-    )
+    let extra =
+        format!("calculate_per_token_loss = {per_token}, moe_aux_loss_coeff = {AUX_LOSS_COEFF}");
+    replay_pipeline(hf, data, out, iters, &extra)
 }
 
 fn close(a: f64, b: f64, rel: f64) -> bool {
@@ -199,7 +160,7 @@ fn to_megatron(config_dir: &Path, tensors: &Path, tmp: &Path, name: &str) -> Pat
     let out = tmp.join(format!("{name}-megatron"));
     let text = format!(
         "{}\n[stages.write]\nplugin = \"safetensors\"\nkind = \"writer\"\ninputs = [\"map\"]\nconfig = {{ path = \"{}\" }}\n",
-        READ_AND_MAP.replace("HF", &src.display().to_string()),
+        read_and_map(&src),
         out.display()
     );
     run_text(tmp, &text, &[], 1 << 30).unwrap();

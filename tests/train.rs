@@ -4,7 +4,8 @@
 //! at every iteration and the final weights must match torch's.
 
 use bridgeflow_tests::train::{
-    f32s, golden_batches, train_fixtures, worst_difference, write_batches, write_samples,
+    f32s, golden_batches, replay_pipeline, train_fixtures, worst_difference, write_batches,
+    write_samples,
 };
 use bridgeflow_tests::{fixtures, load_tensors, run_text, tempdir, workspace_root};
 use std::path::{Path, PathBuf};
@@ -14,49 +15,10 @@ fn expected() -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// HF → Megatron → train → HF, with the replay's settings.
+/// HF → Megatron → train → HF, with the replay's settings, on the Llama fixture.
 fn pipeline(data: &Path, out: &Path, iters: usize, per_token: bool) -> String {
-    let hf = fixtures().join("hf/llama");
-    format!(
-        r#"
-[stages.read]
-plugin = "safetensors"
-kind = "reader"
-config = {{ path = "{hf}" }}
-
-[stages.map]
-plugin = "models"
-kind = "mapper"
-inputs = ["read"]
-config = {{ direction = "to-megatron" }}
-
-[stages.data]
-plugin = "parquet"
-kind = "reader"
-config = {{ path = "{data}", columns = ["tokens", "loss_mask"] }}
-
-[stages.train]
-plugin = "trainer"
-kind = "trainer"
-inputs = ["map", "data"]
-config = {{ seq_length = 32, global_batch_size = 4, micro_batch_size = 2, train_iters = {iters}, lr = 1e-3, min_lr = 1e-4, lr_warmup_iters = 2, lr_decay_iters = 20, lr_decay_style = "cosine", weight_decay = 0.033, adam_beta1 = 0.9, adam_beta2 = 0.95, adam_eps = 1e-8, clip_grad = 1.0, calculate_per_token_loss = {per_token} }}
-
-[stages.to_hf]
-plugin = "models"
-kind = "mapper"
-inputs = ["train.weights"]
-config = {{ direction = "to-hf", hf_config = "{hf}/config.json" }}
-
-[stages.write]
-plugin = "safetensors"
-kind = "writer"
-inputs = ["to_hf"]
-config = {{ path = "{out}" }}
-"#,
-        hf = hf.display(),
-        data = data.display(),
-        out = out.display(),
-    )
+    let extra = format!("calculate_per_token_loss = {per_token}");
+    replay_pipeline(&fixtures().join("hf/llama"), data, out, iters, &extra)
 }
 
 fn close(a: f64, b: f64, rel: f64) -> bool {

@@ -18,6 +18,60 @@ pub fn f32s(b: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// Stages `read` and `map`: the HF folder `hf` in Megatron's names and layout.
+pub fn read_and_map(hf: &Path) -> String {
+    format!(
+        r#"
+[stages.read]
+plugin = "safetensors"
+kind = "reader"
+config = {{ path = "{hf}" }}
+
+[stages.map]
+plugin = "models"
+kind = "mapper"
+inputs = ["read"]
+config = {{ direction = "to-megatron" }}
+"#,
+        hf = hf.display()
+    )
+}
+
+/// HF → Megatron → train on the golden samples `data` with the replays' settings
+/// (`scripts/train_replay.py`'s; `extra`: the case's own trainer settings) → HF at `out`.
+pub fn replay_pipeline(hf: &Path, data: &Path, out: &Path, iters: usize, extra: &str) -> String {
+    format!(
+        r#"{read}
+[stages.data]
+plugin = "parquet"
+kind = "reader"
+config = {{ path = "{data}", columns = ["tokens", "loss_mask"] }}
+
+[stages.train]
+plugin = "trainer"
+kind = "trainer"
+inputs = ["map", "data"]
+config = {{ seq_length = 32, global_batch_size = 4, micro_batch_size = 2, train_iters = {iters}, lr = 1e-3, min_lr = 1e-4, lr_warmup_iters = 2, lr_decay_iters = 20, lr_decay_style = "cosine", weight_decay = 0.033, adam_beta1 = 0.9, adam_beta2 = 0.95, adam_eps = 1e-8, clip_grad = 1.0, {extra} }}
+
+[stages.to_hf]
+plugin = "models"
+kind = "mapper"
+inputs = ["train.weights"]
+config = {{ direction = "to-hf", hf_config = "{hf}/config.json" }}
+
+[stages.write]
+plugin = "safetensors"
+kind = "writer"
+inputs = ["to_hf"]
+config = {{ path = "{out}" }}
+"#,
+        read = read_and_map(hf),
+        hf = hf.display(),
+        data = data.display(),
+        out = out.display(),
+    )
+}
+
 /// The largest absolute difference between same-named f32 tensors of two sets, and where: the
 /// sets must hold the same names.
 pub fn worst_difference(
