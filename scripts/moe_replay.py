@@ -164,56 +164,40 @@ def hf_layout(model, tensors):
     return {n: t.contiguous() for n, t in out.items()}
 
 
-def train_bf16(a, tokens, mask, iters, coeff):
-    """`train` under bf16 mixed precision, default loss mode: each iteration the fp32 masters
-    rounded into the bf16 copy, every micro-batch's bf16 gradients added into fp32 ones (the
-    micro-batch's losses weighted as in forward_backward), clip and AdamW on the masters."""
+def train(a, tokens, mask, per_token, iters, coeff, grads_at_iter1=None, bf16=False):
+    """`iters` iterations from the fixture's weights; returns (records, the trained fp32 model).
+    With `bf16`, megatron-core's mixed precision: each iteration the fp32 masters rounded into a
+    bf16 copy that computes, every micro-batch's bf16 gradients added into the fp32 ones
+    (forward_backward's `masters`), clip and AdamW on the masters."""
     import copy
 
     master = load_model(a)
-    compute = copy.deepcopy(master).to(torch.bfloat16)
-    pairs = list(zip(master.parameters(), compute.parameters()))
+    compute = copy.deepcopy(master).to(torch.bfloat16) if bf16 else master
+    pairs = list(zip(master.parameters(), compute.parameters())) if bf16 else None
     opt = torch.optim.AdamW(tr.param_groups(master, a.weight_decay), lr=0.0, betas=(a.beta1, a.beta2),
                             eps=a.eps, foreach=False)
     records = []
     for k in range(1, iters + 1):
-        with torch.no_grad():
-            for m, c in pairs:
-                c.copy_(m)
-        for m, _ in pairs:
-            m.grad = torch.zeros_like(m)
-
-        rec = forward_backward(a, compute, tokens[k - 1], mask[k - 1], False, coeff, masters=pairs)
+        if bf16:
+            with torch.no_grad():
+                for m, c in pairs:
+                    c.copy_(m)
+            for m, _ in pairs:
+                m.grad = torch.zeros_like(m)
+        else:
+            opt.zero_grad(set_to_none=True)
+        rec = forward_backward(a, compute, tokens[k - 1], mask[k - 1], per_token, coeff, masters=pairs)
+        if k == 1 and grads_at_iter1 is not None:
+            grads_at_iter1.update(hf_layout(master, {n: p.grad for n, p in master.named_parameters()}))
         rec["grad_norm"], rec["clipped"] = tr.grad_norm_and_clip(master, a.clip_grad)
         lr = tr.get_lr(a, (k - 1) * a.gbs)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
         records.append({"iteration": k, "lr": lr, **rec})
-        print(f"  bf16 iter {k:3d}  lr {lr:.6e}  loss {rec['loss_token_mean']:.9f}  "
+        print(f"  {'bf16 ' if bf16 else ''}iter {k:3d}  lr {lr:.6e}  loss {rec['loss_token_mean']:.9f}  "
               f"lb {rec['load_balancing_loss']:.6f}  grad_norm {rec['grad_norm']:.6e}")
-    return records
-
-
-def train(a, tokens, mask, per_token, iters, coeff, grads_at_iter1=None):
-    model = load_model(a)
-    opt = torch.optim.AdamW(tr.param_groups(model, a.weight_decay), lr=0.0, betas=(a.beta1, a.beta2),
-                            eps=a.eps, foreach=False)
-    records = []
-    for k in range(1, iters + 1):
-        opt.zero_grad(set_to_none=True)
-        rec = forward_backward(a, model, tokens[k - 1], mask[k - 1], per_token, coeff)
-        if k == 1 and grads_at_iter1 is not None:
-            grads_at_iter1.update(hf_layout(model, {n: p.grad for n, p in model.named_parameters()}))
-        rec["grad_norm"], rec["clipped"] = tr.grad_norm_and_clip(model, a.clip_grad)
-        lr = tr.get_lr(a, (k - 1) * a.gbs)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        records.append({"iteration": k, "lr": lr, **rec})
-        print(f"  iter {k:3d}  lr {lr:.6e}  loss {rec['loss_token_mean']:.9f}  "
-              f"lb {rec['load_balancing_loss']:.6f}  grad_norm {rec['grad_norm']:.6e}")
-    return records, model
+    return records, master
 
 
 def main(argv=None):
@@ -229,7 +213,7 @@ def main(argv=None):
     argv_used = sys.argv[1:] if argv is None else argv
     if a.bf16:
         print(f"{a.tag}: bf16, {a.train_iters} iterations (aux loss coeff {coeff})")
-        recs = train_bf16(a, tokens, mask, a.train_iters, coeff)
+        recs, _ = train(a, tokens, mask, False, a.train_iters, coeff, bf16=True)
         (out / f"expected_moe_{a.tag}_bf16.json").write_text(json.dumps({
             "generated_by": "scripts/moe_replay.py " + " ".join(argv_used),
             "versions": {**tr.versions(), "megatron_core": __import__("megatron.core").core.__version__},
