@@ -6,7 +6,9 @@
 
 pub mod checkpoint;
 pub mod dtypes;
-pub mod emit;
+pub use bridgeflow_megatron::emit;
+#[cfg(test)]
+mod emit_tests;
 pub mod legacy;
 pub mod pickle;
 pub mod reader;

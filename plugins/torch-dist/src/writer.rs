@@ -10,7 +10,8 @@
 //! __0_0.distcp, __0_1.distcp, common.pt, metadata.json}` — the layout both megatron-core 0.16
 //! and 0.19 load (the common state in `common.pt`, the four-key `metadata.json`).
 
-use crate::emit::{either::Arg, none_list_pickle, tensor_pickle, Archive, Pickler};
+use crate::emit::{none_list_pickle, tensor_pickle, Archive, Pickler};
+use bridgeflow_megatron::dcp;
 use bridgeflow_megatron::degree::{check_degree, check_product};
 use bridgeflow_megatron::names;
 use bridgeflow_megatron::placement::{
@@ -300,80 +301,6 @@ fn layer_count(tensors: &[TensorInfo]) -> (u64, bool) {
     (n, uniform)
 }
 
-/// DCP's `TensorStorageMetadata` of one key: its properties (dtype, strided), global size and
-/// the chunks its `pieces` are.
-fn tensor_storage_metadata(p: &mut Pickler, pieces: &[&Piece]) {
-    const M: &str = "torch.distributed.checkpoint.metadata";
-    let first = pieces[0];
-    p.newobj(M, "TensorStorageMetadata");
-    p.dict_begin();
-    p.str("properties");
-    p.newobj(M, "TensorProperties");
-    p.mark();
-    p.global("torch", first.dtype.torch_name());
-    p.reduce1(
-        "torch.serialization",
-        "_get_layout",
-        Arg::Str("torch.strided"),
-    );
-    p.bool(false);
-    p.reduce1(M, "_MEM_FORMAT_ENCODING", Arg::Int(0));
-    p.bool(false);
-    p.tuple(5);
-    p.build();
-    p.str("size");
-    p.torch_size(&first.global);
-    p.str("chunks");
-    p.empty_list();
-    p.mark();
-    for c in pieces {
-        p.newobj(M, "ChunkStorageMetadata");
-        p.dict_begin();
-        p.str("offsets");
-        p.torch_size(&c.offsets);
-        p.str("sizes");
-        p.torch_size(&c.local);
-        p.dict_end();
-        p.build();
-    }
-    p.op(b'e');
-    p.dict_end();
-    p.build();
-}
-
-/// One `storage_data` pair: the item's `MetadataIndex` (fqn, chunk offsets or None for a byte
-/// object) and its `_StorageInfo` (data file, offset, length).
-fn storage_info(
-    p: &mut Pickler,
-    (fqn, offsets): (&str, Option<&[u64]>),
-    file: &str,
-    (off, len): (u64, u64),
-) {
-    p.newobj("torch.distributed.checkpoint.metadata", "MetadataIndex");
-    p.dict_begin();
-    p.str("fqn");
-    p.str(fqn);
-    p.str("offset");
-    match offsets {
-        Some(o) => p.torch_size(o),
-        None => p.none(),
-    }
-    p.str("index");
-    p.none();
-    p.dict_end();
-    p.build();
-    p.newobj("torch.distributed.checkpoint.filesystem", "_StorageInfo");
-    p.dict_begin();
-    p.str("relative_path");
-    p.str(file);
-    p.str("offset");
-    p.int(off as i64);
-    p.str("length");
-    p.int(len as i64);
-    p.dict_end();
-    p.build();
-}
-
 impl TorchDistWriter {
     fn staging_root(&mut self) -> PathBuf {
         match self.claim.as_mut() {
@@ -412,56 +339,29 @@ impl TorchDistWriter {
     }
 
     fn metadata_pickle(&self) -> Vec<u8> {
-        const M: &str = "torch.distributed.checkpoint.metadata";
-        let mut p = Pickler::new();
-        p.newobj(M, "Metadata");
-        p.dict_begin();
-        p.str("state_dict_metadata");
-        p.dict_begin();
-        let mut by_key: BTreeMap<&str, Vec<&Piece>> = BTreeMap::new();
-        for piece in &self.pieces {
-            by_key.entry(&piece.key).or_default().push(piece);
-        }
-        for (key, pieces) in &by_key {
-            p.str(key);
-            tensor_storage_metadata(&mut p, pieces);
-        }
-        for (key, _, _) in &self.bytes_items {
-            p.str(key);
-            p.newobj(M, "BytesStorageMetadata");
-        }
-        p.dict_end();
-        p.str("planner_data");
-        p.none();
-        p.str("storage_data");
-        p.dict_begin();
-        let storage = |p: &mut Pickler,
-                       fqn: &str,
-                       offsets: Option<&[u64]>,
-                       file: usize,
-                       off: u64,
-                       len: u64| {
-            storage_info(p, (fqn, offsets), &self.files[file].name, (off, len));
+        let stored = |file: usize, offset: u64, len: u64| dcp::Stored {
+            file: self.files[file].name.clone(),
+            offset,
+            len,
         };
-        for (key, off, len) in &self.bytes_items {
-            storage(&mut p, key, None, 0, *off, *len);
-        }
-        for piece in &self.pieces {
-            storage(
-                &mut p,
-                &piece.key,
-                Some(&piece.offsets),
-                piece.file,
-                piece.item_offset,
-                piece.item_len,
-            );
-        }
-        p.dict_end();
-        p.str("version");
-        p.str("1.0.0");
-        p.dict_end();
-        p.build();
-        p.finish()
+        let chunks: Vec<dcp::Chunk> = self
+            .pieces
+            .iter()
+            .map(|p| dcp::Chunk {
+                key: &p.key,
+                dtype: p.dtype,
+                global: &p.global,
+                offsets: &p.offsets,
+                local: &p.local,
+                stored: stored(p.file, p.item_offset, p.item_len),
+            })
+            .collect();
+        let bytes: Vec<(&str, dcp::Stored)> = self
+            .bytes_items
+            .iter()
+            .map(|(k, off, len)| (k.as_str(), stored(0, *off, *len)))
+            .collect();
+        dcp::metadata_pickle(&chunks, &bytes)
     }
 
     fn common_pt(&self) -> Vec<u8> {
@@ -833,7 +733,7 @@ impl Sink for TorchDistWriter {
         write(self.iter_dir.join("common.pt"), &self.common_pt())?;
         write(
             self.iter_dir.join("metadata.json"),
-            br#"{"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}"#,
+            dcp::METADATA_JSON,
         )?;
         if let Some(src) = &self.source_dir {
             let tok = self.iter_dir.join("tokenizer");

@@ -21,7 +21,9 @@
 //!   group, SwiGLU `[gate; up]`, Mamba's split `in_proj`, per-expert reshuffles).
 
 pub mod blocks;
+pub mod dcp;
 pub mod degree;
+pub mod emit;
 pub mod mapping;
 pub mod names;
 pub mod placement;
