@@ -524,9 +524,7 @@ fn resume_from_a_checkpoint_is_bit_identical() {
     let ckpt = dir.path().join("ckpt");
     let save = format!("train.save=\"{}\"", ckpt.display());
     let (_, _) = run("first-half", 5, std::slice::from_ref(&save));
-    assert!(ckpt
-        .join("iter_0000005/trainer_state.safetensors")
-        .is_file());
+    assert!(ckpt.join("iter_0000005/.metadata").is_file());
     assert_eq!(
         std::fs::read_to_string(ckpt.join("latest_checkpointed_iteration.txt")).unwrap(),
         "5"
@@ -638,7 +636,7 @@ fn a_save_that_cannot_be_written_keeps_the_previous_checkpoint() {
     };
     let o = cmd(&dir.path().join("first"), 2).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
-    let state = ckpt.join("iter_0000002/trainer_state.safetensors");
+    let state = ckpt.join("iter_0000002/__0_0.distcp");
     let before = std::fs::read(&state).unwrap();
     // A cap the weights output fits under and the checkpoint (weights and both moments) not.
     let weights = std::fs::metadata(dir.path().join("first/model.safetensors"))
@@ -683,7 +681,11 @@ fn a_save_that_cannot_be_written_keeps_the_previous_checkpoint() {
     left.sort();
     assert_eq!(
         left,
-        ["iter_0000002", "latest_checkpointed_iteration.txt"],
+        [
+            "iter_0000002",
+            "latest_checkpointed_iteration.txt",
+            "latest_train_state.pt"
+        ],
         "nothing half-written beside it"
     );
     assert!(!out.exists(), "no output from a failed run");
@@ -1043,7 +1045,7 @@ fn async_checkpoints_resume_bit_identically() {
     assert_eq!(std::fs::read_to_string(&tracker).unwrap(), "5");
     for i in 1..=5 {
         assert!(
-            ckpt.join(format!("iter_{i:07}/train_state.json")).is_file(),
+            ckpt.join(format!("iter_{i:07}/.metadata")).is_file(),
             "iteration {i}"
         );
     }
@@ -1950,17 +1952,18 @@ fn lora_checkpoints_keep_only_the_adapters() {
     let ckpt = dir.path().join("ckpt");
     let save = format!("train.save=\"{}\"", ckpt.display());
     run("first-half", 3, std::slice::from_ref(&save), &text).unwrap();
-    let saved = load_tensors(&ckpt.join("iter_0000003/trainer_state.safetensors"));
-    assert_eq!(
-        saved.len(),
-        8 * 2 * 3,
-        "A and B of 8 adapters, each with its two moments"
-    );
+    let index: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(ckpt.join("iter_0000003/bridgeflow_resume.json")).unwrap(),
+    )
+    .unwrap();
+    let saved = index["tensors"].as_object().unwrap();
+    assert_eq!(saved.len(), 8 * 2, "A and B of 8 adapters");
     assert!(
         saved.keys().all(|k| k.contains(".adapter.")),
         "{:?}",
         saved.keys()
     );
+    assert!(saved.values().all(|s| s.as_object().unwrap().len() == 3));
     let load = format!("train.load=\"{}\"", ckpt.display());
     let resumed = run("resumed", 6, &[save.clone(), load.clone()], &text).unwrap();
     assert_eq!(

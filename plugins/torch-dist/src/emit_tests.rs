@@ -2,9 +2,9 @@
 //! and against `torch.save`'s bytes.
 #[cfg(test)]
 mod tests {
+    use crate::checkpoint::read_metadata;
     use bridgeflow_megatron::emit::*;
     use bridgeflow_sdk::DType;
-    use crate::checkpoint::read_metadata;
     use std::path::Path;
 
     /// An item over 4 GiB: its frame carries ZIP64 sizes and offsets that place the payload

@@ -11,13 +11,13 @@
 //! and 0.19 load (the common state in `common.pt`, the four-key `metadata.json`).
 
 use crate::emit::{none_list_pickle, tensor_pickle, Archive, Pickler};
-use bridgeflow_megatron::dcp;
 use bridgeflow_megatron::degree::{check_degree, check_product};
 use bridgeflow_megatron::names;
 use bridgeflow_megatron::placement::{
     dist_chunks, dist_file, dist_place, dist_rank, pipeline_stage, pp_layers, DistPlace,
 };
 use bridgeflow_megatron::tp::{check_tp, tp_split, TpSplit};
+use bridgeflow_megatron::{dcp, run_config};
 use bridgeflow_sdk::inputs::Origins;
 use bridgeflow_sdk::manifest::{Hasher, Manifest, MANIFEST_FILE};
 use bridgeflow_sdk::outfile::{OutputFile, WriteStats};
@@ -100,69 +100,6 @@ fn one() -> u64 {
 
 /// The most data files per rank (`files`).
 const MAX_FILES_PER_RANK: usize = 256;
-
-/// The largest `run_config.yaml` carried over (Megatron-Bridge's are tens of KiB).
-const MAX_RUN_CONFIG_BYTES: u64 = 16 << 20;
-
-/// The input checkpoint's `run_config.yaml` (beside the `.metadata` the torch_dist reader
-/// names as `checkpoint_dir`), so that a re-sharded checkpoint still exports to HF and loads in
-/// Megatron-Bridge without being told its config.
-fn carried_run_config(plan: &StreamPlan) -> Result<Option<String>> {
-    use std::io::Read;
-    let Some(dir) = plan.get(bridgeflow_sdk::attrs::CHECKPOINT_DIR) else {
-        return Ok(None);
-    };
-    let p = Path::new(&dir).join("run_config.yaml");
-    let f = match File::open(&p) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(PluginError::io(&p, "cannot read", e)),
-    };
-    let mut bytes = Vec::new();
-    f.take(MAX_RUN_CONFIG_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| PluginError::io(&p, "cannot read", e))?;
-    if bytes.len() as u64 > MAX_RUN_CONFIG_BYTES {
-        return Err(PluginError::format(format!(
-            "{}: larger than {} MiB, more than any run config",
-            p.display(),
-            MAX_RUN_CONFIG_BYTES >> 20
-        )));
-    }
-    String::from_utf8(bytes)
-        .map(Some)
-        .map_err(|e| PluginError::format(format!("{}: not UTF-8: {e}", p.display())))
-}
-
-/// `yaml` with every `tensor_model_parallel_size: N` / `pipeline_model_parallel_size: N` line
-/// (an integer value, any indentation) saying this layout's; everything else as it was.
-fn with_parallel_sizes(yaml: &str, tp: u64, pp: u64) -> String {
-    let mut out = String::with_capacity(yaml.len());
-    for line in yaml.split_inclusive('\n') {
-        let body = line.trim_end_matches(['\n', '\r']);
-        let indent = body.len() - body.trim_start().len();
-        let set = [
-            ("tensor_model_parallel_size", tp),
-            ("pipeline_model_parallel_size", pp),
-        ]
-        .into_iter()
-        .find_map(|(k, v)| {
-            let value = body[indent..].strip_prefix(k)?.strip_prefix(':')?.trim();
-            value
-                .parse::<u64>()
-                .is_ok()
-                .then(|| format!("{}{k}: {v}", &body[..indent]))
-        });
-        match set {
-            Some(l) => {
-                out.push_str(&l);
-                out.push_str(&line[body.len()..]);
-            }
-            None => out.push_str(line),
-        }
-    }
-    out
-}
 
 struct Piece {
     key: String,
@@ -638,11 +575,16 @@ impl Sink for TorchDistWriter {
         self.source_dir = plan.get(bridgeflow_sdk::attrs::SOURCE_DIR);
         // The run config: the import's (from the mapper), else the input checkpoint's own
         // (re-sharding torch_dist), with the parallel sizes of this layout.
-        self.run_config = match plan.get(bridgeflow_sdk::attrs::RUN_CONFIG_YAML) {
-            Some(rc) => Some(rc),
-            None => carried_run_config(&plan)?,
-        }
-        .map(|rc| with_parallel_sizes(&rc, self.cfg.tp, self.cfg.pp));
+        self.run_config = run_config::of_plan(&plan)?.map(|rc| {
+            let (tp, pp) = (self.cfg.tp.to_string(), self.cfg.pp.to_string());
+            run_config::with_values(
+                &rc,
+                &[
+                    ("tensor_model_parallel_size", &tp),
+                    ("pipeline_model_parallel_size", &pp),
+                ],
+            )
+        });
         let r = self.lay_out(&plan);
         if r.is_err() {
             self.remove_staging();
@@ -731,10 +673,7 @@ impl Sink for TorchDistWriter {
             std::fs::write(&p, b).map_err(|e| PluginError::io(&p, "cannot write", e))
         };
         write(self.iter_dir.join("common.pt"), &self.common_pt())?;
-        write(
-            self.iter_dir.join("metadata.json"),
-            dcp::METADATA_JSON,
-        )?;
+        write(self.iter_dir.join("metadata.json"), dcp::METADATA_JSON)?;
         if let Some(src) = &self.source_dir {
             let tok = self.iter_dir.join("tokenizer");
             for name in [
@@ -807,25 +746,5 @@ impl Sink for TorchDistWriter {
 impl Drop for TorchDistWriter {
     fn drop(&mut self) {
         self.abort();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::with_parallel_sizes;
-
-    #[test]
-    fn run_config_parallel_sizes_follow_the_layout() {
-        let rc = "model:\n  _target_: x.GPTModelProvider\n  tensor_model_parallel_size: 1\n  \
-                  pipeline_model_parallel_size: 1\r\n  virtual_pipeline_model_parallel_size: null\n  \
-                  hidden_size: 64\nnote: tensor_model_parallel_size: 1\n";
-        let got = with_parallel_sizes(rc, 2, 4);
-        assert_eq!(
-            got,
-            "model:\n  _target_: x.GPTModelProvider\n  tensor_model_parallel_size: 2\n  \
-             pipeline_model_parallel_size: 4\r\n  virtual_pipeline_model_parallel_size: null\n  \
-             hidden_size: 64\nnote: tensor_model_parallel_size: 1\n"
-        );
-        assert_eq!(with_parallel_sizes(rc, 1, 1), rc);
     }
 }

@@ -1,7 +1,20 @@
-//! The trainer's own resume checkpoints: everything a bit-identical continuation needs — fp32
-//! master weights, AdamW's moments and step, the iteration and the samples consumed (the data
-//! position, as Megatron's `consumed_train_samples`) — under `SAVE/iter_{N:07}/`, with Megatron's
-//! tracker `latest_checkpointed_iteration.txt` beside them.
+//! The trainer's checkpoints, as Megatron-Bridge saves them: a torch_dist checkpoint under
+//! `SAVE/iter_{N:07}/` that megatron-core loads and Megatron-Bridge resumes from — the model's
+//! weights under their megatron-core keys, the distributed optimizer's state in its
+//! `fully_reshardable` form (`optimizer.state.{param,exp_avg,exp_avg_sq}.<key>`, each with its
+//! model key's shape and chunks: the fp32 master weights and AdamW's moments), the common state
+//! (parameter groups with Adam's step, the scheduler's state; see [`crate::bridge_state`]),
+//! `train_state.pt` (iteration, samples consumed: the data position, as Megatron's
+//! `consumed_train_samples`) and `run_config.yaml` — with Megatron's tracker
+//! `latest_checkpointed_iteration.txt` and `latest_train_state.pt` beside them.
+//!
+//! No RNG state is saved (`save_rng: false` in the run config, which Bridge reads on resume):
+//! bridgeflow's loop keeps no generator state — initialisation is seeded once, and LoRA
+//! dropout's masks are a function of (seed, iteration, micro-batch, site) — so a continuation
+//! needs none.
+//!
+//! bridgeflow resumes from its own index of the same files (`bridgeflow_resume.json`: where
+//! each fp32 tensor lies, its CRC-32, and the loop's counters), bit for bit.
 //!
 //! A run with a frozen base (LoRA, DoRA) keeps only what trains — the adapters and their
 //! moments — as Megatron-Bridge's PEFT checkpoints do; the base is referenced (its parameters'
@@ -11,18 +24,23 @@
 //! renamed; the tracker is replaced (write, sync, rename) only after that, so a kill at any
 //! moment leaves the previous checkpoint as the one a resume finds.
 
+use crate::bridge_state::{self, Group, Progress, RunSettings, OPTIMIZER_STATES};
 use crate::optim::AdamW;
 use crate::params::Params;
+use bridgeflow_megatron::emit::{none_list_pickle, tensor_pickle, torch_save, Archive};
+use bridgeflow_megatron::placement::dist_place;
+use bridgeflow_megatron::{dcp, names, run_config};
 use bridgeflow_sdk::serde_json::{self, json};
-use bridgeflow_sdk::{PluginError, Result};
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use bridgeflow_sdk::{DType, PluginError, Result};
+use std::collections::BTreeMap;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-pub const TRACKER: &str = "latest_checkpointed_iteration.txt";
-const TENSORS: &str = "trainer_state.safetensors";
-const STATE: &str = "train_state.json";
+pub const TRACKER: &str = names::LATEST_ITERATION;
+const LATEST_TRAIN_STATE: &str = "latest_train_state.pt";
+const DATA_FILE: &str = "__0_0.distcp";
+const RESUME_INDEX: &str = "bridgeflow_resume.json";
 
 /// Where training stands, as saved.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,8 +49,18 @@ pub struct Position {
     pub consumed_samples: u64,
     /// Samples of the iterations that updated the weights (the schedule's count; fp16 skips).
     pub scheduled_samples: u64,
+    pub consumed_valid_samples: u64,
     /// fp16's loss scaler: (scale, growth tracker, hysteresis tracker).
     pub loss_scale: Option<(f64, u64, u64)>,
+}
+
+/// What the checkpoint repeats of the run besides the state: its settings, the model's layer
+/// count (megatron-core stacks the layers' tensors) and the run config to save beside it.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    pub settings: RunSettings,
+    pub num_layers: u64,
+    pub run_config: Option<String>,
 }
 
 fn iter_dir(root: &Path, iteration: u64) -> PathBuf {
@@ -52,65 +80,114 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(io(path, "cannot sync"))
 }
 
+/// `bytes` to `dir/name` by a synced temporary file renamed over it.
+fn replace_synced(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.partial-{}", std::process::id()));
+    if let Err(e) = write_synced(&tmp, bytes) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, dir.join(name)).map_err(io(dir, "cannot update a file in"))
+}
+
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// A trainable parameter as saved: the model's tensor (in the model's dtype) and the
+/// optimizer's three fp32 tensors, in [`OPTIMIZER_STATES`]' order.
+struct Saved {
+    name: String,
+    shape: Vec<u64>,
+    dtype: DType,
+    model: Vec<u8>,
+    states: [Vec<u8>; 3],
+}
+
+/// One item of the data file: a tensor chunk (its DCP key, global shape, offsets) whose
+/// payload is `bytes`, or a byte object.
+struct Item<'a> {
+    /// The parameter, and which of its tensors (None: the model's).
+    of: (&'a str, Option<&'static str>),
+    key: String,
+    dtype: DType,
+    global: Vec<u64>,
+    offsets: Vec<u64>,
+    local: Vec<u64>,
+    payload: &'a [u8],
+    archive: Archive,
+    stored: dcp::Stored,
+}
+
 /// What a checkpoint holds, copied out of the trainer (so that it can be written while
-/// training goes on): every tensor's name, shape and fp32 bytes, and the JSON state.
+/// training goes on).
 pub struct Snapshot {
-    blobs: Vec<(String, Vec<usize>, Vec<u8>)>,
-    state: serde_json::Value,
-    iteration: u64,
+    tensors: Vec<Saved>,
+    groups: Vec<Group>,
+    progress: Progress,
+    info: RunInfo,
+    frozen_base: serde_json::Value,
 }
 
 impl Snapshot {
     /// The state after `pos.iteration` iterations.
-    pub fn take(params: &Params, adam: &AdamW, pos: &Position) -> Snapshot {
-        let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    pub fn take(params: &Params, adam: &AdamW, pos: &Position, info: &RunInfo) -> Result<Snapshot> {
+        let mut tensors = Vec::new();
+        let mut groups = Vec::new();
         for (name, p) in params.by_name.iter().filter(|(_, p)| p.trainable) {
-            blobs.push((
-                format!("param.{name}"),
-                p.shape.clone(),
-                f32_bytes(&p.master),
-            ));
-            if let Some((m, v)) = adam.moments.get(name) {
-                blobs.push((format!("exp_avg.{name}"), p.shape.clone(), f32_bytes(m)));
-                blobs.push((format!("exp_avg_sq.{name}"), p.shape.clone(), f32_bytes(v)));
-            }
+            let zeros;
+            let (m, v) = match adam.moments.get(name) {
+                Some((m, v)) => (m, v),
+                // No update yet (fp16's first steps skipped): Adam's moments are zeros.
+                None => {
+                    zeros = vec![0.0f32; p.master.len()];
+                    (&zeros, &zeros)
+                }
+            };
+            tensors.push(Saved {
+                name: name.clone(),
+                shape: p.shape.iter().map(|&d| d as u64).collect(),
+                dtype: p.dtype,
+                model: crate::params::encode(p.dtype, &p.master)?,
+                states: [f32_bytes(&p.master), f32_bytes(m), f32_bytes(v)],
+            });
+            groups.push(Group::of(name, p.decay));
         }
-        let state = json!({
-            "iteration": pos.iteration,
-            "consumed_train_samples": pos.consumed_samples,
-            "scheduled_train_samples": pos.scheduled_samples,
-            "loss_scale": pos.loss_scale.map(|(s, g, h)| json!({"scale": s, "growth_tracker": g, "hysteresis_tracker": h})),
-            "adam_step": adam.step,
-            "adam_beta1": adam.beta1,
-            "adam_beta2": adam.beta2,
-            "adam_eps": adam.eps,
-            "frozen_base": frozen_base(params),
-        });
-        Snapshot {
-            blobs,
-            state,
-            iteration: pos.iteration,
-        }
+        Ok(Snapshot {
+            tensors,
+            groups,
+            progress: Progress {
+                iteration: pos.iteration,
+                consumed_train_samples: pos.consumed_samples,
+                scheduled_samples: pos.scheduled_samples,
+                consumed_valid_samples: pos.consumed_valid_samples,
+                adam_step: adam.step,
+                loss_scale: pos.loss_scale,
+            },
+            info: info.clone(),
+            frozen_base: frozen_base(params),
+        })
     }
 
     /// Writes it under `root` atomically, the tracker last.
     pub fn write(&self, root: &Path) -> Result<PathBuf> {
+        let iteration = self.progress.iteration;
         std::fs::create_dir_all(root).map_err(io(root, "cannot create"))?;
-        let target = iter_dir(root, self.iteration);
+        let target = iter_dir(root, iteration);
         let staging = root.join(format!(
-            ".iter_{:07}.partial-{}",
-            self.iteration,
+            ".iter_{iteration:07}.partial-{}",
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging).map_err(io(&staging, "cannot create"))?;
         // A failure (a full disk) leaves no half-written folder behind, only the previous
         // checkpoint and its tracker.
-        if let Err(e) = self.stage(&staging) {
+        let train_state = torch_save(
+            "train_state",
+            &bridge_state::train_state(&self.info.settings, &self.progress),
+            "train_state",
+        );
+        if let Err(e) = self.stage(&staging, &train_state) {
             let _ = std::fs::remove_dir_all(&staging);
             return Err(e);
         }
@@ -118,35 +195,175 @@ impl Snapshot {
             std::fs::remove_dir_all(&target).map_err(io(&target, "cannot replace"))?;
         }
         std::fs::rename(&staging, &target).map_err(io(&target, "cannot commit"))?;
-        let tracker_tmp = root.join(format!(".{TRACKER}.partial-{}", std::process::id()));
-        if let Err(e) = write_synced(&tracker_tmp, self.iteration.to_string().as_bytes()) {
-            let _ = std::fs::remove_file(&tracker_tmp);
-            return Err(e);
-        }
-        std::fs::rename(&tracker_tmp, root.join(TRACKER))
-            .map_err(io(root, "cannot update the tracker in"))?;
+        replace_synced(root, LATEST_TRAIN_STATE, &train_state)?;
+        replace_synced(root, TRACKER, iteration.to_string().as_bytes())?;
         if let Ok(d) = std::fs::File::open(root) {
             let _ = d.sync_all();
         }
         Ok(target)
     }
 
-    /// The checkpoint's files, written and synced in `staging`.
-    fn stage(&self, staging: &Path) -> Result<()> {
-        let views: Vec<(String, TensorView<'_>)> = self
-            .blobs
-            .iter()
-            .map(|(n, s, b)| {
-                Ok((
-                    n.clone(),
-                    TensorView::new(Dtype::F32, s.clone(), b).map_err(st)?,
-                ))
+    /// The data file's items in order: the `_extra_state` byte objects megatron-core's
+    /// layers have, then each parameter's model tensor and its optimizer state, placed as
+    /// megatron-core keys them (the layers' tensors stacked, one chunk per layer).
+    fn items(&self) -> (Vec<(String, Archive)>, Vec<Item<'_>>) {
+        let mut items = Vec::new();
+        let mut extra = BTreeMap::new();
+        for t in &self.tensors {
+            let zeros = vec![0; t.shape.len()];
+            let place = dist_place(
+                &t.name,
+                t.shape.clone(),
+                zeros,
+                t.shape.clone(),
+                Some(self.info.num_layers),
+            );
+            for k in names::te_extra_state(&place.key, &place.global, true, false) {
+                extra.entry(k).or_insert(());
+            }
+            let model = (None, place.key.clone(), t.dtype, &t.model[..]);
+            let states = OPTIMIZER_STATES.iter().zip(&t.states).map(|(&s, b)| {
+                let key = bridge_state::optimizer_key(s, &place.key);
+                (Some(s), key, DType::F32, &b[..])
+            });
+            for (state, key, dtype, payload) in std::iter::once(model).chain(states) {
+                let seed = dcp_chunk_name(&key, &place.offsets);
+                let archive = Archive::new(
+                    "archive",
+                    tensor_pickle(dtype, &place.local),
+                    Some(payload.len() as u64),
+                    &seed,
+                );
+                items.push(Item {
+                    of: (&t.name, state),
+                    key,
+                    dtype,
+                    global: place.global.clone(),
+                    offsets: place.offsets.clone(),
+                    local: place.local.clone(),
+                    payload,
+                    archive,
+                    stored: dcp::Stored {
+                        file: DATA_FILE.into(),
+                        offset: 0,
+                        len: 0,
+                    },
+                });
+            }
+        }
+        let bytes = extra
+            .into_keys()
+            .map(|k| {
+                let a = Archive::new("archive", none_list_pickle(), None, &k);
+                (k, a)
             })
-            .collect::<Result<_>>()?;
-        let bytes = safetensors::serialize(views, None).map_err(st)?;
-        write_synced(&staging.join(TENSORS), &bytes)?;
-        write_synced(&staging.join(STATE), self.state.to_string().as_bytes())
+            .collect();
+        (bytes, items)
     }
+
+    /// The checkpoint's files, written and synced in `staging`.
+    fn stage(&self, staging: &Path, train_state: &[u8]) -> Result<()> {
+        let (bytes, mut items) = self.items();
+        // Lay out: byte objects first, then the tensors, each archive whole.
+        let mut cursor = 0u64;
+        let mut byte_items = Vec::new();
+        for (key, a) in bytes {
+            let b = a.bytes();
+            let stored = dcp::Stored {
+                file: DATA_FILE.into(),
+                offset: cursor,
+                len: b.len() as u64,
+            };
+            cursor += b.len() as u64;
+            byte_items.push((key, stored, b));
+        }
+        for it in &mut items {
+            it.stored.offset = cursor;
+            it.stored.len = it.archive.total;
+            cursor += it.archive.total;
+        }
+        let path = staging.join(DATA_FILE);
+        let f = std::fs::File::create(&path).map_err(io(&path, "cannot create"))?;
+        bridgeflow_sdk::fsutil::reserve(&f, &path, cursor)?;
+        let at = |b: &[u8], off: u64| f.write_all_at(b, off).map_err(io(&path, "cannot write"));
+        for (_, s, b) in &byte_items {
+            at(b, s.offset)?;
+        }
+        let mut index: BTreeMap<&str, serde_json::Map<String, serde_json::Value>> = BTreeMap::new();
+        for it in &mut items {
+            let crc = crc32fast::hash(it.payload);
+            let payload_at = it.stored.offset + it.archive.payload_offset().expect("a payload");
+            at(it.payload, payload_at)?;
+            for (off, b) in it.archive.frame(crc) {
+                at(&b, it.stored.offset + off)?;
+            }
+            if let (name, Some(state)) = it.of {
+                index.entry(name).or_default().insert(
+                    state.into(),
+                    json!({"offset": payload_at, "len": it.payload.len(), "crc32": crc}),
+                );
+            }
+        }
+        f.sync_all().map_err(io(&path, "cannot sync"))?;
+        let chunks: Vec<dcp::Chunk> = items
+            .iter()
+            .map(|it| dcp::Chunk {
+                key: &it.key,
+                dtype: it.dtype,
+                global: &it.global,
+                offsets: &it.offsets,
+                local: &it.local,
+                stored: it.stored.clone(),
+            })
+            .collect();
+        let byte_index: Vec<(&str, dcp::Stored)> = byte_items
+            .iter()
+            .map(|(k, s, _)| (k.as_str(), s.clone()))
+            .collect();
+        let common = bridge_state::common_state(&self.groups, &self.info.settings, &self.progress);
+        write_synced(
+            &staging.join("common.pt"),
+            &torch_save("common", &common, "common"),
+        )?;
+        write_synced(&staging.join("metadata.json"), dcp::METADATA_JSON)?;
+        write_synced(&staging.join("train_state.pt"), train_state)?;
+        if let Some(rc) = &self.info.run_config {
+            let rc = run_config::with_values(rc, &[("save_optim", "true"), ("save_rng", "false")]);
+            write_synced(&staging.join("run_config.yaml"), rc.as_bytes())?;
+        }
+        write_synced(
+            &staging.join(RESUME_INDEX),
+            self.resume_index(index).to_string().as_bytes(),
+        )?;
+        // .metadata last: without it the folder is not a checkpoint.
+        write_synced(
+            &staging.join(".metadata"),
+            &dcp::metadata_pickle(&chunks, &byte_index),
+        )
+    }
+
+    /// bridgeflow's own index: the loop's counters and, per parameter, where each of its
+    /// fp32 tensors' payload lies in the data file.
+    fn resume_index(
+        &self,
+        tensors: BTreeMap<&str, serde_json::Map<String, serde_json::Value>>,
+    ) -> serde_json::Value {
+        let p = &self.progress;
+        json!({
+            "iteration": p.iteration,
+            "consumed_train_samples": p.consumed_train_samples,
+            "scheduled_train_samples": p.scheduled_samples,
+            "consumed_valid_samples": p.consumed_valid_samples,
+            "loss_scale": p.loss_scale.map(|(s, g, h)| json!({"scale": s, "growth_tracker": g, "hysteresis_tracker": h})),
+            "adam_step": p.adam_step,
+            "frozen_base": self.frozen_base,
+            "tensors": tensors,
+        })
+    }
+}
+
+fn dcp_chunk_name(key: &str, offsets: &[u64]) -> String {
+    format!("{key}{offsets:?}")
 }
 
 /// The frozen parameters a checkpoint leaves out: their count and a fingerprint (CRC-32C
@@ -177,12 +394,14 @@ fn frozen_base(params: &Params) -> serde_json::Value {
 }
 
 /// Saves the state after `pos.iteration` iterations.
-pub fn save(root: &Path, params: &Params, adam: &AdamW, pos: &Position) -> Result<PathBuf> {
-    Snapshot::take(params, adam, pos).write(root)
-}
-
-fn st(e: safetensors::SafeTensorError) -> PluginError {
-    PluginError::format(format!("trainer checkpoint: {e}"))
+pub fn save(
+    root: &Path,
+    params: &Params,
+    adam: &AdamW,
+    pos: &Position,
+    info: &RunInfo,
+) -> Result<PathBuf> {
+    Snapshot::take(params, adam, pos, info)?.write(root)
 }
 
 /// The iteration the tracker under `root` names, if there is one.
@@ -200,6 +419,47 @@ pub fn latest(root: &Path) -> Result<Option<u64>> {
     })
 }
 
+/// One fp32 tensor of `name` (`state`: param, exp_avg, exp_avg_sq) from the data file, where
+/// the index says, its CRC-32 checked.
+fn read_state(
+    data: &std::fs::File,
+    data_path: &Path,
+    entry: &serde_json::Value,
+    (name, state): (&str, &str),
+    numel: usize,
+) -> Result<Vec<f32>> {
+    let loc = &entry[state];
+    let (Some(offset), Some(len), Some(crc)) = (
+        loc["offset"].as_u64(),
+        loc["len"].as_u64(),
+        loc["crc32"].as_u64(),
+    ) else {
+        return Err(PluginError::format(format!(
+            "{}: no {state} of '{name}' in {RESUME_INDEX}",
+            data_path.display()
+        )));
+    };
+    if len != numel as u64 * 4 {
+        return Err(PluginError::shape(format!(
+            "{}: '{name}' {state} holds {len} bytes; the model's has {numel} fp32 values",
+            data_path.display()
+        )));
+    }
+    let mut bytes = vec![0u8; len as usize];
+    data.read_exact_at(&mut bytes, offset)
+        .map_err(io(data_path, "cannot read"))?;
+    if crc32fast::hash(&bytes) as u64 != crc {
+        return Err(PluginError::format(format!(
+            "{}: '{name}' {state} fails its CRC-32 (the checkpoint is damaged)",
+            data_path.display()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect())
+}
+
 /// Restores the state saved at `iteration` into `params` and `adam`: every parameter present,
 /// of the same shape.
 pub fn load(
@@ -209,7 +469,7 @@ pub fn load(
     adam: &mut AdamW,
 ) -> Result<Position> {
     let dir = iter_dir(root, iteration);
-    let state_path = dir.join(STATE);
+    let state_path = dir.join(RESUME_INDEX);
     let text = std::fs::read_to_string(&state_path).map_err(io(&state_path, "cannot read"))?;
     let state: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| PluginError::format(format!("{}: {e}", state_path.display())))?;
@@ -218,7 +478,6 @@ pub fn load(
             PluginError::format(format!("{}: no integer '{k}'", state_path.display()))
         })
     };
-    let consumed = num("consumed_train_samples")?;
     let scaler = &state["loss_scale"];
     let loss_scale = match scaler.is_null() {
         true => None,
@@ -230,31 +489,10 @@ pub fn load(
     };
     let pos = Position {
         iteration: num("iteration")?,
-        consumed_samples: consumed,
-        scheduled_samples: state["scheduled_train_samples"]
-            .as_u64()
-            .unwrap_or(consumed),
+        consumed_samples: num("consumed_train_samples")?,
+        scheduled_samples: num("scheduled_train_samples")?,
+        consumed_valid_samples: num("consumed_valid_samples")?,
         loss_scale,
-    };
-    let path = dir.join(TENSORS);
-    let bytes = std::fs::read(&path).map_err(io(&path, "cannot read"))?;
-    let tensors = SafeTensors::deserialize(&bytes).map_err(st)?;
-    let values = |key: &str, shape: &[usize]| -> Result<Vec<f32>> {
-        let t = tensors.tensor(key).map_err(|_| {
-            PluginError::shape(format!("{}: no '{key}' (another model?)", path.display()))
-        })?;
-        if t.shape() != shape || t.dtype() != Dtype::F32 {
-            return Err(PluginError::shape(format!(
-                "{}: '{key}' is {:?} {:?}; the model has {shape:?} F32",
-                path.display(),
-                t.dtype(),
-                t.shape()
-            )));
-        }
-        Ok(t.data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect())
     };
     let base = &state["frozen_base"];
     if !base.is_null() && *base != frozen_base(params) {
@@ -264,17 +502,25 @@ pub fn load(
             frozen_base(params)
         )));
     }
+    let data_path = dir.join(DATA_FILE);
+    let data = std::fs::File::open(&data_path).map_err(io(&data_path, "cannot open"))?;
     adam.moments.clear();
     for (name, p) in params.by_name.iter_mut() {
         if !p.trainable && !base.is_null() {
             continue; // the base, fed again
         }
-        p.master = values(&format!("param.{name}"), &p.shape)?;
-        if tensors.tensor(&format!("exp_avg.{name}")).is_ok() {
-            let m = values(&format!("exp_avg.{name}"), &p.shape)?;
-            let v = values(&format!("exp_avg_sq.{name}"), &p.shape)?;
-            adam.moments.insert(name.clone(), (m, v));
+        let entry = &state["tensors"][name.as_str()];
+        if entry.is_null() {
+            return Err(PluginError::shape(format!(
+                "{}: no '{name}' (another model?)",
+                state_path.display()
+            )));
         }
+        let n = p.master.len();
+        let read = |s: &str| read_state(&data, &data_path, entry, (name, s), n);
+        p.master = read("param")?;
+        adam.moments
+            .insert(name.clone(), (read("exp_avg")?, read("exp_avg_sq")?));
     }
     adam.step = num("adam_step")?;
     params.publish()?;

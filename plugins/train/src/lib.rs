@@ -10,6 +10,7 @@
 //! trained and on what; [`peft`] exports adapters for Hugging Face PEFT.
 
 pub mod assemble;
+pub mod bridge_state;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -44,6 +44,10 @@ pub struct TrainStage {
     eval_due: bool,
     /// (iteration, validation loss) of each evaluation.
     validation: Vec<(u64, f64)>,
+    /// Held-out samples evaluated on, before a resume too (Bridge's `consumed_valid_samples`).
+    valid_consumed: u64,
+    /// What a checkpoint repeats of the run (set when training starts).
+    run_info: Option<checkpoint::RunInfo>,
     /// The checkpoint being written in the background (`async_save`).
     saving: Option<std::thread::JoinHandle<Result<std::path::PathBuf>>>,
     /// Distillation: the teacher's config and its weights as they arrive (input 3).
@@ -92,6 +96,8 @@ impl Transform for TrainStage {
             valid_rows: 0,
             eval_due: false,
             validation: Vec::new(),
+            valid_consumed: 0,
+            run_info: None,
             saving: None,
             teacher_model: None,
             teacher_weights: None,
@@ -399,6 +405,14 @@ impl TrainStage {
                 );
             }
         }
+        self.run_info = Some(checkpoint::RunInfo {
+            settings: crate::bridge_state::RunSettings::of(
+                &self.cfg,
+                &crate::schedule::Schedule::from_config(&self.cfg)?,
+            ),
+            num_layers: model.num_layers as u64,
+            run_config: bridgeflow_megatron::run_config::of_plan(&self.out_plan)?,
+        });
         let mut trainer = Trainer::new(self.cfg.clone(), model, params, dev)?;
         trainer.teacher = teacher;
         if let Some(root) = &self.cfg.load {
@@ -414,6 +428,7 @@ impl TrainStage {
                     (s.scale, s.growth_tracker, s.hysteresis_tracker) = (scale, growth, hysteresis);
                 }
                 self.skip = pos.consumed_samples;
+                self.valid_consumed = pos.consumed_valid_samples;
                 self.saved_at = pos.iteration;
                 eprintln!(
                     "resuming from {} at iteration {} ({} samples consumed)",
@@ -513,6 +528,7 @@ impl TrainStage {
         }
         let trainer = self.trainer.as_ref().expect("training");
         let batch: Vec<Sample> = self.valid_queue.drain(..need).collect();
+        self.valid_consumed += need as u64;
         let (loss, _) = trainer.evaluate(&batch)?;
         let iteration = trainer.iteration;
         self.eval_due = false;
@@ -594,12 +610,14 @@ impl TrainStage {
             iteration: t.iteration,
             consumed_samples: t.consumed_samples,
             scheduled_samples: t.scheduled_samples,
+            consumed_valid_samples: self.valid_consumed,
             loss_scale: t
                 .scaler
                 .as_ref()
                 .map(|s| (s.scale, s.growth_tracker, s.hysteresis_tracker)),
         };
-        let snapshot = checkpoint::Snapshot::take(&t.params, &t.adam, &pos);
+        let info = self.run_info.as_ref().expect("set when training started");
+        let snapshot = checkpoint::Snapshot::take(&t.params, &t.adam, &pos, info)?;
         let (root, iteration) = (root.clone(), t.iteration);
         self.saved_at = iteration;
         // One checkpoint in flight at a time: the previous one is on disk before this starts.

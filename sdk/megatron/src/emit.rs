@@ -526,3 +526,89 @@ impl Archive {
         out
     }
 }
+
+/// A Python value as `torch.save` pickles it: what a checkpoint's common state and
+/// `train_state.pt` hold (dicts of numbers, strings, tuples, and 0-d or small tensors).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PyValue {
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Tuple(Vec<PyValue>),
+    List(Vec<PyValue>),
+    /// Keys in order, as a Python dict keeps them.
+    Dict(Vec<(String, PyValue)>),
+    /// A contiguous tensor: dtype, shape (empty for 0-d) and little-endian bytes.
+    Tensor(DType, Vec<u64>, Vec<u8>),
+}
+
+impl PyValue {
+    /// A dict from `(key, value)` pairs.
+    pub fn dict<K: Into<String>>(items: impl IntoIterator<Item = (K, PyValue)>) -> PyValue {
+        PyValue::Dict(items.into_iter().map(|(k, v)| (k.into(), v)).collect())
+    }
+    pub fn str(s: impl Into<String>) -> PyValue {
+        PyValue::Str(s.into())
+    }
+
+    fn pickle(&self, p: &mut Pickler, storages: &mut Vec<Vec<u8>>) {
+        match self {
+            PyValue::None => p.none(),
+            PyValue::Bool(b) => p.bool(*b),
+            PyValue::Int(v) => p.int(*v),
+            PyValue::Float(v) => p.float(*v),
+            PyValue::Str(s) => p.str(s),
+            PyValue::Tuple(items) => {
+                if items.len() > 3 {
+                    p.mark();
+                }
+                for v in items {
+                    v.pickle(p, storages);
+                }
+                p.tuple(items.len());
+            }
+            PyValue::List(items) => {
+                p.empty_list();
+                if !items.is_empty() {
+                    p.mark();
+                    for v in items {
+                        v.pickle(p, storages);
+                    }
+                    p.op(b'e');
+                }
+            }
+            PyValue::Dict(items) => {
+                p.dict_begin();
+                for (k, v) in items {
+                    p.str(k);
+                    v.pickle(p, storages);
+                }
+                p.dict_end();
+            }
+            PyValue::Tensor(dtype, shape, bytes) => {
+                tensor_value(p, *dtype, shape, storages.len());
+                storages.push(bytes.clone());
+            }
+        }
+    }
+}
+
+/// `torch.save(value)`'s bytes: the archive named `prefix` with its tensors' storages.
+pub fn torch_save(prefix: &str, value: &PyValue, seed: &str) -> Vec<u8> {
+    let mut p = Pickler::new();
+    let mut storages = Vec::new();
+    value.pickle(&mut p, &mut storages);
+    let lens: Vec<u64> = storages.iter().map(|s| s.len() as u64).collect();
+    let mut a = Archive::with_payloads(prefix, p.finish(), &lens, seed);
+    let mut out = vec![0u8; a.total as usize];
+    for (at, s) in a.payload_offsets().into_iter().zip(&storages) {
+        out[at as usize..at as usize + s.len()].copy_from_slice(s);
+    }
+    let crcs: Vec<u32> = storages.iter().map(|s| crc32fast::hash(s)).collect();
+    for (off, b) in a.frame_all(&crcs) {
+        out[off as usize..off as usize + b.len()].copy_from_slice(&b);
+    }
+    out
+}

@@ -27,5 +27,6 @@ pub mod emit;
 pub mod mapping;
 pub mod names;
 pub mod placement;
+pub mod run_config;
 pub mod tp;
 pub mod vocab;
