@@ -101,11 +101,17 @@ pub fn write_samples(out: &Path, iters: usize) {
 
 /// Those of the golden global batches `which` (0-based iterations), in that order.
 pub fn write_batches(out: &Path, which: impl IntoIterator<Item = usize>) {
+    write_cut_batches(out, which, usize::MAX)
+}
+
+/// [`write_batches`] with each sample cut to its first `keep` ids (and `keep` − 1 mask values).
+pub fn write_cut_batches(out: &Path, which: impl IntoIterator<Item = usize>, keep: usize) {
     let bytes = std::fs::read(train_fixtures().join("batches.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let tokens = st.tensor("tokens").unwrap();
     let mask = st.tensor("loss_mask").unwrap();
     let (gbs, n_tok) = (tokens.shape()[1], tokens.shape()[2]);
+    let cut = keep.min(n_tok);
     let ids: Vec<i64> = tokens
         .data()
         .chunks_exact(8)
@@ -115,10 +121,10 @@ pub fn write_batches(out: &Path, which: impl IntoIterator<Item = usize>) {
     let mut tb = ListBuilder::new(Int64Builder::new());
     let mut mb = ListBuilder::new(Float32Builder::new());
     for s in which.into_iter().flat_map(|k| k * gbs..(k + 1) * gbs) {
-        tb.values().append_slice(&ids[s * n_tok..(s + 1) * n_tok]);
+        tb.values().append_slice(&ids[s * n_tok..s * n_tok + cut]);
         tb.append(true);
         mb.values()
-            .append_slice(&m[s * (n_tok - 1)..(s + 1) * (n_tok - 1)]);
+            .append_slice(&m[s * (n_tok - 1)..s * (n_tok - 1) + cut - 1]);
         mb.append(true);
     }
     let batch = RecordBatch::try_from_iter(vec![
