@@ -3,7 +3,10 @@ ours — weights, distributed-optimizer state (fully_reshardable), scheduler, da
 continuing from our iteration-2 checkpoint with Bridge's own optimizer must land where our run
 did at iteration 4.
 
-    python scripts/check_bridge_resume.py [WORK_DIR]
+    python scripts/check_bridge_resume.py [WORK_DIR] [HF_FIXTURE]
+
+HF_FIXTURE: the tiny Llama by default; `tests/fixtures/shared/hf/qwen3_moe` checks an MoE
+checkpoint (experts in their own expert-parallel parameter groups, the load-balancing loss).
 
 1. Writes the golden batches (tests/fixtures/train/batches.safetensors) as Parquet and runs
    bridgeflow (target/debug/bridgeflow, built first) on the tiny Llama fixture: 4 iterations of
@@ -33,6 +36,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 REPO = HERE.parents[1]
 WORK = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp())
+if len(sys.argv) > 2:
+    spike.HF = Path(sys.argv[2]).resolve()
 CKPT = WORK / "ckpt"
 RUN = dict(lr=1e-3, min_lr=1e-4, warmup_iters=2, decay_iters=20, train_iters=4, gbs=4, mbs=2,
            seq=32)
@@ -118,6 +123,11 @@ def train(model, optimizer, scheduler, state, iters):
     flat_t = tokens.reshape(-1, tokens.shape[-1])
     flat_m = mask.reshape(-1, mask.shape[-1])
     m, gbs, mbs, seq = model[0], RUN["gbs"], RUN["mbs"], RUN["seq"]
+    # megatron-core's schedule scales the MoE load-balancing loss's gradient by
+    # 1/num_microbatches (MoEAuxLossAutoScaler); no effect on a dense model.
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / (gbs // mbs)))
     history = []
     for _ in range(iters):
         start = int(state.train_state.consumed_train_samples)
