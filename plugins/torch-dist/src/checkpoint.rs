@@ -524,78 +524,28 @@ pub fn tensor_in(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::emit::{either::Arg, Pickler};
+    use bridgeflow_megatron::dcp;
 
-    /// A `.metadata` for one [4, 2] f32 tensor with the given chunks (offsets, sizes).
+    /// A `.metadata` for one [4, 2] f32 tensor with the given chunks (offsets, sizes), each
+    /// item 100 bytes of `__0_0.distcp`.
     fn metadata(chunks: &[([u64; 2], [u64; 2])]) -> Vec<u8> {
-        const M: &str = "torch.distributed.checkpoint.metadata";
-        let mut p = Pickler::new();
-        p.newobj(M, "Metadata");
-        p.dict_begin();
-        p.str("state_dict_metadata");
-        p.dict_begin();
-        p.str("w");
-        p.newobj(M, "TensorStorageMetadata");
-        p.dict_begin();
-        p.str("properties");
-        p.newobj(M, "TensorProperties");
-        p.mark();
-        p.global("torch", "float32");
-        p.reduce1(
-            "torch.serialization",
-            "_get_layout",
-            Arg::Str("torch.strided"),
-        );
-        p.bool(false);
-        p.reduce1(M, "_MEM_FORMAT_ENCODING", Arg::Int(0));
-        p.bool(false);
-        p.tuple(5);
-        p.build();
-        p.str("size");
-        p.torch_size(&[4, 2]);
-        p.str("chunks");
-        p.empty_list();
-        p.mark();
-        for (o, s) in chunks {
-            p.newobj(M, "ChunkStorageMetadata");
-            p.dict_begin();
-            p.str("offsets");
-            p.torch_size(o);
-            p.str("sizes");
-            p.torch_size(s);
-            p.dict_end();
-            p.build();
-        }
-        p.op(b'e');
-        p.dict_end();
-        p.build();
-        p.dict_end();
-        p.str("storage_data");
-        p.dict_begin();
-        for (i, (o, _)) in chunks.iter().enumerate() {
-            p.newobj(M, "MetadataIndex");
-            p.dict_begin();
-            p.str("fqn");
-            p.str("w");
-            p.str("offset");
-            p.torch_size(o);
-            p.dict_end();
-            p.build();
-            p.newobj("torch.distributed.checkpoint.filesystem", "_StorageInfo");
-            p.dict_begin();
-            p.str("relative_path");
-            p.str("__0_0.distcp");
-            p.str("offset");
-            p.int(i as i64 * 100);
-            p.str("length");
-            p.int(100);
-            p.dict_end();
-            p.build();
-        }
-        p.dict_end();
-        p.dict_end();
-        p.build();
-        p.finish()
+        let chunks: Vec<dcp::Chunk> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, (o, s))| dcp::Chunk {
+                key: "w",
+                dtype: DType::F32,
+                global: &[4, 2],
+                offsets: o,
+                local: s,
+                stored: dcp::Stored {
+                    file: "__0_0.distcp".into(),
+                    offset: i as u64 * 100,
+                    len: 100,
+                },
+            })
+            .collect();
+        dcp::metadata_pickle(&chunks, &[])
     }
 
     #[test]

@@ -393,17 +393,6 @@ fn frozen_base(params: &Params) -> serde_json::Value {
     json!({"parameters": frozen.len(), "fingerprint": format!("{crc:08x}")})
 }
 
-/// Saves the state after `pos.iteration` iterations.
-pub fn save(
-    root: &Path,
-    params: &Params,
-    adam: &AdamW,
-    pos: &Position,
-    info: &RunInfo,
-) -> Result<PathBuf> {
-    Snapshot::take(params, adam, pos, info)?.write(root)
-}
-
 /// The iteration the tracker under `root` names, if there is one.
 pub fn latest(root: &Path) -> Result<Option<u64>> {
     let path = root.join(TRACKER);
