@@ -242,7 +242,7 @@ class _Done:
 
 # The spike's run; `build(tag, RUN | {...})` for another (scripts/check_bridge_resume.py).
 RUN = dict(lr=3e-4, min_lr=3e-5, warmup_iters=2, decay_iters=None, train_iters=TRAIN_ITERS,
-           gbs=GBS, mbs=MBS, seq=SEQ, ckpt=None)
+           gbs=GBS, mbs=MBS, seq=SEQ, ckpt=None, bf16=False)
 
 
 def build(tag, run=None):
@@ -295,6 +295,9 @@ def build(tag, run=None):
 
     bridge = AutoBridge.from_hf_pretrained(str(HF), torch_dtype=torch.float32)
     provider = bridge.to_megatron_provider(load_weights=False)
+    if run["bf16"]:
+        # Bridge's bf16_mixed: bf16 parameters and activations (fp32 master weights in the optimizer).
+        provider.bf16, provider.params_dtype, provider.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
     provider.finalize()
 
     ddp = DistributedDataParallelConfig(
@@ -307,7 +310,7 @@ def build(tag, run=None):
     )
     ddp.finalize()  # Bridge defers mcore __post_init__ to finalize() (ConfigContainer.validate does it)
     model = provider.provide_distributed_model(
-        ddp_config=ddp, wrap_with_ddp=True, use_cpu_initialization=True, fp16=False, bf16=False
+        ddp_config=ddp, wrap_with_ddp=True, use_cpu_initialization=True, fp16=False, bf16=run["bf16"]
     )
     bridge.load_hf_weights(model)
     for m in model:
@@ -316,8 +319,8 @@ def build(tag, run=None):
 
     opt_cfg = OptimizerConfig(
         optimizer="adam", lr=run["lr"], min_lr=run["min_lr"], weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
-        adam_eps=1e-8, clip_grad=1.0, use_distributed_optimizer=True, bf16=False, fp16=False,
-        params_dtype=torch.float32,
+        adam_eps=1e-8, clip_grad=1.0, use_distributed_optimizer=True, bf16=run["bf16"], fp16=False,
+        params_dtype=torch.bfloat16 if run["bf16"] else torch.float32,
     )
     opt_cfg.finalize()
     sched_cfg = SchedulerConfig(

@@ -144,11 +144,12 @@ impl Snapshot {
                     (&zeros, &zeros)
                 }
             };
+            let dtype = model_dtype(p.compute.or(params.compute), p.dtype);
             tensors.push(Saved {
                 name: name.clone(),
                 shape: p.shape.iter().map(|&d| d as u64).collect(),
-                dtype: p.dtype,
-                model: crate::params::encode(p.dtype, &p.master)?,
+                dtype,
+                model: crate::params::encode(dtype, &p.master)?,
                 states: [f32_bytes(&p.master), f32_bytes(m), f32_bytes(v)],
             });
             groups.push(Group::of(name, p.decay));
@@ -362,6 +363,16 @@ impl Snapshot {
     }
 }
 
+/// The dtype of a saved model tensor: the one it computes in under mixed precision (as
+/// Megatron-Bridge's `bf16_mixed` / `fp16_mixed` model parameters are), else the one it came in.
+fn model_dtype(compute: Option<candle_core::DType>, input: DType) -> DType {
+    match compute {
+        Some(candle_core::DType::BF16) => DType::BF16,
+        Some(candle_core::DType::F16) => DType::F16,
+        _ => input,
+    }
+}
+
 fn dcp_chunk_name(key: &str, offsets: &[u64]) -> String {
     format!("{key}{offsets:?}")
 }
@@ -514,4 +525,21 @@ pub fn load(
     adam.step = num("adam_step")?;
     params.publish()?;
     Ok(pos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::model_dtype;
+    use bridgeflow_sdk::DType;
+
+    /// Under mixed precision the saved weights are Bridge's model parameters (bf16, fp16) and
+    /// the fp32 masters go in the optimizer's state; otherwise the weights keep their dtype.
+    #[test]
+    fn saved_weights_take_the_compute_dtype_under_mixed_precision() {
+        use candle_core::DType as C;
+        assert_eq!(model_dtype(Some(C::BF16), DType::F32), DType::BF16);
+        assert_eq!(model_dtype(Some(C::F16), DType::BF16), DType::F16);
+        assert_eq!(model_dtype(None, DType::BF16), DType::BF16);
+        assert_eq!(model_dtype(Some(C::F32), DType::F32), DType::F32);
+    }
 }
