@@ -373,7 +373,7 @@ impl TorchDistWriter {
                 "archive",
                 tensor_pickle(t.dtype, &c.shape),
                 Some(nbytes),
-                &format!("{}{:?}", place.key, c.offsets),
+                &dcp::archive_seed(&place.key, &c.offsets),
             );
             let total = archive.total;
             let file = dist_file(cursor, rank, self.cfg.files.max(1));

@@ -104,8 +104,8 @@ struct Saved {
     states: [Vec<u8>; 3],
 }
 
-/// One item of the data file: a tensor chunk (its DCP key, global shape, offsets) whose
-/// payload is `bytes`, or a byte object.
+/// One tensor item of the data file: a chunk (its DCP key, global shape, offsets), its payload
+/// and the archive around it.
 struct Item<'a> {
     /// The parameter, and which of its tensors (None: the model's).
     of: (&'a str, Option<&'static str>),
@@ -116,7 +116,6 @@ struct Item<'a> {
     local: Vec<u64>,
     payload: &'a [u8],
     archive: Archive,
-    stored: dcp::Stored,
 }
 
 /// What a checkpoint holds, copied out of the trainer (so that it can be written while
@@ -228,12 +227,11 @@ impl Snapshot {
                 (Some(s), key, DType::F32, &b[..])
             });
             for (state, key, dtype, payload) in std::iter::once(model).chain(states) {
-                let seed = dcp_chunk_name(&key, &place.offsets);
                 let archive = Archive::new(
                     "archive",
                     tensor_pickle(dtype, &place.local),
                     Some(payload.len() as u64),
-                    &seed,
+                    &dcp::archive_seed(&key, &place.offsets),
                 );
                 items.push(Item {
                     of: (&t.name, state),
@@ -244,11 +242,6 @@ impl Snapshot {
                     local: place.local.clone(),
                     payload,
                     archive,
-                    stored: dcp::Stored {
-                        file: DATA_FILE.into(),
-                        offset: 0,
-                        len: 0,
-                    },
                 });
             }
         }
@@ -267,22 +260,23 @@ impl Snapshot {
         let (bytes, mut items) = self.items();
         // Lay out: byte objects first, then the tensors, each archive whole.
         let mut cursor = 0u64;
-        let mut byte_items = Vec::new();
-        for (key, a) in bytes {
-            let b = a.bytes();
+        let mut place = |len: u64| {
             let stored = dcp::Stored {
                 file: DATA_FILE.into(),
                 offset: cursor,
-                len: b.len() as u64,
+                len,
             };
-            cursor += b.len() as u64;
-            byte_items.push((key, stored, b));
-        }
-        for it in &mut items {
-            it.stored.offset = cursor;
-            it.stored.len = it.archive.total;
-            cursor += it.archive.total;
-        }
+            cursor += len;
+            stored
+        };
+        let byte_items: Vec<(String, dcp::Stored, Vec<u8>)> = bytes
+            .into_iter()
+            .map(|(key, a)| {
+                let b = a.bytes();
+                (key, place(b.len() as u64), b)
+            })
+            .collect();
+        let stored: Vec<dcp::Stored> = items.iter().map(|it| place(it.archive.total)).collect();
         let path = staging.join(DATA_FILE);
         let f = std::fs::File::create(&path).map_err(io(&path, "cannot create"))?;
         bridgeflow_sdk::fsutil::reserve(&f, &path, cursor)?;
@@ -291,12 +285,12 @@ impl Snapshot {
             at(b, s.offset)?;
         }
         let mut index: BTreeMap<&str, serde_json::Map<String, serde_json::Value>> = BTreeMap::new();
-        for it in &mut items {
+        for (it, s) in items.iter_mut().zip(&stored) {
             let crc = crc32fast::hash(it.payload);
-            let payload_at = it.stored.offset + it.archive.payload_offset().expect("a payload");
+            let payload_at = s.offset + it.archive.payload_offset().expect("a payload");
             at(it.payload, payload_at)?;
             for (off, b) in it.archive.frame(crc) {
-                at(&b, it.stored.offset + off)?;
+                at(&b, s.offset + off)?;
             }
             if let (name, Some(state)) = it.of {
                 index.entry(name).or_default().insert(
@@ -308,13 +302,14 @@ impl Snapshot {
         f.sync_all().map_err(io(&path, "cannot sync"))?;
         let chunks: Vec<dcp::Chunk> = items
             .iter()
-            .map(|it| dcp::Chunk {
+            .zip(stored)
+            .map(|(it, stored)| dcp::Chunk {
                 key: &it.key,
                 dtype: it.dtype,
                 global: &it.global,
                 offsets: &it.offsets,
                 local: &it.local,
-                stored: it.stored.clone(),
+                stored,
             })
             .collect();
         let byte_index: Vec<(&str, dcp::Stored)> = byte_items
@@ -371,10 +366,6 @@ fn model_dtype(compute: Option<candle_core::DType>, input: DType) -> DType {
         Some(candle_core::DType::F16) => DType::F16,
         _ => input,
     }
-}
-
-fn dcp_chunk_name(key: &str, offsets: &[u64]) -> String {
-    format!("{key}{offsets:?}")
 }
 
 /// The frozen parameters a checkpoint leaves out: their count and a fingerprint (CRC-32C

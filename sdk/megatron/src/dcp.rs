@@ -68,6 +68,12 @@ pub fn metadata_pickle(chunks: &[Chunk], bytes: &[(&str, Stored)]) -> Vec<u8> {
     p.finish()
 }
 
+/// What a tensor chunk's archive derives its serialization id from (torch writes a random one;
+/// ours is reproducible): the key and the chunk's offsets.
+pub fn archive_seed(key: &str, offsets: &[u64]) -> String {
+    format!("{key}{offsets:?}")
+}
+
 /// `metadata.json`, as megatron-core 0.16 and 0.19 write it for torch_dist.
 pub const METADATA_JSON: &[u8] = br#"{"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}"#;
 
