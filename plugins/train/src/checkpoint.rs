@@ -94,13 +94,14 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// A trainable parameter as saved: the model's tensor (in the model's dtype) and the
-/// optimizer's three fp32 tensors, in [`OPTIMIZER_STATES`]' order.
+/// A trainable parameter as saved: the model's tensor (in the model's dtype; none when that is
+/// fp32, whose bytes are the master's) and the optimizer's three fp32 tensors, in
+/// [`OPTIMIZER_STATES`]' order.
 struct Saved {
     name: String,
     shape: Vec<u64>,
     dtype: DType,
-    model: Vec<u8>,
+    model: Option<Vec<u8>>,
     states: [Vec<u8>; 3],
 }
 
@@ -148,7 +149,10 @@ impl Snapshot {
                 name: name.clone(),
                 shape: p.shape.iter().map(|&d| d as u64).collect(),
                 dtype,
-                model: crate::params::encode(dtype, &p.master)?,
+                model: match dtype {
+                    DType::F32 => None,
+                    _ => Some(crate::params::encode(dtype, &p.master)?),
+                },
                 states: [f32_bytes(&p.master), f32_bytes(m), f32_bytes(v)],
             });
             groups.push(Group::of(name, p.decay));
@@ -221,7 +225,8 @@ impl Snapshot {
             for k in names::te_extra_state(&place.key, &place.global, true, false) {
                 extra.entry(k).or_insert(());
             }
-            let model = (None, place.key.clone(), t.dtype, &t.model[..]);
+            let weights = t.model.as_deref().unwrap_or(&t.states[0]);
+            let model = (None, place.key.clone(), t.dtype, weights);
             let states = OPTIMIZER_STATES.iter().zip(&t.states).map(|(&s, b)| {
                 let key = bridge_state::optimizer_key(s, &place.key);
                 (Some(s), key, DType::F32, &b[..])
