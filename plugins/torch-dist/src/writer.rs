@@ -10,7 +10,7 @@
 //! __0_0.distcp, __0_1.distcp, common.pt, metadata.json}` — the layout both megatron-core 0.16
 //! and 0.19 load (the common state in `common.pt`, the four-key `metadata.json`).
 
-use crate::emit::{none_list_pickle, tensor_pickle, Archive, Pickler};
+use crate::emit::{none_list_pickle, tensor_pickle, torch_save, Archive, PyValue};
 use bridgeflow_megatron::degree::{check_degree, check_product};
 use bridgeflow_megatron::names;
 use bridgeflow_megatron::placement::{
@@ -301,16 +301,13 @@ impl TorchDistWriter {
         dcp::metadata_pickle(&chunks, &bytes)
     }
 
+    /// `torch.save({'checkpoint_version': 3.0, 'iteration': N})` under the `common/` prefix.
     fn common_pt(&self) -> Vec<u8> {
-        // torch.save({'checkpoint_version': 3.0, 'iteration': N}) under the `common/` prefix.
-        let mut p = Pickler::new();
-        p.dict_begin();
-        p.str("checkpoint_version");
-        p.float(3.0);
-        p.str("iteration");
-        p.int(self.cfg.iteration as i64);
-        p.dict_end();
-        Archive::new("common", p.finish(), None, "common").bytes()
+        let state = PyValue::dict([
+            ("checkpoint_version", PyValue::Float(3.0)),
+            ("iteration", PyValue::Int(self.cfg.iteration as i64)),
+        ]);
+        torch_save("common", &state, "common")
     }
 
     fn remove_staging(&mut self) {

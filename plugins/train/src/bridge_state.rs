@@ -24,7 +24,7 @@ pub fn optimizer_key(state: &str, key: &str) -> String {
     format!("optimizer.state.{state}.{key}")
 }
 
-/// Where training stands, in Bridge's terms.
+/// Where training stands: what a checkpoint saves (in Bridge's terms) and a resume restores.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Progress {
     pub iteration: u64,
@@ -32,8 +32,6 @@ pub struct Progress {
     /// Samples the schedule counted (those of iterations that updated the weights).
     pub scheduled_samples: u64,
     pub consumed_valid_samples: u64,
-    /// Adam's step count.
-    pub adam_step: u64,
     /// fp16's scaler: (scale, growth tracker, hysteresis tracker).
     pub loss_scale: Option<(f64, u64, u64)>,
 }
@@ -86,9 +84,10 @@ impl Group {
     }
 }
 
-/// One saved parameter group, keys in torch's and megatron-core's order. Each update's lr and
-/// weight decay are those the scheduler set after the last step (the next iteration's).
-fn param_group(g: Group, run: &RunSettings, p: &Progress) -> PyValue {
+/// One saved parameter group, keys in torch's and megatron-core's order, after `adam_step`
+/// updates. Its lr and weight decay are those the scheduler set after the last step (the next
+/// iteration's).
+fn param_group(g: Group, run: &RunSettings, p: &Progress, adam_step: u64) -> PyValue {
     let wd_mult = if g.no_decay { 0.0 } else { 1.0 };
     let s = &run.schedule;
     PyValue::dict([
@@ -117,7 +116,7 @@ fn param_group(g: Group, run: &RunSettings, p: &Progress) -> PyValue {
         ("fused", PyValue::None),
         ("decoupled_weight_decay", PyValue::Bool(true)),
         // torch's AdamW keeps its step as a float tensor; megatron-core saves `.item()`.
-        ("step", PyValue::Float(p.adam_step as f64)),
+        ("step", PyValue::Float(adam_step as f64)),
     ])
 }
 
@@ -143,8 +142,9 @@ fn scalar_f32(v: f64) -> PyValue {
     PyValue::Tensor(DType::F32, vec![], (v as f32).to_le_bytes().to_vec())
 }
 
-/// The checkpoint's common state, for the parameter groups `groups` (those with parameters).
-pub fn common_state(groups: &[Group], run: &RunSettings, p: &Progress) -> PyValue {
+/// The checkpoint's common state, for the parameter groups `groups` (those with parameters),
+/// after `adam_step` updates.
+pub fn common_state(groups: &[Group], run: &RunSettings, p: &Progress, adam_step: u64) -> PyValue {
     let mut sorted = groups.to_vec();
     sorted.sort();
     sorted.dedup();
@@ -153,7 +153,12 @@ pub fn common_state(groups: &[Group], run: &RunSettings, p: &Progress) -> PyValu
             "optimizer".to_string(),
             PyValue::dict([(
                 "param_groups",
-                PyValue::List(sorted.iter().map(|&g| param_group(g, run, p)).collect()),
+                PyValue::List(
+                    sorted
+                        .iter()
+                        .map(|&g| param_group(g, run, p, adam_step))
+                        .collect(),
+                ),
             )]),
         ),
         (
@@ -245,7 +250,6 @@ mod tests {
             consumed_train_samples: 4,
             scheduled_samples: 4,
             consumed_valid_samples: 0,
-            adam_step: 2,
             loss_scale: None,
         }
     }
@@ -269,6 +273,7 @@ mod tests {
             ],
             &run(),
             &progress(),
+            2,
         );
         let opt = get(&c, "optimizer");
         assert_eq!(
@@ -315,6 +320,7 @@ mod tests {
             ],
             &run(),
             &p,
+            2,
         );
         let opt = get(&c, "optimizer");
         let PyValue::List(groups) = get(get(opt, "optimizer"), "param_groups") else {

@@ -42,18 +42,6 @@ const LATEST_TRAIN_STATE: &str = "latest_train_state.pt";
 const DATA_FILE: &str = "__0_0.distcp";
 const RESUME_INDEX: &str = "bridgeflow_resume.json";
 
-/// Where training stands, as saved.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Position {
-    pub iteration: u64,
-    pub consumed_samples: u64,
-    /// Samples of the iterations that updated the weights (the schedule's count; fp16 skips).
-    pub scheduled_samples: u64,
-    pub consumed_valid_samples: u64,
-    /// fp16's loss scaler: (scale, growth tracker, hysteresis tracker).
-    pub loss_scale: Option<(f64, u64, u64)>,
-}
-
 /// What the checkpoint repeats of the run besides the state: its settings, the model's layer
 /// count (megatron-core stacks the layers' tensors) and the run config to save beside it.
 #[derive(Debug, Clone)]
@@ -125,13 +113,14 @@ pub struct Snapshot {
     tensors: Vec<Saved>,
     groups: Vec<Group>,
     progress: Progress,
+    adam_step: u64,
     info: RunInfo,
     frozen_base: serde_json::Value,
 }
 
 impl Snapshot {
     /// The state after `pos.iteration` iterations.
-    pub fn take(params: &Params, adam: &AdamW, pos: &Position, info: &RunInfo) -> Result<Snapshot> {
+    pub fn take(params: &Params, adam: &AdamW, pos: &Progress, info: &RunInfo) -> Result<Snapshot> {
         let mut tensors = Vec::new();
         let mut groups = Vec::new();
         for (name, p) in params.by_name.iter().filter(|(_, p)| p.trainable) {
@@ -160,14 +149,8 @@ impl Snapshot {
         Ok(Snapshot {
             tensors,
             groups,
-            progress: Progress {
-                iteration: pos.iteration,
-                consumed_train_samples: pos.consumed_samples,
-                scheduled_samples: pos.scheduled_samples,
-                consumed_valid_samples: pos.consumed_valid_samples,
-                adam_step: adam.step,
-                loss_scale: pos.loss_scale,
-            },
+            progress: pos.clone(),
+            adam_step: adam.step,
             info: info.clone(),
             frozen_base: frozen_base(params),
         })
@@ -321,7 +304,12 @@ impl Snapshot {
             .iter()
             .map(|(k, s, _)| (k.as_str(), s.clone()))
             .collect();
-        let common = bridge_state::common_state(&self.groups, &self.info.settings, &self.progress);
+        let common = bridge_state::common_state(
+            &self.groups,
+            &self.info.settings,
+            &self.progress,
+            self.adam_step,
+        );
         write_synced(
             &staging.join("common.pt"),
             &torch_save("common", &common, "common"),
@@ -356,7 +344,7 @@ impl Snapshot {
             "scheduled_train_samples": p.scheduled_samples,
             "consumed_valid_samples": p.consumed_valid_samples,
             "loss_scale": p.loss_scale.map(|(s, g, h)| json!({"scale": s, "growth_tracker": g, "hysteresis_tracker": h})),
-            "adam_step": p.adam_step,
+            "adam_step": self.adam_step,
             "frozen_base": self.frozen_base,
             "tensors": tensors,
         })
@@ -463,7 +451,7 @@ pub fn load(
     iteration: u64,
     params: &mut Params,
     adam: &mut AdamW,
-) -> Result<Position> {
+) -> Result<Progress> {
     let dir = iter_dir(root, iteration);
     let state_path = dir.join(RESUME_INDEX);
     let text = std::fs::read_to_string(&state_path).map_err(io(&state_path, "cannot read"))?;
@@ -483,9 +471,9 @@ pub fn load(
             scaler["hysteresis_tracker"].as_u64().unwrap_or(0),
         )),
     };
-    let pos = Position {
+    let pos = Progress {
         iteration: num("iteration")?,
-        consumed_samples: num("consumed_train_samples")?,
+        consumed_train_samples: num("consumed_train_samples")?,
         scheduled_samples: num("scheduled_train_samples")?,
         consumed_valid_samples: num("consumed_valid_samples")?,
         loss_scale,

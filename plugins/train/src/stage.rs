@@ -46,7 +46,7 @@ pub struct TrainStage {
     validation: Vec<(u64, f64)>,
     /// Held-out samples evaluated on, before a resume too (Bridge's `consumed_valid_samples`).
     valid_consumed: u64,
-    /// What a checkpoint repeats of the run (set when training starts).
+    /// What a checkpoint repeats of the run (set when training starts, with `save`).
     run_info: Option<checkpoint::RunInfo>,
     /// The checkpoint being written in the background (`async_save`).
     saving: Option<std::thread::JoinHandle<Result<std::path::PathBuf>>>,
@@ -405,36 +405,37 @@ impl TrainStage {
                 );
             }
         }
-        self.run_info = Some(checkpoint::RunInfo {
-            settings: crate::bridge_state::RunSettings::of(
-                &self.cfg,
-                &crate::schedule::Schedule::from_config(&self.cfg)?,
-            ),
-            num_layers: model.num_layers as u64,
-            run_config: bridgeflow_megatron::run_config::of_plan(&self.out_plan)?,
-        });
+        let num_layers = model.num_layers as u64;
         let mut trainer = Trainer::new(self.cfg.clone(), model, params, dev)?;
+        // What the checkpoints repeat of the run, when there are to be any.
+        if self.cfg.save.is_some() {
+            self.run_info = Some(checkpoint::RunInfo {
+                settings: crate::bridge_state::RunSettings::of(&self.cfg, &trainer.schedule),
+                num_layers,
+                run_config: bridgeflow_megatron::run_config::of_plan(&self.out_plan)?,
+            });
+        }
         trainer.teacher = teacher;
         if let Some(root) = &self.cfg.load {
             if let Some(iteration) = checkpoint::latest(root)? {
                 let pos =
                     checkpoint::load(root, iteration, &mut trainer.params, &mut trainer.adam)?;
                 trainer.iteration = pos.iteration;
-                trainer.consumed_samples = pos.consumed_samples;
+                trainer.consumed_samples = pos.consumed_train_samples;
                 trainer.scheduled_samples = pos.scheduled_samples;
                 if let (Some(s), Some((scale, growth, hysteresis))) =
                     (trainer.scaler.as_mut(), pos.loss_scale)
                 {
                     (s.scale, s.growth_tracker, s.hysteresis_tracker) = (scale, growth, hysteresis);
                 }
-                self.skip = pos.consumed_samples;
+                self.skip = pos.consumed_train_samples;
                 self.valid_consumed = pos.consumed_valid_samples;
                 self.saved_at = pos.iteration;
                 eprintln!(
                     "resuming from {} at iteration {} ({} samples consumed)",
                     root.display(),
                     pos.iteration,
-                    pos.consumed_samples
+                    pos.consumed_train_samples
                 );
             }
         }
@@ -606,9 +607,9 @@ impl TrainStage {
         if t.iteration == self.saved_at {
             return Ok(());
         }
-        let pos = checkpoint::Position {
+        let pos = crate::bridge_state::Progress {
             iteration: t.iteration,
-            consumed_samples: t.consumed_samples,
+            consumed_train_samples: t.consumed_samples,
             scheduled_samples: t.scheduled_samples,
             consumed_valid_samples: self.valid_consumed,
             loss_scale: t
