@@ -3,7 +3,7 @@ ours — weights, distributed-optimizer state (fully_reshardable), scheduler, da
 continuing from our iteration-2 checkpoint with Bridge's own optimizer must land where our run
 did at iteration 4.
 
-    python scripts/check_bridge_resume.py [WORK_DIR] [HF_FIXTURE] [--bf16]
+    python scripts/check_bridge_resume.py [WORK_DIR] [HF_FIXTURE] [--bf16] [--from-bridge]
 
 HF_FIXTURE: the tiny Llama by default; `tests/fixtures/shared/hf/qwen3_moe` checks an MoE
 checkpoint (experts in their own expert-parallel parameter groups, the load-balancing loss).
@@ -23,6 +23,11 @@ the tolerances are bf16's.
 4. Loads our iteration-4 checkpoint into a second Bridge model and optimizer and compares:
    weights, fp32 master weights and both Adam moments, per tensor.
 
+`--from-bridge`, the other direction: Bridge trains iterations 1-2 from the HF weights and saves
+with its own `save_checkpoint` (WORK_DIR/bridge_ckpt), then trains 3-4 itself; bridgeflow resumes
+from Bridge's iteration 2 (`train.load`), trains 3-4 and saves; Bridge loads bridgeflow's
+iteration 4 and compares it with its own, as in step 4.
+
 Needs the oracle venv (../shared/oracle/README.md). Not needed by the build or CI. Exit 0 pass.
 """
 import json
@@ -39,11 +44,13 @@ from safetensors.torch import load_file  # noqa: E402
 
 REPO = HERE.parents[1]
 BF16 = "--bf16" in sys.argv
-ARGS = [a for a in sys.argv[1:] if a != "--bf16"]
+FROM_BRIDGE = "--from-bridge" in sys.argv
+ARGS = [a for a in sys.argv[1:] if a not in ("--bf16", "--from-bridge")]
 WORK = Path(ARGS[0]) if ARGS else Path(tempfile.mkdtemp())
 if len(ARGS) > 1:
     spike.HF = Path(ARGS[1]).resolve()
 CKPT = WORK / "ckpt"
+BRIDGE_CKPT = WORK / "bridge_ckpt"
 RUN = dict(lr=1e-3, min_lr=1e-4, warmup_iters=2, decay_iters=20, train_iters=4, gbs=4, mbs=2,
            seq=32, bf16=BF16)
 PIPELINE = """
@@ -67,7 +74,7 @@ config = {{ path = "{data}", columns = ["tokens", "loss_mask"] }}
 plugin = "trainer"
 kind = "trainer"
 inputs = ["map", "data"]
-config = {{ seq_length = {seq}, global_batch_size = {gbs}, micro_batch_size = {mbs}, train_iters = {train_iters}, lr = {lr}, min_lr = {min_lr}, lr_warmup_iters = {warmup_iters}, lr_decay_iters = {decay_iters}, lr_decay_style = "cosine", weight_decay = 0.033, adam_beta1 = 0.9, adam_beta2 = 0.95, adam_eps = 1e-8, clip_grad = 1.0, save = "{ckpt}", save_interval = 2, bf16 = {bf16_toml} }}
+config = {{ seq_length = {seq}, global_batch_size = {gbs}, micro_batch_size = {mbs}, train_iters = {train_iters}, lr = {lr}, min_lr = {min_lr}, lr_warmup_iters = {warmup_iters}, lr_decay_iters = {decay_iters}, lr_decay_style = "cosine", weight_decay = 0.033, adam_beta1 = 0.9, adam_beta2 = 0.95, adam_eps = 1e-8, clip_grad = 1.0, save = "{ckpt}", save_interval = 2, bf16 = {bf16_toml}{load} }}
 
 [stages.write]
 plugin = "torch-dist"
@@ -82,7 +89,7 @@ def batches():
     return b["tokens"], b["loss_mask"]
 
 
-def run_bridgeflow():
+def run_bridgeflow(load=None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -96,17 +103,18 @@ def run_bridgeflow():
                              "loss_mask": [r.tolist() for r in flat_m]}), data)
     recipe = WORK / "recipe.toml"
     recipe.write_text(PIPELINE.format(hf=spike.HF, data=data, ckpt=CKPT, out=WORK / "final",
-                                      bf16_toml=str(BF16).lower(), **RUN))
+                                      bf16_toml=str(BF16).lower(),
+                                      load=f', load = "{load}"' if load else "", **RUN))
     subprocess.run(["cargo", "build", "--workspace", "-q"], cwd=REPO, check=True)
     subprocess.run([str(REPO / "target/debug/bridgeflow"), "run", str(recipe)], cwd=REPO,
                    check=True)
 
 
-def bridge_at(iteration, scramble):
+def bridge_at(iteration, scramble, ckpt=CKPT):
     from megatron.bridge.training.checkpointing import load_checkpoint
 
     model, optimizer, scheduler, state, cfg = spike.build(f"iter {iteration}",
-                                                          RUN | {"ckpt": CKPT})
+                                                          RUN | {"ckpt": ckpt})
     cfg.checkpoint.ckpt_step = iteration
     if scramble:
         with torch.no_grad():
@@ -175,32 +183,31 @@ def optimizer_tensors(optimizer):
     return out
 
 
-def main():
-    run_bridgeflow()
-    failures = []
-    model, optimizer, scheduler, state, unchanged = bridge_at(2, scramble=True)
-    if unchanged:
-        failures.append(f"load left {len(unchanged)} tensors as they were: {unchanged[:4]}")
-    got = (int(state.train_state.step), int(state.train_state.consumed_train_samples),
-           scheduler.num_steps)
-    print("Bridge resumed from ours: (step, consumed_train_samples, scheduler num_steps) =", got)
-    if got != (2, 8, 8):
-        failures.append(f"position {got}, expected (2, 8, 8)")
-    history = train(model, optimizer, scheduler, state, 2)
-    print("Bridge iterations 3-4 (loss, grad norm):", history)
-    theirs_w = {k: v for k, v in model[0].module.state_dict().items()
-                if torch.is_tensor(v) and "_extra_state" not in k}
-    theirs_o = optimizer_tensors(optimizer)
-    model4, optimizer4, _, state4, unchanged4 = bridge_at(4, scramble=True)
-    if unchanged4:
-        failures.append(f"iteration 4: load left {unchanged4[:4]} unchanged")
-    ours_w = {k: v for k, v in model4[0].module.state_dict().items()
-              if torch.is_tensor(v) and "_extra_state" not in k}
-    ours_o = optimizer_tensors(optimizer4)
+def weights_and_optimizer(model, optimizer):
+    w = {k: v for k, v in model[0].module.state_dict().items()
+         if torch.is_tensor(v) and "_extra_state" not in k}
+    return w, optimizer_tensors(optimizer)
+
+
+def bridge_saves_at_2_and_goes_on():
+    """Bridge from the HF weights: iterations 1-2, its own save_checkpoint, then 3-4."""
+    from megatron.bridge.training.checkpointing import save_checkpoint
+
+    model, optimizer, scheduler, state, _ = spike.build("bridge", RUN | {"ckpt": BRIDGE_CKPT})
+    print("Bridge iterations 1-2 (loss, grad norm):", train(model, optimizer, scheduler, state, 2))
+    save_checkpoint(state, model, optimizer, scheduler, num_floating_point_operations_so_far=0.0,
+                    checkpointing_context={})
+    print("Bridge saved", BRIDGE_CKPT / "iter_0000002")
+    print("Bridge iterations 3-4 (loss, grad norm):", train(model, optimizer, scheduler, state, 2))
+    return weights_and_optimizer(model, optimizer)
+
+
+def compare(ours, theirs, failures):
+    """Per tensor, the largest difference relative to the tensor's largest value."""
     worst = {}
     # fp32: both sides compute the same; bf16: each rounds its own products (a few bf16 steps).
     tolerances = [("weights", 1e-5), ("optimizer", 1e-4)] if not BF16 else [("weights", 2e-2), ("optimizer", 5e-2)]
-    for (label, tol), a, b in zip(tolerances, [ours_w, ours_o], [theirs_w, theirs_o]):
+    for (label, tol), a, b in zip(tolerances, ours, theirs):
         assert a.keys() == b.keys(), (label, sorted(a.keys() ^ b.keys()))
         for k in a:
             x, y = a[k].float(), b[k].float()
@@ -214,6 +221,43 @@ def main():
     print("largest differences (relative to each tensor's largest value):",
           json.dumps({k: f"{v:.3g}" for k, v in top}, indent=1))
     print(f"{len(worst)} tensors compared")
+
+
+def ours_at_4(failures):
+    model4, optimizer4, _, _, unchanged4 = bridge_at(4, scramble=True)
+    if unchanged4:
+        failures.append(f"iteration 4: load left {unchanged4[:4]} unchanged")
+    return weights_and_optimizer(model4, optimizer4)
+
+
+def from_bridge():
+    failures = []
+    theirs = bridge_saves_at_2_and_goes_on()
+    run_bridgeflow(load=BRIDGE_CKPT)
+    compare(ours_at_4(failures), theirs, failures)
+    return failures
+
+
+def to_bridge():
+    run_bridgeflow()
+    failures = []
+    model, optimizer, scheduler, state, unchanged = bridge_at(2, scramble=True)
+    if unchanged:
+        failures.append(f"load left {len(unchanged)} tensors as they were: {unchanged[:4]}")
+    got = (int(state.train_state.step), int(state.train_state.consumed_train_samples),
+           scheduler.num_steps)
+    print("Bridge resumed from ours: (step, consumed_train_samples, scheduler num_steps) =", got)
+    if got != (2, 8, 8):
+        failures.append(f"position {got}, expected (2, 8, 8)")
+    history = train(model, optimizer, scheduler, state, 2)
+    print("Bridge iterations 3-4 (loss, grad norm):", history)
+    theirs = weights_and_optimizer(model, optimizer)
+    compare(ours_at_4(failures), theirs, failures)
+    return failures
+
+
+def main():
+    failures = from_bridge() if FROM_BRIDGE else to_bridge()
     for f in failures:
         print("FAIL:", f)
     print("PASS" if not failures else "FAIL")

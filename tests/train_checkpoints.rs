@@ -1,9 +1,8 @@
 //! The trainer's checkpoints against what Megatron-Bridge saves (its own distributed-optimizer
 //! checkpoint of the same run, `tests/fixtures/train/bridge_checkpoint`), read with the
-//! torch_dist plugin's readers. (A test binary of its own: the trainer's and the torch_dist
-//! plugin's libraries both export the plugin entry points and cannot be linked into one.)
+//! torch_dist readers of `bridgeflow-megatron`.
 
-use bridgeflow_plugin_torch_dist as torch_dist;
+use bridgeflow_megatron as torch_dist;
 use bridgeflow_tests::train::{replay_pipeline, train_fixtures, write_cut_batches};
 use bridgeflow_tests::{fixtures, run_text, tempdir};
 use std::path::Path;
@@ -120,10 +119,19 @@ fn checkpoints_hold_what_megatron_bridge_saves() {
         std::fs::read(ckpt.join("iter_0000010/train_state.pt")).unwrap()
     );
     // The optimizer's fp32 copy of each weight is the weight itself in an fp32 run.
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(ours.join("bridgeflow_resume.json")).unwrap())
-            .unwrap();
-    assert_eq!(index["tensors"].as_object().unwrap().len(), 15);
+    let mut items = torch_dist::checkpoint::ItemReader::new(&ours);
+    let key = "decoder.layers.self_attention.linear_qkv.weight";
+    let region = |items: &mut torch_dist::checkpoint::ItemReader, key: &str| {
+        let t = &a.tensors[key];
+        let mut offsets = vec![0; t.size.len()];
+        offsets[0] = 1;
+        let mut sizes = t.size.clone();
+        sizes[0] = 1;
+        items.region(key, t, &offsets, &sizes).unwrap()
+    };
+    let weights = region(&mut items, key);
+    assert!(weights.iter().any(|&b| b != 0));
+    assert_eq!(weights, region(&mut items, &format!("optimizer.state.param.{key}")));
 }
 
 /// A checkpoint whose bytes were damaged after it was written is named on resume (file, tensor,
@@ -146,14 +154,15 @@ fn a_damaged_checkpoint_is_refused_by_name() {
     };
     run(2, false).unwrap();
     let iter = ckpt.join("iter_0000002");
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(iter.join("bridgeflow_resume.json")).unwrap())
-            .unwrap();
+    // Layer 1's chunk of fc2's first moment, in the middle of its item (inside the payload).
     let name = "decoder.layers.1.mlp.linear_fc2.weight";
-    let at = index["tensors"][name]["exp_avg"]["offset"]
-        .as_u64()
-        .unwrap()
-        + 100;
+    let meta = torch_dist::checkpoint::read_metadata(&iter).unwrap();
+    let chunk = meta.tensors["optimizer.state.exp_avg.decoder.layers.mlp.linear_fc2.weight"]
+        .chunks
+        .iter()
+        .find(|c| c.offsets[0] == 1)
+        .unwrap();
+    let at = chunk.storage.offset + chunk.storage.length / 2;
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -4,16 +4,10 @@
 //! `.metadata` is a pickle, read with a restricted unpickler; every item of a `.distcp` file is
 //! a whole `torch.save` zip archive, read in place from a memory map.
 
-pub mod checkpoint;
-pub mod dtypes;
-pub use bridgeflow_megatron::emit;
-#[cfg(test)]
-mod emit_tests;
+pub use bridgeflow_megatron::{checkpoint, dtypes, emit, pickle, zip};
 pub mod legacy;
-pub mod pickle;
 pub mod reader;
 pub mod writer;
-pub mod zip;
 
 bridgeflow_sdk::export_plugins! {
     "torch-dist" {

@@ -4,7 +4,7 @@
 //! as a view of the memory map, without a copy.
 
 use crate::checkpoint::{
-    read_metadata, resolve_dir, tensor_item, CheckpointMeta, Chunk, TensorMeta,
+    copy_block, read_metadata, resolve_dir, tensor_item, CheckpointMeta, Chunk, TensorMeta,
 };
 use bridgeflow_megatron::names;
 use bridgeflow_sdk::{
@@ -62,52 +62,6 @@ const LARGE_ITEM: usize = 32 << 20;
 
 fn is_stacked(key: &str, t: &TensorMeta) -> bool {
     names::is_stacked(key) && !t.size.is_empty()
-}
-
-/// Copies the part of `chunk` (row-major over its sizes) inside the region into `out`
-/// (row-major over the region's sizes).
-fn copy_block(src: &[u8], chunk: &Chunk, r_off: &[u64], r_size: &[u64], es: usize, out: &mut [u8]) {
-    let n = r_size.len();
-    if n == 0 {
-        out.copy_from_slice(&src[..es]);
-        return;
-    }
-    let lo: Vec<u64> = (0..n).map(|d| chunk.offsets[d].max(r_off[d])).collect();
-    let hi: Vec<u64> = (0..n)
-        .map(|d| (chunk.offsets[d] + chunk.sizes[d]).min(r_off[d] + r_size[d]))
-        .collect();
-    if (0..n).any(|d| lo[d] >= hi[d]) {
-        return;
-    }
-    let strides = |s: &[u64]| {
-        let mut st = vec![1u64; s.len()];
-        for d in (0..s.len().saturating_sub(1)).rev() {
-            st[d] = st[d + 1] * s[d + 1];
-        }
-        st
-    };
-    let (cs, rs) = (strides(&chunk.sizes), strides(r_size));
-    let run = ((hi[n - 1] - lo[n - 1]) as usize) * es;
-    let mut idx = lo.clone();
-    loop {
-        let s: u64 = (0..n).map(|d| (idx[d] - chunk.offsets[d]) * cs[d]).sum();
-        let t: u64 = (0..n).map(|d| (idx[d] - r_off[d]) * rs[d]).sum();
-        let (s, t) = (s as usize * es, t as usize * es);
-        out[t..t + run].copy_from_slice(&src[s..s + run]);
-        // Odometer over all dimensions but the last.
-        let mut d = n - 1;
-        loop {
-            if d == 0 {
-                return;
-            }
-            d -= 1;
-            idx[d] += 1;
-            if idx[d] < hi[d] {
-                break;
-            }
-            idx[d] = lo[d];
-        }
-    }
 }
 
 /// Where the region's rows along axis `axis` (from `start`, `len` of them) are cut by the blocks:

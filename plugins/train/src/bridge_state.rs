@@ -13,8 +13,10 @@
 
 use crate::config::TrainConfig;
 use crate::schedule::Schedule;
+use bridgeflow_megatron::checkpoint::TorchSave;
 use bridgeflow_megatron::emit::PyValue;
-use bridgeflow_sdk::DType;
+use bridgeflow_megatron::pickle::Value;
+use bridgeflow_sdk::{DType, PluginError, Result};
 
 /// The per-state tensors the distributed optimizer keeps for each parameter, in its order.
 pub const OPTIMIZER_STATES: [&str; 3] = ["param", "exp_avg", "exp_avg_sq"];
@@ -219,6 +221,127 @@ pub fn train_state(run: &RunSettings, p: &Progress) -> PyValue {
     ])
 }
 
+/// Where a saved checkpoint says training stands, read back from its common state (`common`,
+/// in the archive `common_file`) and its `train_state.pt`, whoever wrote them (Bridge or
+/// bridgeflow), with Adam's step. The scheduler's settings must be this run's: a resume across
+/// a changed learning-rate schedule is refused, as megatron-core's scheduler refuses it.
+pub fn restore(
+    common: &Value,
+    common_file: &TorchSave,
+    train_state: &TorchSave,
+    run: &RunSettings,
+) -> Result<(Progress, u64)> {
+    let bad = |file: &TorchSave, m: String| PluginError::format(format!("{}: {m}", file.what()));
+    let counter = |k: &str| -> Result<u64> {
+        let v = train_state
+            .root
+            .get(k)
+            .ok_or_else(|| bad(train_state, format!("no '{k}'")))?;
+        let x = train_state.scalar(&v)?;
+        match x >= 0.0 && x.fract() == 0.0 {
+            true => Ok(x as u64),
+            false => Err(bad(train_state, format!("'{k}' is {x}, not a count"))),
+        }
+    };
+    let scheduler = common
+        .get("opt_param_scheduler")
+        .ok_or_else(|| bad(common_file, "no opt_param_scheduler".into()))?;
+    check_schedule(&scheduler, run)
+        .map_err(|m| PluginError::mismatch(format!("{}: {m}", common_file.what())))?;
+    let scheduled = scheduler
+        .get("num_steps")
+        .and_then(|v| v.as_int())
+        .filter(|&n| n >= 0)
+        .ok_or_else(|| bad(common_file, "opt_param_scheduler has no num_steps".into()))?;
+    let optimizer = common
+        .get("optimizer")
+        .ok_or_else(|| bad(common_file, "no optimizer state (saved without it?)".into()))?;
+    let adam_step = adam_step(&optimizer).map_err(|m| bad(common_file, m))?;
+    let loss_scale = match optimizer.get("grad_scaler") {
+        None | Some(Value::None) => None,
+        Some(g) => {
+            let int = |k: &str| g.get(k).and_then(|v| v.as_int()).filter(|&n| n >= 0);
+            let scale = match g.get("scale") {
+                Some(v @ Value::Object(_)) => common_file.scalar(&v)?,
+                Some(v) => v.as_f64().unwrap_or(f64::NAN),
+                None => f64::NAN,
+            };
+            match (scale.is_finite() && scale > 0.0, int("growth_tracker"), int("hysteresis_tracker")) {
+                (true, Some(growth), Some(hysteresis)) => Some((scale, growth as u64, hysteresis as u64)),
+                _ => return Err(bad(common_file, "a grad_scaler without a positive scale and its trackers".into())),
+            }
+        }
+    };
+    let progress = Progress {
+        iteration: counter("step")?,
+        consumed_train_samples: counter("consumed_train_samples")?,
+        scheduled_samples: scheduled as u64,
+        consumed_valid_samples: counter("consumed_valid_samples")?,
+        loss_scale,
+    };
+    Ok((progress, adam_step))
+}
+
+/// Adam's step, which every saved parameter group carries (megatron-core saves torch's
+/// per-parameter step once per group); the groups must agree.
+fn adam_step(optimizer: &Value) -> std::result::Result<u64, String> {
+    let bad = |m: &str| m.to_string();
+    let groups = optimizer
+        .get("optimizer")
+        .and_then(|o| o.get("param_groups"))
+        .and_then(|g| g.items())
+        .ok_or_else(|| bad("no optimizer.optimizer.param_groups"))?;
+    let steps: Vec<f64> = groups
+        .iter()
+        .map(|g| g.get("step").and_then(|s| s.as_f64()))
+        .collect::<Option<_>>()
+        .ok_or_else(|| bad("a parameter group without Adam's step"))?;
+    match steps.split_first() {
+        Some((&first, rest)) if first >= 0.0 && first.fract() == 0.0 && rest.iter().all(|&s| s == first) => {
+            Ok(first as u64)
+        }
+        Some(_) => Err(bad(&format!("the parameter groups' Adam steps {steps:?} are not one count"))),
+        None => Err(bad("no parameter groups")),
+    }
+}
+
+/// The saved scheduler's settings against this run's: each must be equal.
+fn check_schedule(saved: &Value, run: &RunSettings) -> std::result::Result<(), String> {
+    let s = &run.schedule;
+    // Not `wd_incr_steps` (train_iters × batch): weight decay is constant here, and a longer
+    // run from a checkpoint must not be refused for it.
+    let ours: [(&str, Value); 7] = [
+        ("max_lr", Value::Float(s.max_lr)),
+        ("min_lr", Value::Float(s.min_lr)),
+        ("lr_warmup_steps", Value::Int(s.warmup_steps as i64)),
+        ("lr_decay_steps", Value::Int(s.decay_steps as i64)),
+        ("lr_decay_style", Value::Str(run.lr_decay_style.clone())),
+        ("start_wd", Value::Float(run.weight_decay)),
+        ("end_wd", Value::Float(run.weight_decay)),
+    ];
+    for (name, want) in ours {
+        let got = saved.get(name);
+        let same = match (&got, &want) {
+            (Some(Value::Str(a)), Value::Str(b)) => a == b,
+            (Some(g), w) => g.as_f64().is_some() && g.as_f64() == w.as_f64(),
+            (None, _) => false,
+        };
+        if !same {
+            let shown = |v: &Option<Value>| match v {
+                Some(Value::Str(s)) => s.clone(),
+                Some(v) => v.as_f64().map_or("?".into(), |x| x.to_string()),
+                None => "nothing".into(),
+            };
+            return Err(format!(
+                "the checkpoint's scheduler has {name} {}, this run's is {} (steps in samples): a resume must keep the schedule",
+                shown(&got),
+                shown(&Some(want))
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,5 +470,52 @@ mod tests {
         };
         assert_eq!(bytes("step"), 2);
         assert_eq!(bytes("skipped_train_samples"), 2);
+    }
+
+    fn saved(v: &PyValue, name: &str) -> TorchSave {
+        TorchSave::parse(bridgeflow_megatron::emit::torch_save(name, v, name), name).unwrap()
+    }
+
+    /// What is saved reads back as it was: the position, Adam's step, fp16's scaler.
+    #[test]
+    fn saved_state_restores_where_training_stood() {
+        let mut p = progress();
+        p.consumed_train_samples = 6;
+        p.consumed_valid_samples = 8;
+        p.loss_scale = Some((32768.0, 5, 1));
+        let groups = [Group::of("output_layer.weight", true), Group::of("x.bias", false)];
+        let common = saved(&common_state(&groups, &run(), &p, 7), "common");
+        let train = saved(&train_state(&run(), &p), "train_state");
+        let (got, step) = restore(&common.root, &common, &train, &run()).unwrap();
+        assert_eq!((got, step), (p, 7));
+    }
+
+    /// Bridge's own checkpoint of the run `run()` describes (its common state is the byte
+    /// object megatron-core 0.19 writes, `[state]`), after 2 iterations of 2 samples.
+    #[test]
+    fn bridges_saved_state_restores() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/train/bridge_checkpoint");
+        let common = TorchSave::read(&dir.join("common_state.pt")).unwrap();
+        let state = common.root.items().unwrap()[0].clone();
+        let train = TorchSave::read(&dir.join("train_state.pt")).unwrap();
+        let (got, step) = restore(&state, &common, &train, &run()).unwrap();
+        assert_eq!((got, step), (progress(), 2));
+    }
+
+    /// A resume whose learning-rate schedule differs from the saved one is refused by name.
+    #[test]
+    fn a_changed_schedule_is_refused() {
+        let p = progress();
+        let common = saved(&common_state(&[Group::of("w", true)], &run(), &p, 2), "common");
+        let train = saved(&train_state(&run(), &p), "train_state");
+        let mut other = run();
+        other.schedule.decay_steps = 40;
+        let e = restore(&common.root, &common, &train, &other).unwrap_err().to_string();
+        assert!(e.contains("lr_decay_steps 20") && e.contains("40"), "{e}");
+        other = run();
+        other.lr_decay_style = "linear".into();
+        let e = restore(&common.root, &common, &train, &other).unwrap_err().to_string();
+        assert!(e.contains("lr_decay_style cosine"), "{e}");
     }
 }

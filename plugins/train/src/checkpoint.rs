@@ -13,8 +13,10 @@
 //! dropout's masks are a function of (seed, iteration, micro-batch, site) — so a continuation
 //! needs none.
 //!
-//! bridgeflow resumes from its own index of the same files (`bridgeflow_resume.json`: where
-//! each fp32 tensor lies, its CRC-32, and the loop's counters), bit for bit.
+//! bridgeflow resumes from these files alone, bit for bit — its own checkpoints and Bridge's
+//! alike (the optimizer's tensors assembled from whatever chunks hold them, every item's
+//! CRC-32 checked). It adds one file of its own, `bridgeflow_resume.json`: the fingerprint of
+//! a LoRA/DoRA run's frozen base.
 //!
 //! A run with a frozen base (LoRA, DoRA) keeps only what trains — the adapters and their
 //! moments — as Megatron-Bridge's PEFT checkpoints do; the base is referenced (its parameters'
@@ -28,7 +30,8 @@ use crate::bridge_state::{self, Group, Progress, RunSettings, OPTIMIZER_STATES};
 use crate::optim::AdamW;
 use crate::params::Params;
 use bridgeflow_megatron::emit::{none_list_pickle, tensor_pickle, torch_save, Archive};
-use bridgeflow_megatron::placement::dist_place;
+use bridgeflow_megatron::checkpoint::{self, CheckpointMeta, ItemReader, TorchSave};
+use bridgeflow_megatron::placement::{dist_place, DistPlace};
 use bridgeflow_megatron::{dcp, names, run_config};
 use bridgeflow_sdk::serde_json::{self, json};
 use bridgeflow_sdk::{DType, PluginError, Result};
@@ -96,8 +99,6 @@ struct Saved {
 /// One tensor item of the data file: a chunk (its DCP key, global shape, offsets), its payload
 /// and the archive around it.
 struct Item<'a> {
-    /// The parameter, and which of its tensors (None: the model's).
-    of: (&'a str, Option<&'static str>),
     key: String,
     dtype: DType,
     global: Vec<u64>,
@@ -209,12 +210,12 @@ impl Snapshot {
                 extra.entry(k).or_insert(());
             }
             let weights = t.model.as_deref().unwrap_or(&t.states[0]);
-            let model = (None, place.key.clone(), t.dtype, weights);
+            let model = (place.key.clone(), t.dtype, weights);
             let states = OPTIMIZER_STATES.iter().zip(&t.states).map(|(&s, b)| {
                 let key = bridge_state::optimizer_key(s, &place.key);
-                (Some(s), key, DType::F32, &b[..])
+                (key, DType::F32, &b[..])
             });
-            for (state, key, dtype, payload) in std::iter::once(model).chain(states) {
+            for (key, dtype, payload) in std::iter::once(model).chain(states) {
                 let archive = Archive::new(
                     "archive",
                     tensor_pickle(dtype, &place.local),
@@ -222,7 +223,6 @@ impl Snapshot {
                     &dcp::archive_seed(&key, &place.offsets),
                 );
                 items.push(Item {
-                    of: (&t.name, state),
                     key,
                     dtype,
                     global: place.global.clone(),
@@ -272,19 +272,12 @@ impl Snapshot {
         for (_, s, b) in &byte_items {
             at(b, s.offset)?;
         }
-        let mut index: BTreeMap<&str, serde_json::Map<String, serde_json::Value>> = BTreeMap::new();
         for (it, s) in items.iter_mut().zip(&stored) {
             let crc = crc32fast::hash(it.payload);
             let payload_at = s.offset + it.archive.payload_offset().expect("a payload");
             at(it.payload, payload_at)?;
             for (off, b) in it.archive.frame(crc) {
                 at(&b, s.offset + off)?;
-            }
-            if let (name, Some(state)) = it.of {
-                index.entry(name).or_default().insert(
-                    state.into(),
-                    json!({"offset": payload_at, "len": it.payload.len(), "crc32": crc}),
-                );
             }
         }
         f.sync_all().map_err(io(&path, "cannot sync"))?;
@@ -322,7 +315,7 @@ impl Snapshot {
         }
         write_synced(
             &staging.join(RESUME_INDEX),
-            self.resume_index(index).to_string().as_bytes(),
+            self.resume_index().to_string().as_bytes(),
         )?;
         // .metadata last: without it the folder is not a checkpoint.
         write_synced(
@@ -331,23 +324,10 @@ impl Snapshot {
         )
     }
 
-    /// bridgeflow's own index: the loop's counters and, per parameter, where each of its
-    /// fp32 tensors' payload lies in the data file.
-    fn resume_index(
-        &self,
-        tensors: BTreeMap<&str, serde_json::Map<String, serde_json::Value>>,
-    ) -> serde_json::Value {
-        let p = &self.progress;
-        json!({
-            "iteration": p.iteration,
-            "consumed_train_samples": p.consumed_train_samples,
-            "scheduled_train_samples": p.scheduled_samples,
-            "consumed_valid_samples": p.consumed_valid_samples,
-            "loss_scale": p.loss_scale.map(|(s, g, h)| json!({"scale": s, "growth_tracker": g, "hysteresis_tracker": h})),
-            "adam_step": self.adam_step,
-            "frozen_base": self.frozen_base,
-            "tensors": tensors,
-        })
+    /// What bridgeflow records beside Bridge's files: the frozen base a LoRA/DoRA run trained
+    /// on (its fingerprint), which a resume must be fed again.
+    fn resume_index(&self) -> serde_json::Value {
+        json!({ "frozen_base": self.frozen_base })
     }
 }
 
@@ -403,110 +383,108 @@ pub fn latest(root: &Path) -> Result<Option<u64>> {
     })
 }
 
-/// One fp32 tensor of `name` (`state`: param, exp_avg, exp_avg_sq) from the data file, where
-/// the index says, its CRC-32 checked.
+/// The fp32 values of a parameter's optimizer tensor `key` (placed as `place` says) from the
+/// checkpoint in `dir`.
 fn read_state(
-    data: &std::fs::File,
-    data_path: &Path,
-    entry: &serde_json::Value,
-    (name, state): (&str, &str),
-    numel: usize,
+    items: &mut ItemReader,
+    meta: &CheckpointMeta,
+    dir: &Path,
+    (name, key): (&str, &str),
+    place: &DistPlace,
 ) -> Result<Vec<f32>> {
-    let loc = &entry[state];
-    let (Some(offset), Some(len), Some(crc)) = (
-        loc["offset"].as_u64(),
-        loc["len"].as_u64(),
-        loc["crc32"].as_u64(),
-    ) else {
-        return Err(PluginError::format(format!(
-            "{}: no {state} of '{name}' in {RESUME_INDEX}",
-            data_path.display()
+    let Some(t) = meta.tensors.get(key) else {
+        return Err(PluginError::shape(format!(
+            "{}: no '{key}' for the parameter '{name}' (another model, or saved without the optimizer's state?)",
+            dir.display()
         )));
     };
-    if len != numel as u64 * 4 {
+    if t.dtype != DType::F32 || t.size != place.global {
         return Err(PluginError::shape(format!(
-            "{}: '{name}' {state} holds {len} bytes; the model's has {numel} fp32 values",
-            data_path.display()
+            "{}: '{key}' is {} {:?}; the parameter '{name}' needs F32 {:?} (another model?)",
+            dir.display(),
+            t.dtype,
+            t.size,
+            place.global
         )));
     }
-    let mut bytes = vec![0u8; len as usize];
-    data.read_exact_at(&mut bytes, offset)
-        .map_err(io(data_path, "cannot read"))?;
-    if crc32fast::hash(&bytes) as u64 != crc {
-        return Err(PluginError::format(format!(
-            "{}: '{name}' {state} fails its CRC-32 (the checkpoint is damaged)",
-            data_path.display()
-        )));
-    }
+    let bytes = items
+        .region(key, t, &place.offsets, &place.local)
+        .map_err(|e| e.context(format!("restoring '{name}'")))?;
     Ok(bytes
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
         .collect())
 }
 
-/// Restores the state saved at `iteration` into `params` and `adam`: every parameter present,
-/// of the same shape.
+/// The optimizer's saved master weights no parameter of this model took: state of another
+/// model's tensors (more layers, other experts).
+fn unclaimed(meta: &CheckpointMeta, claimed: &std::collections::HashSet<String>) -> Option<String> {
+    let masters = bridge_state::optimizer_key(OPTIMIZER_STATES[0], "");
+    meta.tensors
+        .keys()
+        .find(|k| k.starts_with(&masters) && !claimed.contains(*k))
+        .cloned()
+}
+
+/// The frozen base the checkpoint was trained on, where bridgeflow recorded it, against the
+/// one fed now.
+fn check_frozen_base(dir: &Path, params: &Params) -> Result<()> {
+    let path = dir.join(RESUME_INDEX);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(()); // not written by bridgeflow: nothing recorded
+    };
+    let index: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| PluginError::format(format!("{}: {e}", path.display())))?;
+    let base = &index["frozen_base"];
+    if !base.is_null() && *base != frozen_base(params) {
+        return Err(PluginError::mismatch(format!(
+            "{}: the checkpoint was trained on another frozen base ({base}; the weights fed now give {})",
+            path.display(),
+            frozen_base(params)
+        )));
+    }
+    Ok(())
+}
+
+/// Restores the state saved at `iteration` under `root` into `params` and `adam`, from the
+/// torch_dist checkpoint as Megatron-Bridge keeps it, whoever wrote it (bridgeflow or Bridge,
+/// chunked however): each trainable parameter's fp32 master and Adam's moments (every item's
+/// CRC-32 checked), Adam's step, the data position and the scheduler's, which must be this
+/// run's (`run`). Every trainable parameter must be there with its shape, and the checkpoint
+/// must hold no optimizer state of parameters this model lacks.
 pub fn load(
     root: &Path,
     iteration: u64,
     params: &mut Params,
     adam: &mut AdamW,
+    (run, num_layers): (&RunSettings, u64),
 ) -> Result<Progress> {
     let dir = iter_dir(root, iteration);
-    let state_path = dir.join(RESUME_INDEX);
-    let text = std::fs::read_to_string(&state_path).map_err(io(&state_path, "cannot read"))?;
-    let state: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| PluginError::format(format!("{}: {e}", state_path.display())))?;
-    let num = |k: &str| {
-        state[k].as_u64().ok_or_else(|| {
-            PluginError::format(format!("{}: no integer '{k}'", state_path.display()))
-        })
-    };
-    let scaler = &state["loss_scale"];
-    let loss_scale = match scaler.is_null() {
-        true => None,
-        false => Some((
-            scaler["scale"].as_f64().unwrap_or(1.0),
-            scaler["growth_tracker"].as_u64().unwrap_or(0),
-            scaler["hysteresis_tracker"].as_u64().unwrap_or(0),
-        )),
-    };
-    let pos = Progress {
-        iteration: num("iteration")?,
-        consumed_train_samples: num("consumed_train_samples")?,
-        scheduled_samples: num("scheduled_train_samples")?,
-        consumed_valid_samples: num("consumed_valid_samples")?,
-        loss_scale,
-    };
-    let base = &state["frozen_base"];
-    if !base.is_null() && *base != frozen_base(params) {
-        return Err(PluginError::mismatch(format!(
-            "{}: the checkpoint was trained on another frozen base ({base}; the weights fed now give {})",
-            state_path.display(),
-            frozen_base(params)
+    let meta = checkpoint::read_metadata(&dir)?;
+    let (common_file, common) = checkpoint::read_common_state(&dir, &meta)?;
+    let train_state = TorchSave::read(&dir.join("train_state.pt"))?;
+    let (pos, adam_step) = bridge_state::restore(&common, &common_file, &train_state, run)?;
+    check_frozen_base(&dir, params)?;
+    let mut items = ItemReader::new(&dir);
+    let mut claimed = std::collections::HashSet::new();
+    adam.moments.clear();
+    for (name, p) in params.by_name.iter_mut().filter(|(_, p)| p.trainable) {
+        let shape: Vec<u64> = p.shape.iter().map(|&d| d as u64).collect();
+        let place = dist_place(name, shape.clone(), vec![0; shape.len()], shape, Some(num_layers));
+        let [master, m, v] = OPTIMIZER_STATES.map(|s| bridge_state::optimizer_key(s, &place.key));
+        let mut read = |key: &str| read_state(&mut items, &meta, &dir, (name, key), &place);
+        let (master_v, m_v, v_v) = (read(&master)?, read(&m)?, read(&v)?);
+        p.master = master_v;
+        adam.moments.insert(name.clone(), (m_v, v_v));
+        claimed.insert(master);
+    }
+    if let Some(key) = unclaimed(&meta, &claimed) {
+        return Err(PluginError::shape(format!(
+            "{}: the checkpoint holds '{key}', which this model has no trainable parameter for (another model?)",
+            dir.display()
         )));
     }
-    let data_path = dir.join(DATA_FILE);
-    let data = std::fs::File::open(&data_path).map_err(io(&data_path, "cannot open"))?;
-    adam.moments.clear();
-    for (name, p) in params.by_name.iter_mut() {
-        if !p.trainable && !base.is_null() {
-            continue; // the base, fed again
-        }
-        let entry = &state["tensors"][name.as_str()];
-        if entry.is_null() {
-            return Err(PluginError::shape(format!(
-                "{}: no '{name}' (another model?)",
-                state_path.display()
-            )));
-        }
-        let n = p.master.len();
-        let read = |s: &str| read_state(&data, &data_path, entry, (name, s), n);
-        p.master = read("param")?;
-        adam.moments
-            .insert(name.clone(), (read("exp_avg")?, read("exp_avg_sq")?));
-    }
-    adam.step = num("adam_step")?;
+    adam.step = adam_step;
     params.publish()?;
     Ok(pos)
 }

@@ -407,10 +407,11 @@ impl TrainStage {
         }
         let num_layers = model.num_layers as u64;
         let mut trainer = Trainer::new(self.cfg.clone(), model, params, dev)?;
+        let settings = crate::bridge_state::RunSettings::of(&self.cfg, &trainer.schedule);
         // What the checkpoints repeat of the run, when there are to be any.
         if self.cfg.save.is_some() {
             self.run_info = Some(checkpoint::RunInfo {
-                settings: crate::bridge_state::RunSettings::of(&self.cfg, &trainer.schedule),
+                settings: settings.clone(),
                 num_layers,
                 run_config: bridgeflow_megatron::run_config::of_plan(&self.out_plan)?,
             });
@@ -418,8 +419,13 @@ impl TrainStage {
         trainer.teacher = teacher;
         if let Some(root) = &self.cfg.load {
             if let Some(iteration) = checkpoint::latest(root)? {
-                let pos =
-                    checkpoint::load(root, iteration, &mut trainer.params, &mut trainer.adam)?;
+                let pos = checkpoint::load(
+                    root,
+                    iteration,
+                    &mut trainer.params,
+                    &mut trainer.adam,
+                    (&settings, num_layers),
+                )?;
                 trainer.iteration = pos.iteration;
                 trainer.consumed_samples = pos.consumed_train_samples;
                 trainer.scheduled_samples = pos.scheduled_samples;

@@ -18,15 +18,25 @@
 //!   chunk a layer is on, which expert-parallel rank and local index an expert has, which slice
 //!   of which tensor goes to which TP rank and file (Megatron-LM rank files, torch_dist chunks);
 //! - [`mapping`]: HF ⇄ Megatron mapping tables and Megatron's fused layouts (QKV per query
-//!   group, SwiGLU `[gate; up]`, Mamba's split `in_proj`, per-expert reshuffles).
+//!   group, SwiGLU `[gate; up]`, Mamba's split `in_proj`, per-expert reshuffles);
+//! - reading torch_dist: [`checkpoint`] (`.metadata`, items, regions assembled from any
+//!   chunking) over [`pickle`] (a restricted unpickler), [`zip`] (torch.save archives, CRC
+//!   checked) and [`dtypes`]; writing it: [`emit`] (torch.save, pickles) and [`dcp`] (the index).
+//!   The `torch-dist` plugin and the trainer's checkpoints share them.
 
 pub mod blocks;
+pub mod checkpoint;
 pub mod dcp;
 pub mod degree;
+pub mod dtypes;
 pub mod emit;
+#[cfg(test)]
+mod emit_tests;
 pub mod mapping;
 pub mod names;
+pub mod pickle;
 pub mod placement;
 pub mod run_config;
 pub mod tp;
 pub mod vocab;
+pub mod zip;

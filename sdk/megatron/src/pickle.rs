@@ -83,6 +83,25 @@ impl Value {
             _ => None,
         }
     }
+    /// A number, integer or float.
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Float(f) => Some(*f),
+            _ => self.as_int().map(|i| i as f64),
+        }
+    }
+    /// The value under a string key of a dict (or of an `OrderedDict`, whose pairs are its
+    /// state).
+    pub fn get(&self, key: &str) -> Option<Value> {
+        match self {
+            Value::Dict(d) => d
+                .borrow()
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(_, v)| v.clone()),
+            _ => self.field(key),
+        }
+    }
     pub fn dict_entries(&self) -> Option<Vec<(Value, Value)>> {
         match self {
             Value::Dict(d) => Some(d.borrow().clone()),

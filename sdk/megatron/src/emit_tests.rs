@@ -1,9 +1,9 @@
-//! The archives and pickles of `bridgeflow_megatron::emit` read back by this crate's readers,
+//! The archives and pickles of [`crate::emit`] read back by this crate's readers,
 //! and against `torch.save`'s bytes.
 #[cfg(test)]
 mod tests {
     use crate::checkpoint::read_metadata;
-    use bridgeflow_megatron::emit::*;
+    use crate::emit::*;
     use bridgeflow_sdk::DType;
     use std::path::Path;
 

@@ -4,7 +4,7 @@
 use crate::dtypes;
 use crate::pickle::{self, Value};
 use crate::zip;
-use bridgeflow_megatron::names;
+use crate::names;
 use bridgeflow_sdk::{DType, PluginError, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -521,10 +521,250 @@ pub fn tensor_in(
     })
 }
 
+/// Copies the part of `chunk` (row-major over its sizes) inside the region (`r_off`, `r_size`)
+/// into `out` (row-major over the region's sizes); `es` is the element size.
+pub fn copy_block(src: &[u8], chunk: &Chunk, r_off: &[u64], r_size: &[u64], es: usize, out: &mut [u8]) {
+    let n = r_size.len();
+    if n == 0 {
+        out.copy_from_slice(&src[..es]);
+        return;
+    }
+    let lo: Vec<u64> = (0..n).map(|d| chunk.offsets[d].max(r_off[d])).collect();
+    let hi: Vec<u64> = (0..n)
+        .map(|d| (chunk.offsets[d] + chunk.sizes[d]).min(r_off[d] + r_size[d]))
+        .collect();
+    if (0..n).any(|d| lo[d] >= hi[d]) {
+        return;
+    }
+    let strides = |s: &[u64]| {
+        let mut st = vec![1u64; s.len()];
+        for d in (0..s.len().saturating_sub(1)).rev() {
+            st[d] = st[d + 1] * s[d + 1];
+        }
+        st
+    };
+    let (cs, rs) = (strides(&chunk.sizes), strides(r_size));
+    let run = ((hi[n - 1] - lo[n - 1]) as usize) * es;
+    let mut idx = lo.clone();
+    loop {
+        let s: u64 = (0..n).map(|d| (idx[d] - chunk.offsets[d]) * cs[d]).sum();
+        let t: u64 = (0..n).map(|d| (idx[d] - r_off[d]) * rs[d]).sum();
+        let (s, t) = (s as usize * es, t as usize * es);
+        out[t..t + run].copy_from_slice(&src[s..s + run]);
+        // Odometer over all dimensions but the last.
+        let mut d = n - 1;
+        loop {
+            if d == 0 {
+                return;
+            }
+            d -= 1;
+            idx[d] += 1;
+            if idx[d] < hi[d] {
+                break;
+            }
+            idx[d] = lo[d];
+        }
+    }
+}
+
+/// The elements a region of `sizes` holds, None past 2^64.
+fn elements(sizes: &[u64]) -> Option<u64> {
+    sizes.iter().try_fold(1u64, |n, &d| n.checked_mul(d))
+}
+
+/// The elements the chunk and the region have in common.
+fn overlap(c: &Chunk, offsets: &[u64], sizes: &[u64]) -> u64 {
+    (0..sizes.len())
+        .map(|d| {
+            let lo = c.offsets[d].max(offsets[d]);
+            let hi = (c.offsets[d] + c.sizes[d]).min(offsets[d] + sizes[d]);
+            hi.saturating_sub(lo)
+        })
+        .product()
+}
+
+/// Reads whole stored items of one checkpoint folder by position (pread, no map): for the
+/// small and mid-sized reads of a resume, where a map's page accounting buys nothing.
+pub struct ItemReader {
+    dir: PathBuf,
+    files: BTreeMap<String, std::fs::File>,
+}
+
+impl ItemReader {
+    pub fn new(dir: &Path) -> ItemReader {
+        ItemReader {
+            dir: dir.to_path_buf(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// The bytes of one stored item (`read_metadata` checked that it lies inside its file).
+    pub fn item(&mut self, s: &Storage) -> Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let path = self.dir.join(&s.file);
+        if !self.files.contains_key(&s.file) {
+            let f = std::fs::File::open(&path)
+                .map_err(|e| PluginError::io(&path, "cannot open", e))?;
+            self.files.insert(s.file.clone(), f);
+        }
+        let mut bytes = vec![0u8; s.length as usize];
+        self.files[&s.file]
+            .read_exact_at(&mut bytes, s.offset)
+            .map_err(|e| PluginError::io(&path, "cannot read", e))?;
+        Ok(bytes)
+    }
+
+    /// The region (`offsets`, `sizes`) of tensor `key`, row-major in its dtype, assembled from
+    /// the chunks that cover it, whatever their cut; each chunk's item is checked (its CRC-32,
+    /// its dtype and shape against the index) before use.
+    pub fn region(
+        &mut self,
+        key: &str,
+        t: &TensorMeta,
+        offsets: &[u64],
+        sizes: &[u64],
+    ) -> Result<Vec<u8>> {
+        let path = self.dir.clone();
+        let bad = |what: String| {
+            PluginError::format(format!("{}: tensor '{key}': {what}", path.display()))
+        };
+        let inside = offsets.len() == t.size.len()
+            && sizes.len() == t.size.len()
+            && (0..sizes.len())
+                .all(|d| offsets[d].checked_add(sizes[d]).is_some_and(|e| e <= t.size[d]));
+        if !inside {
+            return Err(PluginError::shape(format!(
+                "{}: tensor '{key}' is {:?}; the region at {offsets:?} of {sizes:?} is not inside it",
+                path.display(),
+                t.size
+            )));
+        }
+        let es = t.dtype.size();
+        let want = elements(sizes).ok_or_else(|| bad(format!("{sizes:?} overflows")))?;
+        let mut out = vec![0u8; want as usize * es];
+        let mut covered = 0u64;
+        for c in t.chunks.iter().filter(|c| overlap(c, offsets, sizes) > 0) {
+            let item = self.item(&c.storage)?;
+            let it = tensor_item(&item, &mut |_| {}).map_err(|e| {
+                bad(format!("chunk at {:?} in {}: {e}", c.offsets, c.storage.file))
+            })?;
+            if it.dtype != t.dtype || it.size != c.sizes {
+                return Err(PluginError::shape(format!(
+                    "{}: tensor '{key}' chunk at {:?} holds {} {:?}; the metadata says {} {:?}",
+                    path.join(&c.storage.file).display(),
+                    c.offsets,
+                    it.dtype,
+                    it.size,
+                    t.dtype,
+                    c.sizes
+                )));
+            }
+            copy_block(&item[it.data], c, offsets, sizes, es, &mut out);
+            covered += overlap(c, offsets, sizes);
+        }
+        if covered != want {
+            return Err(bad(format!(
+                "the chunks cover {covered} of the {want} elements at {offsets:?} of {sizes:?}"
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// A `torch.save` archive read whole (`common.pt`, `train_state.pt`, a byte object's payload):
+/// its unpickled `data.pkl`, and the values of the small tensors in it.
+pub struct TorchSave {
+    bytes: Vec<u8>,
+    entries: Vec<zip::Entry>,
+    pub root: Value,
+    what: String,
+}
+
+impl TorchSave {
+    pub fn parse(bytes: Vec<u8>, what: &str) -> Result<TorchSave> {
+        let bad = |e: String| PluginError::format(format!("{what}: {e}"));
+        let entries = zip::entries(&bytes).map_err(bad)?;
+        let pkl = zip::find(&bytes, &entries, "data.pkl").map_err(bad)?;
+        let root = pickle::load(pkl, what).map_err(bad)?;
+        Ok(TorchSave {
+            bytes,
+            entries,
+            root,
+            what: what.to_string(),
+        })
+    }
+
+    pub fn read(path: &Path) -> Result<TorchSave> {
+        let bytes = std::fs::read(path).map_err(|e| PluginError::io(path, "cannot read", e))?;
+        TorchSave::parse(bytes, &path.display().to_string())
+    }
+
+    /// The file (or item) it was read from, for messages.
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+
+    /// The value of a one-element tensor `v` of this archive (the 0-d tensors of
+    /// `train_state.pt`, a loss scale), its storage's CRC-32 checked.
+    pub fn scalar(&self, v: &Value) -> Result<f64> {
+        let bad = |e: String| PluginError::format(format!("{}: {e}", self.what));
+        let t = tensor_in(&self.bytes, &self.entries, v, &mut |_| {}).map_err(bad)?;
+        if elements(&t.size) != Some(1) {
+            return Err(bad(format!("a tensor of {:?} where one value was expected", t.size)));
+        }
+        let b = &self.bytes[t.data];
+        let le = |n: usize| -> [u8; 8] {
+            let mut a = [0u8; 8];
+            a[..n].copy_from_slice(&b[..n]);
+            a
+        };
+        Ok(match t.dtype {
+            DType::F64 => f64::from_le_bytes(le(8)),
+            DType::F32 => f32::from_le_bytes(b[..4].try_into().expect("4 bytes")) as f64,
+            DType::I64 => i64::from_le_bytes(le(8)) as f64,
+            DType::I32 => i32::from_le_bytes(b[..4].try_into().expect("4 bytes")) as f64,
+            DType::BOOL | DType::U8 => b[0] as f64,
+            other => return Err(bad(format!("a {other} scalar (not read)"))),
+        })
+    }
+}
+
+/// The byte object megatron-core ≥ 0.19 keeps the common state in (`torch.save([state])`).
+const COMMON_STATE_ITEM: &str = "common_state/shard_0_1";
+
+/// A checkpoint's common state (iteration, optimizer's parameter groups, scheduler, …) and the
+/// archive it is in: `common.pt` where there is one (megatron-core ≤ 0.16's layout, which
+/// bridgeflow writes), else the `common_state` byte object of the data files (0.19's).
+pub fn read_common_state(dir: &Path, meta: &CheckpointMeta) -> Result<(TorchSave, Value)> {
+    let legacy = dir.join("common.pt");
+    if legacy.is_file() {
+        let saved = TorchSave::read(&legacy)?;
+        let root = saved.root.clone();
+        return Ok((saved, root));
+    }
+    let Some(s) = meta.bytes.get(COMMON_STATE_ITEM) else {
+        return Err(PluginError::format(format!(
+            "{}: no common.pt and no '{COMMON_STATE_ITEM}' item: the checkpoint has no common state",
+            dir.display()
+        )));
+    };
+    let what = format!("{} item '{COMMON_STATE_ITEM}'", dir.join(&s.file).display());
+    let saved = TorchSave::parse(ItemReader::new(dir).item(s)?, &what)?;
+    let root = match saved.root.items().as_deref() {
+        Some([state]) => state.clone(),
+        _ => {
+            return Err(PluginError::format(format!(
+                "{what}: not a one-element list of the state"
+            )))
+        }
+    };
+    Ok((saved, root))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bridgeflow_megatron::dcp;
+    use crate::dcp;
 
     /// A `.metadata` for one [4, 2] f32 tensor with the given chunks (offsets, sizes), each
     /// item 100 bytes of `__0_0.distcp`.
