@@ -3,7 +3,7 @@ ours — weights, distributed-optimizer state (fully_reshardable), scheduler, da
 continuing from our iteration-2 checkpoint with Bridge's own optimizer must land where our run
 did at iteration 4.
 
-    python scripts/check_bridge_resume.py [WORK_DIR] [HF_FIXTURE] [--bf16] [--from-bridge]
+    python scripts/check_bridge_resume.py [WORK_DIR] [HF_FIXTURE] [--bf16] [--from-bridge [--save-fixture DIR]]
 
 HF_FIXTURE: the tiny Llama by default; `tests/fixtures/shared/hf/qwen3_moe` checks an MoE
 checkpoint (experts in their own expert-parallel parameter groups, the load-balancing loss).
@@ -26,7 +26,10 @@ the tolerances are bf16's.
 `--from-bridge`, the other direction: Bridge trains iterations 1-2 from the HF weights and saves
 with its own `save_checkpoint` (WORK_DIR/bridge_ckpt), then trains 3-4 itself; bridgeflow resumes
 from Bridge's iteration 2 (`train.load`), trains 3-4 and saves; Bridge loads bridgeflow's
-iteration 4 and compares it with its own, as in step 4.
+iteration 4 and compares it with its own, as in step 4. `--save-fixture DIR` (with
+`--from-bridge`) then keeps what CI needs to replay that resume without Bridge: Bridge's
+iteration-2 checkpoint as written (DIR/iter_0000002) and Bridge's own iteration-4 weights
+(DIR/bridge_iter4_weights.safetensors, fp32, Bridge's parameter names).
 
 Needs the oracle venv (../shared/oracle/README.md). Not needed by the build or CI. Exit 0 pass.
 """
@@ -45,6 +48,11 @@ from safetensors.torch import load_file  # noqa: E402
 REPO = HERE.parents[1]
 BF16 = "--bf16" in sys.argv
 FROM_BRIDGE = "--from-bridge" in sys.argv
+FIXTURE = None
+if "--save-fixture" in sys.argv:
+    _i = sys.argv.index("--save-fixture")
+    FIXTURE = Path(sys.argv[_i + 1]).resolve()
+    del sys.argv[_i:_i + 2]
 ARGS = [a for a in sys.argv[1:] if a not in ("--bf16", "--from-bridge")]
 WORK = Path(ARGS[0]) if ARGS else Path(tempfile.mkdtemp())
 if len(ARGS) > 1:
@@ -230,9 +238,25 @@ def ours_at_4(failures):
     return weights_and_optimizer(model4, optimizer4)
 
 
+def save_fixture(theirs):
+    """Bridge's iteration-2 checkpoint and its iteration-4 weights, for tests/train_checkpoints.rs."""
+    import shutil
+    from safetensors.torch import save_file
+
+    shutil.rmtree(FIXTURE, ignore_errors=True)
+    FIXTURE.mkdir(parents=True)
+    shutil.copytree(BRIDGE_CKPT / "iter_0000002", FIXTURE / "iter_0000002")
+    (FIXTURE / "latest_checkpointed_iteration.txt").write_text("2")
+    save_file({k: v.detach().float().contiguous() for k, v in theirs[0].items()},
+              str(FIXTURE / "bridge_iter4_weights.safetensors"))
+    print("fixture saved in", FIXTURE)
+
+
 def from_bridge():
     failures = []
     theirs = bridge_saves_at_2_and_goes_on()
+    if FIXTURE:
+        save_fixture(theirs)
     run_bridgeflow(load=BRIDGE_CKPT)
     compare(ours_at_4(failures), theirs, failures)
     return failures

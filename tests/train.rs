@@ -1956,12 +1956,22 @@ fn lora_checkpoints_keep_only_the_adapters() {
     let meta = bridgeflow_megatron::checkpoint::read_metadata(&ckpt.join("iter_0000003")).unwrap();
     let keys: Vec<&String> = meta.tensors.keys().collect();
     assert!(keys.iter().all(|k| k.contains(".adapter.")), "{keys:?}");
-    let models: Vec<&&String> = keys.iter().filter(|k| !k.starts_with("optimizer.")).collect();
-    assert_eq!(models.len(), 8, "A and B of 4 adapted projections, stacked: {models:?}");
+    let models: Vec<&&String> = keys
+        .iter()
+        .filter(|k| !k.starts_with("optimizer."))
+        .collect();
+    assert_eq!(
+        models.len(),
+        8,
+        "A and B of 4 adapted projections, stacked: {models:?}"
+    );
     for k in &models {
         for state in ["param", "exp_avg", "exp_avg_sq"] {
             let t = &meta.tensors[&format!("optimizer.state.{state}.{k}")];
-            assert_eq!((t.dtype, &t.size), (bridgeflow_sdk::DType::F32, &meta.tensors[**k].size));
+            assert_eq!(
+                (t.dtype, &t.size),
+                (bridgeflow_sdk::DType::F32, &meta.tensors[**k].size)
+            );
         }
     }
     assert_eq!(keys.len(), 4 * models.len());

@@ -131,7 +131,10 @@ fn checkpoints_hold_what_megatron_bridge_saves() {
     };
     let weights = region(&mut items, key);
     assert!(weights.iter().any(|&b| b != 0));
-    assert_eq!(weights, region(&mut items, &format!("optimizer.state.param.{key}")));
+    assert_eq!(
+        weights,
+        region(&mut items, &format!("optimizer.state.param.{key}"))
+    );
 }
 
 /// A checkpoint whose bytes were damaged after it was written is named on resume (file, tensor,
@@ -177,4 +180,103 @@ fn a_damaged_checkpoint_is_refused_by_name() {
         "{e}"
     );
     assert!(!dir.path().join("out4").exists());
+}
+
+/// Resuming from Megatron-Bridge's own checkpoint (`tests/fixtures/train/bridge_resume`: Bridge
+/// 0.6.2 trained the tiny Llama 2 iterations of the replays' run and saved with its own
+/// `save_checkpoint`; `scripts/check_bridge_resume.py --from-bridge --save-fixture`) and
+/// training iterations 3-4 lands on the weights Bridge reached when it went on itself: every
+/// tensor within 1e-5 of its largest value (8.2e-8 when the fixture was made). The masters, both
+/// moments, Adam's step, the scheduler and the data position all come from Bridge's files, so a
+/// misread of any of them moves the weights off.
+#[test]
+fn resuming_from_bridges_own_checkpoint_lands_where_bridge_does() {
+    use bridgeflow_tests::train::{f32s, read_and_map, write_samples};
+    let fixture = train_fixtures().join("bridge_resume");
+    let dir = tempdir();
+    let ckpt = dir.path().join("bridge_ckpt");
+    bridgeflow_tests::copy_tree(&fixture, &ckpt);
+    let data = dir.path().join("samples.parquet");
+    write_samples(&data, 4);
+    let out = dir.path().join("weights");
+    let metrics = dir.path().join("metrics.jsonl");
+    let pipeline = format!(
+        r#"{read}
+[stages.data]
+plugin = "parquet"
+kind = "reader"
+config = {{ path = "{data}", columns = ["tokens", "loss_mask"] }}
+
+[stages.train]
+plugin = "trainer"
+kind = "trainer"
+inputs = ["map", "data"]
+config = {{ seq_length = 32, global_batch_size = 4, micro_batch_size = 2, train_iters = 4, lr = 1e-3, min_lr = 1e-4, lr_warmup_iters = 2, lr_decay_iters = 20, lr_decay_style = "cosine", weight_decay = 0.033, adam_beta1 = 0.9, adam_beta2 = 0.95, adam_eps = 1e-8, clip_grad = 1.0, load = "{ckpt}", metrics_file = "{metrics}" }}
+
+[stages.write]
+plugin = "safetensors"
+kind = "writer"
+inputs = ["train.weights"]
+config = {{ path = "{out}" }}
+"#,
+        read = read_and_map(&fixtures().join("hf/llama")),
+        data = data.display(),
+        ckpt = ckpt.display(),
+        metrics = metrics.display(),
+        out = out.display(),
+    );
+    run_text(dir.path(), &pipeline, &[], 1 << 30).unwrap();
+    let ours = bridgeflow_tests::load_tensors(&out);
+    // Bridge ran on CPU without Transformer Engine: its layer norms are modules of their own,
+    // where the TE layout (ours, megatron-core's default) fuses them into the next linear.
+    let theirs: std::collections::BTreeMap<String, _> =
+        bridgeflow_tests::load_tensors(&fixture.join("bridge_iter4_weights.safetensors"))
+            .into_iter()
+            .map(|(k, v)| {
+                let k = k
+                    .replace(
+                        "input_layernorm.weight",
+                        "self_attention.linear_qkv.layer_norm_weight",
+                    )
+                    .replace(
+                        "pre_mlp_layernorm.weight",
+                        "mlp.linear_fc1.layer_norm_weight",
+                    );
+                (k, v)
+            })
+            .collect();
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+    let mut worst = (0.0f32, String::new());
+    for (name, t) in &theirs {
+        let (a, b) = (f32s(&ours[name].bytes), f32s(&t.bytes));
+        assert_eq!(ours[name].shape, t.shape, "{name}");
+        let top = b
+            .iter()
+            .fold(0.0f32, |m, x| m.max(x.abs()))
+            .max(f32::MIN_POSITIVE);
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+        if diff / top > worst.0 {
+            worst = (diff / top, name.clone());
+        }
+    }
+    println!("largest difference from Bridge's iteration 4: {worst:?}");
+    assert!(worst.0 <= 1e-5, "{worst:?}");
+    // Only iterations 3 and 4 were trained (from HF's weights, 2 iterations land far from
+    // Bridge's iteration 4): the weights above came through Bridge's checkpoint.
+    let steps: Vec<u64> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, [3, 4]);
 }

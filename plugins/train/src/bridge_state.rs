@@ -266,9 +266,20 @@ pub fn restore(
                 Some(v) => v.as_f64().unwrap_or(f64::NAN),
                 None => f64::NAN,
             };
-            match (scale.is_finite() && scale > 0.0, int("growth_tracker"), int("hysteresis_tracker")) {
-                (true, Some(growth), Some(hysteresis)) => Some((scale, growth as u64, hysteresis as u64)),
-                _ => return Err(bad(common_file, "a grad_scaler without a positive scale and its trackers".into())),
+            match (
+                scale.is_finite() && scale > 0.0,
+                int("growth_tracker"),
+                int("hysteresis_tracker"),
+            ) {
+                (true, Some(growth), Some(hysteresis)) => {
+                    Some((scale, growth as u64, hysteresis as u64))
+                }
+                _ => {
+                    return Err(bad(
+                        common_file,
+                        "a grad_scaler without a positive scale and its trackers".into(),
+                    ))
+                }
             }
         }
     };
@@ -297,10 +308,14 @@ fn adam_step(optimizer: &Value) -> std::result::Result<u64, String> {
         .collect::<Option<_>>()
         .ok_or_else(|| bad("a parameter group without Adam's step"))?;
     match steps.split_first() {
-        Some((&first, rest)) if first >= 0.0 && first.fract() == 0.0 && rest.iter().all(|&s| s == first) => {
+        Some((&first, rest))
+            if first >= 0.0 && first.fract() == 0.0 && rest.iter().all(|&s| s == first) =>
+        {
             Ok(first as u64)
         }
-        Some(_) => Err(bad(&format!("the parameter groups' Adam steps {steps:?} are not one count"))),
+        Some(_) => Err(bad(&format!(
+            "the parameter groups' Adam steps {steps:?} are not one count"
+        ))),
         None => Err(bad("no parameter groups")),
     }
 }
@@ -483,7 +498,10 @@ mod tests {
         p.consumed_train_samples = 6;
         p.consumed_valid_samples = 8;
         p.loss_scale = Some((32768.0, 5, 1));
-        let groups = [Group::of("output_layer.weight", true), Group::of("x.bias", false)];
+        let groups = [
+            Group::of("output_layer.weight", true),
+            Group::of("x.bias", false),
+        ];
         let common = saved(&common_state(&groups, &run(), &p, 7), "common");
         let train = saved(&train_state(&run(), &p), "train_state");
         let (got, step) = restore(&common.root, &common, &train, &run()).unwrap();
@@ -507,15 +525,22 @@ mod tests {
     #[test]
     fn a_changed_schedule_is_refused() {
         let p = progress();
-        let common = saved(&common_state(&[Group::of("w", true)], &run(), &p, 2), "common");
+        let common = saved(
+            &common_state(&[Group::of("w", true)], &run(), &p, 2),
+            "common",
+        );
         let train = saved(&train_state(&run(), &p), "train_state");
         let mut other = run();
         other.schedule.decay_steps = 40;
-        let e = restore(&common.root, &common, &train, &other).unwrap_err().to_string();
+        let e = restore(&common.root, &common, &train, &other)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lr_decay_steps 20") && e.contains("40"), "{e}");
         other = run();
         other.lr_decay_style = "linear".into();
-        let e = restore(&common.root, &common, &train, &other).unwrap_err().to_string();
+        let e = restore(&common.root, &common, &train, &other)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lr_decay_style cosine"), "{e}");
     }
 }

@@ -29,8 +29,8 @@
 use crate::bridge_state::{self, Group, Progress, RunSettings, OPTIMIZER_STATES};
 use crate::optim::AdamW;
 use crate::params::Params;
-use bridgeflow_megatron::emit::{none_list_pickle, tensor_pickle, torch_save, Archive};
 use bridgeflow_megatron::checkpoint::{self, CheckpointMeta, ItemReader, TorchSave};
+use bridgeflow_megatron::emit::{none_list_pickle, tensor_pickle, torch_save, Archive};
 use bridgeflow_megatron::placement::{dist_place, DistPlace};
 use bridgeflow_megatron::{dcp, names, run_config};
 use bridgeflow_sdk::serde_json::{self, json};
@@ -470,7 +470,13 @@ pub fn load(
     adam.moments.clear();
     for (name, p) in params.by_name.iter_mut().filter(|(_, p)| p.trainable) {
         let shape: Vec<u64> = p.shape.iter().map(|&d| d as u64).collect();
-        let place = dist_place(name, shape.clone(), vec![0; shape.len()], shape, Some(num_layers));
+        let place = dist_place(
+            name,
+            shape.clone(),
+            vec![0; shape.len()],
+            shape,
+            Some(num_layers),
+        );
         let [master, m, v] = OPTIMIZER_STATES.map(|s| bridge_state::optimizer_key(s, &place.key));
         let mut read = |key: &str| read_state(&mut items, &meta, &dir, (name, key), &place);
         let (master_v, m_v, v_v) = (read(&master)?, read(&m)?, read(&v)?);

@@ -2,9 +2,9 @@
 //! bytes of one item.
 
 use crate::dtypes;
+use crate::names;
 use crate::pickle::{self, Value};
 use crate::zip;
-use crate::names;
 use bridgeflow_sdk::{DType, PluginError, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -523,7 +523,14 @@ pub fn tensor_in(
 
 /// Copies the part of `chunk` (row-major over its sizes) inside the region (`r_off`, `r_size`)
 /// into `out` (row-major over the region's sizes); `es` is the element size.
-pub fn copy_block(src: &[u8], chunk: &Chunk, r_off: &[u64], r_size: &[u64], es: usize, out: &mut [u8]) {
+pub fn copy_block(
+    src: &[u8],
+    chunk: &Chunk,
+    r_off: &[u64],
+    r_size: &[u64],
+    es: usize,
+    out: &mut [u8],
+) {
     let n = r_size.len();
     if n == 0 {
         out.copy_from_slice(&src[..es]);
@@ -603,8 +610,8 @@ impl ItemReader {
         use std::os::unix::fs::FileExt;
         let path = self.dir.join(&s.file);
         if !self.files.contains_key(&s.file) {
-            let f = std::fs::File::open(&path)
-                .map_err(|e| PluginError::io(&path, "cannot open", e))?;
+            let f =
+                std::fs::File::open(&path).map_err(|e| PluginError::io(&path, "cannot open", e))?;
             self.files.insert(s.file.clone(), f);
         }
         let mut bytes = vec![0u8; s.length as usize];
@@ -630,8 +637,11 @@ impl ItemReader {
         };
         let inside = offsets.len() == t.size.len()
             && sizes.len() == t.size.len()
-            && (0..sizes.len())
-                .all(|d| offsets[d].checked_add(sizes[d]).is_some_and(|e| e <= t.size[d]));
+            && (0..sizes.len()).all(|d| {
+                offsets[d]
+                    .checked_add(sizes[d])
+                    .is_some_and(|e| e <= t.size[d])
+            });
         if !inside {
             return Err(PluginError::shape(format!(
                 "{}: tensor '{key}' is {:?}; the region at {offsets:?} of {sizes:?} is not inside it",
@@ -646,7 +656,10 @@ impl ItemReader {
         for c in t.chunks.iter().filter(|c| overlap(c, offsets, sizes) > 0) {
             let item = self.item(&c.storage)?;
             let it = tensor_item(&item, &mut |_| {}).map_err(|e| {
-                bad(format!("chunk at {:?} in {}: {e}", c.offsets, c.storage.file))
+                bad(format!(
+                    "chunk at {:?} in {}: {e}",
+                    c.offsets, c.storage.file
+                ))
             })?;
             if it.dtype != t.dtype || it.size != c.sizes {
                 return Err(PluginError::shape(format!(
@@ -710,7 +723,10 @@ impl TorchSave {
         let bad = |e: String| PluginError::format(format!("{}: {e}", self.what));
         let t = tensor_in(&self.bytes, &self.entries, v, &mut |_| {}).map_err(bad)?;
         if elements(&t.size) != Some(1) {
-            return Err(bad(format!("a tensor of {:?} where one value was expected", t.size)));
+            return Err(bad(format!(
+                "a tensor of {:?} where one value was expected",
+                t.size
+            )));
         }
         let b = &self.bytes[t.data];
         let le = |n: usize| -> [u8; 8] {
