@@ -115,10 +115,12 @@ impl OutputFile {
     }
 
     /// Writes `bytes` at `at` in windows of [`WINDOW`] bytes, calling `each(range, window)` for
-    /// each window (to checksum it while it is in cache, and let its pages go). At least
-    /// [`BESIDE`] bytes are written by another thread meanwhile (a kernel copy reads the input
-    /// file, `each` its map; a write reads the bytes as `each` does: neither waits for the
-    /// other); fewer, each window is written before `each` sees it. An error says
+    /// each window once it is written (to checksum it while it is in cache, and let its pages
+    /// go). At least [`BESIDE`] bytes are written by another thread, which runs ahead: `each`
+    /// sees window i while window i+1 is being copied or written, so the two cores overlap, and
+    /// a consumer that lets each window go (`discard`) does so at the pace of the writes, which
+    /// is the progress the memory budget sees (a buffer checksummed to its end long before the
+    /// disk has taken it would look like a stalled pipeline). An error says
     /// `{what} {path}: {error}`.
     pub fn write_windows(
         &mut self,
@@ -130,13 +132,18 @@ impl OutputFile {
         let mut origin = self.origins.as_ref().and_then(|o| o.find(bytes));
         if bytes.len() >= BESIDE {
             let copied = std::thread::scope(|s| {
+                // One message per window written; dropped (the loop below ends) on an error.
+                let (written, windows) = std::sync::mpsc::channel::<()>();
                 let copier = std::thread::Builder::new()
                     .name("bridgeflow copy".into())
                     .spawn_scoped(s, || {
+                        // Moved in, so that the loop below ends when this thread does.
+                        let written = written;
                         let mut done = 0;
                         while done < bytes.len() {
                             let end = (done + WINDOW).min(bytes.len());
                             self.write_window(bytes, done..end, at, what, &mut origin)?;
+                            let _ = written.send(());
                             done = end;
                         }
                         Ok(())
@@ -145,6 +152,9 @@ impl OutputFile {
                     return None;
                 };
                 for (i, window) in bytes.chunks(WINDOW).enumerate() {
+                    if windows.recv().is_err() {
+                        break;
+                    }
                     each(i * WINDOW..i * WINDOW + window.len(), window);
                 }
                 Some(copier.join())
@@ -495,6 +505,37 @@ mod tests {
             );
             assert!(std::fs::read(&q).unwrap() == std::fs::read(&p).unwrap());
             std::fs::remove_file(&q).unwrap();
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A window reaches `each` only once it is in the file (copied in the kernel or written), so
+    /// a consumer letting windows go does so at the pace of the writes.
+    #[test]
+    fn each_window_is_seen_once_it_is_written() {
+        let d = dir("paced");
+        let input = d.join("input.bin");
+        std::fs::write(&input, pattern(3 * WINDOW + 777)).unwrap();
+        let map = InputMap::open(&input).unwrap();
+        let heap = pattern(2 * WINDOW + 5);
+        for (name, bytes, origins) in [
+            ("copied", &map[..], Some(Arc::new(Origins::new()))),
+            ("written", &heap[..], None),
+        ] {
+            let p = d.join(name);
+            drop(create(&p));
+            let reader = File::open(&p).unwrap();
+            let mut out = OutputFile::new(File::options().write(true).open(&p).unwrap(), &p)
+                .kernel_copy(origins);
+            let mut seen = 0;
+            out.write_windows(bytes, 0, "writing", |r, w| {
+                let mut back = vec![0u8; w.len()];
+                let there = reader.read_exact_at(&mut back, r.start as u64).is_ok() && back == w;
+                assert!(there, "{name}: window {r:?} seen before it was written");
+                seen += 1;
+            })
+            .unwrap();
+            assert_eq!(seen, bytes.len().div_ceil(WINDOW));
         }
         std::fs::remove_dir_all(&d).unwrap();
     }
