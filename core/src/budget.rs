@@ -128,17 +128,6 @@ impl Budget {
         self.acquire_as(bytes, wait.then_some(Waiter::Source))
     }
 
-    /// Waits, as a source's [`Self::acquire`] does, until `bytes` more fit, without counting
-    /// them: a source calls it before making a buffer, so that the buffer is made within the
-    /// budget instead of beside a full one. False if the run was cancelled while waiting.
-    pub fn wait_for_room(&self, bytes: u64) -> bool {
-        if !self.acquire(bytes, true) {
-            return false;
-        }
-        self.release(bytes, false);
-        true
-    }
-
     /// [`Self::acquire`] for a downstream stage whose alive output is `own`: waits for room only
     /// while some of that output is alive.
     fn acquire_downstream(&self, bytes: u64, own: &AtomicU64) -> bool {
@@ -395,30 +384,6 @@ mod tests {
         let small = t.join().unwrap().unwrap();
         assert_eq!(b.in_flight(), 10);
         drop(small);
-    }
-
-    /// A source's wait before it makes a buffer: blocks while the bytes would not fit, and
-    /// counts nothing itself.
-    #[test]
-    fn waiting_for_room_blocks_while_full_and_counts_nothing() {
-        let b = Budget::new(100);
-        let held = b.account(Buffer::from_vec(vec![0; 80]), true).unwrap();
-        assert!(b.wait_for_room(20), "fits: no wait");
-        assert_eq!(b.in_flight(), 80);
-        let b2 = b.clone();
-        let waited = std::sync::Arc::new(AtomicBool::new(false));
-        let w2 = waited.clone();
-        let t = std::thread::spawn(move || {
-            let ok = b2.wait_for_room(40);
-            w2.store(true, Ordering::SeqCst);
-            ok
-        });
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(!waited.load(Ordering::SeqCst), "80 + 40 > 100: must wait");
-        drop(held);
-        assert!(t.join().unwrap());
-        assert_eq!(b.in_flight(), 0);
-        assert_eq!(b.overdrafts(), 0);
     }
 
     #[test]

@@ -705,17 +705,8 @@ fn run_stage(
         send_all(&budget, &outs[port], item, hold)
     };
     let is_cancelled = || budget.is_cancelled();
-    // Only a source waits for room before making a buffer (downstream stages wait on their own
-    // alive output when they emit, see Budget::account_downstream).
-    let room = |bytes: u64| {
-        if is_source {
-            budget.wait_for_room(bytes)
-        } else {
-            !budget.is_cancelled()
-        }
-    };
     let mut rx = rx;
-    let result = Emitter::hosted(&mut emit, Some(&is_cancelled), Some(&room), |em| {
+    let result = Emitter::scoped_ports(&mut emit, Some(&is_cancelled), |em| {
         match rx.as_mut() {
             None => node.stage.run(em).into_result()?,
             Some(rx) => receive_all(node, rx, em, ctx, counts)?,

@@ -18,7 +18,7 @@ use abi_stable::{
 
 /// Bumped on any change to the types that cross the boundary. The host refuses plugins built
 /// against another value before touching anything else in them.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 4;
 /// The version of this SDK crate, recorded in every plugin built against it.
 pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
 

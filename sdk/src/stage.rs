@@ -185,41 +185,24 @@ pub struct Emitter {
     emit_fn:
         unsafe extern "C" fn(ctx: *mut c_void, port: u32, item: Item) -> RResult<(), PluginError>,
     cancelled_fn: unsafe extern "C" fn(ctx: *mut c_void) -> bool,
-    room_fn: unsafe extern "C" fn(ctx: *mut c_void, bytes: u64) -> bool,
 }
 
 /// The host's side of an emitter: (output port, item).
 type EmitClosure<'a> = &'a mut dyn FnMut(usize, Item) -> Result<()>;
 
-/// What an emitter calls back into: the host's closures.
-struct Host<'a, 'b> {
-    emit: EmitClosure<'a>,
-    cancelled: Option<&'b (dyn Fn() -> bool + Sync)>,
-    room: Option<&'b (dyn Fn(u64) -> bool + Sync)>,
-}
-
-unsafe extern "C" fn host_emit(
+unsafe extern "C" fn closure_emit(
     ctx: *mut c_void,
     port: u32,
     item: Item,
 ) -> RResult<(), PluginError> {
-    let h = &mut *(ctx as *mut Host<'_, '_>);
-    match catch_unwind(AssertUnwindSafe(|| (h.emit)(port as usize, item))) {
+    let f = &mut *(ctx as *mut EmitClosure<'_>);
+    match catch_unwind(AssertUnwindSafe(|| f(port as usize, item))) {
         Ok(r) => r.into(),
         Err(_) => RResult::RErr(PluginError::internal("panic in the host's emit callback")),
     }
 }
-unsafe extern "C" fn host_cancelled(ctx: *mut c_void) -> bool {
-    let h = &*(ctx as *const Host<'_, '_>);
-    h.cancelled
-        .is_some_and(|c| catch_unwind(AssertUnwindSafe(c)).unwrap_or(true))
-}
-unsafe extern "C" fn host_room(ctx: *mut c_void, bytes: u64) -> bool {
-    let h = &*(ctx as *const Host<'_, '_>);
-    match h.room {
-        Some(r) => catch_unwind(AssertUnwindSafe(|| r(bytes))).unwrap_or(false),
-        None => true,
-    }
+unsafe extern "C" fn never_cancelled(_: *mut c_void) -> bool {
+    false
 }
 
 impl Emitter {
@@ -241,41 +224,41 @@ impl Emitter {
         cancelled: Option<&(dyn Fn() -> bool + Sync)>,
         body: impl FnOnce(&mut Emitter) -> R,
     ) -> R {
-        Emitter::hosted(f, cancelled, None, body)
-    }
-
-    /// [`Emitter::scoped_ports`] with the host's memory budget behind
-    /// [`Emitter::wait_for_room`]: `room(bytes)` blocks until that many more bytes fit, and
-    /// says false when the run is cancelled meanwhile.
-    pub fn hosted<R>(
-        f: &mut dyn FnMut(usize, Item) -> Result<()>,
-        cancelled: Option<&(dyn Fn() -> bool + Sync)>,
-        room: Option<&(dyn Fn(u64) -> bool + Sync)>,
-        body: impl FnOnce(&mut Emitter) -> R,
-    ) -> R {
-        let mut host = Host {
-            emit: f,
-            cancelled,
-            room,
-        };
-        let mut em = Emitter {
-            ctx: &mut host as *mut Host<'_, '_> as *mut c_void,
-            emit_fn: host_emit,
-            cancelled_fn: host_cancelled,
-            room_fn: host_room,
-        };
-        body(&mut em)
-    }
-
-    /// Blocks until `bytes` more fit in the run's memory budget (at once when nothing else is
-    /// in flight, or when the stage is not a source): a source calls it before it allocates a
-    /// buffer it will emit, so that the buffer is made within the budget rather than held
-    /// beside a full one while its emit waits. An error if the run is cancelled meanwhile.
-    pub fn wait_for_room(&mut self, bytes: u64) -> Result<()> {
-        if unsafe { (self.room_fn)(self.ctx, bytes) } {
-            Ok(())
-        } else {
-            Err(PluginError::cancelled())
+        let mut f: EmitClosure<'_> = f;
+        match cancelled {
+            None => {
+                let mut em = Emitter {
+                    ctx: &mut f as *mut EmitClosure<'_> as *mut c_void,
+                    emit_fn: closure_emit,
+                    cancelled_fn: never_cancelled,
+                };
+                body(&mut em)
+            }
+            Some(c) => {
+                struct Both<'a, 'b> {
+                    f: EmitClosure<'a>,
+                    c: &'b (dyn Fn() -> bool + Sync),
+                }
+                unsafe extern "C" fn both_emit(
+                    ctx: *mut c_void,
+                    port: u32,
+                    item: Item,
+                ) -> RResult<(), PluginError> {
+                    let b = &mut *(ctx as *mut Both<'_, '_>);
+                    closure_emit(&mut b.f as *mut EmitClosure<'_> as *mut c_void, port, item)
+                }
+                unsafe extern "C" fn both_cancelled(ctx: *mut c_void) -> bool {
+                    let b = &*(ctx as *const Both<'_, '_>);
+                    (b.c)()
+                }
+                let mut both = Both { f, c };
+                let mut em = Emitter {
+                    ctx: &mut both as *mut Both<'_, '_> as *mut c_void,
+                    emit_fn: both_emit,
+                    cancelled_fn: both_cancelled,
+                };
+                body(&mut em)
+            }
         }
     }
 

@@ -365,8 +365,6 @@ impl Source for TorchDistReader {
                 Buffer::from_owner(MapView { map, range })
             } else {
                 let numel: u64 = p.sizes.iter().product();
-                // Assembled in a buffer of its own: made once the budget has room for it.
-                out.wait_for_room(numel * es as u64)?;
                 let mut buf = self.pool.take(numel as usize * es);
                 for c in &t.chunks {
                     let overlaps = (0..p.sizes.len()).all(|d| {
