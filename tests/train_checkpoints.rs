@@ -191,7 +191,7 @@ fn a_damaged_checkpoint_is_refused_by_name() {
 /// misread of any of them moves the weights off.
 #[test]
 fn resuming_from_bridges_own_checkpoint_lands_where_bridge_does() {
-    use bridgeflow_tests::train::{f32s, read_and_map, write_samples};
+    use bridgeflow_tests::train::{f32s, read_and_map, replay_data_and_train, write_samples};
     let fixture = train_fixtures().join("bridge_resume");
     let dir = tempdir();
     let ckpt = dir.path().join("bridge_ckpt");
@@ -200,19 +200,17 @@ fn resuming_from_bridges_own_checkpoint_lands_where_bridge_does() {
     write_samples(&data, 4);
     let out = dir.path().join("weights");
     let metrics = dir.path().join("metrics.jsonl");
+    let train = replay_data_and_train(
+        &data,
+        4,
+        &format!(
+            r#"load = "{}", metrics_file = "{}""#,
+            ckpt.display(),
+            metrics.display()
+        ),
+    );
     let pipeline = format!(
-        r#"{read}
-[stages.data]
-plugin = "parquet"
-kind = "reader"
-config = {{ path = "{data}", columns = ["tokens", "loss_mask"] }}
-
-[stages.train]
-plugin = "trainer"
-kind = "trainer"
-inputs = ["map", "data"]
-config = {{ seq_length = 32, global_batch_size = 4, micro_batch_size = 2, train_iters = 4, lr = 1e-3, min_lr = 1e-4, lr_warmup_iters = 2, lr_decay_iters = 20, lr_decay_style = "cosine", weight_decay = 0.033, adam_beta1 = 0.9, adam_beta2 = 0.95, adam_eps = 1e-8, clip_grad = 1.0, load = "{ckpt}", metrics_file = "{metrics}" }}
-
+        r#"{read}{train}
 [stages.write]
 plugin = "safetensors"
 kind = "writer"
@@ -220,9 +218,6 @@ inputs = ["train.weights"]
 config = {{ path = "{out}" }}
 "#,
         read = read_and_map(&fixtures().join("hf/llama")),
-        data = data.display(),
-        ckpt = ckpt.display(),
-        metrics = metrics.display(),
         out = out.display(),
     );
     run_text(dir.path(), &pipeline, &[], 1 << 30).unwrap();

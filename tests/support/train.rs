@@ -37,11 +37,12 @@ config = {{ direction = "to-megatron" }}
     )
 }
 
-/// HF → Megatron → train on the golden samples `data` with the replays' settings
-/// (`scripts/train_replay.py`'s; `extra`: the case's own trainer settings) → HF at `out`.
-pub fn replay_pipeline(hf: &Path, data: &Path, out: &Path, iters: usize, extra: &str) -> String {
+/// Stages `data` (the golden samples `data`, Parquet) and `train` (the replays' settings,
+/// `scripts/train_replay.py`'s, for `iters` iterations; `extra`: the case's own trainer
+/// settings), training the weights of stage `map`.
+pub fn replay_data_and_train(data: &Path, iters: usize, extra: &str) -> String {
     format!(
-        r#"{read}
+        r#"
 [stages.data]
 plugin = "parquet"
 kind = "reader"
@@ -52,7 +53,16 @@ plugin = "trainer"
 kind = "trainer"
 inputs = ["map", "data"]
 config = {{ seq_length = 32, global_batch_size = 4, micro_batch_size = 2, train_iters = {iters}, lr = 1e-3, min_lr = 1e-4, lr_warmup_iters = 2, lr_decay_iters = 20, lr_decay_style = "cosine", weight_decay = 0.033, adam_beta1 = 0.9, adam_beta2 = 0.95, adam_eps = 1e-8, clip_grad = 1.0, {extra} }}
+"#,
+        data = data.display(),
+    )
+}
 
+/// HF → Megatron → train on the golden samples `data` with the replays' settings
+/// ([`replay_data_and_train`]) → HF at `out`.
+pub fn replay_pipeline(hf: &Path, data: &Path, out: &Path, iters: usize, extra: &str) -> String {
+    format!(
+        r#"{read}{train}
 [stages.to_hf]
 plugin = "models"
 kind = "mapper"
@@ -66,8 +76,8 @@ inputs = ["to_hf"]
 config = {{ path = "{out}" }}
 "#,
         read = read_and_map(hf),
+        train = replay_data_and_train(data, iters, extra),
         hf = hf.display(),
-        data = data.display(),
         out = out.display(),
     )
 }
