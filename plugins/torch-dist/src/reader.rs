@@ -80,6 +80,40 @@ fn slab_bounds(blocks: &[&Chunk], axis: usize, start: u64, len: u64) -> Vec<u64>
     cuts
 }
 
+/// The blocks of a region when each lies inside it and is one run of its elements (an
+/// expert's gate or up half of a layer's experts), with each block's offsets within the region
+/// (without the dropped axes before `skip`), in element order; None when any is not.
+fn contiguous_blocks(
+    blocks: &[&Chunk],
+    offsets: &[u64],
+    sizes: &[u64],
+    skip: usize,
+) -> Option<Vec<(Chunk, Vec<u64>)>> {
+    let shape = &sizes[skip..];
+    let mut out = Vec::with_capacity(blocks.len());
+    let mut covered = 0u64;
+    for c in blocks {
+        let inside = (0..sizes.len()).all(|d| {
+            c.offsets[d] >= offsets[d] && c.offsets[d] + c.sizes[d] <= offsets[d] + sizes[d]
+        });
+        if !inside || c.sizes[..skip].iter().any(|&n| n != 1) {
+            return None;
+        }
+        let at: Vec<u64> = (skip..sizes.len())
+            .map(|d| c.offsets[d] - offsets[d])
+            .collect();
+        let start = bridgeflow_sdk::tensor::contiguous_offset(shape, &at, &c.sizes[skip..])?;
+        covered += c.sizes.iter().product::<u64>();
+        out.push((start, (*c).clone(), at));
+    }
+    // Blocks that overlap or leave a gap are the metadata's error, named where it is read.
+    if covered != shape.iter().product::<u64>() {
+        return None;
+    }
+    out.sort_by_key(|(start, _, _)| *start);
+    Some(out.into_iter().map(|(_, c, at)| (c, at)).collect())
+}
+
 impl TorchDistReader {
     /// Plans one region (a whole tensor, or one layer of a stacked one): as itself, or with
     /// `row_pieces` as the stored blocks of whole rows it is made of (or, when a large region's
@@ -114,14 +148,30 @@ impl TorchDistReader {
                     .filter(|&d| d != skip)
                     .all(|d| c.offsets[d] == offsets[d] && c.sizes[d] == sizes[d])
             });
-        if self.cfg.row_pieces && !rows_only && !shape.is_empty() {
-            // Blocks split along other axes too (an expert's gate and up halves): a large
-            // region goes as slabs of whole rows, each assembled from the blocks it cuts, so
-            // that no more of it than a slab is ever resident (1.75 GiB of DeepSeek-V3 experts
-            // would be otherwise).
+        let bytes = sizes.iter().product::<u64>() * t.dtype.size() as u64;
+        if self.cfg.row_pieces && !rows_only && !shape.is_empty() && bytes > LARGE_ITEM as u64 {
+            // Blocks split along other axes too (an expert's gate and up halves). A large
+            // region is never assembled whole (1.75 GiB of DeepSeek-V3 experts would be
+            // resident): blocks that are each one run of the region's elements go as views,
+            // as stored; otherwise slabs of whole rows, each assembled from the blocks it cuts.
+            if let Some(pieces) = contiguous_blocks(&blocks, &offsets, &sizes, skip) {
+                for (c, at) in pieces {
+                    let id: Vec<String> = at.iter().map(u64::to_string).collect();
+                    let info =
+                        TensorInfo::new(format!("{name}#{}", id.join(".")), t.dtype, &c.sizes[skip..])
+                            .with_shard(shape, &at);
+                    infos.push(info.clone());
+                    self.planned.push(Planned {
+                        info,
+                        key: key.to_string(),
+                        offsets: c.offsets,
+                        sizes: c.sizes,
+                    });
+                }
+                return;
+            }
             let slabs = slab_bounds(&blocks, skip, offsets[skip], sizes[skip]);
-            let bytes = sizes.iter().product::<u64>() * t.dtype.size() as u64;
-            if slabs.len() > 2 && bytes > LARGE_ITEM as u64 {
+            if slabs.len() > 2 {
                 for w in slabs.windows(2) {
                     let (row, n) = (w[0], w[1] - w[0]);
                     let mut at = vec![row];
@@ -437,10 +487,11 @@ mod tests {
         }
     }
 
-    /// Experts stored as each expert's gate and up halves (blocks cut along the second axis):
-    /// a large tensor goes as one slab of whole rows per expert, a small one whole.
+    /// Experts stored as each expert's gate and up halves (blocks cut along the second axis): a
+    /// large tensor goes as those halves, each a view as stored; blocks that are not one run of
+    /// elements (TP halves of columns) as one slab of whole rows per expert; a small one whole.
     #[test]
-    fn blocks_cut_along_other_axes_go_as_slabs_of_rows() {
+    fn large_blocks_cut_along_other_axes_go_as_views_or_slabs_of_rows() {
         let key = "decoder.layers.1.mlp.experts.experts.linear_fc1.weight";
         let meta = |e: u64, f: u64, h: u64| TensorMeta {
             dtype: DType::BF16,
@@ -449,45 +500,51 @@ mod tests {
                 .flat_map(|i| [chunk([i, 0, 0], [1, f, h]), chunk([i, f, 0], [1, f, h])])
                 .collect(),
         };
+        let plan = |t: &TensorMeta| {
+            let mut r = reader();
+            let mut infos = Vec::new();
+            r.plan_region(&mut infos, key, t, key.into(), vec![0; 3], t.size.clone(), false);
+            (infos, r.planned)
+        };
         // 4 experts of 2 x [2048, 2048] bf16: 64 MiB.
         let t = meta(4, 2048, 2048);
-        let mut r = reader();
-        let mut infos = Vec::new();
-        r.plan_region(
-            &mut infos,
-            key,
-            &t,
-            key.into(),
-            vec![0; 3],
-            t.size.clone(),
-            false,
-        );
-        assert_eq!(infos.len(), 4);
-        for (e, (info, p)) in infos.iter().zip(&r.planned).enumerate() {
-            let e = e as u64;
-            assert_eq!(info.name(), format!("{key}#{e}"));
-            assert_eq!(info.shape.as_slice(), &[1, 4096, 2048]);
+        let (infos, planned) = plan(&t);
+        assert_eq!(infos.len(), 8);
+        for (i, (info, p)) in infos.iter().zip(&planned).enumerate() {
+            let (e, row) = (i as u64 / 2, i as u64 % 2 * 2048);
+            assert_eq!(info.name(), format!("{key}#{e}.{row}.0"));
+            assert_eq!(info.shape.as_slice(), &[1, 2048, 2048]);
             let s = info.shard().unwrap();
             assert_eq!(s.global_shape.as_slice(), &[4, 4096, 2048]);
-            assert_eq!(s.offsets.as_slice(), &[e, 0, 0]);
+            assert_eq!(s.offsets.as_slice(), &[e, row, 0]);
+            assert_eq!(
+                (p.offsets.as_slice(), p.sizes.as_slice()),
+                (&[e, row, 0][..], &[1, 2048, 2048][..])
+            );
+        }
+        // Each half split again by columns (TP 2 of a row-parallel layout): slabs of rows.
+        let mut t = meta(4, 2048, 2048);
+        t.chunks = t
+            .chunks
+            .iter()
+            .flat_map(|c| {
+                let (o, z) = (&c.offsets, &c.sizes);
+                [0, 1024].map(|col| chunk([o[0], o[1], col], [z[0], z[1], 1024]))
+            })
+            .collect();
+        let (infos, planned) = plan(&t);
+        assert_eq!(infos.len(), 4);
+        for (e, (info, p)) in infos.iter().zip(&planned).enumerate() {
+            let e = e as u64;
+            assert_eq!(info.name(), format!("{key}#{e}"));
+            assert_eq!(info.shard().unwrap().offsets.as_slice(), &[e, 0, 0]);
             assert_eq!(
                 (p.offsets.as_slice(), p.sizes.as_slice()),
                 (&[e, 0, 0][..], &[1, 4096, 2048][..])
             );
         }
         // Small: whole, as before.
-        let t = meta(4, 16, 8);
-        let mut r = reader();
-        let mut infos = Vec::new();
-        r.plan_region(
-            &mut infos,
-            key,
-            &t,
-            key.into(),
-            vec![0; 3],
-            t.size.clone(),
-            false,
-        );
+        let (infos, _) = plan(&meta(4, 16, 8));
         assert_eq!(infos.len(), 1);
         assert!(infos[0].shard().is_none());
     }
