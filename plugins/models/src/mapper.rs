@@ -11,7 +11,7 @@
 
 use crate::expect;
 use crate::families::{self, Family};
-use crate::layout::{self, row_bytes, Geometry, Group, Layout, Parts, Routes};
+use crate::layout::{self, row_bytes, Geometry, Group, Layout, PartialExperts, Parts, Routes};
 use bridgeflow_megatron::mapping::{fill, match_name, Entry, Heads, Index, Layers, MambaDims};
 use bridgeflow_sdk::{
     schemars, serde, Buffer, Emitter, Item, PluginError, Result, StreamPlan, Tensor, TensorInfo,
@@ -371,6 +371,8 @@ pub struct Mapper {
     pending: BTreeMap<(usize, Option<u64>), Parts>,
     /// HF tensors `allow_unexpected` drops.
     dropped: HashSet<String>,
+    /// Export: experts that arrive in pieces, for layouts that need them whole.
+    partial_experts: PartialExperts,
 }
 
 /// How each HF tensor arrives: the name and rows of each of its blocks, by tensor.
@@ -726,7 +728,16 @@ impl Mapper {
             PluginError::unsupported(format!("Megatron tensor '{}' has no mapping", t.name()))
         })?;
         let cx = self.geometry();
-        self.layout(i).to_hf(self.entry(i), idx, t, &cx, out)
+        let layout = self.layout(i);
+        let t = if layout.needs_whole_experts() {
+            match self.partial_experts.whole(t)? {
+                Some(t) => t,
+                None => return Ok(()),
+            }
+        } else {
+            t
+        };
+        layout.to_hf(self.entry(i), idx, t, &cx, out)
     }
 
     /// The model tables given (`model_tables`), read.
@@ -885,6 +896,7 @@ impl Transform for Mapper {
             model: None,
             routes: Routes::default(),
             pending: BTreeMap::new(),
+            partial_experts: PartialExperts::default(),
             dropped: HashSet::new(),
         })
     }
@@ -980,6 +992,7 @@ impl Transform for Mapper {
     }
 
     fn finish(&mut self, _out: &mut Emitter) -> Result<()> {
+        self.partial_experts.check_complete()?;
         if let Some(((i, l), _)) = self.pending.iter().next() {
             return Err(PluginError::shape(format!(
                 "'{}' never got all its parts from the input",

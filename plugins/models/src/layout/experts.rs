@@ -7,6 +7,8 @@
 use super::{global_shape, hf_name, Geometry, Group, Layout, Parts, Routes};
 use bridgeflow_megatron::mapping::{expert_block, expert_block_dims, Entry, Index, Kind};
 use bridgeflow_sdk::{Buffer, Emitter, PluginError, Result, Tensor, TensorInfo};
+use std::collections::HashMap;
+use std::ops::Range;
 
 /// The element order within each expert: one of the `experts-*` kinds.
 #[derive(Debug, Clone, Copy)]
@@ -35,7 +37,82 @@ impl ExpertBlocks {
     }
 }
 
+/// Experts that arrive in blocks smaller than one expert (the torch_dist reader hands a large
+/// layer's experts out as stored: each expert's gate and up halves). The reshuffle needs all
+/// of an expert at once, so each expert's blocks are copied into one buffer until it is whole.
+#[derive(Default)]
+pub struct PartialExperts(HashMap<(String, u64), Partial>);
+
+struct Partial {
+    bytes: Vec<u8>,
+    /// The byte ranges filled so far.
+    have: Vec<Range<usize>>,
+}
+
+impl PartialExperts {
+    /// `t` itself when it holds whole experts; else None until the expert it is part of is
+    /// whole, then that expert, as the piece `name#x` of the tensor.
+    pub fn whole(&mut self, t: Tensor) -> Result<Option<Tensor>> {
+        let global = global_shape(&t.info);
+        if t.info.shape[1..] == global[1..] {
+            return Ok(Some(t));
+        }
+        let part_of_one = || {
+            PluginError::shape(format!(
+                "'{}' {} at {:?} of {global:?} is not one run of one expert's elements",
+                t.name(),
+                t.info.shape_string(),
+                t.info.shard().map(|s| s.offsets.to_vec())
+            ))
+        };
+        let offset = t.info.piece_offset().ok_or_else(part_of_one)?;
+        let es = t.info.dtype.size() as u64;
+        let per = global[1..].iter().product::<u64>();
+        let (x, within) = (offset / per, (offset % per * es) as usize);
+        let end = within + t.bytes().len();
+        if t.info.shape[0] != 1 || end as u64 > per * es {
+            return Err(part_of_one());
+        }
+        let base = t.info.base_name().to_string();
+        let slot = self
+            .0
+            .entry((base.clone(), x))
+            .or_insert_with(|| Partial {
+                bytes: vec![0; (per * es) as usize],
+                have: Vec::new(),
+            });
+        if slot.have.iter().any(|r| r.start < end && within < r.end) {
+            return Err(PluginError::shape(format!(
+                "'{}': pieces of expert {x} overlap",
+                t.name()
+            )));
+        }
+        slot.bytes[within..end].copy_from_slice(t.bytes());
+        slot.have.push(within..end);
+        if slot.have.iter().map(|r| r.len()).sum::<usize>() < slot.bytes.len() {
+            return Ok(None);
+        }
+        let whole = self.0.remove(&(base.clone(), x)).expect("present").bytes;
+        let info = ExpertBlocks::expert_piece(&base, t.info.dtype, &global, x);
+        Ok(Some(Tensor::new(info, Buffer::from_vec(whole))?))
+    }
+
+    /// An error naming an expert that never got all its pieces.
+    pub fn check_complete(&self) -> Result<()> {
+        match self.0.keys().next() {
+            Some((name, x)) => Err(PluginError::shape(format!(
+                "'{name}': expert {x} never got all its pieces from the input"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Layout for ExpertBlocks {
+    fn needs_whole_experts(&self) -> bool {
+        true
+    }
+
     fn plan_to_megatron(
         &self,
         g: &Group,
@@ -165,6 +242,43 @@ mod tests {
             "decoder.layers.{l}.mlp.experts.linear_fc1.weight",
             &["model.layers.{l}.mlp.experts.gate_up_proj"],
         )
+    }
+
+    /// An expert's gate and up halves, in either order, become the expert once both are in;
+    /// whole experts pass through; overlapping or missing pieces are named.
+    #[test]
+    fn partial_experts_are_gathered_whole() {
+        let name = "decoder.layers.0.mlp.experts.linear_fc1.weight";
+        let whole = tensor(name, &[2, 4, 3], 0);
+        let half = |x: u64, row: u64| {
+            let at = ((x * 4 + row) * 3) as usize;
+            let mut t = tensor(&format!("{name}#{x}.{row}.0"), &[1, 2, 3], at as u8);
+            t.info = t.info.with_shard(&[2, 4, 3], &[x, row, 0]);
+            t
+        };
+        let mut g = PartialExperts::default();
+        assert_eq!(g.whole(whole.clone()).unwrap().unwrap().bytes(), whole.bytes());
+        assert!(g.whole(half(1, 2)).unwrap().is_none());
+        assert!(g.check_complete().unwrap_err().to_string().contains("expert 1"));
+        let e1 = g.whole(half(1, 0)).unwrap().unwrap();
+        assert_eq!(e1.name(), format!("{name}#1"));
+        assert_eq!(e1.info.shard().unwrap().offsets.to_vec(), vec![1, 0, 0]);
+        assert_eq!(e1.bytes(), &whole.bytes()[12..]);
+        g.check_complete().unwrap();
+        assert!(g.whole(half(0, 0)).unwrap().is_none());
+        let e = g.whole(half(0, 0)).unwrap_err().to_string();
+        assert!(e.contains("overlap"), "{e}");
+        // The reshuffle of a gathered expert equals that of the whole tensor's.
+        let l = ExpertBlocks(Kind::ExpertsTransposed);
+        let idx = Index {
+            layer: Some(0),
+            expert: None,
+        };
+        let ent = entry(Kind::ExpertsTransposed);
+        let from_whole = collect(|out| l.to_hf(&ent, idx, whole.clone(), &geometry(), out));
+        let from_e1 = collect(|out| l.to_hf(&ent, idx, e1, &geometry(), out));
+        let per = from_whole[0].bytes().len() / 2;
+        assert_eq!(from_e1[0].bytes(), &from_whole[0].bytes()[per..]);
     }
 
     #[test]

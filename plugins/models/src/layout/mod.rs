@@ -27,7 +27,7 @@ mod split;
 mod vocab;
 
 pub use direct::Direct;
-pub use experts::ExpertBlocks;
+pub use experts::{ExpertBlocks, PartialExperts};
 pub use gated::GatedMlp;
 pub use qkv::FusedQkv;
 pub use split::SplitRows;
@@ -101,6 +101,12 @@ pub trait Layout: Sync {
     /// How many HF tensors a row of this layout names.
     fn parts(&self) -> usize {
         1
+    }
+
+    /// Whether Megatron → HF needs each expert whole (a reshuffle within the expert): blocks
+    /// smaller than an expert are gathered first ([`PartialExperts`]).
+    fn needs_whole_experts(&self) -> bool {
+        false
     }
 
     /// The named row blocks stored as separate keys (`<name>.<block>`), in row order, if the
