@@ -492,6 +492,35 @@ impl GroupedLinear {
         Ok((h, out))
     }
 
+    /// `v` (`[N, width]`) cut into each expert's rows, in expert order.
+    fn split_rows<'v>(&self, v: &'v mut [f32], width: usize) -> Vec<&'v mut [f32]> {
+        let mut rest = v;
+        self.0
+            .iter()
+            .map(|&n| {
+                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(n * width);
+                rest = tail;
+                mine
+            })
+            .collect()
+    }
+
+    /// `f(expert, first row, rows, its part)` for each expert with tokens (`parts`: one per
+    /// expert), one expert per thread, largest first: a layer's experts are several products
+    /// of a few hundred rows each, which keep the threads busier one each than split between
+    /// them (14 % faster at 8 experts of 512 × 512 × 1408 on 2 threads).
+    fn each_expert<P: Send>(&self, parts: Vec<P>, f: impl Fn(usize, usize, usize, P) + Sync) {
+        let mut work: Vec<((usize, (usize, usize)), P)> = self
+            .segments()
+            .zip(parts)
+            .filter(|((_, (_, n)), _)| *n > 0)
+            .collect();
+        work.sort_by_key(|((_, (_, n)), _)| std::cmp::Reverse(*n));
+        work.into_par_iter()
+            .with_max_len(1)
+            .for_each(|((e, (start, n)), p)| f(e, start, n, p));
+    }
+
     /// Each expert's (first row, rows).
     fn segments(&self) -> impl Iterator<Item = (usize, (usize, usize))> + '_ {
         self.0.iter().enumerate().scan(0, |at, (e, &n)| {
@@ -517,19 +546,18 @@ impl candle_core::CustomOp2 for GroupedLinear {
         let (h, out) = self.dims(xl.shape(), wl.shape())?;
         let (x, w) = (f32s(self.name(), xs, xl)?, f32s(self.name(), ws, wl)?);
         let mut y = vec![0f32; x.len() / h * out];
-        for (e, (start, n)) in self.segments().filter(|(_, (_, n))| *n > 0) {
-            product(
+        let ys = self.split_rows(&mut y, out);
+        self.each_expert(ys, |e, start, n, y| {
+            matmul(
                 n,
                 out,
                 h,
                 m(&x[start * h..(start + n) * h]),
                 mt(&w[e * out * h..(e + 1) * out * h]),
-                &mut y[start * out..(start + n) * out],
+                y,
                 1.0,
-                Dst::Overwrite,
-                all_threads(),
-            );
-        }
+            )
+        });
         let rows = x.len() / h;
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
@@ -544,36 +572,19 @@ impl candle_core::CustomOp2 for GroupedLinear {
         let (h, out) = self.dims(x.shape(), w.shape())?;
         views!(self.name(); xv = x, wv = w, g = grad);
         let (mut dx, mut dw) = (vec![0f32; xv.len()], vec![0f32; wv.len()]);
-        for (e, (start, n)) in self.segments().filter(|(_, (_, n))| *n > 0) {
-            let (gs, xs) = (
-                &g[start * out..(start + n) * out],
-                &xv[start * h..(start + n) * h],
-            );
+        // An expert with no tokens keeps its zero gradient.
+        let both: Vec<(&mut [f32], &mut [f32])> = self
+            .split_rows(&mut dx, h)
+            .into_iter()
+            .zip(dw.chunks_mut(out * h))
+            .collect();
+        self.each_expert(both, |e, start, n, (dx, dw)| {
+            let gs = &g[start * out..(start + n) * out];
+            let xs = &xv[start * h..(start + n) * h];
             let we = &wv[e * out * h..(e + 1) * out * h];
-            product(
-                n,
-                h,
-                out,
-                m(gs),
-                m(we),
-                &mut dx[start * h..(start + n) * h],
-                1.0,
-                Dst::Overwrite,
-                all_threads(),
-            );
-            let dwe = &mut dw[e * out * h..(e + 1) * out * h];
-            product(
-                out,
-                h,
-                n,
-                mt(gs),
-                m(xs),
-                dwe,
-                1.0,
-                Dst::Overwrite,
-                all_threads(),
-            );
-        }
+            matmul(n, h, out, m(gs), m(we), dx, 1.0);
+            matmul(out, h, n, mt(gs), m(xs), dw, 1.0);
+        });
         Ok((Some(tensor(dx, x.shape())?), Some(tensor(dw, w.shape())?)))
     }
 }
