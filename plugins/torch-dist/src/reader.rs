@@ -64,6 +64,14 @@ fn is_stacked(key: &str, t: &TensorMeta) -> bool {
     names::is_stacked(key) && !t.size.is_empty()
 }
 
+/// A piece's offset in its tensor of `rank` axes when it starts at `row` and spans every other
+/// axis whole.
+fn at_row(row: u64, rank: usize) -> Vec<u64> {
+    let mut at = vec![0; rank];
+    at[0] = row;
+    at
+}
+
 /// Where the region's rows along axis `axis` (from `start`, `len` of them) are cut by the blocks:
 /// 0, every block edge inside, `len`; sorted, each once.
 fn slab_bounds(blocks: &[&Chunk], axis: usize, start: u64, len: u64) -> Vec<u64> {
@@ -160,13 +168,7 @@ impl TorchDistReader {
                     let info =
                         TensorInfo::new(format!("{name}#{}", id.join(".")), t.dtype, &c.sizes[skip..])
                             .with_shard(shape, &at);
-                    infos.push(info.clone());
-                    self.planned.push(Planned {
-                        info,
-                        key: key.to_string(),
-                        offsets: c.offsets,
-                        sizes: c.sizes,
-                    });
+                    self.plan_piece(infos, key, info, c.offsets, c.sizes);
                 }
                 return;
             }
@@ -174,53 +176,49 @@ impl TorchDistReader {
             if slabs.len() > 2 {
                 for w in slabs.windows(2) {
                     let (row, n) = (w[0], w[1] - w[0]);
-                    let mut at = vec![row];
-                    at.extend(std::iter::repeat_n(0, shape.len() - 1));
                     let mut local = shape.to_vec();
                     local[0] = n;
                     let info = TensorInfo::new(format!("{name}#{row}"), t.dtype, &local)
-                        .with_shard(shape, &at);
+                        .with_shard(shape, &at_row(row, shape.len()));
                     let (mut o, mut z) = (offsets.clone(), sizes.clone());
                     o[skip] += row;
                     z[skip] = n;
-                    infos.push(info.clone());
-                    self.planned.push(Planned {
-                        info,
-                        key: key.to_string(),
-                        offsets: o,
-                        sizes: z,
-                    });
+                    self.plan_piece(infos, key, info, o, z);
                 }
                 return;
             }
         }
         if !(self.cfg.row_pieces && rows_only) {
             let info = TensorInfo::new(name, t.dtype, shape);
-            infos.push(info.clone());
-            self.planned.push(Planned {
-                info,
-                key: key.to_string(),
-                offsets,
-                sizes,
-            });
+            self.plan_piece(infos, key, info, offsets, sizes);
             return;
         }
         let mut blocks: Vec<Chunk> = blocks.into_iter().cloned().collect();
         blocks.sort_by_key(|c| c.offsets[skip]);
         for c in blocks {
             let row = c.offsets[skip] - offsets[skip];
-            let mut at = vec![row];
-            at.extend(std::iter::repeat_n(0, shape.len() - 1));
             let info = TensorInfo::new(format!("{name}#{row}"), t.dtype, &c.sizes[skip..])
-                .with_shard(shape, &at);
-            infos.push(info.clone());
-            self.planned.push(Planned {
-                info,
-                key: key.to_string(),
-                offsets: c.offsets,
-                sizes: c.sizes,
-            });
+                .with_shard(shape, &at_row(row, shape.len()));
+            self.plan_piece(infos, key, info, c.offsets, c.sizes);
         }
+    }
+
+    /// Lists `info` and plans its read: the stored `key`'s elements at `offsets`/`sizes`.
+    fn plan_piece(
+        &mut self,
+        infos: &mut Vec<TensorInfo>,
+        key: &str,
+        info: TensorInfo,
+        offsets: Vec<u64>,
+        sizes: Vec<u64>,
+    ) {
+        infos.push(info.clone());
+        self.planned.push(Planned {
+            info,
+            key: key.to_string(),
+            offsets,
+            sizes,
+        });
     }
 
     /// The data file's map, checked to be the file first mapped (a truncated or changed file
