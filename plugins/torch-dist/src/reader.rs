@@ -165,9 +165,12 @@ impl TorchDistReader {
             if let Some(pieces) = contiguous_blocks(&blocks, &offsets, &sizes, skip) {
                 for (c, at) in pieces {
                     let id: Vec<String> = at.iter().map(u64::to_string).collect();
-                    let info =
-                        TensorInfo::new(format!("{name}#{}", id.join(".")), t.dtype, &c.sizes[skip..])
-                            .with_shard(shape, &at);
+                    let info = TensorInfo::new(
+                        format!("{name}#{}", id.join(".")),
+                        t.dtype,
+                        &c.sizes[skip..],
+                    )
+                    .with_shard(shape, &at);
                     self.plan_piece(infos, key, info, c.offsets, c.sizes);
                 }
                 return;
@@ -501,7 +504,15 @@ mod tests {
         let plan = |t: &TensorMeta| {
             let mut r = reader();
             let mut infos = Vec::new();
-            r.plan_region(&mut infos, key, t, key.into(), vec![0; 3], t.size.clone(), false);
+            r.plan_region(
+                &mut infos,
+                key,
+                t,
+                key.into(),
+                vec![0; 3],
+                t.size.clone(),
+                false,
+            );
             (infos, r.planned)
         };
         // 4 experts of 2 x [2048, 2048] bf16: 64 MiB.

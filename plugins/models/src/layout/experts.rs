@@ -74,13 +74,10 @@ impl PartialExperts {
             return Err(part_of_one());
         }
         let base = t.info.base_name().to_string();
-        let slot = self
-            .0
-            .entry((base.clone(), x))
-            .or_insert_with(|| Partial {
-                bytes: vec![0; (per * es) as usize],
-                have: Vec::new(),
-            });
+        let slot = self.0.entry((base.clone(), x)).or_insert_with(|| Partial {
+            bytes: vec![0; (per * es) as usize],
+            have: Vec::new(),
+        });
         if slot.have.iter().any(|r| r.start < end && within < r.end) {
             return Err(PluginError::shape(format!(
                 "'{}': pieces of expert {x} overlap",
@@ -257,9 +254,16 @@ mod tests {
             t
         };
         let mut g = PartialExperts::default();
-        assert_eq!(g.whole(whole.clone()).unwrap().unwrap().bytes(), whole.bytes());
+        assert_eq!(
+            g.whole(whole.clone()).unwrap().unwrap().bytes(),
+            whole.bytes()
+        );
         assert!(g.whole(half(1, 2)).unwrap().is_none());
-        assert!(g.check_complete().unwrap_err().to_string().contains("expert 1"));
+        assert!(g
+            .check_complete()
+            .unwrap_err()
+            .to_string()
+            .contains("expert 1"));
         let e1 = g.whole(half(1, 0)).unwrap().unwrap();
         assert_eq!(e1.name(), format!("{name}#1"));
         assert_eq!(e1.info.shard().unwrap().offsets.to_vec(), vec![1, 0, 0]);
