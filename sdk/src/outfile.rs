@@ -8,10 +8,10 @@
 //!   gets `pwrite`s from then on; an input that ends early (truncated while being read) has the
 //!   rest written from its map, where the input guard ([`crate::inputs`]) takes over.
 //! - **Write-back behind the writes.** A durable file ([`OutputFile::durable`]) hands each
-//!   write's pages to write-back at once (`sync_file_range(SYNC_FILE_RANGE_WRITE)`) and waits
-//!   for those more than [`WRITEBACK_LAG`] behind, so the disk writes while the conversion
-//!   reads, hashes and maps, dirty pages stay bounded, and the closing `fsync`
-//!   ([`OutputFile::sync`]) has next to nothing left to write.
+//!   write's pages to write-back at once (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, from a
+//!   thread of its own) and waits for those more than [`WRITEBACK_LAG`] behind, so the disk
+//!   writes while the conversion reads, hashes and maps, dirty pages stay bounded, and the
+//!   closing `fsync` ([`OutputFile::sync`]) has next to nothing left to write.
 
 use crate::inputs::{FileOrigin, Origins};
 use crate::{PluginError, Result};
@@ -65,6 +65,69 @@ struct WriteBack {
     /// an archive's frame, go in batches).
     pending: Option<(u64, u64)>,
     pending_bytes: u64,
+    /// The thread that hands the spans to write-back (started on the first).
+    starter: Option<Starter>,
+}
+
+/// A thread of its own that hands spans of a file to write-back (`sync_file_range` with
+/// `SYNC_FILE_RANGE_WRITE`). The call does the filesystem's block allocation and submits the
+/// I/O on the calling thread; on the writing thread it came on top of the kernel's copy, which
+/// is what bounds a conversion. Measured on the 8 GB DeepSeek-shaped checkpoint with fsync,
+/// interleaved runs: Megatron -> HF 8.1-10.2 s (median 9.4) against 9.2-10.5 (9.7) with the
+/// writer's own calls, HF -> Megatron 4.4-6.5 s (5.8) against 5.1-7.7 (6.4); faster in 9
+/// pairs of 11.
+struct Starter {
+    spans: Option<std::sync::mpsc::Sender<(u64, u64)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The first error a hand-over met (write-back errors also show at the closing fsync).
+    failed: Arc<std::sync::Mutex<Option<std::io::Error>>>,
+}
+
+impl Starter {
+    /// `None` when the file cannot be shared or no thread can be had (the writer then hands
+    /// the spans over itself).
+    fn new(file: &File) -> Option<Starter> {
+        let file = file.try_clone().ok()?;
+        let (tx, rx) = std::sync::mpsc::channel::<(u64, u64)>();
+        let failed = Arc::new(std::sync::Mutex::new(None));
+        let seen = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("bridgeflow write-back".into())
+            .spawn(move || {
+                for (at, len) in rx {
+                    if let Err(e) = start_writeback(&file, at, len) {
+                        seen.lock().unwrap().get_or_insert(e);
+                    }
+                }
+            })
+            .ok()?;
+        Some(Starter {
+            spans: Some(tx),
+            thread: Some(thread),
+            failed,
+        })
+    }
+
+    /// Hands `at..at+len` over; false when the thread is gone.
+    fn start(&self, at: u64, len: u64) -> bool {
+        self.spans
+            .as_ref()
+            .is_some_and(|t| t.send((at, len)).is_ok())
+    }
+
+    /// The first error a hand-over met, once.
+    fn failure(&self) -> Option<std::io::Error> {
+        self.failed.lock().unwrap().take()
+    }
+}
+
+impl Drop for Starter {
+    fn drop(&mut self) {
+        self.spans = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl OutputFile {
@@ -93,6 +156,7 @@ impl OutputFile {
             behind: 0,
             pending: None,
             pending_bytes: 0,
+            starter: None,
         });
         self
     }
@@ -295,7 +359,16 @@ impl OutputFile {
         }
         let bytes = std::mem::take(&mut wb.pending_bytes);
         wb.pending = None;
-        sync_range(&self.file, &self.path, lo, hi - lo, false)?;
+        if wb.starter.is_none() {
+            wb.starter = Starter::new(&self.file);
+        }
+        let handed = wb.starter.as_ref().is_some_and(|st| st.start(lo, hi - lo));
+        if let Some(e) = wb.starter.as_ref().and_then(Starter::failure) {
+            return Err(PluginError::io(&self.path, "cannot write", e));
+        }
+        if !handed {
+            sync_range(&self.file, &self.path, lo, hi - lo, false)?;
+        }
         wb.started.push_back((lo, hi - lo, bytes));
         wb.behind += bytes;
         while wb.behind > WRITEBACK_LAG {
@@ -322,6 +395,14 @@ impl OutputFile {
             wb.behind = 0;
             wb.pending = None;
             wb.pending_bytes = 0;
+            // Every span handed over first.
+            if let Some(e) = wb.starter.take().and_then(|st| {
+                let failure = st.failure();
+                drop(st);
+                failure
+            }) {
+                return Err(PluginError::io(&self.path, "cannot write", e));
+            }
             // 0 bytes: to the end of the file.
             sync_range(&self.file, &self.path, 0, 0, true)?;
         }
@@ -331,6 +412,38 @@ impl OutputFile {
     pub fn into_file(self) -> File {
         self.file
     }
+}
+
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)` on `at..at+len`: write-back started; where the
+/// call is not supported, nothing (the closing fsync does all the work).
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File, at: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: a plain syscall on an open descriptor.
+        let rc = unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                at as i64,
+                len as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::ENOSYS | libc::EINVAL | libc::ESPIPE | libc::EOPNOTSUPP) => return Ok(()),
+            _ => return Err(e),
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_: &File, _: u64, _: u64) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// `sync_file_range`: start write-back of `at..at+len`, or (`wait`) write it and wait for it.
@@ -450,6 +563,27 @@ mod tests {
             assert!(std::fs::read(&copied).unwrap() == want);
             assert!(std::fs::read(&written).unwrap() == want);
         }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A durable file's spans go to write-back from a thread of its own, and the file synced
+    /// after them holds every byte.
+    #[test]
+    fn a_durable_file_hands_its_spans_to_write_back_from_a_thread() {
+        let d = dir("starter");
+        let p = d.join("out.bin");
+        let bytes = pattern(3 * WINDOW + 99);
+        let mut out = OutputFile::new(create(&p), &p).durable(true);
+        out.write_at(&bytes, 0).unwrap();
+        let wb = out.writeback.as_ref().unwrap();
+        assert!(wb.starter.is_some(), "a thread hands the spans over");
+        assert!(wb.starter.as_ref().unwrap().failure().is_none());
+        out.sync().unwrap();
+        assert!(
+            out.writeback.as_ref().unwrap().starter.is_none(),
+            "joined at the sync"
+        );
+        assert!(std::fs::read(&p).unwrap() == bytes);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
