@@ -414,41 +414,11 @@ impl OutputFile {
     }
 }
 
-/// `sync_file_range(SYNC_FILE_RANGE_WRITE)` on `at..at+len`: write-back started; where the
-/// call is not supported, nothing (the closing fsync does all the work).
+/// `sync_file_range`: start write-back of `at..at+len` (0: to the end of the file), or (`wait`)
+/// write it and wait for it; where the call is not supported, nothing (the closing fsync does
+/// all the work).
 #[cfg(target_os = "linux")]
-fn start_writeback(file: &File, at: u64, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    loop {
-        // SAFETY: a plain syscall on an open descriptor.
-        let rc = unsafe {
-            libc::sync_file_range(
-                file.as_raw_fd(),
-                at as i64,
-                len as i64,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::ENOSYS | libc::EINVAL | libc::ESPIPE | libc::EOPNOTSUPP) => return Ok(()),
-            _ => return Err(e),
-        }
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn start_writeback(_: &File, _: u64, _: u64) -> std::io::Result<()> {
-    Ok(())
-}
-
-/// `sync_file_range`: start write-back of `at..at+len`, or (`wait`) write it and wait for it.
-#[cfg(target_os = "linux")]
-fn sync_range(file: &File, path: &Path, at: u64, len: u64, wait: bool) -> Result<()> {
+fn file_range_sync(file: &File, at: u64, len: u64, wait: bool) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let flags = if wait {
         libc::SYNC_FILE_RANGE_WAIT_BEFORE
@@ -466,16 +436,25 @@ fn sync_range(file: &File, path: &Path, at: u64, len: u64, wait: bool) -> Result
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EINTR) => continue,
-            // Not supported here: the closing fsync does all the work.
             Some(libc::ENOSYS | libc::EINVAL | libc::ESPIPE | libc::EOPNOTSUPP) => return Ok(()),
-            _ => return Err(PluginError::io(path, "cannot write", e)),
+            _ => return Err(e),
         }
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn sync_range(_: &File, _: &Path, _: u64, _: u64, _: bool) -> Result<()> {
+fn file_range_sync(_: &File, _: u64, _: u64, _: bool) -> std::io::Result<()> {
     Ok(())
+}
+
+/// Write-back of `at..at+len` started (the write-back thread's call).
+fn start_writeback(file: &File, at: u64, len: u64) -> std::io::Result<()> {
+    file_range_sync(file, at, len, false)
+}
+
+/// [`file_range_sync`], an error naming `path`.
+fn sync_range(file: &File, path: &Path, at: u64, len: u64, wait: bool) -> Result<()> {
+    file_range_sync(file, at, len, wait).map_err(|e| PluginError::io(path, "cannot write", e))
 }
 
 #[cfg(test)]
