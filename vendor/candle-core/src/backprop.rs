@@ -733,7 +733,24 @@ impl GradStore {
             }
             // Contiguous, as the sum into zeros was: the ops' backward passes expect that of
             // the gradients they are given (a transposed view fails a matmul's stride check).
+            // And of the tensor's shape and dtype, as the sum into its zeros checked.
             Entry::Vacant(entry) => {
+                if g.shape() != tensor.shape() {
+                    Err(Error::ShapeMismatchBinaryOp {
+                        lhs: tensor.shape().clone(),
+                        rhs: g.shape().clone(),
+                        op: "add",
+                    }
+                    .bt())?
+                }
+                if g.dtype() != tensor.dtype() {
+                    Err(Error::DTypeMismatchBinaryOp {
+                        lhs: tensor.dtype(),
+                        rhs: g.dtype(),
+                        op: "add",
+                    }
+                    .bt())?
+                }
                 entry.insert(g.contiguous()?);
             }
         }
