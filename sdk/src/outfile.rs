@@ -119,14 +119,24 @@ impl Starter {
     fn failure(&self) -> Option<std::io::Error> {
         self.failed.lock().unwrap().take()
     }
-}
 
-impl Drop for Starter {
-    fn drop(&mut self) {
+    /// Waits for every span handed over; the first error any met.
+    fn finish(mut self) -> Option<std::io::Error> {
+        self.join();
+        self.failure()
+    }
+
+    fn join(&mut self) {
         self.spans = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for Starter {
+    fn drop(&mut self) {
+        self.join();
     }
 }
 
@@ -395,12 +405,8 @@ impl OutputFile {
             wb.behind = 0;
             wb.pending = None;
             wb.pending_bytes = 0;
-            // Every span handed over first.
-            if let Some(e) = wb.starter.take().and_then(|st| {
-                let failure = st.failure();
-                drop(st);
-                failure
-            }) {
+            // Every span handed over first (their errors once all are in).
+            if let Some(e) = wb.starter.take().and_then(Starter::finish) {
                 return Err(PluginError::io(&self.path, "cannot write", e));
             }
             // 0 bytes: to the end of the file.
