@@ -54,7 +54,8 @@ impl PartialExperts {
     /// whole, then that expert, as the piece `name#x` of the tensor.
     pub fn whole(&mut self, t: Tensor) -> Result<Option<Tensor>> {
         let global = global_shape(&t.info);
-        if t.info.shape[1..] == global[1..] {
+        // Whole experts (or no expert axis at all, which the layout names).
+        if t.info.shape.get(1..) == global.get(1..) {
             return Ok(Some(t));
         }
         let part_of_one = || {
