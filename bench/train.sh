@@ -12,7 +12,8 @@
 #   bash bench/train.sh [WORKDIR]        (default /tmp/bridgeflow-bench)
 #   VENV=DIR  (python with torch + transformers; default /work/venv-oracle)
 #   BASELINE=PATH  (torch_baseline.py; default ../shared/oracle/train/torch_baseline.py; when it
-#                   is not there, only our columns are measured)
+#                   is not there, scripts/moe_bench_torch.py measures the full-training rows with
+#                   the same loop, and the LoRA row has our column only)
 #   ITERS=13  REPS=3 (our runs per case)  CARGO_TARGET_DIR=DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,11 +58,17 @@ import statistics, sys
 print(f'{statistics.median(float(l) for l in sys.stdin):.1f}')")
 }
 
-# theirs CASE: the baseline's median tokens/s and peak RSS for one case id ("-" without the
-# baseline script or its venv: then only our columns are measured).
+# theirs CASE [MODEL DATA SEQ]: the baseline's median tokens/s and peak RSS for one case id.
+# Without the baseline script (a clone with no ../shared), full training of MODEL on DATA at SEQ
+# through scripts/moe_bench_torch.py (the same loop, median of 3); "-" for a case with no MODEL,
+# or without the venv: then only our columns are measured.
 theirs() {
-  if [ ! -f "$baseline" ] || [ ! -x "$py" ]; then
+  if [ ! -x "$py" ] || { [ ! -f "$baseline" ] && [ $# -lt 4 ]; }; then
     torch_tps=- torch_rss=-
+    return
+  fi
+  if [ ! -f "$baseline" ]; then
+    theirs_moe "$2" "$3" --seq "$4"
     return
   fi
   "$py" "$baseline" --only "$1" --out "$w/torch.json" --max-wait 120 > /dev/null
@@ -71,14 +78,14 @@ r = json.load(open(sys.argv[1]))['results'][0]
 print(f\"{r['tokens_per_s_median']:.1f} {r['peak_rss_mib']:.0f}\")" "$w/torch.json")
 }
 
-# theirs_moe MODEL DATA: the median of 3 runs of scripts/moe_bench_torch.py.
+# theirs_moe MODEL DATA [ARGS...]: the median of 3 runs of scripts/moe_bench_torch.py.
 theirs_moe() {
   if [ ! -x "$py" ]; then
     torch_tps=- torch_rss=-
     return
   fi
   read -r torch_tps torch_rss < <(for _ in 1 2 3; do
-    "$py" scripts/moe_bench_torch.py "$1" "$2" 2> /dev/null | tail -1
+    "$py" scripts/moe_bench_torch.py "$@" 2> /dev/null | tail -1
   done | python3 -c "
 import json, statistics, sys
 rows = [json.loads(l) for l in sys.stdin]
@@ -92,7 +99,7 @@ report() {
     "$(ratio "$ours_tps" "$torch_tps")" "$ours_rss" "$torch_rss" "$(ratio "$ours_rss" "$torch_rss")"
 }
 ours "$w/llama25m" "$w/tokens_text_document" 512
-theirs "llama25m/fp32/train/b4s512"
+theirs "llama25m/fp32/train/b4s512" "$w/llama25m" "$w/tokens_text_document" 512
 report "llama 32M fp32 train b4 s512"
 # LoRA r 16, alpha 32 on q, k, v, o, gate, up, down (canonical LoRA: peft's layout and FLOPs).
 ours "$w/llama25m" "$w/tokens_text_document" 512 lora --set train.lora.dim=16 \
@@ -100,7 +107,7 @@ ours "$w/llama25m" "$w/tokens_text_document" 512 lora --set train.lora.dim=16 \
 theirs "llama25m-lora16/fp32/train/b4s512"
 report "llama 32M LoRA r16 (peft) b4 s512"
 ours tests/fixtures/shared/hf/llama "$w/tiny_text_document" 128
-theirs "tiny/fp32/train/b4s128"
+theirs "tiny/fp32/train/b4s128" tests/fixtures/shared/hf/llama "$w/tiny_text_document" 128
 report "tiny fixture fp32 train b4 s128"
 ours "$w/mixtral" "$w/tokens_text_document" 512
 theirs_moe "$w/mixtral" "$w/tokens_text_document"

@@ -1,7 +1,9 @@
-"""PyTorch eager training throughput of an HF MoE model (bench/train.sh's MoE row), in the
+"""PyTorch eager training throughput of an HF model (bench/train.sh's MoE row, and its dense rows
+when shared/oracle/train/torch_baseline.py is not there), in the
 protocol of shared/oracle/train/torch_baseline.py: fp32, AdamW (lr 1e-4, wd 0.1), clip 1.0,
 `threads` threads, 3 warm-up steps then 10 timed steps; the loss is the LM cross-entropy plus
-megatron-core's load-balancing loss (scripts/moe_replay.py's, coefficient from the config).
+megatron-core's load-balancing loss for an MoE model (scripts/moe_replay.py's, coefficient from
+the config).
 Prints one JSON line: tokens_per_s, peak_rss_mib.
 
     python scripts/moe_bench_torch.py MODEL_DIR DATA_PREFIX [--seq 512 --batch 4 --threads 2]
@@ -44,18 +46,23 @@ def main():
 
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="sdpa")
     model.train()
-    experts, topk = moe_replay.moe_shape(model.config)
-    coeff = model.config.router_aux_loss_coef
+    # A dense model (bench/train.sh's fallback when the shared baseline is not there): the LM
+    # loss alone.
+    moe = getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None)
+    if moe:
+        experts, topk = moe_replay.moe_shape(model.config)
+        coeff = model.config.router_aux_loss_coef
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     t0 = None
     for i, tok in enumerate(batches(a.data, a.seq, a.batch, a.warmup + a.steps)):
         if i == a.warmup:
             t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        out = model(input_ids=tok[:, :-1], output_router_logits=True)
+        out = model(input_ids=tok[:, :-1], **({"output_router_logits": True} if moe else {}))
         v = out.logits.shape[-1]
         loss = F.cross_entropy(out.logits.float().reshape(-1, v), tok[:, 1:].reshape(-1))
-        loss = loss + torch.stack(moe_replay.aux_losses(out.router_logits, experts, topk, coeff)).sum()
+        if moe:
+            loss = loss + torch.stack(moe_replay.aux_losses(out.router_logits, experts, topk, coeff)).sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
