@@ -4,6 +4,7 @@
 use crate::dtypes;
 use crate::names;
 use crate::pickle::{self, Value};
+use crate::tiling::{overlapping_pair, Region};
 use crate::zip;
 use bridgeflow_sdk::{DType, PluginError, Result};
 use std::collections::BTreeMap;
@@ -249,11 +250,31 @@ fn tensor_meta(
             n(whole)
         )));
     }
+    check_disjoint(key, &chunks).map_err(|e| bad(&e))?;
     Ok(TensorMeta {
         dtype,
         size,
         chunks,
     })
+}
+
+/// No element in two chunks: with the count above, the chunks tile the tensor exactly.
+fn check_disjoint(key: &str, chunks: &[Chunk]) -> std::result::Result<(), String> {
+    let regions: Vec<Region> = chunks
+        .iter()
+        .map(|c| Region {
+            offsets: &c.offsets,
+            sizes: &c.sizes,
+        })
+        .collect();
+    match overlapping_pair(&regions) {
+        None => Ok(()),
+        Some((i, j)) => Err(format!(
+            "'{key}': the chunks at {:?} of {:?} and at {:?} of {:?} overlap (so others leave \
+             elements missing)",
+            chunks[i].offsets, chunks[i].sizes, chunks[j].offsets, chunks[j].sizes
+        )),
+    }
 }
 
 /// One `ChunkStorageMetadata` of tensor `key` (`dtype`, `size`): inside the tensor, with its
@@ -858,6 +879,18 @@ mod tests {
         .unwrap();
         let e = read_metadata(&dir).unwrap_err();
         assert!(e.message.contains("lies outside"), "{e}");
+        // Rows 1..3 twice, row 3 never: the element count alone would pass.
+        std::fs::write(
+            dir.join(".metadata"),
+            metadata(&[([0, 0], [2, 2]), ([1, 0], [2, 2])]),
+        )
+        .unwrap();
+        let e = read_metadata(&dir).unwrap_err();
+        assert!(
+            e.message
+                .contains("'w': the chunks at [0, 0] of [2, 2] and at [1, 0] of [2, 2] overlap"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

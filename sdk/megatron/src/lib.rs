@@ -20,9 +20,10 @@
 //! - [`mapping`]: HF ⇄ Megatron mapping tables and Megatron's fused layouts (QKV per query
 //!   group, SwiGLU `[gate; up]`, Mamba's split `in_proj`, per-expert reshuffles);
 //! - reading torch_dist: [`checkpoint`] (`.metadata`, items, regions assembled from any
-//!   chunking) over [`pickle`] (a restricted unpickler), [`zip`] (torch.save archives, CRC
-//!   checked) and [`dtypes`]; writing it: [`emit`] (torch.save, pickles) and [`dcp`] (the index).
-//!   The `torch-dist` plugin and the trainer's checkpoints share them.
+//!   chunking; [`tiling`]: no element in two chunks) over [`pickle`] (a restricted
+//!   unpickler), [`zip`] (torch.save archives, CRC checked) and [`dtypes`]; writing it:
+//!   [`emit`] (torch.save, pickles) and [`dcp`] (the index). The `torch-dist` plugin and the
+//!   trainer's checkpoints share them.
 
 pub mod blocks;
 pub mod checkpoint;
@@ -37,6 +38,7 @@ pub mod names;
 pub mod pickle;
 pub mod placement;
 pub mod run_config;
+pub mod tiling;
 pub mod tp;
 pub mod vocab;
 pub mod zip;
