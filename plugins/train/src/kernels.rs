@@ -11,6 +11,7 @@
 
 use candle_core::{CpuStorage, Device, Error, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 /// Whether the fused kernels run for `t`: f32 on the CPU.
@@ -56,19 +57,45 @@ fn tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
     Tensor::from_vec(v, shape.clone(), &Device::Cpu)
 }
 
-/// A row-major matrix operand: its elements and whether it is read transposed.
+/// A row-major matrix operand: its elements, whether it is read transposed, and the distance
+/// between its stored rows (`ld`; 0: packed, as wide as a stored row).
 #[derive(Clone, Copy)]
 struct M<'a> {
     v: &'a [f32],
     t: bool,
+    ld: usize,
 }
 
 fn m(v: &[f32]) -> M<'_> {
-    M { v, t: false }
+    M { v, t: false, ld: 0 }
 }
 
 fn mt(v: &[f32]) -> M<'_> {
-    M { v, t: true }
+    M { v, t: true, ld: 0 }
+}
+
+impl M<'_> {
+    /// The same operand with its stored rows `ld` apart: a block of a wider matrix.
+    fn ld(self, ld: usize) -> Self {
+        M { ld, ..self }
+    }
+
+    /// (row stride, column stride) of the operand read as `rows × cols`.
+    fn strides(&self, rows: usize, cols: usize) -> (usize, usize) {
+        let packed = if self.t { rows } else { cols };
+        let ld = if self.ld == 0 { packed } else { self.ld };
+        if self.t {
+            (1, ld)
+        } else {
+            (ld, 1)
+        }
+    }
+
+    /// Every element of the operand read as `rows × cols` lies inside `v`.
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        let (rs, cs) = self.strides(rows, cols);
+        rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < self.v.len()
+    }
 }
 
 /// `c = scale · a · b` (`a`: m×k, `b`: k×n, both row-major as stored unless transposed; `c`:
@@ -107,18 +134,36 @@ fn product(
     into: Dst,
     par: gemm::Parallelism,
 ) {
-    assert!(a.v.len() >= mm * k && b.v.len() >= k * n && c.len() >= mm * n);
-    // (row stride, column stride) of an operand stored r×c row-major, or transposed.
-    let strides = |op: M, cols: usize, rows: usize| -> (isize, isize) {
-        if op.t {
-            (1, rows as isize)
-        } else {
-            (cols as isize, 1)
-        }
-    };
-    let (a_rs, a_cs) = strides(a, k, mm);
-    let (b_rs, b_cs) = strides(b, n, k);
-    // SAFETY: the asserts above keep every index gemm derives from (m, n, k) and these
+    block_product((mm, n, k), a, b, (c, n), scale, into, par)
+}
+
+/// `c (+)= scale · a · b` for `c` an m×n block whose rows lie `ldc` apart (a block of a wider
+/// matrix), single-threaded.
+fn block_matmul(
+    (mm, n, k): (usize, usize, usize),
+    a: M,
+    b: M,
+    c: (&mut [f32], usize),
+    into: Dst,
+    scale: f32,
+) {
+    block_product((mm, n, k), a, b, c, scale, into, gemm::Parallelism::None)
+}
+
+fn block_product(
+    (mm, n, k): (usize, usize, usize),
+    a: M,
+    b: M,
+    (c, ldc): (&mut [f32], usize),
+    scale: f32,
+    into: Dst,
+    par: gemm::Parallelism,
+) {
+    let c_fits = mm == 0 || n == 0 || (ldc >= n && (mm - 1) * ldc + n <= c.len());
+    assert!(a.fits(mm, k) && b.fits(k, n) && c_fits);
+    let (a_rs, a_cs) = a.strides(mm, k);
+    let (b_rs, b_cs) = b.strides(k, n);
+    // SAFETY: the assert above keeps every index gemm derives from (m, n, k) and these
     // strides inside the three slices; `c` is borrowed mutably, so nothing aliases it.
     unsafe {
         gemm::gemm(
@@ -127,14 +172,14 @@ fn product(
             k,
             c.as_mut_ptr(),
             1,
-            n as isize,
+            ldc as isize,
             into == Dst::Add,
             a.v.as_ptr(),
-            a_cs,
-            a_rs,
+            a_cs as isize,
+            a_rs as isize,
             b.v.as_ptr(),
-            b_cs,
-            b_rs,
+            b_cs as isize,
+            b_rs as isize,
             1.0,
             scale,
             false,
@@ -754,6 +799,11 @@ fn rms_norm_bwd(x: &[f32], w: &[f32], g: &[f32], inv: &[f32], h: usize) -> (Vec<
 /// (each key/value head serving its group's `heads/groups` query heads, never copied out), each
 /// query at position `i` seeing keys `start(i) ..= i`: causal (`starts` None: 0) or confined to
 /// its packed sub-sequence. The probabilities are kept for the backward pass.
+/// Query positions per block of attention's products ([`Attention::blocks`]): smaller blocks
+/// skip more of the masked triangle but leave gemm less to work with in each product. The unit
+/// tests' short sequences take several blocks.
+const QUERY_BLOCK: usize = if cfg!(test) { 3 } else { 128 };
+
 pub struct Attention {
     scale: f32,
     /// `[b · s]`: where each query's sub-sequence starts.
@@ -827,6 +877,15 @@ impl Attention {
                 "fused-attention",
                 "sub-sequence starts for another batch",
             ));
+        }
+        // Each query sees at least itself.
+        if let Some(st) = &self.starts {
+            if st.iter().enumerate().any(|(j, &lo)| lo as usize > j % dm.s) {
+                return Err(fail(
+                    "fused-attention",
+                    "a sub-sequence starts after a query in it",
+                ));
+            }
         }
         Ok(())
     }
@@ -970,43 +1029,106 @@ impl Attention {
                     k: kg,
                     v: vg,
                 };
-                self.backward_task(dm, group, gg, p, (dq, dk, dv));
+                self.backward_task((dm, task / dm.groups), group, gg, p, (dq, dk, dv));
             });
         (dq, dk, dv)
     }
 
-    /// One (sample, group): `p` = softmax(scale · Q·Kᵀ) over each query's keys, `o` = P·V.
+    /// One (sample, group): `p` = softmax(scale · Q·Kᵀ) over each query's keys, `o` = P·V,
+    /// block by block ([`Attention::blocks`]): the products skip keys no query of a block sees.
     fn forward_task(&self, dm: Dims, sample: usize, g: Group, p: &mut [f32], o: &mut [f32]) {
-        let (rows, s, d) = (dm.rows(), dm.s, dm.d);
-        matmul(rows, s, d, m(g.q), mt(g.k), p, self.scale);
+        let (s, d) = (dm.s, dm.d);
+        let blocks = self.blocks(sample, dm);
+        for &(r0, ref qs, ref ks) in &blocks {
+            let (q, k) = (&g.q[r0 * d..], &g.k[ks.start * d..]);
+            let scores = (&mut p[r0 * s + ks.start..], s);
+            block_matmul(
+                (qs.len(), ks.len(), d),
+                m(q),
+                mt(k),
+                scores,
+                Dst::Overwrite,
+                self.scale,
+            );
+        }
         self.softmax_rows(p, sample, dm);
-        matmul(rows, d, s, m(p), m(g.v), o, 1.0);
+        for &(r0, ref qs, ref ks) in &blocks {
+            let probs = m(&p[r0 * s + ks.start..]).ld(s);
+            let out = (&mut o[r0 * d..], d);
+            let v = m(&g.v[ks.start * d..]);
+            block_matmul((qs.len(), d, ks.len()), probs, v, out, Dst::Overwrite, 1.0);
+        }
     }
 
-    /// One (sample, group) of the backward pass from its output gradient `gg` and kept `p`.
+    /// The blocks of one group's query rows (head-major: `head · s + position`) as (first
+    /// row, positions, keys): [`QUERY_BLOCK`] positions of one head and the keys any of them
+    /// sees, from the earliest sub-sequence start among them to the last position. Causal
+    /// attention over 512 positions then computes 5/8 of the full score matrix.
+    fn blocks(&self, sample: usize, dm: Dims) -> Vec<(usize, Range<usize>, Range<usize>)> {
+        let s = dm.s;
+        let per_head: Vec<(Range<usize>, Range<usize>)> = (0..s)
+            .step_by(QUERY_BLOCK)
+            .map(|a| {
+                let e = (a + QUERY_BLOCK).min(s);
+                let lo = (a..e).map(|i| self.start(sample, s, i)).min().unwrap_or(0);
+                (a..e, lo..e)
+            })
+            .collect();
+        (0..dm.heads / dm.groups)
+            .flat_map(|h| {
+                per_head
+                    .iter()
+                    .map(move |(qs, ks)| (h * s + qs.start, qs.clone(), ks.clone()))
+            })
+            .collect()
+    }
+
+    /// One (sample, group) of the backward pass from its output gradient `gg` and kept `p`,
+    /// over the forward pass's blocks (dK and dV summed over the blocks of queries).
     fn backward_task(
         &self,
-        dm: Dims,
+        (dm, sample): (Dims, usize),
         g: Group,
         gg: &[f32],
         p: &[f32],
         (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
     ) {
         let (rows, s, d) = (dm.rows(), dm.s, dm.d);
-        matmul(s, d, rows, mt(p), m(gg), dv, 1.0);
+        let blocks = self.blocks(sample, dm);
         let mut ds = vec![0f32; rows * s];
-        matmul(rows, s, d, m(gg), mt(g.v), &mut ds, 1.0);
-        for r in 0..rows {
-            let (pr, dr) = (&p[r * s..(r + 1) * s], &mut ds[r * s..(r + 1) * s]);
-            // Σ P∘dP, as softmax's backward sums it (equal to Σ dO∘O, but rounded like the
-            // reference's).
-            let delta: f32 = pr.iter().zip(dr.iter()).map(|(p, g)| p * g).sum();
-            for (x, &pv) in dr.iter_mut().zip(pr) {
-                *x = pv * (*x - delta) * self.scale;
+        for &(r0, ref qs, ref ks) in &blocks {
+            let (bm, bn) = (qs.len(), ks.len());
+            let probs = &p[r0 * s + ks.start..];
+            let grad = m(&gg[r0 * d..]);
+            let dv_rows = (&mut dv[ks.start * d..], d);
+            block_matmul((bn, d, bm), mt(probs).ld(s), grad, dv_rows, Dst::Add, 1.0);
+            let dp = (&mut ds[r0 * s + ks.start..], s);
+            let v = mt(&g.v[ks.start * d..]);
+            block_matmul((bm, bn, d), grad, v, dp, Dst::Overwrite, 1.0);
+            for r in r0..r0 + bm {
+                let at = r * s + ks.start..r * s + ks.end;
+                let (pr, dr) = (&p[at.clone()], &mut ds[at]);
+                // Σ P∘dP, as softmax's backward sums it (equal to Σ dO∘O, but rounded like
+                // the reference's; P is 0 outside the block's keys).
+                let delta: f32 = pr.iter().zip(dr.iter()).map(|(p, g)| p * g).sum();
+                for (x, &pv) in dr.iter_mut().zip(pr) {
+                    *x = pv * (*x - delta) * self.scale;
+                }
             }
+            let dsb = m(&ds[r0 * s + ks.start..]).ld(s);
+            let dq_rows = (&mut dq[r0 * d..], d);
+            block_matmul(
+                (bm, d, bn),
+                dsb,
+                m(&g.k[ks.start * d..]),
+                dq_rows,
+                Dst::Overwrite,
+                1.0,
+            );
+            let dk_rows = (&mut dk[ks.start * d..], d);
+            let dst = mt(&ds[r0 * s + ks.start..]).ld(s);
+            block_matmul((bn, d, bm), dst, m(&g.q[r0 * d..]), dk_rows, Dst::Add, 1.0);
         }
-        matmul(rows, d, s, m(&ds), m(g.k), dq, 1.0);
-        matmul(s, d, rows, mt(&ds), m(g.q), dk, 1.0);
     }
 }
 
@@ -1254,8 +1376,8 @@ impl candle_core::CustomOp1 for QkvAttention {
                     k: &g.k,
                     v: &g.v,
                 };
-                self.attn
-                    .backward_task(dm, group, &gg, p, (&mut dg.q, &mut dg.k, &mut dg.v));
+                let grads = (&mut dg.q[..], &mut dg.k[..], &mut dg.v[..]);
+                self.attn.backward_task((dm, bi), group, &gg, p, grads);
                 dg
             })
             .collect();
@@ -1373,8 +1495,9 @@ mod tests {
     #[test]
     fn attention_equals_the_composed_ops_causal_grouped_and_packed() {
         let (b, heads, groups, s, d) = (2, 4, 2, 7, 8);
-        // Sample 0 causal; sample 1 packed as [0, 3) [3, 7).
-        let packed: Vec<u32> = (0..s as u32).chain([0, 0, 0, 3, 3, 3, 3]).collect();
+        // Sample 0 causal; sample 1 packed as [0, 4) [4, 7): the second block (positions 3..6)
+        // straddles the boundary.
+        let packed: Vec<u32> = (0..s as u32).chain([0, 0, 0, 0, 4, 4, 4]).collect();
         for starts in [vec![], packed] {
             let inputs = [
                 var(&[b, heads, s, d], 1),
