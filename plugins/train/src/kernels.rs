@@ -9,6 +9,7 @@
 //! over rayon's threads and the products in the `gemm` crate (candle's own matmul kernels).
 //! CPU f32 only: `applies` says when; other dtypes and devices keep the composed ops.
 
+use crate::vexp::exp_in_place;
 use candle_core::{CpuStorage, Device, Error, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -453,7 +454,9 @@ pub fn cross_entropy(logits: &Tensor, labels: Vec<u32>) -> Result<Tensor> {
 /// `log Σ exp(row)` with the max subtracted first, summed in f64.
 fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = row.iter().map(|&x| (x - max).exp() as f64).sum();
+    let mut e: Vec<f32> = row.iter().map(|&x| x - max).collect();
+    exp_in_place(&mut e);
+    let sum: f64 = e.iter().map(|&x| x as f64).sum();
     max + (sum.ln() as f32)
 }
 
@@ -499,8 +502,10 @@ impl candle_core::CustomOp1 for CrossEntropy {
             .enumerate()
             .for_each(|(i, (d, row))| {
                 for (d, &x) in d.iter_mut().zip(row) {
-                    *d = g[i] * (x - lse[i]).exp();
+                    *d = x - lse[i];
                 }
+                exp_in_place(d);
+                d.iter_mut().for_each(|d| *d *= g[i]);
                 d[self.labels[i] as usize] -= g[i];
             });
         Ok(Some(tensor(dx, x.shape())?))
@@ -643,8 +648,13 @@ pub fn swiglu(h: &Tensor) -> Result<Tensor> {
     h.contiguous()?.apply_op1(SwiGlu)
 }
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+/// `σ(x)` of every element of `x`, into `out`.
+fn sigmoids(x: &[f32], out: &mut [f32]) {
+    for (o, &x) in out.iter_mut().zip(x) {
+        *o = -x;
+    }
+    exp_in_place(out);
+    out.iter_mut().for_each(|o| *o = 1.0 / (1.0 + *o));
 }
 
 impl candle_core::CustomOp1 for SwiGlu {
@@ -665,8 +675,9 @@ impl candle_core::CustomOp1 for SwiGlu {
             .zip(x.par_chunks(two_f))
             .for_each(|(y, row)| {
                 let (gate, up) = row.split_at(f);
+                sigmoids(gate, y);
                 for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
-                    *y = g * sigmoid(g) * u;
+                    *y = g * *y * u;
                 }
             });
         *dims.last_mut().expect("checked") = f;
@@ -684,8 +695,10 @@ impl candle_core::CustomOp1 for SwiGlu {
             .for_each(|((d, row), g)| {
                 let (gate, up) = row.split_at(f);
                 let (dg, du) = d.split_at_mut(f);
+                // σ(gate) in dU first, overwritten as it is used.
+                sigmoids(gate, du);
                 for i in 0..f {
-                    let s = sigmoid(gate[i]);
+                    let s = du[i];
                     du[i] = g[i] * gate[i] * s;
                     dg[i] = g[i] * up[i] * s * (1.0 + gate[i] * (1.0 - s));
                 }
@@ -901,12 +914,9 @@ impl Attention {
             let lo = self.start(bi, dm.s, i);
             let seen = &mut row[lo..=i];
             let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f64;
-            for x in seen.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x as f64;
-            }
-            let sum = sum as f32;
+            seen.iter_mut().for_each(|x| *x -= max);
+            exp_in_place(seen);
+            let sum = seen.iter().map(|&x| x as f64).sum::<f64>() as f32;
             seen.iter_mut().for_each(|x| *x /= sum);
             row[..lo].iter_mut().for_each(|x| *x = 0.0);
             row[i + 1..].iter_mut().for_each(|x| *x = 0.0);

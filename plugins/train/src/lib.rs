@@ -29,6 +29,7 @@ pub mod schedule;
 pub mod stage;
 pub mod tensorboard;
 pub mod trainer;
+pub mod vexp;
 
 bridgeflow_sdk::export_plugins! {
     "trainer" {
