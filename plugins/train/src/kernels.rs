@@ -808,15 +808,15 @@ fn rms_norm_bwd(x: &[f32], w: &[f32], g: &[f32], inv: &[f32], h: usize) -> (Vec<
     (dx, dw)
 }
 
-/// Scaled dot-product attention of `q` `[b, heads, s, d]` over `k`, `v` `[b, groups, s, d]`
-/// (each key/value head serving its group's `heads/groups` query heads, never copied out), each
-/// query at position `i` seeing keys `start(i) ..= i`: causal (`starts` None: 0) or confined to
-/// its packed sub-sequence. The probabilities are kept for the backward pass.
 /// Query positions per block of attention's products ([`Attention::blocks`]): smaller blocks
 /// skip more of the masked triangle but leave gemm less to work with in each product. The unit
 /// tests' short sequences take several blocks.
 const QUERY_BLOCK: usize = if cfg!(test) { 3 } else { 128 };
 
+/// Scaled dot-product attention of `q` `[b, heads, s, d]` over `k`, `v` `[b, groups, s, d]`
+/// (each key/value head serving its group's `heads/groups` query heads, never copied out), each
+/// query at position `i` seeing keys `start(i) ..= i`: causal (`starts` None: 0) or confined to
+/// its packed sub-sequence. The probabilities are kept for the backward pass.
 pub struct Attention {
     scale: f32,
     /// `[b · s]`: where each query's sub-sequence starts.
